@@ -1,0 +1,224 @@
+"""Command line: python -m core COMMAND ... (python -m core COMMAND --help for each).
+
+A thin front end over the library, like the web pages. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from core.augment import AugmentParams
+from core.config import Settings, load_settings
+from core.db import make_sessionmaker
+from core.errors import UserError
+from core.run_config import RunConfig
+from core.splits import PROTOCOLS
+
+# torch/torchvision take seconds to import; commands import what they need so --help stays quick.
+
+
+class Bars:
+    """tqdm bars keyed by stage name, drawn on stderr so stdout stays parseable."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="it", file=sys.stderr, leave=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import datasets
+
+    bars = Bars()
+    with Session.begin() as s:
+        report = datasets.ingest(
+            s, settings, Path(args.path), args.name, groups_csv=args.groups_csv, group_pattern=args.group_pattern,
+            progress=lambda d, t: bars("check images", d, t),
+        )
+    bars.close()
+    for path, reason in report.skipped:
+        print(f"skipped {path}: {reason}")
+    for path, first in report.duplicates:
+        print(f"duplicate {path}: same bytes as {first}, stored once")
+    counts = ", ".join(f"{c} {n}" for c, n in report.class_counts.items())
+    print(f"dataset {report.name!r}: {report.added} added, {report.already_present} already present, "
+          f"{len(report.skipped)} skipped; classes: {counts}")
+
+
+def cmd_datasets(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import datasets
+
+    with Session() as s:
+        for d in datasets.list_datasets(s):
+            groups = {im.group for im in d.images if im.group is not None}
+            counts = {c: sum(im.label == c for im in d.images) for c in d.classes}
+            print(f"{d.name}: {len(d.images)} images {counts}" + (f", {len(groups)} groups" if groups else ""))
+
+
+def config_from_args(args: argparse.Namespace, settings: Settings) -> RunConfig:
+    augmentation = AugmentParams().to_dict()
+    for item in args.augment or []:
+        key, _, value = item.partition("=")
+        try:
+            augmentation[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise UserError(f"--augment expects KEY=NUMBER, got {item!r}.") from None
+    return RunConfig(
+        dataset=args.dataset, split=args.split, grouped=args.grouped, test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction, folds=args.folds, per_class=args.per_class,
+        augmentation=AugmentParams.from_dict(augmentation).to_dict(),
+        weights=args.weights or settings.default_weights, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, image_size=args.image_size, seed=args.seed, device=args.device,
+    )
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import runs
+    from core.model import check_weights
+
+    config = config_from_args(args, settings)
+    if config.split == "paper-leaky":
+        print("WARNING: paper-leaky augments before splitting, so copies of one image are on both sides. "
+              "Its accuracy reproduces the paper's number; it does not measure accuracy on new images.",
+              file=sys.stderr)
+    check_weights(config.weights)  # fail before anything is recorded
+    with Session.begin() as s:
+        run_ids = [r.id for r in runs.create_runs(s, settings, config)]
+    for run_id in run_ids:
+        bars = Bars()
+        print(f"run {run_id}: training", file=sys.stderr)
+        try:
+            runs.execute_run(Session, settings, run_id, progress=bars)
+        finally:
+            bars.close()
+        with Session() as s:
+            run = runs.get_run(s, run_id)
+            print(f"run {run_id}: {run.status.value}, test accuracy {run.summary.get('test_accuracy')}", file=sys.stderr)
+    print(" ".join(str(i) for i in run_ids))
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import evaluate, runs
+
+    with Session() as s:
+        run = runs.get_run(s, args.run)
+        print(f"Run {run.id} on {run.dataset.name!r}, weights: {run.weights_used}, device: {run.device}")
+        report = evaluate.run_report(s, run)
+        print(evaluate.format_report(report))
+        siblings = runs.fold_siblings(s, run)
+        if len(siblings) > 1:
+            done = [r for r in siblings if r.status.value == "succeeded"]
+            print()
+            print(f"K-fold experiment: {len(done)} of {len(siblings)} folds finished (runs {', '.join(str(r.id) for r in siblings)})")
+            print(evaluate.format_fold_summary(evaluate.summarise_folds([evaluate.run_report(s, r) for r in done])))
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.predict import load_predictor, predict_files
+
+    with Session() as s:
+        predictor = load_predictor(s, settings, args.run, device=args.device)
+    rows = predict_files(predictor, [Path(p) for p in args.images])
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+
+
+def cmd_runs(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import runs
+
+    with Session() as s:
+        print(f"{'id':>4}  {'status':<9}  {'dataset':<14}  {'split':<11}  {'fold':>4}  {'epochs':>6}  {'test acc':>8}  weights")
+        for r in runs.list_runs(s, args.dataset):
+            acc = r.summary.get("test_accuracy")
+            print(f"{r.id:>4}  {r.status.value:<9}  {r.dataset.name[:14]:<14}  {r.config['split']:<11}  {r.fold:>4}  "
+                  f"{len(r.epochs):>3}/{r.config['epochs']:<2}  {'' if acc is None else f'{acc:.4f}':>8}  {r.config['weights']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = RunConfig(dataset="")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("ingest", help="add a folder of class sub-folders (or a .zip of one) as a dataset", formatter_class=fmt)
+    p.add_argument("path", help="folder with one sub-folder per class, or a .zip of such a folder")
+    p.add_argument("--name", required=True, help="dataset name; ingesting again into a name adds new images")
+    p.add_argument("--groups-csv", type=Path, help="CSV with columns file,group (specimen/patient of each image)")
+    p.add_argument("--group-pattern", help=r"regex on the relative path whose group 'group' (or 1) is the specimen id, e.g. '^[^/]+/(\d+)_'")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("datasets", help="list datasets")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("train", help="train the paper's model on a dataset (foreground); prints the run id(s) last",
+                       formatter_class=fmt, description="Defaults are the paper's settings; the split is honest "
+                       "(split first, augment only the training part) unless --split paper-leaky.")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", choices=PROTOCOLS, default=defaults.split,
+                   help="holdout: one stratified test part; kfold: one run per fold; paper-leaky: the paper's augment-then-split (inflated)")
+    p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each group (specimen) on one side; default: when the dataset has groups")
+    p.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
+    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="of the non-test part; picks the best epoch")
+    p.add_argument("--folds", type=int, default=defaults.folds, help="for --split kfold")
+    p.add_argument("--per-class", type=int, default=defaults.per_class, help="augmented training images per class")
+    p.add_argument("--augment", action="append", metavar="KEY=VALUE",
+                   help=f"override an augmentation setting (repeatable); keys: {', '.join(AugmentParams().to_dict())}")
+    p.add_argument("--weights", default=None, help="imagenet | none | PATH to a weights file (default: DEFAULT_WEIGHTS, else imagenet)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    p.add_argument("--image-size", type=int, default=defaults.image_size, help="images are resized to this square")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="print a run's per-class table (the paper's Table I) and confusion matrix")
+    p.add_argument("run", type=int)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify images with a trained run; CSV on stdout", formatter_class=fmt)
+    p.add_argument("--run", type=int, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("images", nargs="+", help="image files (TIF, PNG, JPEG, BMP)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--dataset", help="only this dataset's runs")
+    p.set_defaults(func=cmd_runs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    settings = load_settings()
+    try:
+        Session = make_sessionmaker(settings.database_url)
+        args.func(args, settings, Session)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Settings, read once from environment variables. The only place that looks at os.environ.
+
+APP_HOME      folder for images, checkpoints and the default database (default ./var)
+DATABASE_URL  SQLAlchemy URL (default: SQLite file APP_HOME/app.db, WAL mode)
+MAX_IMAGE_PIXELS  largest image accepted at ingest; larger is treated as a decompression bomb
+MIN_IMAGE_SIDE    smallest width/height accepted at ingest
+DEFAULT_WEIGHTS   backbone weights when a run names none: "imagenet" (the paper's), "none",
+                  or a path to a local weights file (for sites without internet)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    app_home: Path
+    database_url: str
+    max_image_pixels: int
+    min_image_side: int
+    default_weights: str
+
+    @property
+    def images_dir(self) -> Path:
+        return self.app_home / "images"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.app_home / "runs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.app_home / "tmp"
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Build settings from `env` (default: the process environment)."""
+    env = dict(os.environ if env is None else env)
+    app_home = Path(env.get("APP_HOME", "var")).expanduser().resolve()
+    default_url = f"sqlite:///{app_home / 'app.db'}"
+    return Settings(
+        app_home=app_home,
+        database_url=env.get("DATABASE_URL", default_url),
+        # 1388x1040 is the paper's size; 100 MP leaves room for whole-slide crops,
+        # and stops a 50,000 x 50,000 "image" that would exhaust memory when decoded.
+        max_image_pixels=int(env.get("MAX_IMAGE_PIXELS", 100_000_000)),
+        # DenseNet-201 needs at least 32 px to reach its last block.
+        min_image_side=int(env.get("MIN_IMAGE_SIDE", 32)),
+        default_weights=env.get("DEFAULT_WEIGHTS", "imagenet"),
+    )

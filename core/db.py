@@ -1,0 +1,223 @@
+"""Database models and sessions (SQLAlchemy 2.0). SQLite file by default, PostgreSQL by URL.
+
+Each pipeline stage writes its own tables and only reads the previous stage's:
+datasets/images -> splits/split_members -> runs (config incl. augmentation) -> epoch_metrics,
+predictions. Sessions are made by the caller (`with Session.begin() as s:`) and passed in.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Enum,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    classes: Mapped[list[Any]] = mapped_column()  # sorted class names; index = label
+    source: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="dataset", cascade="all, delete-orphan")
+    skipped: Mapped[list[SkippedFile]] = relationship(cascade="all, delete-orphan")
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("dataset_id", "sha256"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(200))  # class name
+    sha256: Mapped[str] = mapped_column(String(64))
+    stored_path: Mapped[str] = mapped_column(Text)  # relative to APP_HOME
+    original_name: Mapped[str] = mapped_column(Text)  # path inside the source, e.g. "CLL/001.tif"
+    width: Mapped[int]
+    height: Mapped[int]
+    mode: Mapped[str] = mapped_column(String(20))  # PIL mode before conversion to RGB
+    group: Mapped[str | None] = mapped_column(String(200), default=None)  # specimen / patient
+
+    dataset: Mapped[Dataset] = relationship(back_populates="images")
+
+
+class SkippedFile(Base):
+    """A file that ingest did not take, with the reason (shown to the user)."""
+
+    __tablename__ = "skipped_files"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class Split(Base):
+    """A stored assignment of source images to train/val/test, made before any augmentation.
+
+    protocol: "holdout" (one fold), "kfold" (folds 0..k-1) or "paper-leaky" (every image in the
+    pool; the run augments first and splits the augmented copies, as the paper did).
+    """
+
+    __tablename__ = "splits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    protocol: Mapped[str] = mapped_column(String(20))
+    grouped: Mapped[bool]
+    seed: Mapped[int]
+    params: Mapped[dict[str, Any]] = mapped_column()  # test_fraction, val_fraction, folds
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    members: Mapped[list[SplitMember]] = relationship(cascade="all, delete-orphan")
+
+
+class SplitMember(Base):
+    __tablename__ = "split_members"
+    __table_args__ = (UniqueConstraint("split_id", "fold", "image_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    split_id: Mapped[int] = mapped_column(ForeignKey("splits.id", ondelete="CASCADE"), index=True)
+    fold: Mapped[int]
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    part: Mapped[str] = mapped_column(String(10))  # train | val | test | pool
+
+
+class AugmentationPreset(Base):
+    """Named augmentation settings saved by users; a run copies the values into its config."""
+
+    __tablename__ = "augmentation_presets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    params: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    split_id: Mapped[int | None] = mapped_column(ForeignKey("splits.id"), default=None)
+    fold: Mapped[int] = mapped_column(default=0)
+    experiment: Mapped[str] = mapped_column(String(32), index=True)  # shared by the folds of one k-fold
+    config: Mapped[dict[str, Any]] = mapped_column()  # RunConfig as JSON
+    seed: Mapped[int]
+    status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    device: Mapped[str | None] = mapped_column(String(100), default=None)
+    weights_used: Mapped[str | None] = mapped_column(Text, default=None)
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # seconds per phase
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)  # epoch/step within the run
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)  # test metrics
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    log_tail: Mapped[str | None] = mapped_column(Text, default=None)
+    # Filled by the background worker.
+    pid: Mapped[int | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+
+    dataset: Mapped[Dataset] = relationship()
+    split: Mapped[Split | None] = relationship()
+    epochs: Mapped[list[EpochMetric]] = relationship(
+        cascade="all, delete-orphan", order_by="EpochMetric.epoch"
+    )
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int]
+    train_loss: Mapped[float]
+    train_accuracy: Mapped[float]
+    val_loss: Mapped[float | None]
+    val_accuracy: Mapped[float | None]
+    seconds: Mapped[float]
+    images_per_second: Mapped[float]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Prediction(Base):
+    """One test sample's probabilities. aug_index is set only for the paper-leaky protocol,
+    whose test samples are augmented copies of source images."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    aug_index: Mapped[int | None] = mapped_column(default=None)
+    true_label: Mapped[int]
+    predicted_label: Mapped[int]
+    probabilities: Mapped[list[Any]] = mapped_column()
+
+    __table_args__ = (Index("ix_predictions_run", "run_id"),)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the app read while a training job writes; busy_timeout waits for a writer
+    # instead of failing at once with "database is locked".
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessionmaker(url: str) -> sessionmaker:
+    return sessionmaker(make_engine(url), expire_on_commit=False)

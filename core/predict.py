@@ -1,0 +1,63 @@
+"""Classify new images with a trained run's best checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from core.config import Settings
+from core.data import resize, to_tensor
+from core.datasets import load_rgb
+from core.db import RunStatus
+from core.errors import UserError
+from core.model import PaperDenseNet
+from core.runs import get_run, run_dir
+from core.train import pick_device, predict_logits
+
+
+@dataclass
+class Predictor:
+    model: PaperDenseNet
+    classes: list[str]
+    image_size: int
+    device: torch.device
+    run_id: int
+
+    def probabilities(self, images: Sequence[PILImage.Image]) -> np.ndarray:
+        """(N, C) class probabilities for RGB images of any size."""
+        arrays = [np.asarray(resize(im.convert("RGB"), self.image_size), dtype=np.uint8) for im in images]
+        logits = predict_logits(self.model, to_tensor(arrays), self.device)
+        return torch.softmax(logits, 1).numpy()
+
+
+def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
+    run = get_run(session, run_id)
+    path = run_dir(settings, run_id) / "best.pt"
+    if run.status != RunStatus.succeeded or not path.exists():
+        raise UserError(f"Run {run_id} has no trained model (status: {run.status.value}); pick a run that succeeded.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    classes = list(checkpoint["classes"])
+    model = PaperDenseNet(len(classes))
+    model.load_state_dict(checkpoint["model"])
+    dev = pick_device(device)
+    return Predictor(model.to(dev).eval(), classes, int(checkpoint["image_size"]), dev, run_id)
+
+
+def predict_files(predictor: Predictor, paths: Sequence[Path]) -> list[dict]:
+    """One row per file: path, predicted class and each class's probability."""
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file.")
+        images.append(load_rgb(Path(path)))
+    probs = predictor.probabilities(images)
+    return [
+        {"path": str(path), "predicted": predictor.classes[int(p.argmax())],
+         **{c: float(v) for c, v in zip(predictor.classes, p)}}
+        for path, p in zip(paths, probs)
+    ]

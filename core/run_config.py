@@ -1,0 +1,71 @@
+"""A run's full configuration: one frozen dataclass, stored as JSON on the run and in checkpoints.
+
+Defaults are the paper's (Hasan et al.): Adam 1e-4, batch 24, 25 epochs, 224x224, 1200 augmented
+images per class, Augmentor rotate/distort/zoom. The split default is the honest one (split first,
+augment only the training part); the paper's own protocol is `split="paper-leaky"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.augment import AugmentParams
+from core.errors import UserError
+from core.splits import PROTOCOLS
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dataset: str
+    # split, made before augmentation (see core/splits.py)
+    split: str = "holdout"  # holdout | kfold | paper-leaky
+    grouped: bool | None = None  # None: grouped when the dataset has groups
+    test_fraction: float = 0.2  # paper: 80/20
+    val_fraction: float = 0.1  # of the non-test part; picks the best epoch; 0 = none
+    folds: int = 5
+    fold: int = 0  # which k-fold fold this run trains (0 for holdout)
+    # augmentation of the training part only
+    per_class: int = 1200  # paper: 1200 images per class after augmentation
+    augmentation: dict[str, Any] = field(default_factory=lambda: AugmentParams().to_dict())
+    # model and optimisation
+    weights: str = "imagenet"  # imagenet | none | path to a weights file
+    epochs: int = 25
+    batch_size: int = 24
+    lr: float = 1e-4
+    image_size: int = 224
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if self.split not in PROTOCOLS:
+            raise UserError(f"Unknown split {self.split!r}; choose one of {', '.join(PROTOCOLS)}.")
+        for name in ("epochs", "batch_size", "per_class", "folds"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.image_size < 32:
+            raise UserError(f"image_size must be at least 32 (DenseNet-201 downsamples by 32), got {self.image_size}.")
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.fold < (self.folds if self.split == "kfold" else 1):
+            raise UserError(f"fold {self.fold} does not exist for split {self.split!r} with {self.folds} folds.")
+        AugmentParams.from_dict(self.augmentation)  # validates
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UserError(f"Unknown run setting(s) {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def augment_params(self) -> AugmentParams:
+        return AugmentParams.from_dict(self.augmentation)

@@ -1,0 +1,195 @@
+"""The training loop, readable top to bottom. It knows nothing of databases or web pages:
+side effects (metrics to the database, checkpoints, progress bars, cancel) go through a Callback.
+
+Inputs are uint8 image tensors (N, 3, H, W) already resized (and augmented, for training);
+`preprocess` turns them into normalised floats on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+# ImageNet statistics: right for ImageNet weights, harmless from scratch.
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+class TrainingError(Exception):
+    """The run cannot go on (e.g. a non-finite loss); the message is stored on the run."""
+
+
+class Callback(Protocol):
+    def on_step(self, epoch: int, step: int, steps: int) -> None: ...
+    def on_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: dict[str, Any], is_best: bool) -> None: ...
+    def should_stop(self) -> bool: ...
+
+
+class NullCallback:
+    def on_step(self, epoch: int, step: int, steps: int) -> None:
+        pass
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: dict[str, Any], is_best: bool) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def preprocess(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float32 on `device`."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    return (x - MEAN.to(device)) / STD.to(device)
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA: same range as fp32, no loss scaling needed. CPU stays fp32.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    callback: Callback,
+) -> dict[str, float]:
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    # Sums stay on the device: one host sync per epoch, not per step.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(loader, start=1):
+        x, y = preprocess(x, device), y.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        callback.on_step(epoch, step, len(loader))
+        if callback.should_stop():
+            break
+    seconds = time.perf_counter() - t0
+    train_loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(train_loss):
+        raise TrainingError(f"Training loss became {train_loss} in epoch {epoch}; try a lower learning rate.")
+    return {
+        "train_loss": train_loss,
+        "train_accuracy": correct.item() / max(seen, 1),
+        "seconds": seconds,
+        "images_per_second": seen / seconds if seconds > 0 else 0.0,
+    }
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Logits (N, C) on the CPU, in input order."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        with _autocast(device):
+            out.append(model(preprocess(x[i : i + batch_size], device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 64) -> dict[str, float]:
+    logits = predict_logits(model, x, device, batch_size)
+    return {
+        "loss": nn.functional.cross_entropy(logits, y).item(),
+        "accuracy": (logits.argmax(1) == y).float().mean().item(),
+    }
+
+
+@dataclass
+class Data:
+    """Tensors for one run: uint8 images and int64 labels; val may be empty."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+def fit(
+    model: nn.Module,
+    data: Data,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    callback: Callback,
+    config: dict[str, Any],
+) -> dict[str, float]:
+    """Train for `epochs`; returns the last epoch's metrics. The best epoch (by validation
+    accuracy, then loss; the last one when there is no validation part) is flagged to the callback."""
+    seed_everything(seed)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loader = make_loader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed)
+    best = (-1.0, math.inf)
+    metrics: dict[str, float] = {}
+    for epoch in range(1, epochs + 1):
+        # train
+        metrics = {"epoch": epoch, **train_one_epoch(model, loader, optimizer, device, epoch, callback)}
+        if callback.should_stop():
+            break
+        # validate
+        if len(data.y_val):
+            val = evaluate(model, data.x_val, data.y_val, device, batch_size=max(batch_size, 64))
+            metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            score = (metrics["val_accuracy"], metrics["val_loss"])
+            is_best = score[0] > best[0] or (score[0] == best[0] and score[1] < best[1])
+        else:
+            score, is_best = (0.0, 0.0), True
+        if is_best:
+            best = score
+        # record and checkpoint
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "config": config,
+            "torch_rng": torch.get_rng_state(),
+        }
+        callback.on_epoch(epoch, metrics, checkpoint, is_best)
+    return metrics

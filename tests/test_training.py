@@ -1,0 +1,98 @@
+"""One CPU run end to end at a small image size: ingest -> split -> augment -> train -> evaluate."""
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from core import runs
+from core.datasets import ingest
+from core.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
+from core.evaluate import run_report
+from core.predict import load_predictor, predict_files
+from core.run_config import RunConfig
+from tests.synthetic import synthetic_image, write_dataset
+
+SMALL = dict(image_size=32, per_class=40, epochs=4, batch_size=16, lr=1e-3, weights="none", device="cpu")
+
+
+@pytest.fixture
+def dataset(tmp_path, settings, Session):
+    write_dataset(tmp_path / "src", per_class=20, ext=".tif")
+    with Session.begin() as s:
+        ingest(s, settings, tmp_path / "src", "synthetic")
+    return "synthetic"
+
+
+def _train(Session, settings, config):
+    with Session.begin() as s:
+        run_ids = [r.id for r in runs.create_runs(s, settings, config)]
+    for run_id in run_ids:
+        runs.execute_run(Session, settings, run_id)
+    return run_ids
+
+
+def test_honest_run_records_every_epoch_and_learns(dataset, settings, Session, tmp_path):
+    (run_id,) = _train(Session, settings, RunConfig(dataset=dataset, **SMALL))
+    with Session() as s:
+        run = s.get(Run, run_id)
+        assert run.status == RunStatus.succeeded, run.error
+        assert run.weights_used.startswith("none")
+        assert run.device.startswith("cpu")
+        epochs = s.scalars(select(EpochMetric).where(EpochMetric.run_id == run_id)).all()
+        assert [e.epoch for e in epochs] == [1, 2, 3, 4]
+        assert all(e.val_accuracy is not None and e.images_per_second > 0 for e in epochs)
+        # Test predictions are exactly the split's untouched test images.
+        test_ids = set(s.scalars(select(SplitMember.image_id).where(
+            SplitMember.split_id == run.split_id, SplitMember.part == "test")))
+        preds = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
+        assert {p.image_id for p in preds} == test_ids
+        assert all(p.aug_index is None and abs(sum(p.probabilities) - 1) < 1e-3 for p in preds)
+        report = run_report(s, run)
+        assert report.accuracy >= 0.75, report.accuracy  # chance is 1/3
+        assert "holdout 80/20" in report.protocol
+        assert run.summary["n_train"] == 3 * SMALL["per_class"]
+    assert (settings.runs_dir / str(run_id) / "best.pt").exists()
+    checkpoint = torch.load(settings.runs_dir / str(run_id) / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 4 and checkpoint["config"]["lr"] == SMALL["lr"] and "optimizer" in checkpoint
+
+    # The stored model predicts a new image of a class correctly.
+    path = tmp_path / "new.tif"
+    synthetic_image("FL", 999).save(path)
+    with Session() as s:
+        predictor = load_predictor(s, settings, run_id, device="cpu")
+    (row,) = predict_files(predictor, [path])
+    assert row["predicted"] == "FL"
+
+
+def test_paper_leaky_run_tests_augmented_copies(dataset, settings, Session):
+    (run_id,) = _train(Session, settings, RunConfig(dataset=dataset, split="paper-leaky", **{**SMALL, "epochs": 1}))
+    with Session() as s:
+        run = s.get(Run, run_id)
+        assert run.status == RunStatus.succeeded, run.error
+        preds = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
+        # 20% of the 3 x 40 augmented copies, each naming its source image
+        assert len(preds) == 24 and all(p.aug_index is not None for p in preds)
+        assert "LEAKY" in run.summary["protocol"]
+
+
+def test_kfold_makes_one_run_per_fold(dataset, settings, Session):
+    config = RunConfig(dataset=dataset, split="kfold", folds=2, **{**SMALL, "epochs": 1, "per_class": 8})
+    run_ids = _train(Session, settings, config)
+    with Session() as s:
+        folds = runs.fold_siblings(s, s.get(Run, run_ids[0]))
+        assert [r.fold for r in folds] == [0, 1]
+        tested = [set(s.scalars(select(Prediction.image_id).where(Prediction.run_id == r.id))) for r in folds]
+        assert not tested[0] & tested[1]
+        assert len(tested[0] | tested[1]) == 60  # every image tested once
+
+
+def test_non_finite_loss_fails_the_run_with_the_reason(dataset, settings, Session):
+    config = RunConfig(dataset=dataset, **{**SMALL, "epochs": 1, "lr": 1e12, "per_class": 8})
+    with Session.begin() as s:
+        (run,) = runs.create_runs(s, settings, config)
+    with pytest.raises(Exception):
+        runs.execute_run(Session, settings, run.id)
+    with Session() as s:
+        run = s.get(Run, run.id)
+        assert run.status == RunStatus.failed
+        assert "loss" in run.error.lower() or "nan" in run.error.lower()
