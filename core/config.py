@@ -6,6 +6,10 @@ MAX_IMAGE_PIXELS  largest image accepted at ingest; larger is treated as a decom
 MIN_IMAGE_SIDE    smallest width/height accepted at ingest
 DEFAULT_WEIGHTS   backbone weights when a run names none: "imagenet" (the paper's), "none",
                   or a path to a local weights file (for sites without internet)
+IMPORT_ROOTS      server folders (os.pathsep-separated) that the web app may import datasets from
+WORKER_SLOTS      runs one worker trains at once (default 1: one per GPU, one on CPU)
+HEARTBEAT_SECONDS how often a running job and a worker write their heartbeat
+STALE_SECONDS     a heartbeat older than this means the process is gone
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ class Settings:
     max_image_pixels: int
     min_image_side: int
     default_weights: str
+    import_roots: tuple[Path, ...]
+    worker_slots: int
+    heartbeat_seconds: float
+    stale_seconds: float
 
     @property
     def images_dir(self) -> Path:
@@ -50,4 +58,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         # DenseNet-201 needs at least 32 px to reach its last block.
         min_image_side=int(env.get("MIN_IMAGE_SIDE", 32)),
         default_weights=env.get("DEFAULT_WEIGHTS", "imagenet"),
+        import_roots=tuple(Path(p).expanduser().resolve() for p in env.get("IMPORT_ROOTS", "").split(os.pathsep) if p),
+        worker_slots=int(env.get("WORKER_SLOTS", 1)),
+        heartbeat_seconds=float(env.get("HEARTBEAT_SECONDS", 2)),
+        # Several missed heartbeats, so a busy machine is not mistaken for a dead worker.
+        stale_seconds=float(env.get("STALE_SECONDS", 30)),
     )
