@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import random
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -162,11 +164,13 @@ def expand(
     progress: Callable[[int, int], None] | None = None,
     *,
     num_classes: int | None = None,
+    workers: int = 0,
 ) -> tuple[list[Image.Image], list[int], list[int]]:
     """Make exactly `per_class` augmented images for each class 0..num_classes-1.
 
     Sources are drawn balanced (each used floor or ceil of per_class/n times, from a seeded
-    shuffle) rather than with replacement as Augmentor does. Returns (images, labels, source_indices).
+    shuffle) rather than with replacement as Augmentor does. `workers` > 1 spreads the work over
+    that many processes with identical results. Returns (images, labels, source_indices).
     """
     if per_class < 1:
         raise UserError(f"Images per class must be at least 1, got {per_class}.")
@@ -185,23 +189,43 @@ def expand(
     if empty:
         raise UserError(f"Class(es) {', '.join(map(str, empty))} have no images to augment.")
 
-    operations = build_operations(params)
+    # Plan every sample first (source, label, seed), so the result is the same however many
+    # processes do the work.
     rng = random.Random(seed)
-    out_images: list[Image.Image] = []
-    out_labels: list[int] = []
-    sources: list[int] = []
-    total = per_class * num_classes
+    plan: list[tuple[int, int, int]] = []
     for label, members in enumerate(by_class):
         order = members[:]
         rng.shuffle(order)
-        for k, sample_seed in enumerate(_sample_seeds(rng, per_class)):
-            src = order[k % len(order)]
+        plan += [(order[k % len(order)], label, s) for k, s in enumerate(_sample_seeds(rng, per_class))]
+
+    out_images: list[Image.Image] = []
+    if workers > 1 and len(plan) >= 64:
+        # Spawned processes: safe beside torch's threads, and Augmentor's global RNG use stays per process.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(params,)) as pool:
+            jobs = ((images[src], sample_seed) for src, _, sample_seed in plan)
+            for image in pool.map(_augment_in_worker, jobs, chunksize=16):
+                out_images.append(image)
+                if progress is not None:
+                    progress(len(out_images), len(plan))
+    else:
+        operations = build_operations(params)
+        for src, _, sample_seed in plan:
             out_images.append(augment(images[src], operations, sample_seed)[0])
-            out_labels.append(label)
-            sources.append(src)
             if progress is not None:
-                progress(len(out_images), total)
-    return out_images, out_labels, sources
+                progress(len(out_images), len(plan))
+    return out_images, [label for _, label, _ in plan], [src for src, _, _ in plan]
+
+
+_worker_operations: list = []
+
+
+def _init_worker(params: AugmentParams) -> None:
+    _worker_operations[:] = build_operations(params)
+
+
+def _augment_in_worker(job: tuple[Image.Image, int]) -> Image.Image:
+    return augment(job[0], _worker_operations, job[1])[0]
 
 
 def preview(image: Image.Image, params: AugmentParams, n: int, seed: int) -> list[tuple[Image.Image, list[str]]]:

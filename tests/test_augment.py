@@ -222,3 +222,12 @@ def test_params_reject_out_of_range_values(key, value, message):
     with pytest.raises(UserError, match=message) as info:
         AugmentParams.from_dict({key: value})
     assert key in str(info.value)
+
+
+def test_expand_in_worker_processes_gives_the_same_images():
+    images = [synthetic_image(c, i) for c in ("CLL", "FL") for i in range(3)]
+    labels = [0] * 3 + [1] * 3
+    one = expand(images, labels, 40, AugmentParams(), seed=4)
+    many = expand(images, labels, 40, AugmentParams(), seed=4, workers=2)
+    assert one[1] == many[1] and one[2] == many[2]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one[0], many[0]))
