@@ -7,6 +7,7 @@ MIN_IMAGE_SIDE    smallest width/height accepted at ingest
 DEFAULT_WEIGHTS   backbone weights when a run names none: "imagenet" (the paper's), "none",
                   or a path to a local weights file (for sites without internet)
 IMPORT_ROOTS      server folders (os.pathsep-separated) that the web app may import datasets from
+START_WORKER      1 (default): the web app starts a worker when none is alive; 0 when workers run elsewhere
 WORKER_SLOTS      runs one worker trains at once (default 1: one per GPU, one on CPU)
 HEARTBEAT_SECONDS how often a running job and a worker write their heartbeat
 STALE_SECONDS     a heartbeat older than this means the process is gone
@@ -27,6 +28,7 @@ class Settings:
     min_image_side: int
     default_weights: str
     import_roots: tuple[Path, ...]
+    start_worker: bool
     worker_slots: int
     heartbeat_seconds: float
     stale_seconds: float
@@ -59,6 +61,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         min_image_side=int(env.get("MIN_IMAGE_SIDE", 32)),
         default_weights=env.get("DEFAULT_WEIGHTS", "imagenet"),
         import_roots=tuple(Path(p).expanduser().resolve() for p in env.get("IMPORT_ROOTS", "").split(os.pathsep) if p),
+        start_worker=env.get("START_WORKER", "1") not in ("0", "false", "no"),
         worker_slots=int(env.get("WORKER_SLOTS", 1)),
         heartbeat_seconds=float(env.get("HEARTBEAT_SECONDS", 2)),
         # Several missed heartbeats, so a busy machine is not mistaken for a dead worker.
