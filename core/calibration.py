@@ -1,0 +1,280 @@
+"""Calibration and uncertainty of a trained classifier's outputs.
+
+  fit_temperature      one scalar T fitted on validation logits (Guo et al. 2017): softmax(z / T)
+                       keeps every prediction and sharpens or softens the probabilities
+  expected_calibration_error, reliability_bins, reliability_figure
+                       how far "90% sure" is from being right 90% of the time (15 equal-width bins)
+  bootstrap_metrics    seeded percentile confidence intervals for accuracy and per-class
+                       precision/recall/F1 (optionally resampling whole specimens): with ~50 test
+                       images an accuracy of 0.80 means "somewhere around 0.68-0.90", and a report
+                       should say so
+  refer_threshold      the confidence below which a prediction is not shown as a diagnosis but as
+                       "uncertain, refer", chosen on validation to reach a target accuracy
+
+Plain NumPy; the figure is plotly (no streamlit), so both the pages and reports can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.errors import UserError
+
+N_BINS = 15
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: Sequence[int], bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the validation negative log-likelihood of softmax(logits / T).
+
+    The NLL is convex in 1/T, so a golden-section search over log T finds the optimum; T > 1 means
+    the model was over-confident. Args: logits (N, C) before softmax, labels (N,) class indices.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise UserError("Temperature scaling needs (N, C) validation logits and N labels, N >= 1.")
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    f = lambda log_t: _nll(logits, labels, float(np.exp(log_t)))  # noqa: E731
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    while hi - lo > 1e-5:
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - ratio) * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(b)
+    return float(np.exp((lo + hi) / 2))
+
+
+@dataclass
+class ReliabilityBins:
+    lower: np.ndarray  # (n_bins,) bin edges of the top probability
+    upper: np.ndarray
+    confidence: np.ndarray  # mean top probability in the bin (nan when empty)
+    accuracy: np.ndarray  # fraction correct in the bin (nan when empty)
+    count: np.ndarray  # predictions in the bin
+
+    @property
+    def ece(self) -> float:
+        n = self.count.sum()
+        filled = self.count > 0
+        if n == 0:
+            return 0.0
+        return float((self.count[filled] / n * np.abs(self.accuracy[filled] - self.confidence[filled])).sum())
+
+
+def reliability_bins(probs: np.ndarray, labels: Sequence[int], n_bins: int = N_BINS) -> ReliabilityBins:
+    """Bin predictions by top probability into `n_bins` equal-width bins over [0, 1]."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    conf = probs.max(1) if len(probs) else np.zeros(0)
+    correct = (probs.argmax(1) == labels) if len(probs) else np.zeros(0, bool)
+    edges = np.linspace(0, 1, n_bins + 1)
+    # Bins are (lower, upper], the first also takes 0: as in Guo et al.
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(which, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(which, weights=correct.astype(float), minlength=n_bins) / count
+    return ReliabilityBins(edges[:-1], edges[1:], confidence, accuracy, count)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: Sequence[int], n_bins: int = N_BINS) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over the bins (0 = perfectly calibrated)."""
+    return reliability_bins(probs, labels, n_bins).ece
+
+
+def reliability_figure(bins: ReliabilityBins, title: str = "Reliability diagram", *,
+                       other: ReliabilityBins | None = None, names: tuple[str, str] = ("before", "after")):
+    """A plotly reliability diagram: accuracy per confidence bin against the diagonal.
+
+    Pass `other` (e.g. the bins after temperature scaling) to draw both; `names` labels them.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                             line=dict(dash="dash", color="grey")))
+    for b, name in ((bins, names[0]), (other, names[1])):
+        if b is None:
+            continue
+        filled = b.count > 0
+        centre = (b.lower + b.upper) / 2
+        fig.add_trace(go.Bar(
+            x=centre[filled], y=b.accuracy[filled], width=(b.upper - b.lower)[filled] * (0.9 if other is None else 0.45),
+            name=f"{name} (ECE {b.ece:.3f})" if other is not None else f"accuracy (ECE {b.ece:.3f})",
+            customdata=np.stack([b.count[filled], b.confidence[filled]], 1),
+            hovertemplate="confidence %{customdata[1]:.3f}<br>accuracy %{y:.3f}<br>%{customdata[0]} predictions<extra></extra>",
+        ))
+    fig.update_layout(title=title, xaxis_title="confidence (top probability)", yaxis_title="accuracy",
+                      xaxis_range=[0, 1], yaxis_range=[0, 1.02], barmode="group", bargap=0.05)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+@dataclass
+class Interval:
+    estimate: float  # on the full test set
+    low: float
+    high: float
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+
+@dataclass
+class BootstrapResult:
+    level: float  # e.g. 0.95
+    n_resamples: int
+    seed: int
+    accuracy: Interval
+    per_class: dict[str, dict[str, Interval]]  # class -> {"precision", "recall", "f1"}
+    n_groups: int | None = None  # groups resampled whole (cluster bootstrap); None: samples one by one
+
+
+def _per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """precision, recall, f1 per class from (..., C, C) confusion matrices; nan where undefined."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
+    predicted, actual = cm.sum(-2), cm.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / predicted
+        recall = tp / actual
+        f1 = 2 * tp / (predicted + actual)
+    return precision, recall, f1
+
+
+def bootstrap_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], *,
+                      groups: Sequence[object] | None = None, n_resamples: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> BootstrapResult:
+    """Percentile bootstrap intervals for accuracy and per-class precision/recall/F1.
+
+    Without `groups`, test samples are drawn with replacement. With `groups` (one id per sample:
+    the specimen, or the source image of augmented copies), whole groups are drawn with
+    replacement (a cluster bootstrap): samples of one group are not independent, and resampling
+    them one by one makes the interval too narrow. A resample where a metric is undefined (e.g. no
+    prediction of a class, so no precision) is left out of that metric's interval.
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    n, c = len(y_true), len(classes)
+    if n == 0 or len(y_pred) != n:
+        raise UserError("Bootstrap needs the same number (>= 1) of true and predicted labels.")
+    if groups is not None and len(groups) != n:
+        raise UserError(f"Bootstrap needs one group per sample: {len(groups)} groups for {n} samples.")
+    if not 0 < level < 1:
+        raise UserError(f"level must be between 0 and 1, got {level}.")
+    if groups is None:
+        group_of = np.arange(n)
+    else:  # numbered in order of first appearance, so any hashable ids work
+        index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        group_of = np.array([index[g] for g in groups])
+    n_groups = int(group_of.max()) + 1
+    # Confusion matrix of each group, flattened: (G, C*C).
+    per_group = np.zeros((n_groups, c * c))
+    np.add.at(per_group, (group_of, y_true * c + y_pred), 1)
+    # How often each group is drawn in each resample: (B, G); a resample's confusion matrix is
+    # the draw-weighted sum of its groups' matrices.
+    draws = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_resamples)
+    cms = (draws @ per_group).reshape(n_resamples, c, c)
+    full = per_group.sum(0).reshape(c, c)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+    def interval(estimate: float, samples: np.ndarray) -> Interval:
+        samples = samples[np.isfinite(samples)]
+        if not samples.size or not np.isfinite(estimate):
+            return Interval(float(estimate), float("nan"), float("nan"))
+        low, high = np.percentile(samples, q)
+        return Interval(float(estimate), float(low), float(high))
+
+    accuracy = interval(np.trace(full) / n, np.trace(cms, axis1=1, axis2=2) / cms.sum((1, 2)))
+    p_full, r_full, f_full = _per_class(full)
+    p_s, r_s, f_s = _per_class(cms)
+    per_class = {
+        name: {"precision": interval(p_full[k], p_s[:, k]), "recall": interval(r_full[k], r_s[:, k]),
+               "f1": interval(f_full[k], f_s[:, k])}
+        for k, name in enumerate(classes)
+    }
+    return BootstrapResult(level, n_resamples, seed, accuracy, per_class, n_groups if groups is not None else None)
+
+
+def format_bootstrap(result: BootstrapResult) -> str:
+    """Markdown table of the intervals."""
+    pct = f"{result.level:.0%}"
+    fmt = lambda i: f"{i.estimate:.3f} ({i.low:.3f}-{i.high:.3f})"  # noqa: E731
+    unit = f", {result.n_groups} groups resampled whole" if result.n_groups is not None else ""
+    lines = [f"Accuracy {fmt(result.accuracy)}, {pct} bootstrap interval ({result.n_resamples} resamples{unit}, "
+             f"seed {result.seed})",
+             "", "| class | precision | recall | F1 |", "| --- | --- | --- | --- |"]
+    for name, m in result.per_class.items():
+        lines.append(f"| {name} | {fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['f1'])} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refer band
+
+
+def selective_accuracy(probs: np.ndarray, labels: Sequence[int], threshold: float) -> tuple[float, float]:
+    """(coverage, accuracy) of the predictions whose top probability is >= threshold
+    (accuracy nan when none is accepted)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    accepted = probs.max(1) >= threshold
+    if not accepted.any():
+        return 0.0, float("nan")
+    return float(accepted.mean()), float((probs.argmax(1)[accepted] == labels[accepted]).mean())
+
+
+def refer_threshold(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float) -> float | None:
+    """The smallest top-probability threshold at which the accepted validation predictions reach
+    `target_accuracy`; predictions below it go to the "uncertain, refer" band.
+
+    Returns 0.0 when all predictions together already reach the target (no refer band), and None
+    when no threshold does (refer everything). Choose it on calibrated validation probabilities;
+    with few validation images the threshold is itself uncertain.
+    """
+    if not 0 < target_accuracy <= 1:
+        raise UserError(f"target accuracy must be in (0, 1], got {target_accuracy}.")
+    probs = np.asarray(val_probs, dtype=np.float64)
+    labels = np.asarray(val_labels, dtype=int)
+    if len(probs) == 0:
+        raise UserError("No validation predictions to choose a refer threshold from.")
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    order = np.argsort(-conf, kind="stable")
+    conf, correct = conf[order], correct[order]
+    # Accepting everything with conf >= conf[i] accepts the first `last[i] + 1` sorted predictions
+    # (ties included), so the accuracy at each distinct threshold is one cumulative sum away.
+    hits = np.cumsum(correct)
+    last = np.searchsorted(-conf, -conf, side="right") - 1
+    acc = hits[last] / (last + 1)
+    ok = np.flatnonzero(acc >= target_accuracy - 1e-12)
+    if not ok.size:
+        return None
+    if acc[-1] >= target_accuracy - 1e-12:
+        return 0.0
+    return float(conf[ok].min())

@@ -1,0 +1,136 @@
+"""Temperature scaling, ECE, reliability data and figure, bootstrap intervals, the refer threshold."""
+
+import numpy as np
+import pytest
+
+from core.calibration import (
+    bootstrap_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    format_bootstrap,
+    refer_threshold,
+    reliability_bins,
+    reliability_figure,
+    selective_accuracy,
+    softmax,
+)
+from core.errors import UserError
+
+
+def calibrated_logits(n: int, n_classes: int = 3, seed: int = 0):
+    """Logits whose softmax is the true probability of the sampled label: calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, n_classes))
+    probs = softmax(logits)
+    labels = np.array([rng.choice(n_classes, p=p) for p in probs])
+    return logits, labels
+
+
+def test_temperature_scaling_fixes_an_over_confident_model():
+    logits, labels = calibrated_logits(4000)
+    val, test = slice(0, 2000), slice(2000, None)
+    over = logits * 5  # the same ranking, far too sure
+    t = fit_temperature(over[val], labels[val])
+    assert 3.5 < t < 7  # recovers the x5
+    before = expected_calibration_error(softmax(over[test]), labels[test])
+    after = expected_calibration_error(softmax(over[test], t), labels[test])
+    assert before > 0.1 and after < 0.04 and after < before / 3
+    # Temperature never changes the predicted class.
+    assert (softmax(over[test], t).argmax(1) == over[test].argmax(1)).all()
+
+
+def test_reliability_bins_and_figure():
+    logits, labels = calibrated_logits(600, seed=1)
+    probs = softmax(logits * 5)
+    bins = reliability_bins(probs, labels)
+    assert len(bins.count) == 15 and bins.count.sum() == 600
+    filled = bins.count > 0
+    assert ((bins.confidence[filled] > bins.lower[filled]) & (bins.confidence[filled] <= bins.upper[filled])).all()
+    assert bins.ece == pytest.approx(expected_calibration_error(probs, labels))
+    fig = reliability_figure(bins, other=reliability_bins(softmax(logits), labels))
+    names = [trace.name for trace in fig.data]
+    assert names[0] == "perfect calibration" and any("before" in n for n in names) and any("after" in n for n in names)
+
+
+def test_perfect_predictions_have_zero_ece():
+    labels = np.array([0, 1, 2, 1])
+    probs = np.eye(3)[labels]
+    assert expected_calibration_error(probs, labels) == 0.0
+
+
+def _predictions(n: int, accuracy: float = 0.8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 3, n)
+    wrong = rng.random(n) > accuracy
+    y_pred = np.where(wrong, (y_true + rng.integers(1, 3, n)) % 3, y_true)
+    return y_true, y_pred
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_samples():
+    small = bootstrap_metrics(*_predictions(60), ["CLL", "FL", "MCL"], n_resamples=1000, seed=0)
+    large = bootstrap_metrics(*_predictions(2000), ["CLL", "FL", "MCL"], n_resamples=1000, seed=0)
+    for result in (small, large):
+        intervals = [result.accuracy] + [i for m in result.per_class.values() for i in m.values()]
+        for i in intervals:
+            assert i.low <= i.estimate <= i.high
+    assert large.accuracy.width < small.accuracy.width / 3  # ~ 1 / sqrt(n)
+    for name in ("CLL", "FL", "MCL"):
+        for metric in ("precision", "recall", "f1"):
+            assert large.per_class[name][metric].width < small.per_class[name][metric].width
+    assert "| CLL |" in format_bootstrap(small)
+
+
+def test_bootstrap_is_seeded_and_matches_the_point_estimates():
+    y_true, y_pred = _predictions(200)
+    a = bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], seed=7)
+    b = bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], seed=7)
+    c = bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], seed=8)
+    assert a == b and a.accuracy != c.accuracy
+    assert a.accuracy.estimate == pytest.approx((y_true == y_pred).mean())
+    tp = ((y_true == 1) & (y_pred == 1)).sum()
+    assert a.per_class["b"]["recall"].estimate == pytest.approx(tp / (y_true == 1).sum())
+    assert a.per_class["b"]["precision"].estimate == pytest.approx(tp / (y_pred == 1).sum())
+
+
+def test_refer_threshold_reaches_the_target_on_validation():
+    # Confidence 0.95..0.35; the three least confident predictions are the wrong ones.
+    conf = np.linspace(0.95, 0.35, 10)
+    probs = np.stack([conf, (1 - conf) / 2, (1 - conf) / 2], 1)
+    labels = np.array([0] * 7 + [1] * 3)
+    assert refer_threshold(probs, labels, 0.7) == 0.0  # 7/10 correct: no refer band
+    t = refer_threshold(probs, labels, 0.9)
+    assert t == pytest.approx(conf[6])  # the 7 most confident are all right; 8 would give 7/8 < 0.9
+    assert selective_accuracy(probs, labels, t) == (pytest.approx(0.7), 1.0)
+
+
+def test_refer_threshold_is_the_smallest_that_works():
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    probs = np.stack([conf, 1 - conf], 1)
+    labels = np.array([0, 0, 1, 0, 1])  # correct, correct, wrong, correct, wrong
+    # accepted accuracy by threshold: 0.9 -> 1, 0.8 -> 1, 0.7 -> 2/3, 0.6 -> 3/4, 0.5 -> 3/5
+    assert refer_threshold(probs, labels, 0.75) == pytest.approx(0.6)
+    assert refer_threshold(probs, labels, 0.8) == pytest.approx(0.8)
+    assert selective_accuracy(probs, labels, 0.8) == (pytest.approx(0.4), 1.0)
+    assert refer_threshold(probs, np.ones(5, int), 0.5) is None  # every prediction is wrong
+    with pytest.raises(UserError, match="target accuracy"):
+        refer_threshold(probs, labels, 1.5)
+
+
+def test_group_bootstrap_is_wider_when_groups_are_correlated():
+    # 10 specimens of 20 images each; a specimen is either all right or all wrong.
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(10), 20)
+    right = np.repeat(rng.random(10) < 0.7, 20)
+    y_true = np.repeat(rng.integers(0, 3, 10), 20)
+    y_pred = np.where(right, y_true, (y_true + 1) % 3)
+    by_image = bootstrap_metrics(y_true, y_pred, ["a", "b", "c"])
+    by_group = bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], groups=groups)
+    assert by_group.accuracy.estimate == by_image.accuracy.estimate
+    assert by_group.accuracy.low <= by_group.accuracy.estimate <= by_group.accuracy.high
+    assert by_group.accuracy.width > 2 * by_image.accuracy.width
+    assert by_group.n_groups == 10 and by_image.n_groups is None
+    assert "10 groups resampled whole" in format_bootstrap(by_group)
+    # One group per sample is the same as plain resampling.
+    assert bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], groups=np.arange(200)).accuracy == by_image.accuracy
+    with pytest.raises(UserError, match="one group per sample"):
+        bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], groups=[1, 2])

@@ -1,0 +1,99 @@
+"""Stain normalisation undoes a stain shift; HED jitter is seeded and keeps shape and dtype."""
+
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from core.stain import METHODS, hed_jitter, hed_to_rgb, make_normaliser, rgb_to_hed
+
+H_REF, E_REF = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])
+
+
+def he_image(h_vec=H_REF, e_vec=E_REF, h_amount=1.0, e_amount=1.0, size=96, seed=0) -> np.ndarray:
+    """Synthetic H&E by Beer-Lambert: haematoxylin nuclei on eosin tissue, a strip of empty glass."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    h = np.zeros((size, size))
+    for _ in range(25):
+        cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(3, 8)
+        h += 1.2 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    e = (0.5 + 0.3 * np.sin(xx / 7) * np.cos(yy / 9)) * (1 - 0.8 * np.clip(h / 1.2, 0, 1))
+    h[:, :10] = e[:, :10] = 0
+    h += rng.normal(0, 0.03, h.shape)
+    e += rng.normal(0, 0.03, e.shape)
+    conc = np.stack([np.clip(h, 0, None) * h_amount, np.clip(e, 0, None) * e_amount], -1)
+    vectors = np.stack([h_vec / np.linalg.norm(h_vec), e_vec / np.linalg.norm(e_vec)])
+    return np.clip(np.rint(255 * np.exp(-conc @ vectors)), 0, 255).astype(np.uint8)
+
+
+def mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(float) - b.astype(float)).mean())
+
+
+@pytest.fixture(scope="module")
+def original():
+    return he_image()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_normalisation_maps_a_stain_shifted_copy_back(original, method):
+    # Stronger haematoxylin, weaker eosin: the usual difference between two staining runs.
+    shifted = hed_to_rgb(rgb_to_hed(original) * np.array([1.4, 0.6, 1.0]))
+    before = mae(original, shifted)
+    out = make_normaliser(method, original)(shifted)
+    assert out.shape == original.shape and out.dtype == np.uint8
+    assert before > 10
+    assert mae(original, out) < 0.35 * before, (method, before, mae(original, out))
+
+
+def test_macenko_also_undoes_other_stain_colours(original):
+    # Other dyes (different stain vectors) in other amounts. Macenko re-estimates the vectors;
+    # Reinhard, a global colour transfer, can only move the colour statistics and helps less.
+    shifted = he_image(np.array([0.55, 0.80, 0.35]), np.array([0.20, 0.90, 0.20]), 1.3, 0.7)
+    before = mae(original, shifted)
+    macenko = mae(original, make_normaliser("macenko", original)(shifted))
+    reinhard = mae(original, make_normaliser("reinhard", original)(shifted))
+    assert macenko < 0.5 * before, (before, macenko)
+    assert reinhard < 0.9 * before, (before, reinhard)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_reference_maps_onto_itself(original, method):
+    assert mae(original, make_normaliser(method, original)(original)) < 1.0
+
+
+def test_macenko_leaves_an_image_without_tissue_unchanged(original):
+    blank = np.full((32, 32, 3), 245, np.uint8)
+    assert np.array_equal(make_normaliser("macenko", original)(blank), blank)
+    with pytest.raises(UserError, match="too little stained tissue"):
+        make_normaliser("macenko", blank)
+
+
+def test_unknown_method_lists_the_allowed_ones(original):
+    with pytest.raises(UserError, match="macenko, reinhard"):
+        make_normaliser("vahadane", original)
+
+
+def test_hed_round_trip_is_lossless_up_to_rounding(original):
+    assert np.abs(hed_to_rgb(rgb_to_hed(original)).astype(int) - original).max() <= 1
+
+
+def test_hed_jitter_is_seeded_and_keeps_shape_and_dtype(original):
+    a = hed_jitter(original, np.random.default_rng(42))
+    b = hed_jitter(original, np.random.default_rng(42))
+    c = hed_jitter(original, np.random.default_rng(43))
+    assert a.shape == original.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert 0 < mae(a, original) < 20  # a visible but mild change
+    rng = np.random.default_rng(0)
+    assert not np.array_equal(hed_jitter(original, rng), hed_jitter(original, rng))  # the generator advances
+    assert np.array_equal(hed_jitter(original, 0, sigma=0, bias=0), original)
+    assert mae(hed_jitter(original, 1, sigma=0.3, bias=0.2), original) > mae(hed_jitter(original, 1), original)
+
+
+def test_hed_jitter_rejects_bad_input(original):
+    with pytest.raises(UserError, match="sigma"):
+        hed_jitter(original, 0, sigma=-0.1)
+    with pytest.raises(ValueError, match="uint8"):
+        hed_jitter(original.astype(np.float32), 0)
