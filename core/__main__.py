@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -100,17 +102,103 @@ def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
     check_weights(config.weights)  # fail before anything is recorded
     with Session.begin() as s:
         run_ids = [r.id for r in runs.create_runs(s, settings, config)]
-    for run_id in run_ids:
-        bars = Bars()
-        print(f"run {run_id}: training", file=sys.stderr)
-        try:
-            runs.execute_run(Session, settings, run_id, progress=bars)
-        finally:
-            bars.close()
-        with Session() as s:
-            run = runs.get_run(s, run_id)
-            print(f"run {run_id}: {run.status.value}, test accuracy {run.summary.get('test_accuracy')}", file=sys.stderr)
+    if args.background:
+        print(f"queued run(s) {', '.join(map(str, run_ids))}", file=sys.stderr)
+        _start_worker(args, settings)
+    else:
+        for run_id in run_ids:
+            _train_here(Session, settings, run_id)
     print(" ".join(str(i) for i in run_ids))
+
+
+def _start_worker(args: argparse.Namespace, settings: Settings) -> None:
+    from core.worker import ensure_worker
+
+    if args.no_worker:
+        return
+    if ensure_worker(settings):
+        print(f"started a background worker (log: {settings.app_home / 'worker.log'})", file=sys.stderr)
+    else:
+        print("a background worker is running; it takes queued runs in order", file=sys.stderr)
+
+
+def _train_here(Session, settings: Settings, run_id: int, claimed: bool = False) -> None:
+    """Train a run in this process, owning it like a worker would (so no worker takes it too)."""
+    from core import jobs, runs
+
+    if not claimed and jobs.claim_next(Session, f"cli:{socket.gethostname()}:{os.getpid()}", run_id) is None:
+        print(f"run {run_id}: taken by a background worker; not training it here", file=sys.stderr)
+        return
+    bars = Bars()
+    print(f"run {run_id}: training", file=sys.stderr)
+    try:
+        runs.execute_run(Session, settings, run_id, progress=bars)
+    finally:
+        bars.close()
+    with Session() as s:
+        run = runs.get_run(s, run_id)
+        print(f"run {run_id}: {run.status.value}, test accuracy {run.summary.get('test_accuracy')}", file=sys.stderr)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.worker import run_worker
+
+    started = run_worker(settings, once=args.once, max_runs=args.max_runs, slots=args.slots, idle_exit=args.idle_exit)
+    print(f"worker stopped after starting {started} run(s)", file=sys.stderr)
+
+
+def cmd_child(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.worker import run_child
+
+    run_child(settings, args.run, parent=args.parent)
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import jobs
+
+    with Session.begin() as s:
+        status = jobs.request_cancel(s, args.run)
+    if status.value == "cancelled":
+        print(f"run {args.run}: cancelled")
+    else:
+        print(f"run {args.run}: cancel requested; it stops within a few seconds, keeping its finished epochs")
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings, Session) -> None:
+    import json
+
+    from core import jobs
+
+    with Session() as s:
+        print(json.dumps(jobs.run_status(s, args.run), indent=2))
+
+
+def cmd_resume(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import jobs
+
+    if not args.background:
+        # Import torch before claiming the run, not after: the claim's heartbeat must not go
+        # stale while the training code loads, or a worker would take the run over.
+        from core import runs  # noqa: F401
+
+    me = None if args.background else f"cli:{socket.gethostname()}:{os.getpid()}"
+    with Session.begin() as s:
+        jobs.reopen(s, settings, args.run, worker=me)
+    if args.background:
+        print(f"run {args.run}: queued to resume", file=sys.stderr)
+        _start_worker(args, settings)
+    else:
+        _train_here(Session, settings, args.run, claimed=True)
+    print(args.run)
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings, Session) -> None:
+    import json
+
+    from core.worker import worker_status
+
+    with Session() as s:
+        print(json.dumps(worker_status(s, settings), indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -168,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datasets", help="list datasets")
     p.set_defaults(func=cmd_datasets)
 
-    p = sub.add_parser("train", help="train the paper's model on a dataset (foreground); prints the run id(s) last",
+    p = sub.add_parser("train", help="train the paper's model on a dataset (here, or queued with --background); prints the run id(s) last",
                        formatter_class=fmt, description="Defaults are the paper's settings; the split is honest "
                        "(split first, augment only the training part) unless --split paper-leaky.")
     p.add_argument("--dataset", required=True)
@@ -189,7 +277,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=defaults.image_size, help="images are resized to this square")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--background", action="store_true",
+                   help="queue the run(s) for the background worker and return at once (starts a worker if none is alive)")
+    p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("worker", help="train queued runs in the background, each in its own process")
+    p.add_argument("--once", action="store_true", help="exit when the queue is empty (default: wait for more)")
+    p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
+    p.add_argument("--slots", type=int, default=None, help="runs trained at once (default: WORKER_SLOTS, else 1)")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                   help="exit after this long with no run queued or running (default: never)")
+    p.set_defaults(func=cmd_worker)
+
+    # Internal: the worker's child process for one run.
+    p = sub.add_parser("_run")
+    p.add_argument("run", type=int)
+    p.add_argument("--parent", type=int, default=None, help="stop when this process (the worker) is gone")
+    p.set_defaults(func=cmd_child)
+
+    p = sub.add_parser("cancel", help="cancel a queued run, or stop a running one keeping its finished epochs")
+    p.add_argument("run", type=int)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("status", help="a run's status, progress, latest epoch and heartbeat, as JSON")
+    p.add_argument("run", type=int)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("resume", help="continue a failed or cancelled run from its last finished epoch")
+    p.add_argument("run", type=int)
+    p.add_argument("--background", action="store_true", help="queue it for the background worker instead of training here")
+    p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("workers", help="live background workers and the queue, as JSON")
+    p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("evaluate", help="print a run's per-class table (the paper's Table I) and confusion matrix")
     p.add_argument("run", type=int)

@@ -21,8 +21,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -152,6 +155,9 @@ class Run(Base):
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # Times a worker has claimed the run since a person last queued it; a run whose workers keep
+    # dying is failed after a few, instead of being retried for ever.
+    attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
 
     dataset: Mapped[Dataset] = relationship()
     split: Mapped[Split | None] = relationship()
@@ -193,6 +199,25 @@ class Prediction(Base):
     __table_args__ = (Index("ix_predictions_run", "run_id"),)
 
 
+class Worker(Base):
+    """A live background worker (`python -m core worker`), as it last reported itself.
+
+    Liveness is the age of heartbeat_at, never the existence of the row or of a pid: a worker
+    killed with SIGKILL leaves its row behind, stale, and the next sweep deletes it.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    slots: Mapped[int] = mapped_column(default=1)
+    run_ids: Mapped[list[Any]] = mapped_column(default=list)  # runs it is training now
+    device: Mapped[str | None] = mapped_column(String(100), default=None)  # as its last run reported
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the app read while a training job writes; busy_timeout waits for a writer
     # instead of failing at once with "database is locked".
@@ -216,7 +241,35 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """create_all makes missing tables but not columns added to a table since; add those.
+
+    Only for columns that are nullable or have a server default (the only kind we add), so an
+    existing database keeps working after an upgrade.
+    """
+    existing = inspect(engine)
+    tables = set(existing.get_table_names())
+    for table in Base.metadata.sorted_tables:
+        if table.name not in tables:
+            continue
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            default = f" DEFAULT {column.server_default.arg.text}" if column.server_default is not None else ""
+            null = "" if column.nullable else " NOT NULL"
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}{null}'))
+            except DBAPIError:
+                # Another process starting at the same moment may have added it first.
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 def make_sessionmaker(url: str) -> sessionmaker:

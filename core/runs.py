@@ -3,14 +3,23 @@ dataset -> split -> decode/resize -> augment the training part -> train -> evalu
 
 `create_runs` records what to do (one run, or one per fold for k-fold); `execute_run` does it and
 writes every result to the database as it goes. The CLI calls both in the foreground; the worker
-calls `execute_run` in the background.
+(core/worker.py) calls `execute_run` in a child process.
+
+While a run executes, a heartbeat thread stamps the run's row every few seconds (so a long decode
+or augment phase does not look like a dead process) and watches for a cancel request. Each
+finished epoch is written to the database and then checkpointed (last.pt), so after a crash
+`execute_run` continues from the last checkpoint and the database never lacks an epoch the
+checkpoint has.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import augment, data, splits
@@ -27,13 +36,22 @@ from core.config import Settings
 from core.datasets import get_dataset
 from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
 from core.errors import UserError
+from core.jobs import claim_next, log_tail
 from core.model import build_model, check_weights
 from core.run_config import RunConfig
-from core.train import Data, describe_device, fit, pick_device, predict_logits
+from core.train import Data, describe_device, fit, pick_device, predict_logits, seed_everything
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class Cancelled(Exception):
+    """Someone asked the run to stop (cancel_requested); raised between steps of data preparation."""
+
+
+class TakenOver(Exception):
+    """Another process now owns the run (a worker judged this one dead and restarted the run)."""
 
 
 def create_runs(session: Session, settings: Settings, config: RunConfig) -> list[Run]:
@@ -92,12 +110,74 @@ def save_atomic(obj: Any, path: Path) -> None:
             os.remove(tmp)
 
 
+class Monitor:
+    """A thread that keeps a running run's heartbeat fresh and notices a cancel request.
+
+    It also publishes the data-preparation progress (decode, augment), which the main thread
+    only notes in memory, so that phase costs no database writes of its own. If another process
+    has taken the run over (a worker judged this one dead and started it again), training here
+    stops at the next step rather than train the same run twice.
+    """
+
+    def __init__(self, Session: sessionmaker, run_id: int, every: float):
+        self.Session, self.run_id, self.every = Session, run_id, every
+        self.cancel = threading.Event()
+        self.lost = threading.Event()  # taken over
+        self._stage: dict[str, Any] | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-run-{run_id}", daemon=True)
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def stage(self, name: str, done: int, total: int) -> None:
+        """Note progress of a preparation stage; raises Cancelled when a cancel was requested."""
+        self._stage = {"stage": name, "done": done, "total": total}
+        self.check(name)
+
+    def check(self, where: str) -> None:
+        if self.lost.is_set():
+            raise TakenOver(f"run {self.run_id} was taken over by another process during {where}")
+        if self.cancel.is_set():
+            raise Cancelled(f"run {self.run_id} cancelled during {where}")
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.every):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a missed beat must not end the run; the next one retries
+                log.warning("run %d: heartbeat failed", self.run_id, exc_info=True)
+
+    def beat(self) -> None:
+        stage, self._stage = self._stage, None
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if stage is not None:
+            values["progress"] = stage
+        with self.Session.begin() as s:
+            s.execute(update(Run).where(Run.id == self.run_id).values(**values))
+            cancel, pid = s.execute(select(Run.cancel_requested, Run.pid).where(Run.id == self.run_id)).one()
+        if cancel:
+            self.cancel.set()
+        if pid != os.getpid() and not self.lost.is_set():
+            log.error("run %d was taken over by another process (pid %s); this one (pid %d) stops.",
+                      self.run_id, pid, os.getpid())
+            self.lost.set()
+
+
 class Recorder:
     """Training callback: epoch metrics and progress to the database, checkpoints to disk."""
 
-    def __init__(self, Session: sessionmaker, run_id: int, directory: Path, progress: Progress | None, extra: dict[str, Any]):
+    def __init__(self, Session: sessionmaker, run_id: int, directory: Path, progress: Progress | None,
+                 extra: dict[str, Any], epochs: int, monitor: Monitor | None = None):
         self.Session, self.run_id, self.dir, self.progress = Session, run_id, directory, progress
-        self.extra = extra  # stored in each checkpoint (class names, image size)
+        self.extra = extra  # stored in each checkpoint (class names, image size, which run)
+        self.epochs = epochs
+        self.monitor = monitor
         self._last_write = 0.0
         self._stop = False
 
@@ -109,17 +189,15 @@ class Recorder:
             self._last_write = now
             with self.Session.begin() as s:
                 run = s.get(Run, self.run_id)
-                run.progress = {"epoch": epoch, "step": step, "steps": steps}
+                run.progress = {"stage": "train", "epoch": epoch, "epochs": self.epochs, "step": step, "steps": steps}
                 run.heartbeat_at = utcnow()
                 self._stop = run.cancel_requested
 
     def on_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: dict[str, Any], is_best: bool) -> None:
-        checkpoint = {**checkpoint, **self.extra}
-        save_atomic(checkpoint, self.dir / "last.pt")
-        if is_best:
-            save_atomic(checkpoint, self.dir / "best.pt")
+        # Database first, checkpoint second: a crash in between leaves an epoch recorded but not
+        # checkpointed, which the resumed run simply redoes (replacing the row with equal values).
+        # The other order would leave a checkpoint for an epoch the database has never seen.
         with self.Session.begin() as s:
-            # Replace, not append: a resumed run may redo an epoch it had not finished recording.
             s.execute(delete(EpochMetric).where(EpochMetric.run_id == self.run_id, EpochMetric.epoch == epoch))
             s.add(
                 EpochMetric(
@@ -136,10 +214,15 @@ class Recorder:
             run = s.get(Run, self.run_id)
             if is_best:
                 run.summary = {**run.summary, "best_epoch": epoch}
+        checkpoint = {**checkpoint, **self.extra}
+        if is_best:
+            save_atomic(checkpoint, self.dir / "best.pt")
+        save_atomic(checkpoint, self.dir / "last.pt")
         log.info("run %d epoch %d: %s", self.run_id, epoch, {k: round(v, 4) for k, v in metrics.items()})
 
     def should_stop(self) -> bool:
-        return self._stop
+        monitor = self.monitor
+        return self._stop or (monitor is not None and (monitor.cancel.is_set() or monitor.lost.is_set()))
 
 
 def _expand(arrays: list[np.ndarray], labels: list[int], n_classes: int, config: RunConfig, progress: Progress | None):
@@ -193,83 +276,165 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
     return Data(tr[0], tr[1], va[0], va[1]), te, test_ids
 
 
-def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress: Progress | None = None) -> None:
+def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress: Progress | None = None,
+                *, resume: bool = True) -> None:
     """Run a recorded run to the end, writing status, metrics, checkpoints and predictions.
 
-    A failure marks the run failed with its error text and re-raises.
+    With `resume` (the default), a checkpoint of this run from an earlier, interrupted attempt is
+    continued after its epoch; otherwise, or without one, the run starts from scratch. A cancel
+    request ends the run `cancelled`, keeping the epochs it finished. A failure marks the run
+    failed with its error text and re-raises.
     """
+    _claim_if_queued(Session, run_id)
     directory = run_dir(settings, run_id)
     directory.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(directory / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("core").addHandler(handler)
     timings: dict[str, float] = {}
+    ours = True
     try:
-        device = pick_device(RunConfig.from_dict(get_run_config(Session, run_id)).device)
-        with Session.begin() as s:
-            run = get_run(s, run_id)
-            run.status, run.started_at, run.error = RunStatus.running, utcnow(), None
-            run.device, run.heartbeat_at = describe_device(device), utcnow()
+        config = RunConfig.from_dict(get_run_config(Session, run_id))
+        device = pick_device(config.device)
+        checkpoint = _resume_point(Session, run_id, directory) if resume else None
+        _mark_running(Session, run_id, device, checkpoint)
         if device.type == "cpu":
             log.warning("run %d: no GPU in use; training on the CPU (slow at 224 px).", run_id)
-
-        with Session() as s:
-            run = get_run(s, run_id)
-            config = RunConfig.from_dict(run.config)
-            classes = list(run.dataset.classes)
-            protocol = splits.describe(run.split)
-            t0 = time.perf_counter()
-            train_data, (x_test, y_test), test_ids = _prepare(s, settings, run, config, progress)
-            timings["data_and_augment"] = time.perf_counter() - t0
-        log.info("run %d: %d train, %d val, %d test samples; %s", run_id, len(train_data.y_train),
-                 len(train_data.y_val), len(y_test), protocol)
-
-        model, weights_used = build_model(len(classes), config.weights)
-        with Session.begin() as s:
-            get_run(s, run_id).weights_used = weights_used
-        log.info("run %d: weights %s, device %s", run_id, weights_used, describe_device(device))
-
-        recorder = Recorder(Session, run_id, directory, progress, {"classes": classes, "image_size": config.image_size})
-        t0 = time.perf_counter()
-        fit(model, train_data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-            seed=config.seed, device=device, callback=recorder, config=config.to_dict())
-        timings["train"] = time.perf_counter() - t0
-        if recorder.should_stop():
-            with Session.begin() as s:
-                run = get_run(s, run_id)
-                run.status, run.finished_at, run.timings = RunStatus.cancelled, utcnow(), timings
-            return
-
-        # Evaluate the best checkpoint (by validation; the last epoch when there is none).
-        t0 = time.perf_counter()
-        best = torch.load(directory / "best.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(best["model"])
-        probs = torch.softmax(predict_logits(model.to(device), x_test, device), 1).numpy()
-        timings["evaluate"] = time.perf_counter() - t0
-        predicted = probs.argmax(1) if len(probs) else np.array([], dtype=int)
-        with Session.begin() as s:
-            s.execute(delete(Prediction).where(Prediction.run_id == run_id))
-            s.add_all(
-                Prediction(run_id=run_id, image_id=image_id, aug_index=aug_index, true_label=int(t),
-                           predicted_label=int(p), probabilities=[round(float(v), 6) for v in row])
-                for (image_id, aug_index), t, p, row in zip(test_ids, y_test.tolist(), predicted, probs)
-            )
-            run = get_run(s, run_id)
-            accuracy = float((predicted == y_test.numpy()).mean()) if len(probs) else None
-            run.summary = {**run.summary, "protocol": protocol, "test_accuracy": accuracy, "n_test": len(probs),
-                           "n_train": len(train_data.y_train), "n_val": len(train_data.y_val)}
-            run.status, run.finished_at, run.timings = RunStatus.succeeded, utcnow(), timings
-        log.info("run %d succeeded: test accuracy %s", run_id, accuracy)
+        with Monitor(Session, run_id, settings.heartbeat_seconds) as monitor:
+            _train_and_test(Session, settings, run_id, config, device, checkpoint, progress, monitor, timings)
+    except Cancelled:
+        log.info("run %d cancelled; the epochs it finished are kept", run_id)
+        _finish(Session, run_id, RunStatus.cancelled, timings)
+    except TakenOver:
+        ours = False  # the other process records the outcome
+        log.warning("run %d: stopped here; another process trains it now", run_id)
     except BaseException as exc:
         log.exception("run %d failed", run_id)
-        with Session.begin() as s:
-            run = get_run(s, run_id)
-            run.status, run.finished_at, run.timings = RunStatus.failed, utcnow(), timings
-            run.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, UserError) else str(exc)
+        error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        _finish(Session, run_id, RunStatus.failed, timings, error)
         raise
     finally:
         logging.getLogger("core").removeHandler(handler)
         handler.close()
+        with Session.begin() as s:
+            run = s.get(Run, run_id)
+            if run is not None and ours:
+                run.log_tail = log_tail(directory / "train.log")
+
+
+def _claim_if_queued(Session: sessionmaker, run_id: int) -> None:
+    """Take a queued run for this process, as a worker would, so that no worker starts it too.
+    A run already running was claimed by whoever started this (a worker, the CLI)."""
+    with Session() as s:
+        status = get_run(s, run_id).status
+    if status == RunStatus.queued and claim_next(Session, f"process:{socket.gethostname()}:{os.getpid()}", run_id) is None:
+        raise UserError(f"Run {run_id} was just taken by a background worker; it trains there.")
+
+
+def _resume_point(Session: sessionmaker, run_id: int, directory: Path) -> dict[str, Any] | None:
+    """This run's last checkpoint, if there is one to continue from; None means start afresh."""
+    path = directory / "last.pt"
+    if not path.exists():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        log.warning("run %d: cannot read %s (%s); starting from scratch", run_id, path, exc)
+        return None
+    with Session() as s:
+        run = get_run(s, run_id)
+        recorded = s.scalar(select(EpochMetric.id).where(EpochMetric.run_id == run_id,
+                                                         EpochMetric.epoch == checkpoint.get("epoch")))
+        # A folder left over from another database can hold a last.pt under the same run id.
+        ours = (checkpoint.get("run_id") == run_id and checkpoint.get("run_created") == run.created_at.isoformat()
+                and checkpoint.get("config") == run.config and "rng" in checkpoint)
+    if not ours or recorded is None:
+        log.warning("run %d: %s is not a resumable checkpoint of this run; starting from scratch", run_id, path)
+        return None
+    log.info("run %d: resuming after epoch %d from %s", run_id, checkpoint["epoch"], path)
+    return checkpoint
+
+
+def _mark_running(Session: sessionmaker, run_id: int, device: torch.device, checkpoint: dict[str, Any] | None) -> None:
+    with Session.begin() as s:
+        run = get_run(s, run_id)
+        run.status, run.error, run.finished_at = RunStatus.running, None, None
+        run.device, run.heartbeat_at, run.pid = describe_device(device), utcnow(), os.getpid()
+        if checkpoint is None:
+            run.started_at, run.summary = utcnow(), {}
+            s.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id))
+        else:
+            run.started_at = run.started_at or utcnow()
+            # Epochs after the checkpoint were recorded but not checkpointed; they are redone.
+            s.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch > checkpoint["epoch"]))
+        s.execute(delete(Prediction).where(Prediction.run_id == run_id))
+
+
+def _finish(Session: sessionmaker, run_id: int, status: RunStatus, timings: dict[str, float], error: str | None = None) -> None:
+    with Session.begin() as s:
+        run = s.get(Run, run_id)
+        if run is None:  # the run id was wrong to begin with
+            return
+        run.status, run.finished_at, run.timings, run.error = status, utcnow(), timings, error
+
+
+def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, config: RunConfig, device: torch.device,
+                    checkpoint: dict[str, Any] | None, progress: Progress | None, monitor: Monitor,
+                    timings: dict[str, float]) -> None:
+    def report(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(stage, done, total)
+        monitor.stage(stage, done, total)  # raises Cancelled when asked to stop
+
+    directory = run_dir(settings, run_id)
+    with Session() as s:
+        run = get_run(s, run_id)
+        classes = list(run.dataset.classes)
+        protocol = splits.describe(run.split)
+        identity = {"run_id": run_id, "run_created": run.created_at.isoformat()}
+        t0 = time.perf_counter()
+        train_data, (x_test, y_test), test_ids = _prepare(s, settings, run, config, report)
+        timings["data_and_augment"] = time.perf_counter() - t0
+    log.info("run %d: %d train, %d val, %d test samples; %s", run_id, len(train_data.y_train),
+             len(train_data.y_val), len(y_test), protocol)
+
+    # Seeded, so that every run with this seed starts from the same weights (from scratch).
+    seed_everything(config.seed)
+    model, weights_used = build_model(len(classes), config.weights)
+    with Session.begin() as s:
+        get_run(s, run_id).weights_used = weights_used
+    log.info("run %d: weights %s, device %s", run_id, weights_used, describe_device(device))
+
+    extra = {"classes": classes, "image_size": config.image_size, **identity}
+    recorder = Recorder(Session, run_id, directory, progress, extra, config.epochs, monitor)
+    t0 = time.perf_counter()
+    fit(model, train_data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+        seed=config.seed, device=device, callback=recorder, config=config.to_dict(), resume=checkpoint)
+    timings["train"] = time.perf_counter() - t0
+    if recorder.should_stop():
+        monitor.check("training")
+        raise Cancelled(f"run {run_id} cancelled during training")
+
+    # Evaluate the best checkpoint (by validation; the last epoch when there is none).
+    t0 = time.perf_counter()
+    best = torch.load(directory / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    probs = torch.softmax(predict_logits(model.to(device), x_test, device), 1).numpy()
+    timings["evaluate"] = time.perf_counter() - t0
+    predicted = probs.argmax(1) if len(probs) else np.array([], dtype=int)
+    with Session.begin() as s:
+        s.execute(delete(Prediction).where(Prediction.run_id == run_id))
+        s.add_all(
+            Prediction(run_id=run_id, image_id=image_id, aug_index=aug_index, true_label=int(t),
+                       predicted_label=int(p), probabilities=[round(float(v), 6) for v in row])
+            for (image_id, aug_index), t, p, row in zip(test_ids, y_test.tolist(), predicted, probs)
+        )
+        run = get_run(s, run_id)
+        accuracy = float((predicted == y_test.numpy()).mean()) if len(probs) else None
+        run.summary = {**run.summary, "protocol": protocol, "test_accuracy": accuracy, "n_test": len(probs),
+                       "n_train": len(train_data.y_train), "n_val": len(train_data.y_val)}
+        run.status, run.finished_at, run.timings = RunStatus.succeeded, utcnow(), timings
+    log.info("run %d succeeded: test accuracy %s", run_id, accuracy)
 
 
 def get_run_config(Session: sessionmaker, run_id: int) -> dict[str, Any]:

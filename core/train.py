@@ -62,6 +62,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """Every global random generator, in types that torch.load(weights_only=True) accepts
+    (numpy's key array becomes a list)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    # A checkpoint from a GPU machine resumed on the CPU has no use for the CUDA states (and
+    # the reverse has none to restore); dropout then differs, but nothing else does.
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def preprocess(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float32 on `device`."""
     x = x.to(device, non_blocking=True).float().div_(255)
@@ -159,16 +183,32 @@ def fit(
     device: torch.device,
     callback: Callback,
     config: dict[str, Any],
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train for `epochs`; returns the last epoch's metrics. The best epoch (by validation
-    accuracy, then loss; the last one when there is no validation part) is flagged to the callback."""
+    accuracy, then loss; the last one when there is no validation part) is flagged to the callback.
+
+    `resume` is a checkpoint this function made: training goes on after its epoch exactly as it
+    would have without the interruption (same weights, optimiser moments, RNG streams and
+    shuffling order), so a resumed run ends with the weights of an uninterrupted one.
+    """
     seed_everything(seed)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = None  # the paper uses a constant learning rate; checkpoints keep a slot for one
     loader = make_loader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed)
     best = (-1.0, math.inf)
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        best = tuple(resume["best"])
+        first_epoch = resume["epoch"] + 1
+        # Last, so nothing above draws from the restored streams.
+        loader.generator.set_state(resume["loader_generator"])
+        set_rng_state(resume["rng"])
     metrics: dict[str, float] = {}
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         # train
         metrics = {"epoch": epoch, **train_one_epoch(model, loader, optimizer, device, epoch, callback)}
         if callback.should_stop():
@@ -183,13 +223,16 @@ def fit(
             score, is_best = (0.0, 0.0), True
         if is_best:
             best = score
-        # record and checkpoint
+        # record and checkpoint: everything the next epoch depends on, taken at the epoch boundary
         checkpoint = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
             "epoch": epoch,
+            "best": list(best),
             "config": config,
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(),
+            "loader_generator": loader.generator.get_state(),  # the shuffling order of later epochs
         }
         callback.on_epoch(epoch, metrics, checkpoint, is_best)
     return metrics
