@@ -199,7 +199,7 @@ def expand(
         plan += [(order[k % len(order)], label, s) for k, s in enumerate(_sample_seeds(rng, per_class))]
 
     out_images: list[Image.Image] = []
-    if workers > 1 and len(plan) >= 64:
+    if workers > 1 and len(plan) >= 64 * workers:  # below that, starting the processes costs more
         # Spawned processes: safe beside torch's threads, and Augmentor's global RNG use stays per process.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(params,)) as pool:

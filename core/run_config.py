@@ -37,6 +37,7 @@ class RunConfig:
     image_size: int = 224
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = True  # torch.compile with CUDA graphs on a GPU; no effect on the CPU
 
     def __post_init__(self) -> None:
         if self.split not in PROTOCOLS:

@@ -231,7 +231,7 @@ def _expand(arrays: list[np.ndarray], labels: list[int], n_classes: int, config:
     pil = [PILImage.fromarray(a) for a in arrays]
     cb = (lambda done, total: progress("augment", done, total)) if progress else None
     images, aug_labels, sources = augment.expand(pil, labels, config.per_class, config.augment_params, config.seed,
-                                                  progress=cb, num_classes=n_classes)
+                                                  progress=cb, num_classes=n_classes, workers=os.cpu_count() or 1)
     return [np.asarray(im, dtype=np.uint8) for im in images], aug_labels, sources
 
 
@@ -409,7 +409,8 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
     recorder = Recorder(Session, run_id, directory, progress, extra, config.epochs, monitor)
     t0 = time.perf_counter()
     fit(model, train_data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-        seed=config.seed, device=device, callback=recorder, config=config.to_dict(), resume=checkpoint)
+        seed=config.seed, device=device, callback=recorder, config=config.to_dict(), resume=checkpoint,
+        compile=config.compile)
     timings["train"] = time.perf_counter() - t0
     if recorder.should_stop():
         monitor.check("training")
@@ -432,9 +433,18 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
         run = get_run(s, run_id)
         accuracy = float((predicted == y_test.numpy()).mean()) if len(probs) else None
         run.summary = {**run.summary, "protocol": protocol, "test_accuracy": accuracy, "n_test": len(probs),
-                       "n_train": len(train_data.y_train), "n_val": len(train_data.y_val)}
+                       "n_train": len(train_data.y_train), "n_val": len(train_data.y_val),
+                       "images_per_second": _mean_speed(s, run_id),
+                       "gpu_peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                       if device.type == "cuda" else None}
         run.status, run.finished_at, run.timings = RunStatus.succeeded, utcnow(), timings
     log.info("run %d succeeded: test accuracy %s", run_id, accuracy)
+
+
+def _mean_speed(session: Session, run_id: int) -> float | None:
+    """Training images per second over the run's epochs (the first includes compilation)."""
+    speeds = session.scalars(select(EpochMetric.images_per_second).where(EpochMetric.run_id == run_id)).all()
+    return round(sum(speeds) / len(speeds), 1) if speeds else None
 
 
 def get_run_config(Session: sessionmaker, run_id: int) -> dict[str, Any]:

@@ -103,7 +103,10 @@ def ensure_worker(settings: Settings) -> bool:
     """Start a detached background worker unless one has a fresh heartbeat; True if one was started.
 
     The new worker runs in its own session (it outlives the caller), logging to APP_HOME/worker.log.
+    With START_WORKER=0 (workers run elsewhere) it never starts one.
     """
+    if not settings.start_worker:
+        return False
     Session = _sessionmaker(settings.database_url)
     settings.app_home.mkdir(parents=True, exist_ok=True)
     # The lock makes check-and-start one step, so two page loads at once start one worker, not two.

@@ -420,3 +420,12 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(tmp_path, jset,
                               for r in (victim, reference))
     for name, tensor in uninterrupted.items():
         assert torch.allclose(resumed[name].float(), tensor.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_no_worker_is_started_when_workers_run_elsewhere(tmp_path):
+    from core.config import load_settings
+    from core.worker import ensure_worker
+
+    settings = load_settings({"APP_HOME": str(tmp_path), "START_WORKER": "0"})
+    assert ensure_worker(settings) is False
+    assert not (tmp_path / "worker.log").exists()
