@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (TIF, PNG, JPEG, BMP)")
     p.set_defaults(func=cmd_predict)
 
+    from core.reproduce import add_cli as add_reproduce_paper
+
+    add_reproduce_paper(sub)
+
     p = sub.add_parser("runs", help="list runs")
     p.add_argument("--dataset", help="only this dataset's runs")
     p.set_defaults(func=cmd_runs)

@@ -19,7 +19,7 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("command", ["ingest", "train", "evaluate", "predict", "runs", "datasets"])
+@pytest.mark.parametrize("command", ["ingest", "train", "evaluate", "predict", "runs", "datasets", "reproduce-paper"])
 def test_every_command_has_help(tmp_path, command):
     out = cli(tmp_path, command, "--help")
     assert out.returncode == 0
