@@ -1,20 +1,15 @@
-"""Home: what the app does, and the datasets and runs at a glance."""
+"""Home: what the app does, the datasets and runs at a glance, the worker's state."""
 
 import pandas as pd
 import streamlit as st
 
 from core import datasets, runs
-from core.config import load_settings
-from core.db import make_sessionmaker
+from core.db import RunStatus
+from pages._common import ACTIVE, pct, protocol_of, session_factory, settings, through_router, worker_status
 
-
-@st.cache_resource
-def session_factory(url: str):
-    return make_sessionmaker(url)
-
-
-settings = load_settings()
-Session = session_factory(settings.database_url)
+through_router()
+Session = session_factory()
+cfg = settings()
 
 st.title("Lymphoma subtype recognition")
 st.markdown(
@@ -24,25 +19,70 @@ st.markdown(
 )
 
 with Session() as s:
-    ds = datasets.list_datasets(s)
+    all_datasets = datasets.list_datasets(s)
     all_runs = runs.list_runs(s)
-    ds_rows = [{"dataset": d.name, "images": len(d.images), "classes": ", ".join(d.classes)} for d in ds]
-    run_rows = [
-        {"run": r.id, "dataset": r.dataset.name, "status": r.status.value, "split": r.config["split"],
-         "test accuracy": r.summary.get("test_accuracy"), "weights": r.weights_used or r.config["weights"]}
-        for r in all_runs
+    status = worker_status(s, cfg)
+    ds_rows = [
+        {"dataset": d.name, "images": len(d.images), "classes": ", ".join(d.classes),
+         "specimen groups": len({im.group for im in d.images if im.group is not None})}
+        for d in all_datasets
     ]
+    run_rows = [
+        {"run": r.id, "status": r.status.value, "dataset": r.dataset.name,
+         "test accuracy": r.summary.get("test_accuracy"), "protocol": protocol_of(r)}
+        for r in reversed(all_runs)
+    ]
+    best = max((r for r in all_runs if r.status == RunStatus.succeeded and r.summary.get("test_accuracy") is not None
+                and r.config.get("split") != "paper-leaky"), key=lambda r: r.summary["test_accuracy"], default=None)
+    best_text = (pct(best.summary["test_accuracy"]), f"run {best.id}, {protocol_of(best)}") if best else ("–", None)
 
-left, right = st.columns(2)
+m1, m2, m3, m4, m5 = st.columns(5)
+m1.metric("Datasets", len(all_datasets), border=True)
+m2.metric("Images", sum(r["images"] for r in ds_rows), border=True)
+m3.metric("Runs", len(all_runs), border=True)
+m4.metric("Queued or running", sum(r.status in ACTIVE for r in all_runs), border=True)
+m5.metric("Best honest accuracy", best_text[0], help=best_text[1] or "No finished run with an honest split yet.",
+          border=True)
+
+st.subheader("How it works")
+steps = st.columns(5)
+for col, (page, icon, title, text) in zip(steps, [
+    ("pages/dataset.py", ":material/folder_open:", "1. Add images", "Upload a .zip with one folder per class, or images class by class."),
+    ("pages/augmentation.py", ":material/tune:", "2. Augment", "Augmentor's rotate, distortion and zoom at the paper's values, with a live preview."),
+    ("pages/train.py", ":material/rocket_launch:", "3. Train", "DenseNet-201 + FC 512 + dropout 0.5 in the background, on the GPU when there is one."),
+    ("pages/runs.py", ":material/monitoring:", "4. Results", "Curves, confusion matrix, the paper's Table I and the misclassified images."),
+    ("pages/predict.py", ":material/biotech:", "5. Classify", "A new image's subtype, its probabilities and a Grad-CAM heat map."),
+]):
+    with col.container(border=True, height="stretch"):
+        st.page_link(page, label=title, icon=icon)
+        st.caption(text)
+
+left, right = st.columns([2, 3], gap="large")
 with left:
     st.subheader("Datasets")
     if ds_rows:
-        st.dataframe(pd.DataFrame(ds_rows), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(ds_rows), hide_index=True)
     else:
-        st.info("No datasets yet. Add one with `python -m core ingest FOLDER --name NAME`.")
+        st.info("No datasets yet. Add one on the **Datasets** page (or `python -m core ingest FOLDER --name NAME`).")
 with right:
-    st.subheader("Runs")
+    st.subheader("Recent runs")
     if run_rows:
-        st.dataframe(pd.DataFrame(run_rows), hide_index=True, width="stretch")
+        st.dataframe(
+            pd.DataFrame(run_rows[:10]), hide_index=True, placeholder="–",
+            column_config={"test accuracy": st.column_config.NumberColumn(format="percent")},
+        )
     else:
-        st.info("No training runs yet.")
+        st.info("No training runs yet. Launch one on the **Train** page.")
+
+st.subheader("Background worker")
+if status["alive"]:
+    cols = st.columns(max(3, len(status["workers"])))
+    for col, w in zip(cols, status["workers"]):
+        doing = "training " + ", ".join(f"run {r}" for r in w["running"]) if w["running"] else "idle"
+        col.metric(f"Worker {w['id']}", doing, border=True,
+                   help=f"device: {w['device'] or 'reported with its first run'}; heartbeat {w['heartbeat_age']:.0f} s ago")
+    st.caption(f"{status['queued']} run(s) queued. Training runs in its own process: closing the browser or "
+               "restarting the web server does not stop it.")
+else:
+    st.warning(f"No worker is alive; {status['queued']} queued run(s) wait. It is started with the app: reload the "
+               "page, or run `python -m core worker`.", icon=":material/error:")

@@ -1,0 +1,173 @@
+"""Datasets from the web app: uploaded files or a folder on the server, handed to datasets.ingest.
+
+Uploads are written to a temporary folder under APP_HOME/tmp (a zip as it came, loose image files as
+CLASS/file) and ingested from there; the folder is removed afterwards whatever happens. A server
+folder can only be imported from below one of settings.import_roots, so a web user cannot read
+arbitrary paths on the server.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path, PurePath
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.datasets import IngestReport, ingest
+from core.db import Dataset
+from core.errors import UserError
+
+Content = bytes | BinaryIO
+Progress = Callable[[int, int], None]
+
+# Folder and file names a browser may send: keep letters, digits and a few separators.
+_UNSAFE = re.compile(r"[^\w .()+-]", re.UNICODE)
+
+
+def _safe_name(name: str, what: str) -> str:
+    """A single path component from a user-supplied name (no folders, no '..')."""
+    base = PurePath(name.replace("\\", "/")).name.strip()
+    base = _UNSAFE.sub("_", base).strip(". ")
+    if not base:
+        raise UserError(f"{what} {name!r} is not a usable name.")
+    return base
+
+
+def _write(content: Content, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as out:
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            out.write(content)
+        else:
+            if hasattr(content, "seek"):
+                content.seek(0)
+            shutil.copyfileobj(content, out, 1024 * 1024)
+
+
+@contextmanager
+def _workdir(settings: Settings) -> Iterator[Path]:
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.tmp_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _groups_file(folder: Path, groups_csv: Content | None) -> Path | None:
+    if groups_csv is None:
+        return None
+    path = folder / "groups.csv"
+    _write(groups_csv, path)
+    return path
+
+
+def _label_source(session: Session, report: IngestReport, temp_source: Path, label: str) -> None:
+    """A new dataset records where it came from; a temp path would mean nothing to anyone."""
+    dataset = session.get(Dataset, report.dataset_id)
+    if dataset is not None and dataset.source == str(temp_source.resolve()):
+        dataset.source = label
+        session.flush()
+
+
+def ingest_zip(
+    session: Session,
+    settings: Settings,
+    content: Content,
+    filename: str,
+    name: str,
+    *,
+    groups_csv: Content | None = None,
+    group_pattern: str | None = None,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest an uploaded .zip of class folders into dataset `name` (created if new)."""
+    if not filename.lower().endswith(".zip"):
+        raise UserError(f"{filename} is not a .zip file. Upload a .zip with one folder per class.")
+    with _workdir(settings) as folder:
+        path = folder / _safe_name(filename, "File name")
+        _write(content, path)
+        if path.stat().st_size == 0:
+            raise UserError(f"{filename} is empty.")
+        report = ingest(session, settings, path, name, groups_csv=_groups_file(folder, groups_csv),
+                        group_pattern=group_pattern, progress=progress)
+        _label_source(session, report, path, f"upload {filename}")
+        return report
+
+
+def ingest_files(
+    session: Session,
+    settings: Settings,
+    files: Sequence[tuple[str, str, Content]],
+    name: str,
+    *,
+    groups_csv: Content | None = None,
+    group_pattern: str | None = None,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest loose uploaded images, each given as (class name, file name, content).
+
+    A new dataset needs at least two classes; an existing one can take more images of its classes.
+    Two uploads with the same name in one class keep both (the second gets a numbered name).
+    """
+    if not files:
+        raise UserError("No files uploaded. Choose image files for at least two classes.")
+    with _workdir(settings) as folder:
+        root = folder / "uploaded files"
+        root.mkdir()
+        for label, filename, content in files:
+            label_dir = root / _safe_name(label, "Class name")
+            target = label_dir / _safe_name(filename, "File name")
+            k = 1
+            while target.exists():
+                target = label_dir / f"{Path(target.name).stem.rsplit('~', 1)[0]}~{k}{target.suffix}"
+                k += 1
+            _write(content, target)
+        report = ingest(session, settings, root, name, groups_csv=_groups_file(folder, groups_csv),
+                        group_pattern=group_pattern, progress=progress)
+        _label_source(session, report, root, f"upload of {len(files)} file(s)")
+        return report
+
+
+def check_import_path(settings: Settings, path: str | Path) -> Path:
+    """The resolved `path` if it lies inside one of settings.import_roots; UserError otherwise."""
+    if not settings.import_roots:
+        raise UserError(
+            "Importing folders from the server is turned off. An administrator can allow it by setting "
+            "IMPORT_ROOTS to the folder(s) that may be imported from."
+        )
+    text = str(path).strip()
+    if not text:
+        raise UserError("Give the path of a folder (or .zip) on the server.")
+    resolved = Path(text).expanduser().resolve()  # follows symlinks: a link cannot lead outside
+    if not any(resolved == root or resolved.is_relative_to(root) for root in settings.import_roots):
+        roots = ", ".join(str(r) for r in settings.import_roots)
+        raise UserError(f"{text} is outside the folders this server may import from ({roots}).")
+    if not resolved.exists():
+        raise UserError(f"{text} does not exist on the server.")
+    return resolved
+
+
+def import_folder(
+    session: Session,
+    settings: Settings,
+    path: str | Path,
+    name: str,
+    *,
+    groups_csv: Content | None = None,
+    group_pattern: str | None = None,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest a folder (or .zip) on the server, which must lie inside settings.import_roots."""
+    source = check_import_path(settings, path)
+    if groups_csv is None:
+        return ingest(session, settings, source, name, group_pattern=group_pattern, progress=progress)
+    with _workdir(settings) as folder:
+        return ingest(session, settings, source, name, groups_csv=_groups_file(folder, groups_csv),
+                      group_pattern=group_pattern, progress=progress)

@@ -1,0 +1,270 @@
+"""What the pages share: the cached sessionmaker, the error edge, labels, figures and thumbnails.
+
+Not a page (st.navigation lists the pages explicitly, so this file is never shown as one). Figures
+are built here from core's records; no metric is computed here, only laid out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import runpy
+import textwrap
+from pathlib import Path
+from collections.abc import Iterator, Sequence
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+from PIL import Image as PILImage
+
+from core import jobs, splits, worker
+from core.config import Settings, load_settings
+from core.db import Run, RunStatus, make_sessionmaker, utcnow
+from core.errors import UserError
+from streamlit.runtime.pages_manager import PagesManager
+
+ENTRY_SCRIPT = Path(__file__).resolve().parents[1] / "streamlit_app.py"
+IMAGE_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "bmp"]
+# Markdown badges (Material icons ship with Streamlit, so they render without emoji fonts).
+STATUS_BADGE = {
+    RunStatus.queued: ":gray-badge[:material/schedule: queued]",
+    RunStatus.running: ":blue-badge[:material/autorenew: running]",
+    RunStatus.succeeded: ":green-badge[:material/check_circle: succeeded]",
+    RunStatus.failed: ":red-badge[:material/error: failed]",
+    RunStatus.cancelled: ":orange-badge[:material/block: cancelled]",
+}
+ACTIVE = (RunStatus.queued, RunStatus.running)
+# Plotly's default palette, shared so that a class or run keeps its colour across figures.
+PALETTE = ["#8e3b7a", "#3b6e8e", "#d08c2e", "#4f9a5b", "#c0392b", "#6c5ce7", "#7f8c8d", "#16a085"]
+
+
+# --------------------------------------------------------------------------------------------
+# Routing
+
+
+def through_router() -> None:
+    """Make sure this page runs inside streamlit_app.py (its page config and sidebar).
+
+    Called first by every page. Because a `pages/` folder sits beside the entry script, Streamlit
+    starts in its old multipage mode, which runs pages/NAME.py directly, without the entry script,
+    when a fresh server's first request is a page URL (a bookmark of /runs, say). The entry
+    script's st.navigation switches that mode off for the process. Until it has run, run the entry
+    script here, in this same script run (so a button press that caused it is not lost): it
+    routes to this page, which then finds the mode off and draws itself; then stop.
+    """
+    if PagesManager.uses_pages_directory:
+        runpy.run_path(str(ENTRY_SCRIPT), run_name="__main__")
+        st.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, database, worker
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+@st.cache_resource(show_spinner=False)
+def _sessionmaker(url: str):
+    return make_sessionmaker(url)
+
+
+def session_factory():
+    """The one sessionmaker of this server process (per database URL)."""
+    return _sessionmaker(settings().database_url)
+
+
+def start_worker(cfg: Settings) -> bool:
+    """Make sure a background worker is alive to take queued runs (starts one if none is)."""
+    return worker.ensure_worker(cfg)
+
+
+def worker_status(session, cfg: Settings) -> dict:
+    """{"alive", "queued", "workers": [{"id", "heartbeat_age", "running", "device", ...}]}"""
+    return worker.worker_status(session, cfg)
+
+
+def request_cancel(Session, run_id: int) -> None:
+    with Session.begin() as s:
+        jobs.request_cancel(s, run_id)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """The page edge: a mistake the user can fix is shown as st.error, never as a traceback."""
+    try:
+        yield
+    except UserError as e:
+        st.error(str(e), icon=":material/warning:")
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def protocol_of(run: Run) -> str:
+    """The run's protocol label, e.g. 'holdout 80/20, grouped by specimen, seed 0'."""
+    if run.summary.get("protocol"):
+        return run.summary["protocol"]
+    if run.split is not None:
+        return splits.describe(run.split)
+    return run.config.get("split", "")
+
+
+def is_leaky(run: Run) -> bool:
+    return run.config.get("split") == "paper-leaky"
+
+
+def run_label(run: Run, results: bool = True) -> str:
+    """One line naming a run, e.g. 'Run 3 · lymphoma · holdout · 92.0%'. Without `results`, only
+    what never changes (a select box keeps showing the label it first drew for its value)."""
+    split = run.config.get("split", "")
+    if split == "kfold":
+        split = f"k-fold {run.fold + 1}/{run.config.get('folds')}"
+    parts = [f"Run {run.id}", run.dataset.name, split, f"{run.config.get('image_size')} px",
+             f"{run.config.get('epochs')} epoch(s)"]
+    accuracy = run.summary.get("test_accuracy")
+    if results and accuracy is not None:
+        parts.append(pct(accuracy))
+    return " · ".join(p for p in parts if p)
+
+
+def duration(run: Run) -> str:
+    if run.started_at is None:
+        return "–"
+    end = run.finished_at or utcnow()
+    seconds = max(0, int((end - run.started_at).total_seconds()))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_text(run: Run) -> tuple[float, str]:
+    """A fraction and a sentence for a run's progress bar."""
+    if run.status == RunStatus.queued:
+        return 0.0, "Queued: waiting for the worker"
+    p = run.progress or {}
+    epochs = int(run.config.get("epochs", 1))
+    if "epoch" in p and p.get("steps"):
+        epoch, step, steps = int(p["epoch"]), int(p.get("step", 0)), int(p["steps"])
+        done = ((epoch - 1) + step / steps) / epochs
+        return min(1.0, max(0.0, done)), f"Epoch {epoch} of {epochs}, step {step} of {steps}"
+    if p.get("stage"):
+        stage, done, total = p["stage"], p.get("done", 0), p.get("total", 0)
+        return 0.0, f"Preparing data: {stage} {done} of {total}" if total else f"Preparing data: {stage}"
+    return 0.0, "Preparing data (decode, split, augment)"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def _layout(fig: go.Figure, title: str, subtitle: str = "", height: int = 380, wrap: int = 110) -> go.Figure:
+    """Title, and the subtitle (the protocol) wrapped to lines of about `wrap` characters:
+    plotly does not wrap titles itself."""
+    lines = textwrap.wrap(subtitle, wrap) if subtitle else []
+    text = "<br>".join([title, *(f"<sup>{line}</sup>" for line in lines)])
+    height += 14 * max(0, len(lines) - 1)
+    fig.update_layout(title={"text": text, "x": 0, "xanchor": "left"}, height=height,
+                      margin={"l": 10, "r": 10, "t": 60 + 14 * len(lines), "b": 10}, legend={"orientation": "h", "y": -0.18})
+    return fig
+
+
+def class_counts_figure(counts: dict[str, int], title: str, subtitle: str = "") -> go.Figure:
+    names = list(counts)
+    fig = go.Figure(go.Bar(x=names, y=[counts[n] for n in names], text=[counts[n] for n in names],
+                           textposition="outside", marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(names))]))
+    fig.update_yaxes(title="images", rangemode="tozero")
+    fig.update_xaxes(title="class")
+    return _layout(fig, title, subtitle, height=340)
+
+
+def curves_figure(series: Sequence[tuple[str, Sequence]], title: str, subtitle: str = "") -> go.Figure:
+    """Loss and accuracy per epoch; `series` is (name, epoch rows) per run. One run: train and
+    validation curves; several: validation curves (train where there is no validation) overlaid."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.08)
+    single = len(series) == 1
+    for i, (name, epochs) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        x = [e.epoch for e in epochs]
+        has_val = any(e.val_loss is not None for e in epochs)
+        lines = []
+        if single or not has_val:
+            lines.append(("train", "train_loss", "train_accuracy", "dot" if has_val else "solid"))
+        if has_val:
+            lines.append(("validation", "val_loss", "val_accuracy", "solid"))
+        for part, loss_key, acc_key, dash in lines:
+            label = part if single else f"{name} ({part})"
+            for col, key in ((1, loss_key), (2, acc_key)):
+                fig.add_trace(
+                    go.Scatter(x=x, y=[getattr(e, key) for e in epochs], mode="lines+markers", name=label,
+                               legendgroup=label, showlegend=col == 1,
+                               line={"color": colour if not single else (PALETTE[0] if part == "train" else PALETTE[1]),
+                                     "dash": dash}),
+                    row=1, col=col,
+                )
+    fig.update_xaxes(title="epoch", dtick=1 if max((len(e) for _, e in series), default=0) <= 30 else None)
+    fig.update_yaxes(title="cross-entropy", row=1, col=1, rangemode="tozero")
+    fig.update_yaxes(title="accuracy", row=1, col=2, range=[0, 1.02], tickformat=".0%")
+    return _layout(fig, title, subtitle, height=400)
+
+
+def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, subtitle: str = "",
+                     wrap: int = 110) -> go.Figure:
+    z = np.asarray(confusion)
+    row_sums = z.sum(1, keepdims=True)
+    share = np.divide(z, row_sums, out=np.zeros(z.shape, dtype=float), where=row_sums > 0)
+    text = [[f"{z[i, j]}<br>{share[i, j]:.0%}" for j in range(z.shape[1])] for i in range(z.shape[0])]
+    fig = go.Figure(go.Heatmap(z=share, x=list(classes), y=list(classes), text=text, texttemplate="%{text}",
+                               colorscale=[[0, "#ffffff"], [1, PALETTE[0]]], zmin=0, zmax=1,
+                               colorbar={"title": "share of<br>true class", "tickformat": ".0%"},
+                               hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>"))
+    fig.update_xaxes(title="predicted class", side="bottom")
+    fig.update_yaxes(title="true class", autorange="reversed")
+    return _layout(fig, title, subtitle, height=420, wrap=wrap)
+
+
+def probabilities_figure(classes: Sequence[str], probabilities: Sequence[float], title: str, subtitle: str = "",
+                         wrap: int = 110) -> go.Figure:
+    best = int(np.argmax(probabilities))
+    fig = go.Figure(go.Bar(
+        x=[float(p) for p in probabilities], y=list(classes), orientation="h",
+        text=[f"{p:.1%}" for p in probabilities], textposition="auto",
+        marker_color=[PALETTE[0] if i == best else "#c9b3c4" for i in range(len(classes))],
+    ))
+    fig.update_xaxes(range=[0, 1.001], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%", title="probability")
+    fig.update_yaxes(autorange="reversed")
+    fig = _layout(fig, title, subtitle, height=90 + 45 * len(classes), wrap=wrap)
+    fig.update_layout(margin_r=28)  # room for the "100%" tick label
+    return fig
+
+
+def show_figure(fig: go.Figure, key: str | None = None) -> None:
+    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+@st.cache_data(show_spinner=False, max_entries=1000)
+def thumbnail(path: str, side: int = 192) -> np.ndarray:
+    """A small RGB copy of a stored image (aspect ratio kept), cached by path: stored files are
+    named by their content hash, so a path never changes what it holds."""
+    from core.datasets import load_rgb
+
+    image = load_rgb(path)
+    image.thumbnail((side, side), PILImage.BILINEAR)
+    return np.asarray(image)
+
+
+def page_header(title: str, caption: str) -> None:
+    st.title(title)
+    st.caption(caption)

@@ -1,0 +1,156 @@
+"""Augmentation: Augmentor's operations with the paper's values as defaults, a live preview on one
+image at the training size, and named presets for the Train page."""
+
+import dataclasses
+
+import pandas as pd
+import streamlit as st
+from PIL import Image as PILImage
+
+from core import augment, data, datasets, presets
+from core.augment import AugmentParams
+from core.errors import UserError
+from pages._common import page_header, session_factory, settings, through_router, user_errors
+
+through_router()
+Session = session_factory()
+cfg = settings()
+PAPER = AugmentParams()
+FIELDS = [f.name for f in dataclasses.fields(AugmentParams)]
+
+page_header("Augmentation", "Training images are multiplied with Augmentor's operations, each applied with exactly "
+            "its probability. Only the training part of a split is augmented; test images stay untouched.")
+
+for name in FIELDS:  # widget state starts at the paper's values
+    st.session_state.setdefault(f"aug_{name}", getattr(PAPER, name))
+
+flash = st.session_state.pop("aug_flash", None)
+if flash:
+    st.success(flash, icon=":material/check_circle:")
+
+
+def load_preset() -> None:
+    with Session() as s:
+        try:
+            params = presets.get_params(s, st.session_state["aug_preset"])
+        except UserError as e:
+            st.session_state["aug_flash_error"] = str(e)
+            return
+    for name in FIELDS:
+        st.session_state[f"aug_{name}"] = getattr(params, name)
+
+
+with Session() as s:
+    names = presets.preset_names(s)
+    saved = [{"preset": p.name, **p.params, "saved": p.created_at} for p in presets.list_presets(s)]
+    ds_names = [d.name for d in datasets.list_datasets(s)]
+if st.session_state.get("aug_preset") not in names:
+    st.session_state.pop("aug_preset", None)
+
+top = st.columns([2, 1, 3], vertical_alignment="bottom")
+top[0].selectbox("Preset", names, key="aug_preset", help="The paper's settings, or one you saved.")
+top[1].button("Load preset", on_click=load_preset, width="stretch")
+if "aug_flash_error" in st.session_state:
+    st.error(st.session_state.pop("aug_flash_error"))
+
+settings_col, preview_col = st.columns([2, 3], gap="large")
+
+
+def probability(name: str, label: str) -> None:
+    st.number_input(label, 0.0, 1.0, step=0.05, format="%.2f", key=f"aug_{name}",
+                    help=f"Paper: {getattr(PAPER, name)}. Each image gets this operation with this probability.")
+
+
+with settings_col:
+    with st.container(border=True):
+        st.markdown("**Rotate** · paper: p 0.4, up to 3° left or right")
+        probability("rotate_probability", "Probability")
+        a, b = st.columns(2)
+        a.number_input("Max left (degrees)", 0, 25, step=1, key="aug_rotate_max_left")
+        b.number_input("Max right (degrees)", 0, 25, step=1, key="aug_rotate_max_right")
+    with st.container(border=True):
+        st.markdown("**Random distortion** · paper: p 0.4, grid 4×4, magnitude 4")
+        probability("distortion_probability", "Probability")
+        a, b, c = st.columns(3)
+        a.number_input("Grid width", 1, 64, step=1, key="aug_distortion_grid_width")
+        b.number_input("Grid height", 1, 64, step=1, key="aug_distortion_grid_height")
+        c.number_input("Magnitude", 0, 64, step=1, key="aug_distortion_magnitude")
+    with st.container(border=True):
+        st.markdown("**Zoom** (random crop, resized back) · paper: p 0.2, area 0.9")
+        probability("zoom_probability", "Probability")
+        st.number_input("Share of the area kept", 0.1, 0.99, step=0.05, format="%.2f", key="aug_zoom_percentage_area")
+    with st.container(border=True):
+        st.markdown("**Extras** · not in the paper, off by default")
+        probability("flip_left_right_probability", "Flip left-right: probability")
+        probability("flip_top_bottom_probability", "Flip top-bottom: probability")
+        probability("rotate90_probability", "Rotate by 90°: probability")
+
+params = None
+with settings_col, user_errors():
+    params = AugmentParams(**{name: st.session_state[f"aug_{name}"] for name in FIELDS})
+    unchanged = 1.0
+    for name in FIELDS:
+        if name.endswith("_probability"):
+            unchanged *= 1 - getattr(params, name)
+    st.caption(f"About {unchanged:.0%} of the augmented training images come out unchanged (no operation fires)."
+               + ("" if params != PAPER else " These are the paper's settings."))
+
+with preview_col:
+    st.subheader("Preview")
+    if not ds_names:
+        st.info("Add a dataset on the **Datasets** page to preview augmentation on its images.", icon=":material/image:")
+    elif params is not None:
+        a, b, c = st.columns([2, 1, 2])
+        ds_name = a.selectbox("Dataset", ds_names, key="aug_dataset")
+        with Session() as s:
+            dataset = datasets.get_dataset(s, ds_name)
+            classes = list(dataset.classes)
+            label = b.selectbox("Class", classes, key="aug_class")
+            members = {im.id: im for im in dataset.images if im.label == label}
+            image_id = c.selectbox("Image", list(members), format_func=lambda i: members[i].original_name.split("/")[-1],
+                                   key=f"aug_image_{ds_name}_{label}")
+            image = members[image_id]
+        a, b, c = st.columns(3)
+        size = a.number_input("Training size (px)", 32, 1024, 224, step=32, key="aug_size",
+                              help="Images are resized to this square before augmenting, as in training (paper: 224).")
+        n = b.slider("Versions", 2, 16, 8, key="aug_n")
+        seed = c.number_input("Seed", 0, 2**31 - 1, 0, key="aug_seed", help="Same seed, same versions.")
+        with user_errors(), st.spinner("Augmenting…"):
+            original = PILImage.fromarray(data.resized_array(cfg, image, int(size)))
+            versions = augment.preview(original, params, int(n), int(seed))
+        per_row = 3
+        st.markdown(f"**Original**, resized to {size}×{size} · then {n} augmented versions, captioned with the "
+                    "operations that fired")
+        cells = [(original, "original")] + [(im, " + ".join(fired) if fired else "no operation fired")
+                                             for im, fired in versions]
+        for start in range(0, len(cells), per_row):
+            row = cells[start:start + per_row]
+            cols = st.columns(per_row)
+            for col, (im, caption) in zip(cols, row):
+                col.image(im, caption=caption, width="stretch")
+
+st.divider()
+st.subheader("Save as a preset")
+a, b, c = st.columns([3, 1, 1], vertical_alignment="bottom")
+preset_name = a.text_input("Preset name", key="aug_new_name", placeholder="e.g. paper + flips")
+overwrite = b.checkbox("Replace if it exists", key="aug_overwrite")
+if c.button("Save preset", type="primary", disabled=params is None, width="stretch"):
+    with user_errors():
+        with Session.begin() as s:
+            presets.save_preset(s, preset_name, params, overwrite=overwrite)
+        st.session_state["aug_flash"] = f"Saved preset '{preset_name.strip()}'. Choose it on the Train page."
+        st.rerun()
+
+if saved:
+    st.dataframe(pd.DataFrame(saved), hide_index=True,
+                 column_config={"saved": st.column_config.DatetimeColumn("saved (UTC)", format="YYYY-MM-DD HH:mm")})
+    a, b = st.columns([3, 1], vertical_alignment="bottom")
+    doomed = a.selectbox("Delete a preset", [p["preset"] for p in saved], key="aug_delete_name")
+    if b.button("Delete preset", width="stretch"):
+        with user_errors():
+            with Session.begin() as s:
+                presets.delete_preset(s, doomed)
+            st.session_state["aug_flash"] = f"Deleted preset '{doomed}'. Runs that used it keep their own copy."
+            st.rerun()
+else:
+    st.caption("No saved presets yet. Runs copy a preset's values, so changing a preset later never alters a recorded run.")

@@ -1,0 +1,143 @@
+"""Predict: classify new images with a finished run; probabilities, a Grad-CAM heat map, and a
+table (and CSV) for a batch."""
+
+import hashlib
+
+import pandas as pd
+import streamlit as st
+
+from core import predict, runs, saliency
+from core.datasets import load_rgb
+from core.db import RunStatus
+from core.errors import UserError
+from pages._common import (
+    IMAGE_TYPES, is_leaky, page_header, pct, probabilities_figure, protocol_of, run_label, session_factory,
+    settings, show_figure, through_router, user_errors,
+)
+
+through_router()
+Session = session_factory()
+cfg = settings()
+BATCH = 16
+
+page_header("Predict", "Classify new H&E images with a trained run: the subtype, each class's probability, and a "
+            "Grad-CAM heat map of the regions that drove the decision.")
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def predictor_for(run_id: int, database_url: str) -> predict.Predictor:
+    with Session() as s:
+        return predict.load_predictor(s, cfg, run_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def grad_cam_for(run_id: int, database_url: str) -> saliency.GradCam:
+    return saliency.GradCam(predictor_for(run_id, database_url))
+
+
+with Session() as s:
+    finished = [r for r in reversed(runs.list_runs(s)) if r.status == RunStatus.succeeded]
+    info = {r.id: {"label": run_label(r), "protocol": protocol_of(r), "leaky": is_leaky(r),
+                   "classes": list(r.dataset.classes), "dataset": r.dataset.name,
+                   "accuracy": r.summary.get("test_accuracy"), "size": r.config.get("image_size"),
+                   "weights": (r.weights_used or r.config.get("weights", "")).split(" (")[0]} for r in finished}
+
+if not info:
+    st.info("No finished run yet. Train one on the **Train** page; only runs that succeeded can classify images.",
+            icon=":material/biotech:")
+    st.stop()
+
+pick, about = st.columns([2, 3], vertical_alignment="bottom")
+run_id = pick.selectbox("Model (a run that succeeded)", list(info), format_func=lambda i: info[i]["label"], key="pr_run")
+meta = info[run_id]
+about.caption(f"Trained on **{meta['dataset']}** ({', '.join(meta['classes'])}) at {meta['size']} px, weights "
+              f"{meta['weights']}. Test accuracy {pct(meta['accuracy'])} under: {meta['protocol']}.")
+if meta["leaky"]:
+    st.warning("This model was evaluated with the paper's leaky protocol: its test accuracy overstates how well it "
+               "does on new images.", icon=":material/warning:")
+
+uploads = st.file_uploader("Images to classify (TIF, PNG, JPEG, BMP)", type=IMAGE_TYPES, accept_multiple_files=True,
+                           key="pr_files")
+if not uploads:
+    st.caption("Upload one image to see its heat map, or many for a table of results.")
+    st.stop()
+
+# Decode and classify once per (run, files); the results stay while the user looks around.
+key = (run_id, tuple(hashlib.sha256(f.getvalue()).hexdigest() for f in uploads))
+cache = st.session_state.setdefault("pr_results", {})
+if key not in cache:
+    try:
+        predictor = predictor_for(run_id, cfg.database_url)
+    except UserError as e:
+        st.error(str(e), icon=":material/warning:")
+        st.stop()
+    images, names, problems = [], [], []
+    for f in uploads:
+        try:
+            images.append(load_rgb(f, max_pixels=cfg.max_image_pixels))
+            names.append(f.name)
+        except UserError as e:
+            problems.append(str(e))
+    probabilities = []
+    if images:
+        bar = st.progress(0.0, text="Classifying…")
+        for start in range(0, len(images), BATCH):
+            probabilities.extend(predictor.probabilities(images[start:start + BATCH]))
+            done = min(start + BATCH, len(images))
+            bar.progress(done / len(images), text=f"Classifying: {done} of {len(images)}")
+        bar.empty()
+    cache.clear()  # keep only the latest batch in memory
+    cache[key] = {"names": names, "images": images, "probabilities": probabilities, "problems": problems,
+                  "classes": predictor.classes}
+result = cache[key]
+classes = result["classes"]
+for problem in result["problems"]:
+    st.error(f"Not classified: {problem}", icon=":material/warning:")
+if not result["names"]:
+    st.stop()
+
+table = pd.DataFrame([{"file": name, "predicted": classes[int(p.argmax())], "confidence": float(p.max()),
+                       **{c: float(v) for c, v in zip(classes, p)}}
+                      for name, p in zip(result["names"], result["probabilities"])])
+
+st.subheader("Result" if len(table) == 1 else f"Results for {len(table)} images")
+if len(table) > 1:
+    counts = table["predicted"].value_counts()
+    cols = st.columns(len(classes))
+    for col, c in zip(cols, classes):
+        col.metric(f"Predicted {c}", int(counts.get(c, 0)), border=True)
+st.dataframe(table, hide_index=True, column_config={
+    name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1)
+    for name in ["confidence", *classes]
+})
+st.download_button("Results (.csv)", icon=":material/download:", data=table.to_csv(index=False).encode(), file_name=f"predictions-run-{run_id}.csv",
+                   mime="text/csv", on_click="ignore")
+if len(table) > 1:
+    chosen = st.selectbox("Look at one image", range(len(table)), format_func=lambda i: result["names"][i], key="pr_detail")
+else:
+    chosen = 0
+
+name, image, probs = result["names"][chosen], result["images"][chosen], result["probabilities"][chosen]
+predicted = int(probs.argmax())
+left, middle, right = st.columns([1, 1, 1], gap="medium")
+with left:
+    st.markdown(f"**{name}**")
+    st.image(image, caption=f"{image.width}×{image.height} px", width="stretch")
+with middle:
+    target = st.selectbox("Heat map for class", range(len(classes)), index=predicted, format_func=lambda i: classes[i],
+                          key=f"pr_cam_class_{run_id}_{key[1][chosen][:12]}")  # per model and image
+    with st.spinner("Computing the Grad-CAM heat map…"), user_errors():
+        cam = grad_cam_for(run_id, cfg.database_url).explain(image, class_index=int(target))
+        if cam.flat:
+            cells = max(1, int(meta["size"]) // 32)
+            st.info(f"Grad-CAM for {classes[cam.class_index]}: no heat map to show. This model was trained at "
+                    f"{meta['size']} px, where the last dense block is {cells}×{cells} cell(s), so the map carries no "
+                    "location. Train at 224 px (the paper's size) for a 7×7 map.", icon=":material/blur_off:")
+        else:
+            st.image(cam.overlay, caption=f"Grad-CAM for {classes[cam.class_index]} on the last dense block "
+                     "(red: regions that raised this class's score)", width="stretch")
+with right:
+    st.metric("Predicted subtype", classes[predicted], delta=f"{probs[predicted]:.1%} probability", delta_color="off",
+              border=True)
+    show_figure(probabilities_figure(classes, probs, "Class probabilities", f"run {run_id} · {meta['protocol']}",
+                                     wrap=42), key="pr_probs")
