@@ -15,7 +15,6 @@ import hashlib
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

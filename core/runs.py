@@ -36,8 +36,8 @@ from core.config import Settings
 from core.datasets import get_dataset
 from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
 from core.errors import UserError
-from core.jobs import claim_next, log_tail
-from core.model import build_model, check_weights
+from core.jobs import claim_next, get_run, log_tail
+from core.model import build_model
 from core.run_config import RunConfig
 from core.train import Data, describe_device, fit, pick_device, predict_logits, seed_everything
 
@@ -84,13 +84,6 @@ def create_runs(session: Session, settings: Settings, config: RunConfig) -> list
     session.add_all(runs)
     session.flush()
     return runs
-
-
-def get_run(session: Session, run_id: int) -> Run:
-    run = session.get(Run, run_id)
-    if run is None:
-        raise UserError(f"No run with id {run_id}. `python -m core runs` lists them.")
-    return run
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:
