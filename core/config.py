@@ -11,6 +11,14 @@ START_WORKER      1 (default): the web app starts a worker when none is alive; 0
 WORKER_SLOTS      runs one worker trains at once (default 1: one per GPU, one on CPU)
 HEARTBEAT_SECONDS how often a running job and a worker write their heartbeat
 STALE_SECONDS     a heartbeat older than this means the process is gone
+MAX_UPLOAD_MB     largest web upload (a zip, or loose files together) in MB (default 2048); the Streamlit
+                  server's own server.maxUploadSize (.streamlit/config.toml, also 2048) stays the outer
+                  bound per file, so set this at or below it
+MAX_IMAGES_PER_DATASET  most images one dataset may hold (default 20000)
+MAX_QUEUED_RUNS   most runs waiting in the queue at once, for everyone together (default 20)
+MAX_DISK_GB       most space that files under APP_HOME (images, runs, database; not APP_HOME/tmp) may use
+                  before ingest, uploads and new runs are refused (default 0: no limit)
+For the four limits above, 0 means no limit.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ class Settings:
     worker_slots: int
     heartbeat_seconds: float
     stale_seconds: float
+    max_upload_mb: float = 2048
+    max_images_per_dataset: int = 20_000
+    max_queued_runs: int = 20
+    max_disk_gb: float = 0
 
     @property
     def images_dir(self) -> Path:
@@ -66,4 +78,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         heartbeat_seconds=float(env.get("HEARTBEAT_SECONDS", 2)),
         # Several missed heartbeats, so a busy machine is not mistaken for a dead worker.
         stale_seconds=float(env.get("STALE_SECONDS", 30)),
+        max_upload_mb=float(env.get("MAX_UPLOAD_MB", 2048)),
+        max_images_per_dataset=int(env.get("MAX_IMAGES_PER_DATASET", 20_000)),
+        max_queued_runs=int(env.get("MAX_QUEUED_RUNS", 20)),
+        max_disk_gb=float(env.get("MAX_DISK_GB", 0)),
     )

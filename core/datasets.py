@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings
 from core.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
+from core.limits import check_dataset_size, check_disk
 
 IMAGE_EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 # PIL picks the decoder from the bytes, not the extension; limiting it to these formats means
@@ -120,7 +121,7 @@ def _decode(
         except UnidentifiedImageError:
             raise _BadImage("not an image: no TIFF, PNG, JPEG or BMP data found") from None
         except PILImage.DecompressionBombError as e:
-            raise _BadImage(f"too many pixels: {e}") from None
+            raise _BadImage(f"too many pixels: {e} (MAX_IMAGE_PIXELS)") from None
         except FileNotFoundError:
             raise
         except Exception as e:  # PIL raises many types on malformed headers
@@ -131,14 +132,14 @@ def _decode(
             w, h = im.size
             # Checked before decoding: a tiny file can declare a 100,000 x 100,000 image.
             if max_pixels is not None and w * h > max_pixels:
-                raise _BadImage(f"too many pixels: {w}x{h} is more than {max_pixels:,}")
+                raise _BadImage(f"too many pixels: {w}x{h} is more than {max_pixels:,} (MAX_IMAGE_PIXELS)")
             if min_side is not None and min(w, h) < min_side:
                 raise _BadImage(f"too small: {w}x{h}, each side must be at least {min_side} px")
             try:
                 im.load()
                 rgb = _to_rgb(im)
             except PILImage.DecompressionBombError as e:
-                raise _BadImage(f"too many pixels: {e}") from None
+                raise _BadImage(f"too many pixels: {e} (MAX_IMAGE_PIXELS)") from None
             except Exception as e:
                 raise _BadImage(f"corrupt: {e}") from None
     return rgb, fmt, mode
@@ -430,9 +431,13 @@ def _atomic_copy(src: Path, target: Path) -> None:
         raise
 
 
+def _stored_target(settings: Settings, v: _Valid) -> Path:
+    return settings.images_dir / v.sha256[:2] / f"{v.sha256}{STORED_EXTENSIONS[v.format]}"
+
+
 def _store(settings: Settings, v: _Valid) -> str:
     """Copy the original bytes into the content-addressed store; returns the path below APP_HOME."""
-    target = settings.images_dir / v.sha256[:2] / f"{v.sha256}{STORED_EXTENSIONS[v.format]}"
+    target = _stored_target(settings, v)
     if not target.exists():
         _atomic_copy(v.cand.path, target)
     return target.relative_to(settings.app_home).as_posix()
@@ -456,8 +461,9 @@ def ingest(
     ones to dataset `name`, creating it if needed.
 
     Bad files are skipped with a reason. Input that cannot be ingested as a whole (unsafe zip,
-    fewer than 2 classes, one image in two classes, groups not covering every image) raises
-    UserError before anything is stored. Rows are added and flushed; the caller commits.
+    fewer than 2 classes, one image in two classes, groups not covering every image, more images
+    than MAX_IMAGES_PER_DATASET, storage above MAX_DISK_GB) raises UserError before anything is
+    stored. Rows are added and flushed; the caller commits.
     """
     name = name.strip()
     if not name:
@@ -469,6 +475,7 @@ def ingest(
     group_rx = _compile_group_pattern(group_pattern) if group_pattern else None
 
     source = Path(source).expanduser()
+    check_disk(settings)  # before unpacking or decoding anything
     with _source_folder(source, settings) as folder:
         return _ingest_folder(
             session, settings, folder, source, name, groups_csv, group_rx, progress
@@ -560,6 +567,11 @@ def _ingest_folder(
         groups = _groups_from_csv(groups_csv, rels)
     elif group_rx is not None:
         groups = _groups_from_pattern(group_rx, rels)
+
+    new = [v for v in unique if v.sha256 not in existing]
+    check_dataset_size(settings, name, len(existing), len(new))
+    new_bytes = sum(v.cand.path.stat().st_size for v in new if not _stored_target(settings, v).exists())
+    check_disk(settings, new_bytes, f"the {len(new)} new image(s)")
 
     # All checks passed: from here on, store.
     if dataset is None:

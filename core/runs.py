@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import augment, data, splits
@@ -37,6 +37,7 @@ from core.datasets import get_dataset
 from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
 from core.errors import UserError
 from core.jobs import claim_next, get_run, log_tail
+from core.limits import check_disk, check_queue
 from core.model import build_model
 from core.run_config import RunConfig
 from core.train import Data, describe_device, fit, pick_device, predict_logits, seed_everything
@@ -55,8 +56,15 @@ class TakenOver(Exception):
 
 
 def create_runs(session: Session, settings: Settings, config: RunConfig) -> list[Run]:
-    """Record queued runs for `config`: one, or one per fold for k-fold. Makes (or reuses) the split."""
+    """Record queued runs for `config`: one, or one per fold for k-fold. Makes (or reuses) the split.
+
+    Refused (UserError, nothing recorded) when the queue would hold more than MAX_QUEUED_RUNS runs
+    or the files under APP_HOME use more than MAX_DISK_GB.
+    """
     dataset = get_dataset(session, config.dataset)
+    queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
+    check_queue(settings, queued, config.folds if config.split == "kfold" else 1)
+    check_disk(settings)
     split = splits.make_split(
         session,
         dataset,

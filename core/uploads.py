@@ -4,6 +4,8 @@ Uploads are written to a temporary folder under APP_HOME/tmp (a zip as it came, 
 CLASS/file) and ingested from there; the folder is removed afterwards whatever happens. A server
 folder can only be imported from below one of settings.import_roots, so a web user cannot read
 arbitrary paths on the server.
+Uploads larger than MAX_UPLOAD_MB, or arriving while APP_HOME uses more than MAX_DISK_GB, are
+refused before anything is written.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from core.config import Settings
 from core.datasets import IngestReport, ingest
 from core.db import Dataset
 from core.errors import UserError
+from core.limits import check_disk, check_upload_size
 
 Content = bytes | BinaryIO
 Progress = Callable[[int, int], None]
@@ -90,6 +93,9 @@ def ingest_zip(
     """Ingest an uploaded .zip of class folders into dataset `name` (created if new)."""
     if not filename.lower().endswith(".zip"):
         raise UserError(f"{filename} is not a .zip file. Upload a .zip with one folder per class.")
+    # Before writing anything: the upload's size (MAX_UPLOAD_MB) and the storage used (MAX_DISK_GB).
+    size = check_upload_size(settings, [content])
+    check_disk(settings, size, "this upload")
     with _workdir(settings) as folder:
         path = folder / _safe_name(filename, "File name")
         _write(content, path)
@@ -118,6 +124,8 @@ def ingest_files(
     """
     if not files:
         raise UserError("No files uploaded. Choose image files for at least two classes.")
+    size = check_upload_size(settings, [content for _, _, content in files])
+    check_disk(settings, size, "this upload")
     with _workdir(settings) as folder:
         root = folder / "uploaded files"
         root.mkdir()
@@ -166,6 +174,7 @@ def import_folder(
 ) -> IngestReport:
     """Ingest a folder (or .zip) on the server, which must lie inside settings.import_roots."""
     source = check_import_path(settings, path)
+    check_disk(settings)
     if groups_csv is None:
         return ingest(session, settings, source, name, group_pattern=group_pattern, progress=progress)
     with _workdir(settings) as folder:

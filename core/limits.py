@@ -1,0 +1,107 @@
+"""Limits an administrator sets (core/config.py: MAX_UPLOAD_MB, MAX_IMAGES_PER_DATASET,
+MAX_QUEUED_RUNS, MAX_DISK_GB), checked before anything is written; each refusal is a UserError
+that names the setting. A limit of 0 (or less) means no limit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from core.config import Settings
+from core.errors import UserError
+
+MB = 1024**2  # Streamlit's server.maxUploadSize counts MB this way
+GB = 1000**3
+
+
+def content_size(content: bytes | BinaryIO) -> int:
+    """Size in bytes of an upload: bytes, a Streamlit UploadedFile, or any seekable binary file."""
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return len(content)
+    size = getattr(content, "size", None)
+    if isinstance(size, int):
+        return size
+    pos = content.tell()
+    try:
+        return content.seek(0, os.SEEK_END)
+    finally:
+        content.seek(pos)
+
+
+def check_upload_size(settings: Settings, contents: Iterable[bytes | BinaryIO]) -> int:
+    """UserError when the uploads together are larger than MAX_UPLOAD_MB; returns their size."""
+    total = sum(content_size(c) for c in contents)
+    limit = settings.max_upload_mb
+    if limit > 0 and total > limit * MB:
+        raise UserError(
+            f"The upload is {total / MB:,.1f} MB, more than the MAX_UPLOAD_MB limit of {limit:g} MB. "
+            "Upload it in smaller parts (each can go into the same dataset name), or ask an "
+            "administrator to import it from a folder on the server. Nothing was ingested."
+        )
+    return total
+
+
+def disk_usage(settings: Settings) -> int:
+    """Bytes used by files under APP_HOME, not counting APP_HOME/tmp (uploads being ingested)."""
+    skip = os.path.normpath(settings.tmp_dir)
+    total = 0
+    stack = [os.fspath(settings.app_home)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if os.path.normpath(entry.path) != skip:
+                                stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:  # removed while we looked
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return total
+
+
+def check_disk(settings: Settings, adding: int = 0, what: str = "") -> None:
+    """UserError when files under APP_HOME use more than MAX_DISK_GB, or would with `adding` bytes."""
+    limit = settings.max_disk_gb
+    if limit <= 0:
+        return
+    used = disk_usage(settings)
+    if used + adding <= limit * GB:
+        return
+    if adding and used <= limit * GB:
+        usage = f"uses {used / GB:,.2f} GB and {what or 'this'} would add {adding / GB:,.2f} GB"
+    else:
+        usage = f"uses {used / GB:,.2f} GB"
+    raise UserError(
+        f"The app's storage ({settings.app_home}) {usage}, more than the MAX_DISK_GB limit of "
+        f"{limit:g} GB. Delete datasets or runs that are no longer needed, or ask an administrator "
+        "to raise MAX_DISK_GB. Nothing was stored."
+    )
+
+
+def check_dataset_size(settings: Settings, name: str, has: int, offered: int) -> None:
+    """UserError when a dataset holding `has` images would exceed MAX_IMAGES_PER_DATASET with `offered` more."""
+    limit = settings.max_images_per_dataset
+    if limit > 0 and has + offered > limit:
+        raise UserError(
+            f"Dataset '{name}' has {has:,} image(s) and {offered:,} new one(s) were offered: "
+            f"{has + offered:,} is more than the MAX_IMAGES_PER_DATASET limit of {limit:,}. "
+            "Ingest fewer images, or split them over several datasets. Nothing was ingested."
+        )
+
+
+def check_queue(settings: Settings, queued: int, adding: int) -> None:
+    """UserError when `queued` runs plus `adding` new ones would exceed MAX_QUEUED_RUNS."""
+    limit = settings.max_queued_runs
+    if limit > 0 and queued + adding > limit:
+        raise UserError(
+            f"{queued} run(s) are already queued and this adds {adding}: more than the MAX_QUEUED_RUNS "
+            f"limit of {limit}. Wait for queued runs to finish, or cancel some, then try again. "
+            "No run was created."
+        )
