@@ -109,6 +109,9 @@ def metrics_row(run, epochs: list) -> None:
                 border=True, help="Samples: augmented training images, untouched validation and test images.")
     c[3].metric("Device", (run.device or "–").split(" (")[0], help=run.device, border=True)
     c[4].metric("Duration", duration(run), border=True)
+    speed, memory = s.get("images_per_second"), s.get("gpu_peak_memory_gib")
+    st.caption(f"Training speed: {f'{speed:.0f} images/s' if speed else '–'} (mean over epochs)"
+               + (f" · peak GPU memory {memory:.1f} GiB" if memory is not None else " · no GPU memory used (CPU run)"))
 
 
 def live_panel(run_id: int, was_active: bool) -> None:

@@ -319,6 +319,9 @@ def test_finished_run_shows_curves_confusion_matrix_and_table(trained, monkeypat
     assert table["Accuracy"].iloc[-1] == pytest.approx(report.accuracy)
     labels = [b.label for b in at.get("download_button")]
     assert any("checkpoint" in str(b.proto.label) for b in at.get("download_button")), labels
+    with Session() as s:
+        speed = s.get(Run, run_id).summary["images_per_second"]
+    assert any(f"Training speed: {speed:.0f} images/s" in c.value and "CPU run" in c.value for c in at.caption)
 
 
 def test_failed_run_shows_its_error_and_log(trained, monkeypatch, settings, tmp_path):
