@@ -19,7 +19,7 @@ from core.augment import AugmentParams
 from core.config import Settings, load_settings
 from core.db import make_sessionmaker
 from core.errors import UserError
-from core.run_config import RunConfig
+from core.run_config import STAIN_NORMALISATIONS, RunConfig
 from core.splits import PROTOCOLS
 
 # torch/torchvision take seconds to import; commands import what they need so --help stays quick.
@@ -87,6 +87,7 @@ def config_from_args(args: argparse.Namespace, settings: Settings) -> RunConfig:
         augmentation=AugmentParams.from_dict(augmentation).to_dict(),
         weights=args.weights or settings.default_weights, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, image_size=args.image_size, seed=args.seed, device=args.device,
+        stain_normalisation=args.stain_normalisation, hed_jitter=args.hed_jitter, tta=args.tta,
     )
 
 
@@ -277,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=defaults.image_size, help="images are resized to this square")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--stain-normalisation", choices=STAIN_NORMALISATIONS, default=defaults.stain_normalisation,
+                   help="map every image's H&E colours onto a reference image taken from the training part "
+                        "(the one of median optical density), before augmentation; its id is in the run summary")
+    p.add_argument("--hed-jitter", type=float, default=defaults.hed_jitter, metavar="FLOAT",
+                   help="random H&E stain variation of each augmented training image (sigma = bias = FLOAT, "
+                        "e.g. 0.05); 0 = off; never applied to validation or test images")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=defaults.tta,
+                   help="test-time augmentation: average the test softmax over the image and its 3 flips")
     p.add_argument("--background", action="store_true",
                    help="queue the run(s) for the background worker and return at once (starts a worker if none is alive)")
     p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +25,11 @@ from core.datasets import load_rgb
 from core.db import RunStatus
 from core.errors import UserError
 from core.model import PaperDenseNet
+from core.data import resized_array
+from core.db import Image
 from core.runs import get_run, run_dir
-from core.train import pick_device, predict_logits
+from core.stain import make_normaliser
+from core.train import pick_device, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,15 @@ class Predictor:
     image_size: int
     device: torch.device
     run_id: int
+    normaliser: Callable[[np.ndarray], np.ndarray] | None = None  # the run's stain normalisation
+    tta: bool = False  # the run's test-time augmentation
 
     def probabilities(self, images: Sequence[PILImage.Image]) -> np.ndarray:
-        """(N, C) class probabilities for RGB images of any size."""
+        """(N, C) class probabilities for RGB images of any size, prepared as the run's test images were."""
         arrays = [np.asarray(resize(im.convert("RGB"), self.image_size), dtype=np.uint8) for im in images]
-        logits = predict_logits(self.model, to_tensor(arrays), self.device)
-        return torch.softmax(logits, 1).numpy()
+        if self.normaliser is not None:
+            arrays = [self.normaliser(a) for a in arrays]
+        return predict_proba(self.model, to_tensor(arrays), self.device, tta=self.tta).numpy()
 
 
 def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
@@ -57,7 +63,17 @@ def load_predictor(session, settings: Settings, run_id: int, device: str = "auto
     model.load_state_dict(checkpoint["model"])
     dev = pick_device(device)
     size = int(checkpoint["image_size"])
-    return Predictor(prepare_for_inference(model, dev, size), classes, size, dev, run_id)
+    config = checkpoint["config"]
+    normaliser = None
+    if config.get("stain_normalisation", "none") != "none":
+        # Refit on the run's own reference image, so new images look like its training images.
+        reference = session.get(Image, checkpoint["stain_reference_image_id"])
+        if reference is None:
+            raise UserError(f"Run {run_id} normalised stains to image {checkpoint['stain_reference_image_id']}, "
+                            "which is no longer stored; its model cannot be used for prediction.")
+        normaliser = make_normaliser(config["stain_normalisation"], resized_array(settings, reference, size))
+    return Predictor(prepare_for_inference(model, dev, size), classes, size, dev, run_id,
+                     normaliser=normaliser, tta=bool(config.get("tta", False)))
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True) -> torch.nn.Module:

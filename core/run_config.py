@@ -8,12 +8,16 @@ augment only the training part); the paper's own protocol is `split="paper-leaky
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.augment import AugmentParams
 from core.errors import UserError
 from core.splits import PROTOCOLS
+from core.stain import METHODS as STAIN_METHODS
+
+STAIN_NORMALISATIONS = ("none", *STAIN_METHODS)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = True  # torch.compile with CUDA graphs on a GPU; no effect on the CPU
+    # generalisation switches (not in the paper; off by default). See core/stain.py.
+    stain_normalisation: str = "none"  # none | macenko | reinhard: map every image onto a training reference
+    hed_jitter: float = 0.0  # sigma = bias of the H&E stain jitter on augmented training images; 0 = off
+    tta: bool = False  # test-time augmentation: mean softmax over identity + 3 flips
 
     def __post_init__(self) -> None:
         if self.split not in PROTOCOLS:
@@ -52,6 +60,14 @@ class RunConfig:
         if not 0 <= self.fold < (self.folds if self.split == "kfold" else 1):
             raise UserError(f"fold {self.fold} does not exist for split {self.split!r} with {self.folds} folds.")
         AugmentParams.from_dict(self.augmentation)  # validates
+        if self.stain_normalisation not in STAIN_NORMALISATIONS:
+            raise UserError(f"Unknown stain_normalisation {self.stain_normalisation!r}; "
+                            f"choose one of {', '.join(STAIN_NORMALISATIONS)}.")
+        jitter = self.hed_jitter
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not (math.isfinite(jitter) and 0 <= jitter <= 1):
+            raise UserError(f"hed_jitter must be a number from 0 (off) to 1, e.g. 0.05; got {jitter!r}.")
+        if not isinstance(self.tta, bool):
+            raise UserError(f"tta must be true or false, got {self.tta!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,7 @@
 """A training run from stored records to stored results:
-dataset -> split -> decode/resize -> augment the training part -> train -> evaluate -> predictions.
+dataset -> split -> decode/resize -> [stain normalisation] -> augment the training part -> [HED jitter]
+-> train -> evaluate ([test-time augmentation]) -> predictions. The bracketed steps are the run's
+generalisation switches (RunConfig.stain_normalisation, hed_jitter, tta), off by default.
 
 `create_runs` records what to do (one run, or one per fold for k-fold); `execute_run` does it and
 writes every result to the database as it goes. The CLI calls both in the foreground; the worker
@@ -23,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ import torch
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import augment, data, splits
+from core import augment, data, splits, stain
 from core.config import Settings
 from core.datasets import get_dataset
 from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
@@ -40,7 +43,14 @@ from core.jobs import claim_next, get_run, log_tail
 from core.limits import check_disk, check_queue
 from core.model import build_model
 from core.run_config import RunConfig
-from core.train import Data, describe_device, fit, pick_device, predict_logits, seed_everything
+from core.train import (
+    Data,
+    describe_device,
+    fit,
+    pick_device,
+    predict_proba,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,17 +246,98 @@ def _expand(arrays: list[np.ndarray], labels: list[int], n_classes: int, config:
     return [np.asarray(im, dtype=np.uint8) for im in images], aug_labels, sources
 
 
+def mean_optical_density(image: np.ndarray) -> float:
+    """Mean optical density of an HxWx3 uint8 image over all pixels and channels (0 for white glass)."""
+    return float(-np.log((image.astype(np.float64) + 1) / 256).mean())
+
+
+def choose_stain_reference(arrays: list[np.ndarray], ids: list[int], method: str) -> tuple[int, stain.Normaliser]:
+    """The stain-normalisation reference and its normaliser, from the given (training) images only.
+
+    The reference is the image whose mean optical density is the median (a typical stain, neither
+    the palest nor the darkest; ties go to the lower image id). If `method` cannot be fitted to it
+    (Macenko needs enough stained tissue), the image next closest to the median is tried, and so on.
+    Returns (image id, normaliser). Raises UserError when no image will do.
+    """
+    if not arrays:
+        raise UserError("Stain normalisation needs at least one training image to take the reference from.")
+    ranked = sorted(range(len(arrays)), key=lambda i: (mean_optical_density(arrays[i]), ids[i]))
+    mid = (len(ranked) - 1) // 2
+    order = sorted(range(len(ranked)), key=lambda r: (abs(r - mid), r))
+    for r in order:
+        i = ranked[r]
+        try:
+            return ids[i], stain.make_normaliser(method, arrays[i])
+        except UserError as exc:
+            if "Unknown stain normalisation" in str(exc):
+                raise
+            log.info("stain reference: image %d does not fit %s (%s); trying the next", ids[i], method, exc)
+    raise UserError(f"No training image has enough stained tissue to fit {method} stain normalisation; "
+                    "train without it (stain_normalisation='none').")
+
+
+def _normalise(parts: dict[str, list[np.ndarray]], normaliser: stain.Normaliser,
+               progress: Progress | None) -> dict[str, list[np.ndarray]]:
+    """Every array of every part through `normaliser` (a thread per core: NumPy releases the GIL)."""
+    flat = [a for arrays in parts.values() for a in arrays]
+    out: list[np.ndarray] = []
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for a in pool.map(normaliser, flat):
+            out.append(a)
+            if progress and (len(out) % 16 == 0 or len(out) == len(flat)):
+                progress("stain normalisation", len(out), len(flat))
+    result, k = {}, 0
+    for part, arrays in parts.items():
+        result[part], k = out[k : k + len(arrays)], k + len(arrays)
+    return result
+
+
+_JITTER_STREAM = 0x48454A  # keeps the jitter's random stream apart from other uses of the run seed
+
+
+def _hed_jitter(arrays: list[np.ndarray], config: RunConfig, progress: Progress | None) -> list[np.ndarray]:
+    """HED stain jitter (sigma = bias = config.hed_jitter) on each augmented training image, each
+    with its own generator seeded by (run seed, sample index): the same run seed gives the same images."""
+    if config.hed_jitter <= 0 or not arrays:
+        return arrays
+    value, seed = float(config.hed_jitter), config.seed % 2**63
+
+    def one(i: int) -> np.ndarray:
+        return stain.hed_jitter(arrays[i], np.random.default_rng((seed, _JITTER_STREAM, i)), sigma=value, bias=value)
+
+    out: list[np.ndarray] = []
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for a in pool.map(one, range(len(arrays))):
+            out.append(a)
+            if progress and (len(out) % 64 == 0 or len(out) == len(arrays)):
+                progress("stain jitter", len(out), len(arrays))
+    return out
+
+
 def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, progress: Progress | None):
-    """Tensors for training, validation and test, plus what each test sample is (image id, aug index)."""
+    """Tensors for training, validation and test, what each test sample is (image id, aug index),
+    and notes for the run's summary (the stain reference image, when normalising).
+
+    Order: decode/resize -> stain normalisation (optional; reference from the training part) ->
+    augment the training part -> HED jitter of the augmented training images (optional).
+    """
     classes = run.dataset.classes
     parts = splits.split_parts(session, run.split, run.fold)
     index = {name: i for i, name in enumerate(classes)}
     decode_cb = (lambda d, t: progress("decode", d, t)) if progress else None
+    notes: dict[str, Any] = {}
+    normalising = config.stain_normalisation != "none"
 
     if run.split.protocol == "paper-leaky":
-        # The paper's protocol: augment every image, then split the augmented copies.
+        # The paper's protocol: augment every image, then split the augmented copies. Which images
+        # end up in training is only known after augmenting, so the stain reference comes from the
+        # whole pool (this protocol has no untouched test images anyway).
         pool = parts["pool"]
         arrays = data.load_arrays(settings, pool, config.image_size, decode_cb)
+        if normalising:
+            ref_id, normaliser = choose_stain_reference(arrays, [im.id for im in pool], config.stain_normalisation)
+            notes["stain_reference_image_id"] = ref_id
+            arrays = _normalise({"pool": arrays}, normaliser, progress)["pool"]
         aug, aug_labels, sources = _expand(arrays, [index[im.label] for im in pool], len(classes), config, progress)
         (assignment,) = splits.assign_parts(
             [str(label) for label in aug_labels], None, protocol="holdout", seed=config.seed,
@@ -255,16 +346,22 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
         pick = lambda part: [i for i, p in enumerate(assignment) if p == part]  # noqa: E731
         x = {part: [aug[i] for i in pick(part)] for part in ("train", "val", "test")}
         y = {part: [aug_labels[i] for i in pick(part)] for part in ("train", "val", "test")}
+        x["train"] = _hed_jitter(x["train"], config, progress)  # training copies only
         test_ids = [(pool[sources[i]].id, i) for i in pick("test")]
     else:
         train = parts.get("train", [])
-        arrays = data.load_arrays(settings, train, config.image_size, decode_cb)
-        aug, aug_labels, _ = _expand(arrays, [index[im.label] for im in train], len(classes), config, progress)
-        x, y = {"train": aug}, {"train": aug_labels}
+        x = {"train": data.load_arrays(settings, train, config.image_size, decode_cb)}
+        y = {"train": [index[im.label] for im in train]}
         for part in ("val", "test"):
             images = parts.get(part, [])
             x[part] = data.load_arrays(settings, images, config.image_size)
             y[part] = [index[im.label] for im in images]
+        if normalising:
+            ref_id, normaliser = choose_stain_reference(x["train"], [im.id for im in train], config.stain_normalisation)
+            notes["stain_reference_image_id"] = ref_id
+            x = _normalise(x, normaliser, progress)
+        aug, aug_labels, _ = _expand(x["train"], y["train"], len(classes), config, progress)
+        x["train"], y["train"] = _hed_jitter(aug, config, progress), aug_labels
         test_ids = [(im.id, None) for im in parts.get("test", [])]
 
     def tensors(part: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +371,7 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
         return data.to_tensor(x[part]), torch.tensor(y[part], dtype=torch.long)
 
     tr, va, te = tensors("train"), tensors("val"), tensors("test")
-    return Data(tr[0], tr[1], va[0], va[1]), te, test_ids
+    return Data(tr[0], tr[1], va[0], va[1]), te, test_ids, notes
 
 
 def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress: Progress | None = None,
@@ -394,8 +491,12 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
         protocol = splits.describe(run.split)
         identity = {"run_id": run_id, "run_created": run.created_at.isoformat()}
         t0 = time.perf_counter()
-        train_data, (x_test, y_test), test_ids = _prepare(s, settings, run, config, report)
+        train_data, (x_test, y_test), test_ids, notes = _prepare(s, settings, run, config, report)
         timings["data_and_augment"] = time.perf_counter() - t0
+    if notes:
+        with Session.begin() as s:
+            run = get_run(s, run_id)
+            run.summary = {**run.summary, **notes}
     log.info("run %d: %d train, %d val, %d test samples; %s", run_id, len(train_data.y_train),
              len(train_data.y_val), len(y_test), protocol)
 
@@ -406,7 +507,7 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
         get_run(s, run_id).weights_used = weights_used
     log.info("run %d: weights %s, device %s", run_id, weights_used, describe_device(device))
 
-    extra = {"classes": classes, "image_size": config.image_size, **identity}
+    extra = {"classes": classes, "image_size": config.image_size, **identity, **notes}
     recorder = Recorder(Session, run_id, directory, progress, extra, config.epochs, monitor)
     t0 = time.perf_counter()
     fit(model, train_data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -421,7 +522,7 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
     t0 = time.perf_counter()
     best = torch.load(directory / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
-    probs = torch.softmax(predict_logits(model.to(device), x_test, device), 1).numpy()
+    probs = predict_proba(model.to(device), x_test, device, tta=config.tta).numpy()
     timings["evaluate"] = time.perf_counter() - t0
     predicted = probs.argmax(1) if len(probs) else np.array([], dtype=int)
     with Session.begin() as s:

@@ -225,6 +225,28 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batc
     return torch.cat(out) if out else torch.empty(0)
 
 
+TTA_VIEWS = ("identity", "flip_left_right", "flip_top_bottom", "flip_both")
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 4 test-time views of (N, C, H, W) images: as they are, mirrored left-right, top-bottom, both."""
+    return [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
+
+
+def predict_proba(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64,
+                  *, tta: bool = False) -> torch.Tensor:
+    """Class probabilities (N, C) on the CPU, in input order.
+
+    With `tta`, the softmax is averaged over the 4 views of `tta_views` (histology has no preferred
+    orientation, so each flip is an equally valid look at the same tissue); rows still sum to 1.
+    """
+    if len(x) == 0:
+        return torch.empty(0)
+    views = tta_views(x) if tta else [x]
+    probs = [torch.softmax(predict_logits(model, v, device, batch_size), 1) for v in views]
+    return torch.stack(probs).mean(0)
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 64) -> dict[str, float]:
     logits = predict_logits(model, x, device, batch_size)
     return {

@@ -1,0 +1,122 @@
+"""The per-run generalisation switches: stain normalisation, HED jitter and test-time augmentation."""
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+from torch import nn
+
+from core import runs
+from core.__main__ import build_parser, config_from_args
+from core.datasets import image_path, ingest, load_rgb
+from core.db import Image, Prediction, Run, RunStatus, SplitMember
+from core.errors import UserError
+from core.predict import load_predictor
+from core.run_config import RunConfig
+from core.train import predict_logits, predict_proba, tta_views
+from tests.synthetic import synthetic_array, write_dataset
+
+SMALL = dict(image_size=32, per_class=8, epochs=1, batch_size=16, lr=1e-3, weights="none", device="cpu")
+
+
+@pytest.fixture
+def dataset(tmp_path, settings, Session):
+    write_dataset(tmp_path / "src", per_class=8, ext=".tif")
+    with Session.begin() as s:
+        ingest(s, settings, tmp_path / "src", "synthetic")
+    return "synthetic"
+
+
+def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset, settings, Session):
+    config = RunConfig(dataset=dataset, stain_normalisation="macenko", hed_jitter=0.05, tta=True, **SMALL)
+    with Session.begin() as s:
+        (run,) = runs.create_runs(s, settings, config)
+        run_id = run.id
+    runs.execute_run(Session, settings, run_id)
+    with Session() as s:
+        run = s.get(Run, run_id)
+        assert run.status == RunStatus.succeeded, run.error
+        stored = RunConfig.from_dict(run.config)
+        assert (stored.stain_normalisation, stored.hed_jitter, stored.tta) == ("macenko", 0.05, True)
+        reference = run.summary["stain_reference_image_id"]
+        parts = dict(s.execute(select(SplitMember.image_id, SplitMember.part).where(
+            SplitMember.split_id == run.split_id, SplitMember.fold == run.fold)).all())
+        assert parts[reference] == "train"
+        preds = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
+        assert {p.image_id for p in preds} == {i for i, part in parts.items() if part == "test"}
+        assert all(abs(sum(p.probabilities) - 1) < 1e-3 for p in preds)
+    checkpoint = torch.load(settings.runs_dir / str(run_id) / "best.pt", weights_only=True)
+    assert checkpoint["stain_reference_image_id"] == reference
+
+    # Prediction prepares a new image exactly as the run's test images were (normalised, TTA).
+    with Session() as s:
+        predictor = load_predictor(s, settings, run_id, device="cpu")
+        assert predictor.normaliser is not None and predictor.tta
+        pred = preds[0]
+        image = s.get(Image, pred.image_id)
+        probs = predictor.probabilities([load_rgb(image_path(settings, image))])[0]
+    assert np.allclose(probs, pred.probabilities, atol=1e-4)
+
+
+def test_switches_default_off_and_old_configs_still_load():
+    config = RunConfig(dataset="d")
+    assert (config.stain_normalisation, config.hed_jitter, config.tta) == ("none", 0.0, False)
+    old = {k: v for k, v in config.to_dict().items() if k not in ("stain_normalisation", "hed_jitter", "tta")}
+    assert RunConfig.from_dict(old) == config
+
+
+@pytest.mark.parametrize("changes, allowed", [
+    ({"stain_normalisation": "vahadane"}, "none, macenko, reinhard"),
+    ({"hed_jitter": -0.1}, "from 0"),
+    ({"hed_jitter": float("nan")}, "from 0"),
+    ({"hed_jitter": 2.0}, "to 1"),
+    ({"hed_jitter": True}, "from 0"),
+    ({"tta": "yes"}, "true or false"),
+])
+def test_bad_switch_values_are_user_errors_naming_the_allowed_ones(changes, allowed):
+    with pytest.raises(UserError, match=allowed):
+        RunConfig(dataset="d", **changes)
+
+
+def test_cli_flags_reach_the_config(settings):
+    parser = build_parser()
+    args = parser.parse_args(["train", "--dataset", "d", "--weights", "none", "--stain-normalisation", "reinhard",
+                              "--hed-jitter", "0.03", "--tta"])
+    config = config_from_args(args, settings)
+    assert (config.stain_normalisation, config.hed_jitter, config.tta) == ("reinhard", 0.03, True)
+    config = config_from_args(parser.parse_args(["train", "--dataset", "d", "--weights", "none", "--no-tta"]), settings)
+    assert (config.stain_normalisation, config.hed_jitter, config.tta) == ("none", 0.0, False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--dataset", "d", "--stain-normalisation", "vahadane"])
+
+
+def test_tta_averages_the_softmax_of_the_four_views():
+    torch.manual_seed(0)
+    # Not flip-invariant (a linear layer on the flattened image), so the views really differ.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    device = torch.device("cpu")
+    probs = predict_proba(model, x, device, tta=True)
+    assert probs.shape == (5, 4)
+    assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+    views = tta_views(x)
+    assert len(views) == 4 and torch.equal(views[0], x) and torch.equal(views[3], x.flip(2).flip(3))
+    expected = torch.stack([torch.softmax(predict_logits(model, v, device), 1) for v in views]).mean(0)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    plain = predict_proba(model, x, device)
+    assert torch.allclose(plain, torch.softmax(predict_logits(model, x, device), 1))
+    assert not torch.allclose(plain, probs)
+    assert predict_proba(model, x[:0], device, tta=True).numel() == 0
+
+
+def test_stain_reference_is_the_median_optical_density_training_image():
+    arrays = [synthetic_array(label, i, (32, 32)) for label in ("CLL", "FL", "MCL") for i in range(3)]
+    ids = list(range(100, 109))
+    ref_id, normaliser = runs.choose_stain_reference(arrays, ids, "reinhard")
+    od = [runs.mean_optical_density(a) for a in arrays]
+    assert ref_id == ids[int(np.argsort(od, kind="stable")[4])]
+    assert normaliser(arrays[0]).shape == arrays[0].shape
+    # Same input, same choice (in any order).
+    assert runs.choose_stain_reference(arrays[::-1], ids[::-1], "reinhard")[0] == ref_id
+    with pytest.raises(UserError):
+        runs.choose_stain_reference([], [], "macenko")
