@@ -1,14 +1,52 @@
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import select
 
 from core.config import Settings, load_settings
-from core.db import make_sessionmaker
+from core.db import Worker, make_sessionmaker
 
 torch.set_num_threads(2)
+
+
+def stop_workers(database_url: str) -> None:
+    """Stop background workers recorded in a database (they run detached, in their own session)."""
+    Session = make_sessionmaker(database_url)
+    with Session() as s:
+        pids = [w.pid for w in s.scalars(select(Worker))]
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in cmdline:  # the pid is still our worker, not a reused one
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def default_app_home(tmp_path_factory):
+    """Code that reads settings from the environment without a test's own APP_HOME (e.g. a page
+    rerun after its test ended) writes to a temporary folder, never to the checkout's ./var;
+    any worker started there is stopped at the end."""
+    home = tmp_path_factory.mktemp("default-app-home")
+    previous = os.environ.get("APP_HOME")
+    os.environ["APP_HOME"] = str(home)
+    yield home
+    if (home / "app.db").exists():
+        stop_workers(load_settings({"APP_HOME": str(home)}).database_url)
+    if previous is None:
+        os.environ.pop("APP_HOME", None)
+    else:
+        os.environ["APP_HOME"] = previous
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import pytest
 from sqlalchemy import select
 
 from core.config import load_settings
-from core.db import Run, RunStatus, Worker, make_sessionmaker
+from core.db import Run, RunStatus, make_sessionmaker
+from tests.conftest import stop_workers
 from tests.synthetic import synthetic_image, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,23 +54,6 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 90) -> No
             pass
         time.sleep(0.5)
     raise TimeoutError("streamlit did not become healthy")
-
-
-def stop_workers(database_url: str) -> None:
-    """Stop the worker the app started (it runs detached, in its own session) by the pid it recorded."""
-    Session = make_sessionmaker(database_url)
-    with Session() as s:
-        pids = [w.pid for w in s.scalars(select(Worker))]
-    for pid in pids:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"worker" in cmdline:  # the pid is still our worker, not a reused one
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
-        time.sleep(0.2)
 
 
 @pytest.fixture
