@@ -44,3 +44,13 @@ def write_dataset(
         for i in range(per_class):
             synthetic_image(label, i, size).save(root / label / f"{i:03d}{ext}")
     return root
+
+
+def ingest_synthetic(root: Path, settings, Session, per_class: int, name: str = "synthetic") -> str:
+    """Write a synthetic TIF dataset under root and ingest it; returns the dataset name."""
+    from core.datasets import ingest
+
+    write_dataset(root, per_class=per_class, ext=".tif")
+    with Session.begin() as s:
+        ingest(s, settings, root, name)
+    return name

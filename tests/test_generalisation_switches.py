@@ -8,23 +8,20 @@ from torch import nn
 
 from core import runs
 from core.__main__ import build_parser, config_from_args
-from core.datasets import image_path, ingest, load_rgb
+from core.datasets import image_path, load_rgb
 from core.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
 from core.predict import load_predictor
 from core.run_config import RunConfig
 from core.train import predict_logits, predict_proba, tta_views
-from tests.synthetic import synthetic_array, write_dataset
+from tests.synthetic import ingest_synthetic, synthetic_array
 
 SMALL = dict(image_size=32, per_class=8, epochs=1, batch_size=16, lr=1e-3, weights="none", device="cpu")
 
 
 @pytest.fixture
 def dataset(tmp_path, settings, Session):
-    write_dataset(tmp_path / "src", per_class=8, ext=".tif")
-    with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "synthetic")
-    return "synthetic"
+    return ingest_synthetic(tmp_path / "src", settings, Session, per_class=8)
 
 
 def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset, settings, Session):

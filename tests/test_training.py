@@ -5,22 +5,18 @@ import torch
 from sqlalchemy import select
 
 from core import runs
-from core.datasets import ingest
 from core.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
 from core.evaluate import run_report
 from core.predict import load_predictor, predict_files
 from core.run_config import RunConfig
-from tests.synthetic import synthetic_image, write_dataset
+from tests.synthetic import ingest_synthetic, synthetic_image
 
 SMALL = dict(image_size=32, per_class=40, epochs=4, batch_size=16, lr=1e-3, weights="none", device="cpu")
 
 
 @pytest.fixture
 def dataset(tmp_path, settings, Session):
-    write_dataset(tmp_path / "src", per_class=20, ext=".tif")
-    with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "synthetic")
-    return "synthetic"
+    return ingest_synthetic(tmp_path / "src", settings, Session, per_class=20)
 
 
 def _train(Session, settings, config):
