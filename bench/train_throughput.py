@@ -1,7 +1,7 @@
 """Training throughput (images/s) of the paper's model at batch 24 and 128.
 
-Baseline: eager fp32, NCHW, torch's default Adam, batches collated sample by sample on the host
-(a plain PyTorch loop). Fast path (what core.train.fit uses): training images resident on the
+Baselines: a plain PyTorch loop (eager, NCHW, torch's default Adam, batches collated sample by
+sample on the host) in fp32, and on CUDA the same loop under bf16 autocast. Fast path (what core.train.fit uses): training images resident on the
 device, one gather per batch, channels_last, bf16 autocast, fused Adam, and torch.compile with
 CUDA graphs ("reduce-overhead"); on the CPU only the layout and batching differ.
 The same steps run through each, on random data of the training size.
@@ -24,7 +24,7 @@ from core.model import PaperDenseNet
 from core.train import NullCallback, make_loader, make_optimizer, pick_device, prepare_model, preprocess, train_one_epoch
 
 
-def plain_rate(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device) -> float:
+def plain_rate(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device, *, bf16: bool = False) -> float:
     model = PaperDenseNet(3).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
@@ -34,7 +34,8 @@ def plain_rate(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device:
         for i, (xb, yb) in enumerate(loader):
             if i == n:
                 break
-            loss = criterion(model(preprocess(xb, device)), yb.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = criterion(model(preprocess(xb, device)), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -80,9 +81,12 @@ def main(argv: list[str] | None = None) -> str:
         fast, warmup = fast_rate(x, y, batch, args.steps, device)
         memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         print(f"batch {batch}: fast-path warm-up (compilation) {warmup:.1f} s{memory}", flush=True)
-        rows.append((f"train, batch {batch}, {args.image_size} px", base, fast, "img/s"))
+        rows.append((f"train, batch {batch}, {args.image_size} px, vs eager fp32", base, fast, "img/s"))
+        if device.type == "cuda":
+            bf16 = plain_rate(x, y, batch, args.steps, device, bf16=True)
+            rows.append((f"train, batch {batch}, {args.image_size} px, vs eager bf16", bf16, fast, "img/s"))
     print(f"device: {device_name(device)}")
-    return report("Training throughput (baseline: eager fp32 NCHW)", device, rows)
+    return report("Training throughput (baselines: eager NCHW, fp32 and on CUDA bf16)", device, rows)
 
 
 if __name__ == "__main__":
