@@ -1,13 +1,144 @@
-"""Entry point: `streamlit run streamlit_app.py`. Routes to the pages (which call core/) and draws
-the shared sidebar: the background worker's state."""
+"""Entry point: `streamlit run streamlit_app.py`. Lets in only a signed-in user (AUTH_MODE, see
+core/accounts.py), routes to the pages (which call core/) and draws the shared sidebar: who is
+signed in and the background worker's state."""
+
+import importlib.util
+import re
+from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 import streamlit as st
 from sqlalchemy import select
 
+from core import accounts
+from core.accounts import User
 from core.db import Run, RunStatus
-from pages._common import session_factory, settings, start_worker, user_errors, worker_status
+from core.errors import UserError
+from pages._common import (
+    SIGNED_IN, load_accounts, session_factory, settings, sign_in_throttle, sign_out, signed_in_user, start_worker,
+    user_errors, worker_status,
+)
 
-st.set_page_config(page_title="Lymphoma subtype recognition", page_icon="🔬", layout="wide")
+TITLE = "Lymphoma subtype recognition"
+st.set_page_config(page_title=TITLE, page_icon="🔬", layout="wide")
+
+pages = {
+    "": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True)],
+    "Data": [
+        st.Page("pages/dataset.py", title="Datasets", icon=":material/folder_open:", url_path="dataset"),
+        st.Page("pages/augmentation.py", title="Augmentation", icon=":material/tune:", url_path="augmentation"),
+    ],
+    "Model": [
+        st.Page("pages/train.py", title="Train", icon=":material/rocket_launch:", url_path="train"),
+        st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs"),
+        st.Page("pages/predict.py", title="Predict", icon=":material/biotech:", url_path="predict"),
+    ],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The sign-in gate
+
+
+def markdown_text(text: str) -> str:
+    """`text` with Markdown's special characters escaped (names and addresses come from outside)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>:$])", r"\\\1", text)
+
+
+def only(draw: Callable[[], None]) -> NoReturn:
+    """Show `draw` in place of every page, then stop: no page content, no sidebar, no worker.
+
+    It answers at each page's address (hidden navigation), so a bookmark of /runs shows the sign-in
+    rather than "page not found", and after signing in the same address opens the Runs page.
+    Without any st.navigation call Streamlit's pages/ folder mode would list the pages' names.
+    """
+    def sign_in() -> None:
+        _, middle, _ = st.columns([1, 2, 1])
+        with middle:
+            st.title(TITLE)
+            draw()
+
+    addresses = [p.url_path for group in pages.values() for p in group if p.url_path]
+    st.navigation([st.Page(sign_in, title="Sign in", icon=":material/login:", default=True)]
+                  + [st.Page(sign_in, title="Sign in", icon=":material/login:", url_path=a) for a in addresses],
+                  position="hidden").run()
+    st.stop()
+
+
+def password_form() -> None:
+    st.caption("Sign in to continue.")
+    # clear_on_submit: the password does not stay in the session after this run.
+    with st.form("auth_form", clear_on_submit=True):
+        name = st.text_input("User name", key="auth_name", autocomplete="username")
+        password = st.text_input("Password", type="password", key="auth_password", autocomplete="current-password")
+        submitted = st.form_submit_button("Sign in", type="primary", icon=":material/login:", key="auth_submit")
+    if submitted:
+        with user_errors():
+            user = accounts.sign_in(load_accounts(settings()), name, password, sign_in_throttle())
+            st.session_state[SIGNED_IN] = user.name
+            st.rerun()
+
+
+def oidc_providers() -> list[str | None]:
+    """Providers in secrets.toml: None for a plain [auth] section, NAME for each [auth.NAME]."""
+    try:
+        if not st.secrets.load_if_toml_exists() or "auth" not in st.secrets:
+            return []
+        auth = st.secrets["auth"]
+    except Exception:  # noqa: BLE001 - a broken secrets file counts as no sign-in configured
+        return []
+    named = [name for name, value in auth.items() if isinstance(value, Mapping)]
+    return ([None] if "client_id" in auth else []) + named
+
+
+def oidc_form() -> None:
+    providers = oidc_providers()
+    if not providers:
+        st.error("AUTH_MODE is oidc, but .streamlit/secrets.toml has no [auth] section with a provider. "
+                 "The README's 'Sign-in and roles' section shows one.", icon=":material/warning:")
+        return
+    if st.user.get("is_logged_in"):  # signed in with the provider, but no role here
+        email = str(st.user.get("email") or "an account without an e-mail address")
+        why = ("the provider has not verified that address" if st.user.get("email_verified") is False
+               else "that address has no role in this app")
+        st.error(f"You are signed in as {markdown_text(email)}, but {why}. Ask an administrator to give it a "
+                 "role (viewer or editor).", icon=":material/block:")
+        st.button("Sign out", icon=":material/logout:", on_click=st.logout, key="auth_sign_out")
+        return
+    if importlib.util.find_spec("authlib") is None:
+        st.error("Signing in with OIDC needs the Authlib package on the server: "
+                 "`pip install 'Authlib>=1.3.2'`.", icon=":material/warning:")
+        return
+    st.caption("Sign in with your organisation's account to continue.")
+    for provider in providers:
+        label = "Sign in" if provider is None else f"Sign in with {provider}"
+        st.button(label, type="primary", icon=":material/login:", on_click=st.login,
+                  args=() if provider is None else (provider,), key=f"auth_login_{provider or 'default'}")
+
+
+def gate() -> User:
+    """The signed-in user; anyone else sees only the sign-in (or why nobody can sign in)."""
+    try:
+        user = signed_in_user()
+    except UserError as e:
+        message = str(e)
+        only(lambda: st.error(message, icon=":material/warning:"))
+    if user is None:
+        only(oidc_form if settings().auth_mode == "oidc" else password_form)
+    return user
+
+
+def sidebar_user(user: User) -> None:
+    if settings().auth_mode == "none":
+        return  # one local user: nobody to sign out
+    st.markdown(f"**{markdown_text(user.name)}** :{'violet' if user.can_edit else 'gray'}-badge[{user.role}]")
+    if st.button("Sign out", icon=":material/logout:", key="auth_sign_out", width="stretch"):
+        sign_out()
+    st.divider()
+
+
+# --------------------------------------------------------------------------------------------
+# The app
 
 
 @st.cache_resource(ttl=30, show_spinner=False)
@@ -51,19 +182,9 @@ def sidebar_worker() -> None:
     st.caption(f"{queued} run(s) queued" if queued else "Queue empty")
 
 
-pages = {
-    "": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True)],
-    "Data": [
-        st.Page("pages/dataset.py", title="Datasets", icon=":material/folder_open:", url_path="dataset"),
-        st.Page("pages/augmentation.py", title="Augmentation", icon=":material/tune:", url_path="augmentation"),
-    ],
-    "Model": [
-        st.Page("pages/train.py", title="Train", icon=":material/rocket_launch:", url_path="train"),
-        st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs"),
-        st.Page("pages/predict.py", title="Predict", icon=":material/biotech:", url_path="predict"),
-    ],
-}
+user = gate()
 page = st.navigation(pages)
 with st.sidebar:
+    sidebar_user(user)
     sidebar_worker()
 page.run()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import getpass
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from core.accounts import EDITOR, User
 from core.augment import AugmentParams
 from core.config import Settings, load_settings
 from core.db import make_sessionmaker
@@ -44,6 +46,18 @@ class Bars:
             bar.close()
 
 
+def cli_user(args: argparse.Namespace) -> User:
+    """Who the records are by: --user, else the operating-system user. The command line has the
+    database at hand, so it acts as an editor whatever the web app's AUTH_MODE."""
+    name = getattr(args, "user", None)
+    if not name:
+        try:
+            name = getpass.getuser()
+        except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+            name = "cli"
+    return User(name, EDITOR)
+
+
 def cmd_ingest(args: argparse.Namespace, settings: Settings, Session) -> None:
     from core import datasets
 
@@ -51,7 +65,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, Session) -> None:
     with Session.begin() as s:
         report = datasets.ingest(
             s, settings, Path(args.path), args.name, groups_csv=args.groups_csv, group_pattern=args.group_pattern,
-            progress=lambda d, t: bars("check images", d, t),
+            progress=lambda d, t: bars("check images", d, t), user=cli_user(args),
         )
     bars.close()
     for path, reason in report.skipped:
@@ -102,7 +116,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
               file=sys.stderr)
     check_weights(config.weights)  # fail before anything is recorded
     with Session.begin() as s:
-        run_ids = [r.id for r in runs.create_runs(s, settings, config)]
+        run_ids = [r.id for r in runs.create_runs(s, settings, config, user=cli_user(args))]
     if args.background:
         print(f"queued run(s) {', '.join(map(str, run_ids))}", file=sys.stderr)
         _start_worker(args, settings)
@@ -252,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="dataset name; ingesting again into a name adds new images")
     p.add_argument("--groups-csv", type=Path, help="CSV with columns file,group (specimen/patient of each image)")
     p.add_argument("--group-pattern", help=r"regex on the relative path whose group 'group' (or 1) is the specimen id, e.g. '^[^/]+/(\d+)_'")
+    p.add_argument("--user", help="recorded as the dataset's creator (default: your login name)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("datasets", help="list datasets")
@@ -289,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", action="store_true",
                    help="queue the run(s) for the background worker and return at once (starts a worker if none is alive)")
     p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")
+    p.add_argument("--user", help="recorded as the runs' creator; MAX_QUEUED_RUNS_PER_USER counts by it (default: your login name)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("worker", help="train queued runs in the background, each in its own process")

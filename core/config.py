@@ -16,9 +16,18 @@ MAX_UPLOAD_MB     largest web upload (a zip, or loose files together) in MB (def
                   bound per file, so set this at or below it
 MAX_IMAGES_PER_DATASET  most images one dataset may hold (default 20000)
 MAX_QUEUED_RUNS   most runs waiting in the queue at once, for everyone together (default 20)
+MAX_QUEUED_RUNS_PER_USER  most runs one person may have waiting in the queue (default 10: two 5-fold
+                  experiments); runs recorded without a user (library calls) are not counted per person
 MAX_DISK_GB       most space that files under APP_HOME (images, runs, database; not APP_HOME/tmp) may use
                   before ingest, uploads and new runs are refused (default 0: no limit)
-For the four limits above, 0 means no limit.
+For the five limits above, 0 means no limit.
+AUTH_MODE         who may use the web app (core/accounts.py): "none" (default: no sign-in, everyone is the
+                  local editor "local"; for one person on their own machine), "password" (accounts in
+                  AUTH_FILE) or "oidc" (Streamlit's st.login, [auth] in .streamlit/secrets.toml)
+AUTH_FILE         the accounts file (TOML; default APP_HOME/accounts.toml), written by
+                  `python -m core.accounts add NAME --role editor`
+OIDC_ROLES        roles of addresses signed in with OIDC, e.g. "ana@lab.org=editor,*=viewer", added to
+                  the [oidc_roles] table of AUTH_FILE (this wins); an address with no role is refused
 """
 
 from __future__ import annotations
@@ -44,6 +53,10 @@ class Settings:
     max_images_per_dataset: int = 20_000
     max_queued_runs: int = 20
     max_disk_gb: float = 0
+    max_queued_runs_per_user: int = 10
+    auth_mode: str = "none"
+    auth_file: Path | None = None  # None: APP_HOME/accounts.toml
+    oidc_roles: str = ""
 
     @property
     def images_dir(self) -> Path:
@@ -56,6 +69,10 @@ class Settings:
     @property
     def tmp_dir(self) -> Path:
         return self.app_home / "tmp"
+
+    @property
+    def accounts_file(self) -> Path:
+        return self.auth_file or self.app_home / "accounts.toml"
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -82,4 +99,10 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_images_per_dataset=int(env.get("MAX_IMAGES_PER_DATASET", 20_000)),
         max_queued_runs=int(env.get("MAX_QUEUED_RUNS", 20)),
         max_disk_gb=float(env.get("MAX_DISK_GB", 0)),
+        max_queued_runs_per_user=int(env.get("MAX_QUEUED_RUNS_PER_USER", 10)),
+        # Not validated here: an unknown mode must refuse every visitor (the sign-in gate says
+        # why), never fall back to "none", which lets everyone in.
+        auth_mode=env.get("AUTH_MODE", "none").strip().lower() or "none",
+        auth_file=Path(env["AUTH_FILE"]).expanduser().resolve() if env.get("AUTH_FILE") else None,
+        oidc_roles=env.get("OIDC_ROLES", ""),
     )

@@ -37,6 +37,7 @@ from PIL import UnidentifiedImageError
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
+from core.accounts import User, require_editor
 from core.config import Settings
 from core.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
@@ -456,15 +457,19 @@ def ingest(
     groups_csv: Path | None = None,
     group_pattern: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    user: User | None = None,
 ) -> IngestReport:
     """Validate every image under `source` (folder or .zip of class sub-folders) and add the new
-    ones to dataset `name`, creating it if needed.
+    ones to dataset `name`, creating it if needed. `user` (when given) must be an editor; a new
+    dataset records their name as created_by.
 
     Bad files are skipped with a reason. Input that cannot be ingested as a whole (unsafe zip,
     fewer than 2 classes, one image in two classes, groups not covering every image, more images
     than MAX_IMAGES_PER_DATASET, storage above MAX_DISK_GB) raises UserError before anything is
     stored. Rows are added and flushed; the caller commits.
     """
+    if user is not None:
+        require_editor(user, "add images")
     name = name.strip()
     if not name:
         raise UserError("Give the dataset a name.")
@@ -478,7 +483,7 @@ def ingest(
     check_disk(settings)  # before unpacking or decoding anything
     with _source_folder(source, settings) as folder:
         return _ingest_folder(
-            session, settings, folder, source, name, groups_csv, group_rx, progress
+            session, settings, folder, source, name, groups_csv, group_rx, progress, user
         )
 
 
@@ -491,6 +496,7 @@ def _ingest_folder(
     groups_csv: Path | None,
     group_rx: re.Pattern[str] | None,
     progress: Callable[[int, int], None] | None,
+    user: User | None = None,
 ) -> IngestReport:
     root = _dataset_root(folder)
     folders, candidates, skipped = _scan(root)
@@ -575,7 +581,8 @@ def _ingest_folder(
 
     # All checks passed: from here on, store.
     if dataset is None:
-        dataset = Dataset(name=name, classes=classes, source=str(source.resolve()))
+        dataset = Dataset(name=name, classes=classes, source=str(source.resolve()),
+                          created_by=user.name if user is not None else None)
         session.add(dataset)
         session.flush()
 
@@ -639,12 +646,15 @@ def list_datasets(session: Session) -> list[Dataset]:
     return list(session.scalars(select(Dataset).order_by(Dataset.name)))
 
 
-def delete_dataset(session: Session, settings: Settings, name: str) -> None:
+def delete_dataset(session: Session, settings: Settings, name: str, *, user: User | None = None) -> None:
     """Delete the dataset's rows (images, skipped files, and by cascade its splits and runs).
+    `user` (when given) must be an editor.
 
     Stored files that no other dataset uses are removed once the caller's transaction commits,
     so a rollback never leaves rows pointing at missing files.
     """
+    if user is not None:
+        require_editor(user, "delete datasets")
     dataset = get_dataset(session, name)
     active = session.scalar(
         select(func.count())

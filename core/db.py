@@ -45,6 +45,8 @@ class Dataset(Base):
     classes: Mapped[list[Any]] = mapped_column()  # sorted class names; index = label
     source: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Who added it (a user name); None where unknown: older records, library calls.
+    created_by: Mapped[str | None] = mapped_column(String(200), default=None)
 
     images: Mapped[list[Image]] = relationship(back_populates="dataset", cascade="all, delete-orphan")
     skipped: Mapped[list[SkippedFile]] = relationship(cascade="all, delete-orphan")
@@ -119,6 +121,7 @@ class AugmentationPreset(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     params: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
 class RunStatus(str, enum.Enum):
@@ -141,6 +144,7 @@ class Run(Base):
     seed: Mapped[int]
     status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200), default=None)  # MAX_QUEUED_RUNS_PER_USER counts by it
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     device: Mapped[str | None] = mapped_column(String(100), default=None)

@@ -1,6 +1,6 @@
 """Limits an administrator sets (core/config.py: MAX_UPLOAD_MB, MAX_IMAGES_PER_DATASET,
-MAX_QUEUED_RUNS, MAX_DISK_GB), checked before anything is written; each refusal is a UserError
-that names the setting. A limit of 0 (or less) means no limit.
+MAX_QUEUED_RUNS, MAX_QUEUED_RUNS_PER_USER, MAX_DISK_GB), checked before anything is written; each
+refusal is a UserError that names the setting. A limit of 0 (or less) means no limit.
 """
 
 from __future__ import annotations
@@ -104,4 +104,15 @@ def check_queue(settings: Settings, queued: int, adding: int) -> None:
             f"{queued} run(s) are already queued and this adds {adding}: more than the MAX_QUEUED_RUNS "
             f"limit of {limit}. Wait for queued runs to finish, or cancel some, then try again. "
             "No run was created."
+        )
+
+
+def check_user_queue(settings: Settings, user: str, queued: int, adding: int) -> None:
+    """UserError when `user`'s `queued` runs plus `adding` new ones would exceed MAX_QUEUED_RUNS_PER_USER."""
+    limit = settings.max_queued_runs_per_user
+    if limit > 0 and queued + adding > limit:
+        raise UserError(
+            f"You ({user}) already have {queued} run(s) queued and this adds {adding}: more than the "
+            f"MAX_QUEUED_RUNS_PER_USER limit of {limit} queued runs per person, which keeps the worker "
+            "shared. Wait for your queued runs to start, or cancel some, then try again. No run was created."
         )

@@ -35,12 +35,13 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import augment, data, splits, stain
+from core.accounts import User, require_editor
 from core.config import Settings
 from core.datasets import get_dataset
 from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
 from core.errors import UserError
 from core.jobs import claim_next, get_run, log_tail
-from core.limits import check_disk, check_queue
+from core.limits import check_disk, check_queue, check_user_queue
 from core.model import build_model
 from core.run_config import RunConfig
 from core.train import (
@@ -65,15 +66,24 @@ class TakenOver(Exception):
     """Another process now owns the run (a worker judged this one dead and restarted the run)."""
 
 
-def create_runs(session: Session, settings: Settings, config: RunConfig) -> list[Run]:
+def create_runs(session: Session, settings: Settings, config: RunConfig, *, user: User | None = None) -> list[Run]:
     """Record queued runs for `config`: one, or one per fold for k-fold. Makes (or reuses) the split.
 
-    Refused (UserError, nothing recorded) when the queue would hold more than MAX_QUEUED_RUNS runs
-    or the files under APP_HOME use more than MAX_DISK_GB.
+    `user` (when given) must be an editor; the runs record their name as created_by. Refused
+    (UserError, nothing recorded) when the queue would hold more than MAX_QUEUED_RUNS runs, or the
+    user's queued runs more than MAX_QUEUED_RUNS_PER_USER, or the files under APP_HOME use more than
+    MAX_DISK_GB.
     """
+    if user is not None:
+        require_editor(user, "launch training runs")
     dataset = get_dataset(session, config.dataset)
+    adding = config.folds if config.split == "kfold" else 1
     queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
-    check_queue(settings, queued, config.folds if config.split == "kfold" else 1)
+    check_queue(settings, queued, adding)
+    if user is not None:
+        mine = session.scalar(select(func.count()).select_from(Run)
+                              .where(Run.status == RunStatus.queued, Run.created_by == user.name))
+        check_user_queue(settings, user.name, mine, adding)
     check_disk(settings)
     split = splits.make_split(
         session,
@@ -96,6 +106,7 @@ def create_runs(session: Session, settings: Settings, config: RunConfig) -> list
             config=config.replace(fold=fold, grouped=split.grouped).to_dict(),
             seed=config.seed,
             status=RunStatus.queued,
+            created_by=user.name if user is not None else None,
         )
         for fold in folds
     ]

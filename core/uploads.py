@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
+from core.accounts import User, require_editor
 from core.config import Settings
 from core.datasets import IngestReport, ingest
 from core.db import Dataset
@@ -89,8 +90,11 @@ def ingest_zip(
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
     progress: Progress | None = None,
+    user: User | None = None,
 ) -> IngestReport:
     """Ingest an uploaded .zip of class folders into dataset `name` (created if new)."""
+    if user is not None:
+        require_editor(user, "add images")  # before the upload is written anywhere
     if not filename.lower().endswith(".zip"):
         raise UserError(f"{filename} is not a .zip file. Upload a .zip with one folder per class.")
     # Before writing anything: the upload's size (MAX_UPLOAD_MB) and the storage used (MAX_DISK_GB).
@@ -102,7 +106,7 @@ def ingest_zip(
         if path.stat().st_size == 0:
             raise UserError(f"{filename} is empty.")
         report = ingest(session, settings, path, name, groups_csv=_groups_file(folder, groups_csv),
-                        group_pattern=group_pattern, progress=progress)
+                        group_pattern=group_pattern, progress=progress, user=user)
         _label_source(session, report, path, f"upload {filename}")
         return report
 
@@ -116,12 +120,15 @@ def ingest_files(
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
     progress: Progress | None = None,
+    user: User | None = None,
 ) -> IngestReport:
     """Ingest loose uploaded images, each given as (class name, file name, content).
 
     A new dataset needs at least two classes; an existing one can take more images of its classes.
     Two uploads with the same name in one class keep both (the second gets a numbered name).
     """
+    if user is not None:
+        require_editor(user, "add images")
     if not files:
         raise UserError("No files uploaded. Choose image files for at least two classes.")
     size = check_upload_size(settings, [content for _, _, content in files])
@@ -138,7 +145,7 @@ def ingest_files(
                 k += 1
             _write(content, target)
         report = ingest(session, settings, root, name, groups_csv=_groups_file(folder, groups_csv),
-                        group_pattern=group_pattern, progress=progress)
+                        group_pattern=group_pattern, progress=progress, user=user)
         _label_source(session, report, root, f"upload of {len(files)} file(s)")
         return report
 
@@ -171,12 +178,15 @@ def import_folder(
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
     progress: Progress | None = None,
+    user: User | None = None,
 ) -> IngestReport:
     """Ingest a folder (or .zip) on the server, which must lie inside settings.import_roots."""
+    if user is not None:
+        require_editor(user, "add images")
     source = check_import_path(settings, path)
     check_disk(settings)
     if groups_csv is None:
-        return ingest(session, settings, source, name, group_pattern=group_pattern, progress=progress)
+        return ingest(session, settings, source, name, group_pattern=group_pattern, progress=progress, user=user)
     with _workdir(settings) as folder:
         return ingest(session, settings, source, name, groups_csv=_groups_file(folder, groups_csv),
-                      group_pattern=group_pattern, progress=progress)
+                      group_pattern=group_pattern, progress=progress, user=user)

@@ -1,4 +1,5 @@
-"""What the pages share: the cached sessionmaker, the error edge, labels, figures and thumbnails.
+"""What the pages share: the signed-in user, the cached sessionmaker, the error edge, labels,
+figures and thumbnails.
 
 Not a page (st.navigation lists the pages explicitly, so this file is never shown as one). Figures
 are built here from core's records; no metric is computed here, only laid out.
@@ -17,7 +18,8 @@ import streamlit as st
 from plotly.subplots import make_subplots
 from PIL import Image as PILImage
 
-from core import jobs, splits, worker
+from core import accounts, jobs, splits, worker
+from core.accounts import User
 from core.config import Settings, load_settings
 from core.db import Run, RunStatus, make_sessionmaker, utcnow
 from core.errors import UserError
@@ -58,6 +60,92 @@ def through_router() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Who is signed in (streamlit_app.py lets nobody past its sign-in without a user)
+
+SIGNED_IN = "auth_user"  # session_state key: the user name signed in with a password
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _accounts_at(path: str, stamp: tuple[int, int], missing_ok: bool) -> accounts.Accounts:
+    return accounts.load_accounts(Path(path), missing_ok=missing_ok)
+
+
+def load_accounts(cfg: Settings, missing_ok: bool = False) -> accounts.Accounts:
+    """The accounts file, read again only when it changes (so a removed account or a new role
+    takes effect at the user's next click, without restarting the server)."""
+    path = cfg.accounts_file
+    try:
+        info = path.stat()
+        stamp = (info.st_mtime_ns, info.st_size)
+    except OSError:
+        stamp = (0, -1)
+    return _accounts_at(str(path), stamp, missing_ok)
+
+
+@st.cache_resource(show_spinner=False)
+def sign_in_throttle() -> accounts.SignInThrottle:
+    """One per server process: failed sign-ins count across browser sessions."""
+    return accounts.SignInThrottle()
+
+
+def oidc_roles(cfg: Settings) -> dict[str, str]:
+    """Addresses to roles: the accounts file's [oidc_roles], then OIDC_ROLES on top."""
+    return {**load_accounts(cfg, missing_ok=True).oidc_roles, **accounts.parse_role_map(cfg.oidc_roles)}
+
+
+def signed_in_user() -> User | None:
+    """The user of this browser session, or None when nobody (with a role) is signed in.
+
+    UserError when the sign-in settings are broken (unknown AUTH_MODE, unreadable accounts file):
+    the caller then lets nobody in.
+    """
+    cfg = settings()
+    mode = accounts.check_mode(cfg.auth_mode)
+    if mode == "none":
+        return accounts.LOCAL_USER
+    if mode == "password":
+        name = st.session_state.get(SIGNED_IN)
+        if name is None:
+            return None
+        account = load_accounts(cfg).accounts.get(name)
+        if account is None:  # removed from the file since: signed out
+            st.session_state.pop(SIGNED_IN, None)
+            return None
+        return User(account.name, account.role)
+    if not st.user.get("is_logged_in"):
+        return None
+    return accounts.oidc_user(oidc_roles(cfg), st.user.get("email"), st.user.get("email_verified"))
+
+
+def current_user() -> User:
+    """The signed-in user. A page run without one (which the entry script's gate prevents) stops
+    here, drawing nothing."""
+    try:
+        user = signed_in_user()
+    except UserError:
+        user = None
+    if user is None:
+        st.stop()
+    return user
+
+
+def require_editor(action: str) -> None:
+    """UserError unless the signed-in user is an editor: checked again where an action is carried
+    out, so a crafted request cannot reach a control the page did not draw."""
+    accounts.require_editor(current_user(), action)
+
+
+def sign_out() -> None:
+    if settings().auth_mode == "oidc":
+        st.logout()
+    else:
+        # Everything the session remembers goes, so the next person at this browser starts clean.
+        for key in list(st.session_state):
+            del st.session_state[key]
+        st.rerun()
+
+
+# --------------------------------------------------------------------------------------------
 # Settings, database, worker
 
 
@@ -86,6 +174,7 @@ def worker_status(session, cfg: Settings) -> dict:
 
 
 def request_cancel(Session, run_id: int) -> None:
+    require_editor("cancel runs")
     with Session.begin() as s:
         jobs.request_cancel(s, run_id)
 

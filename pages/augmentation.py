@@ -10,11 +10,14 @@ from PIL import Image as PILImage
 from core import augment, data, datasets, presets
 from core.augment import AugmentParams
 from core.errors import UserError
-from pages._common import page_header, session_factory, settings, through_router, user_errors
+from pages._common import (
+    current_user, page_header, require_editor, session_factory, settings, through_router, user_errors,
+)
 
 through_router()
 Session = session_factory()
 cfg = settings()
+user = current_user()  # anyone previews; saving and deleting presets need an editor
 PAPER = AugmentParams()
 FIELDS = [f.name for f in dataclasses.fields(AugmentParams)]
 
@@ -42,7 +45,8 @@ def load_preset() -> None:
 
 with Session() as s:
     names = presets.preset_names(s)
-    saved = [{"preset": p.name, **p.params, "saved": p.created_at} for p in presets.list_presets(s)]
+    saved = [{"preset": p.name, **p.params, "saved": p.created_at, "saved by": p.created_by}
+             for p in presets.list_presets(s)]
     ds_names = [d.name for d in datasets.list_datasets(s)]
 if st.session_state.get("aug_preset") not in names:
     st.session_state.pop("aug_preset", None)
@@ -130,27 +134,35 @@ with preview_col:
                 col.image(im, caption=caption, width="stretch")
 
 st.divider()
-st.subheader("Save as a preset")
-a, b, c = st.columns([3, 1, 1], vertical_alignment="bottom")
-preset_name = a.text_input("Preset name", key="aug_new_name", placeholder="e.g. paper + flips")
-overwrite = b.checkbox("Replace if it exists", key="aug_overwrite")
-if c.button("Save preset", type="primary", disabled=params is None, width="stretch"):
-    with user_errors():
-        with Session.begin() as s:
-            presets.save_preset(s, preset_name, params, overwrite=overwrite)
-        st.session_state["aug_flash"] = f"Saved preset '{preset_name.strip()}'. Choose it on the Train page."
-        st.rerun()
+if not user.can_edit:
+    st.subheader("Saved presets")
+    st.caption("Saving and deleting presets needs the editor role.")
+else:
+    st.subheader("Save as a preset")
+    a, b, c = st.columns([3, 1, 1], vertical_alignment="bottom")
+    preset_name = a.text_input("Preset name", key="aug_new_name", placeholder="e.g. paper + flips")
+    overwrite = b.checkbox("Replace if it exists", key="aug_overwrite")
+    if c.button("Save preset", type="primary", disabled=params is None, width="stretch"):
+        with user_errors():
+            require_editor("save presets")
+            with Session.begin() as s:
+                presets.save_preset(s, preset_name, params, overwrite=overwrite).created_by = user.name
+            st.session_state["aug_flash"] = f"Saved preset '{preset_name.strip()}'. Choose it on the Train page."
+            st.rerun()
 
 if saved:
     st.dataframe(pd.DataFrame(saved), hide_index=True,
-                 column_config={"saved": st.column_config.DatetimeColumn("saved (UTC)", format="YYYY-MM-DD HH:mm")})
-    a, b = st.columns([3, 1], vertical_alignment="bottom")
-    doomed = a.selectbox("Delete a preset", [p["preset"] for p in saved], key="aug_delete_name")
-    if b.button("Delete preset", width="stretch"):
-        with user_errors():
-            with Session.begin() as s:
-                presets.delete_preset(s, doomed)
-            st.session_state["aug_flash"] = f"Deleted preset '{doomed}'. Runs that used it keep their own copy."
-            st.rerun()
+                 column_config={"saved": st.column_config.DatetimeColumn("saved (UTC)", format="YYYY-MM-DD HH:mm")},
+                 placeholder="–")
+    if user.can_edit:
+        a, b = st.columns([3, 1], vertical_alignment="bottom")
+        doomed = a.selectbox("Delete a preset", [p["preset"] for p in saved], key="aug_delete_name")
+        if b.button("Delete preset", width="stretch"):
+            with user_errors():
+                require_editor("delete presets")
+                with Session.begin() as s:
+                    presets.delete_preset(s, doomed)
+                st.session_state["aug_flash"] = f"Deleted preset '{doomed}'. Runs that used it keep their own copy."
+                st.rerun()
 else:
     st.caption("No saved presets yet. Runs copy a preset's values, so changing a preset later never alters a recorded run.")

@@ -12,13 +12,14 @@ from core import datasets, uploads
 from core.db import Run
 from core.errors import UserError
 from pages._common import (
-    IMAGE_TYPES, class_counts_figure, page_header, session_factory, settings, show_figure, through_router,
-    thumbnail, user_errors,
+    IMAGE_TYPES, class_counts_figure, current_user, page_header, session_factory, settings, show_figure,
+    through_router, thumbnail, user_errors,
 )
 
 through_router()
 Session = session_factory()
 cfg = settings()
+user = current_user()  # viewers browse; adding and deleting need an editor
 SOURCES = ["Zip file", "Image files by class", "Folder on the server"]
 DEFAULT_CLASSES = ["CLL", "FL", "MCL"]
 
@@ -47,7 +48,8 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
                 upload = st.session_state.get("ds_zip")
                 if upload is None:
                     raise UserError("Choose a .zip file first.")
-                report = uploads.ingest_zip(s, cfg, upload, upload.name, name or Path(upload.name).stem, **options)
+                report = uploads.ingest_zip(s, cfg, upload, upload.name, name or Path(upload.name).stem, **options,
+                                            user=user)
             elif source == SOURCES[1]:
                 files = []
                 for i in range(st.session_state.get("ds_n_classes", 3)):
@@ -56,10 +58,11 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
                     if chosen and not label:
                         raise UserError(f"Give a class name for the {len(chosen)} file(s) in row {i + 1}.")
                     files += [(label, f.name, f) for f in chosen]
-                report = uploads.ingest_files(s, cfg, files, name, **options)
+                report = uploads.ingest_files(s, cfg, files, name, **options, user=user)
             else:
                 report = uploads.import_folder(s, cfg, st.session_state.get("ds_path", ""),
-                                               name or Path(st.session_state.get("ds_path", "")).name, **options)
+                                               name or Path(st.session_state.get("ds_path", "")).name, **options,
+                                               user=user)
         st.session_state["ds_report"] = report
         st.session_state["ds_selected"] = report.name
         st.session_state["ds_goto"] = "Browse"
@@ -79,6 +82,9 @@ def show_report(report: datasets.IngestReport) -> None:
 
 
 def add_tab() -> None:
+    if not user.can_edit:
+        st.info("Adding images needs the editor role. Ask an administrator if you need it.", icon=":material/lock:")
+        return
     source = st.segmented_control("Source", SOURCES, default=SOURCES[0], key="ds_source", required=True)
     name = st.text_input("Dataset name", key="ds_name", placeholder="e.g. lymphoma",
                          help="A new name creates a dataset; an existing name adds images to it (same classes only).")
@@ -128,7 +134,7 @@ def browse_tab() -> None:
         groups = {im.group for im in images if im.group is not None}
         skipped = [{"file": f.path, "reason": f.reason} for f in d.skipped]
         n_runs = s.scalar(select(func.count()).select_from(Run).where(Run.dataset_id == d.id))
-        classes, source, created = list(d.classes), d.source, d.created_at
+        classes, source, created, created_by = list(d.classes), d.source, d.created_at, d.created_by
 
     c = st.columns(4)
     c[0].metric("Images", len(images), border=True)
@@ -136,7 +142,8 @@ def browse_tab() -> None:
     c[2].metric("Specimen groups", len(groups) if groups else "none", border=True,
                 help="Without groups, images of one specimen can sit on both sides of a split.")
     c[3].metric("Files skipped", len(skipped), border=True)
-    st.caption(f"Source: {source} · added {created:%Y-%m-%d %H:%M} UTC · {n_runs} run(s) use it")
+    st.caption(f"Source: {source} · added {created:%Y-%m-%d %H:%M} UTC" + (f" by {created_by}" if created_by else "")
+               + f" · {n_runs} run(s) use it")
 
     left, right = st.columns([3, 2])
     with left:
@@ -173,6 +180,8 @@ def browse_tab() -> None:
         else:
             st.caption("Every file was taken.")
 
+    if not user.can_edit:
+        return
     with st.expander("Delete this dataset"):
         st.warning(f"Deleting **{name}** removes its {len(images)} images and its {n_runs} run(s) with their "
                    "results. Stored image files used by no other dataset are removed too.", icon=":material/delete:")
@@ -180,7 +189,7 @@ def browse_tab() -> None:
         if st.button("Delete dataset", disabled=not sure, key="ds_delete"):
             with user_errors():
                 with Session.begin() as s:
-                    datasets.delete_dataset(s, cfg, name)
+                    datasets.delete_dataset(s, cfg, name, user=user)
                 st.session_state["ds_flash"] = f"Deleted dataset '{name}'."
                 st.session_state.pop("ds_selected", None)
                 st.rerun()

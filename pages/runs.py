@@ -11,14 +11,15 @@ from sqlalchemy import select
 from core import evaluate, runs
 from core.db import EpochMetric, Image, Prediction, RunStatus
 from pages._common import (
-    ACTIVE, STATUS_BADGE, confusion_figure, curves_figure, duration, is_leaky, page_header, pct, progress_text,
-    protocol_of, request_cancel, run_label, session_factory, settings, show_figure, through_router, thumbnail,
-    user_errors,
+    ACTIVE, STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, is_leaky, page_header, pct,
+    progress_text, protocol_of, request_cancel, run_label, session_factory, settings, show_figure, through_router,
+    thumbnail, user_errors,
 )
 
 through_router()
 Session = session_factory()
 cfg = settings()
+user = current_user()  # cancelling needs an editor
 LEAKY_NOTE = ("LEAKY protocol (the paper's): augmented copies of the same source images are in both training and "
               "test, so these numbers overstate accuracy on new images.")
 
@@ -34,7 +35,7 @@ with Session() as s:
         "epochs": r.config.get("epochs"), "image size": r.config.get("image_size"),
         "per class": r.config.get("per_class"), "lr": r.config.get("lr"), "batch": r.config.get("batch_size"),
         "weights": (r.weights_used or r.config.get("weights", "")).split(" (")[0],
-        "device": r.device, "created": r.created_at, "duration": duration(r),
+        "device": r.device, "created": r.created_at, "created by": r.created_by, "duration": duration(r),
     } for r in reversed(all_runs)]
     labels = {r.id: run_label(r, results=False) for r in all_runs}
     with_curves = set(s.scalars(select(EpochMetric.run_id).distinct()))
@@ -250,7 +251,7 @@ if tab_run.open:
         if status in ACTIVE:
             if cancel_requested:
                 action.caption("Cancelling…")
-            elif action.button("Cancel run", key=f"runs_cancel_{run_id}", width="stretch"):
+            elif user.can_edit and action.button("Cancel run", key=f"runs_cancel_{run_id}", width="stretch"):
                 with user_errors():
                     request_cancel(Session, run_id)
                     st.rerun()

@@ -12,13 +12,14 @@ from core.errors import UserError
 from core.run_config import RunConfig
 from core.splits import PROTOCOLS
 from pages._common import (
-    ACTIVE, STATUS_BADGE, page_header, progress_text, protocol_of, request_cancel, session_factory, settings,
-    start_worker, through_router, user_errors,
+    ACTIVE, STATUS_BADGE, current_user, page_header, progress_text, protocol_of, request_cancel, session_factory,
+    settings, start_worker, through_router, user_errors,
 )
 
 through_router()
 Session = session_factory()
 cfg = settings()
+user = current_user()  # launching and cancelling need an editor
 PAPER = RunConfig(dataset="-")
 SPLIT_LABELS = {
     "holdout": "Holdout: split first, augment only the training part (honest)",
@@ -163,7 +164,9 @@ else:
                          help="auto: the GPU when there is one (bf16), else the CPU (slow at 224 px).")
 
     ready = leak_ok and (weights != "file" or st.session_state["tr_weights_path"].strip())
-    if st.button("Launch training", icon=":material/rocket_launch:", type="primary", disabled=not ready, key="tr_launch"):
+    if not user.can_edit:
+        st.info("Launching runs needs the editor role; the Runs page shows every run's results.", icon=":material/lock:")
+    elif st.button("Launch training", icon=":material/rocket_launch:", type="primary", disabled=not ready, key="tr_launch"):
         with user_errors():
             weights_value = st.session_state["tr_weights_path"].strip() if weights == "file" else weights
             if weights == "file" and not Path(weights_value).expanduser().is_file():
@@ -180,7 +183,7 @@ else:
                 seed=int(st.session_state["tr_seed"]), device=st.session_state["tr_device"],
             )
             with Session.begin() as s:
-                ids = [r.id for r in runs.create_runs(s, cfg, config)]
+                ids = [r.id for r in runs.create_runs(s, cfg, config, user=user)]
             start_worker(cfg)
             st.session_state["tr_flash"] = (f"Queued run {ids[0]}" if len(ids) == 1 else
                                             f"Queued runs {', '.join(map(str, ids))} (one per fold)") + \
@@ -218,7 +221,7 @@ def queue() -> None:
             a.progress(fraction, text=text)
             if row["cancel"]:
                 b.caption("Cancelling…")
-            elif b.button("Cancel", key=f"tr_cancel_{row['id']}", width="stretch"):
+            elif user.can_edit and b.button("Cancel", key=f"tr_cancel_{row['id']}", width="stretch"):
                 with user_errors():
                     request_cancel(Session, row["id"])
                     st.rerun()  # the whole page: the queue may also be drawn in a full run

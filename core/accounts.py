@@ -1,0 +1,407 @@
+"""Who may use the web app, and as what: users, roles, password accounts and the OIDC role map.
+
+AUTH_MODE (core/config.py) picks how people sign in:
+  none      no sign-in; everyone is LOCAL_USER, an editor called "local" (one person, own machine)
+  password  accounts in the TOML file AUTH_FILE, each with an argon2id hash of its password
+  oidc      Streamlit's st.login with an OpenID Connect provider ([auth] in .streamlit/secrets.toml);
+            an address gets its role from the [oidc_roles] table of AUTH_FILE or from OIDC_ROLES.
+            An address with no role is refused (a provider such as Google signs in anyone who has
+            an account there); a "*" entry gives every other verified address a role.
+
+Roles: a viewer browses datasets and runs and classifies images; an editor also uploads, trains,
+cancels, deletes and saves presets. Core functions that change records take the acting `user` and
+call `require_editor`, so a hidden button is not the only thing between a viewer and a change.
+
+The accounts file, as `python -m core.accounts add ana --role editor` writes it:
+
+    [accounts.ana]
+    password_hash = "$argon2id$v=19$m=65536,t=3,p=4$..."
+    role = "editor"
+
+    [oidc_roles]
+    "ana@lab.org" = "editor"
+    "*" = "viewer"
+
+Command line (the password is asked twice, or read from stdin with --password-stdin):
+    python -m core.accounts add NAME --role editor|viewer [--replace] [--password-stdin]
+    python -m core.accounts remove NAME
+    python -m core.accounts list
+    python -m core.accounts hash            # prints a hash, for writing the file by other means
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from core.errors import UserError
+
+VIEWER, EDITOR = "viewer", "editor"
+ROLES = (VIEWER, EDITOR)
+MODES = ("none", "password", "oidc")
+MIN_PASSWORD_LENGTH = 8
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_hasher = PasswordHasher()  # argon2id with the library's current recommended costs
+
+
+@dataclass(frozen=True)
+class User:
+    """The person acting: a user name (or an OIDC address) and a role."""
+
+    name: str
+    role: str
+
+    @property
+    def can_edit(self) -> bool:
+        return self.role == EDITOR
+
+
+LOCAL_USER = User("local", EDITOR)
+
+
+def require_editor(user: User, action: str = "change records") -> None:
+    """UserError unless `user` is an editor."""
+    if user.role != EDITOR:
+        raise UserError(f"{user.name} is signed in as a {user.role}: only editors can {action}. "
+                        "Ask an administrator for the editor role.")
+
+
+def check_mode(mode: str) -> str:
+    """`mode` if it is a known AUTH_MODE; UserError otherwise (the app then lets nobody in)."""
+    if mode not in MODES:
+        raise UserError(f"AUTH_MODE is {mode!r}; it must be one of {', '.join(MODES)}. "
+                        "Nobody can sign in until an administrator fixes it.")
+    return mode
+
+
+def check_role(role: object, where: str) -> str:
+    if role not in ROLES:
+        raise UserError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}.")
+    return str(role)
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise UserError(f"User name {name!r} is not usable: 1 to 64 letters, digits, '.', '_', '@' or '-', "
+                        "starting with a letter or digit.")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Passwords
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of `password` (salted; the parameters are part of the hash)."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"Passwords need at least {MIN_PASSWORD_LENGTH} characters.")
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    """True if `password` matches `password_hash`; False for a wrong password or an unusable hash."""
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# The accounts file
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    password_hash: str
+    role: str
+
+
+@dataclass
+class Accounts:
+    accounts: dict[str, Account] = field(default_factory=dict)
+    oidc_roles: dict[str, str] = field(default_factory=dict)  # lower-case address (or "*") -> role
+
+
+def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
+    """Accounts from the TOML text of an accounts file; UserError naming `source` for any mistake."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source} is not valid TOML: {e}.") from None
+    unknown = sorted(set(data) - {"accounts", "oidc_roles"})
+    if unknown:
+        raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; expected [accounts.NAME] and [oidc_roles].")
+    table = data.get("accounts", {})
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: 'accounts' must be a table of [accounts.NAME] sections.")
+    result = Accounts()
+    for name, entry in table.items():
+        where = f"{source}, account {name!r}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: expected a [accounts.{name}] section with password_hash and role.")
+        try:
+            check_name(name)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        extra = sorted(set(entry) - {"password_hash", "role"})
+        if extra:
+            raise UserError(f"{where}: unknown key(s) {', '.join(extra)}; only password_hash and role belong here.")
+        password_hash = entry.get("password_hash")
+        if not isinstance(password_hash, str) or not password_hash.startswith("$argon2"):
+            raise UserError(f"{where}: password_hash must be an argon2 hash (python -m core.accounts hash makes one); "
+                            "plain-text passwords are not accepted.")
+        result.accounts[name] = Account(name, password_hash, check_role(entry.get("role"), where))
+    roles = data.get("oidc_roles", {})
+    if not isinstance(roles, dict):
+        raise UserError(f"{source}: 'oidc_roles' must be a table of \"address\" = \"role\" lines.")
+    for address, role in roles.items():
+        result.oidc_roles[address.strip().lower()] = check_role(role, f"{source}, oidc_roles {address!r}")
+    return result
+
+
+def load_accounts(path: Path, *, missing_ok: bool = False) -> Accounts:
+    """The accounts in `path`. A missing file is empty with `missing_ok`, a UserError otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return Accounts()
+        raise UserError(f"No accounts file at {path}. An administrator adds the first account with "
+                        "`python -m core.accounts add NAME --role editor` (AUTH_FILE sets where it lives).") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"The accounts file {path} cannot be read: {e}.") from None
+    return parse_accounts(text, f"The accounts file {path}")
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string (TOML forbids raw control characters; JSON's escapes differ slightly)."""
+    out = []
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def format_accounts(accounts: Accounts) -> str:
+    lines = ["# Accounts of the web app (AUTH_MODE=password) and roles of OIDC addresses (AUTH_MODE=oidc).",
+             "# Passwords are stored only as argon2id hashes. `python -m core.accounts` rewrites this file",
+             "# (comments are not kept)."]
+    for name in sorted(accounts.accounts):
+        a = accounts.accounts[name]
+        lines += ["", f"[accounts.{_toml_string(name)}]", f"password_hash = {_toml_string(a.password_hash)}",
+                  f"role = {_toml_string(a.role)}"]
+    if accounts.oidc_roles:
+        lines += ["", "[oidc_roles]"]
+        lines += [f"{_toml_string(address)} = {_toml_string(role)}" for address, role in sorted(accounts.oidc_roles.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_accounts(path: Path, accounts: Accounts) -> None:
+    """Write the file atomically (a temp file renamed over it), readable by its owner only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".accounts-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(format_accounts(accounts))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def add_account(path: Path, name: str, password: str, role: str, *, replace: bool = False) -> Account:
+    """Add (or with `replace`, update) account `name` in the file at `path` (created if missing)."""
+    check_name(name)
+    check_role(role, f"Account {name!r}")
+    accounts = load_accounts(path, missing_ok=True)
+    if name in accounts.accounts and not replace:
+        raise UserError(f"Account {name!r} already exists in {path}; add --replace to change its password or role.")
+    account = Account(name, hash_password(password), role)
+    accounts.accounts[name] = account
+    write_accounts(path, accounts)
+    return account
+
+
+def remove_account(path: Path, name: str) -> None:
+    accounts = load_accounts(path)
+    if accounts.accounts.pop(name, None) is None:
+        raise UserError(f"No account {name!r} in {path}.")
+    write_accounts(path, accounts)
+
+
+# --------------------------------------------------------------------------------------------
+# Signing in
+
+
+@cache
+def _dummy_hash() -> str:
+    return _hasher.hash("no account has this password")
+
+
+def authenticate(accounts: Accounts, name: str, password: str) -> User | None:
+    """The user whose name and password these are; None for an unknown name or a wrong password."""
+    account = accounts.accounts.get(name.strip())
+    if account is None:
+        # Same cost as a wrong password for a known name: the timing does not tell which names exist.
+        verify_password(_dummy_hash(), password)
+        return None
+    return User(account.name, account.role) if verify_password(account.password_hash, password) else None
+
+
+class SignInThrottle:
+    """Slows password guessing: after `max_failures` wrong passwords for a name in a row, that name
+    is refused for `lock_seconds` (per server process; a right password resets the count)."""
+
+    def __init__(self, max_failures: int = 5, lock_seconds: float = 60.0) -> None:
+        self.max_failures, self.lock_seconds = max_failures, lock_seconds
+        self._failures: dict[str, tuple[int, float]] = {}  # name -> (count, time of the last failure)
+        self._lock = threading.Lock()
+
+    def check(self, name: str) -> None:
+        """UserError while `name` is locked."""
+        with self._lock:
+            count, last = self._failures.get(name, (0, 0.0))
+        wait = last + self.lock_seconds - time.monotonic()
+        if count >= self.max_failures and wait > 0:
+            raise UserError(f"Too many failed sign-ins for {name!r}; try again in {wait:.0f} s.")
+
+    def failed(self, name: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:  # many made-up names: forget the ones no longer locked
+                cutoff = time.monotonic() - self.lock_seconds
+                self._failures = {n: v for n, v in self._failures.items() if v[1] > cutoff}
+            count, last = self._failures.get(name, (0, 0.0))
+            if count >= self.max_failures and time.monotonic() - last >= self.lock_seconds:
+                count = 0  # the lock has passed: a fresh series
+            self._failures[name] = (count + 1, time.monotonic())
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._failures.pop(name, None)
+
+
+def sign_in(accounts: Accounts, name: str, password: str, throttle: SignInThrottle | None = None) -> User:
+    """The signed-in user; UserError with one message for any wrong name or password."""
+    name = name.strip()
+    if not name or not password:
+        raise UserError("Enter your user name and password.")
+    if throttle is not None:
+        throttle.check(name)
+    user = authenticate(accounts, name, password)
+    if user is None:
+        if throttle is not None:
+            throttle.failed(name)
+        raise UserError("Wrong user name or password.")
+    if throttle is not None:
+        throttle.succeeded(name)
+    return user
+
+
+def parse_role_map(text: str, source: str = "OIDC_ROLES") -> dict[str, str]:
+    """'ana@lab.org=editor,*=viewer' -> {"ana@lab.org": "editor", "*": "viewer"}; UserError if malformed."""
+    roles: dict[str, str] = {}
+    for item in text.replace(";", ",").split(","):
+        if not item.strip():
+            continue
+        address, sep, role = item.partition("=")
+        if not sep or not address.strip():
+            raise UserError(f"{source}: {item.strip()!r} is not ADDRESS=ROLE.")
+        roles[address.strip().lower()] = check_role(role.strip(), f"{source}, {address.strip()!r}")
+    return roles
+
+
+def oidc_user(roles: Mapping[str, str], email: str | None, email_verified: object = None) -> User | None:
+    """The user an OIDC sign-in with `email` acts as; None when the address has no role.
+
+    `roles` maps lower-case addresses (and "*" for any other) to roles. A provider that says the
+    address is not verified gets no role: anyone could have typed it.
+    """
+    if not email or email_verified is False:
+        return None
+    role = roles.get(email.strip().lower(), roles.get("*"))
+    return User(email.strip(), role) if role in ROLES else None
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Same password again: ") != password:
+        raise UserError("The two passwords differ; nothing was changed.")
+    return password
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m core.accounts",
+                                     description="Accounts of the web app (AUTH_MODE=password) in AUTH_FILE.")
+    parser.add_argument("--file", type=Path, default=None, help="the accounts file (default: AUTH_FILE, else APP_HOME/accounts.toml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("add", help="add an account (asks for its password)")
+    p.add_argument("name")
+    p.add_argument("--role", choices=ROLES, required=True)
+    p.add_argument("--replace", action="store_true", help="change the password and role of an existing account")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p = sub.add_parser("remove", help="remove an account")
+    p.add_argument("name")
+    sub.add_parser("list", help="list accounts and OIDC roles (no hashes)")
+    p = sub.add_parser("hash", help="print the hash of a password (asks for it)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    args = parser.parse_args(argv)
+    path = args.file or load_settings().accounts_file
+    try:
+        if args.command == "add":
+            existed = args.name in load_accounts(path, missing_ok=True).accounts
+            account = add_account(path, args.name, _read_password(args), args.role, replace=args.replace)
+            print(f"{'updated' if existed else 'added'} {account.name} ({account.role}) in {path}")
+        elif args.command == "remove":
+            remove_account(path, args.name)
+            print(f"removed {args.name} from {path}")
+        elif args.command == "list":
+            accounts = load_accounts(path)
+            for a in sorted(accounts.accounts.values(), key=lambda a: a.name):
+                print(f"{a.name}\t{a.role}")
+            for address, role in sorted(accounts.oidc_roles.items()):
+                print(f"{address}\t{role}\t(oidc)")
+        else:
+            print(hash_password(_read_password(args)))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
