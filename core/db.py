@@ -24,7 +24,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -244,18 +244,31 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "postgresql":
+        # The app and its workers often start together on a new or older database, and would race
+        # to create the same tables and columns. PostgreSQL's DDL is transactional: under a lock
+        # held to commit, the one that comes second finds the work done.
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            Base.metadata.create_all(conn)
+            _add_missing_columns(conn)
+        return engine
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
     return engine
 
 
-def _add_missing_columns(engine: Engine) -> None:
+SCHEMA_LOCK_KEY = 0x6C796D70686F6D61  # any constant; advisory locks are per database
+
+
+def _add_missing_columns(bind: Engine | Connection) -> None:
     """create_all makes missing tables but not columns added to a table since; add those.
 
     Only for columns that are nullable or have a server default (the only kind we add), so an
-    existing database keeps working after an upgrade.
+    existing database keeps working after an upgrade. Given a connection, the columns are added in
+    its transaction (which holds the schema lock); given an engine, each in its own.
     """
-    existing = inspect(engine)
+    existing = inspect(bind)
     tables = set(existing.get_table_names())
     for table in Base.metadata.sorted_tables:
         if table.name not in tables:
@@ -264,15 +277,19 @@ def _add_missing_columns(engine: Engine) -> None:
         for column in table.columns:
             if column.name in have:
                 continue
-            kind = column.type.compile(dialect=engine.dialect)
+            kind = column.type.compile(dialect=bind.dialect)
             default = f" DEFAULT {column.server_default.arg.text}" if column.server_default is not None else ""
             null = "" if column.nullable else " NOT NULL"
+            add = text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}{null}')
+            if isinstance(bind, Connection):
+                bind.execute(add)
+                continue
             try:
-                with engine.begin() as conn:
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}{null}'))
+                with bind.begin() as conn:
+                    conn.execute(add)
             except DBAPIError:
                 # Another process starting at the same moment may have added it first.
-                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                if column.name not in {c["name"] for c in inspect(bind).get_columns(table.name)}:
                     raise
 
 

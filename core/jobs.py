@@ -158,7 +158,8 @@ def requeue_stale(session: Session, settings: Settings) -> dict[str, list[int]]:
     now = utcnow()
     stale = _stale(settings, now)
     done: dict[str, list[int]] = {"requeued": [], "cancelled": [], "failed": []}
-    for run in session.execute(select(Run.id, Run.attempts, Run.cancel_requested, Run.worker).where(stale)).all():
+    stale_runs = select(Run.id, Run.attempts, Run.cancel_requested, Run.worker).where(stale).order_by(Run.id)
+    for run in session.execute(stale_runs).all():
         if run.cancel_requested:
             outcome, values = "cancelled", {"status": RunStatus.cancelled, "finished_at": now}
         elif run.attempts >= MAX_ATTEMPTS:

@@ -57,3 +57,36 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def Session(settings: Settings):
     return make_sessionmaker(settings.database_url)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """URL of a PostgreSQL server for the tests: TEST_POSTGRES_URL, or a throwaway one started from
+    the installed binaries for this session. Without either the test fails, saying what to install."""
+    from tests import pg
+
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if url:
+        pg.wait_until_ready(url)
+        yield url
+        return
+    bin_dir = pg.find_bin_dir()
+    if bin_dir is None:
+        pytest.fail(pg.INSTALL_HINT, pytrace=False)
+    cluster = pg.Cluster(bin_dir)
+    try:
+        url = cluster.start()
+        pg.wait_until_ready(url)
+        yield url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    from tests import pg
+
+    url = pg.create_database(postgres_server)
+    yield url
+    pg.drop_database(postgres_server, url)

@@ -3,10 +3,14 @@
 Workers and their training children are real subprocesses (`python -m core worker`), on the CPU at
 32 px with a few images, one thread each (two training processes on two cores, no oversubscription).
 Heartbeats every 0.5 s and staleness after 5 s keep the crash test short.
+
+The tests marked BOTH run on SQLite and on PostgreSQL (a fresh database per test, on the server
+named by TEST_POSTGRES_URL or on one started for the session; see tests/pg.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,13 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from core import jobs, runs
 from core.config import load_settings
 from core.datasets import ingest
-from core.db import Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, utcnow
+from core.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, utcnow
 from core.errors import UserError
 from core.run_config import RunConfig
 from core.worker import ensure_worker, worker_status
@@ -47,12 +51,28 @@ def _settings(home: Path, **extra: str):
 
 
 @pytest.fixture
-def jset(tmp_path, monkeypatch):
-    """Settings whose values also reach every process the test starts (through the environment)."""
+def backend(request) -> str:
+    """The database a test runs on: SQLite unless the test is marked BOTH."""
+    return getattr(request, "param", "sqlite")
+
+
+# The queue's claim differs by database (BEGIN IMMEDIATE on SQLite, FOR UPDATE SKIP LOCKED on
+# PostgreSQL), so the tests of the queue and its workers run on both.
+BOTH = pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def jset(request, backend, tmp_path, monkeypatch):
+    """Settings whose values also reach every process the test starts (through the environment).
+    On PostgreSQL, a fresh database of its own (see the postgres_url fixture)."""
     home = tmp_path / "home"
     for key, value in {"APP_HOME": str(home), "HEARTBEAT_SECONDS": "0.5", "STALE_SECONDS": STALE,
                        "OMP_NUM_THREADS": "1", "WORKER_SLOTS": "1"}.items():
         monkeypatch.setenv(key, value)
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        monkeypatch.setenv("DATABASE_URL", url)
+        return _settings(home, DATABASE_URL=url)
     monkeypatch.delenv("DATABASE_URL", raising=False)
     return _settings(home)
 
@@ -71,16 +91,15 @@ def toy(tmp_path, jset, JSession):
 
 
 @pytest.fixture
-def processes(JSession):
+def processes(jset, JSession):
     """Worker processes the test starts (each in its own process group, with its children).
     At the end every one still alive, and any worker started by ensure_worker, is killed."""
     started: list[subprocess.Popen] = []
     yield started
     groups = {p.pid for p in started if p.poll() is None}
     with JSession() as s:
-        # Only processes that are still workers of this test's database (a pid can be reused).
-        database = str(JSession.kw["bind"].url.database)
-        groups |= {w.pid for w in s.scalars(select(Worker)) if _is_worker_of(w.pid, database)}
+        # Only processes that are still workers of this test (a pid can be reused).
+        groups |= {w.pid for w in s.scalars(select(Worker)) if _is_worker_of(w.pid, jset.app_home)}
     for pid in groups:
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -90,13 +109,13 @@ def processes(JSession):
         p.wait(10)
 
 
-def _is_worker_of(pid: int, database: str) -> bool:
+def _is_worker_of(pid: int, app_home: Path) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"worker" in cmdline and str(Path(database).parent).encode() in environ
+    return b"worker" in cmdline and f"APP_HOME={app_home}".encode() in environ
 
 
 def start_worker(processes, home: Path, *args: str) -> subprocess.Popen:
@@ -191,6 +210,7 @@ def _bare_runs(Session, n: int) -> list[int]:
         return [r.id for r in runs_]
 
 
+@BOTH
 def test_concurrent_claims_take_each_run_once_in_order(jset, JSession):
     run_ids = _bare_runs(JSession, 30)
     claims: dict[str, list[int]] = {}
@@ -216,6 +236,7 @@ def test_concurrent_claims_take_each_run_once_in_order(jset, JSession):
     assert jobs.claim_next(JSession, "late") is None
 
 
+@BOTH
 def test_cancel_resume_and_stale_rules(jset, JSession):
     queued, running, done, stale, stale_cancel, worn_out = _bare_runs(JSession, 6)
     long_ago = utcnow() - timedelta(seconds=60)
@@ -254,6 +275,7 @@ def test_cancel_resume_and_stale_rules(jset, JSession):
         assert (run.status, run.error, run.attempts) == (RunStatus.queued, None, 0)
 
 
+@BOTH
 def test_a_run_taken_over_by_another_process_stops_here(jset, JSession):
     (run_id,) = _bare_runs(JSession, 1)
     with JSession.begin() as s:
@@ -273,16 +295,55 @@ def test_a_run_taken_over_by_another_process_stops_here(jset, JSession):
         monitor.stage("augment", 2, 2)
 
 
-def test_a_missing_column_is_added_to_an_old_database(tmp_path):
-    import sqlite3
+@BOTH
+def test_the_schema_is_made_then_upgraded_in_place(jset):
+    """A new database gets every table; one from before a column was added gets the column, its
+    rows kept (with the column's default), and starting again on an up-to-date one changes nothing."""
+    Session = make_sessionmaker(jset.database_url)
+    engine = jobs.engine_of(Session)
+    assert {t.name for t in Base.metadata.sorted_tables} <= set(inspect(engine).get_table_names())
+    (old,) = _bare_runs(Session, 1)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE runs DROP COLUMN attempts"))
+    engine.dispose()
 
-    path = tmp_path / "old.db"
-    make_sessionmaker(f"sqlite:///{path}")
-    with sqlite3.connect(path) as db:
-        db.execute("ALTER TABLE runs DROP COLUMN attempts")
-    make_sessionmaker(f"sqlite:///{path}")
-    with sqlite3.connect(path) as db:
-        assert "attempts" in {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    # Two processes starting on the old database at the same moment (the app and a worker, say).
+    upgraded = []
+    starters = [threading.Thread(target=lambda: upgraded.append(make_sessionmaker(jset.database_url)))
+                for _ in range(2)]
+    for t in starters:
+        t.start()
+    for t in starters:
+        t.join(60)
+    assert len(upgraded) == 2
+    Session = make_sessionmaker(jset.database_url)  # and once more, with nothing left to do
+    engine = jobs.engine_of(Session)
+    assert "attempts" in {c["name"] for c in inspect(engine).get_columns("runs")}
+    with Session() as s:
+        assert s.get(Run, old).attempts == 0
+    assert jobs.claim_next(Session, "w") == old
+    with Session() as s:
+        assert s.get(Run, old).attempts == 1
+
+
+def test_processes_starting_together_on_a_new_postgresql_database_share_one_schema(postgres_url):
+    """The app and its workers starting at once on an empty database (as compose.yaml starts them)."""
+    started, errors = [], []
+
+    def start() -> None:
+        try:
+            started.append(make_sessionmaker(postgres_url))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(started) == 3
+    (run_id,) = _bare_runs(started[0], 1)
+    assert jobs.claim_next(started[1], "w") == run_id and jobs.claim_next(started[2], "w") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +359,7 @@ def test_job_commands_have_help(command, capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m core " + command)
 
 
+@BOTH
 def test_an_idle_worker_reports_itself_and_can_leave(jset, JSession, processes):
     worker = start_worker(processes, jset.app_home, "--idle-exit", "3")
     with JSession() as s:
@@ -311,10 +373,13 @@ def test_an_idle_worker_reports_itself_and_can_leave(jset, JSession, processes):
         assert worker_status(s, jset) == {"alive": False, "workers": [], "queued": 0}
 
 
-def test_two_workers_take_five_runs_once_each_and_record_how_they_ended(jset, JSession, toy, processes):
+@BOTH
+def test_two_workers_take_five_runs_once_each_and_record_how_they_ended(backend, jset, JSession, toy, processes):
     good = queue(JSession, jset, toy, epochs=2)
     bad = queue(JSession, jset, toy, lr=1e12)  # the loss becomes non-finite
-    run_ids = [good, bad] + [queue(JSession, jset, toy, per_class=2, seed=i) for i in range(3)]
+    # On PostgreSQL three runs, not five, to keep the suite's time: two workers still race for them.
+    small = 3 if backend == "sqlite" else 1
+    run_ids = [good, bad] + [queue(JSession, jset, toy, per_class=2, seed=i) for i in range(small)]
     with Reader(jset) as reader:  # a page polling while two workers and their children write
         workers = [start_worker(processes, jset.app_home, "--once") for _ in range(2)]
         assert [w.wait(300) for w in workers] == [0, 0]
@@ -352,6 +417,7 @@ def test_two_workers_take_five_runs_once_each_and_record_how_they_ended(jset, JS
     assert status["error"] is None and status["heartbeat_age_s"] >= 0
 
 
+@BOTH
 def test_cancel_stops_a_running_run_keeping_its_epochs_then_resume_finishes_it(jset, JSession, toy, processes):
     out = cli("train", "--dataset", toy, "--background", "--epochs", "4", "--per-class", "6", "--image-size", "32",
               "--batch-size", "4", "--weights", "none", "--device", "cpu", "--seed", "5")
@@ -382,8 +448,12 @@ def test_cancel_stops_a_running_run_keeping_its_epochs_then_resume_finishes_it(j
     assert f"resuming after epoch {len(kept)}" in (jset.runs_dir / str(run_id) / "train.log").read_text()
 
 
-def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(tmp_path, jset, JSession, toy, processes, monkeypatch):
+@BOTH
+def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(backend, jset, JSession, toy, processes, monkeypatch):
     config = dict(epochs=3, per_class=6)
+    # Whether resuming reproduces an uninterrupted run does not depend on the database, and the
+    # reference run doubles the test's time: it is checked on SQLite only.
+    compare = backend == "sqlite"
     victim = queue(JSession, jset, toy, **config)
     first = start_worker(processes, jset.app_home)
 
@@ -398,23 +468,26 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(tmp_path, jset,
     assert status_of(JSession, victim) == RunStatus.running  # nobody recorded anything: it looks alive
 
     # The reference: the same configuration and seed, uninterrupted, trained beside the resumed run.
-    reference = queue(JSession, jset, toy, **config)
+    both = (victim, queue(JSession, jset, toy, **config)) if compare else (victim,)
     monkeypatch.setenv("WORKER_SLOTS", "2")
-    two_slots = _settings(jset.app_home, WORKER_SLOTS="2")
+    two_slots = dataclasses.replace(jset, worker_slots=2)
     with Reader(jset) as reader:
         # The dead worker's heartbeat goes stale after STALE s; then a new one is started.
         wait_for(lambda: ensure_worker(two_slots), 30, "ensure_worker to start a replacement", every=0.5)
-        wait_for(lambda: {status_of(JSession, r) for r in (victim, reference)} == {RunStatus.succeeded},
-                 240, "both runs to finish", every=0.5)
+        wait_for(lambda: {status_of(JSession, r) for r in both} == {RunStatus.succeeded},
+                 240, "the runs to finish", every=0.5)
     assert not reader.errors and reader.polls > 10
 
     assert epochs_of(JSession, victim) == [1, 2, 3]
     with JSession() as s:
         assert s.get(Run, victim).attempts == 2
         metrics = {r: {e.epoch: e.train_loss for e in s.scalars(select(EpochMetric).where(EpochMetric.run_id == r))}
-                   for r in (victim, reference)}
+                   for r in both}
     log = (jset.runs_dir / str(victim) / "train.log").read_text()
     assert "requeued: no heartbeat" in log and "resuming after epoch 1" in log
+    if not compare:
+        return
+    reference = both[1]
     assert metrics[victim] == pytest.approx(metrics[reference], rel=1e-5)
     resumed, uninterrupted = (torch.load(jset.runs_dir / str(r) / "last.pt", weights_only=True)["model"]
                               for r in (victim, reference))
