@@ -254,6 +254,15 @@ def cmd_runs(args: argparse.Namespace, settings: Settings, Session) -> None:
                   f"{len(r.epochs):>3}/{r.config['epochs']:<2}  {'' if acc is None else f'{acc:.4f}':>8}  {r.config['weights']}")
 
 
+def cmd_check(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core import consistency
+
+    run = consistency.fix if args.fix else consistency.check
+    report = run(Session, settings, deep=args.deep)
+    print(report.format())
+    sys.exit(1 if report.remaining else 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     from core.reproduce import add_cli as add_reproduce_paper
 
     add_reproduce_paper(sub)
+
+    p = sub.add_parser("check", help="compare the database with the files under APP_HOME; exit 1 when they disagree",
+                       description="Reports image rows whose file is missing or damaged, finished runs without a "
+                       "checkpoint, files under images/ that no row references, leftovers of interrupted writes and "
+                       "uploads, and run folders without a run. Exit status 0: clean; 1: problems (after --fix: "
+                       "problems left).")
+    p.add_argument("--deep", action="store_true", help="also hash every stored image and read every checkpoint (slow)")
+    p.add_argument("--fix", action="store_true",
+                   help="remove unreferenced files, temporary leftovers and folders of deleted runs (never database rows)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("runs", help="list runs")
     p.add_argument("--dataset", help="only this dataset's runs")

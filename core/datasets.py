@@ -17,13 +17,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import re
 import shutil
 import stat
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +41,7 @@ from core.accounts import User, require_editor
 from core.config import Settings
 from core.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
+from core.files import copy_file_atomic, hold_ingest_lock
 from core.limits import check_dataset_size, check_disk
 
 IMAGE_EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
@@ -210,6 +211,12 @@ def _dataset_root(root: Path) -> Path:
         root = entries[0]
 
 
+def _text(name: str) -> str:
+    """A file name as text the database can store: bytes that are not UTF-8 (a Latin-1 name from
+    an old share, say) are written as escapes such as \\xe9."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _scan(root: Path) -> tuple[list[str], list[_Candidate], list[tuple[str, str]]]:
     """Class folder names, the files directly inside them, and what was passed over."""
     classes: list[str] = []
@@ -217,13 +224,14 @@ def _scan(root: Path) -> tuple[list[str], list[_Candidate], list[tuple[str, str]
     skipped: list[tuple[str, str]] = []
     for entry in _visible(root):
         if entry.is_file():
-            skipped.append((entry.name, "not in a class folder"))
+            skipped.append((_text(entry.name), "not in a class folder"))
             continue
         if not entry.is_dir():
             continue
-        classes.append(entry.name)
+        label = _text(entry.name)
+        classes.append(label)
         for f in _visible(entry):
-            rel = f"{entry.name}/{f.name}"
+            rel = f"{label}/{_text(f.name)}"
             if f.is_dir():
                 # E.g. Augmentor's output/ folder: taking it would put augmented copies of
                 # test images into training.
@@ -231,7 +239,7 @@ def _scan(root: Path) -> tuple[list[str], list[_Candidate], list[tuple[str, str]
                     (rel + "/", "sub-folder skipped: only files directly inside a class folder are taken")
                 )
             elif f.is_file():
-                candidates.append(_Candidate(f, rel, entry.name))
+                candidates.append(_Candidate(f, rel, label))
     return classes, candidates, skipped
 
 
@@ -278,6 +286,15 @@ def _extract_zip(zip_path: Path, dest: Path) -> None:
                     )
             # Some Windows tools write "\\" as the separator; read it as "/".
             files = [i for i in infos if not i.filename.replace("\\", "/").endswith("/")]
+            folders = [i for i in infos if i.filename.replace("\\", "/").endswith("/")]
+            seen: set[tuple[str, ...]] = set()
+            for info in files:
+                # Which of two same-named entries wins depends on the unpacking tool.
+                parts = tuple(p for p in re.split(r"[/\\]", info.filename) if p not in ("", "."))
+                if parts in seen:
+                    raise UserError(f"Refusing {zip_path.name}: it has two entries named '{info.filename}'. "
+                                    "Nothing was ingested.")
+                seen.add(parts)
             if not files:
                 raise UserError(f"{zip_path.name} is empty.")
             encrypted = [i.filename for i in files if i.flag_bits & 0x1]
@@ -291,18 +308,25 @@ def _extract_zip(zip_path: Path, dest: Path) -> None:
                 )
             if total > shutil.disk_usage(dest).free:
                 raise UserError(f"Not enough disk space to unpack {zip_path.name} ({total / 1e9:.1f} GB).")
+            for info in folders:  # an empty class folder is reported, as in a folder source
+                dest.joinpath(*[p for p in re.split(r"[/\\]", info.filename) if p not in ("", ".")]).mkdir(
+                    parents=True, exist_ok=True)
             for info in files:
                 parts = [p for p in re.split(r"[/\\]", info.filename) if p not in ("", ".")]
                 target = dest.joinpath(*parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1024 * 1024)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zlib, EOF: damaged compressed data
         raise UserError(f"{zip_path.name} is damaged: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{zip_path.name} is damaged: an entry name marked as UTF-8 is not UTF-8.") from None
     except NotImplementedError as e:  # e.g. Deflate64 from Windows Explorer
         raise UserError(f"{zip_path.name} uses an unsupported compression method: {e}") from None
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
         raise UserError(f"{zip_path.name} has a file and a folder with the same name: {e}") from None
+    except OSError as e:  # e.g. an entry name too long for the file system
+        raise UserError(f"{zip_path.name} could not be unpacked: {e.strerror or e}") from None
 
 
 @contextmanager
@@ -417,21 +441,6 @@ def _groups_from_pattern(rx: re.Pattern[str], rels: list[str]) -> dict[str, str]
 # Storage
 
 
-def _atomic_copy(src: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _stored_target(settings: Settings, v: _Valid) -> Path:
     return settings.images_dir / v.sha256[:2] / f"{v.sha256}{STORED_EXTENSIONS[v.format]}"
 
@@ -440,7 +449,7 @@ def _store(settings: Settings, v: _Valid) -> str:
     """Copy the original bytes into the content-addressed store; returns the path below APP_HOME."""
     target = _stored_target(settings, v)
     if not target.exists():
-        _atomic_copy(v.cand.path, target)
+        copy_file_atomic(v.cand.path, target)
     return target.relative_to(settings.app_home).as_posix()
 
 
@@ -481,6 +490,7 @@ def ingest(
 
     source = Path(source).expanduser()
     check_disk(settings)  # before unpacking or decoding anything
+    hold_ingest_lock(session, settings)  # until commit: files stored before their rows are visible
     with _source_folder(source, settings) as folder:
         return _ingest_folder(
             session, settings, folder, source, name, groups_csv, group_rx, progress, user

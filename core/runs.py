@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -40,6 +39,7 @@ from core.config import Settings
 from core.datasets import get_dataset
 from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
 from core.errors import UserError
+from core.files import atomic_path
 from core.jobs import claim_next, get_run, log_tail
 from core.limits import check_disk, check_queue, check_user_queue
 from core.model import build_model
@@ -121,15 +121,10 @@ def run_dir(settings: Settings, run_id: int) -> Path:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temp file, then rename: no reader ever sees half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Through a file object: torch.save names the archive after a path's stem, and the temporary
+    # file's stem is empty.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class Monitor:

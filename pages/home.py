@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from core import datasets, runs
+from core import consistency, datasets, runs
 from core.db import RunStatus
 from pages._common import ACTIVE, pct, protocol_of, session_factory, settings, through_router, worker_status
 
@@ -17,6 +17,23 @@ st.markdown(
     "**MCL** (or any classes you upload). Evaluation is honest by default: the data are split "
     "before augmentation, by specimen where specimens are known."
 )
+
+
+@st.cache_resource(show_spinner=False)
+def startup_check(database_url: str, app_home: str) -> consistency.ConsistencyReport:
+    # Once per server process (and database): a crash while files were written shows up at the
+    # next start. The quick check only stats files; `python -m core check --deep` hashes them.
+    return consistency.check(Session, cfg)
+
+
+check = startup_check(cfg.database_url, str(cfg.app_home))
+if not check.clean:
+    st.warning("**The database and the files under APP_HOME disagree** (checked when the server started):\n\n"
+               + "\n".join(f"- {line}" for line in check.summary(quote="`"))
+               + "\n\nDetails: `python -m core check` on the server. Leftover files are harmless and "
+               "`python -m core check --fix` removes them; for missing or damaged files, ingest those images again "
+               "(or train the run again).",
+               icon=":material/report:")
 
 with Session() as s:
     all_datasets = datasets.list_datasets(s)
