@@ -675,6 +675,7 @@ def delete_dataset(session: Session, settings: Settings, name: str, *, user: Use
         raise UserError(f"Dataset '{name}' has {active} queued or running run(s); cancel them first.")
 
     stored = {img.sha256: img.stored_path for img in dataset.images}
+    run_ids = session.scalars(select(Run.id).where(Run.dataset_id == dataset.id)).all()
     session.delete(dataset)
     session.flush()
 
@@ -684,7 +685,8 @@ def delete_dataset(session: Session, settings: Settings, name: str, *, user: Use
         chunk = shas[i : i + 500]
         still_used.update(session.scalars(select(Image.sha256).where(Image.sha256.in_(chunk))))
     unused = [settings.app_home / path for sha, path in stored.items() if sha not in still_used]
-    _remove_files_after_commit(session, unused)
+    # The runs' folders (checkpoints, logs) go with their rows.
+    _remove_files_after_commit(session, unused + [settings.runs_dir / str(i) for i in run_ids])
 
 
 def _remove_files_after_commit(session: Session, paths: list[Path]) -> None:
@@ -693,7 +695,10 @@ def _remove_files_after_commit(session: Session, paths: list[Path]) -> None:
     def remove(_session: Session) -> None:
         if not state["rolled_back"]:
             for p in paths:
-                p.unlink(missing_ok=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     def cancel(_session: Session) -> None:
         state["rolled_back"] = True

@@ -23,7 +23,7 @@ from core.datasets import (
     list_datasets,
     load_rgb,
 )
-from core.db import Dataset, Image, SkippedFile
+from core.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
 from tests.synthetic import synthetic_image, write_dataset
 
@@ -570,15 +570,23 @@ def test_delete_dataset_keeps_shared_files(tmp_path, settings, Session):
     run_ingest(Session, settings, src_a, name="a")
     run_ingest(Session, settings, src_b, name="b")
     assert len(stored_files(settings)) == 5
+    with Session.begin() as s:  # a finished run of "a", with its folder
+        run = Run(dataset_id=get_dataset(s, "a").id, experiment="e", config={}, seed=0, status=RunStatus.succeeded)
+        s.add(run)
+        s.flush()
+        run_folder = settings.runs_dir / str(run.id)
+    run_folder.mkdir(parents=True)
+    (run_folder / "train.log").write_text("log")
 
     # A rolled-back delete keeps rows and files.
     with Session() as s:
         delete_dataset(s, settings, "a")
         s.rollback()
-    assert len(stored_files(settings)) == 5 and count(Session, Image) == 6
+    assert len(stored_files(settings)) == 5 and count(Session, Image) == 6 and run_folder.is_dir()
 
     with Session.begin() as s:
         delete_dataset(s, settings, "a")
+    assert not run_folder.exists() and count(Session, Run) == 0  # the run's files go with its row
 
     left = images(Session)
     assert {img.original_name for img in left} == {"CLL/000.tif", "MCL/000.tif"}
