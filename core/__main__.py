@@ -10,6 +10,7 @@ import csv
 import getpass
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def _start_worker(args: argparse.Namespace, settings: Settings) -> None:
         print("a background worker is running; it takes queued runs in order", file=sys.stderr)
 
 
-def _train_here(Session, settings: Settings, run_id: int, claimed: bool = False) -> None:
+def _train_here(Session, settings: Settings, run_id: int, claimed: bool = False, group=None) -> None:
     """Train a run in this process, owning it like a worker would (so no worker takes it too)."""
     from core import jobs, runs
 
@@ -147,12 +148,49 @@ def _train_here(Session, settings: Settings, run_id: int, claimed: bool = False)
     bars = Bars()
     print(f"run {run_id}: training", file=sys.stderr)
     try:
-        runs.execute_run(Session, settings, run_id, progress=bars)
+        runs.execute_run(Session, settings, run_id, progress=bars, group=group)
     finally:
         bars.close()
     with Session() as s:
         run = runs.get_run(s, run_id)
         print(f"run {run_id}: {run.status.value}, test accuracy {run.summary.get('test_accuracy')}", file=sys.stderr)
+
+
+def _stopped_by_torchrun(signum, frame) -> None:
+    # torchrun stops the other processes with SIGTERM when one fails; raising here lets rank 0
+    # record the run as failed instead of leaving it "running" until its heartbeat goes stale.
+    # Not while an error is already being handled: that handler is recording the failure.
+    if sys.exc_info()[1] is None:
+        raise RuntimeError("stopped by torchrun: another process of this run ended (see torchrun's output)")
+
+
+def cmd_train_distributed(args: argparse.Namespace, settings: Settings, Session) -> None:
+    """One recorded run trained by every process torchrun started (rank 0 records it); alone, as `train` would."""
+    from core import jobs
+
+    with Session() as s:
+        run = jobs.get_run(s, args.run)
+        status, config = run.status.value, RunConfig.from_dict(run.config)
+    # Checked before the processes meet, so that none can have claimed the run yet.
+    if status != "queued":
+        raise UserError(f"Run {args.run} is {status}; only a queued run can be trained here (queue one with "
+                        "`train --background --no-worker`, or reopen this one with `resume --background --no-worker`).")
+    from core import distributed, runs
+
+    with distributed.started(config.device) as group:
+        if group is not None and not group.is_main:
+            runs.execute_run(Session, settings, args.run, group=group)
+            return
+        if group is not None:
+            signal.signal(signal.SIGTERM, _stopped_by_torchrun)
+        _train_here(Session, settings, args.run, group=group)
+    with Session() as s:
+        status = runs.get_run(s, args.run).status.value
+    print(args.run)
+    if group is not None and status != "succeeded":
+        # The other processes may be waiting for this one (it stopped before training); a failed
+        # exit makes torchrun end them.
+        sys.exit(1)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -315,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")
     p.add_argument("--user", help="recorded as the runs' creator; MAX_QUEUED_RUNS_PER_USER counts by it (default: your login name)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-distributed", help="train a recorded run on several GPUs: torchrun --nproc-per-node=N -m core train-distributed RUN",
+                       description="Run under torchrun, one process per GPU (nccl; gloo on the CPU): every process "
+                       "prepares the same data, trains on its share of each batch of the run's batch size, and rank 0 "
+                       "records the run. Create the run first with `train --background --no-worker`. Prints the run id last.")
+    p.add_argument("run", type=int)
+    p.set_defaults(func=cmd_train_distributed)
 
     p = sub.add_parser("worker", help="train queued runs in the background, each in its own process")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty (default: wait for more)")

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,16 +42,20 @@ from core.errors import UserError
 from core.files import atomic_path
 from core.jobs import claim_next, get_run, log_tail
 from core.limits import check_disk, check_queue, check_user_queue
-from core.model import build_model
+from core.model import PaperDenseNet, build_model
 from core.run_config import RunConfig
 from core.train import (
     Data,
+    NullCallback,
     describe_device,
     fit,
     pick_device,
     predict_proba,
     seed_everything,
 )
+
+if TYPE_CHECKING:
+    from core.distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -381,14 +385,20 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
 
 
 def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress: Progress | None = None,
-                *, resume: bool = True) -> None:
+                *, resume: bool = True, group: Group | None = None) -> None:
     """Run a recorded run to the end, writing status, metrics, checkpoints and predictions.
 
     With `resume` (the default), a checkpoint of this run from an earlier, interrupted attempt is
     continued after its epoch; otherwise, or without one, the run starts from scratch. A cancel
     request ends the run `cancelled`, keeping the epochs it finished. A failure marks the run
     failed with its error text and re-raises.
+
+    With `group` (torchrun started several processes, see core/distributed.py) every process calls
+    this: rank 0 does all of the above on its device, the others only help train (`_follow`).
     """
+    if group is not None and not group.is_main:
+        _follow(Session, settings, run_id, group)
+        return
     _claim_if_queued(Session, run_id)
     directory = run_dir(settings, run_id)
     directory.mkdir(parents=True, exist_ok=True)
@@ -399,13 +409,15 @@ def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress
     ours = True
     try:
         config = RunConfig.from_dict(get_run_config(Session, run_id))
-        device = pick_device(config.device)
+        device = pick_device(config.device) if group is None else group.device
         checkpoint = _resume_point(Session, run_id, directory) if resume else None
         _mark_running(Session, run_id, device, checkpoint)
+        if group is not None:  # the other processes resume from the same epoch, or none
+            group.broadcast(None if checkpoint is None else checkpoint["epoch"])
         if device.type == "cpu":
             log.warning("run %d: no GPU in use; training on the CPU (slow at 224 px).", run_id)
         with Monitor(Session, run_id, settings.heartbeat_seconds) as monitor:
-            _train_and_test(Session, settings, run_id, config, device, checkpoint, progress, monitor, timings)
+            _train_and_test(Session, settings, run_id, config, device, checkpoint, progress, monitor, timings, group)
     except Cancelled:
         log.info("run %d cancelled; the epochs it finished are kept", run_id)
         _finish(Session, run_id, RunStatus.cancelled, timings)
@@ -484,7 +496,7 @@ def _finish(Session: sessionmaker, run_id: int, status: RunStatus, timings: dict
 
 def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, config: RunConfig, device: torch.device,
                     checkpoint: dict[str, Any] | None, progress: Progress | None, monitor: Monitor,
-                    timings: dict[str, float]) -> None:
+                    timings: dict[str, float], group: Group | None = None) -> None:
     def report(stage: str, done: int, total: int) -> None:
         if progress:
             progress(stage, done, total)
@@ -518,7 +530,7 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
     t0 = time.perf_counter()
     fit(model, train_data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
         seed=config.seed, device=device, callback=recorder, config=config.to_dict(), resume=checkpoint,
-        compile=config.compile)
+        compile=config.compile, group=group)
     timings["train"] = time.perf_counter() - t0
     if recorder.should_stop():
         monitor.check("training")
@@ -547,6 +559,28 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
                        if device.type == "cuda" else None}
         run.status, run.finished_at, run.timings = RunStatus.succeeded, utcnow(), timings
     log.info("run %d succeeded: test accuracy %s", run_id, accuracy)
+
+
+def _follow(Session: sessionmaker, settings: Settings, run_id: int, group: Group) -> None:
+    """A process other than rank 0 of a distributed run: the same data preparation and training
+    steps as rank 0 and no side effects (rank 0 records status, metrics and checkpoints, and tests).
+    If rank 0 stops before training (a failure, a cancel during preparation), torchrun ends this one."""
+    config = RunConfig.from_dict(get_run_config(Session, run_id))
+    epoch = group.broadcast(None)  # rank 0's resume decision
+    checkpoint = None
+    if epoch is not None:
+        checkpoint = torch.load(run_dir(settings, run_id) / "last.pt", map_location="cpu", weights_only=True)
+        if checkpoint.get("epoch") != epoch:
+            raise RuntimeError(f"run {run_id}: last.pt holds epoch {checkpoint.get('epoch')}, rank 0 resumes after {epoch}")
+    with Session() as s:
+        run = get_run(s, run_id)
+        n_classes = len(run.dataset.classes)
+        train_data, *_ = _prepare(s, settings, run, config, None)
+    seed_everything(config.seed)  # as rank 0 does before building its model
+    model = PaperDenseNet(n_classes)  # no weights to load: DDP starts every process from rank 0's
+    fit(model, train_data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+        device=group.device, callback=NullCallback(), config=config.to_dict(), resume=checkpoint,
+        compile=config.compile, group=group)
 
 
 def _mean_speed(session: Session, run_id: int) -> float | None:

@@ -12,11 +12,14 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from core.distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +181,10 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     callback: Callback,
+    group: Group | None = None,
 ) -> dict[str, float]:
+    """One pass over `loader`. With `group` (one process of several, see core/distributed.py) the
+    loader yields this process's slice of each global batch and the metrics cover all processes."""
     model.train()
     criterion = nn.CrossEntropyLoss()
     # Sums stay on the device: one host sync per epoch, not per step.
@@ -194,7 +200,7 @@ def train_one_epoch(
             logits = model(x)
             loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if group is None else loss * loader.weight).backward()
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -203,6 +209,8 @@ def train_one_epoch(
         if callback.should_stop():
             break
     seconds = time.perf_counter() - t0
+    if group is not None:
+        loss_sum, correct, seen = group.sum(loss_sum, correct, seen)
     train_loss = loss_sum.item() / max(seen, 1)
     if not math.isfinite(train_loss):
         raise TrainingError(f"Training loss became {train_loss} in epoch {epoch}; try a lower learning rate.")
@@ -278,6 +286,7 @@ def fit(
     config: dict[str, Any],
     resume: dict[str, Any] | None = None,
     compile: bool = True,
+    group: Group | None = None,
 ) -> dict[str, float]:
     """Train for `epochs`; returns the last epoch's metrics. The best epoch (by validation
     accuracy, then loss; the last one when there is no validation part) is flagged to the callback.
@@ -286,9 +295,14 @@ def fit(
     would have without the interruption (same weights, optimiser moments, RNG streams and
     shuffling order), so a resumed run ends with the weights of an uninterrupted one.
     `compile` uses torch.compile with CUDA graphs on a GPU (see prepare_model).
+    `group`: this process is one of several training together (core/distributed.py); every one
+    calls fit with the same arguments, and only rank 0 should pass a callback with side effects.
     """
     seed_everything(seed)
-    net = prepare_model(model, device, compile=compile)  # what we call; `model` holds the weights
+    if group is not None:
+        group.check_same_data(data)
+        model = group.sync_batch_norm(model)
+    net = prepare_model(model, device, compile=compile and group is None)  # what we call; `model` holds the weights
     optimizer = make_optimizer(model, lr, device)
     scheduler = None  # the paper uses a constant learning rate; checkpoints keep a slot for one
     loader = make_loader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, device=device)
@@ -302,10 +316,15 @@ def fit(
         # Last, so nothing above draws from the restored streams.
         loader.generator.set_state(resume["loader_generator"])
         set_rng_state(resume["rng"])
+    train_net = net
+    if group is not None:  # DDP for training; validation below calls `net`, with no collectives
+        train_net, loader, callback = group.wrap(net), group.shard(loader), group.agreed(callback)
     metrics: dict[str, float] = {}
     for epoch in range(first_epoch, epochs + 1):
         # train
-        metrics = {"epoch": epoch, **train_one_epoch(net, loader, optimizer, device, epoch, callback)}
+        if group is not None:
+            group.seed_epoch(seed, epoch)
+        metrics = {"epoch": epoch, **train_one_epoch(train_net, loader, optimizer, device, epoch, callback, group)}
         if callback.should_stop():
             break
         # validate
