@@ -103,6 +103,7 @@ def config_from_args(args: argparse.Namespace, settings: Settings) -> RunConfig:
         weights=args.weights or settings.default_weights, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, image_size=args.image_size, seed=args.seed, device=args.device,
         stain_normalisation=args.stain_normalisation, hed_jitter=args.hed_jitter, tta=args.tta,
+        tiles=args.tiles,
     )
 
 
@@ -262,6 +263,10 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
         print(f"Run {run.id} on {run.dataset.name!r}, weights: {run.weights_used}, device: {run.device}")
         report = evaluate.run_report(s, run)
         print(evaluate.format_report(report))
+        if run.summary.get("calibration") is not None:
+            from core.calibration import format_run_calibration
+
+            print(format_run_calibration(run.summary["calibration"]))
         siblings = runs.fold_siblings(s, run)
         if len(siblings) > 1:
             done = [r for r in siblings if r.status.value == "succeeded"]
@@ -348,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 0.05); 0 = off; never applied to validation or test images")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=defaults.tta,
                    help="test-time augmentation: average the test softmax over the image and its 3 flips")
+    p.add_argument("--tiles", type=int, default=defaults.tiles, metavar="N",
+                   help="train on up to N tiles of --image-size pixels per image at native resolution (no "
+                        "downscaling) and predict an image by the mean of its tiles' probabilities; 0 = whole images")
     p.add_argument("--background", action="store_true",
                    help="queue the run(s) for the background worker and return at once (starts a worker if none is alive)")
     p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")

@@ -69,6 +69,14 @@ class AuditReport:
         )
 
 
+    def as_record(self) -> dict:
+        """What a run keeps of its split's audit (JSON-ready): the Runs page shows it."""
+        return {"warning": self.warning, "summary": self.summary, "n_test": self.n_test,
+                "exact": len({p.test for p in self.exact}), "near": len({p.test for p in self.near}),
+                "close": len({p.test for p in self.close}),
+                "nn_ratio": None if not np.isfinite(self.nn_ratio) else round(float(self.nn_ratio), 3)}
+
+
 def _count(pairs: list[LeakPair], what: str) -> str:
     n = len({p.test for p in pairs})
     return f"{n} {what}{'' if n == 1 else 's'}"

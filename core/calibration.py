@@ -278,3 +278,78 @@ def refer_threshold(val_probs: np.ndarray, val_labels: Sequence[int], target_acc
     if acc[-1] >= target_accuracy - 1e-12:
         return 0.0
     return float(conf[ok].min())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per run: fitted on the run's own validation part, kept in its summary
+
+DEFAULT_REFER_TARGET = 0.9
+
+
+def as_logits(probs: np.ndarray) -> np.ndarray:
+    """Log-probabilities, which serve as logits: softmax(log p) = p. Runs store probabilities
+    (with test-time augmentation, a mean over views, which has no single logit vector)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None))
+
+
+def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+    return softmax(as_logits(probs), temperature)
+
+
+def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs: np.ndarray,
+                    test_labels: Sequence[int], target_accuracy: float = DEFAULT_REFER_TARGET) -> dict:
+    """What a run records about its own calibration (JSON-ready).
+
+    The temperature and the refer threshold are chosen on the validation part only; the test part
+    shows how well they carry over. The calibrated validation probabilities are kept too, so the
+    Predict page can choose a threshold for another target accuracy.
+    """
+    val_probs, test_probs = np.asarray(val_probs, dtype=np.float64), np.asarray(test_probs, dtype=np.float64)
+    if len(val_probs) == 0:
+        return {"temperature": None, "note": "no validation part: not calibrated, no refer threshold"}
+    temperature = fit_temperature(as_logits(val_probs), val_labels)
+    val_cal = calibrate(val_probs, temperature)
+    threshold = refer_threshold(val_cal, val_labels, target_accuracy)
+    out = {
+        "temperature": round(temperature, 4),
+        "n_val": len(val_probs),
+        "val_ece_before": round(expected_calibration_error(val_probs, val_labels), 4),
+        "val_ece_after": round(expected_calibration_error(val_cal, val_labels), 4),
+        "refer_target": target_accuracy,
+        "refer_threshold": threshold,
+        "val_probs": np.round(val_cal, 5).tolist(),
+        "val_labels": [int(v) for v in val_labels],
+    }
+    if len(test_probs):
+        test_cal = calibrate(test_probs, temperature)
+        out["test_ece_before"] = round(expected_calibration_error(test_probs, test_labels), 4)
+        out["test_ece_after"] = round(expected_calibration_error(test_cal, test_labels), 4)
+        coverage, accuracy = selective_accuracy(test_cal, test_labels, 1.01 if threshold is None else threshold)
+        out["test_coverage"], out["test_accepted_accuracy"] = coverage, None if np.isnan(accuracy) else accuracy
+    return out
+
+
+def refer_verdict(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """True where a (calibrated) prediction falls in the "uncertain, refer" band."""
+    top = np.asarray(probs).max(-1)
+    return np.ones_like(top, dtype=bool) if threshold is None else top < threshold
+
+
+def format_run_calibration(summary: dict) -> str:
+    """One paragraph on a run's calibration and refer band, for the CLI and reports."""
+    if not summary or summary.get("temperature") is None:
+        return "Calibration: none (" + (summary or {}).get("note", "run recorded before calibration was added") + ")."
+    lines = [f"Calibration on the validation part ({summary['n_val']} images): temperature {summary['temperature']:.3g}; "
+             f"ECE validation {summary['val_ece_before']:.3f} -> {summary['val_ece_after']:.3f}"
+             + (f", test {summary['test_ece_before']:.3f} -> {summary['test_ece_after']:.3f}" if "test_ece_before" in summary else "")]
+    threshold, target = summary.get("refer_threshold"), summary.get("refer_target")
+    if threshold is None:
+        lines.append(f"Refer band: no threshold reaches {target:.0%} on validation; every prediction is 'uncertain, refer'.")
+    else:
+        line = f"Refer band: calibrated top probability below {threshold:.3f} is 'uncertain, refer' (target {target:.0%} on validation)"
+        if summary.get("test_coverage") is not None:
+            acc = summary.get("test_accepted_accuracy")
+            line += (f"; on test it keeps {summary['test_coverage']:.0%} of images"
+                     + ("" if acc is None else f" at {acc:.1%} accuracy"))
+        lines.append(line + ".")
+    return "\n".join(lines)

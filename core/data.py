@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from core import tiles
 from core.config import Settings
 from core.datasets import image_path, load_rgb
 from core.db import Image
@@ -27,25 +28,35 @@ def resize(image: PILImage.Image, size: int) -> PILImage.Image:
     return image.resize((size, size), PILImage.BILINEAR)
 
 
-def _cache_path(settings: Settings, sha256: str, size: int) -> Path:
-    return settings.app_home / "cache" / str(size) / sha256[:2] / f"{sha256}.npy"
+def _cache_path(settings: Settings, sha256: str, kind: str) -> Path:
+    return settings.app_home / "cache" / kind / sha256[:2] / f"{sha256}.npy"
 
 
-def resized_array(settings: Settings, image: Image, size: int) -> np.ndarray:
-    """The image as a (size, size, 3) uint8 array, from the cache when present."""
-    path = _cache_path(settings, image.sha256, size)
+def _cached(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
     if path.exists():
         try:
             return np.load(path)
         except (OSError, ValueError):
             pass  # a damaged cache entry is rebuilt below
-    array = np.asarray(resize(load_rgb(image_path(settings, image)), size), dtype=np.uint8)
+    array = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)
     return array
+
+
+def resized_array(settings: Settings, image: Image, size: int) -> np.ndarray:
+    """The image as a (size, size, 3) uint8 array, from the cache when present."""
+    return _cached(_cache_path(settings, image.sha256, str(size)),
+                   lambda: np.asarray(resize(load_rgb(image_path(settings, image)), size), dtype=np.uint8))
+
+
+def tile_array(settings: Settings, image: Image, size: int, max_tiles: int) -> np.ndarray:
+    """The image's tiles at native resolution (core/tiles.py), (n, size, size, 3) uint8, cached."""
+    return _cached(_cache_path(settings, image.sha256, f"tiles-{size}-{max_tiles}"),
+                   lambda: tiles.cut_tiles(load_rgb(image_path(settings, image)), size, max_tiles))
 
 
 def load_arrays(

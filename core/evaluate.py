@@ -14,7 +14,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db import Prediction, Run
+from core.db import Image, Prediction, Run
 from core.errors import UserError
 
 
@@ -64,6 +64,37 @@ def run_report(session: Session, run: Run) -> Report:
     report = report_from_labels([p.true_label for p in preds], [p.predicted_label for p in preds], run.dataset.classes)
     report.protocol = run.summary.get("protocol", "")
     return report
+
+
+def run_uncertainty(session: Session, run: Run) -> dict:
+    """Bootstrap intervals of a finished run's test figures, and its test reliability before and
+    after the run's temperature scaling (None when it has no calibration).
+
+    Test samples of one specimen (or, in the leaky protocol, copies of one source image) are not
+    independent, so whole groups are resampled where groups are known.
+    """
+    from core import calibration
+
+    rows = session.execute(select(Prediction, Image.group).join(Image, Image.id == Prediction.image_id)
+                           .where(Prediction.run_id == run.id).order_by(Prediction.id)).all()
+    if not rows:
+        raise UserError(f"Run {run.id} has no test predictions (status: {run.status.value}).")
+    preds = [p for p, _ in rows]
+    groups = [g for _, g in rows]
+    if any(p.aug_index is not None for p in preds):
+        groups = [p.image_id for p in preds]
+    elif any(g is None for g in groups):
+        groups = None
+    labels = [p.true_label for p in preds]
+    boot = calibration.bootstrap_metrics(labels, [p.predicted_label for p in preds], run.dataset.classes,
+                                         groups=groups, seed=run.seed)
+    out = {"bootstrap": boot, "reliability": None, "reliability_after": None}
+    temperature = (run.summary.get("calibration") or {}).get("temperature")
+    if temperature is not None:
+        probs = np.asarray([p.probabilities for p in preds], dtype=np.float64)
+        out["reliability"] = calibration.reliability_bins(probs, labels)
+        out["reliability_after"] = calibration.reliability_bins(calibration.calibrate(probs, temperature), labels)
+    return out
 
 
 @dataclass

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from core import calibration, tiles
 from core.config import Settings
 from core.data import resize, to_tensor
 from core.datasets import load_rgb
@@ -43,13 +44,43 @@ class Predictor:
     run_id: int
     normaliser: Callable[[np.ndarray], np.ndarray] | None = None  # the run's stain normalisation
     tta: bool = False  # the run's test-time augmentation
+    calibration: dict = field(default_factory=dict)  # the run's, fitted on its validation part
+    tiles: int = 0  # the run's tiles per image (0: whole images)
+
+    @property
+    def temperature(self) -> float | None:
+        return self.calibration.get("temperature")
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """Probabilities after the run's temperature scaling (unchanged when it has none)."""
+        return probs if self.temperature is None else calibration.calibrate(probs, self.temperature)
+
+    def refer_threshold(self, target_accuracy: float | None = None) -> float | None:
+        """The calibrated top probability below which a prediction is "uncertain, refer": the run's
+        own (chosen on validation for its recorded target), or one chosen on the same validation
+        probabilities for `target_accuracy`. None: no threshold reaches the target, refer all."""
+        if self.temperature is None:
+            raise UserError(f"Run {self.run_id} has no validation part, so it has no calibrated refer threshold.")
+        if target_accuracy is None:
+            return self.calibration.get("refer_threshold")
+        return calibration.refer_threshold(np.asarray(self.calibration["val_probs"]),
+                                           self.calibration["val_labels"], target_accuracy)
 
     def probabilities(self, images: Sequence[PILImage.Image]) -> np.ndarray:
-        """(N, C) class probabilities for RGB images of any size, prepared as the run's test images were."""
-        arrays = [np.asarray(resize(im.convert("RGB"), self.image_size), dtype=np.uint8) for im in images]
+        """(N, C) class probabilities for RGB images of any size, prepared as the run's test images
+        were: resized whole, or cut into tiles at native resolution whose probabilities are averaged."""
+        if self.tiles:
+            cuts = [tiles.cut_tiles(im, self.image_size, self.tiles) for im in images]
+            arrays = [a for cut in cuts for a in cut]
+            owners = np.repeat(np.arange(len(cuts)), [len(cut) for cut in cuts])
+        else:
+            arrays = [np.asarray(resize(im.convert("RGB"), self.image_size), dtype=np.uint8) for im in images]
         if self.normaliser is not None:
             arrays = [self.normaliser(a) for a in arrays]
-        return predict_proba(self.model, to_tensor(arrays), self.device, tta=self.tta).numpy()
+        if not arrays:
+            return np.empty((0, len(self.classes)))
+        probs = predict_proba(self.model, to_tensor(arrays), self.device, tta=self.tta).numpy()
+        return tiles.vote(probs, owners, len(images)) if self.tiles else probs
 
 
 def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
@@ -73,7 +104,9 @@ def load_predictor(session, settings: Settings, run_id: int, device: str = "auto
                             "which is no longer stored; its model cannot be used for prediction.")
         normaliser = make_normaliser(config["stain_normalisation"], resized_array(settings, reference, size))
     return Predictor(prepare_for_inference(model, dev, size), classes, size, dev, run_id,
-                     normaliser=normaliser, tta=bool(config.get("tta", False)))
+                     normaliser=normaliser, tta=bool(config.get("tta", False)),
+                     calibration=dict((run.summary or {}).get("calibration") or {}),
+                     tiles=int(config.get("tiles", 0)))
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True) -> torch.nn.Module:
@@ -99,8 +132,15 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], max_pixels: int |
             raise UserError(f"{path}: no such file.")
         images.append(load_rgb(Path(path), max_pixels))
     probs = predictor.probabilities(images)
-    return [
+    rows = [
         {"path": str(path), "predicted": predictor.classes[int(p.argmax())],
          **{c: float(v) for c, v in zip(predictor.classes, p)}}
         for path, p in zip(paths, probs)
     ]
+    if predictor.temperature is not None and len(probs):
+        calibrated = predictor.calibrated(probs)
+        refer = calibration.refer_verdict(calibrated, predictor.refer_threshold())
+        for row, c, r in zip(rows, calibrated, refer):
+            row["confidence_calibrated"] = float(c.max())
+            row["uncertain_refer"] = bool(r)
+    return rows

@@ -46,6 +46,7 @@ class RunConfig:
     stain_normalisation: str = "none"  # none | macenko | reinhard: map every image onto a training reference
     hed_jitter: float = 0.0  # sigma = bias of the H&E stain jitter on augmented training images; 0 = off
     tta: bool = False  # test-time augmentation: mean softmax over identity + 3 flips
+    tiles: int = 0  # >0: train on up to this many image_size tiles per image at native resolution, vote (core/tiles.py)
 
     def __post_init__(self) -> None:
         if self.split not in PROTOCOLS:
@@ -68,6 +69,10 @@ class RunConfig:
             raise UserError(f"hed_jitter must be a number from 0 (off) to 1, e.g. 0.05; got {jitter!r}.")
         if not isinstance(self.tta, bool):
             raise UserError(f"tta must be true or false, got {self.tta!r}.")
+        if isinstance(self.tiles, bool) or not isinstance(self.tiles, int) or not 0 <= self.tiles <= 256:
+            raise UserError(f"tiles must be a whole number from 0 (whole images) to 256, got {self.tiles!r}.")
+        if self.tiles and self.split == "paper-leaky":
+            raise UserError("The paper's protocol trains on whole images; tiles work with the holdout and kfold splits.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

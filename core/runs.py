@@ -33,7 +33,8 @@ import torch
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import augment, data, splits, stain
+from core import audit, augment, data, splits, stain, tiles
+from core.calibration import run_calibration
 from core.accounts import User, require_editor
 from core.config import Settings
 from core.datasets import get_dataset
@@ -336,6 +337,7 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
     index = {name: i for i, name in enumerate(classes)}
     decode_cb = (lambda d, t: progress("decode", d, t)) if progress else None
     notes: dict[str, Any] = {}
+    owners: dict[str, list[int]] = {}  # sample -> index of its source image in the part (tiles)
     normalising = config.stain_normalisation != "none"
 
     if run.split.protocol == "paper-leaky":
@@ -360,14 +362,15 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
         test_ids = [(pool[sources[i]].id, i) for i in pick("test")]
     else:
         train = parts.get("train", [])
-        x = {"train": data.load_arrays(settings, train, config.image_size, decode_cb)}
-        y = {"train": [index[im.label] for im in train]}
-        for part in ("val", "test"):
+        x, y = {}, {}
+        for part in ("train", "val", "test"):
             images = parts.get(part, [])
-            x[part] = data.load_arrays(settings, images, config.image_size)
-            y[part] = [index[im.label] for im in images]
+            x[part], owners[part] = _load_part(settings, images, config, decode_cb if part == "train" else None)
+            y[part] = [index[images[i].label] for i in owners[part]]
         if normalising:
-            ref_id, normaliser = choose_stain_reference(x["train"], [im.id for im in train], config.stain_normalisation)
+            # With tiles too, the reference is a whole training image, as the Predict page refits it.
+            whole = x["train"] if not config.tiles else data.load_arrays(settings, train, config.image_size)
+            ref_id, normaliser = choose_stain_reference(whole, [im.id for im in train], config.stain_normalisation)
             notes["stain_reference_image_id"] = ref_id
             x = _normalise(x, normaliser, progress)
         aug, aug_labels, _ = _expand(x["train"], y["train"], len(classes), config, progress)
@@ -381,7 +384,22 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
         return data.to_tensor(x[part]), torch.tensor(y[part], dtype=torch.long)
 
     tr, va, te = tensors("train"), tensors("val"), tensors("test")
-    return Data(tr[0], tr[1], va[0], va[1]), te, test_ids, notes
+    return Data(tr[0], tr[1], va[0], va[1]), te, test_ids, notes, (owners if config.tiles else None)
+
+
+def _load_part(settings: Settings, images: list, config: RunConfig,
+               progress: Callable[[int, int], None] | None) -> tuple[list[np.ndarray], list[int]]:
+    """A part's samples (whole images resized, or each image's tiles) and each one's source image."""
+    if not config.tiles:
+        return data.load_arrays(settings, images, config.image_size, progress), list(range(len(images)))
+    arrays, owners = [], []
+    for i, image in enumerate(images):
+        cut = data.tile_array(settings, image, config.image_size, config.tiles)
+        arrays.extend(cut)
+        owners.extend([i] * len(cut))
+        if progress:
+            progress(i + 1, len(images))
+    return arrays, owners
 
 
 def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress: Progress | None = None,
@@ -509,12 +527,16 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
         protocol = splits.describe(run.split)
         identity = {"run_id": run_id, "run_created": run.created_at.isoformat()}
         t0 = time.perf_counter()
-        train_data, (x_test, y_test), test_ids, notes = _prepare(s, settings, run, config, report)
+        train_data, (x_test, y_test), test_ids, notes, owners = _prepare(s, settings, run, config, report)
         timings["data_and_augment"] = time.perf_counter() - t0
-    if notes:
-        with Session.begin() as s:
-            run = get_run(s, run_id)
-            run.summary = {**run.summary, **notes}
+        t0 = time.perf_counter()
+        leak_audit = audit.audit_split(s, settings, run.split, run.fold).as_record()
+        timings["leak_audit"] = time.perf_counter() - t0
+    if leak_audit["warning"]:
+        log.warning("run %d: %s", run_id, leak_audit["warning"])
+    with Session.begin() as s:
+        run = get_run(s, run_id)
+        run.summary = {**run.summary, **notes, "leak_audit": leak_audit}
     log.info("run %d: %d train, %d val, %d test samples; %s", run_id, len(train_data.y_train),
              len(train_data.y_val), len(y_test), protocol)
 
@@ -541,6 +563,12 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
     best = torch.load(directory / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
     probs = predict_proba(model.to(device), x_test, device, tta=config.tta).numpy()
+    val_probs = predict_proba(model, train_data.x_val, device, tta=config.tta).numpy()
+    y_val = train_data.y_val
+    if owners is not None:  # an image's prediction is the vote of its tiles
+        probs, y_test = _tile_vote(probs, y_test, owners["test"])
+        val_probs, y_val = _tile_vote(val_probs, y_val, owners["val"])
+    calibration = run_calibration(val_probs, y_val.tolist(), probs, y_test.tolist())
     timings["evaluate"] = time.perf_counter() - t0
     predicted = probs.argmax(1) if len(probs) else np.array([], dtype=int)
     with Session.begin() as s:
@@ -553,12 +581,22 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
         run = get_run(s, run_id)
         accuracy = float((predicted == y_test.numpy()).mean()) if len(probs) else None
         run.summary = {**run.summary, "protocol": protocol, "test_accuracy": accuracy, "n_test": len(probs),
-                       "n_train": len(train_data.y_train), "n_val": len(train_data.y_val),
+                       "n_train": len(train_data.y_train), "n_val": len(train_data.y_val), "calibration": calibration,
                        "images_per_second": _mean_speed(s, run_id),
                        "gpu_peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                        if device.type == "cuda" else None}
         run.status, run.finished_at, run.timings = RunStatus.succeeded, utcnow(), timings
     log.info("run %d succeeded: test accuracy %s", run_id, accuracy)
+
+
+def _tile_vote(probs: np.ndarray, labels: torch.Tensor, owners: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+    """Per-image probabilities and labels from per-tile ones."""
+    if not owners:
+        return probs, labels
+    n = max(owners) + 1
+    image_labels = torch.zeros(n, dtype=torch.long)
+    image_labels[torch.tensor(owners)] = labels
+    return tiles.vote(probs, np.asarray(owners), n), image_labels
 
 
 def _follow(Session: sessionmaker, settings: Settings, run_id: int, group: Group) -> None:

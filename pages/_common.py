@@ -320,6 +320,14 @@ def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, 
     return _layout(fig, title, subtitle, height=420, wrap=wrap)
 
 
+def reliability_chart(before, after, title: str, subtitle: str = "", wrap: int = 110) -> go.Figure:
+    """core's reliability diagram (bins as trained and temperature-scaled), titled like the others."""
+    from core.calibration import reliability_figure
+
+    fig = reliability_figure(before, title, other=after, names=("as trained", "temperature-scaled"))
+    return _layout(fig, title, subtitle, height=420, wrap=wrap)
+
+
 def probabilities_figure(classes: Sequence[str], probabilities: Sequence[float], title: str, subtitle: str = "",
                          wrap: int = 110) -> go.Figure:
     best = int(np.argmax(probabilities))

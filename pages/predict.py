@@ -3,10 +3,11 @@ table (and CSV) for a batch."""
 
 import hashlib
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import predict, runs, saliency
+from core import calibration, predict, runs, saliency
 from core.datasets import load_rgb
 from core.db import RunStatus
 from core.errors import UserError
@@ -87,7 +88,7 @@ if key not in cache:
             bar.progress(done / len(images), text=f"Classifying: {done} of {len(images)}")
         bar.empty()
     cache.clear()  # keep only the latest batch in memory
-    cache[key] = {"names": names, "images": images, "probabilities": probabilities, "problems": problems,
+    cache[key] = {"names": names, "images": images, "probabilities": probabilities, "problems": problems,  # raw
                   "classes": predictor.classes}
 result = cache[key]
 classes = result["classes"]
@@ -96,9 +97,33 @@ for problem in result["problems"]:
 if not result["names"]:
     st.stop()
 
+predictor = predictor_for(run_id, cfg.database_url)
+raw = np.asarray(result["probabilities"])
+threshold, refer = None, np.zeros(len(raw), dtype=bool)
+if predictor.temperature is None:
+    st.caption("This run had no validation part, so its probabilities are not calibrated and no "
+               "\"uncertain, refer\" band applies. Train with a validation fraction above 0 for one.")
+    shown = raw
+else:
+    shown = predictor.calibrated(raw)
+    targets = sorted({0.8, 0.85, 0.9, 0.95, 0.99, predictor.calibration["refer_target"]})
+    target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
+                              value=predictor.calibration["refer_target"], format_func=lambda t: f"{t:.0%}",
+                              key=f"pr_target_{run_id}",
+                              help="Predictions whose calibrated confidence is below the threshold that reached this "
+                                   "accuracy on the run's validation images are marked 'uncertain, refer'.")
+    threshold = predictor.refer_threshold(target)
+    refer = calibration.refer_verdict(shown, threshold)
+    n_val = predictor.calibration["n_val"]
+    band = ("no threshold reached it on validation: every prediction is marked 'uncertain, refer'"
+            if threshold is None else f"confidence below {threshold:.1%} is marked 'uncertain, refer'")
+    st.caption(f"Probabilities are temperature-scaled (T = {predictor.temperature:.2f}) on the run's {n_val} "
+               f"validation images; {band}. With few validation images the threshold is itself uncertain.")
+
 table = pd.DataFrame([{"file": name, "predicted": classes[int(p.argmax())], "confidence": float(p.max()),
+                       "verdict": "uncertain, refer" if r else "confident",
                        **{c: float(v) for c, v in zip(classes, p)}}
-                      for name, p in zip(result["names"], result["probabilities"])])
+                      for name, p, r in zip(result["names"], shown, refer)])
 
 st.subheader("Result" if len(table) == 1 else f"Results for {len(table)} images")
 if len(table) > 1:
@@ -117,7 +142,7 @@ if len(table) > 1:
 else:
     chosen = 0
 
-name, image, probs = result["names"][chosen], result["images"][chosen], result["probabilities"][chosen]
+name, image, probs = result["names"][chosen], result["images"][chosen], shown[chosen]
 predicted = int(probs.argmax())
 left, middle, right = st.columns([1, 1, 1], gap="medium")
 with left:
@@ -137,7 +162,13 @@ with middle:
             st.image(cam.overlay, caption=f"Grad-CAM for {classes[cam.class_index]} on the last dense block "
                      "(red: regions that raised this class's score)", width="stretch")
 with right:
-    st.metric("Predicted subtype", classes[predicted], delta=f"{probs[predicted]:.1%} probability", delta_color="off",
-              border=True)
+    if refer[chosen]:
+        st.metric("Uncertain, refer", classes[predicted], delta=f"most likely, {probs[predicted]:.1%}", delta_color="off",
+                  border=True)
+        st.warning("Not confident enough to report a subtype: refer this image to a pathologist "
+                   "(or review it with more of the specimen).", icon=":material/help:")
+    else:
+        st.metric("Predicted subtype", classes[predicted], delta=f"{probs[predicted]:.1%} probability",
+                  delta_color="off", border=True)
     show_figure(probabilities_figure(classes, probs, "Class probabilities", f"run {run_id} · {meta['protocol']}",
                                      wrap=42), key="pr_probs")

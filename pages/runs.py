@@ -9,11 +9,12 @@ import streamlit as st
 from sqlalchemy import select
 
 from core import evaluate, runs
+from core.calibration import format_run_calibration
 from core.db import EpochMetric, Image, Prediction, RunStatus
 from pages._common import (
     ACTIVE, STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, is_leaky, page_header, pct,
-    progress_text, protocol_of, request_cancel, run_label, session_factory, settings, show_figure, through_router,
-    thumbnail, user_errors,
+    progress_text, protocol_of, reliability_chart, request_cancel, run_label, session_factory, settings, show_figure,
+    through_router, thumbnail, user_errors,
 )
 
 through_router()
@@ -175,6 +176,17 @@ def predictions_csv(s, run, classes: list[str]) -> bytes:
     return buf.getvalue().encode()
 
 
+def calibration_panel(run, uncertainty: dict) -> None:
+    cal = run.summary.get("calibration") or {}
+    with st.expander("Calibration and the \"uncertain, refer\" band", expanded=False):
+        st.markdown(format_run_calibration(cal).replace("\n", "  \n"))
+        if uncertainty["reliability"] is not None:
+            show_figure(reliability_chart(uncertainty["reliability"], uncertainty["reliability_after"],
+                                          f"Run {run.id}: test reliability", protocol_of(run), wrap=80),
+                        key=f"runs_reliability_{run.id}")
+            st.caption("Temperature fitted on the validation part only; the test part shows whether it carries over.")
+
+
 def results(run_id: int) -> None:
     with Session() as s:
         run = runs.get_run(s, run_id)
@@ -192,6 +204,13 @@ def results(run_id: int) -> None:
         elif run.status == RunStatus.cancelled:
             st.info("This run was cancelled; its curves show the epochs it finished.", icon=":material/block:")
 
+        leak = run.summary.get("leak_audit")
+        if leak and leak.get("warning"):
+            st.warning(f"**Leak audit of this run's split.** {leak['warning']}  \n{leak['summary']}",
+                       icon=":material/content_copy:")
+        elif leak:
+            st.caption(f"Leak audit of this run's split: nothing found. {leak['summary']}")
+
         if run.status == RunStatus.succeeded:
             report = evaluate.run_report(s, run)
             left, right = st.columns([2, 3], gap="large")
@@ -205,6 +224,12 @@ def results(run_id: int) -> None:
                     c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
                 })
                 st.caption("Per-class accuracy is one-vs-rest, (TP + TN) / N, as in the paper.")
+                uncertainty = evaluate.run_uncertainty(s, run)
+                boot = uncertainty["bootstrap"]
+                how = (f"{boot.n_groups} specimens (or source images) resampled whole" if boot.n_groups is not None
+                       else "test images resampled one by one")
+                st.markdown(f"Test accuracy {pct(boot.accuracy.estimate)}, {boot.level:.0%} bootstrap interval "
+                            f"**{pct(boot.accuracy.low)} – {pct(boot.accuracy.high)}** ({how}).")
                 siblings = runs.fold_siblings(s, run)
                 if len(siblings) > 1:
                     done = [r for r in siblings if r.status == RunStatus.succeeded]
@@ -219,6 +244,7 @@ def results(run_id: int) -> None:
                                   f"{row[m.lower().replace('-score', '') + '_std']:.3f}"
                                for m in ("Accuracy", "Precision", "Recall", "F1-score")},
                         } for row in summary.rows]), hide_index=True)
+            calibration_panel(run, uncertainty)
             misclassified(s, run, classes)
 
         with st.expander("Full configuration"):

@@ -6,10 +6,10 @@ from pathlib import Path
 import streamlit as st
 from sqlalchemy import select
 
-from core import datasets, presets, runs
+from core import audit, datasets, presets, runs, splits
 from core.db import Run
 from core.errors import UserError
-from core.run_config import RunConfig
+from core.run_config import STAIN_NORMALISATIONS, RunConfig
 from core.splits import PROTOCOLS
 from pages._common import (
     ACTIVE, STATUS_BADGE, current_user, page_header, progress_text, protocol_of, request_cancel, session_factory,
@@ -52,6 +52,8 @@ def apply_preset(name: str) -> None:
         "tr_aug_preset": presets.PAPER_PRESET, "tr_weights": choice, "tr_weights_path": path,
         "tr_epochs": values["epochs"], "tr_batch_size": values["batch_size"], "tr_lr": values["lr"],
         "tr_image_size": values["image_size"], "tr_device": values["device"], "tr_leak_ok": False,
+        "tr_stain": values["stain_normalisation"], "tr_hed": values["hed_jitter"], "tr_tta": values["tta"],
+        "tr_tiles": values["tiles"],
     })
     st.session_state["tr_flash"] = f"Loaded '{name}'. Check the dataset and weights, then launch."
 
@@ -63,6 +65,7 @@ for key, value in {
     "tr_aug_preset": presets.PAPER_PRESET, "tr_weights": choice, "tr_weights_path": path,
     "tr_epochs": PAPER.epochs, "tr_batch_size": PAPER.batch_size, "tr_lr": PAPER.lr,
     "tr_image_size": PAPER.image_size, "tr_device": PAPER.device,
+    "tr_stain": PAPER.stain_normalisation, "tr_hed": PAPER.hed_jitter, "tr_tta": PAPER.tta, "tr_tiles": PAPER.tiles,
 }.items():
     st.session_state.setdefault(key, value)
 
@@ -112,6 +115,27 @@ else:
                            help="Of the non-test part; picks the best epoch, which is the one evaluated. 0 = none.")
             c.number_input("Folds", 2, 20, step=1, key="tr_folds", disabled=split != "kfold")
             st.number_input("Seed", 0, 2**31 - 1, step=1, key="tr_seed", help="Split, augmentation and training are all seeded.")
+            split_key = (ds_name, split, grouped, st.session_state["tr_seed"], st.session_state["tr_test_fraction"],
+                         st.session_state["tr_val_fraction"], st.session_state["tr_folds"])
+            if user.can_edit and split != "paper-leaky" and st.button(
+                    "Audit this split for leaks", icon=":material/content_copy:", key="tr_audit",
+                    help="Looks for test images that equal, nearly equal or closely resemble a training image "
+                         "(duplicates, neighbouring fields of one slide). Runs audit their split too."):
+                with user_errors(), st.spinner("Comparing every test image with the training images…"):
+                    with Session.begin() as s:
+                        planned = splits.make_split(
+                            s, datasets.get_dataset(s, ds_name), protocol=split, grouped=grouped,
+                            seed=int(split_key[3]), test_fraction=float(split_key[4]), val_fraction=float(split_key[5]),
+                            folds=int(split_key[6]))
+                        found = audit.audit_split(s, cfg, planned, fold=0)
+                    st.session_state["tr_audit_result"] = (split_key, found.warning, found.summary)
+            audited = st.session_state.get("tr_audit_result")
+            if audited and audited[0] == split_key:
+                where = " (fold 1)" if split == "kfold" else ""
+                if audited[1]:
+                    st.warning(f"**Leak audit{where}:** {audited[1]}  \n{audited[2]}", icon=":material/content_copy:")
+                else:
+                    st.success(f"Leak audit{where}: nothing found. {audited[2]}", icon=":material/check_circle:")
             leak_ok = True
             if split == "paper-leaky":
                 st.warning(
@@ -162,6 +186,24 @@ else:
                            help="Paper: 224. Images are squashed to this square before augmentation.")
             st.selectbox("Device", ["auto", "cpu", "cuda"], key="tr_device",
                          help="auto: the GPU when there is one (bf16), else the CPU (slow at 224 px).")
+        with st.container(border=True):
+            st.markdown("**Generalisation to new specimens** (not in the paper; off by default)")
+            a, b = st.columns(2)
+            a.selectbox("Stain normalisation", STAIN_NORMALISATIONS, key="tr_stain",
+                        help="Map every image's H&E colours onto one training image (Macenko or Reinhard), so "
+                             "staining differences between specimens matter less. The reference comes from the "
+                             "training part only; prediction applies the same mapping.")
+            b.number_input("H&E stain jitter", 0.0, 1.0, step=0.01, format="%.2f", key="tr_hed",
+                           help="Random stain variation in HED colour space of each augmented training image "
+                                "(e.g. 0.05); 0 = off. Never applied to validation or test images.")
+            a.number_input("Tiles per image", 0, 256, step=1, key="tr_tiles",
+                           help="0: whole images squashed to the image size (the paper). N > 0: up to N tiles of the "
+                                "image size cut at native resolution; an image's prediction is the mean of its tiles'.")
+            b.checkbox("Test-time augmentation", key="tr_tta",
+                       help="Average each prediction over the image and its three flips.")
+            st.caption("Every class gets the same number of augmented training images (class-balanced). "
+                       "Probabilities are calibrated on the validation part, which also sets the "
+                       "'uncertain, refer' band on the Predict page.")
 
     ready = leak_ok and (weights != "file" or st.session_state["tr_weights_path"].strip())
     if not user.can_edit:
@@ -181,6 +223,8 @@ else:
                 epochs=int(st.session_state["tr_epochs"]), batch_size=int(st.session_state["tr_batch_size"]),
                 lr=float(st.session_state["tr_lr"]), image_size=int(st.session_state["tr_image_size"]),
                 seed=int(st.session_state["tr_seed"]), device=st.session_state["tr_device"],
+                stain_normalisation=st.session_state["tr_stain"], hed_jitter=float(st.session_state["tr_hed"]),
+                tta=bool(st.session_state["tr_tta"]), tiles=int(st.session_state["tr_tiles"]),
             )
             with Session.begin() as s:
                 ids = [r.id for r in runs.create_runs(s, cfg, config, user=user)]

@@ -134,3 +134,29 @@ def test_group_bootstrap_is_wider_when_groups_are_correlated():
     assert bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], groups=np.arange(200)).accuracy == by_image.accuracy
     with pytest.raises(UserError, match="one group per sample"):
         bootstrap_metrics(y_true, y_pred, ["a", "b", "c"], groups=[1, 2])
+
+
+def test_run_calibration_fits_on_validation_and_carries_to_test():
+    from core.calibration import refer_verdict, run_calibration
+
+    rng = np.random.default_rng(0)
+    def overconfident(n):
+        labels = rng.integers(0, 3, n)
+        logits = rng.normal(0, 1, (n, 3))
+        logits[np.arange(n), labels] += 1.0  # right about 60% of the time ...
+        return softmax(logits * 6), labels     # ... but nearly always "sure"
+
+    val_p, val_y = overconfident(400)
+    test_p, test_y = overconfident(400)
+    out = run_calibration(val_p, val_y, test_p, test_y, target_accuracy=0.8)
+    assert out["temperature"] > 2  # softened: the model was over-confident
+    assert out["val_ece_after"] < out["val_ece_before"] / 2
+    assert out["test_ece_after"] < out["test_ece_before"] / 2
+    threshold = out["refer_threshold"]
+    assert 0 < threshold < 1 and out["n_val"] == 400 == len(out["val_probs"])
+    # The band keeps only confident predictions, which are the more accurate ones.
+    assert 0 < out["test_coverage"] < 1 and out["test_accepted_accuracy"] > 0.7
+    refer = refer_verdict(np.asarray(out["val_probs"]), threshold)
+    assert refer.any() and not refer.all()
+    assert refer_verdict(np.asarray(out["val_probs"]), None).all()
+    assert run_calibration(val_p[:0], val_y[:0], test_p, test_y)["temperature"] is None

@@ -11,7 +11,7 @@ from core.__main__ import build_parser, config_from_args
 from core.datasets import image_path, load_rgb
 from core.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
-from core.predict import load_predictor
+from core.predict import load_predictor, predict_files
 from core.run_config import RunConfig
 from core.train import predict_logits, predict_proba, tta_views
 from tests.synthetic import ingest_synthetic, synthetic_array
@@ -53,6 +53,19 @@ def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset,
         image = s.get(Image, pred.image_id)
         probs = predictor.probabilities([load_rgb(image_path(settings, image))])[0]
     assert np.allclose(probs, pred.probabilities, atol=1e-4)
+
+    # Calibrated on the run's own validation part; the Predict page's refer band comes from it.
+    calibration = run.summary["calibration"]
+    n_val = sum(part == "val" for part in parts.values())
+    assert n_val >= 1 and calibration["n_val"] == n_val == len(calibration["val_labels"])
+    assert calibration["temperature"] > 0 and calibration["refer_target"] == 0.9
+    assert predictor.temperature == calibration["temperature"]
+    assert predictor.refer_threshold() == calibration["refer_threshold"]
+    calibrated = predictor.calibrated(np.asarray([probs]))[0]
+    assert np.isclose(calibrated.sum(), 1) and calibrated.argmax() == probs.argmax()
+    rows = predict_files(predictor, [image_path(settings, image)])
+    assert rows[0]["uncertain_refer"] == (predictor.refer_threshold() is None
+                                          or calibrated.max() < predictor.refer_threshold())
 
 
 def test_switches_default_off_and_old_configs_still_load():

@@ -281,6 +281,56 @@ def test_launch_queues_a_run_with_the_chosen_settings(trained, monkeypatch, no_w
         assert s.get(Run, run.id).status == RunStatus.cancelled
 
 
+def test_generalisation_switches_and_leak_audit_on_the_train_page(monkeypatch, no_worker, settings, tmp_path):
+    Session = make_sessionmaker(settings.database_url)
+    write_dataset(tmp_path / "src", per_class=6)
+    with Session.begin() as s:
+        ingest(s, settings, tmp_path / "src", "fresh")
+    at = open_page(monkeypatch, settings, "pages/train.py")
+    assert (at.selectbox(key="tr_stain").value, at.number_input(key="tr_hed").value,
+            at.checkbox(key="tr_tta").value, at.number_input(key="tr_tiles").value) == ("none", 0.0, False, 0)
+    at.button(key="tr_audit").click().run()
+    assert not at.exception and not at.error
+    found = [w.value for w in at.warning if "Leak audit" in w.value] + [m.value for m in at.success if "Leak audit" in m.value]
+    assert len(found) == 1 and "test vs" in found[0]
+    at.radio(key="tr_weights").set_value("none")
+    at.selectbox(key="tr_stain").set_value("reinhard")
+    at.number_input(key="tr_hed").set_value(0.05)
+    at.checkbox(key="tr_tta").check()
+    at.number_input(key="tr_tiles").set_value(6)
+    at.run()
+    at.button(key="tr_launch").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    with Session() as s:
+        (run,) = s.scalars(select(Run)).all()
+        config = RunConfig.from_dict(run.config)
+    assert (config.stain_normalisation, config.hed_jitter, config.tta, config.tiles) == ("reinhard", 0.05, True, 6)
+
+
+def test_runs_page_shows_the_leak_audit_calibration_and_intervals(trained, monkeypatch):
+    cfg, run_id = trained
+    Session = make_sessionmaker(cfg.database_url)
+    with Session() as s:
+        summary = dict(s.get(Run, run_id).summary)
+    assert summary["leak_audit"]["n_test"] == summary["n_test"]  # every run audits its split
+    at = open_page(monkeypatch, cfg, "pages/runs.py")
+    assert not at.exception
+    assert any("Leak audit of this run's split" in t for t in [c.value for c in at.caption] + [w.value for w in at.warning])
+    assert any("bootstrap interval" in m.value for m in at.markdown)
+    assert any(f"Run {run_id}: test reliability" in t for t in chart_titles(at))
+    assert any("temperature" in m.value.lower() for m in at.markdown)
+    # A warning recorded by the audit is shown as one.
+    planted = {**summary["leak_audit"], "warning": "Possible leak: 1 test image exactly equal to a training image."}
+    with Session.begin() as s:
+        s.get(Run, run_id).summary = {**summary, "leak_audit": planted}
+    try:
+        at = open_page(monkeypatch, cfg, "pages/runs.py")
+        assert any("exactly equal to a training image" in w.value for w in at.warning)
+    finally:
+        with Session.begin() as s:
+            s.get(Run, run_id).summary = summary
+
+
 def test_paper_preset_and_leaky_protocol_need_an_explicit_yes(trained, monkeypatch):
     cfg, _ = trained
     at = open_page(monkeypatch, cfg, "pages/train.py")
@@ -379,11 +429,24 @@ def test_prediction_shows_the_probabilities_core_computes(trained, monkeypatch):
     Session = make_sessionmaker(cfg.database_url)
     with Session() as s:
         predictor = load_predictor(s, cfg, run_id, device="cpu")
-    expected = predictor.probabilities([image])[0]
+    # The page shows the run's calibrated probabilities and its refer band (chosen on validation).
+    assert predictor.temperature is not None
+    expected = predictor.calibrated(predictor.probabilities([image]))[0]
+    threshold = predictor.refer_threshold()
+    refer = threshold is None or expected.max() < threshold
     assert list(table["file"]) == ["new.tif"]
     assert np.allclose(table[predictor.classes].to_numpy()[0], expected, atol=1e-5)
     assert table["predicted"][0] == predictor.classes[int(expected.argmax())]
-    assert {m.label: m.value for m in at.metric}["Predicted subtype"] == predictor.classes[int(expected.argmax())]
+    assert table["verdict"][0] == ("uncertain, refer" if refer else "confident")
+    label = "Uncertain, refer" if refer else "Predicted subtype"
+    assert {m.label: m.value for m in at.metric}[label] == predictor.classes[int(expected.argmax())]
+    assert any("temperature-scaled" in c.value for c in at.caption)
+
+    # Asking for near-certainty refers everything that falls short of it.
+    at.select_slider(key=f"pr_target_{run_id}").set_value(0.99).run()
+    strict = predictor.refer_threshold(0.99)
+    assert at.dataframe[0].value["verdict"][0] == (
+        "uncertain, refer" if strict is None or expected.max() < strict else "confident")
     assert any("Class probabilities" in t for t in chart_titles(at))
     # At 32 px the last dense block is 1x1: the page says so instead of drawing an empty overlay.
     assert any("Grad-CAM for" in c for c in image_captions(at)) or any("Grad-CAM for" in i.value for i in at.info)
