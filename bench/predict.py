@@ -1,7 +1,9 @@
 """Prediction speed: one-image latency (decode of a 1388x1040 TIF included) and batch throughput.
 
-Baseline: the model in eager fp32, NCHW. Fast path: core.predict.prepare_for_inference (channels_last;
-on CUDA also bf16 and torch.compile with CUDA graphs), as the Predict page uses it.
+Baseline: the model in eager fp32, NCHW. Fast path: core.predict.prepare_for_inference (on CUDA
+channels_last, bf16 and torch.compile with CUDA graphs; on the CPU the same eager model, so the
+ratio there is ~1 and the figure that matters is the absolute one-image time), as the Predict page
+uses it.
 
     python -m bench.predict                 # auto device
     python -m bench.predict --device cpu --batch 8 --repeat 3   # quick CPU smoke

@@ -110,9 +110,14 @@ def load_predictor(session, settings: Settings, run_id: int, device: str = "auto
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True) -> torch.nn.Module:
-    """Eval mode, channels_last, and on CUDA a compiled, CUDA-graphed model (checked by one warm-up call)."""
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    if device.type != "cuda" or not compile:
+    """Eval mode; on CUDA also channels_last and a compiled, CUDA-graphed model (checked by one
+    warm-up call). On the CPU the model stays NCHW: DenseNet's many concatenations made
+    channels_last slower there at batch 1 (bench/predict.py)."""
+    model = model.to(device).eval()
+    if device.type != "cuda":
+        return model
+    model = model.to(memory_format=torch.channels_last)
+    if not compile:
         return model
     try:
         compiled = torch.compile(model, mode="reduce-overhead")
