@@ -51,8 +51,9 @@ def test_ingest_train_evaluate_predict(tmp_path):
     out = cli(home, "predict", "--run", run_id, str(image))
     assert out.returncode == 0, out.stderr
     header, row = out.stdout.strip().splitlines()
-    assert header == "path,predicted,CLL,FL,MCL"
-    assert abs(sum(float(v) for v in row.split(",")[2:]) - 1) < 0.01
+    # Class probabilities, then the run's calibrated confidence and refer verdict (it has a validation part).
+    assert header == "path,predicted,CLL,FL,MCL,confidence_calibrated,uncertain_refer"
+    assert abs(sum(float(v) for v in row.split(",")[2:5]) - 1) < 0.01
 
     out = cli(home, "runs")
     assert out.returncode == 0 and "succeeded" in out.stdout

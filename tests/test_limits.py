@@ -32,10 +32,12 @@ def count(Session, model) -> int:
 
 
 def files_under(settings: Settings) -> set[Path]:
-    """Every file under APP_HOME except the database (which SQLite may touch on any query)."""
+    """Every file under APP_HOME except the database (which SQLite may touch on any query) and the
+    ingest lock (an empty file that any ingest opens; it holds no data)."""
     if not settings.app_home.exists():
         return set()
-    return {p for p in settings.app_home.rglob("*") if p.is_file() and not p.name.startswith("app.db")}
+    return {p for p in settings.app_home.rglob("*")
+            if p.is_file() and not p.name.startswith("app.db") and p.name != "ingest.lock"}
 
 
 def png(label: str, i: int) -> bytes:
