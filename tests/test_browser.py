@@ -179,7 +179,8 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         # Predict: classify a new TIF image.
         page.goto(url + "/predict")
         page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files(str(new_image))
-        expect(page.get_by_text("Predicted subtype")).to_be_visible(timeout=90_000)
+        # A subtype, or (for a model this small, whose calibrated confidence is low) the refer verdict.
+        expect(page.get_by_text(re.compile("Predicted subtype|Uncertain, refer")).first).to_be_visible(timeout=90_000)
         expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=90_000)
         settle()
         shot("6-predict")
