@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from core.config import load_settings
 from core.datasets import ingest, load_rgb
 from core.db import Dataset, Image, make_sessionmaker
 from core.files import atomic_path, is_temp_name, write_bytes_atomic
+from tests.server import free_port, wait_healthy
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +66,6 @@ def test_temp_names_are_recognised():
 # kill -9 during an upload
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """`streamlit run` on a free port, in its own process group; returns before it is up."""
     port = free_port()
@@ -85,20 +78,6 @@ def launch_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
         cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     return process, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"streamlit exited with code {process.returncode}; see {log}"
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("streamlit did not become healthy")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -139,7 +118,7 @@ def test_kill_9_during_an_upload_loses_nothing_and_the_upload_can_be_retried(tmp
 
     process, url = launch_server(home, log)
     try:
-        wait_healthy(process, url, log)
+        wait_healthy(url, process, 60, log)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page()
@@ -196,7 +175,7 @@ def test_kill_9_during_an_upload_loses_nothing_and_the_upload_can_be_retried(tmp
 
             # A restarted server warns on its Home page, an administrator clears the leftovers, and
             # the user uploads again.
-            wait_healthy(process, url, log)
+            wait_healthy(url, process, 60, log)
             page.goto(url)
             expect(page.get_by_text("disagree")).to_be_visible()
             expect(page.get_by_text("unreferenced file(s) under images/")).to_be_visible()
