@@ -36,6 +36,24 @@ def timed(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, re
     return statistics.median(times)
 
 
+def timed_pair(baseline: Callable[[], object], fast: Callable[[], object], device: torch.device, *,
+               warmup: int = 2, repeat: int = 5) -> tuple[float, float]:
+    """Median seconds per call of each, the calls alternating: on a shared machine whose speed drifts
+    within a minute, timing one after the other would measure the drift as much as the difference."""
+    for _ in range(warmup):
+        baseline()
+        fast()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for fn, out in ((baseline, times[0]), (fast, times[1])):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def report(title: str, device: torch.device, rows: list[tuple[str, float, float, str]]) -> str:
     """rows: (what, baseline, fast, unit). Ratio is fast/baseline for rates, baseline/fast for times."""
     lines = [f"## {title}", f"device: {device_name(device)}", "",

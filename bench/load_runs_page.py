@@ -48,17 +48,17 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from tests.server import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -109,12 +109,6 @@ def say(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Fixture: data, runs, worker, server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(home: Path) -> dict[str, str]:
@@ -205,21 +199,6 @@ def start_server(home: Path, port: int, log: Path, options: list[str]) -> subpro
              "--browser.gatherUsageStats", "false", *extra],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("streamlit did not become healthy")
 
 
 def stop(process: subprocess.Popen, grace: float = 20) -> None:
@@ -899,7 +878,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = start_server(home, port, server_log, args.streamlit_option)
-        wait_healthy(url, server)
+        wait_healthy(url, server, 120)
         say(f"server up on {url}; first loads of /runs while runs {finished} finish and run {training} starts")
 
         def snapshot() -> dict[str, Any]:

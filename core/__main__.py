@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import getpass
+import importlib
 import logging
 import os
 import signal
@@ -233,7 +234,7 @@ def cmd_resume(args: argparse.Namespace, settings: Settings, Session) -> None:
     if not args.background:
         # Import torch before claiming the run, not after: the claim's heartbeat must not go
         # stale while the training code loads, or a worker would take the run over.
-        from core import runs  # noqa: F401
+        importlib.import_module("core.runs")
 
     me = None if args.background else f"cli:{socket.gethostname()}:{os.getpid()}"
     with Session.begin() as s:

@@ -26,6 +26,10 @@ AUTH_MODE         who may use the web app (core/accounts.py): "none" (default: n
                   AUTH_FILE) or "oidc" (Streamlit's st.login, [auth] in .streamlit/secrets.toml)
 AUTH_FILE         the accounts file (TOML; default APP_HOME/accounts.toml), written by
                   `python -m core.accounts add NAME --role editor`
+CPU_COMPILE       1: on a machine without a GPU, the predictor runs single images through a
+                  torch.compile'd model (about 1.3x faster on 2 cores, bench/RESULTS.md); the first model a
+                  machine compiles takes minutes, each later run's about 20 s, once per run and process.
+                  Default 0: eager, ready at once
 OIDC_ROLES        roles of addresses signed in with OIDC, e.g. "ana@lab.org=editor,*=viewer", added to
                   the [oidc_roles] table of AUTH_FILE (this wins); an address with no role is refused
 """
@@ -57,6 +61,7 @@ class Settings:
     auth_mode: str = "none"
     auth_file: Path | None = None  # None: APP_HOME/accounts.toml
     oidc_roles: str = ""
+    cpu_compile: bool = False
 
     @property
     def images_dir(self) -> Path:
@@ -105,4 +110,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         auth_mode=env.get("AUTH_MODE", "none").strip().lower() or "none",
         auth_file=Path(env["AUTH_FILE"]).expanduser().resolve() if env.get("AUTH_FILE") else None,
         oidc_roles=env.get("OIDC_ROLES", ""),
+        cpu_compile=env.get("CPU_COMPILE", "0") in ("1", "true", "yes"),
     )

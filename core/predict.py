@@ -10,7 +10,6 @@ runs eagerly.
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +20,14 @@ from PIL import Image as PILImage
 
 from core import calibration, tiles
 from core.config import Settings
-from core.data import resize, to_tensor
+from core.data import resize, resized_array, to_tensor
 from core.datasets import load_rgb
-from core.db import RunStatus
+from core.db import Image, RunStatus
 from core.errors import UserError
 from core.model import PaperDenseNet
-from core.data import resized_array
-from core.db import Image
 from core.runs import get_run, run_dir
 from core.stain import make_normaliser
-from core.train import pick_device, predict_proba
+from core.train import pick_device, predict_logits, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -103,30 +100,53 @@ def load_predictor(session, settings: Settings, run_id: int, device: str = "auto
             raise UserError(f"Run {run_id} normalised stains to image {checkpoint['stain_reference_image_id']}, "
                             "which is no longer stored; its model cannot be used for prediction.")
         normaliser = make_normaliser(config["stain_normalisation"], resized_array(settings, reference, size))
-    return Predictor(prepare_for_inference(model, dev, size), classes, size, dev, run_id,
+    model = prepare_for_inference(model, dev, size, cpu_compile=settings.cpu_compile)
+    return Predictor(model, classes, size, dev, run_id,
                      normaliser=normaliser, tta=bool(config.get("tta", False)),
                      calibration=dict((run.summary or {}).get("calibration") or {}),
                      tiles=int(config.get("tiles", 0)))
 
 
-def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True) -> torch.nn.Module:
+def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True,
+                          cpu_compile: bool = False) -> torch.nn.Module:
     """Eval mode; on CUDA also channels_last and a compiled, CUDA-graphed model (checked by one
     warm-up call). On the CPU the model stays NCHW: DenseNet's many concatenations made
-    channels_last slower there at batch 1 (bench/predict.py)."""
+    channels_last slower there at batch 1 (bench/predict.py); with `cpu_compile`, single images go
+    through a compiled copy (SingleImageCompiled)."""
     model = model.to(device).eval()
     if device.type != "cuda":
-        return model
+        return compiled_or_eager(SingleImageCompiled(model), device, image_size) if cpu_compile else model
     model = model.to(memory_format=torch.channels_last)
-    if not compile:
-        return model
+    return compiled_or_eager(model, device, image_size) if compile else model
+
+
+class SingleImageCompiled(torch.nn.Module):
+    """CPU inference: a batch of one through torch.compile (inductor), any other batch eagerly, as a
+    compiled graph per batch size would cost a compilation each. The eager model is `_orig_mod`, the
+    name torch.compile's own wrapper gives it, so that code unwrapping a compiled model (Grad-CAM)
+    finds it here too. The weights are shared, not frozen into the graph: inductor's on-disk cache
+    then serves every run's model after the first compilation on a machine."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = model
+        self.compiled = torch.compile(model, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compiled(x) if x.shape[0] == 1 else self._orig_mod(x)
+
+
+def compiled_or_eager(model: torch.nn.Module, device: torch.device, image_size: int) -> torch.nn.Module:
+    """The model compiled (on CUDA through torch.compile with CUDA graphs; a SingleImageCompiled
+    compiles itself), compiled now by one warm-up call rather than in a user's first request; the
+    eager model, with a warning in the log, where compilation fails."""
     try:
-        compiled = torch.compile(model, mode="reduce-overhead")
-        x = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
-        predict_logits(compiled, x, device)  # compiles now, not in a user's first request
+        compiled = model if isinstance(model, SingleImageCompiled) else torch.compile(model, mode="reduce-overhead")
+        predict_logits(compiled, torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), device)
         return compiled
     except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager model usable
         log.warning("torch.compile failed (%s: %s); predicting with the eager model.", type(exc).__name__, exc)
-        return model
+        return getattr(model, "_orig_mod", model)
 
 
 def predict_files(predictor: Predictor, paths: Sequence[Path], max_pixels: int | None = None) -> list[dict]:

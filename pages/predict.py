@@ -25,7 +25,10 @@ page_header("Predict", "Classify new H&E images with a trained run: the subtype,
             "Grad-CAM heat map of the regions that drove the decision.")
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+# The model is compiled as it loads on a GPU, and on the CPU with CPU_COMPILE=1: once per run and
+# server process, from seconds to a few minutes for the first model a machine compiles.
+@st.cache_resource(show_spinner="Loading the model (and compiling it where set up to: the first time can take "
+                   "minutes)…", max_entries=4)
 def predictor_for(run_id: int, database_url: str) -> predict.Predictor:
     with Session() as s:
         return predict.load_predictor(s, cfg, run_id)

@@ -14,7 +14,7 @@ from core.errors import UserError
 from core.predict import load_predictor, predict_files
 from core.run_config import RunConfig
 from core.train import predict_logits, predict_proba, tta_views
-from tests.synthetic import ingest_synthetic, synthetic_array
+from tests.synthetic import ingest_synthetic, synthetic_array, train_runs
 
 SMALL = dict(image_size=32, per_class=8, epochs=1, batch_size=16, lr=1e-3, weights="none", device="cpu")
 
@@ -26,10 +26,7 @@ def dataset(tmp_path, settings, Session):
 
 def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset, settings, Session):
     config = RunConfig(dataset=dataset, stain_normalisation="macenko", hed_jitter=0.05, tta=True, **SMALL)
-    with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, config)
-        run_id = run.id
-    runs.execute_run(Session, settings, run_id)
+    (run_id,) = train_runs(Session, settings, config)
     with Session() as s:
         run = s.get(Run, run_id)
         assert run.status == RunStatus.succeeded, run.error

@@ -5,14 +5,14 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from core import data, runs
+from core import data
 from core.datasets import image_path, load_rgb
 from core.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
 from core.predict import load_predictor
 from core.run_config import RunConfig
 from core.tiles import cut_tiles, tile_boxes, vote
-from tests.synthetic import ingest_synthetic, synthetic_image
+from tests.synthetic import ingest_synthetic, synthetic_image, train_runs
 
 
 def test_grid_of_whole_tiles_is_centred_and_capped_evenly():
@@ -70,10 +70,7 @@ def test_tiled_run_predicts_each_test_image_by_its_tiles(tmp_path, settings, Ses
     name = ingest_synthetic(tmp_path / "src", settings, Session, per_class=8)  # 64x48 images: 2 tiles of 32 px
     config = RunConfig(dataset=name, tiles=4, image_size=32, per_class=8, epochs=1, batch_size=16, lr=1e-3,
                        weights="none", device="cpu")
-    with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, config)
-        run_id = run.id
-    runs.execute_run(Session, settings, run_id)
+    (run_id,) = train_runs(Session, settings, config)
     with Session() as s:
         run = s.get(Run, run_id)
         assert run.status == RunStatus.succeeded, run.error

@@ -9,7 +9,7 @@ from core.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
 from core.evaluate import run_report
 from core.predict import load_predictor, predict_files
 from core.run_config import RunConfig
-from tests.synthetic import ingest_synthetic, synthetic_image
+from tests.synthetic import ingest_synthetic, synthetic_image, train_runs
 
 SMALL = dict(image_size=32, per_class=40, epochs=4, batch_size=16, lr=1e-3, weights="none", device="cpu")
 
@@ -19,16 +19,8 @@ def dataset(tmp_path, settings, Session):
     return ingest_synthetic(tmp_path / "src", settings, Session, per_class=20)
 
 
-def _train(Session, settings, config):
-    with Session.begin() as s:
-        run_ids = [r.id for r in runs.create_runs(s, settings, config)]
-    for run_id in run_ids:
-        runs.execute_run(Session, settings, run_id)
-    return run_ids
-
-
 def test_honest_run_records_every_epoch_and_learns(dataset, settings, Session, tmp_path):
-    (run_id,) = _train(Session, settings, RunConfig(dataset=dataset, **SMALL))
+    (run_id,) = train_runs(Session, settings, RunConfig(dataset=dataset, **SMALL))
     with Session() as s:
         run = s.get(Run, run_id)
         assert run.status == RunStatus.succeeded, run.error
@@ -61,7 +53,7 @@ def test_honest_run_records_every_epoch_and_learns(dataset, settings, Session, t
 
 
 def test_paper_leaky_run_tests_augmented_copies(dataset, settings, Session):
-    (run_id,) = _train(Session, settings, RunConfig(dataset=dataset, split="paper-leaky", **{**SMALL, "epochs": 1}))
+    (run_id,) = train_runs(Session, settings, RunConfig(dataset=dataset, split="paper-leaky", **{**SMALL, "epochs": 1}))
     with Session() as s:
         run = s.get(Run, run_id)
         assert run.status == RunStatus.succeeded, run.error
@@ -73,7 +65,7 @@ def test_paper_leaky_run_tests_augmented_copies(dataset, settings, Session):
 
 def test_kfold_makes_one_run_per_fold(dataset, settings, Session):
     config = RunConfig(dataset=dataset, split="kfold", folds=2, **{**SMALL, "epochs": 1, "per_class": 8})
-    run_ids = _train(Session, settings, config)
+    run_ids = train_runs(Session, settings, config)
     with Session() as s:
         folds = runs.fold_siblings(s, s.get(Run, run_ids[0]))
         assert [r.fold for r in folds] == [0, 1]
