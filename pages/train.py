@@ -44,8 +44,8 @@ def _weights_default() -> tuple[str, str]:
 def apply_preset(name: str) -> None:
     values = presets.training_preset(name)
     # The paper used ImageNet weights; a site that set DEFAULT_WEIGHTS (say, the same weights as a
-    # local file, because it is offline) keeps its choice.
-    choice, path = _weights_default()
+    # local file, because it is offline) keeps its choice, unless the preset names its weights.
+    choice, path = (values["weights"], "") if "weights" in presets.TRAINING_PRESETS[name] else _weights_default()
     st.session_state.update({
         "tr_split": values["split"], "tr_test_fraction": values["test_fraction"], "tr_val_fraction": values["val_fraction"],
         "tr_folds": values["folds"], "tr_seed": values["seed"], "tr_per_class": values["per_class"],
@@ -55,6 +55,8 @@ def apply_preset(name: str) -> None:
         "tr_stain": values["stain_normalisation"], "tr_hed": values["hed_jitter"], "tr_tta": values["tta"],
         "tr_tiles": values["tiles"],
     })
+    if values["grouped"] is not None:
+        st.session_state["tr_grouped"] = values["grouped"]
     st.session_state["tr_flash"] = f"Loaded '{name}'. Check the dataset and weights, then launch."
 
 
@@ -86,11 +88,15 @@ if flash:
 if not ds_info:
     st.info("Add a dataset on the **Datasets** page first.", icon=":material/folder_open:")
 else:
-    b1, b2, _ = st.columns([1, 1, 2])
+    b1, b2, b3, _ = st.columns([1, 1, 1, 1])
     b1.button("Reproduce the paper", icon=":material/description:", on_click=apply_preset, args=("Reproduce the paper",), width="stretch",
               help="The paper's settings and its own (leaky) protocol: augment all images, then split 80/20.")
     b2.button("Paper settings, honest split", icon=":material/balance:", on_click=apply_preset, args=("Paper settings, honest split",),
               width="stretch", help="The paper's settings, evaluated on untouched test images.")
+    b3.button("Unseen specimens (CPU)", icon=":material/biotech:", on_click=apply_preset, args=(presets.UNSEEN_SPECIMENS_CPU,),
+              width="stretch", help=f"{presets.UNSEEN_SPECIMENS_CPU}: the best configuration compared so far on images of "
+                                    "specimens left out of training, at reduced settings that a CPU can afford; "
+                                    "no ImageNet weights. See docs/generalisation.md.")
 
     data_col, model_col = st.columns(2, gap="large")
     with data_col:

@@ -342,6 +342,11 @@ def test_paper_preset_and_leaky_protocol_need_an_explicit_yes(trained, monkeypat
     assert not at.button(key="tr_launch").disabled
     at.button[[b.label for b in at.button].index("Paper settings, honest split")].click().run()
     assert at.radio(key="tr_split").value == "holdout" and not any("leaks test data" in w.value for w in at.warning)
+    at.button[[b.label for b in at.button].index("Unseen specimens (CPU)")].click().run()
+    assert not at.exception
+    assert (at.radio(key="tr_split").value, at.number_input(key="tr_folds").value) == ("kfold", 5)
+    assert (at.number_input(key="tr_hed").value, at.number_input(key="tr_image_size").value) == (0.05, 64)
+    assert at.radio(key="tr_weights").value == "none"  # the preset names its weights; the site default does not apply
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,3 +38,11 @@ def test_training_presets_are_the_paper_settings():
         assert config.weights == "imagenet" and config.augment_params == AugmentParams()
     with pytest.raises(UserError, match="choose one of"):
         presets.training_preset("fast")
+
+
+def test_unseen_specimens_preset_is_grouped_cv_with_hed_jitter_and_no_imagenet():
+    config = RunConfig(dataset="d", **presets.training_preset(presets.UNSEEN_SPECIMENS_CPU))
+    assert (config.split, config.folds, config.grouped) == ("kfold", 5, True)
+    assert config.hed_jitter == 0.05 and config.stain_normalisation == "none" and config.weights == "none"
+    assert config.augment_params == AugmentParams()  # the paper's augmentation, at 64 px
+    assert (config.image_size, config.per_class, config.epochs) == (64, 120, 8)
