@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import stat
 import struct
@@ -26,8 +25,6 @@ from core.datasets import (
 from core.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
 from tests.synthetic import synthetic_image, write_dataset
-
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/lymphoma-iicbu2008"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -597,25 +594,3 @@ def test_delete_dataset_keeps_shared_files(tmp_path, settings, Session):
             get_dataset(s, "a")
         with pytest.raises(UserError):
             delete_dataset(s, settings, "a")
-
-
-# --- real data -------------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="shared lymphoma data not present")
-def test_ingest_real_images(tmp_path, settings, Session):
-    src = tmp_path / "real"
-    for label in ("CLL", "FL", "MCL"):
-        (src / label).mkdir(parents=True)
-        for f in sorted((REAL_DATA / label).glob("*.png"))[:5]:
-            shutil.copy(f, src / label / f.name)
-
-    report = run_ingest(Session, settings, src, name="iicbu")
-
-    assert report.class_counts == {"CLL": 5, "FL": 5, "MCL": 5}
-    assert report.skipped == [] and report.duplicates == []
-    img = images(Session)[0]
-    rgb = load_rgb(image_path(settings, img), max_pixels=settings.max_image_pixels)
-    assert rgb.mode == "RGB" and rgb.size == (img.width, img.height)
-    assert not any(p.name.startswith(".tmp-") for p in stored_files(settings))
-    assert os.access(image_path(settings, img), os.R_OK)
