@@ -22,20 +22,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeat: int = 5) -> float:
-    """Median seconds per call of fn, after warm-up calls (compilation, caches, cudnn autotune)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def timed_pair(baseline: Callable[[], object], fast: Callable[[], object], device: torch.device, *,
                warmup: int = 2, repeat: int = 5) -> tuple[float, float]:
     """Median seconds per call of each, the calls alternating: on a shared machine whose speed drifts
