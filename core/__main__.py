@@ -257,7 +257,7 @@ def cmd_workers(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import evaluate, runs
+    from core import evaluate, runs, yardstick
 
     with Session() as s:
         run = runs.get_run(s, args.run)
@@ -268,12 +268,17 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
             from core.calibration import format_run_calibration
 
             print(format_run_calibration(run.summary["calibration"]))
+        if run.summary.get("colour_yardstick"):
+            print(yardstick.describe(run.summary["colour_yardstick"]))
         siblings = runs.fold_siblings(s, run)
         if len(siblings) > 1:
             done = [r for r in siblings if r.status.value == "succeeded"]
             print()
             print(f"K-fold experiment: {len(done)} of {len(siblings)} folds finished (runs {', '.join(str(r.id) for r in siblings)})")
             print(evaluate.format_fold_summary(evaluate.summarise_folds([evaluate.run_report(s, r) for r in done])))
+            across = yardstick.describe_folds([r.summary.get("colour_yardstick") for r in done])
+            if across:
+                print(across)
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:

@@ -280,7 +280,7 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
                  out_dir: Path) -> Path:
     """Write out_dir/report.md and its figures from two finished runs: one with the paper-leaky
     split and one honest (holdout) run with the same settings. Returns the report's path."""
-    from core import audit, splits
+    from core import audit, splits, yardstick
 
     out_dir = Path(out_dir)
     with Session.begin() as s:
@@ -349,6 +349,7 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
         ("Intervals resample whole units (source images for the paper's augmented copies, specimen groups for a "
          "grouped split), since samples of one unit are not independent."),
         "",
+        *([yardstick.describe(honest.summary["colour_yardstick"]), ""] if honest.summary.get("colour_yardstick") else []),
         "## Settings (shared by both runs)",
         "",
         *_settings_table(config, honest.weights_used),

@@ -33,7 +33,7 @@ import torch
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit, augment, data, splits, stain, tiles
+from core import audit, augment, data, splits, stain, tiles, yardstick
 from core.calibration import run_calibration
 from core.accounts import User, require_editor
 from core.config import Settings
@@ -532,11 +532,14 @@ def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, conf
         t0 = time.perf_counter()
         leak_audit = audit.audit_split(s, settings, run.split, run.fold).as_record()
         timings["leak_audit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        colour_yardstick = yardstick.split_yardstick(s, settings, run.split, classes, run.fold)
+        timings["colour_yardstick"] = time.perf_counter() - t0
     if leak_audit["warning"]:
         log.warning("run %d: %s", run_id, leak_audit["warning"])
     with Session.begin() as s:
         run = get_run(s, run_id)
-        run.summary = {**run.summary, **notes, "leak_audit": leak_audit}
+        run.summary = {**run.summary, **notes, "leak_audit": leak_audit, "colour_yardstick": colour_yardstick}
     log.info("run %d: %d train, %d val, %d test samples; %s", run_id, len(train_data.y_train),
              len(train_data.y_val), len(y_test), protocol)
 

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
-from core import evaluate, runs
+from core import evaluate, runs, yardstick
 from core.calibration import format_run_calibration
 from core.db import EpochMetric, Image, Prediction, RunStatus
 from pages._common import (
@@ -230,6 +230,8 @@ def results(run_id: int) -> None:
                        else "test images resampled one by one")
                 st.markdown(f"Test accuracy {pct(boot.accuracy.estimate)}, {boot.level:.0%} bootstrap interval "
                             f"**{pct(boot.accuracy.low)} – {pct(boot.accuracy.high)}** ({how}).")
+                if run.summary.get("colour_yardstick"):
+                    st.caption(yardstick.describe(run.summary["colour_yardstick"]))
                 siblings = runs.fold_siblings(s, run)
                 if len(siblings) > 1:
                     done = [r for r in siblings if r.status == RunStatus.succeeded]
@@ -238,6 +240,9 @@ def results(run_id: int) -> None:
                         summary = evaluate.summarise_folds([evaluate.run_report(s, r) for r in done])
                         st.metric("Accuracy across folds", f"{pct(summary.accuracy_mean)} ± {pct(summary.accuracy_std)}",
                                   help="Mean ± sample standard deviation over the finished folds.")
+                        across = yardstick.describe_folds([r.summary.get("colour_yardstick") for r in done])
+                        if across:
+                            st.caption(across)
                         st.dataframe(pd.DataFrame([{
                             "Class": row["name"],
                             **{m: f"{row[m.lower().replace('-score', '') + '_mean']:.3f} ± "

@@ -41,7 +41,8 @@ def test_ingest_train_evaluate_predict(tmp_path):
 
     out = cli(home, "evaluate", run_id)
     assert out.returncode == 0, out.stderr
-    for column in ("Class", "Accuracy", "Precision", "Recall", "F1", "Support", "Confusion matrix", "Protocol: holdout"):
+    for column in ("Class", "Accuracy", "Precision", "Recall", "F1", "Support", "Confusion matrix", "Protocol: holdout",
+                   "Colour-only yardstick on this split"):
         assert column in out.stdout
     for label in ("CLL", "FL", "MCL"):
         assert label in out.stdout

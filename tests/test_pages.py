@@ -307,7 +307,7 @@ def test_generalisation_switches_and_leak_audit_on_the_train_page(monkeypatch, n
     assert (config.stain_normalisation, config.hed_jitter, config.tta, config.tiles) == ("reinhard", 0.05, True, 6)
 
 
-def test_runs_page_shows_the_leak_audit_calibration_and_intervals(trained, monkeypatch):
+def test_runs_page_shows_the_leak_audit_calibration_intervals_and_colour_yardstick(trained, monkeypatch):
     cfg, run_id = trained
     Session = make_sessionmaker(cfg.database_url)
     with Session() as s:
@@ -319,6 +319,8 @@ def test_runs_page_shows_the_leak_audit_calibration_and_intervals(trained, monke
     assert any("bootstrap interval" in m.value for m in at.markdown)
     assert any(f"Run {run_id}: test reliability" in t for t in chart_titles(at))
     assert any("temperature" in m.value.lower() for m in at.markdown)
+    assert summary["colour_yardstick"]["n_test"] == summary["n_test"]
+    assert any("Colour-only yardstick on this split" in c.value for c in at.caption)
     # A warning recorded by the audit is shown as one.
     planted = {**summary["leak_audit"], "warning": "Possible leak: 1 test image exactly equal to a training image."}
     with Session.begin() as s:

@@ -34,6 +34,7 @@ def test_reproduce_paper_writes_a_report_with_both_protocols(tmp_path, settings,
     assert text.count("Class     Accuracy  Precision") == 2
     assert "Reduced settings on CPU, no ImageNet weights" in text
     assert "## Verdict" in text and "## Leak audit of the honest split" in text
+    assert "Colour-only yardstick on this split" in text
     for name in ("confusion-paper-leaky.png", "confusion-honest.png", "curves-paper-leaky.png", "curves-honest.png"):
         assert (out / name).stat().st_size > 1000
         assert f"]({name})" in text

@@ -61,6 +61,7 @@ def test_paper_leaky_run_tests_augmented_copies(dataset, settings, Session):
         # 20% of the 3 x 40 augmented copies, each naming its source image
         assert len(preds) == 24 and all(p.aug_index is not None for p in preds)
         assert "LEAKY" in run.summary["protocol"]
+        assert run.summary["colour_yardstick"] is None  # no untouched test images to score it on
 
 
 def test_kfold_makes_one_run_per_fold(dataset, settings, Session):
@@ -72,6 +73,10 @@ def test_kfold_makes_one_run_per_fold(dataset, settings, Session):
         tested = [set(s.scalars(select(Prediction.image_id).where(Prediction.run_id == r.id))) for r in folds]
         assert not tested[0] & tested[1]
         assert len(tested[0] | tested[1]) == 60  # every image tested once
+        # Each fold scores the colour-only yardstick on its own test images (the classes differ in colour).
+        for run, images in zip(folds, tested):
+            assert run.summary["colour_yardstick"]["n_test"] == len(images)
+            assert run.summary["colour_yardstick"]["accuracy"] >= 0.9
 
 
 def test_non_finite_loss_fails_the_run_with_the_reason(dataset, settings, Session):

@@ -1,10 +1,11 @@
 """How far colour alone goes on unseen specimens: a yardstick for the grouped-CV figures.
 
-Each image becomes 12 numbers (mean and standard deviation of R, G, B and of their optical
-densities, at 256x192) and a logistic regression is scored by stratified grouped 5-fold CV with
-the given groups. If a CNN scores about this, it may have learnt little beyond each class's stain.
+Each image becomes the 12 numbers of `core.yardstick.colour_features` (mean and standard deviation
+of R, G, B and of their optical densities, at 128x128) and a logistic regression is scored by
+stratified grouped 5-fold CV with the given groups. Every run records the same yardstick on its own
+split; this script gives it for several fold assignments at once, without training anything.
 
-    python docs/scripts/colour_only_baseline.py ../shared/data/lymphoma-iicbu2008 groups.csv
+    python -m docs.scripts.colour_only_baseline ../shared/data/lymphoma-iicbu2008 groups.csv
 """
 
 import argparse
@@ -18,13 +19,13 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from core.yardstick import IMAGE_SIZE, colour_features
+
 SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 
 
-def colour_features(path: pathlib.Path) -> list[float]:
-    rgb = np.asarray(Image.open(path).convert("RGB").resize((256, 192)), dtype=np.float64)
-    od = -np.log((rgb + 1) / 256)
-    return [*rgb.mean((0, 1)), *rgb.std((0, 1)), *od.mean((0, 1)), *od.std((0, 1))]
+def features_of(path: pathlib.Path) -> np.ndarray:
+    return colour_features(np.asarray(Image.open(path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))))
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     with args.groups_csv.open(newline="") as f:
         groups = {row["file"]: row["group"] for row in csv.DictReader(f)}
     files = sorted(p for p in args.folder.glob("*/*") if p.suffix.lower() in SUFFIXES)
-    x = np.array([colour_features(p) for p in files])
+    x = np.array([features_of(p) for p in files])
     y = [p.parent.name for p in files]
     g = [groups.get(f"{p.parent.name}/{p.name}", p.name) for p in files]  # no group: its own
     print(f"{len(files)} images, {len(set(y))} classes, {len(set(g))} groups")
