@@ -16,5 +16,7 @@ $(VENV)/dev.stamp: $(VENV)/app.stamp requirements-dev.txt
 run: $(VENV)/app.stamp
 	$(VENV)/bin/streamlit run streamlit_app.py
 
+# The tests also drive Debian's chromium and start a PostgreSQL server: installed here when missing.
 test: $(VENV)/dev.stamp
+	scripts/system-packages.sh
 	$(VENV)/bin/python -m pytest -q

@@ -29,7 +29,7 @@ BIN_GLOB = "/usr/lib/postgresql/*/bin"
 INSTALL_HINT = (
     "the PostgreSQL tests need a server: set TEST_POSTGRES_URL=postgresql+psycopg://USER@HOST/DB (a database "
     "the user may CREATE DATABASE from), or install Debian's `postgresql` package (apt-get install -y "
-    "postgresql) so that the tests start their own; `bash .ci/run` does the latter"
+    "postgresql) so that the tests start their own; `make test` does the latter"
 )
 
 

@@ -2,7 +2,7 @@
 chromium driven by Playwright. Upload a zip, launch a tiny CPU run, watch the worker (started by the
 app) finish it, classify an image. Screenshots of every page go to test-artifacts/browser/.
 
-.ci/run installs chromium; without it (a developer machine) the test is skipped with the reason.
+`make test` installs chromium (scripts/system-packages.sh) when it is missing.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from tests.server import free_port, wait_healthy
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"  # installed by .ci/run
+CHROMIUM = "/usr/bin/chromium"  # installed by `make test` (scripts/system-packages.sh)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
