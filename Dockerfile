@@ -10,7 +10,7 @@ RUN pip install --no-cache-dir -r requirements.txt "psycopg[binary]>=3.1"
 
 COPY core ./core
 COPY pages ./pages
-COPY streamlit_app.py ./
+COPY streamlit_app.py serve.py ./
 COPY .streamlit ./.streamlit
 
 # Runs as an unprivileged user; /data holds images, checkpoints and (without PostgreSQL) the database.
@@ -18,4 +18,4 @@ RUN useradd --create-home --uid 1000 app && mkdir -p /data && chown app /data
 USER app
 VOLUME ["/data"]
 EXPOSE 8501
-CMD ["streamlit", "run", "streamlit_app.py", "--server.address=0.0.0.0", "--server.port=8501"]
+CMD ["streamlit", "run", "serve.py", "--server.address=0.0.0.0", "--server.port=8501"]

@@ -14,7 +14,7 @@ $(VENV)/dev.stamp: $(VENV)/app.stamp requirements-dev.txt
 
 .PHONY: run test
 run: $(VENV)/app.stamp
-	$(VENV)/bin/streamlit run streamlit_app.py
+	$(VENV)/bin/streamlit run serve.py
 
 # The tests also drive Debian's chromium and start a PostgreSQL server: installed here when missing.
 test: $(VENV)/dev.stamp

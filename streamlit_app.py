@@ -1,9 +1,8 @@
-"""Entry point: `streamlit run streamlit_app.py`. Lets in only a signed-in user (AUTH_MODE, see
+"""Entry point, served by serve.py (`streamlit run serve.py`). Lets in only a signed-in user (AUTH_MODE, see
 core/accounts.py), routes to the pages (which call core/) and draws the shared sidebar: who is
 signed in and the background worker's state."""
 
 import importlib.util
-import re
 from collections.abc import Callable, Mapping
 from typing import NoReturn
 
@@ -14,9 +13,10 @@ from core import accounts
 from core.accounts import User
 from core.db import Run, RunStatus
 from core.errors import UserError
+from pages import _sessions as sessions
 from pages._common import (
-    SIGNED_IN, load_accounts, session_factory, settings, sign_in_throttle, sign_out, signed_in_user, start_worker,
-    user_errors, worker_status,
+    SIGNED_IN, load_accounts, md_text, session_factory, settings, sign_in_throttle, sign_out, signed_in_user,
+    start_worker, user_errors, worker_status,
 )
 
 TITLE = "Lymphoma subtype recognition"
@@ -38,11 +38,6 @@ pages = {
 
 # --------------------------------------------------------------------------------------------
 # The sign-in gate
-
-
-def markdown_text(text: str) -> str:
-    """`text` with Markdown's special characters escaped (names and addresses come from outside)."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>:$])", r"\\\1", text)
 
 
 def only(draw: Callable[[], None]) -> NoReturn:
@@ -74,7 +69,8 @@ def password_form() -> None:
         submitted = st.form_submit_button("Sign in", type="primary", icon=":material/login:", key="auth_submit")
     if submitted:
         with user_errors():
-            user = accounts.sign_in(load_accounts(settings()), name, password, sign_in_throttle())
+            user = accounts.sign_in(load_accounts(settings()), name, password, sign_in_throttle(),
+                                    st.context.ip_address)
             st.session_state[SIGNED_IN] = user.name
             st.rerun()
 
@@ -101,7 +97,7 @@ def oidc_form() -> None:
         email = str(st.user.get("email") or "an account without an e-mail address")
         why = ("the provider has not verified that address" if st.user.get("email_verified") is False
                else "that address has no role in this app")
-        st.error(f"You are signed in as {markdown_text(email)}, but {why}. Ask an administrator to give it a "
+        st.error(f"You are signed in as {md_text(email)}, but {why}. Ask an administrator to give it a "
                  "role (viewer or editor).", icon=":material/block:")
         st.button("Sign out", icon=":material/logout:", on_click=st.logout, key="auth_sign_out")
         return
@@ -111,7 +107,7 @@ def oidc_form() -> None:
         return
     st.caption("Sign in with your organisation's account to continue.")
     for provider in providers:
-        label = "Sign in" if provider is None else f"Sign in with {provider}"
+        label = "Sign in" if provider is None else f"Sign in with {md_text(provider)}"
         st.button(label, type="primary", icon=":material/login:", on_click=st.login,
                   args=() if provider is None else (provider,), key=f"auth_login_{provider or 'default'}")
 
@@ -121,8 +117,11 @@ def gate() -> User:
     try:
         user = signed_in_user()
     except UserError as e:
-        message = str(e)
+        sessions.record(None)
+        message = str(e)  # about the server's own settings (AUTH_MODE, the accounts file)
         only(lambda: st.error(message, icon=":material/warning:"))
+    # What serve.py's gate goes by: uploads and media files only for signed-in sessions.
+    sessions.record(None if user is None else user.name, st.context.cookies.get(sessions.BROWSER_COOKIE))
     if user is None:
         only(oidc_form if settings().auth_mode == "oidc" else password_form)
     return user
@@ -131,7 +130,7 @@ def gate() -> User:
 def sidebar_user(user: User) -> None:
     if settings().auth_mode == "none":
         return  # one local user: nobody to sign out
-    st.markdown(f"**{markdown_text(user.name)}** :{'violet' if user.can_edit else 'gray'}-badge[{user.role}]")
+    st.markdown(f"**{md_text(user.name)}** :{'violet' if user.can_edit else 'gray'}-badge[{user.role}]")
     if st.button("Sign out", icon=":material/logout:", key="auth_sign_out", width="stretch"):
         sign_out()
     st.divider()

@@ -1,7 +1,7 @@
 """Load test of the Runs page: N concurrent sessions against the real web app while a run trains.
 
 It builds a throw-away APP_HOME (a synthetic dataset, finished runs and one run that keeps training,
-all at tiny CPU settings), starts its own `python -m core worker` and `streamlit run streamlit_app.py`
+all at tiny CPU settings), starts its own `python -m core worker` and `streamlit run serve.py`
 (headless, a free port, START_WORKER=0, AUTH_MODE=none), and opens the sessions:
 
 - --browsers of them (default 2) in one Debian chromium, one browser context (own cookies and
@@ -194,7 +194,7 @@ def start_server(home: Path, port: int, log: Path, options: list[str]) -> subpro
     extra = [part for option in options for part in ("--" + option.split("=", 1)[0], option.split("=", 1)[1])]
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+            [sys.executable, "-m", "streamlit", "run", "serve.py", "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
              "--browser.gatherUsageStats", "false", *extra],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

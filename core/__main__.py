@@ -23,6 +23,7 @@ from core.augment import AugmentParams
 from core.config import Settings, load_settings
 from core.db import make_sessionmaker
 from core.errors import UserError
+from core.limits import check_name_length, disk_full_is_user_error
 from core.run_config import STAIN_NORMALISATIONS, RunConfig
 from core.splits import PROTOCOLS
 
@@ -57,14 +58,15 @@ def cli_user(args: argparse.Namespace) -> User:
             name = getpass.getuser()
         except (OSError, KeyError):  # no login name and no passwd entry (some containers)
             name = "cli"
-    return User(name, EDITOR)
+    return User(check_name_length(name, "User name"), EDITOR)
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, Session) -> None:
     from core import datasets
 
     bars = Bars()
-    with Session.begin() as s:
+    # The commit writes too: a full disk there is reported like one during the ingest.
+    with disk_full_is_user_error(settings, f"dataset '{args.name}'"), Session.begin() as s:
         report = datasets.ingest(
             s, settings, Path(args.path), args.name, groups_csv=args.groups_csv, group_pattern=args.group_pattern,
             progress=lambda d, t: bars("check images", d, t), user=cli_user(args),
@@ -286,7 +288,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
 
     with Session() as s:
         predictor = load_predictor(s, settings, args.run, device=args.device)
-    rows = predict_files(predictor, [Path(p) for p in args.images])
+    rows = predict_files(predictor, [Path(p) for p in args.images], settings.max_image_pixels)
     writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)

@@ -37,18 +37,20 @@ import os
 import re
 import sys
 import tempfile
-import threading
-import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from core.errors import UserError
+
+if TYPE_CHECKING:
+    from core.throttle import SignInThrottle
 
 VIEWER, EDITOR = "viewer", "editor"
 ROLES = (VIEWER, EDITOR)
@@ -275,52 +277,26 @@ def authenticate(accounts: Accounts, name: str, password: str) -> User | None:
     return User(account.name, account.role) if verify_password(account.password_hash, password) else None
 
 
-class SignInThrottle:
-    """Slows password guessing: after `max_failures` wrong passwords for a name in a row, that name
-    is refused for `lock_seconds` (per server process; a right password resets the count)."""
+def sign_in(accounts: Accounts, name: str, password: str, throttle: SignInThrottle | None = None,
+            address: str | None = None) -> User:
+    """The signed-in user; UserError with one message for any wrong name or password.
 
-    def __init__(self, max_failures: int = 5, lock_seconds: float = 60.0) -> None:
-        self.max_failures, self.lock_seconds = max_failures, lock_seconds
-        self._failures: dict[str, tuple[int, float]] = {}  # name -> (count, time of the last failure)
-        self._lock = threading.Lock()
-
-    def check(self, name: str) -> None:
-        """UserError while `name` is locked."""
-        with self._lock:
-            count, last = self._failures.get(name, (0, 0.0))
-        wait = last + self.lock_seconds - time.monotonic()
-        if count >= self.max_failures and wait > 0:
-            raise UserError(f"Too many failed sign-ins for {name!r}; try again in {wait:.0f} s.")
-
-    def failed(self, name: str) -> None:
-        with self._lock:
-            if len(self._failures) > 10_000:  # many made-up names: forget the ones no longer locked
-                cutoff = time.monotonic() - self.lock_seconds
-                self._failures = {n: v for n, v in self._failures.items() if v[1] > cutoff}
-            count, last = self._failures.get(name, (0, 0.0))
-            if count >= self.max_failures and time.monotonic() - last >= self.lock_seconds:
-                count = 0  # the lock has passed: a fresh series
-            self._failures[name] = (count + 1, time.monotonic())
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(name, None)
-
-
-def sign_in(accounts: Accounts, name: str, password: str, throttle: SignInThrottle | None = None) -> User:
-    """The signed-in user; UserError with one message for any wrong name or password."""
+    With a `throttle`, the attempt from `address` (None: the server's own machine) is counted
+    before the password is checked, and refused while too many have failed (core/throttle.py).
+    """
     name = name.strip()
     if not name or not password:
         raise UserError("Enter your user name and password.")
-    if throttle is not None:
-        throttle.check(name)
-    user = authenticate(accounts, name, password)
-    if user is None:
-        if throttle is not None:
-            throttle.failed(name)
+    if not _NAME.fullmatch(name):
+        # No account can have it; refused before the throttle, so its counters' keys stay short.
         raise UserError("Wrong user name or password.")
     if throttle is not None:
-        throttle.succeeded(name)
+        throttle.attempt(name, address)
+    user = authenticate(accounts, name, password)
+    if user is None:
+        raise UserError("Wrong user name or password.")
+    if throttle is not None:
+        throttle.succeeded(name, address)
     return user
 
 

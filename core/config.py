@@ -18,9 +18,16 @@ MAX_IMAGES_PER_DATASET  most images one dataset may hold (default 20000)
 MAX_QUEUED_RUNS   most runs waiting in the queue at once, for everyone together (default 20)
 MAX_QUEUED_RUNS_PER_USER  most runs one person may have waiting in the queue (default 10: two 5-fold
                   experiments); runs recorded without a user (library calls) are not counted per person
-MAX_DISK_GB       most space that files under APP_HOME (images, runs, database; not APP_HOME/tmp) may use
-                  before ingest, uploads and new runs are refused (default 0: no limit)
-For the five limits above, 0 means no limit.
+MAX_DISK_GB       most space that files under APP_HOME (images, runs, database, and uploads being unpacked
+                  under APP_HOME/tmp) may use before ingest, uploads and new runs are refused (default 0: no limit)
+MAX_UNPACKED_MB   most a zip may unpack to, all its files together, in MB (default 20480); checked from the
+                  zip's directory before anything is unpacked, and again on the bytes actually written
+MAX_ZIP_ENTRIES   most files and folders one zip may hold (default MAX_IMAGES_PER_DATASET + 1000, for the class
+                  folders and stray files beside the images)
+For the seven limits above, 0 means no limit.
+MAX_SESSION_UPLOAD_MB  most that one browser session's uploads may hold in server memory at once, in MB
+                  (default MAX_UPLOAD_MB; 0: no limit); serve.py answers an upload past it with 413, before
+                  reading it, and takes uploads only from signed-in sessions
 AUTH_MODE         who may use the web app (core/accounts.py): "none" (default: no sign-in, everyone is the
                   local editor "local"; for one person on their own machine), "password" (accounts in
                   AUTH_FILE) or "oidc" (Streamlit's st.login, [auth] in .streamlit/secrets.toml)
@@ -58,6 +65,9 @@ class Settings:
     max_queued_runs: int = 20
     max_disk_gb: float = 0
     max_queued_runs_per_user: int = 10
+    max_unpacked_mb: float = 20_480
+    max_zip_entries: int = 21_000
+    max_session_upload_mb: float = 2048
     auth_mode: str = "none"
     auth_file: Path | None = None  # None: APP_HOME/accounts.toml
     oidc_roles: str = ""
@@ -78,6 +88,12 @@ class Settings:
     @property
     def accounts_file(self) -> Path:
         return self.auth_file or self.app_home / "accounts.toml"
+
+
+def _default_zip_entries(env: dict[str, str]) -> int:
+    # A full dataset in one zip fits; 100,000 one-byte entries (minutes of unpacking) do not.
+    images = int(env.get("MAX_IMAGES_PER_DATASET", 20_000))
+    return images + 1000 if images > 0 else 0
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -105,6 +121,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_queued_runs=int(env.get("MAX_QUEUED_RUNS", 20)),
         max_disk_gb=float(env.get("MAX_DISK_GB", 0)),
         max_queued_runs_per_user=int(env.get("MAX_QUEUED_RUNS_PER_USER", 10)),
+        max_unpacked_mb=float(env.get("MAX_UNPACKED_MB", 20_480)),
+        max_zip_entries=int(env.get("MAX_ZIP_ENTRIES", _default_zip_entries(env))),
+        max_session_upload_mb=float(env.get("MAX_SESSION_UPLOAD_MB", env.get("MAX_UPLOAD_MB", 2048))),
         # Not validated here: an unknown mode must refuse every visitor (the sign-in gate says
         # why), never fall back to "none", which lets everyone in.
         auth_mode=env.get("AUTH_MODE", "none").strip().lower() or "none",

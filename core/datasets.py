@@ -10,6 +10,12 @@ A zip (or folder) whose content sits inside one wrapper folder (`lymphoma/CLL/..
 Every file is fully decoded at ingest, so a bad file is reported here, with its reason, instead of
 failing a training run hours later. Stored files are named by the sha256 of their bytes, so the
 same image in several datasets is stored once and re-ingesting is idempotent.
+
+What is not read is listed with its reason: hidden files and folders (not the operating system's
+own, such as __MACOSX/ and .DS_Store), and links that lead out of the folder being ingested, shown
+by their own name only. A zip is checked from its directory before anything is unpacked
+(MAX_ZIP_ENTRIES, MAX_UNPACKED_MB, MAX_DISK_GB, compression ratio). An image is refused on its
+header's size (MAX_IMAGE_PIXELS) before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import re
 import shutil
 import stat
 import tempfile
-import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -34,15 +39,17 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from core.accounts import User, require_editor
 from core.config import Settings
 from core.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
-from core.files import copy_file_atomic, hold_ingest_lock
-from core.limits import check_dataset_size, check_disk
+from core.files import copy_file_atomic, hold_ingest_lock, remove_unless_shared
+from core.limits import (
+    check_dataset_size, check_disk, check_name_length, check_zip, disk_full_is_user_error, is_disk_full,
+)
 
 IMAGE_EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 # PIL picks the decoder from the bytes, not the extension; limiting it to these formats means
@@ -50,9 +57,12 @@ IMAGE_EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 PIL_FORMATS = ("TIFF", "PNG", "JPEG", "BMP")
 # Stored extension from the decoded format, so one sha256 always maps to one stored path.
 STORED_EXTENSIONS = {"TIFF": ".tif", "PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp"}
-# Far above any real microscopy set, low enough to stop a zip bomb filling the disk.
-MAX_ZIP_BYTES = 20 * 1024**3
-IGNORED_NAMES = {"__MACOSX"}
+OS_JUNK = {"__MACOSX", ".DS_Store"}  # and ._NAME files: passed over silently (_is_junk)
+# An entry that unpacks to more than MAX_ZIP_RATIO times its compressed size is no microscopy
+# image (those compress 1 to 3 times) but a zip bomb; entries up to RATIO_FREE_BYTES (a blank
+# mask, a text file) may compress as well as they like.
+MAX_ZIP_RATIO = 100
+RATIO_FREE_BYTES = 1024**2
 
 
 @dataclass
@@ -78,33 +88,107 @@ class _BadImage(Exception):
         self.reason = reason
 
 
+# Rows converted at a time from 16/32-bit to 8-bit: about a million pixels, so the float copies
+# the scaling needs are a few MB, not eight bytes for every pixel of the image.
+_STRIPE_PIXELS = 1 << 20
+
+
+def _stripes(im: PILImage.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, array) for stripes of about _STRIPE_PIXELS pixels, top to bottom."""
+    w, h = im.size
+    rows = max(1, _STRIPE_PIXELS // max(w, 1))
+    for top in range(0, h, rows):
+        yield top, np.asarray(im.crop((0, top, w, min(h, top + rows))))
+
+
 def _grey_to_uint8(im: PILImage.Image) -> PILImage.Image:
-    """16/32-bit grey to 8-bit by scaling the value range; clipping would turn most pixels white."""
-    a = np.asarray(im)
-    if a.dtype.kind in "ui" and a.min() >= 0 and a.max() <= 65535:
+    """16/32-bit grey to 8-bit by scaling the value range; clipping would turn most pixels white.
+
+    Done in stripes of rows, into one 8-bit array: the only full-size allocation is the result.
+    """
+    lo, hi = 0.0, 65535.0  # unsigned 16-bit modes: in range whatever the pixels
+    if not im.mode.startswith("I;16"):
+        lo, hi = np.inf, -np.inf
+        for _, a in _stripes(im):
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+    if im.mode != "F" and lo >= 0 and hi <= 65535:
         # 16-bit data (I;16, I;16B, or the 32-bit "I" container some decoders use for it).
         # Scale the full 0..65535 range rather than stretching each image, so brightness
-        # stays comparable between images.
-        out = a.astype(np.float64) / 257.0
-    elif a.dtype.kind == "f" and a.min() >= 0 and a.max() <= 1:
-        out = a.astype(np.float64) * 255.0
+        # stays comparable between images. Looking up a table of the 65,536 values is a few
+        # times faster than computing each pixel.
+        table = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
+
+        def scale(a: np.ndarray) -> np.ndarray:
+            return table[a]
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        def scale(a: np.ndarray) -> np.ndarray:
+            return np.rint(a.astype(np.float64) * 255.0)
     else:
-        lo, hi = float(a.min()), float(a.max())
-        out = (a.astype(np.float64) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(a.shape)
-    return PILImage.fromarray(np.rint(out).astype(np.uint8), "L")
+        def scale(a: np.ndarray) -> np.ndarray:
+            return np.rint((a.astype(np.float64) - lo) * (255.0 / (hi - lo))) if hi > lo else 0
+    out = np.empty((im.height, im.width), np.uint8)
+    for top, a in _stripes(im):
+        out[top:top + len(a)] = scale(a)
+    return PILImage.fromarray(out, "L")
 
 
 def _to_rgb(im: PILImage.Image) -> PILImage.Image:
+    """8-bit RGB of a loaded image. The caller's image is left as it was (and may be closed after)."""
     if im.mode.startswith("I") or im.mode == "F":
-        return _grey_to_uint8(im).convert("RGB")
+        grey = _grey_to_uint8(im)
+        return grey.convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        # Transparent areas become white (empty slide), not black (dense tissue).
-        rgba = im.convert("RGBA")
-        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PILImage.alpha_composite(white, rgba).convert("RGB")
+        # Transparent areas become white (empty slide), not black (dense tissue). Pasting through
+        # the alpha band gives alpha_composite's values without its three full-size copies.
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")
+        out = PILImage.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, (0, 0), rgba)
+        return out
     if im.mode == "RGB":
         return im
     return im.convert("RGB")  # L, P, 1, CMYK, YCbCr
+
+
+# The app's MAX_IMAGE_PIXELS, checked on the header before anything is decoded, is the only
+# limit: PIL's own (about 179 MP) would refuse sizes an administrator allowed, with PIL's number.
+PILImage.MAX_IMAGE_PIXELS = None
+
+
+@contextmanager
+def _opened(src: Path | BinaryIO, max_pixels: int | None, min_side: int | None) -> Iterator[PILImage.Image]:
+    """The image, opened lazily (header only) and checked against the size limits; raises _BadImage."""
+    try:
+        im = PILImage.open(src, formats=PIL_FORMATS)
+    except UnidentifiedImageError:
+        raise _BadImage("not an image: no TIFF, PNG, JPEG or BMP data found") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # PIL raises many types on malformed headers
+        raise _BadImage(f"corrupt: {e}") from None
+    with im:
+        w, h = im.size
+        # Checked before decoding: a tiny file can declare a 100,000 x 100,000 image, and the
+        # decoded frame takes up to 4 bytes a pixel (PIL keeps RGB, 32-bit and 2-band modes so).
+        if max_pixels is not None and w * h > max_pixels:
+            raise _BadImage(f"too many pixels: {w}x{h} is more than {max_pixels:,} (MAX_IMAGE_PIXELS)")
+        if min_side is not None and min(w, h) < min_side:
+            raise _BadImage(f"too small: {w}x{h}, each side must be at least {min_side} px")
+        yield im
+
+
+def _load(im: PILImage.Image) -> None:
+    """Decode every pixel (the full check of a file); raises _BadImage."""
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure means a damaged file
+        raise _BadImage(f"corrupt: {e}") from None
+
+
+def _rgb(im: PILImage.Image) -> PILImage.Image:
+    try:
+        return _to_rgb(im)
+    except Exception as e:  # noqa: BLE001 - e.g. a mode PIL cannot convert
+        raise _BadImage(f"corrupt: {e}") from None
 
 
 def _decode(
@@ -112,38 +196,13 @@ def _decode(
 ) -> tuple[PILImage.Image, str, str]:
     """Open, check the header size, fully decode and convert to RGB.
 
-    Returns (rgb image, PIL format, original PIL mode); raises _BadImage with the reason.
+    Returns (rgb image, PIL format, original PIL mode); raises _BadImage with the reason. Peak
+    memory is the decoded frame plus the RGB result, under 8 bytes per pixel of MAX_IMAGE_PIXELS.
     """
-    with warnings.catch_warnings():
-        # The size check below (from settings) is the authority; PIL's own global limit would
-        # only warn about sizes the user has allowed.
-        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-        try:
-            im = PILImage.open(src, formats=PIL_FORMATS)
-        except UnidentifiedImageError:
-            raise _BadImage("not an image: no TIFF, PNG, JPEG or BMP data found") from None
-        except PILImage.DecompressionBombError as e:
-            raise _BadImage(f"too many pixels: {e} (MAX_IMAGE_PIXELS)") from None
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # PIL raises many types on malformed headers
-            raise _BadImage(f"corrupt: {e}") from None
-
-        with im:
-            fmt, mode = im.format or "", im.mode
-            w, h = im.size
-            # Checked before decoding: a tiny file can declare a 100,000 x 100,000 image.
-            if max_pixels is not None and w * h > max_pixels:
-                raise _BadImage(f"too many pixels: {w}x{h} is more than {max_pixels:,} (MAX_IMAGE_PIXELS)")
-            if min_side is not None and min(w, h) < min_side:
-                raise _BadImage(f"too small: {w}x{h}, each side must be at least {min_side} px")
-            try:
-                im.load()
-                rgb = _to_rgb(im)
-            except PILImage.DecompressionBombError as e:
-                raise _BadImage(f"too many pixels: {e} (MAX_IMAGE_PIXELS)") from None
-            except Exception as e:
-                raise _BadImage(f"corrupt: {e}") from None
+    with _opened(src, max_pixels, min_side) as im:
+        fmt, mode = im.format or "", im.mode
+        _load(im)
+        rgb = _rgb(im)
     return rgb, fmt, mode
 
 
@@ -151,7 +210,8 @@ def load_rgb(path: Path | str | BinaryIO, max_pixels: int | None = None) -> PILI
     """Decode a TIFF/PNG/JPEG/BMP file (any mode: RGBA, L, P, 1, 16-bit, CMYK...) to 8-bit RGB.
 
     Also accepts an open binary file (e.g. an upload). A file that is not a usable image raises
-    UserError; pass `max_pixels` (settings.max_image_pixels) for files not checked at ingest.
+    UserError. Files not checked at ingest (uploads to predict, files named on the command line)
+    must pass `max_pixels` (settings.max_image_pixels): without it no size is refused.
     """
     if isinstance(path, str):
         path = Path(path)
@@ -189,21 +249,30 @@ class _Valid:
     height: int
 
 
-def _visible(folder: Path) -> list[Path]:
-    return sorted(
-        (p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in IGNORED_NAMES),
-        key=lambda p: p.name,
-    )
+def _is_junk(name: str) -> bool:
+    # Files an operating system adds by itself (Finder's folder settings and resource forks, also
+    # as ._NAME beside the file on other disks): not the user's, passed over without a word.
+    return name in OS_JUNK or name.startswith("._")
 
 
-def _dataset_root(root: Path) -> Path:
+def _entries(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if not _is_junk(p.name)), key=lambda p: p.name)
+
+
+def _leaves(path: Path, top: Path) -> bool:
+    """Whether `path`, its links followed, lies outside the (resolved) folder being ingested."""
+    return not path.resolve().is_relative_to(top)
+
+
+def _dataset_root(root: Path, top: Path) -> Path:
     """Descend through wrapper folders: a root holding only one folder that itself holds
-    folders but no images (`lymphoma/CLL/...`). A lone class folder is not descended into."""
+    folders but no images (`lymphoma/CLL/...`). A lone class folder is not descended into,
+    nor a link that leaves `top` (the scan reports it)."""
     while True:
-        entries = _visible(root)
-        if len(entries) != 1 or not entries[0].is_dir():
+        entries = [p for p in _entries(root) if not p.name.startswith(".")]
+        if len(entries) != 1 or _leaves(entries[0], top) or not entries[0].is_dir():
             return root
-        inner = _visible(entries[0])
+        inner = _entries(entries[0])
         has_dirs = any(p.is_dir() for p in inner)
         has_images = any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in inner)
         if not has_dirs or has_images:
@@ -217,29 +286,45 @@ def _text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _scan(root: Path) -> tuple[list[str], list[_Candidate], list[tuple[str, str]]]:
-    """Class folder names, the files directly inside them, and what was passed over."""
+def _passed_over(entry: Path, rel: str, top: Path) -> tuple[str, str] | None:
+    """(path shown, reason) for an entry not to be read at all; None for one to look at."""
+    if _leaves(entry, top):
+        # Only the link's own name: what it points to is none of the viewers' business.
+        return rel, "link leaves the imported folder"
+    if entry.name.startswith("."):
+        return (rel + "/", "hidden folder") if entry.is_dir() else (rel, "hidden file")
+    return None
+
+
+def _scan(root: Path, top: Path) -> tuple[list[str], list[_Candidate], list[tuple[str, str]]]:
+    """Class folder names, the files directly inside them, and what was passed over. Links are
+    followed only while they stay inside `top`, so an allowed folder cannot lead elsewhere."""
     classes: list[str] = []
     candidates: list[_Candidate] = []
     skipped: list[tuple[str, str]] = []
-    for entry in _visible(root):
+    for entry in _entries(root):
+        label = _text(entry.name)
+        if (passed := _passed_over(entry, label, top)) is not None:
+            skipped.append(passed)
+            continue
         if entry.is_file():
-            skipped.append((_text(entry.name), "not in a class folder"))
+            skipped.append((label, "not in a class folder"))
             continue
         if not entry.is_dir():
             continue
-        label = _text(entry.name)
         classes.append(label)
-        for f in _visible(entry):
+        for f in _entries(entry):
             rel = f"{label}/{_text(f.name)}"
-            if f.is_dir():
+            if (passed := _passed_over(f, rel, top)) is not None:
+                skipped.append(passed)
+            elif f.is_dir():
                 # E.g. Augmentor's output/ folder: taking it would put augmented copies of
                 # test images into training.
                 skipped.append(
                     (rel + "/", "sub-folder skipped: only files directly inside a class folder are taken")
                 )
             elif f.is_file():
-                candidates.append(_Candidate(f, rel, label))
+                candidates.append(_Candidate(f.resolve(), rel, label))
     return classes, candidates, skipped
 
 
@@ -249,10 +334,15 @@ def _validate(cand: _Candidate, settings: Settings) -> _Valid:
     ext = cand.path.suffix.lower()
     if ext not in IMAGE_EXTENSIONS:
         raise _BadImage(f"not an image: unsupported file type '{ext or cand.path.name}'")
-    rgb, fmt, mode = _decode(cand.path, settings.max_image_pixels, settings.min_image_side)
+    with _opened(cand.path, settings.max_image_pixels, settings.min_image_side) as im:
+        fmt, mode, (width, height) = im.format or "", im.mode, im.size
+        _load(im)
+        # Every later use converts to RGB; one pixel shows the mode allows it, without the
+        # memory of a full-size copy.
+        _rgb(im.crop((0, 0, 1, 1)))
     with open(cand.path, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
-    return _Valid(cand, sha, fmt, mode, rgb.width, rgb.height)
+    return _Valid(cand, sha, fmt, mode, width, height)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,51 +362,79 @@ def _unsafe_entry_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _extract_zip(zip_path: Path, dest: Path) -> None:
+def _zip_parts(info: zipfile.ZipInfo) -> list[str]:
+    # Some Windows tools write "\\" as the separator; read it as "/".
+    return [p for p in re.split(r"[/\\]", info.filename) if p not in ("", ".")]
+
+
+def _zip_members(zf: zipfile.ZipFile, name: str, settings: Settings) -> tuple[list[zipfile.ZipInfo], list[zipfile.ZipInfo]]:
+    """The (files, folders) to unpack, checked from the zip's directory before anything is written."""
+    infos = zf.infolist()
+    # Refuse the whole archive: a crafted entry says the archive is not to be trusted.
+    for info in infos:
+        reason = _unsafe_entry_reason(info)
+        if reason:
+            raise UserError(f"Refusing {name}: entry '{info.filename}' ({reason}) could write "
+                            "outside the extraction folder. Nothing was ingested.")
+    infos = [i for i in infos if not any(_is_junk(p) for p in _zip_parts(i))]
+    files = [i for i in infos if not i.filename.replace("\\", "/").endswith("/")]
+    folders = [i for i in infos if i.filename.replace("\\", "/").endswith("/")]
+    seen: set[tuple[str, ...]] = set()
+    for info in files:
+        # Which of two same-named entries wins depends on the unpacking tool.
+        parts = tuple(_zip_parts(info))
+        if parts in seen:
+            raise UserError(f"Refusing {name}: it has two entries named '{info.filename}'. Nothing was ingested.")
+        seen.add(parts)
+    if not files:
+        raise UserError(f"{name} is empty.")
+    encrypted = [i.filename for i in files if i.flag_bits & 0x1]
+    if encrypted:
+        raise UserError(f"{name} is password-protected (e.g. '{encrypted[0]}').")
+    check_zip(settings, name, len(infos), sum(i.file_size for i in files))
+    for info in files:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_FREE_BYTES and ratio > MAX_ZIP_RATIO:
+            raise UserError(
+                f"Refusing {name}: entry '{info.filename}' would unpack from {info.compress_size:,} to "
+                f"{info.file_size:,} bytes ({ratio:,.0f} times), more than the {MAX_ZIP_RATIO} times that "
+                "real images compress; it looks like a zip bomb. Nothing was ingested."
+            )
+    return files, folders
+
+
+def _check_room(settings: Settings, name: str, dest: Path, total: int) -> None:
+    """Room for `total` unpacked bytes: within MAX_DISK_GB and on the disk itself."""
+    check_disk(settings, total, f"unpacking {name}")
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise UserError(f"Not enough disk space to unpack {name}: it needs {total / 1e9:,.2f} GB and "
+                        f"{free / 1e9:,.2f} GB are free. Nothing was ingested.")
+
+
+def _unpack(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str) -> None:
+    """Copy one entry, counting the bytes really written: a header that understates an entry's
+    size must not get more onto the disk than the checks above allowed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with zf.open(info) as src, open(target, "wb") as out:
+        while chunk := src.read(1024 * 1024):
+            written += len(chunk)
+            if written > info.file_size:
+                raise UserError(f"Refusing {name}: entry '{info.filename}' holds more than the {info.file_size:,} "
+                                "bytes its header declares; the zip is damaged or crafted. Nothing was ingested.")
+            out.write(chunk)
+
+
+def _extract_zip(zip_path: Path, dest: Path, settings: Settings) -> None:
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            infos = zf.infolist()
-            # Refuse the whole archive: a crafted entry says the archive is not to be trusted.
-            for info in infos:
-                reason = _unsafe_entry_reason(info)
-                if reason:
-                    raise UserError(
-                        f"Refusing {zip_path.name}: entry '{info.filename}' ({reason}) could write "
-                        "outside the extraction folder. Nothing was ingested."
-                    )
-            # Some Windows tools write "\\" as the separator; read it as "/".
-            files = [i for i in infos if not i.filename.replace("\\", "/").endswith("/")]
-            folders = [i for i in infos if i.filename.replace("\\", "/").endswith("/")]
-            seen: set[tuple[str, ...]] = set()
-            for info in files:
-                # Which of two same-named entries wins depends on the unpacking tool.
-                parts = tuple(p for p in re.split(r"[/\\]", info.filename) if p not in ("", "."))
-                if parts in seen:
-                    raise UserError(f"Refusing {zip_path.name}: it has two entries named '{info.filename}'. "
-                                    "Nothing was ingested.")
-                seen.add(parts)
-            if not files:
-                raise UserError(f"{zip_path.name} is empty.")
-            encrypted = [i.filename for i in files if i.flag_bits & 0x1]
-            if encrypted:
-                raise UserError(f"{zip_path.name} is password-protected (e.g. '{encrypted[0]}').")
-            total = sum(i.file_size for i in files)
-            if total > MAX_ZIP_BYTES:
-                raise UserError(
-                    f"{zip_path.name} would unpack to {total / 1e9:.1f} GB, more than the "
-                    f"{MAX_ZIP_BYTES / 1e9:.0f} GB allowed. Ingest a folder instead."
-                )
-            if total > shutil.disk_usage(dest).free:
-                raise UserError(f"Not enough disk space to unpack {zip_path.name} ({total / 1e9:.1f} GB).")
+            files, folders = _zip_members(zf, zip_path.name, settings)
+            _check_room(settings, zip_path.name, dest, sum(i.file_size for i in files))
             for info in folders:  # an empty class folder is reported, as in a folder source
-                dest.joinpath(*[p for p in re.split(r"[/\\]", info.filename) if p not in ("", ".")]).mkdir(
-                    parents=True, exist_ok=True)
+                dest.joinpath(*_zip_parts(info)).mkdir(parents=True, exist_ok=True)
             for info in files:
-                parts = [p for p in re.split(r"[/\\]", info.filename) if p not in ("", ".")]
-                target = dest.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
+                _unpack(zf, info, dest.joinpath(*_zip_parts(info)), zip_path.name)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zlib, EOF: damaged compressed data
         raise UserError(f"{zip_path.name} is damaged: {e}") from None
     except UnicodeDecodeError:
@@ -326,6 +444,8 @@ def _extract_zip(zip_path: Path, dest: Path) -> None:
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
         raise UserError(f"{zip_path.name} has a file and a folder with the same name: {e}") from None
     except OSError as e:  # e.g. an entry name too long for the file system
+        if is_disk_full(e):
+            raise  # reported as a full disk, like any other write of the ingest
         raise UserError(f"{zip_path.name} could not be unpacked: {e.strerror or e}") from None
 
 
@@ -345,7 +465,7 @@ def _source_folder(source: Path, settings: Settings) -> Iterator[Path]:
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ingest-", dir=settings.tmp_dir))
     try:
-        _extract_zip(source, tmp)
+        _extract_zip(source, tmp, settings)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -445,11 +565,13 @@ def _stored_target(settings: Settings, v: _Valid) -> Path:
     return settings.images_dir / v.sha256[:2] / f"{v.sha256}{STORED_EXTENSIONS[v.format]}"
 
 
-def _store(settings: Settings, v: _Valid) -> str:
-    """Copy the original bytes into the content-addressed store; returns the path below APP_HOME."""
+def _store(settings: Settings, v: _Valid, stored: list[Path]) -> str:
+    """Copy the original bytes into the content-addressed store (adding the new file to `stored`);
+    returns the path below APP_HOME."""
     target = _stored_target(settings, v)
     if not target.exists():
         copy_file_atomic(v.cand.path, target)
+        stored.append(target)
     return target.relative_to(settings.app_home).as_posix()
 
 
@@ -474,16 +596,16 @@ def ingest(
 
     Bad files are skipped with a reason. Input that cannot be ingested as a whole (unsafe zip,
     fewer than 2 classes, one image in two classes, groups not covering every image, more images
-    than MAX_IMAGES_PER_DATASET, storage above MAX_DISK_GB) raises UserError before anything is
-    stored. Rows are added and flushed; the caller commits.
+    than MAX_IMAGES_PER_DATASET, storage above MAX_DISK_GB, a zip over MAX_UNPACKED_MB or
+    MAX_ZIP_ENTRIES, names too long to store) raises UserError before anything is stored; so does a
+    full disk, after removing what this call stored. Rows are added and flushed; the caller commits.
     """
     if user is not None:
         require_editor(user, "add images")
-    name = name.strip()
+        check_name_length(user.name, "User name")
+    name = check_name_length(name.strip(), "Dataset name")
     if not name:
         raise UserError("Give the dataset a name.")
-    if len(name) > 200:
-        raise UserError("Dataset names can be at most 200 characters.")
     if groups_csv is not None and group_pattern:
         raise UserError("Give either a groups CSV or a group pattern, not both.")
     group_rx = _compile_group_pattern(group_pattern) if group_pattern else None
@@ -491,10 +613,16 @@ def ingest(
     source = Path(source).expanduser()
     check_disk(settings)  # before unpacking or decoding anything
     hold_ingest_lock(session, settings)  # until commit: files stored before their rows are visible
-    with _source_folder(source, settings) as folder:
-        return _ingest_folder(
-            session, settings, folder, source, name, groups_csv, group_rx, progress, user
-        )
+    stored: list[Path] = []  # files this call adds to the store
+    try:
+        with disk_full_is_user_error(settings, f"the images of dataset '{name}'"), \
+                _source_folder(source, settings) as folder:
+            return _ingest_folder(
+                session, settings, folder, source, name, groups_csv, group_rx, progress, user, stored
+            )
+    except BaseException:
+        remove_unless_shared(session, stored)  # their rows will not be committed
+        raise
 
 
 def _ingest_folder(
@@ -506,10 +634,13 @@ def _ingest_folder(
     groups_csv: Path | None,
     group_rx: re.Pattern[str] | None,
     progress: Callable[[int, int], None] | None,
-    user: User | None = None,
+    user: User | None,
+    stored: list[Path],
 ) -> IngestReport:
-    root = _dataset_root(folder)
-    folders, candidates, skipped = _scan(root)
+    top = folder.resolve()
+    folders, candidates, skipped = _scan(_dataset_root(folder, top), top)
+    for label in folders:
+        check_name_length(label, "Class folder name")
     dataset = session.scalar(select(Dataset).where(Dataset.name == name))
     if dataset is None and len(folders) < 2:
         found = ", ".join(folders) if folders else "none"
@@ -527,7 +658,54 @@ def _ingest_folder(
         if progress is not None:
             progress(i, len(candidates))
 
-    # Identical bytes: stored once within a class; across classes the label is ambiguous.
+    unique, duplicates, existing = _deduplicate(session, dataset, name, valid)
+
+    classes = _classes(dataset, name, source, folders, Counter(v.cand.label for v in unique), skipped)
+
+    groups = _groups(groups_csv, group_rx, [v.cand.rel for v in unique])
+
+    new = [v for v in unique if v.sha256 not in existing]
+    check_dataset_size(settings, name, len(existing), len(new))
+    new_bytes = sum(v.cand.path.stat().st_size for v in new if not _stored_target(settings, v).exists())
+    check_disk(settings, new_bytes, f"the {len(new)} new image(s)")
+
+    # All checks passed: from here on, store.
+    if dataset is None:
+        dataset = Dataset(name=name, classes=classes, source=str(source.resolve()),
+                          created_by=user.name if user is not None else None)
+        session.add(dataset)
+        session.flush()
+
+    added, already_present = _add_images(settings, dataset, unique, existing, groups, stored)
+    skipped.sort()
+    # Duplicates are shown with the skipped files too: they were not taken as separate images.
+    dataset.skipped = [SkippedFile(path=p, reason=r) for p, r in skipped] + [
+        SkippedFile(path=p, reason=f"duplicate of {other}") for p, other in duplicates
+    ]
+    session.flush()
+
+    counts = dict(
+        session.execute(
+            select(Image.label, func.count()).where(Image.dataset_id == dataset.id).group_by(Image.label)
+        ).all()
+    )
+    return IngestReport(
+        dataset_id=dataset.id,
+        name=name,
+        added=added,
+        already_present=already_present,
+        duplicates=duplicates,
+        skipped=skipped,
+        class_counts={label: counts.get(label, 0) for label in dataset.classes},
+    )
+
+
+def _deduplicate(session: Session, dataset: Dataset | None, name: str, valid: list[_Valid]
+                 ) -> tuple[list[_Valid], list[tuple[str, str]], dict[str, Image]]:
+    """(unique images, duplicates as (path, path it duplicates), the dataset's images by sha256).
+
+    Identical bytes: stored once within a class; across classes (or against an image already in
+    the dataset under another class) the label is ambiguous, and nothing is ingested."""
     first: dict[str, _Valid] = {}
     unique: list[_Valid] = []
     duplicates: list[tuple[str, str]] = []
@@ -555,8 +733,13 @@ def _ingest_folder(
             f"The same image is in two classes: {'; '.join(conflicts[:5])}. An image can have "
             "only one label: remove the wrong copy and ingest again. Nothing was ingested."
         )
+    return unique, duplicates, existing
 
-    new_counts = Counter(v.cand.label for v in unique)
+
+def _classes(dataset: Dataset | None, name: str, source: Path, folders: list[str], new_counts: Counter[str],
+             skipped: list[tuple[str, str]]) -> list[str]:
+    """The classes of a new dataset: the folders holding a valid image (the others are added to
+    `skipped`), at least 2. An existing dataset keeps its classes and takes no new one."""
     if dataset is None:
         classes = sorted(label for label in folders if new_counts[label] > 0)
         for label in folders:
@@ -567,35 +750,34 @@ def _ingest_folder(
                 f"Only {len(classes)} class folder(s) in {source.name} hold a valid image "
                 f"({', '.join(classes) or 'none'}); need at least 2. See the skipped files for why."
             )
-    else:
-        # Labels are indices into dataset.classes; a new class would shift them under
-        # existing splits and runs.
-        extra = sorted(label for label in new_counts if label not in dataset.classes)
-        if extra:
-            raise UserError(
-                f"Dataset '{name}' has classes {', '.join(dataset.classes)}; {source.name} adds "
-                f"{', '.join(extra)}. Ingest into a new dataset name instead."
-            )
+        return classes
+    # Labels are indices into dataset.classes; a new class would shift them under
+    # existing splits and runs.
+    extra = sorted(label for label in new_counts if label not in dataset.classes)
+    if extra:
+        raise UserError(
+            f"Dataset '{name}' has classes {', '.join(dataset.classes)}; {source.name} adds "
+            f"{', '.join(extra)}. Ingest into a new dataset name instead."
+        )
+    return list(dataset.classes)
 
+
+def _groups(groups_csv: Path | None, group_rx: re.Pattern[str] | None, rels: list[str]) -> dict[str, str] | None:
+    """Each image's group from the CSV or the pattern; None when neither is given."""
     groups: dict[str, str] | None = None
-    rels = [v.cand.rel for v in unique]
     if groups_csv is not None:
         groups = _groups_from_csv(groups_csv, rels)
     elif group_rx is not None:
         groups = _groups_from_pattern(group_rx, rels)
+    for group in set(groups.values()) if groups else ():
+        check_name_length(group, "Group")
+    return groups
 
-    new = [v for v in unique if v.sha256 not in existing]
-    check_dataset_size(settings, name, len(existing), len(new))
-    new_bytes = sum(v.cand.path.stat().st_size for v in new if not _stored_target(settings, v).exists())
-    check_disk(settings, new_bytes, f"the {len(new)} new image(s)")
 
-    # All checks passed: from here on, store.
-    if dataset is None:
-        dataset = Dataset(name=name, classes=classes, source=str(source.resolve()),
-                          created_by=user.name if user is not None else None)
-        session.add(dataset)
-        session.flush()
-
+def _add_images(settings: Settings, dataset: Dataset, unique: list[_Valid], existing: dict[str, Image],
+                groups: dict[str, str] | None, stored: list[Path]) -> tuple[int, int]:
+    """Store the new images and add their rows; update the groups of those already present.
+    Returns (added, already present)."""
     added = already_present = 0
     for v in unique:
         group = groups.get(v.cand.rel) if groups is not None else None
@@ -609,7 +791,7 @@ def _ingest_folder(
             Image(
                 label=v.cand.label,
                 sha256=v.sha256,
-                stored_path=_store(settings, v),
+                stored_path=_store(settings, v, stored),
                 original_name=v.cand.rel,
                 width=v.width,
                 height=v.height,
@@ -618,28 +800,7 @@ def _ingest_folder(
             )
         )
         added += 1
-
-    skipped.sort()
-    # Duplicates are shown with the skipped files too: they were not taken as separate images.
-    dataset.skipped = [SkippedFile(path=p, reason=r) for p, r in skipped] + [
-        SkippedFile(path=p, reason=f"duplicate of {other}") for p, other in duplicates
-    ]
-    session.flush()
-
-    counts = dict(
-        session.execute(
-            select(Image.label, func.count()).where(Image.dataset_id == dataset.id).group_by(Image.label)
-        ).all()
-    )
-    return IngestReport(
-        dataset_id=dataset.id,
-        name=name,
-        added=added,
-        already_present=already_present,
-        duplicates=duplicates,
-        skipped=skipped,
-        class_counts={label: counts.get(label, 0) for label in dataset.classes},
-    )
+    return added, already_present
 
 
 def get_dataset(session: Session, name: str) -> Dataset:
@@ -656,16 +817,38 @@ def list_datasets(session: Session) -> list[Dataset]:
     return list(session.scalars(select(Dataset).order_by(Dataset.name)))
 
 
+def lock_dataset(session: Session, dataset: Dataset) -> Dataset:
+    """Read `dataset` again under a lock held until the session's transaction ends, so that
+    launching runs on it and deleting it take turns. UserError when it has been deleted meanwhile.
+
+    PostgreSQL locks the row (SELECT ... FOR UPDATE). SQLite has no row locks: a write that changes
+    nothing takes the database's one write lock, which a transaction keeps to its end.
+    """
+    name = dataset.name
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Dataset).where(Dataset.id == dataset.id).values(name=Dataset.name)
+                        .execution_options(synchronize_session=False))
+    locked = session.scalar(select(Dataset).where(Dataset.id == dataset.id).with_for_update()
+                            .execution_options(populate_existing=True))
+    if locked is None:
+        raise UserError(f"Dataset '{name}' was deleted.")
+    return locked
+
+
 def delete_dataset(session: Session, settings: Settings, name: str, *, user: User | None = None) -> None:
     """Delete the dataset's rows (images, skipped files, and by cascade its splits and runs).
     `user` (when given) must be an editor.
 
     Stored files that no other dataset uses are removed once the caller's transaction commits,
-    so a rollback never leaves rows pointing at missing files.
+    so a rollback never leaves rows pointing at missing files. Which files are unused is decided,
+    and they are removed, under the ingest lock held alone: an ingest running meanwhile may have
+    found one of them stored and be about to reference it, so the delete waits for it to commit.
     """
     if user is not None:
         require_editor(user, "delete datasets")
     dataset = get_dataset(session, name)
+    hold_ingest_lock(session, settings, exclusive=True)  # before any database lock, as ingest takes them
+    dataset = lock_dataset(session, dataset)
     active = session.scalar(
         select(func.count())
         .select_from(Run)
@@ -674,7 +857,7 @@ def delete_dataset(session: Session, settings: Settings, name: str, *, user: Use
     if active:
         raise UserError(f"Dataset '{name}' has {active} queued or running run(s); cancel them first.")
 
-    stored = {img.sha256: img.stored_path for img in dataset.images}
+    stored = dict(session.execute(select(Image.sha256, Image.stored_path).where(Image.dataset_id == dataset.id)).all())
     run_ids = session.scalars(select(Run.id).where(Run.dataset_id == dataset.id)).all()
     session.delete(dataset)
     session.flush()

@@ -3,6 +3,13 @@
 Each pipeline stage writes its own tables and only reads the previous stage's:
 datasets/images -> splits/split_members -> runs (config incl. augmentation) -> epoch_metrics,
 predictions. Sessions are made by the caller (`with Session.begin() as s:`) and passed in.
+
+An id is never given twice, even after its row is deleted, so that nothing named by an id (a run's
+folder runs/<id>/, a page's selection) can be taken for a newer row's. PostgreSQL's sequences never
+go back; SQLite needs AUTOINCREMENT (`sqlite_autoincrement` on every table with an integer id).
+create_all sets it only on tables it creates: a SQLite database made before keeps SQLite's default,
+which gives the largest id again once its row is deleted (caches are keyed by content, so that
+is harmless for them).
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
+# Names that come from outside (datasets, classes, groups, presets, users) are String(NAME_LENGTH);
+# core/limits.py check_name_length refuses longer ones before PostgreSQL would.
+NAME_LENGTH = 200
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -39,14 +51,15 @@ class Base(DeclarativeBase):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
     classes: Mapped[list[Any]] = mapped_column()  # sorted class names; index = label
     source: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Who added it (a user name); None where unknown: older records, library calls.
-    created_by: Mapped[str | None] = mapped_column(String(200), default=None)
+    created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
 
     images: Mapped[list[Image]] = relationship(back_populates="dataset", cascade="all, delete-orphan")
     skipped: Mapped[list[SkippedFile]] = relationship(cascade="all, delete-orphan")
@@ -54,18 +67,18 @@ class Dataset(Base):
 
 class Image(Base):
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("dataset_id", "sha256"),)
+    __table_args__ = (UniqueConstraint("dataset_id", "sha256"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
-    label: Mapped[str] = mapped_column(String(200))  # class name
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))  # class name
     sha256: Mapped[str] = mapped_column(String(64))
     stored_path: Mapped[str] = mapped_column(Text)  # relative to APP_HOME
     original_name: Mapped[str] = mapped_column(Text)  # path inside the source, e.g. "CLL/001.tif"
     width: Mapped[int]
     height: Mapped[int]
     mode: Mapped[str] = mapped_column(String(20))  # PIL mode before conversion to RGB
-    group: Mapped[str | None] = mapped_column(String(200), default=None)  # specimen / patient
+    group: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)  # specimen / patient
 
     dataset: Mapped[Dataset] = relationship(back_populates="images")
 
@@ -74,6 +87,7 @@ class SkippedFile(Base):
     """A file that ingest did not take, with the reason (shown to the user)."""
 
     __tablename__ = "skipped_files"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
@@ -89,6 +103,7 @@ class Split(Base):
     """
 
     __tablename__ = "splits"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
@@ -103,7 +118,7 @@ class Split(Base):
 
 class SplitMember(Base):
     __tablename__ = "split_members"
-    __table_args__ = (UniqueConstraint("split_id", "fold", "image_id"),)
+    __table_args__ = (UniqueConstraint("split_id", "fold", "image_id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     split_id: Mapped[int] = mapped_column(ForeignKey("splits.id", ondelete="CASCADE"), index=True)
@@ -116,12 +131,13 @@ class AugmentationPreset(Base):
     """Named augmentation settings saved by users; a run copies the values into its config."""
 
     __tablename__ = "augmentation_presets"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
     params: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    created_by: Mapped[str | None] = mapped_column(String(200), default=None)
+    created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
 
 
 class RunStatus(str, enum.Enum):
@@ -134,6 +150,7 @@ class RunStatus(str, enum.Enum):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
@@ -144,7 +161,7 @@ class Run(Base):
     seed: Mapped[int]
     status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    created_by: Mapped[str | None] = mapped_column(String(200), default=None)  # MAX_QUEUED_RUNS_PER_USER counts by it
+    created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)  # MAX_QUEUED_RUNS_PER_USER counts by it
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     device: Mapped[str | None] = mapped_column(String(100), default=None)
@@ -172,7 +189,7 @@ class Run(Base):
 
 class EpochMetric(Base):
     __tablename__ = "epoch_metrics"
-    __table_args__ = (UniqueConstraint("run_id", "epoch"),)
+    __table_args__ = (UniqueConstraint("run_id", "epoch"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
@@ -200,7 +217,7 @@ class Prediction(Base):
     predicted_label: Mapped[int]
     probabilities: Mapped[list[Any]] = mapped_column()
 
-    __table_args__ = (Index("ix_predictions_run", "run_id"),)
+    __table_args__ = (Index("ix_predictions_run", "run_id"), {"sqlite_autoincrement": True})
 
 
 class Worker(Base):
@@ -220,6 +237,20 @@ class Worker(Base):
     slots: Mapped[int] = mapped_column(default=1)
     run_ids: Mapped[list[Any]] = mapped_column(default=list)  # runs it is training now
     device: Mapped[str | None] = mapped_column(String(100), default=None)  # as its last run reported
+
+
+class SignInFailures(Base):
+    """Recent failed sign-ins counted under one key (core/throttle.py says which keys and limits).
+
+    In the database rather than in server memory, so that no client can reset the count, every
+    server process shares it, and a lock outlives a restart.
+    """
+
+    __tablename__ = "sign_in_failures"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)  # "pair NAME ADDRESS", "name NAME", ...
+    failures: Mapped[int] = mapped_column(default=0)
+    last_failure_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # old rows are pruned by it
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -8,8 +8,9 @@ never half of one. What a crash can leave is a temporary file named `.tmp-*` bes
 
 Ingest stores files first and commits their rows afterwards, so for a while its files have no rows.
 It holds a shared lock (APP_HOME/ingest.lock) from its first write until its transaction ends; the
-clean-up of unreferenced files takes the lock exclusively, so it never deletes a file that a
-running ingest is about to reference. The kernel drops the lock of a killed process.
+clean-up of unreferenced files, and deleting a dataset, take the lock exclusively, so neither
+deletes a file that a running ingest is about to reference. The kernel drops the lock of a killed
+process.
 """
 
 from __future__ import annotations
@@ -116,16 +117,23 @@ def _open_lock(settings: Settings) -> IO[bytes]:
     return open(settings.app_home / LOCK_NAME, "ab")
 
 
-def hold_ingest_lock(session: Session, settings: Settings) -> None:
+def hold_ingest_lock(session: Session, settings: Settings, *, exclusive: bool = False) -> None:
     """Share the ingest lock until `session`'s current transaction ends (commit or rollback).
 
     Call before writing any file that a row of this transaction will reference. Several ingests
-    share the lock; only clean-up (`exclusive_ingest_lock`) excludes them, briefly.
+    share the lock; only clean-up (`exclusive_ingest_lock`) excludes them, briefly. With
+    `exclusive` (deleting a dataset, whose files another ingest may be about to reference), wait
+    for running ingests to end and keep new ones out until the transaction ends.
     """
-    if fcntl is None or "ingest_lock" in session.info:
+    if fcntl is None:
+        return
+    held = session.info.get("ingest_lock")
+    if held is not None:
+        if exclusive:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         return
     lock = _open_lock(settings)
-    fcntl.flock(lock.fileno(), fcntl.LOCK_SH)  # waits while a clean-up runs
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)  # waits while a clean-up runs
     session.info["ingest_lock"] = lock
 
     def release(sess: Session, transaction: SessionTransaction) -> None:
@@ -134,6 +142,22 @@ def hold_ingest_lock(session: Session, settings: Settings) -> None:
             lock.close()  # closing the file drops the lock
 
     event.listen(session, "after_transaction_end", release)
+
+
+def remove_unless_shared(session: Session, paths: list[Path]) -> None:
+    """Remove stored files whose rows `session` will not commit (its ingest failed), unless another
+    ingest shares the lock: that one may have found a file present and be about to reference it.
+    Files left then are removed later by `python -m core check --fix`."""
+    if not paths:
+        return
+    lock = session.info.get("ingest_lock")
+    if fcntl is not None and lock is not None:
+        try:  # held exclusively until the transaction ends, which drops the lock as usual
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.db import EpochMetric, Run, RunStatus, utcnow
 from core.errors import UserError
+from core.limits import is_disk_full
 
 LOG_TAIL_LINES = 50
 # A run whose worker died this many times is failed instead of being requeued again: something
@@ -53,6 +54,24 @@ def note(settings: Settings, run_id: int, message: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"{utcnow():%Y-%m-%d %H:%M:%S} QUEUE {message}\n")
+
+
+def failure_text(exc: BaseException, run_id: int) -> str:
+    """What a failed run's `error` says: a UserError's message; for a full disk (a file, or the
+    database, that could not be written) a plain sentence and how to go on; else type and text."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen:  # a checkpoint writer may wrap the OSError
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    full = next((e for e in seen if is_disk_full(e)), None)
+    if full is None:
+        return f"{type(exc).__name__}: {exc}"
+    why = full.strerror if isinstance(full, OSError) else str(getattr(full, "orig", full))
+    return (f"The disk is full: {why or full}. Free space under APP_HOME (or on the database's disk), then "
+            f"`python -m core resume {run_id}` continues the run from its last finished epoch.")
 
 
 def age_seconds(moment: datetime | None, now: datetime | None = None) -> float | None:

@@ -1,15 +1,23 @@
 """Limits an administrator sets (core/config.py: MAX_UPLOAD_MB, MAX_IMAGES_PER_DATASET,
-MAX_QUEUED_RUNS, MAX_QUEUED_RUNS_PER_USER, MAX_DISK_GB), checked before anything is written; each
-refusal is a UserError that names the setting. A limit of 0 (or less) means no limit.
+MAX_QUEUED_RUNS, MAX_QUEUED_RUNS_PER_USER, MAX_DISK_GB, MAX_UNPACKED_MB, MAX_ZIP_ENTRIES), checked
+before anything is written; each refusal is a UserError that names the setting. A limit of 0 (or
+less) means no limit. Also the limits no setting changes: the length of names (the database's
+columns), and a full disk, which is reported to the user like any other limit.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
+from sqlalchemy.exc import OperationalError
+
 from core.config import Settings
+from core.db import NAME_LENGTH
 from core.errors import UserError
 
 MB = 1024**2  # Streamlit's server.maxUploadSize counts MB this way
@@ -44,8 +52,7 @@ def check_upload_size(settings: Settings, contents: Iterable[bytes | BinaryIO]) 
 
 
 def disk_usage(settings: Settings) -> int:
-    """Bytes used by files under APP_HOME, not counting APP_HOME/tmp (uploads being ingested)."""
-    skip = os.path.normpath(settings.tmp_dir)
+    """Bytes used by files under APP_HOME, APP_HOME/tmp (uploads being unpacked) included."""
     total = 0
     stack = [os.fspath(settings.app_home)]
     while stack:
@@ -55,8 +62,7 @@ def disk_usage(settings: Settings) -> int:
                 for entry in entries:
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            if os.path.normpath(entry.path) != skip:
-                                stack.append(entry.path)
+                            stack.append(entry.path)
                         elif entry.is_file(follow_symlinks=False):
                             total += entry.stat(follow_symlinks=False).st_size
                     except FileNotFoundError:  # removed while we looked
@@ -116,3 +122,63 @@ def check_user_queue(settings: Settings, user: str, queued: int, adding: int) ->
             f"MAX_QUEUED_RUNS_PER_USER limit of {limit} queued runs per person, which keeps the worker "
             "shared. Wait for your queued runs to start, or cancel some, then try again. No run was created."
         )
+
+
+def check_zip(settings: Settings, name: str, entries: int, unpacked: int) -> None:
+    """UserError when a zip holds more than MAX_ZIP_ENTRIES entries or unpacks to more than MAX_UNPACKED_MB."""
+    limit = settings.max_zip_entries
+    if limit > 0 and entries > limit:
+        raise UserError(
+            f"{name} holds {entries:,} files and folders, more than the MAX_ZIP_ENTRIES limit of {limit:,}. "
+            "Split it into smaller zips (each can go into the same dataset name). Nothing was ingested."
+        )
+    check_unpacked(settings, name, unpacked)
+
+
+def check_unpacked(settings: Settings, name: str, unpacked: int) -> None:
+    """UserError when `unpacked` bytes of zip `name` are more than MAX_UNPACKED_MB."""
+    limit = settings.max_unpacked_mb
+    if limit > 0 and unpacked > limit * MB:
+        raise UserError(
+            f"{name} unpacks to {unpacked / MB:,.1f} MB or more, more than the MAX_UNPACKED_MB limit of "
+            f"{limit:g} MB. Split it into smaller zips, or ask an administrator to import it from a folder "
+            "on the server. Nothing was ingested."
+        )
+
+
+def check_name_length(value: str, what: str) -> str:
+    """`value`, or UserError when it is longer than the database stores (NAME_LENGTH characters)."""
+    if len(value) > NAME_LENGTH:
+        raise UserError(f"{what} '{value[:60]}...' is {len(value)} characters long; names can be at most "
+                        f"{NAME_LENGTH} characters. Choose a shorter one.")
+    return value
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or the user's quota) is full: an OSError, or SQLite's own words."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, OperationalError) and "database or disk is full" in str(exc.orig)
+
+
+@contextmanager
+def disk_full_is_user_error(settings: Settings, what: str) -> Iterator[None]:
+    """Turn a full disk inside the block into a UserError: the administrator can free space, the
+    user can try a smaller upload; a traceback helps neither. Partial files are the block's to remove."""
+    try:
+        yield
+    except (OSError, OperationalError) as exc:
+        if not is_disk_full(exc):
+            raise
+        raise UserError(
+            f"The disk is full: {what} could not be stored ({settings.app_home}: "
+            f"{_free_text(settings)}). Nothing was stored. Delete datasets or runs that are no longer "
+            "needed, or ask an administrator to free space."
+        ) from None
+
+
+def _free_text(settings: Settings) -> str:
+    try:
+        return f"{shutil.disk_usage(settings.app_home).free / GB:,.2f} GB free"
+    except OSError:
+        return "free space unknown"

@@ -62,7 +62,10 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a damaged or truncated file is the user's to replace
+            raise UserError(f"Cannot read weights file {path}: {exc}") from exc
     try:
         # weights_only refuses pickles that would run code.
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,14 +1,16 @@
 """Classify new images with a trained run's best checkpoint.
 
-The Predict page keeps one Predictor per run (st.cache_resource), so the checkpoint is read and the
-model prepared once, not per request. On CUDA the model runs in bf16, channels_last, through
-torch.compile with CUDA graphs ("reduce-overhead"), which removes the launch overhead of
-DenseNet-201's ~200 small layers at batch 1; where compilation fails it says so in the log and
-runs eagerly.
+The Predict page keeps one Predictor per model file (st.cache_resource, keyed by `model_sha256`),
+so the checkpoint is read and the model prepared once, not per request. On CUDA the model runs in
+bf16, channels_last, through torch.compile with CUDA graphs ("reduce-overhead"), which removes the
+launch overhead of DenseNet-201's ~200 small layers at batch 1; where compilation fails it says so
+in the log and runs eagerly.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,9 +82,34 @@ class Predictor:
         return tiles.vote(probs, owners, len(images)) if self.tiles else probs
 
 
+def model_file(settings: Settings, run_id: int) -> Path:
+    """The run's model: its best checkpoint."""
+    return run_dir(settings, run_id) / "best.pt"
+
+
+def model_sha256(settings: Settings, run_id: int) -> str | None:
+    """The sha256 of the run's model file (None when it has none): the key of a cache of loaded
+    models. Not the run id: in a database made before ids were AUTOINCREMENT, a deleted run's id is
+    given to the next run, whose model then lies at the same path."""
+    path = model_file(settings, run_id)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    # A checkpoint is replaced by renaming a new file over it, which gives it a new inode.
+    return file_sha256(str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def file_sha256(path: str, *version: int) -> str:
+    """The sha256 of a file's bytes, read once per `version` (its inode, size and times)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
     run = get_run(session, run_id)
-    path = run_dir(settings, run_id) / "best.pt"
+    path = model_file(settings, run_id)
     if run.status != RunStatus.succeeded or not path.exists():
         raise UserError(f"Run {run_id} has no trained model (status: {run.status.value}); pick a run that succeeded.")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)

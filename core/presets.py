@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from core.augment import AugmentParams
 from core.db import AugmentationPreset
 from core.errors import UserError
+from core.limits import check_name_length
 from core.run_config import RunConfig
 
 PAPER_PRESET = "Paper (Hasan et al.)"
@@ -45,8 +46,7 @@ def save_preset(session: Session, name: str, params: AugmentParams, *, overwrite
     name = name.strip()
     if not name:
         raise UserError("Give the preset a name.")
-    if len(name) > 200:
-        raise UserError("Preset names can be at most 200 characters.")
+    check_name_length(name, "Preset name")
     if name == PAPER_PRESET:
         raise UserError(f"'{PAPER_PRESET}' is the built-in paper preset; choose another name.")
     preset = session.scalar(select(AugmentationPreset).where(AugmentationPreset.name == name))

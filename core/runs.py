@@ -31,18 +31,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import audit, augment, data, splits, stain, tiles, yardstick
 from core.calibration import run_calibration
 from core.accounts import User, require_editor
 from core.config import Settings
-from core.datasets import get_dataset
+from core.datasets import get_dataset, lock_dataset
 from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
 from core.errors import UserError
 from core.files import atomic_path
-from core.jobs import claim_next, get_run, log_tail
-from core.limits import check_disk, check_queue, check_user_queue
+from core.jobs import claim_next, failure_text, get_run, log_tail
+from core.limits import check_disk, check_name_length, check_queue, check_user_queue
 from core.model import PaperDenseNet, build_model
 from core.run_config import RunConfig
 from core.train import (
@@ -81,7 +82,9 @@ def create_runs(session: Session, settings: Settings, config: RunConfig, *, user
     """
     if user is not None:
         require_editor(user, "launch training runs")
-    dataset = get_dataset(session, config.dataset)
+        check_name_length(user.name, "User name")
+    # Locked until the caller commits: a delete of the dataset waits for these runs, or they find it gone.
+    dataset = lock_dataset(session, get_dataset(session, config.dataset))
     adding = config.folds if config.split == "kfold" else 1
     queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
     check_queue(settings, queued, adding)
@@ -419,13 +422,14 @@ def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress
         return
     _claim_if_queued(Session, run_id)
     directory = run_dir(settings, run_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(directory / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("core").addHandler(handler)
     timings: dict[str, float] = {}
     ours = True
-    try:
+    handler: logging.Handler | None = None
+    try:  # from here on every way out records how the run ended (a full disk fails even the mkdir)
+        directory.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(directory / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("core").addHandler(handler)
         config = RunConfig.from_dict(get_run_config(Session, run_id))
         device = pick_device(config.device) if group is None else group.device
         checkpoint = _resume_point(Session, run_id, directory) if resume else None
@@ -444,16 +448,14 @@ def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress
         log.warning("run %d: stopped here; another process trains it now", run_id)
     except BaseException as exc:
         log.exception("run %d failed", run_id)
-        error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        _finish(Session, run_id, RunStatus.failed, timings, error)
+        _finish(Session, run_id, RunStatus.failed, timings, failure_text(exc, run_id))
         raise
     finally:
-        logging.getLogger("core").removeHandler(handler)
-        handler.close()
-        with Session.begin() as s:
-            run = s.get(Run, run_id)
-            if run is not None and ours:
-                run.log_tail = log_tail(directory / "train.log")
+        if handler is not None:
+            logging.getLogger("core").removeHandler(handler)
+            handler.close()
+        if ours:
+            _store_log_tail(Session, run_id, directory)
 
 
 def _claim_if_queued(Session: sessionmaker, run_id: int) -> None:
@@ -504,12 +506,40 @@ def _mark_running(Session: sessionmaker, run_id: int, device: torch.device, chec
         s.execute(delete(Prediction).where(Prediction.run_id == run_id))
 
 
+# Seconds between attempts to record how a run ended while the database refuses the write (locked
+# beyond its busy timeout, or its disk full, which may be why the run is ending).
+FINISH_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0)
+
+
 def _finish(Session: sessionmaker, run_id: int, status: RunStatus, timings: dict[str, float], error: str | None = None) -> None:
-    with Session.begin() as s:
-        run = s.get(Run, run_id)
-        if run is None:  # the run id was wrong to begin with
+    """Record how the run ended, trying again while the database refuses. If it never accepts, the
+    run stays `running` without a heartbeat: the worker that started this process records the
+    failure when it exits, or else the stale-run sweep takes the run back."""
+    for delay in (*FINISH_RETRY_SECONDS, None):
+        try:
+            with Session.begin() as s:
+                run = s.get(Run, run_id)
+                if run is not None:  # None: the run id was wrong to begin with
+                    run.status, run.finished_at, run.timings, run.error = status, utcnow(), timings, error
             return
-        run.status, run.finished_at, run.timings, run.error = status, utcnow(), timings, error
+        except OperationalError:
+            if delay is None:
+                log.exception("run %d: could not record that it %s", run_id, status.value)
+                return
+            log.warning("run %d: the database refused to record that it %s; trying again in %g s",
+                        run_id, status.value, delay, exc_info=True)
+            time.sleep(delay)
+
+
+def _store_log_tail(Session: sessionmaker, run_id: int, directory: Path) -> None:
+    """The end of train.log on the run's row, for the Runs page; left out if the database refuses."""
+    try:
+        with Session.begin() as s:
+            run = s.get(Run, run_id)
+            if run is not None:
+                run.log_tail = log_tail(directory / "train.log")
+    except OperationalError:
+        log.warning("run %d: could not store the end of its log", run_id, exc_info=True)
 
 
 def _train_and_test(Session: sessionmaker, settings: Settings, run_id: int, config: RunConfig, device: torch.device,

@@ -5,7 +5,7 @@ CLASS/file) and ingested from there; the folder is removed afterwards whatever h
 folder can only be imported from below one of settings.import_roots, so a web user cannot read
 arbitrary paths on the server.
 Uploads larger than MAX_UPLOAD_MB, or arriving while APP_HOME uses more than MAX_DISK_GB, are
-refused before anything is written.
+refused before anything is written; a disk that fills up while one is written is a UserError too.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from core.datasets import IngestReport, ingest
 from core.db import Dataset
 from core.errors import UserError
 from core.files import hold_ingest_lock, write_bytes_atomic
-from core.limits import check_disk, check_upload_size
+from core.limits import check_disk, check_upload_size, disk_full_is_user_error
 
 Content = bytes | BinaryIO
 Progress = Callable[[int, int], None]
@@ -96,7 +96,7 @@ def ingest_zip(
     size = check_upload_size(settings, [content])
     check_disk(settings, size, "this upload")
     hold_ingest_lock(session, settings)  # the work folder is not a leftover while this runs
-    with _workdir(settings) as folder:
+    with _workdir(settings) as folder, disk_full_is_user_error(settings, f"the upload {filename}"):
         path = folder / _safe_name(filename, "File name")
         _write(content, path)
         if path.stat().st_size == 0:
@@ -130,7 +130,7 @@ def ingest_files(
     size = check_upload_size(settings, [content for _, _, content in files])
     check_disk(settings, size, "this upload")
     hold_ingest_lock(session, settings)  # the work folder is not a leftover while this runs
-    with _workdir(settings) as folder:
+    with _workdir(settings) as folder, disk_full_is_user_error(settings, f"the upload of {len(files)} file(s)"):
         root = folder / "uploaded files"
         root.mkdir()
         for label, filename, content in files:
@@ -185,6 +185,6 @@ def import_folder(
     if groups_csv is None:
         return ingest(session, settings, source, name, group_pattern=group_pattern, progress=progress, user=user)
     hold_ingest_lock(session, settings)  # the work folder is not a leftover while this runs
-    with _workdir(settings) as folder:
+    with _workdir(settings) as folder, disk_full_is_user_error(settings, "the groups file"):
         return ingest(session, settings, source, name, groups_csv=_groups_file(folder, groups_csv),
                       group_pattern=group_pattern, progress=progress, user=user)

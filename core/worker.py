@@ -189,10 +189,11 @@ class WorkerLoop:
                         next_beat = time.monotonic() + self.settings.heartbeat_seconds
                     self.reap()
                     self.fill_slots()
-                except OperationalError:
+                except (OperationalError, OSError):
                     # The database was unavailable (locked beyond the busy timeout, a server
-                    # restarting): the children train on regardless; try again shortly.
-                    log.warning("worker %s: database error; retrying", self.id, exc_info=True)
+                    # restarting, its disk full) or a file could not be written: the children
+                    # train on regardless; try again shortly.
+                    log.warning("worker %s: database or file error; retrying", self.id, exc_info=True)
                 if not self.children and (self.once or self._quota_used()):
                     break
                 if self.idle_exit is not None and time.monotonic() - self.busy_at > self.idle_exit:
@@ -271,9 +272,14 @@ class WorkerLoop:
 
     def start(self, run_id: int) -> None:
         directory = self.settings.runs_dir / str(run_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        jobs.note(self.settings, run_id, f"started by worker {self.id}")
-        output = open(directory / "process.log", "ab")
+        try:  # a full disk refuses even the run's folder and logs
+            directory.mkdir(parents=True, exist_ok=True)
+            jobs.note(self.settings, run_id, f"started by worker {self.id}")
+            output = open(directory / "process.log", "ab")
+        except OSError as exc:
+            log.error("worker %s: run %d: cannot write its folder (%s)", self.id, run_id, exc)
+            self._fail(run_id, jobs.failure_text(exc, run_id))
+            return
         try:
             command = [sys.executable, "-m", "core", "_run", str(run_id), "--parent", str(os.getpid())]
             process = subprocess.Popen(command, cwd=ROOT,
@@ -281,9 +287,7 @@ class WorkerLoop:
                                        stdout=output, stderr=subprocess.STDOUT)
         except OSError as exc:
             output.close()
-            with self.Session.begin() as s:
-                s.execute(update(Run).where(Run.id == run_id).values(
-                    status=RunStatus.failed, finished_at=utcnow(), error=f"Could not start the training process: {exc}"))
+            self._fail(run_id, f"Could not start the training process: {exc}")
             return
         self.children[run_id] = Child(run_id, process, output)
         self.started += 1
@@ -291,14 +295,20 @@ class WorkerLoop:
             s.execute(update(Run).where(Run.id == run_id, Run.worker == self.id).values(pid=process.pid))
         log.info("worker %s: run %d started, pid %d", self.id, run_id, process.pid)
 
+    def _fail(self, run_id: int, error: str) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.failed, finished_at=utcnow(),
+                                                                 error=error))
+
     def reap(self) -> None:
         for run_id, child in list(self.children.items()):
             code = child.process.poll()
             if code is None:
                 continue
             child.output.close()
-            del self.children[run_id]
+            # Recorded before it is forgotten: if the database refuses now, the next round retries.
             self._record_exit(run_id, code)
+            del self.children[run_id]
 
     def _record_exit(self, run_id: int, code: int) -> None:
         directory = self.settings.runs_dir / str(run_id)

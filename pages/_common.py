@@ -8,6 +8,8 @@ are built here from core's records; no metric is computed here, only laid out.
 from __future__ import annotations
 
 import contextlib
+import html
+import re
 import runpy
 import textwrap
 from pathlib import Path
@@ -23,6 +25,7 @@ from core.accounts import User
 from core.config import Settings, load_settings
 from core.db import Run, RunStatus, make_sessionmaker, utcnow
 from core.errors import UserError
+from core.throttle import SignInThrottle
 from streamlit.runtime.pages_manager import PagesManager
 
 ENTRY_SCRIPT = Path(__file__).resolve().parents[1] / "streamlit_app.py"
@@ -82,10 +85,10 @@ def load_accounts(cfg: Settings, missing_ok: bool = False) -> accounts.Accounts:
     return _accounts_at(str(path), stamp, missing_ok)
 
 
-@st.cache_resource(show_spinner=False)
-def sign_in_throttle() -> accounts.SignInThrottle:
-    """One per server process: failed sign-ins count across browser sessions."""
-    return accounts.SignInThrottle()
+def sign_in_throttle() -> SignInThrottle:
+    """Failed sign-ins count in the database, across browser sessions and server processes (and
+    out of reach of Streamlit's cache clearing, which any client can ask for)."""
+    return SignInThrottle(session_factory())
 
 
 def oidc_roles(cfg: Settings) -> dict[str, str]:
@@ -181,11 +184,43 @@ def request_cancel(Session, run_id: int) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """The page edge: a mistake the user can fix is shown as st.error, never as a traceback."""
+    """The page edge: a mistake the user can fix is shown as st.error, never as a traceback. The
+    message is plain text and often quotes a name (a file, a dataset), so it is shown as text."""
     try:
         yield
     except UserError as e:
-        st.error(str(e), icon=":material/warning:")
+        st.error(md_text(str(e)), icon=":material/warning:")
+
+
+# --------------------------------------------------------------------------------------------
+# Names from outside, shown as text
+
+# What Markdown reads as markup inside a line (CommonMark, GFM, Streamlit's `:color[...]`
+# directives, LaTeX; "&" starts an entity), and a list marker at the start.
+_MARKUP = re.compile(r"([\\`*_\[\]()#!|~<>:$&])")
+_LIST_MARKER = re.compile(r"^(\d*)([-+.])")
+# Streamlit's renderer rewrites some text after the escapes are resolved: bare addresses (`http://`,
+# `www.`, `a@b.c`) into links, `:streamlit:`, `:material/...:` and `:smile:` into pictures, `->` and
+# `>=` into arrows. An invisible word joiner (U+2060) inside each keeps the text as it reads.
+_REWRITTEN = re.compile(r"(?<=:)|(?=@)|(?<=www)(?=\.)|(?<=[-<>~])(?=[-<>=])", re.IGNORECASE)
+
+
+def md_text(name: object) -> str:
+    """`name` as Markdown that shows it literally, for every element that renders Markdown
+    (st.markdown, caption, error/warning/info/success, widget, metric and expander labels, metric
+    values, image captions, radio options). Names come from outside (file, class, dataset, group,
+    preset and user names, messages quoting them): unescaped, one could draw links, images or
+    Streamlit's directives on a viewer's page. Runs of white space become one space, as a browser
+    shows them. Select boxes and multiselects draw their options as plain text: give them the name."""
+    text = _REWRITTEN.sub("\u2060", " ".join(str(name).split()))
+    text = _MARKUP.sub(r"\\\1", text)
+    return _LIST_MARKER.sub(r"\1\\\2", text)
+
+
+def plot_text(name: object) -> str:
+    """`name` for a plotly title, axis category or trace name: plotly reads a subset of HTML there
+    (`<a href>`, `<b>`, `<br>`) and shows entities as their characters, so escaping keeps it text."""
+    return html.escape(str(name), quote=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,9 +292,9 @@ def progress_text(run: Run) -> tuple[float, str]:
 
 def _layout(fig: go.Figure, title: str, subtitle: str = "", height: int = 380, wrap: int = 110) -> go.Figure:
     """Title, and the subtitle (the protocol) wrapped to lines of about `wrap` characters:
-    plotly does not wrap titles itself."""
+    plotly does not wrap titles itself. Both are text (a title may name a dataset)."""
     lines = textwrap.wrap(subtitle, wrap) if subtitle else []
-    text = "<br>".join([title, *(f"<sup>{line}</sup>" for line in lines)])
+    text = "<br>".join([plot_text(title), *(f"<sup>{plot_text(line)}</sup>" for line in lines)])
     height += 14 * max(0, len(lines) - 1)
     fig.update_layout(title={"text": text, "x": 0, "xanchor": "left"}, height=height,
                       margin={"l": 10, "r": 10, "t": 60 + 14 * len(lines), "b": 10}, legend={"orientation": "h", "y": -0.18})
@@ -267,8 +302,8 @@ def _layout(fig: go.Figure, title: str, subtitle: str = "", height: int = 380, w
 
 
 def class_counts_figure(counts: dict[str, int], title: str, subtitle: str = "") -> go.Figure:
-    names = list(counts)
-    fig = go.Figure(go.Bar(x=names, y=[counts[n] for n in names], text=[counts[n] for n in names],
+    names = [plot_text(n) for n in counts]
+    fig = go.Figure(go.Bar(x=names, y=list(counts.values()), text=list(counts.values()),
                            textposition="outside", marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(names))]))
     fig.update_yaxes(title="images", rangemode="tozero")
     fig.update_xaxes(title="class")
@@ -311,7 +346,8 @@ def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, 
     row_sums = z.sum(1, keepdims=True)
     share = np.divide(z, row_sums, out=np.zeros(z.shape, dtype=float), where=row_sums > 0)
     text = [[f"{z[i, j]}<br>{share[i, j]:.0%}" for j in range(z.shape[1])] for i in range(z.shape[0])]
-    fig = go.Figure(go.Heatmap(z=share, x=list(classes), y=list(classes), text=text, texttemplate="%{text}",
+    names = [plot_text(c) for c in classes]
+    fig = go.Figure(go.Heatmap(z=share, x=names, y=names, text=text, texttemplate="%{text}",
                                colorscale=[[0, "#ffffff"], [1, PALETTE[0]]], zmin=0, zmax=1,
                                colorbar={"title": "share of<br>true class", "tickformat": ".0%"},
                                hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>"))
@@ -332,7 +368,7 @@ def probabilities_figure(classes: Sequence[str], probabilities: Sequence[float],
                          wrap: int = 110) -> go.Figure:
     best = int(np.argmax(probabilities))
     fig = go.Figure(go.Bar(
-        x=[float(p) for p in probabilities], y=list(classes), orientation="h",
+        x=[float(p) for p in probabilities], y=[plot_text(c) for c in classes], orientation="h",
         text=[f"{p:.1%}" for p in probabilities], textposition="auto",
         marker_color=[PALETTE[0] if i == best else "#c9b3c4" for i in range(len(classes))],
     ))

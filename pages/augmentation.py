@@ -11,7 +11,7 @@ from core import augment, data, datasets, presets
 from core.augment import AugmentParams
 from core.errors import UserError
 from pages._common import (
-    current_user, page_header, require_editor, session_factory, settings, through_router, user_errors,
+    current_user, md_text, page_header, require_editor, session_factory, settings, through_router, user_errors,
 )
 
 through_router()
@@ -37,7 +37,7 @@ def load_preset() -> None:
         try:
             params = presets.get_params(s, st.session_state["aug_preset"])
         except UserError as e:
-            st.session_state["aug_flash_error"] = str(e)
+            st.session_state["aug_flash_error"] = md_text(str(e))
             return
     for name in FIELDS:
         st.session_state[f"aug_{name}"] = getattr(params, name)
@@ -147,7 +147,8 @@ else:
             require_editor("save presets")
             with Session.begin() as s:
                 presets.save_preset(s, preset_name, params, overwrite=overwrite).created_by = user.name
-            st.session_state["aug_flash"] = f"Saved preset '{preset_name.strip()}'. Choose it on the Train page."
+            st.session_state["aug_flash"] = (f"Saved preset '{md_text(preset_name.strip())}'. "
+                                             "Choose it on the Train page.")
             st.rerun()
 
 if saved:
@@ -162,7 +163,8 @@ if saved:
                 require_editor("delete presets")
                 with Session.begin() as s:
                     presets.delete_preset(s, doomed)
-                st.session_state["aug_flash"] = f"Deleted preset '{doomed}'. Runs that used it keep their own copy."
+                st.session_state["aug_flash"] = (f"Deleted preset '{md_text(doomed)}'. "
+                                                 "Runs that used it keep their own copy.")
                 st.rerun()
 else:
     st.caption("No saved presets yet. Runs copy a preset's values, so changing a preset later never alters a recorded run.")

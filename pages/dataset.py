@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 from core import datasets, uploads
 from core.db import Run
 from core.errors import UserError
+from core.limits import disk_full_is_user_error
 from pages._common import (
-    IMAGE_TYPES, class_counts_figure, current_user, page_header, session_factory, settings, show_figure,
+    IMAGE_TYPES, class_counts_figure, current_user, md_text, page_header, session_factory, settings, show_figure,
     through_router, thumbnail, user_errors,
 )
 
@@ -43,7 +44,8 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
 
     options = dict(groups_csv=groups_csv, group_pattern=group_pattern.strip() or None, progress=progress)
     with user_errors():
-        with Session.begin() as s:
+        # The commit writes too: a full disk there is reported like one during the ingest.
+        with disk_full_is_user_error(cfg, f"dataset '{name}'"), Session.begin() as s:
             if source == SOURCES[0]:
                 upload = st.session_state.get("ds_zip")
                 if upload is None:
@@ -71,8 +73,9 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
 
 
 def show_report(report: datasets.IngestReport) -> None:
-    counts = ", ".join(f"{c}: {n}" for c, n in report.class_counts.items())
-    st.success(f"Dataset **{report.name}**: {report.added} image(s) added, {report.already_present} already present, "
+    counts = ", ".join(f"{md_text(c)}: {n}" for c, n in report.class_counts.items())
+    st.success(f"Dataset **{md_text(report.name)}**: {report.added} image(s) added, "
+               f"{report.already_present} already present, "
                f"{len(report.skipped) + len(report.duplicates)} skipped. Now {counts}.", icon=":material/check_circle:")
     rows = [{"file": p, "reason": r} for p, r in report.skipped]
     rows += [{"file": p, "reason": f"duplicate of {other} (stored once)"} for p, other in report.duplicates]
@@ -142,7 +145,8 @@ def browse_tab() -> None:
     c[2].metric("Specimen groups", len(groups) if groups else "none", border=True,
                 help="Without groups, images of one specimen can sit on both sides of a split.")
     c[3].metric("Files skipped", len(skipped), border=True)
-    st.caption(f"Source: {source} · added {created:%Y-%m-%d %H:%M} UTC" + (f" by {created_by}" if created_by else "")
+    st.caption(f"Source: {md_text(source)} · added {created:%Y-%m-%d %H:%M} UTC"
+               + (f" by {md_text(created_by)}" if created_by else "")
                + f" · {n_runs} run(s) use it")
 
     left, right = st.columns([3, 2])
@@ -167,11 +171,11 @@ def browse_tab() -> None:
         members = [im for im in images if im.label == label]
         step = max(1, len(members) // per_class)
         shown = members[::step][:per_class]  # spread over the class, not just its first files
-        st.markdown(f"**{label}** · {len(members)} images")
+        st.markdown(f"**{md_text(label)}** · {len(members)} images")
         with user_errors():
             for start in range(0, len(shown), per_row):
                 for col, im in zip(st.columns(per_row), shown[start:start + per_row]):
-                    col.image(thumbnail(str(datasets.image_path(cfg, im))), caption=Path(im.original_name).name,
+                    col.image(thumbnail(str(datasets.image_path(cfg, im))), caption=md_text(Path(im.original_name).name),
                               width="stretch")
 
     with st.expander(f"Skipped files ({len(skipped)})", expanded=bool(skipped) and len(skipped) <= 20):
@@ -183,14 +187,14 @@ def browse_tab() -> None:
     if not user.can_edit:
         return
     with st.expander("Delete this dataset"):
-        st.warning(f"Deleting **{name}** removes its {len(images)} images and its {n_runs} run(s) with their "
+        st.warning(f"Deleting **{md_text(name)}** removes its {len(images)} images and its {n_runs} run(s) with their "
                    "results. Stored image files used by no other dataset are removed too.", icon=":material/delete:")
-        sure = st.checkbox(f"Yes, delete '{name}' and everything trained on it", key=f"ds_confirm_{name}")
+        sure = st.checkbox(f"Yes, delete '{md_text(name)}' and everything trained on it", key=f"ds_confirm_{name}")
         if st.button("Delete dataset", disabled=not sure, key="ds_delete"):
             with user_errors():
                 with Session.begin() as s:
                     datasets.delete_dataset(s, cfg, name, user=user)
-                st.session_state["ds_flash"] = f"Deleted dataset '{name}'."
+                st.session_state["ds_flash"] = f"Deleted dataset '{md_text(name)}'."
                 st.session_state.pop("ds_selected", None)
                 st.rerun()
 

@@ -12,7 +12,7 @@ from core.datasets import load_rgb
 from core.db import RunStatus
 from core.errors import UserError
 from pages._common import (
-    IMAGE_TYPES, is_leaky, page_header, pct, probabilities_figure, protocol_of, run_label, session_factory,
+    IMAGE_TYPES, is_leaky, md_text, page_header, pct, probabilities_figure, protocol_of, run_label, session_factory,
     settings, show_figure, through_router, user_errors,
 )
 
@@ -25,18 +25,19 @@ page_header("Predict", "Classify new H&E images with a trained run: the subtype,
             "Grad-CAM heat map of the regions that drove the decision.")
 
 
-# The model is compiled as it loads on a GPU, and on the CPU with CPU_COMPILE=1: once per run and
-# server process, from seconds to a few minutes for the first model a machine compiles.
+# The model is compiled as it loads on a GPU, and on the CPU with CPU_COMPILE=1: once per model and
+# server process, from seconds to a few minutes for the first model a machine compiles. Cached by the
+# model file's sha256 (`model`), not by the run id alone: an id can name a newer run's model.
 @st.cache_resource(show_spinner="Loading the model (and compiling it where set up to: the first time can take "
                    "minutes)…", max_entries=4)
-def predictor_for(run_id: int, database_url: str) -> predict.Predictor:
+def predictor_for(run_id: int, model: str | None, database_url: str) -> predict.Predictor:
     with Session() as s:
         return predict.load_predictor(s, cfg, run_id)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def grad_cam_for(run_id: int, database_url: str) -> saliency.GradCam:
-    return saliency.GradCam(predictor_for(run_id, database_url))
+def grad_cam_for(run_id: int, model: str | None, database_url: str) -> saliency.GradCam:
+    return saliency.GradCam(predictor_for(run_id, model, database_url))
 
 
 with Session() as s:
@@ -54,8 +55,8 @@ if not info:
 pick, about = st.columns([2, 3], vertical_alignment="bottom")
 run_id = pick.selectbox("Model (a run that succeeded)", list(info), format_func=lambda i: info[i]["label"], key="pr_run")
 meta = info[run_id]
-about.caption(f"Trained on **{meta['dataset']}** ({', '.join(meta['classes'])}) at {meta['size']} px, weights "
-              f"{meta['weights']}. Test accuracy {pct(meta['accuracy'])} under: {meta['protocol']}.")
+about.caption(f"Trained on **{md_text(meta['dataset'])}** ({md_text(', '.join(meta['classes']))}) at "
+              f"{meta['size']} px, weights {md_text(meta['weights'])}. Test accuracy {pct(meta['accuracy'])} under: {meta['protocol']}.")
 if meta["leaky"]:
     st.warning("This model was evaluated with the paper's leaky protocol: its test accuracy overstates how well it "
                "does on new images.", icon=":material/warning:")
@@ -66,14 +67,15 @@ if not uploads:
     st.caption("Upload one image to see its heat map, or many for a table of results.")
     st.stop()
 
-# Decode and classify once per (run, files); the results stay while the user looks around.
-key = (run_id, tuple(hashlib.sha256(f.getvalue()).hexdigest() for f in uploads))
+# Decode and classify once per (model, files); the results stay while the user looks around.
+model = predict.model_sha256(cfg, run_id)
+key = (model, tuple(hashlib.sha256(f.getvalue()).hexdigest() for f in uploads))
 cache = st.session_state.setdefault("pr_results", {})
 if key not in cache:
     try:
-        predictor = predictor_for(run_id, cfg.database_url)
+        predictor = predictor_for(run_id, model, cfg.database_url)
     except UserError as e:
-        st.error(str(e), icon=":material/warning:")
+        st.error(md_text(str(e)), icon=":material/warning:")
         st.stop()
     images, names, problems = [], [], []
     for f in uploads:
@@ -96,11 +98,11 @@ if key not in cache:
 result = cache[key]
 classes = result["classes"]
 for problem in result["problems"]:
-    st.error(f"Not classified: {problem}", icon=":material/warning:")
+    st.error(f"Not classified: {md_text(problem)}", icon=":material/warning:")
 if not result["names"]:
     st.stop()
 
-predictor = predictor_for(run_id, cfg.database_url)
+predictor = predictor_for(run_id, model, cfg.database_url)
 raw = np.asarray(result["probabilities"])
 threshold, refer = None, np.zeros(len(raw), dtype=bool)
 if predictor.temperature is None:
@@ -133,7 +135,7 @@ if len(table) > 1:
     counts = table["predicted"].value_counts()
     cols = st.columns(len(classes))
     for col, c in zip(cols, classes):
-        col.metric(f"Predicted {c}", int(counts.get(c, 0)), border=True)
+        col.metric(f"Predicted {md_text(c)}", int(counts.get(c, 0)), border=True)
 st.dataframe(table, hide_index=True, column_config={
     name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1)
     for name in ["confidence", *classes]
@@ -149,29 +151,29 @@ name, image, probs = result["names"][chosen], result["images"][chosen], shown[ch
 predicted = int(probs.argmax())
 left, middle, right = st.columns([1, 1, 1], gap="medium")
 with left:
-    st.markdown(f"**{name}**")
+    st.markdown(f"**{md_text(name)}**")
     st.image(image, caption=f"{image.width}×{image.height} px", width="stretch")
 with middle:
     target = st.selectbox("Heat map for class", range(len(classes)), index=predicted, format_func=lambda i: classes[i],
-                          key=f"pr_cam_class_{run_id}_{key[1][chosen][:12]}")  # per model and image
+                          key=f"pr_cam_class_{(model or '')[:12]}_{key[1][chosen][:12]}")  # per model and image
     with st.spinner("Computing the Grad-CAM heat map…"), user_errors():
-        cam = grad_cam_for(run_id, cfg.database_url).explain(image, class_index=int(target))
+        cam = grad_cam_for(run_id, model, cfg.database_url).explain(image, class_index=int(target))
         if cam.flat:
             cells = max(1, int(meta["size"]) // 32)
-            st.info(f"Grad-CAM for {classes[cam.class_index]}: no heat map to show. This model was trained at "
+            st.info(f"Grad-CAM for {md_text(classes[cam.class_index])}: no heat map to show. This model was trained at "
                     f"{meta['size']} px, where the last dense block is {cells}×{cells} cell(s), so the map carries no "
                     "location. Train at 224 px (the paper's size) for a 7×7 map.", icon=":material/blur_off:")
         else:
-            st.image(cam.overlay, caption=f"Grad-CAM for {classes[cam.class_index]} on the last dense block "
+            st.image(cam.overlay, caption=f"Grad-CAM for {md_text(classes[cam.class_index])} on the last dense block "
                      "(red: regions that raised this class's score)", width="stretch")
 with right:
     if refer[chosen]:
-        st.metric("Uncertain, refer", classes[predicted], delta=f"most likely, {probs[predicted]:.1%}", delta_color="off",
+        st.metric("Uncertain, refer", md_text(classes[predicted]), delta=f"most likely, {probs[predicted]:.1%}", delta_color="off",
                   border=True)
         st.warning("Not confident enough to report a subtype: refer this image to a pathologist "
                    "(or review it with more of the specimen).", icon=":material/help:")
     else:
-        st.metric("Predicted subtype", classes[predicted], delta=f"{probs[predicted]:.1%} probability",
+        st.metric("Predicted subtype", md_text(classes[predicted]), delta=f"{probs[predicted]:.1%} probability",
                   delta_color="off", border=True)
     show_figure(probabilities_figure(classes, probs, "Class probabilities", f"run {run_id} · {meta['protocol']}",
                                      wrap=42), key="pr_probs")

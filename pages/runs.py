@@ -12,15 +12,15 @@ from core import evaluate, runs, yardstick
 from core.calibration import format_run_calibration
 from core.db import EpochMetric, Image, Prediction, RunStatus
 from pages._common import (
-    ACTIVE, STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, is_leaky, page_header, pct,
-    progress_text, protocol_of, reliability_chart, request_cancel, run_label, session_factory, settings, show_figure,
-    through_router, thumbnail, user_errors,
+    ACTIVE, STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, is_leaky, md_text, page_header,
+    pct, progress_text, protocol_of, reliability_chart, request_cancel, run_label, session_factory, settings,
+    show_figure, through_router, thumbnail, user_errors,
 )
 
 through_router()
 Session = session_factory()
 cfg = settings()
-user = current_user()  # cancelling needs an editor
+user = current_user()  # cancelling and downloading checkpoints need an editor
 LEAKY_NOTE = ("LEAKY protocol (the paper's): augmented copies of the same source images are in both training and "
               "test, so these numbers overstate accuracy on new images.")
 
@@ -155,8 +155,8 @@ def misclassified(s, run, classes: list[str]) -> None:
         name = Path(image.original_name).name + (f" (copy {pred.aug_index})" if pred.aug_index is not None else "")
         with cols[k % per_row]:
             st.image(thumbnail(str(cfg.app_home / image.stored_path)), width="stretch")
-            st.markdown(f"**{classes[pred.true_label]} → {classes[pred.predicted_label]}**  \n"
-                        f"<small>{name}<br>{probs}</small>", unsafe_allow_html=True)
+            st.markdown(f"**{md_text(classes[pred.true_label])} → {md_text(classes[pred.predicted_label])}**")
+            st.caption(f"{md_text(name)}  \n{md_text(probs)}")
     if len(wrong) > limit:
         st.caption(f"The first {limit} of {len(wrong)}; the predictions CSV below lists them all.")
 
@@ -193,7 +193,7 @@ def results(run_id: int) -> None:
         protocol = protocol_of(run)
         classes = list(run.dataset.classes)
         if run.status == RunStatus.failed:
-            st.error(f"**This run failed.** {run.error or 'No error was recorded.'}", icon=":material/error:")
+            st.error(f"**This run failed.** {md_text(run.error or 'No error was recorded.')}", icon=":material/error:")
             log = run.log_tail
             log_file = runs.run_dir(cfg, run.id) / "train.log"
             if not log and log_file.exists():
@@ -253,15 +253,20 @@ def results(run_id: int) -> None:
             misclassified(s, run, classes)
 
         with st.expander("Full configuration"):
-            st.markdown(f"**Protocol:** {protocol}  \n**Weights:** {run.weights_used or run.config.get('weights')}  \n"
+            st.markdown(f"**Protocol:** {protocol}  \n"
+                        f"**Weights:** {md_text(run.weights_used or run.config.get('weights'))}  \n"
                         f"**Experiment:** `{run.experiment}` · fold {run.fold} · split id {run.split_id}")
             st.json({"config": run.config, "summary": run.summary, "timings_seconds": run.timings}, expanded=1)
 
         best = runs.run_dir(cfg, run.id) / "best.pt"
         a, b, c = st.columns(3)
-        if best.exists():
+        # A checkpoint is the trained weights (the team's work) in a pickle, which can run code in
+        # whoever loads it: editors only. The results (CSV) are for everyone.
+        if best.exists() and user.can_edit:
             a.download_button("Best checkpoint (.pt)", icon=":material/download:", data=lambda: best.read_bytes(), file_name=f"run-{run.id}-best.pt",
                               mime="application/octet-stream", on_click="ignore", key=f"runs_dl_ckpt_{run.id}")
+        elif best.exists():
+            a.caption("Downloading the checkpoint needs the editor role.")
         if run.status == RunStatus.succeeded:
             b.download_button("Test predictions (.csv)", icon=":material/download:", data=predictions_csv(s, run, classes),
                               file_name=f"run-{run.id}-predictions.csv", mime="text/csv", on_click="ignore",

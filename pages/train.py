@@ -12,8 +12,8 @@ from core.errors import UserError
 from core.run_config import STAIN_NORMALISATIONS, RunConfig
 from core.splits import PROTOCOLS
 from pages._common import (
-    ACTIVE, STATUS_BADGE, current_user, page_header, progress_text, protocol_of, request_cancel, session_factory,
-    settings, start_worker, through_router, user_errors,
+    ACTIVE, STATUS_BADGE, current_user, md_text, page_header, progress_text, protocol_of, request_cancel,
+    session_factory, settings, start_worker, through_router, user_errors,
 )
 
 through_router()
@@ -246,7 +246,8 @@ else:
 def _active_runs() -> list[dict]:
     with Session() as s:
         rows = s.scalars(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.id)).all()
-        return [{"id": r.id, "status": r.status, "label": f"**Run {r.id}** {STATUS_BADGE[r.status]} {r.dataset.name}",
+        return [{"id": r.id, "status": r.status,
+                 "label": f"**Run {r.id}** {STATUS_BADGE[r.status]} {md_text(r.dataset.name)}",
                  "protocol": protocol_of(r), "progress": progress_text(r), "cancel": r.cancel_requested,
                  "device": r.device} for r in rows]
 

@@ -160,9 +160,11 @@ def test_a_missing_accounts_file_says_how_to_make_one(tmp_path):
     assert accounts.load_accounts(tmp_path / "none.toml", missing_ok=True).accounts == {}
 
 
-def test_repeated_wrong_passwords_lock_the_name_for_a_while(accounts_file):
+def test_repeated_wrong_passwords_lock_the_name_for_a_while(accounts_file, Session):
+    from core.throttle import Limit, SignInThrottle
+
     parsed = accounts.load_accounts(accounts_file)
-    throttle = accounts.SignInThrottle(max_failures=2, lock_seconds=60)
+    throttle = SignInThrottle(Session, pair=Limit(2, 60))
     for _ in range(2):
         with pytest.raises(UserError, match="Wrong user name or password"):
             accounts.sign_in(parsed, "vic", "guess-guess", throttle)

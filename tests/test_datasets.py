@@ -6,6 +6,7 @@ import stat
 import struct
 import zipfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,6 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from core import datasets
 from core.datasets import (
     delete_dataset,
     get_dataset,
@@ -246,7 +246,7 @@ def test_bad_file_is_skipped_with_reason(tmp_path, settings, Session, kind, reas
         assert [(r.path, r.reason) for r in rows] == report.skipped
 
 
-def test_hidden_files_and_macosx_are_ignored(tmp_path, settings, Session):
+def test_os_junk_is_ignored_and_hidden_folders_are_listed(tmp_path, settings, Session):
     src = write_dataset(tmp_path / "src", per_class=2, classes=("CLL", "FL"), ext=".png")
     (src / "CLL" / ".DS_Store").write_bytes(b"junk")
     (src / "CLL" / "._000.png").write_bytes(b"junk")
@@ -256,7 +256,7 @@ def test_hidden_files_and_macosx_are_ignored(tmp_path, settings, Session):
 
     report = run_ingest(Session, settings, src)
 
-    assert report.added == 4 and report.skipped == []
+    assert report.added == 4 and report.skipped == [(".hidden/", "hidden folder")]
     assert get_dataset_classes(Session) == ["CLL", "FL"]
 
 
@@ -473,11 +473,11 @@ def test_bad_zip_source(tmp_path, settings, Session, kind):
     assert_nothing_stored(Session, settings)
 
 
-def test_zip_over_size_cap_is_refused(tmp_path, settings, Session, monkeypatch):
-    monkeypatch.setattr(datasets, "MAX_ZIP_BYTES", 1000)
+def test_zip_over_size_cap_is_refused(tmp_path, settings, Session):
+    small = replace(settings, max_unpacked_mb=1000 / 1024**2)  # 1000 bytes
     zip_path = write_zip(tmp_path / "data.zip", good_entries())
-    with pytest.raises(UserError, match="allowed"):
-        run_ingest(Session, settings, zip_path)
+    with pytest.raises(UserError, match="more than the MAX_UNPACKED_MB limit"):
+        run_ingest(Session, small, zip_path)
     assert_nothing_stored(Session, settings)
 
 

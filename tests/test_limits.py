@@ -172,7 +172,7 @@ def test_queue_over_max_queued_runs_is_refused(settings, Session, tmp_path):
 # --- MAX_DISK_GB ---------------------------------------------------------------------------------
 
 
-def test_disk_usage_counts_app_home_but_not_tmp(settings):
+def test_disk_usage_counts_all_of_app_home_tmp_included(settings):
     (settings.images_dir / "ab").mkdir(parents=True)
     (settings.images_dir / "ab" / "x.tif").write_bytes(b"x" * 1000)
     (settings.runs_dir / "1").mkdir(parents=True)
@@ -180,7 +180,7 @@ def test_disk_usage_counts_app_home_but_not_tmp(settings):
     settings.tmp_dir.mkdir(parents=True)
     (settings.tmp_dir / "upload.zip").write_bytes(b"z" * 10_000)
     db = sum(p.stat().st_size for p in settings.app_home.glob("app.db*"))
-    assert limits.disk_usage(settings) == 1500 + db
+    assert limits.disk_usage(settings) == 11_500 + db
 
 
 def test_over_max_disk_gb_refuses_ingest_uploads_and_runs(settings, Session, tmp_path):

@@ -1,0 +1,105 @@
+"""The web server: `streamlit run serve.py` (what `make run` does) serves streamlit_app.py behind
+a gate on two of Streamlit's own routes, which do not pass through the app's sign-in.
+
+  uploads  Streamlit takes a file for any connected browser session, signed in or not, and holds
+           it in memory until the session ends. Here only a session that the sign-in gate
+           recorded as signed in (pages/_sessions.py) may upload (403 otherwise), with at most
+           MAX_SESSION_UPLOAD_MB held or arriving at once (413), its Content-Length declared (411);
+           a refused upload is answered before any of its body is read.
+  media    thumbnails and downloads (/media/...) are served only to a browser that has a signed-in
+           session open: it carries the cookie that this gate set on its first page load, and the
+           session recorded it. A media address on its own, copied elsewhere, shows nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+import streamlit as st
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from streamlit import config
+from streamlit.runtime import Runtime
+
+from core.config import load_settings
+from pages._sessions import BROWSER_COOKIE, browser_signed_in, is_signed_in
+
+
+class Gate:
+    """ASGI middleware in front of Streamlit's routes; see the module docstring."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        base = (config.get_option("server.baseUrlPath") or "").strip("/")
+        prefix = f"/{base}" if base else ""
+        self.upload = re.compile(re.escape(prefix) + r"/_stcore/upload_file/([^/]+)/[^/]+")
+        self.media = prefix + "/media/"
+        self.cookie_path = prefix or "/"
+        self.max_bytes = load_settings().max_session_upload_mb * 1024 * 1024  # 0: no limit
+        self.arriving: dict[str, int] = {}  # session id -> bytes of its uploads under way
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = HTTPConnection(scope)
+        browser = request.cookies.get(BROWSER_COOKIE)
+        if scope["path"].startswith(self.media) and not (browser and browser_signed_in(browser)):
+            await PlainTextResponse("Sign in to see this file.", status_code=403)(scope, receive, send)
+            return
+        upload = self.upload.fullmatch(scope["path"]) if scope["method"] == "PUT" else None
+        if upload is not None:
+            await self.guarded_upload(upload[1], request, receive, send)
+            return
+        await self.app(scope, receive, send if browser else self.with_cookie(send))
+
+    async def guarded_upload(self, session_id: str, request: HTTPConnection, receive: Receive, send: Send) -> None:
+        """Pass the upload on if its session is signed in and stays within its total."""
+        try:
+            size = int(request.headers["content-length"])
+        except (KeyError, ValueError):
+            size = -1
+        if not is_signed_in(session_id):
+            refusal = PlainTextResponse("Sign in to upload files.", status_code=403)
+        elif size < 0:
+            refusal = PlainTextResponse("An upload must declare its Content-Length.", status_code=411)
+        elif self.max_bytes and self.held(session_id) + self.arriving.get(session_id, 0) + size > self.max_bytes:
+            refusal = PlainTextResponse(f"This session's uploads would pass MAX_SESSION_UPLOAD_MB "
+                                        f"({self.max_bytes / 2**20:g} MB); remove some first.", status_code=413)
+        else:
+            refusal = None
+        if refusal is not None:
+            await refusal(request.scope, receive, send)
+            return
+        # Counted from here, in the event loop's one thread, so uploads sent at once add up.
+        self.arriving[session_id] = self.arriving.get(session_id, 0) + size
+        try:
+            await self.app(request.scope, receive, send)
+        finally:
+            self.arriving[session_id] -= size
+            if not self.arriving[session_id]:
+                del self.arriving[session_id]
+
+    @staticmethod
+    def held(session_id: str) -> int:
+        """Bytes of the files Streamlit holds for the session (its in-memory manager's own record;
+        list() copies it in one step, as other threads may add or remove files meanwhile)."""
+        files = Runtime.instance().uploaded_file_mgr.file_storage.get(session_id, {})
+        return sum(len(f.data) for f in list(files.values()))
+
+    def with_cookie(self, send: Send) -> Send:
+        """`send` that gives a browser without the cookie a new one (HttpOnly: no script reads it)."""
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                cookie = (f"{BROWSER_COOKIE}={secrets.token_urlsafe(24)}; Path={self.cookie_path}; HttpOnly; "
+                          "SameSite=Lax")
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+            await send(message)
+
+        return sending
+
+
+app = st.App("streamlit_app.py", middleware=[Middleware(Gate)])
