@@ -1,5 +1,5 @@
 """Entry point, served by serve.py (`streamlit run serve.py`). Lets in only a signed-in user (AUTH_MODE, see
-core/accounts.py), routes to the pages (which call core/) and draws the shared sidebar: who is
+core/access/accounts.py), routes to the pages (which call core/) and draws the shared sidebar: who is
 signed in and the background worker's state."""
 
 import importlib.util
@@ -9,9 +9,9 @@ from typing import NoReturn
 import streamlit as st
 from sqlalchemy import select
 
-from core import accounts
-from core.accounts import User
-from core.db import Run, RunStatus
+from core.access import accounts
+from core.access.accounts import User
+from core.store.db import Run, RunStatus
 from core.errors import UserError
 from pages import _sessions as sessions
 from pages._common import (
@@ -150,7 +150,7 @@ def _worker_started(database_url: str) -> bool:
 @st.cache_resource(show_spinner=False)
 def local_device() -> str:
     """What a worker on this machine trains on (torch's 'auto' choice), before it reports its own."""
-    from core.train import describe_device, pick_device
+    from core.training.loop import describe_device, pick_device
 
     return describe_device(pick_device("auto"))
 

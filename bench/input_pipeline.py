@@ -21,11 +21,11 @@ import torch
 from PIL import Image as PILImage
 
 from bench.common import report
-from core import augment
+from core.transforms import augment
 from core.config import load_settings
-from core.data import resize, resized_array
-from core.datasets import load_rgb
-from core.db import Image
+from core.data.cache import resize, resized_array
+from core.data.datasets import load_rgb
+from core.store.db import Image
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -124,10 +124,10 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
     The long run is created last, so it is the newest: the run the Runs page shows first.
     """
     from core.config import load_settings
-    from core.datasets import ingest
-    from core.db import make_sessionmaker
-    from core.run_config import RunConfig
-    from core.runs import create_runs
+    from core.data.datasets import ingest
+    from core.store.db import make_sessionmaker
+    from core.training.run_config import RunConfig
+    from core.jobs.runs import create_runs
     from tests.synthetic import write_dataset
 
     settings = load_settings({"APP_HOME": str(home)})
@@ -147,7 +147,7 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
 def run_state(home: Path, run_id: int) -> dict[str, Any]:
     """Status, recorded epochs and training steps done (counted from the run's start) of one run."""
     from core.config import load_settings
-    from core.db import Run, make_sessionmaker
+    from core.store.db import Run, make_sessionmaker
 
     Session = make_sessionmaker(load_settings({"APP_HOME": str(home)}).database_url)
     with Session() as s:

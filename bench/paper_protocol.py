@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from bench.common import device_name
-from core import runs
+from core.jobs import runs
 from core.config import load_settings
-from core.datasets import ingest
-from core.db import Run, make_sessionmaker
-from core.run_config import RunConfig
-from core.train import pick_device
+from core.data.datasets import ingest
+from core.store.db import Run, make_sessionmaker
+from core.training.run_config import RunConfig
+from core.training.loop import pick_device
 
 
 def main(argv: list[str] | None = None) -> str:

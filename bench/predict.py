@@ -1,6 +1,6 @@
 """Prediction speed: one-image latency (decode of a 1388x1040 TIF included) and batch throughput.
 
-Baseline: the model in eager fp32, NCHW. Fast path: core.predict.prepare_for_inference (on CUDA
+Baseline: the model in eager fp32, NCHW. Fast path: core.inference.predict.prepare_for_inference (on CUDA
 channels_last, bf16 and torch.compile with CUDA graphs; on the CPU the same eager model, so the
 ratio there is ~1 and the figure that matters is the absolute one-image time), as the Predict page
 uses it. With --cpu-compile, the CPU fast path is the one CPU_COMPILE=1 gives the app: single
@@ -23,11 +23,11 @@ import torch
 from PIL import Image as PILImage
 
 from bench.common import report, timed_pair
-from core.data import resize, to_tensor
-from core.datasets import load_rgb
-from core.model import PaperDenseNet
-from core.predict import prepare_for_inference
-from core.train import pick_device, predict_logits, preprocess
+from core.data.cache import resize, to_tensor
+from core.data.datasets import load_rgb
+from core.training.model import PaperDenseNet
+from core.inference.predict import prepare_for_inference
+from core.training.loop import pick_device, predict_logits, preprocess
 
 
 def main(argv: list[str] | None = None) -> str:

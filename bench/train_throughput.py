@@ -1,7 +1,7 @@
 """Training throughput (images/s) of the paper's model at batch 24 and 128.
 
 Baselines: a plain PyTorch loop (eager, NCHW, torch's default Adam, batches collated sample by
-sample on the host) in fp32, and on CUDA the same loop under bf16 autocast. Fast path (what core.train.fit uses): training images resident on the
+sample on the host) in fp32, and on CUDA the same loop under bf16 autocast. Fast path (what core.training.loop.fit uses): training images resident on the
 device, one gather per batch, channels_last, bf16 autocast, fused Adam, and torch.compile with
 CUDA graphs ("reduce-overhead"); on the CPU only the layout and batching differ.
 The same steps run through each, on random data of the training size.
@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.common import device_name, report, sync
-from core.model import PaperDenseNet
-from core.train import NullCallback, make_loader, make_optimizer, pick_device, prepare_model, preprocess, train_one_epoch
+from core.training.model import PaperDenseNet
+from core.training.loop import NullCallback, make_loader, make_optimizer, pick_device, prepare_model, preprocess, train_one_epoch
 
 
 def plain_rate(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device, *, bf16: bool = False) -> float:

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.accounts import EDITOR, User
-from core.augment import AugmentParams
+from core.access.accounts import EDITOR, User
+from core.transforms.augment import AugmentParams
 from core.config import Settings, load_settings
-from core.db import make_sessionmaker
+from core.store.db import make_sessionmaker
 from core.errors import UserError
-from core.limits import check_name_length, disk_full_is_user_error
-from core.run_config import STAIN_NORMALISATIONS, RunConfig
-from core.splits import PROTOCOLS
+from core.access.limits import check_name_length, disk_full_is_user_error
+from core.training.run_config import STAIN_NORMALISATIONS, RunConfig
+from core.data.splits import PROTOCOLS
 
 # torch/torchvision take seconds to import; commands import what they need so --help stays quick.
 
@@ -62,7 +62,7 @@ def cli_user(args: argparse.Namespace) -> User:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import datasets
+    from core.data import datasets
 
     bars = Bars()
     # The commit writes too: a full disk there is reported like one during the ingest.
@@ -82,7 +82,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_datasets(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import datasets
+    from core.data import datasets
 
     with Session() as s:
         for d in datasets.list_datasets(s):
@@ -111,8 +111,8 @@ def config_from_args(args: argparse.Namespace, settings: Settings) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import runs
-    from core.model import check_weights
+    from core.jobs import runs
+    from core.training.model import check_weights
 
     config = config_from_args(args, settings)
     if config.split == "paper-leaky":
@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def _start_worker(args: argparse.Namespace, settings: Settings) -> None:
-    from core.worker import ensure_worker
+    from core.jobs.worker import ensure_worker
 
     if args.no_worker:
         return
@@ -144,9 +144,9 @@ def _start_worker(args: argparse.Namespace, settings: Settings) -> None:
 
 def _train_here(Session, settings: Settings, run_id: int, claimed: bool = False, group=None) -> None:
     """Train a run in this process, owning it like a worker would (so no worker takes it too)."""
-    from core import jobs, runs
+    from core.jobs import queue, runs
 
-    if not claimed and jobs.claim_next(Session, f"cli:{socket.gethostname()}:{os.getpid()}", run_id) is None:
+    if not claimed and queue.claim_next(Session, f"cli:{socket.gethostname()}:{os.getpid()}", run_id) is None:
         print(f"run {run_id}: taken by a background worker; not training it here", file=sys.stderr)
         return
     bars = Bars()
@@ -170,16 +170,17 @@ def _stopped_by_torchrun(signum, frame) -> None:
 
 def cmd_train_distributed(args: argparse.Namespace, settings: Settings, Session) -> None:
     """One recorded run trained by every process torchrun started (rank 0 records it); alone, as `train` would."""
-    from core import jobs
+    from core.jobs import queue
 
     with Session() as s:
-        run = jobs.get_run(s, args.run)
+        run = queue.get_run(s, args.run)
         status, config = run.status.value, RunConfig.from_dict(run.config)
     # Checked before the processes meet, so that none can have claimed the run yet.
     if status != "queued":
         raise UserError(f"Run {args.run} is {status}; only a queued run can be trained here (queue one with "
                         "`train --background --no-worker`, or reopen this one with `resume --background --no-worker`).")
-    from core import distributed, runs
+    from core.jobs import runs
+    from core.training import distributed
 
     with distributed.started(config.device) as group:
         if group is not None and not group.is_main:
@@ -198,23 +199,23 @@ def cmd_train_distributed(args: argparse.Namespace, settings: Settings, Session)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.worker import run_worker
+    from core.jobs.worker import run_worker
 
     started = run_worker(settings, once=args.once, max_runs=args.max_runs, slots=args.slots, idle_exit=args.idle_exit)
     print(f"worker stopped after starting {started} run(s)", file=sys.stderr)
 
 
 def cmd_child(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.worker import run_child
+    from core.jobs.worker import run_child
 
     run_child(settings, args.run, parent=args.parent)
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import jobs
+    from core.jobs import queue
 
     with Session.begin() as s:
-        status = jobs.request_cancel(s, args.run)
+        status = queue.request_cancel(s, args.run)
     if status.value == "cancelled":
         print(f"run {args.run}: cancelled")
     else:
@@ -224,23 +225,23 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings, Session) -> None:
 def cmd_status(args: argparse.Namespace, settings: Settings, Session) -> None:
     import json
 
-    from core import jobs
+    from core.jobs import queue
 
     with Session() as s:
-        print(json.dumps(jobs.run_status(s, args.run), indent=2))
+        print(json.dumps(queue.run_status(s, args.run), indent=2))
 
 
 def cmd_resume(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import jobs
+    from core.jobs import queue
 
     if not args.background:
         # Import torch before claiming the run, not after: the claim's heartbeat must not go
         # stale while the training code loads, or a worker would take the run over.
-        importlib.import_module("core.runs")
+        importlib.import_module("core.jobs.runs")
 
     me = None if args.background else f"cli:{socket.gethostname()}:{os.getpid()}"
     with Session.begin() as s:
-        jobs.reopen(s, settings, args.run, worker=me)
+        queue.reopen(s, settings, args.run, worker=me)
     if args.background:
         print(f"run {args.run}: queued to resume", file=sys.stderr)
         _start_worker(args, settings)
@@ -252,22 +253,23 @@ def cmd_resume(args: argparse.Namespace, settings: Settings, Session) -> None:
 def cmd_workers(args: argparse.Namespace, settings: Settings, Session) -> None:
     import json
 
-    from core.worker import worker_status
+    from core.jobs.worker import worker_status
 
     with Session() as s:
         print(json.dumps(worker_status(s, settings), indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import evaluate, runs, yardstick
+    from core.evaluation import metrics, yardstick
+    from core.jobs import runs
 
     with Session() as s:
         run = runs.get_run(s, args.run)
         print(f"Run {run.id} on {run.dataset.name!r}, weights: {run.weights_used}, device: {run.device}")
-        report = evaluate.run_report(s, run)
-        print(evaluate.format_report(report))
+        report = metrics.run_report(s, run)
+        print(metrics.format_report(report))
         if run.summary.get("calibration") is not None:
-            from core.calibration import format_run_calibration
+            from core.evaluation.calibration import format_run_calibration
 
             print(format_run_calibration(run.summary["calibration"]))
         if run.summary.get("colour_yardstick"):
@@ -277,14 +279,14 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
             done = [r for r in siblings if r.status.value == "succeeded"]
             print()
             print(f"K-fold experiment: {len(done)} of {len(siblings)} folds finished (runs {', '.join(str(r.id) for r in siblings)})")
-            print(evaluate.format_fold_summary(evaluate.summarise_folds([evaluate.run_report(s, r) for r in done])))
+            print(metrics.format_fold_summary(metrics.summarise_folds([metrics.run_report(s, r) for r in done])))
             across = yardstick.describe_folds([r.summary.get("colour_yardstick") for r in done])
             if across:
                 print(across)
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.predict import load_predictor, predict_files
+    from core.inference.predict import load_predictor, predict_files
 
     with Session() as s:
         predictor = load_predictor(s, settings, args.run, device=args.device)
@@ -295,7 +297,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_runs(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import runs
+    from core.jobs import runs
 
     with Session() as s:
         print(f"{'id':>4}  {'status':<9}  {'dataset':<14}  {'split':<11}  {'fold':>4}  {'epochs':>6}  {'test acc':>8}  weights")
@@ -306,7 +308,7 @@ def cmd_runs(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core import consistency
+    from core.store import consistency
 
     run = consistency.fix if args.fix else consistency.check
     report = run(Session, settings, deep=args.deep)
@@ -418,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (TIF, PNG, JPEG, BMP)")
     p.set_defaults(func=cmd_predict)
 
-    from core.reproduce import add_cli as add_reproduce_paper
+    from core.jobs.reproduce import add_cli as add_reproduce_paper
 
     add_reproduce_paper(sub)
 

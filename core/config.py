@@ -28,11 +28,11 @@ For the seven limits above, 0 means no limit.
 MAX_SESSION_UPLOAD_MB  most that one browser session's uploads may hold in server memory at once, in MB
                   (default MAX_UPLOAD_MB; 0: no limit); serve.py answers an upload past it with 413, before
                   reading it, and takes uploads only from signed-in sessions
-AUTH_MODE         who may use the web app (core/accounts.py): "none" (default: no sign-in, everyone is the
+AUTH_MODE         who may use the web app (core/access/accounts.py): "none" (default: no sign-in, everyone is the
                   local editor "local"; for one person on their own machine), "password" (accounts in
                   AUTH_FILE) or "oidc" (Streamlit's st.login, [auth] in .streamlit/secrets.toml)
 AUTH_FILE         the accounts file (TOML; default APP_HOME/accounts.toml), written by
-                  `python -m core.accounts add NAME --role editor`
+                  `python -m core.access.accounts add NAME --role editor`
 CPU_COMPILE       1: on a machine without a GPU, the predictor runs single images through a
                   torch.compile'd model (about 1.3x faster on 2 cores, bench/RESULTS.md); the first model a
                   machine compiles takes minutes, each later run's about 20 s, once per run and process.

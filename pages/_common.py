@@ -20,12 +20,14 @@ import streamlit as st
 from plotly.subplots import make_subplots
 from PIL import Image as PILImage
 
-from core import accounts, jobs, splits, worker
-from core.accounts import User
+from core.access import accounts
+from core.data import splits
+from core.jobs import queue, worker
+from core.access.accounts import User
 from core.config import Settings, load_settings
-from core.db import Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import Run, RunStatus, make_sessionmaker, utcnow
 from core.errors import UserError
-from core.throttle import SignInThrottle
+from core.access.throttle import SignInThrottle
 from streamlit.runtime.pages_manager import PagesManager
 
 ENTRY_SCRIPT = Path(__file__).resolve().parents[1] / "streamlit_app.py"
@@ -179,7 +181,7 @@ def worker_status(session, cfg: Settings) -> dict:
 def request_cancel(Session, run_id: int) -> None:
     require_editor("cancel runs")
     with Session.begin() as s:
-        jobs.request_cancel(s, run_id)
+        queue.request_cancel(s, run_id)
 
 
 @contextlib.contextmanager
@@ -358,7 +360,7 @@ def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, 
 
 def reliability_chart(before, after, title: str, subtitle: str = "", wrap: int = 110) -> go.Figure:
     """core's reliability diagram (bins as trained and temperature-scaled), titled like the others."""
-    from core.calibration import reliability_figure
+    from core.evaluation.calibration import reliability_figure
 
     fig = reliability_figure(before, title, other=after, names=("as trained", "temperature-scaled"))
     return _layout(fig, title, subtitle, height=420, wrap=wrap)
@@ -391,7 +393,7 @@ def show_figure(fig: go.Figure, key: str | None = None) -> None:
 def thumbnail(path: str, side: int = 192) -> np.ndarray:
     """A small RGB copy of a stored image (aspect ratio kept), cached by path: stored files are
     named by their content hash, so a path never changes what it holds."""
-    from core.datasets import load_rgb
+    from core.data.datasets import load_rgb
 
     image = load_rgb(path)
     image.thumbnail((side, side), PILImage.BILINEAR)

@@ -7,8 +7,10 @@ import pandas as pd
 import streamlit as st
 from PIL import Image as PILImage
 
-from core import augment, data, datasets, presets
-from core.augment import AugmentParams
+from core.data import cache, datasets
+from core.training import presets
+from core.transforms import augment
+from core.transforms.augment import AugmentParams
 from core.errors import UserError
 from pages._common import (
     current_user, md_text, page_header, require_editor, session_factory, settings, through_router, user_errors,
@@ -120,7 +122,7 @@ with preview_col:
         n = b.slider("Versions", 2, 16, 8, key="aug_n")
         seed = c.number_input("Seed", 0, 2**31 - 1, 0, key="aug_seed", help="Same seed, same versions.")
         with user_errors(), st.spinner("Augmenting…"):
-            original = PILImage.fromarray(data.resized_array(cfg, image, int(size)))
+            original = PILImage.fromarray(cache.resized_array(cfg, image, int(size)))
             versions = augment.preview(original, params, int(n), int(seed))
         per_row = 3
         st.markdown(f"**Original**, resized to {size}×{size} · then {n} augmented versions, captioned with the "

@@ -8,10 +8,10 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import func, select
 
-from core import datasets, uploads
-from core.db import Run
+from core.data import datasets, uploads
+from core.store.db import Run
 from core.errors import UserError
-from core.limits import disk_full_is_user_error
+from core.access.limits import disk_full_is_user_error
 from pages._common import (
     IMAGE_TYPES, class_counts_figure, current_user, md_text, page_header, session_factory, settings, show_figure,
     through_router, thumbnail, user_errors,

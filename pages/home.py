@@ -3,8 +3,10 @@
 import pandas as pd
 import streamlit as st
 
-from core import consistency, datasets, runs
-from core.db import RunStatus
+from core.data import datasets
+from core.jobs import runs
+from core.store import consistency
+from core.store.db import RunStatus
 from pages._common import ACTIVE, pct, protocol_of, session_factory, settings, through_router, worker_status
 
 through_router()

@@ -7,9 +7,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import calibration, predict, runs, saliency
-from core.datasets import load_rgb
-from core.db import RunStatus
+from core.evaluation import calibration
+from core.inference import predict, saliency
+from core.jobs import runs
+from core.data.datasets import load_rgb
+from core.store.db import RunStatus
 from core.errors import UserError
 from pages._common import (
     IMAGE_TYPES, is_leaky, md_text, page_header, pct, probabilities_figure, protocol_of, run_label, session_factory,

@@ -8,9 +8,10 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
-from core import evaluate, runs, yardstick
-from core.calibration import format_run_calibration
-from core.db import EpochMetric, Image, Prediction, RunStatus
+from core.evaluation import metrics, yardstick
+from core.jobs import runs
+from core.evaluation.calibration import format_run_calibration
+from core.store.db import EpochMetric, Image, Prediction, RunStatus
 from pages._common import (
     ACTIVE, STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, is_leaky, md_text, page_header,
     pct, progress_text, protocol_of, reliability_chart, request_cancel, run_label, session_factory, settings,
@@ -83,7 +84,7 @@ if st.session_state.get("runs_selected") not in ids:
 # One run
 
 
-def table_one(report: evaluate.Report) -> pd.DataFrame:
+def table_one(report: metrics.Report) -> pd.DataFrame:
     """The paper's Table I layout: one row per class, then the overall accuracy."""
     frame = pd.DataFrame([{"Class": r.name, "Accuracy": r.accuracy, "Precision": r.precision, "Recall": r.recall,
                            "F1-score": r.f1, "Support": r.support} for r in report.rows])
@@ -212,7 +213,7 @@ def results(run_id: int) -> None:
             st.caption(f"Leak audit of this run's split: nothing found. {leak['summary']}")
 
         if run.status == RunStatus.succeeded:
-            report = evaluate.run_report(s, run)
+            report = metrics.run_report(s, run)
             left, right = st.columns([2, 3], gap="large")
             with left:
                 show_figure(confusion_figure(report.confusion, classes, f"Run {run.id}: confusion matrix", protocol,
@@ -224,7 +225,7 @@ def results(run_id: int) -> None:
                     c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
                 })
                 st.caption("Per-class accuracy is one-vs-rest, (TP + TN) / N, as in the paper.")
-                uncertainty = evaluate.run_uncertainty(s, run)
+                uncertainty = metrics.run_uncertainty(s, run)
                 boot = uncertainty["bootstrap"]
                 how = (f"{boot.n_groups} specimens (or source images) resampled whole" if boot.n_groups is not None
                        else "test images resampled one by one")
@@ -237,7 +238,7 @@ def results(run_id: int) -> None:
                     done = [r for r in siblings if r.status == RunStatus.succeeded]
                     st.markdown(f"**{len(siblings)}-fold cross-validation** · {len(done)} of {len(siblings)} folds finished")
                     if done:
-                        summary = evaluate.summarise_folds([evaluate.run_report(s, r) for r in done])
+                        summary = metrics.summarise_folds([metrics.run_report(s, r) for r in done])
                         st.metric("Accuracy across folds", f"{pct(summary.accuracy_mean)} ± {pct(summary.accuracy_std)}",
                                   help="Mean ± sample standard deviation over the finished folds.")
                         across = yardstick.describe_folds([r.summary.get("colour_yardstick") for r in done])

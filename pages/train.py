@@ -6,11 +6,13 @@ from pathlib import Path
 import streamlit as st
 from sqlalchemy import select
 
-from core import audit, datasets, presets, runs, splits
-from core.db import Run
+from core.data import audit, datasets, splits
+from core.jobs import runs
+from core.training import presets
+from core.store.db import Run
 from core.errors import UserError
-from core.run_config import STAIN_NORMALISATIONS, RunConfig
-from core.splits import PROTOCOLS
+from core.training.run_config import STAIN_NORMALISATIONS, RunConfig
+from core.data.splits import PROTOCOLS
 from pages._common import (
     ACTIVE, STATUS_BADGE, current_user, md_text, page_header, progress_text, protocol_of, request_cancel,
     session_factory, settings, start_worker, through_router, user_errors,

@@ -48,7 +48,7 @@ def write_dataset(
 
 def ingest_synthetic(root: Path, settings, Session, per_class: int, name: str = "synthetic") -> str:
     """Write a synthetic TIF dataset under root and ingest it; returns the dataset name."""
-    from core.datasets import ingest
+    from core.data.datasets import ingest
 
     write_dataset(root, per_class=per_class, ext=".tif")
     with Session.begin() as s:
@@ -58,7 +58,7 @@ def ingest_synthetic(root: Path, settings, Session, per_class: int, name: str = 
 
 def train_runs(Session, settings, config) -> list[int]:
     """Create the runs of `config` (one per fold) and train each to its end in this process; their ids."""
-    from core import runs
+    from core.jobs import runs
 
     with Session.begin() as s:
         run_ids = [r.id for r in runs.create_runs(s, settings, config)]

@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from core import groups
-from core.audit import audit_images, audit_split, format_audit, hamming, phash, pixel_hash
-from core.datasets import ingest
-from core.db import Dataset
-from core.db import Image as ImageRow
+from core.data import groups
+from core.data.audit import audit_images, audit_split, format_audit, hamming, phash, pixel_hash
+from core.data.datasets import ingest
+from core.store.db import Dataset
+from core.store.db import Image as ImageRow
 from core.errors import UserError
-from core.splits import make_split, split_parts
+from core.data.splits import make_split, split_parts
 
 
 def tissue(index: int, size: int = 64) -> np.ndarray:
@@ -133,12 +133,12 @@ def test_block_manifest_starts_a_block_at_a_gap_and_rejects_unnumbered(tmp_path)
 def test_groups_cli_writes_the_csv(tmp_path):
     root = _numbered_dataset(tmp_path / "src", per_class=6)
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "core.groups", str(root), "--block-size", "3"],
+    out = subprocess.run([sys.executable, "-m", "core.data.groups", str(root), "--block-size", "3"],
                          capture_output=True, text=True, check=True, cwd=repo)
     lines = out.stdout.splitlines()
     assert lines[0] == "file,group" and len(lines) == 19 and "CLL/000.png,CLL-000-002" in lines
     assert "6 groups" in out.stderr
-    help_text = subprocess.run([sys.executable, "-m", "core.groups", "--help"], capture_output=True, text=True,
+    help_text = subprocess.run([sys.executable, "-m", "core.data.groups", "--help"], capture_output=True, text=True,
                                check=True, cwd=repo).stdout
     assert "--block-size" in help_text and "APPROXIMATION" in help_text
 

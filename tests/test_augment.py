@@ -11,7 +11,7 @@ import torch
 from Augmentor.ImageUtilities import AugmentorImage
 from torch.utils.data import DataLoader, Dataset
 
-from core.augment import AugmentParams, AugmentTransform, augment, build_operations, expand, preview
+from core.transforms.augment import AugmentParams, AugmentTransform, augment, build_operations, expand, preview
 from core.errors import UserError
 from tests.synthetic import synthetic_image
 

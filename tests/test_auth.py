@@ -15,13 +15,15 @@ import pytest
 from sqlalchemy import inspect, select
 from streamlit.testing.v1 import AppTest
 
-from core import accounts, runs, uploads
-from core.accounts import EDITOR, VIEWER, User
+from core.access import accounts
+from core.data import uploads
+from core.jobs import runs
+from core.access.accounts import EDITOR, VIEWER, User
 from core.config import Settings, load_settings
-from core.datasets import delete_dataset, ingest
-from core.db import Dataset, Run, RunStatus, make_engine, make_sessionmaker
+from core.data.datasets import delete_dataset, ingest
+from core.store.db import Dataset, Run, RunStatus, make_engine, make_sessionmaker
 from core.errors import UserError
-from core.run_config import RunConfig
+from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ def accounts_file(tmp_path, password_hash) -> Path:
 @pytest.fixture(autouse=True)
 def no_worker(monkeypatch):
     """Record worker starts instead of spawning one."""
-    from core import worker
+    from core.jobs import worker
 
     started = []
     monkeypatch.setattr(worker, "ensure_worker", lambda settings: started.append(settings) or True)
@@ -155,13 +157,13 @@ def test_accounts_file_mistakes_are_user_errors(text, message):
 
 
 def test_a_missing_accounts_file_says_how_to_make_one(tmp_path):
-    with pytest.raises(UserError, match="python -m core.accounts add NAME --role editor"):
+    with pytest.raises(UserError, match="python -m core.access.accounts add NAME --role editor"):
         accounts.load_accounts(tmp_path / "none.toml")
     assert accounts.load_accounts(tmp_path / "none.toml", missing_ok=True).accounts == {}
 
 
 def test_repeated_wrong_passwords_lock_the_name_for_a_while(accounts_file, Session):
-    from core.throttle import Limit, SignInThrottle
+    from core.access.throttle import Limit, SignInThrottle
 
     parsed = accounts.load_accounts(accounts_file)
     throttle = SignInThrottle(Session, pair=Limit(2, 60))

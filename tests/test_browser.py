@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from core.config import load_settings
-from core.db import Run, RunStatus, make_sessionmaker
+from core.store.db import Run, RunStatus, make_sessionmaker
 from tests.conftest import stop_workers
 from tests.server import free_port, wait_healthy
 from tests.synthetic import synthetic_image, write_dataset

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.calibration import (
+from core.evaluation.calibration import (
     bootstrap_metrics,
     expected_calibration_error,
     fit_temperature,
@@ -137,7 +137,7 @@ def test_group_bootstrap_is_wider_when_groups_are_correlated():
 
 
 def test_run_calibration_fits_on_validation_and_carries_to_test():
-    from core.calibration import refer_verdict, run_calibration
+    from core.evaluation.calibration import refer_verdict, run_calibration
 
     rng = np.random.default_rng(0)
     def overconfident(n):

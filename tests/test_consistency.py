@@ -1,4 +1,4 @@
-"""The consistency check (core/consistency.py): each kind of disagreement between the database and
+"""The consistency check (core/store/consistency.py): each kind of disagreement between the database and
 the files under APP_HOME is found, `fix` removes leftovers only, a running ingest is left alone, the
 command line's exit status, and the warning on the Home page."""
 
@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
-from core import consistency
+from core.store import consistency
 from core.__main__ import main
-from core.datasets import ingest
-from core.db import Dataset, Image, Run, RunStatus
+from core.data.datasets import ingest
+from core.store.db import Dataset, Image, Run, RunStatus
 from core.errors import UserError
-from core.files import hold_ingest_lock
+from core.store.files import hold_ingest_lock
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

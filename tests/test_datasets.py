@@ -14,7 +14,7 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from core.datasets import (
+from core.data.datasets import (
     delete_dataset,
     get_dataset,
     image_path,
@@ -22,7 +22,7 @@ from core.datasets import (
     list_datasets,
     load_rgb,
 )
-from core.db import Dataset, Image, Run, RunStatus, SkippedFile
+from core.store.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
 from tests.synthetic import synthetic_image, write_dataset
 

@@ -1,4 +1,4 @@
-"""Distributed training (core/distributed.py) on the CPU: two gloo processes train like one.
+"""Distributed training (core/training/distributed.py) on the CPU: two gloo processes train like one.
 
 The equivalence test uses a small model with neither BatchNorm nor dropout, the two layers whose
 distributed behaviour differs on purpose on the CPU (per-process batch statistics, since PyTorch's
@@ -25,12 +25,12 @@ import torch.multiprocessing as mp
 from sqlalchemy import select
 from torch import nn
 
-from core import runs
+from core.jobs import runs
 from core.__main__ import main
-from core.db import EpochMetric, Prediction, Run, RunStatus
-from core.distributed import Shards, shard_bounds, started
-from core.run_config import RunConfig
-from core.train import Batches, Data, fit
+from core.store.db import EpochMetric, Prediction, Run, RunStatus
+from core.training.distributed import Shards, shard_bounds, started
+from core.training.run_config import RunConfig
+from core.training.loop import Batches, Data, fit
 from tests.synthetic import CLASS_COLOURS, ingest_synthetic, synthetic_array
 
 EPOCHS, BATCH, LR, SEED = 3, 7, 3e-3, 5

@@ -1,6 +1,6 @@
 """Crash safety of stored files.
 
-The atomic writer (core/files.py) never leaves a half-written file under a target's name. End to
+The atomic writer (core/store/files.py) never leaves a half-written file under a target's name. End to
 end: a real `streamlit run` server is killed with SIGKILL while it ingests an upload (driven in
 Debian's chromium through Playwright, as in tests/test_browser.py); afterwards the dataset that was
 there before is intact, every file under images/ is whole, the consistency check finds only
@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core import consistency
+from core.store import consistency
 from core.config import load_settings
-from core.datasets import ingest, load_rgb
-from core.db import Dataset, Image, make_sessionmaker
-from core.files import atomic_path, is_temp_name, write_bytes_atomic
+from core.data.datasets import ingest, load_rgb
+from core.store.db import Dataset, Image, make_sessionmaker
+from core.store.files import atomic_path, is_temp_name, write_bytes_atomic
 from tests.server import free_port, wait_healthy
 from tests.synthetic import write_dataset
 

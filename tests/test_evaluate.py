@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.evaluate import format_report, report_from_labels, summarise_folds
+from core.evaluation.metrics import format_report, report_from_labels, summarise_folds
 
 
 def test_table_matches_a_hand_computed_example():

@@ -4,11 +4,11 @@ import numpy as np
 import torch
 
 from core.config import load_settings
-from core.data import resized_array
-from core.db import Image
-from core.model import PaperDenseNet
-from core.predict import SingleImageCompiled, compiled_or_eager, prepare_for_inference
-from core.train import predict_logits, preprocess
+from core.data.cache import resized_array
+from core.store.db import Image
+from core.training.model import PaperDenseNet
+from core.inference.predict import SingleImageCompiled, compiled_or_eager, prepare_for_inference
+from core.training.loop import predict_logits, preprocess
 from tests.synthetic import synthetic_array, synthetic_image
 
 

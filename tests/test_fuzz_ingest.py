@@ -31,10 +31,11 @@ from hypothesis import HealthCheck, Phase, event, given, settings as hsettings, 
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from core import consistency, uploads
+from core.data import uploads
+from core.store import consistency
 from core.config import load_settings
-from core.datasets import ingest, load_rgb
-from core.db import Dataset, Image, make_sessionmaker
+from core.data.datasets import ingest, load_rgb
+from core.store.db import Dataset, Image, make_sessionmaker
 from core.errors import UserError
 from tests.synthetic import synthetic_image
 

@@ -6,14 +6,14 @@ import torch
 from sqlalchemy import select
 from torch import nn
 
-from core import runs
+from core.jobs import runs
 from core.__main__ import build_parser, config_from_args
-from core.datasets import image_path, load_rgb
-from core.db import Image, Prediction, Run, RunStatus, SplitMember
+from core.data.datasets import image_path, load_rgb
+from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
-from core.predict import load_predictor, predict_files
-from core.run_config import RunConfig
-from core.train import predict_logits, predict_proba, tta_views
+from core.inference.predict import load_predictor, predict_files
+from core.training.run_config import RunConfig
+from core.training.loop import predict_logits, predict_proba, tta_views
 from tests.synthetic import ingest_synthetic, synthetic_array, train_runs
 
 SMALL = dict(image_size=32, per_class=8, epochs=1, batch_size=16, lr=1e-3, weights="none", device="cpu")

@@ -26,16 +26,19 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
-from core import files, limits, runs, uploads
+from core.access import limits
+from core.data import uploads
+from core.jobs import runs
+from core.store import files
 from core.__main__ import main
-from core.accounts import EDITOR, User
+from core.access.accounts import EDITOR, User
 from core.config import load_settings
-from core.datasets import ingest, load_rgb
-from core.db import Dataset, Image, Run, SkippedFile, make_sessionmaker
+from core.data.datasets import ingest, load_rgb
+from core.store.db import Dataset, Image, Run, SkippedFile, make_sessionmaker
 from core.errors import UserError
-from core.augment import AugmentParams
-from core.presets import save_preset
-from core.run_config import RunConfig
+from core.transforms.augment import AugmentParams
+from core.training.presets import save_preset
+from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,8 +230,8 @@ MEASURE = """
 import json, resource, sys
 from pathlib import Path
 from core.config import load_settings
-from core.datasets import ingest, load_rgb
-from core.db import make_sessionmaker
+from core.data.datasets import ingest, load_rgb
+from core.store.db import make_sessionmaker
 from tests.synthetic import write_dataset
 
 def peak_mb():
@@ -264,14 +267,14 @@ def test_decoding_a_16_bit_100_megapixel_png_is_bounded_in_memory(tmp_path):
 
 
 def test_cli_predict_checks_max_image_pixels(tmp_path, monkeypatch, capsys):
-    import core.predict
+    import core.inference.predict
 
     monkeypatch.setenv("APP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "1000")
     monkeypatch.delenv("DATABASE_URL", raising=False)
     stub = SimpleNamespace(classes=["CLL", "FL"], temperature=None,
                            probabilities=lambda images: np.full((len(images), 2), 0.5))
-    monkeypatch.setattr(core.predict, "load_predictor", lambda *args, **kwargs: stub)
+    monkeypatch.setattr(core.inference.predict, "load_predictor", lambda *args, **kwargs: stub)
     image = tmp_path / "x.png"
     image.write_bytes(png())  # 64 x 48 = 3,072 pixels
     assert main(["predict", "--run", "1", str(image)]) == 2

@@ -26,13 +26,13 @@ import torch
 from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 
-from core import jobs, runs
+from core.jobs import queue, runs
 from core.config import load_settings
-from core.datasets import ingest
-from core.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, utcnow
+from core.data.datasets import ingest
+from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, utcnow
 from core.errors import UserError
-from core.run_config import RunConfig
-from core.worker import ensure_worker, worker_status
+from core.training.run_config import RunConfig
+from core.jobs.worker import ensure_worker, worker_status
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def queue(Session, settings, dataset: str, **config) -> int:
+def queue_run(Session, settings, dataset: str, **config) -> int:
     with Session.begin() as s:
         (run,) = runs.create_runs(s, settings, RunConfig(dataset=dataset, **{**TINY, **config}))
         return run.id
@@ -179,7 +179,7 @@ class Reader(threading.Thread):
             try:
                 with Session() as s:
                     for run in s.scalars(select(Run)):
-                        jobs.run_status(s, run.id)
+                        queue.run_status(s, run.id)
                     worker_status(s, self.settings)
                 self.polls += 1
             except OperationalError as exc:  # "database is locked" would land here
@@ -218,7 +218,7 @@ def test_concurrent_claims_take_each_run_once_in_order(jset, JSession):
     def claimer(name: str) -> None:
         Session = make_sessionmaker(jset.database_url)  # its own engine and connections, like a process
         mine = claims.setdefault(name, [])
-        while (run_id := jobs.claim_next(Session, name)) is not None:
+        while (run_id := queue.claim_next(Session, name)) is not None:
             mine.append(run_id)
 
     threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(6)]
@@ -233,7 +233,7 @@ def test_concurrent_claims_take_each_run_once_in_order(jset, JSession):
         for name, mine in claims.items():
             for run in s.scalars(select(Run).where(Run.id.in_(mine))):
                 assert (run.status, run.worker, run.attempts) == (RunStatus.running, name, 1)
-    assert jobs.claim_next(JSession, "late") is None
+    assert queue.claim_next(JSession, "late") is None
 
 
 @BOTH
@@ -246,18 +246,18 @@ def test_cancel_resume_and_stale_rules(jset, JSession):
                   .values(status=RunStatus.running, heartbeat_at=long_ago, attempts=1))
         s.execute(update(Run).where(Run.id == running).values(heartbeat_at=utcnow()))
         s.execute(update(Run).where(Run.id == stale_cancel).values(cancel_requested=True))
-        s.execute(update(Run).where(Run.id == worn_out).values(attempts=jobs.MAX_ATTEMPTS))
+        s.execute(update(Run).where(Run.id == worn_out).values(attempts=queue.MAX_ATTEMPTS))
 
     with JSession.begin() as s:
-        assert jobs.request_cancel(s, queued) == RunStatus.cancelled  # at once
-        assert jobs.request_cancel(s, running) == RunStatus.running  # flagged; the run stops itself
+        assert queue.request_cancel(s, queued) == RunStatus.cancelled  # at once
+        assert queue.request_cancel(s, running) == RunStatus.running  # flagged; the run stops itself
     with JSession.begin() as s, pytest.raises(UserError, match="already ended"):
-        jobs.request_cancel(s, done)
+        queue.request_cancel(s, done)
     with JSession() as s:
         assert s.get(Run, running).cancel_requested and s.get(Run, queued).finished_at is not None
 
     with JSession.begin() as s:
-        outcome = jobs.requeue_stale(s, jset)
+        outcome = queue.requeue_stale(s, jset)
     assert outcome == {"requeued": [stale], "cancelled": [stale_cancel], "failed": [worn_out]}
     with JSession() as s:
         assert s.get(Run, stale).status == RunStatus.queued and s.get(Run, stale).worker is None
@@ -267,9 +267,9 @@ def test_cancel_resume_and_stale_rules(jset, JSession):
 
     for run_id, message in [(done, "already succeeded"), (stale, "already queued"), (running, "is running")]:
         with JSession.begin() as s, pytest.raises(UserError, match=message):
-            jobs.reopen(s, jset, run_id)
+            queue.reopen(s, jset, run_id)
     with JSession.begin() as s:
-        jobs.reopen(s, jset, worn_out)
+        queue.reopen(s, jset, worn_out)
     with JSession() as s:
         run = s.get(Run, worn_out)
         assert (run.status, run.error, run.attempts) == (RunStatus.queued, None, 0)
@@ -300,7 +300,7 @@ def test_the_schema_is_made_then_upgraded_in_place(jset):
     """A new database gets every table; one from before a column was added gets the column, its
     rows kept (with the column's default), and starting again on an up-to-date one changes nothing."""
     Session = make_sessionmaker(jset.database_url)
-    engine = jobs.engine_of(Session)
+    engine = queue.engine_of(Session)
     assert {t.name for t in Base.metadata.sorted_tables} <= set(inspect(engine).get_table_names())
     (old,) = _bare_runs(Session, 1)
     with engine.begin() as conn:
@@ -317,11 +317,11 @@ def test_the_schema_is_made_then_upgraded_in_place(jset):
         t.join(60)
     assert len(upgraded) == 2
     Session = make_sessionmaker(jset.database_url)  # and once more, with nothing left to do
-    engine = jobs.engine_of(Session)
+    engine = queue.engine_of(Session)
     assert "attempts" in {c["name"] for c in inspect(engine).get_columns("runs")}
     with Session() as s:
         assert s.get(Run, old).attempts == 0
-    assert jobs.claim_next(Session, "w") == old
+    assert queue.claim_next(Session, "w") == old
     with Session() as s:
         assert s.get(Run, old).attempts == 1
 
@@ -343,7 +343,7 @@ def test_processes_starting_together_on_a_new_postgresql_database_share_one_sche
         t.join(60)
     assert not errors and len(started) == 3
     (run_id,) = _bare_runs(started[0], 1)
-    assert jobs.claim_next(started[1], "w") == run_id and jobs.claim_next(started[2], "w") is None
+    assert queue.claim_next(started[1], "w") == run_id and queue.claim_next(started[2], "w") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,11 +375,11 @@ def test_an_idle_worker_reports_itself_and_can_leave(jset, JSession, processes):
 
 @BOTH
 def test_two_workers_take_five_runs_once_each_and_record_how_they_ended(backend, jset, JSession, toy, processes):
-    good = queue(JSession, jset, toy, epochs=2)
-    bad = queue(JSession, jset, toy, lr=1e12)  # the loss becomes non-finite
+    good = queue_run(JSession, jset, toy, epochs=2)
+    bad = queue_run(JSession, jset, toy, lr=1e12)  # the loss becomes non-finite
     # On PostgreSQL three runs, not five, to keep the suite's time: two workers still race for them.
     small = 3 if backend == "sqlite" else 1
-    run_ids = [good, bad] + [queue(JSession, jset, toy, per_class=2, seed=i) for i in range(small)]
+    run_ids = [good, bad] + [queue_run(JSession, jset, toy, per_class=2, seed=i) for i in range(small)]
     with Reader(jset) as reader:  # a page polling while two workers and their children write
         workers = [start_worker(processes, jset.app_home, "--once") for _ in range(2)]
         assert [w.wait(300) for w in workers] == [0, 0]
@@ -403,7 +403,7 @@ def test_two_workers_take_five_runs_once_each_and_record_how_they_ended(backend,
         assert run.status == RunStatus.succeeded, run.error
         assert run.device.startswith("cpu") and run.pid and run.summary["test_accuracy"] is not None
         assert run.started_at <= run.finished_at and run.heartbeat_at is not None
-        assert "succeeded" in run.log_tail and len(run.log_tail.splitlines()) <= jobs.LOG_TAIL_LINES
+        assert "succeeded" in run.log_tail and len(run.log_tail.splitlines()) <= queue.LOG_TAIL_LINES
         failed = s.get(Run, bad)
         assert failed.status == RunStatus.failed
         assert "loss" in failed.error.lower() and "failed" in failed.log_tail
@@ -454,7 +454,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(backend, jset, 
     # Whether resuming reproduces an uninterrupted run does not depend on the database, and the
     # reference run doubles the test's time: it is checked on SQLite only.
     compare = backend == "sqlite"
-    victim = queue(JSession, jset, toy, **config)
+    victim = queue_run(JSession, jset, toy, **config)
     first = start_worker(processes, jset.app_home)
 
     # Kill the worker once the victim's first epoch is recorded and checkpointed (it is in epoch 2).
@@ -468,7 +468,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(backend, jset, 
     assert status_of(JSession, victim) == RunStatus.running  # nobody recorded anything: it looks alive
 
     # The reference: the same configuration and seed, uninterrupted, trained beside the resumed run.
-    both = (victim, queue(JSession, jset, toy, **config)) if compare else (victim,)
+    both = (victim, queue_run(JSession, jset, toy, **config)) if compare else (victim,)
     monkeypatch.setenv("WORKER_SLOTS", "2")
     two_slots = dataclasses.replace(jset, worker_slots=2)
     with Reader(jset) as reader:
@@ -497,7 +497,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(backend, jset, 
 
 def test_no_worker_is_started_when_workers_run_elsewhere(tmp_path):
     from core.config import load_settings
-    from core.worker import ensure_worker
+    from core.jobs.worker import ensure_worker
 
     settings = load_settings({"APP_HOME": str(tmp_path), "START_WORKER": "0"})
     assert ensure_worker(settings) is False

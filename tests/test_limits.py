@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core import limits, runs, uploads
+from core.access import limits
+from core.data import uploads
+from core.jobs import runs
 from core.config import Settings, load_settings
-from core.datasets import ingest
-from core.db import Dataset, Image, Run, Split
+from core.data.datasets import ingest
+from core.store.db import Dataset, Image, Run, Split
 from core.errors import UserError
-from core.run_config import RunConfig
+from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image, write_dataset
 
 TINY = dict(image_size=32, per_class=4, batch_size=4, lr=1e-3, weights="none", device="cpu", epochs=1, seed=3)

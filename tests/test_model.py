@@ -6,7 +6,7 @@ import torchvision
 from torchvision.models import densenet201
 
 from core.errors import UserError
-from core.model import PaperDenseNet, build_model
+from core.training.model import PaperDenseNet, build_model
 
 
 def test_shape_head_and_nothing_frozen():

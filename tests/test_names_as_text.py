@@ -23,13 +23,17 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from core import accounts, evaluate, presets, runs, uploads
-from core.accounts import EDITOR, VIEWER
-from core.augment import AugmentParams
+from core.access import accounts
+from core.data import uploads
+from core.evaluation import metrics
+from core.jobs import runs
+from core.training import presets
+from core.access.accounts import EDITOR, VIEWER
+from core.transforms.augment import AugmentParams
 from core.config import Settings, load_settings
-from core.db import AugmentationPreset, Dataset, EpochMetric, Prediction, RunStatus, make_sessionmaker, utcnow
+from core.store.db import AugmentationPreset, Dataset, EpochMetric, Prediction, RunStatus, make_sessionmaker, utcnow
 from core.errors import UserError
-from core.run_config import RunConfig
+from core.training.run_config import RunConfig
 from pages._common import md_text
 from tests.server import free_port, start_app, stop_app, wait_healthy
 from tests.synthetic import synthetic_image
@@ -276,7 +280,7 @@ def test_unexpected_exceptions_show_no_details_but_user_errors_do(hostile, monke
     def broken(session, run):
         raise RuntimeError(f"cannot open {cfg.app_home}/secret.db")
 
-    monkeypatch.setattr(evaluate, "run_report", broken)
+    monkeypatch.setattr(metrics, "run_report", broken)
     at = open_app(monkeypatch, cfg, accounts_file)
     at.switch_page("pages/runs.py").run()
     (shown,) = at.exception
@@ -287,7 +291,7 @@ def test_unexpected_exceptions_show_no_details_but_user_errors_do(hostile, monke
     def refused(session, run):
         raise UserError(message)
 
-    monkeypatch.setattr(evaluate, "run_report", refused)
+    monkeypatch.setattr(metrics, "run_report", refused)
     at.run()
     assert not at.exception
     assert [e.value for e in at.error] == [md_text(message)]

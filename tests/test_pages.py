@@ -17,13 +17,14 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from core import presets, runs
+from core.jobs import runs
+from core.training import presets
 from core.config import Settings, load_settings
-from core.datasets import ingest
-from core.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus, make_sessionmaker
-from core.evaluate import run_report
-from core.predict import load_predictor
-from core.run_config import RunConfig
+from core.data.datasets import ingest
+from core.store.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus, make_sessionmaker
+from core.evaluation.metrics import run_report
+from core.inference.predict import load_predictor
+from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def trained(tmp_path_factory) -> tuple[Settings, int]:
 @pytest.fixture(autouse=True)
 def no_worker(monkeypatch):
     """Record worker starts instead of spawning a training process inside the test run."""
-    from core import worker
+    from core.jobs import worker
 
     started = []
     monkeypatch.setattr(worker, "ensure_worker", lambda settings: started.append(settings) or True)

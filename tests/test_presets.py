@@ -2,10 +2,10 @@
 
 import pytest
 
-from core import presets
-from core.augment import AugmentParams
+from core.training import presets
+from core.transforms.augment import AugmentParams
 from core.errors import UserError
-from core.run_config import RunConfig
+from core.training.run_config import RunConfig
 
 
 def test_presets_save_load_replace_delete(Session):

@@ -2,7 +2,7 @@
 ingested into or trained on, and runs that cannot write.
 
 A race is two threads released together by a barrier, the second after a small varying delay,
-repeated many times; afterwards the database and the files must agree (core/consistency.py, deep
+repeated many times; afterwards the database and the files must agree (core/store/consistency.py, deep
 check). The races run on SQLite and on PostgreSQL (tests/pg.py starts a throwaway server).
 """
 
@@ -22,13 +22,15 @@ import torch
 from sqlalchemy import event, select, text
 from streamlit.testing.v1 import AppTest
 
-from core import consistency, jobs, predict, runs
+from core.inference import predict
+from core.jobs import queue, runs
+from core.store import consistency
 from core.config import load_settings
-from core.datasets import delete_dataset, get_dataset, image_path, ingest
-from core.db import Base, Image, Run, RunStatus, make_sessionmaker
+from core.data.datasets import delete_dataset, get_dataset, image_path, ingest
+from core.store.db import Base, Image, Run, RunStatus, make_sessionmaker
 from core.errors import UserError
-from core.run_config import RunConfig
-from core.worker import WorkerLoop
+from core.training.run_config import RunConfig
+from core.jobs.worker import WorkerLoop
 from tests.synthetic import synthetic_image, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,7 +300,7 @@ def test_a_run_that_cannot_write_ends_failed_saying_the_disk_is_full(settings, S
         (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY))
     # The real training loop and recorder, on a model that trains in milliseconds.
     monkeypatch.setattr(runs, "build_model", lambda n, weights: (TinyNet(n), "none (a stand-in model)"))
-    _disk_full(monkeypatch, jobs.engine_of(Session), refused_writes=2)
+    _disk_full(monkeypatch, queue.engine_of(Session), refused_writes=2)
     with pytest.raises(OSError):
         runs.execute_run(Session, settings, run.id)
     with Session() as s:
@@ -316,7 +318,7 @@ def test_the_worker_survives_a_full_disk_and_fails_the_run_it_cannot_start(setti
     def no_space(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(jobs, "note", no_space)
+    monkeypatch.setattr(queue, "note", no_space)
     # In a thread of its own, as in the main thread the loop would take over the test's signals.
     outcome = _together(WorkerLoop(Session, settings, once=True).run, lambda: None, 0)
     assert outcome["first"] == 0, outcome  # it returned (having started no run) instead of raising

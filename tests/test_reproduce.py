@@ -2,9 +2,9 @@
 
 import argparse
 
-from core import groups
-from core.datasets import ingest
-from core.reproduce import add_cli
+from core.data import groups
+from core.data.datasets import ingest
+from core.jobs.reproduce import add_cli
 from tests.synthetic import write_dataset
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from core.model import build_model
+from core.training.model import build_model
 
 
 class _Exploit:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from core.model import PaperDenseNet
-from core.predict import Predictor
-from core.saliency import GradCam
+from core.training.model import PaperDenseNet
+from core.inference.predict import Predictor
+from core.inference.saliency import GradCam
 from tests.synthetic import synthetic_image
 
 

@@ -15,10 +15,10 @@ import pytest
 from argon2 import PasswordHasher
 from sqlalchemy import func, select, update
 
-from core import accounts
-from core.db import SignInFailures, make_sessionmaker
+from core.access import accounts
+from core.store.db import SignInFailures, make_sessionmaker
 from core.errors import UserError
-from core.throttle import Limit, SignInThrottle
+from core.access.throttle import Limit, SignInThrottle
 from tests.server import ROOT, ProtocolClient, free_port, start_app, stop_app, wait_healthy
 
 PASSWORD = "correct horse battery"
@@ -88,7 +88,7 @@ def test_the_lock_outlives_the_throttle_and_the_process(ana, settings):
     throttle = SignInThrottle(make_sessionmaker(settings.database_url))
     for _ in range(5):
         refused(ana, throttle, "ana", "guess-guess", "10.0.0.1")
-    code = ("import sys; from core.db import make_sessionmaker; from core.throttle import SignInThrottle\n"
+    code = ("import sys; from core.store.db import make_sessionmaker; from core.access.throttle import SignInThrottle\n"
             "from core.errors import UserError\n"
             "try:\n    SignInThrottle(make_sessionmaker(sys.argv[1])).attempt('ana', '10.0.0.1')\n"
             "except UserError as e:\n    print(e)")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from core.splits import assign_parts
+from core.data.splits import assign_parts
 
 
 def _labels_groups(n_groups_per_class=8, per_group=4, classes=("CLL", "FL", "MCL")):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from core.stain import METHODS, hed_jitter, hed_to_rgb, make_normaliser, rgb_to_hed
+from core.transforms.stain import METHODS, hed_jitter, hed_to_rgb, make_normaliser, rgb_to_hed
 
 H_REF, E_REF = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from core import data
-from core.datasets import image_path, load_rgb
-from core.db import Image, Prediction, Run, RunStatus, SplitMember
+from core.data import cache
+from core.data.datasets import image_path, load_rgb
+from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
-from core.predict import load_predictor
-from core.run_config import RunConfig
-from core.tiles import cut_tiles, tile_boxes, vote
+from core.inference.predict import load_predictor
+from core.training.run_config import RunConfig
+from core.transforms.tiles import cut_tiles, tile_boxes, vote
 from tests.synthetic import ingest_synthetic, synthetic_image, train_runs
 
 
@@ -58,11 +58,11 @@ def test_tile_cache_follows_size_and_count(tmp_path, settings, Session):
     name = ingest_synthetic(tmp_path / "src", settings, Session, per_class=1)
     with Session() as s:
         image = s.scalars(select(Image)).first()
-        two = data.tile_array(settings, image, 32, 2)
-        one = data.tile_array(settings, image, 32, 1)
+        two = cache.tile_array(settings, image, 32, 2)
+        one = cache.tile_array(settings, image, 32, 1)
         assert two.shape == (2, 32, 32, 3) and one.shape == (1, 32, 32, 3)
-        assert np.array_equal(data.tile_array(settings, image, 32, 2), two)  # from the cache now
-        assert data.tile_array(settings, image, 16, 2).shape == (2, 16, 16, 3)
+        assert np.array_equal(cache.tile_array(settings, image, 32, 2), two)  # from the cache now
+        assert cache.tile_array(settings, image, 16, 2).shape == (2, 16, 16, 3)
     assert name
 
 
@@ -89,7 +89,7 @@ def test_tiled_run_predicts_each_test_image_by_its_tiles(tmp_path, settings, Ses
     assert np.allclose(probs, preds[0].probabilities, atol=1e-4)
     # The vote really is over the tiles: the mean of the tiles' own probabilities.
     tiles = cut_tiles(full, 32, 4)
-    from core.data import to_tensor
-    from core.train import predict_proba
+    from core.data.cache import to_tensor
+    from core.training.loop import predict_proba
     per_tile = predict_proba(predictor.model, to_tensor(list(tiles)), torch.device("cpu")).numpy()
     assert len(tiles) == 2 and np.allclose(probs, per_tile.mean(0), atol=1e-5)

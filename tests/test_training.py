@@ -4,11 +4,11 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from core import runs
-from core.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
-from core.evaluate import run_report
-from core.predict import load_predictor, predict_files
-from core.run_config import RunConfig
+from core.jobs import runs
+from core.store.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
+from core.evaluation.metrics import run_report
+from core.inference.predict import load_predictor, predict_files
+from core.training.run_config import RunConfig
 from tests.synthetic import ingest_synthetic, synthetic_image, train_runs
 
 SMALL = dict(image_size=32, per_class=40, epochs=4, batch_size=16, lr=1e-3, weights="none", device="cpu")

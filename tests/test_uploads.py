@@ -6,9 +6,9 @@ import zipfile
 import pytest
 from sqlalchemy import select
 
-from core import uploads
+from core.data import uploads
 from core.config import load_settings
-from core.db import Dataset
+from core.store.db import Dataset
 from core.errors import UserError
 from tests.synthetic import synthetic_image, write_dataset
 

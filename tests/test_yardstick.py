@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core import yardstick
+from core.evaluation import yardstick
 from tests.synthetic import synthetic_array
 
 

@@ -1,6 +1,6 @@
 """How far colour alone goes on unseen specimens: a yardstick for the grouped-CV figures.
 
-Each image becomes the 12 numbers of `core.yardstick.colour_features` (mean and standard deviation
+Each image becomes the 12 numbers of `core.evaluation.yardstick.colour_features` (mean and standard deviation
 of R, G, B and of their optical densities, at 128x128) and a logistic regression is scored by
 stratified grouped 5-fold CV with the given groups. Every run records the same yardstick on its own
 split; this script gives it for several fold assignments at once, without training anything.
@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from core.yardstick import IMAGE_SIZE, colour_features
+from core.evaluation.yardstick import IMAGE_SIZE, colour_features
 
 SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=pathlib.Path, help="a folder per class of images")
     parser.add_argument("groups_csv", type=pathlib.Path,
-                        help="file,group rows with file as CLASS/NAME (python -m core.groups writes one)")
+                        help="file,group rows with file as CLASS/NAME (python -m core.data.groups writes one)")
     parser.add_argument("--seeds", type=int, default=3, help="fold assignments to try (default 3)")
     args = parser.parse_args()
 

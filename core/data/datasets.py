@@ -42,12 +42,12 @@ from PIL import UnidentifiedImageError
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
-from core.accounts import User, require_editor
+from core.access.accounts import User, require_editor
 from core.config import Settings
-from core.db import Dataset, Image, Run, RunStatus, SkippedFile
+from core.store.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
-from core.files import copy_file_atomic, hold_ingest_lock, remove_unless_shared
-from core.limits import (
+from core.store.files import copy_file_atomic, hold_ingest_lock, remove_unless_shared
+from core.access.limits import (
     check_dataset_size, check_disk, check_name_length, check_zip, disk_full_is_user_error, is_disk_full,
 )
 

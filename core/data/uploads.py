@@ -20,13 +20,13 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from core.accounts import User, require_editor
+from core.access.accounts import User, require_editor
 from core.config import Settings
-from core.datasets import IngestReport, ingest
-from core.db import Dataset
+from core.data.datasets import IngestReport, ingest
+from core.store.db import Dataset
 from core.errors import UserError
-from core.files import hold_ingest_lock, write_bytes_atomic
-from core.limits import check_disk, check_upload_size, disk_full_is_user_error
+from core.store.files import hold_ingest_lock, write_bytes_atomic
+from core.access.limits import check_disk, check_upload_size, disk_full_is_user_error
 
 Content = bytes | BinaryIO
 Progress = Callable[[int, int], None]

@@ -45,7 +45,7 @@ def split_yardstick(session, settings, split, classes: Sequence[str], fold: int 
     """The yardstick of a stored split: fitted on its training and validation images, scored on
     its test images. None for the paper's protocol (its test part exists only after augmenting)
     and for a split without test images."""
-    from core import data, splits  # torch-importing modules; keep `import core.yardstick` light
+    from core.data import cache, splits  # torch-importing modules; keep `import core.evaluation.yardstick` light
 
     if split.protocol == "paper-leaky":
         return None
@@ -55,8 +55,8 @@ def split_yardstick(session, settings, split, classes: Sequence[str], fold: int 
         return None
     index = {name: i for i, name in enumerate(classes)}
     accuracy = colour_only_accuracy(
-        [data.resized_array(settings, im, IMAGE_SIZE) for im in seen], [index[im.label] for im in seen],
-        [data.resized_array(settings, im, IMAGE_SIZE) for im in test], [index[im.label] for im in test],
+        [cache.resized_array(settings, im, IMAGE_SIZE) for im in seen], [index[im.label] for im in seen],
+        [cache.resized_array(settings, im, IMAGE_SIZE) for im in test], [index[im.label] for im in test],
     )
     return {"accuracy": accuracy, "n_train": len(seen), "n_test": len(test)}
 

@@ -12,7 +12,7 @@ Roles: a viewer browses datasets and runs and classifies images; an editor also 
 cancels, deletes and saves presets. Core functions that change records take the acting `user` and
 call `require_editor`, so a hidden button is not the only thing between a viewer and a change.
 
-The accounts file, as `python -m core.accounts add ana --role editor` writes it:
+The accounts file, as `python -m core.access.accounts add ana --role editor` writes it:
 
     [accounts.ana]
     password_hash = "$argon2id$v=19$m=65536,t=3,p=4$..."
@@ -23,10 +23,10 @@ The accounts file, as `python -m core.accounts add ana --role editor` writes it:
     "*" = "viewer"
 
 Command line (the password is asked twice, or read from stdin with --password-stdin):
-    python -m core.accounts add NAME --role editor|viewer [--replace] [--password-stdin]
-    python -m core.accounts remove NAME
-    python -m core.accounts list
-    python -m core.accounts hash            # prints a hash, for writing the file by other means
+    python -m core.access.accounts add NAME --role editor|viewer [--replace] [--password-stdin]
+    python -m core.access.accounts remove NAME
+    python -m core.access.accounts list
+    python -m core.access.accounts hash            # prints a hash, for writing the file by other means
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from core.errors import UserError
 
 if TYPE_CHECKING:
-    from core.throttle import SignInThrottle
+    from core.access.throttle import SignInThrottle
 
 VIEWER, EDITOR = "viewer", "editor"
 ROLES = (VIEWER, EDITOR)
@@ -165,7 +165,7 @@ def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
             raise UserError(f"{where}: unknown key(s) {', '.join(extra)}; only password_hash and role belong here.")
         password_hash = entry.get("password_hash")
         if not isinstance(password_hash, str) or not password_hash.startswith("$argon2"):
-            raise UserError(f"{where}: password_hash must be an argon2 hash (python -m core.accounts hash makes one); "
+            raise UserError(f"{where}: password_hash must be an argon2 hash (python -m core.access.accounts hash makes one); "
                             "plain-text passwords are not accepted.")
         result.accounts[name] = Account(name, password_hash, check_role(entry.get("role"), where))
     roles = data.get("oidc_roles", {})
@@ -184,7 +184,7 @@ def load_accounts(path: Path, *, missing_ok: bool = False) -> Accounts:
         if missing_ok:
             return Accounts()
         raise UserError(f"No accounts file at {path}. An administrator adds the first account with "
-                        "`python -m core.accounts add NAME --role editor` (AUTH_FILE sets where it lives).") from None
+                        "`python -m core.access.accounts add NAME --role editor` (AUTH_FILE sets where it lives).") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"The accounts file {path} cannot be read: {e}.") from None
     return parse_accounts(text, f"The accounts file {path}")
@@ -209,7 +209,7 @@ def _toml_string(value: str) -> str:
 
 def format_accounts(accounts: Accounts) -> str:
     lines = ["# Accounts of the web app (AUTH_MODE=password) and roles of OIDC addresses (AUTH_MODE=oidc).",
-             "# Passwords are stored only as argon2id hashes. `python -m core.accounts` rewrites this file",
+             "# Passwords are stored only as argon2id hashes. `python -m core.access.accounts` rewrites this file",
              "# (comments are not kept)."]
     for name in sorted(accounts.accounts):
         a = accounts.accounts[name]
@@ -282,7 +282,7 @@ def sign_in(accounts: Accounts, name: str, password: str, throttle: SignInThrott
     """The signed-in user; UserError with one message for any wrong name or password.
 
     With a `throttle`, the attempt from `address` (None: the server's own machine) is counted
-    before the password is checked, and refused while too many have failed (core/throttle.py).
+    before the password is checked, and refused while too many have failed (core/access/throttle.py).
     """
     name = name.strip()
     if not name or not password:
@@ -341,7 +341,7 @@ def _read_password(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     from core.config import load_settings
 
-    parser = argparse.ArgumentParser(prog="python -m core.accounts",
+    parser = argparse.ArgumentParser(prog="python -m core.access.accounts",
                                      description="Accounts of the web app (AUTH_MODE=password) in AUTH_FILE.")
     parser.add_argument("--file", type=Path, default=None, help="the accounts file (default: AUTH_FILE, else APP_HOME/accounts.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

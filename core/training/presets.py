@@ -12,11 +12,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.augment import AugmentParams
-from core.db import AugmentationPreset
+from core.transforms.augment import AugmentParams
+from core.store.db import AugmentationPreset
 from core.errors import UserError
-from core.limits import check_name_length
-from core.run_config import RunConfig
+from core.access.limits import check_name_length
+from core.training.run_config import RunConfig
 
 PAPER_PRESET = "Paper (Hasan et al.)"
 

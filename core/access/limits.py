@@ -17,7 +17,7 @@ from typing import BinaryIO
 from sqlalchemy.exc import OperationalError
 
 from core.config import Settings
-from core.db import NAME_LENGTH
+from core.store.db import NAME_LENGTH
 from core.errors import UserError
 
 MB = 1024**2  # Streamlit's server.maxUploadSize counts MB this way

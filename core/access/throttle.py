@@ -14,9 +14,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 
-from core.db import SignInFailures, utcnow
+from core.store.db import SignInFailures, utcnow
 from core.errors import UserError
-from core.jobs import engine_of, write_transaction
+from core.store.db import engine_of, write_transaction
 
 LOCAL_ADDRESS = "local"  # the address of a client on the server's own machine (Streamlit reports none)
 

@@ -320,7 +320,7 @@ def audit_split(session, settings, split, fold: int = 0, image_size: int = 128, 
     A paper-leaky split has no test part before augmentation; its report says so in the warning.
     Extra keyword arguments go to `audit_images`.
     """
-    from core import data, splits  # torch-importing modules; keep `import core.audit` light
+    from core.data import cache, splits  # torch-importing modules; keep `import core.data.audit` light
 
     parts = splits.split_parts(session, split, fold)
     protocol = splits.describe(split)
@@ -336,8 +336,8 @@ def audit_split(session, settings, split, fold: int = 0, image_size: int = 128, 
     seen = parts.get("train", []) + parts.get("val", [])
     test = parts.get("test", [])
     return audit_images(
-        [data.resized_array(settings, im, image_size) for im in seen],
-        [data.resized_array(settings, im, image_size) for im in test],
+        [cache.resized_array(settings, im, image_size) for im in seen],
+        [cache.resized_array(settings, im, image_size) for im in test],
         [im.original_name for im in seen],
         [im.original_name for im in test],
         protocol=protocol,

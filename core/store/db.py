@@ -14,7 +14,9 @@ is harmless for them).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,7 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 
 # Names that come from outside (datasets, classes, groups, presets, users) are String(NAME_LENGTH);
-# core/limits.py check_name_length refuses longer ones before PostgreSQL would.
+# core/access/limits.py check_name_length refuses longer ones before PostgreSQL would.
 NAME_LENGTH = 200
 
 
@@ -240,7 +242,7 @@ class Worker(Base):
 
 
 class SignInFailures(Base):
-    """Recent failed sign-ins counted under one key (core/throttle.py says which keys and limits).
+    """Recent failed sign-ins counted under one key (core/access/throttle.py says which keys and limits).
 
     In the database rather than in server memory, so that no client can reset the count, every
     server process shares it, and a lock outlives a restart.
@@ -326,3 +328,31 @@ def _add_missing_columns(bind: Engine | Connection) -> None:
 
 def make_sessionmaker(url: str) -> sessionmaker:
     return sessionmaker(make_engine(url), expire_on_commit=False)
+
+
+def engine_of(Session: sessionmaker) -> Engine:
+    return Session.kw["bind"]
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that holds the write lock from its first statement.
+
+    SQLite: `BEGIN IMMEDIATE` takes the database's one write lock up front (waiting up to the
+    busy timeout), so a read followed by an update in it cannot interleave with another writer.
+    The driver's own transaction handling is switched off for this connection to allow that.
+    Other databases: an ordinary transaction; row locks do the rest.
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name != "sqlite":
+            with conn.begin():
+                yield conn
+            return
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")

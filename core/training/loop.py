@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from core.distributed import Group
+    from core.training.distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def train_one_epoch(
     callback: Callback,
     group: Group | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`. With `group` (one process of several, see core/distributed.py) the
+    """One pass over `loader`. With `group` (one process of several, see core/training/distributed.py) the
     loader yields this process's slice of each global batch and the metrics cover all processes."""
     model.train()
     criterion = nn.CrossEntropyLoss()
@@ -295,7 +295,7 @@ def fit(
     would have without the interruption (same weights, optimiser moments, RNG streams and
     shuffling order), so a resumed run ends with the weights of an uninterrupted one.
     `compile` uses torch.compile with CUDA graphs on a GPU (see prepare_model).
-    `group`: this process is one of several training together (core/distributed.py); every one
+    `group`: this process is one of several training together (core/training/distributed.py); every one
     calls fit with the same arguments, and only rank 0 should pass a callback with side effects.
     """
     seed_everything(seed)

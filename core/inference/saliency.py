@@ -18,9 +18,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from core.data import resize, to_tensor
-from core.predict import Predictor
-from core.train import preprocess
+from core.data.cache import resize, to_tensor
+from core.inference.predict import Predictor
+from core.training.loop import preprocess
 
 
 @dataclass

@@ -20,16 +20,17 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from core import calibration, tiles
+from core.evaluation import calibration
+from core.transforms import tiles
 from core.config import Settings
-from core.data import resize, resized_array, to_tensor
-from core.datasets import load_rgb
-from core.db import Image, RunStatus
+from core.data.cache import resize, resized_array, to_tensor
+from core.data.datasets import load_rgb
+from core.store.db import Image, RunStatus
 from core.errors import UserError
-from core.model import PaperDenseNet
-from core.runs import get_run, run_dir
-from core.stain import make_normaliser
-from core.train import pick_device, predict_logits, predict_proba
+from core.training.model import PaperDenseNet
+from core.jobs.runs import get_run, run_dir
+from core.transforms.stain import make_normaliser
+from core.training.loop import pick_device, predict_logits, predict_proba
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import jobs
+from core.jobs import queue
 from core.config import Settings
-from core.db import Run, RunStatus, Worker, make_sessionmaker, utcnow
+from core.store.db import Run, RunStatus, Worker, make_sessionmaker, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _sessionmaker(url: str) -> sessionmaker:
 def _fresh_workers(session: Session, settings: Settings) -> list[Worker]:
     now = utcnow()
     return [w for w in session.scalars(select(Worker).order_by(Worker.started_at))
-            if jobs.age_seconds(w.heartbeat_at, now) <= settings.stale_seconds]
+            if queue.age_seconds(w.heartbeat_at, now) <= settings.stale_seconds]
 
 
 def ensure_worker(settings: Settings) -> bool:
@@ -138,7 +138,7 @@ def worker_status(session: Session, settings: Settings) -> dict[str, Any]:
     """
     now = utcnow()
     workers = [
-        {"id": w.id, "heartbeat_age": round(jobs.age_seconds(w.heartbeat_at, now), 1), "running": list(w.run_ids),
+        {"id": w.id, "heartbeat_age": round(queue.age_seconds(w.heartbeat_at, now), 1), "running": list(w.run_ids),
          "device": w.device, "host": w.host, "pid": w.pid, "slots": w.slots}
         for w in _fresh_workers(session, settings)
     ]
@@ -224,7 +224,7 @@ class WorkerLoop:
             for child in self.children.values():
                 directory = self.settings.runs_dir / str(child.run_id)
                 s.execute(update(Run).where(Run.id == child.run_id, Run.worker == self.id, Run.status == RunStatus.running)
-                          .values(heartbeat_at=now, log_tail=jobs.log_tail(directory / "train.log")))
+                          .values(heartbeat_at=now, log_tail=queue.log_tail(directory / "train.log")))
             running = s.execute(select(Run.id, Run.cancel_requested, Run.device)
                                 .where(Run.id.in_(list(self.children)))).all() if self.children else []
             for run_id, cancel, device in running:
@@ -248,10 +248,10 @@ class WorkerLoop:
 
     def sweep(self) -> None:
         with self.Session.begin() as s:
-            done = jobs.requeue_stale(s, self.settings)
+            done = queue.requeue_stale(s, self.settings)
             now = utcnow()
             dead = [w.id for w in s.scalars(select(Worker).where(Worker.id != self.id))
-                    if jobs.age_seconds(w.heartbeat_at, now) > self.settings.stale_seconds]
+                    if queue.age_seconds(w.heartbeat_at, now) > self.settings.stale_seconds]
             if dead:
                 s.execute(delete(Worker).where(Worker.id.in_(dead)))
         for outcome, run_ids in done.items():
@@ -263,9 +263,9 @@ class WorkerLoop:
     def fill_slots(self) -> None:
         while len(self.children) < self.slots and not self._quota_used() and not self.stopping:
             with self.Session() as s:
-                if not jobs.has_queued(s):
+                if not queue.has_queued(s):
                     return
-            run_id = jobs.claim_next(self.Session, self.id)
+            run_id = queue.claim_next(self.Session, self.id)
             if run_id is None:
                 continue  # another worker took it; look again
             self.start(run_id)
@@ -274,11 +274,11 @@ class WorkerLoop:
         directory = self.settings.runs_dir / str(run_id)
         try:  # a full disk refuses even the run's folder and logs
             directory.mkdir(parents=True, exist_ok=True)
-            jobs.note(self.settings, run_id, f"started by worker {self.id}")
+            queue.note(self.settings, run_id, f"started by worker {self.id}")
             output = open(directory / "process.log", "ab")
         except OSError as exc:
             log.error("worker %s: run %d: cannot write its folder (%s)", self.id, run_id, exc)
-            self._fail(run_id, jobs.failure_text(exc, run_id))
+            self._fail(run_id, queue.failure_text(exc, run_id))
             return
         try:
             command = [sys.executable, "-m", "core", "_run", str(run_id), "--parent", str(os.getpid())]
@@ -316,7 +316,7 @@ class WorkerLoop:
             run = s.get(Run, run_id)
             if run is None:  # deleted while it trained
                 return
-            run.log_tail = jobs.log_tail(directory / "train.log")
+            run.log_tail = queue.log_tail(directory / "train.log")
             if run.status == RunStatus.running and run.worker == self.id:
                 # The child ended without recording a result: it was killed or crashed hard.
                 run.finished_at = utcnow()
@@ -324,7 +324,7 @@ class WorkerLoop:
                     run.status = RunStatus.cancelled
                 else:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    output = jobs.log_tail(directory / "process.log", 15) or ""
+                    output = queue.log_tail(directory / "process.log", 15) or ""
                     run.status = RunStatus.failed
                     run.error = (f"The training process {how} without recording a result "
                                  f"(out of memory?). Its last output:\n{output}").strip()
@@ -352,7 +352,7 @@ class WorkerLoop:
                     Run.id == run_id, Run.worker == self.id, Run.status == RunStatus.running,
                 ).values(status=RunStatus.queued, worker=None, pid=None, attempts=Run.attempts - 1)).rowcount
             if requeued:
-                jobs.note(self.settings, run_id, f"requeued: worker {self.id} stopped")
+                queue.note(self.settings, run_id, f"requeued: worker {self.id} stopped")
             log.info("worker %s: run %d %s", self.id, run_id, "cancelled" if cancelled else "requeued" if requeued else "ended")
         self.children.clear()
         with self.Session.begin() as s:
@@ -391,7 +391,7 @@ def run_child(settings: Settings, run_id: int, parent: int | None = None) -> Non
     if parent is not None:
         # The worker's pid is passed in rather than read here: it may have died already.
         threading.Thread(target=_watch_parent, args=(parent,), name="watch-worker", daemon=True).start()
-    from core.runs import execute_run  # torch: only the child pays for importing it
+    from core.jobs.runs import execute_run  # torch: only the child pays for importing it
 
     Session = make_sessionmaker(settings.database_url)
     execute_run(Session, settings, run_id, resume=True)

@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.augment import AugmentParams
+from core.transforms.augment import AugmentParams
 from core.errors import UserError
-from core.splits import PROTOCOLS
-from core.stain import METHODS as STAIN_METHODS
+from core.data.splits import PROTOCOLS
+from core.transforms.stain import METHODS as STAIN_METHODS
 
 STAIN_NORMALISATIONS = ("none", *STAIN_METHODS)
 
@@ -23,7 +23,7 @@ STAIN_NORMALISATIONS = ("none", *STAIN_METHODS)
 @dataclass(frozen=True)
 class RunConfig:
     dataset: str
-    # split, made before augmentation (see core/splits.py)
+    # split, made before augmentation (see core/data/splits.py)
     split: str = "holdout"  # holdout | kfold | paper-leaky
     grouped: bool | None = None  # None: grouped when the dataset has groups
     test_fraction: float = 0.2  # paper: 80/20
@@ -42,11 +42,11 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = True  # torch.compile with CUDA graphs on a GPU; no effect on the CPU
-    # generalisation switches (not in the paper; off by default). See core/stain.py.
+    # generalisation switches (not in the paper; off by default). See core/transforms/stain.py.
     stain_normalisation: str = "none"  # none | macenko | reinhard: map every image onto a training reference
     hed_jitter: float = 0.0  # sigma = bias of the H&E stain jitter on augmented training images; 0 = off
     tta: bool = False  # test-time augmentation: mean softmax over identity + 3 flips
-    tiles: int = 0  # >0: train on up to this many image_size tiles per image at native resolution, vote (core/tiles.py)
+    tiles: int = 0  # >0: train on up to this many image_size tiles per image at native resolution, vote (core/transforms/tiles.py)
 
     def __post_init__(self) -> None:
         if self.split not in PROTOCOLS:

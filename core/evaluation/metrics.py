@@ -14,7 +14,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db import Image, Prediction, Run
+from core.store.db import Image, Prediction, Run
 from core.errors import UserError
 
 
@@ -73,7 +73,7 @@ def run_uncertainty(session: Session, run: Run) -> dict:
     Test samples of one specimen (or, in the leaky protocol, copies of one source image) are not
     independent, so whole groups are resampled where groups are known.
     """
-    from core import calibration
+    from core.evaluation import calibration
 
     rows = session.execute(select(Prediction, Image.group).join(Image, Image.id == Prediction.image_id)
                            .where(Prediction.run_id == run.id).order_by(Prediction.id)).all()

@@ -9,7 +9,7 @@ Problems the check finds (one `Problem` each):
               or (deep check) unreadable
 - orphan      a file under images/ that no image row references, e.g. stored by an ingest that was
               killed before its commit
-- temp        a leftover of an interrupted write: an atomic write's temporary file (core/files.py),
+- temp        a leftover of an interrupted write: an atomic write's temporary file (core/store/files.py),
               or an upload's work folder under tmp/
 - run_folder  a folder under runs/ whose run has no row (e.g. its dataset was deleted)
 
@@ -38,9 +38,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.db import Dataset, Image, Run, RunStatus
+from core.store.db import Dataset, Image, Run, RunStatus
 from core.errors import UserError
-from core.files import exclusive_ingest_lock, is_temp_name
+from core.store.files import exclusive_ingest_lock, is_temp_name
 
 TEMP_GRACE_SECONDS = 120
 FIXABLE = ("orphan", "temp", "run_folder")

@@ -11,7 +11,7 @@ real specimen ids whenever they are known.
 Writes the manifest that `ingest --groups-csv` reads (header `file,group`, one CLASS/file row per
 image)::
 
-    python -m core.groups ROOT --block-size 9 > groups.csv
+    python -m core.data.groups ROOT --block-size 9 > groups.csv
     python -m core ingest ROOT --name lymphoma --groups-csv groups.csv
 """
 
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from core.datasets import IMAGE_EXTENSIONS
+from core.data.datasets import IMAGE_EXTENSIONS
 from core.errors import UserError
 
 # 9 cuts the dev copy of IICBU-2008 (CLL 78, FL 93, MCL 85 images, each class one run of
@@ -138,7 +138,7 @@ def write_manifest(rows: list[tuple[str, str]], out: Path | TextIO) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m core.groups",
+        prog="python -m core.data.groups",
         description="Print a groups manifest (CSV file,group) that puts blocks of consecutive file numbers of "
         "each class into one group: an APPROXIMATION of specimens for sets whose neighbouring file numbers "
         "come from one slide. Use real specimen ids when you have them.",

@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db import Dataset, Image, Split, SplitMember
+from core.store.db import Dataset, Image, Split, SplitMember
 from core.errors import UserError
 
 PROTOCOLS = ("holdout", "kfold", "paper-leaky")

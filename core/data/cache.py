@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from core import tiles
+from core.transforms import tiles
 from core.config import Settings
-from core.datasets import image_path, load_rgb
-from core.db import Image
+from core.data.datasets import image_path, load_rgb
+from core.store.db import Image
 
 
 def resize(image: PILImage.Image, size: int) -> PILImage.Image:
@@ -54,7 +54,7 @@ def resized_array(settings: Settings, image: Image, size: int) -> np.ndarray:
 
 
 def tile_array(settings: Settings, image: Image, size: int, max_tiles: int) -> np.ndarray:
-    """The image's tiles at native resolution (core/tiles.py), (n, size, size, 3) uint8, cached."""
+    """The image's tiles at native resolution (core/transforms/tiles.py), (n, size, size, 3) uint8, cached."""
     return _cached(_cache_path(settings, image.sha256, f"tiles-{size}-{max_tiles}"),
                    lambda: tiles.cut_tiles(load_rgb(image_path(settings, image)), size, max_tiles))
 

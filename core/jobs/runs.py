@@ -5,7 +5,7 @@ generalisation switches (RunConfig.stain_normalisation, hed_jitter, tta), off by
 
 `create_runs` records what to do (one run, or one per fold for k-fold); `execute_run` does it and
 writes every result to the database as it goes. The CLI calls both in the foreground; the worker
-(core/worker.py) calls `execute_run` in a child process.
+(core/jobs/worker.py) calls `execute_run` in a child process.
 
 While a run executes, a heartbeat thread stamps the run's row every few seconds (so a long decode
 or augment phase does not look like a dead process) and watches for a cancel request. Each
@@ -34,19 +34,21 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit, augment, data, splits, stain, tiles, yardstick
-from core.calibration import run_calibration
-from core.accounts import User, require_editor
+from core.data import audit, cache, splits
+from core.evaluation import yardstick
+from core.transforms import augment, stain, tiles
+from core.evaluation.calibration import run_calibration
+from core.access.accounts import User, require_editor
 from core.config import Settings
-from core.datasets import get_dataset, lock_dataset
-from core.db import EpochMetric, Prediction, Run, RunStatus, utcnow
+from core.data.datasets import get_dataset, lock_dataset
+from core.store.db import EpochMetric, Prediction, Run, RunStatus, utcnow
 from core.errors import UserError
-from core.files import atomic_path
-from core.jobs import claim_next, failure_text, get_run, log_tail
-from core.limits import check_disk, check_name_length, check_queue, check_user_queue
-from core.model import PaperDenseNet, build_model
-from core.run_config import RunConfig
-from core.train import (
+from core.store.files import atomic_path
+from core.jobs.queue import claim_next, failure_text, get_run, log_tail
+from core.access.limits import check_disk, check_name_length, check_queue, check_user_queue
+from core.training.model import PaperDenseNet, build_model
+from core.training.run_config import RunConfig
+from core.training.loop import (
     Data,
     NullCallback,
     describe_device,
@@ -57,7 +59,7 @@ from core.train import (
 )
 
 if TYPE_CHECKING:
-    from core.distributed import Group
+    from core.training.distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +350,7 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
         # end up in training is only known after augmenting, so the stain reference comes from the
         # whole pool (this protocol has no untouched test images anyway).
         pool = parts["pool"]
-        arrays = data.load_arrays(settings, pool, config.image_size, decode_cb)
+        arrays = cache.load_arrays(settings, pool, config.image_size, decode_cb)
         if normalising:
             ref_id, normaliser = choose_stain_reference(arrays, [im.id for im in pool], config.stain_normalisation)
             notes["stain_reference_image_id"] = ref_id
@@ -372,7 +374,7 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
             y[part] = [index[images[i].label] for i in owners[part]]
         if normalising:
             # With tiles too, the reference is a whole training image, as the Predict page refits it.
-            whole = x["train"] if not config.tiles else data.load_arrays(settings, train, config.image_size)
+            whole = x["train"] if not config.tiles else cache.load_arrays(settings, train, config.image_size)
             ref_id, normaliser = choose_stain_reference(whole, [im.id for im in train], config.stain_normalisation)
             notes["stain_reference_image_id"] = ref_id
             x = _normalise(x, normaliser, progress)
@@ -384,7 +386,7 @@ def _prepare(session: Session, settings: Settings, run: Run, config: RunConfig, 
         if not x[part]:
             size = config.image_size
             return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-        return data.to_tensor(x[part]), torch.tensor(y[part], dtype=torch.long)
+        return cache.to_tensor(x[part]), torch.tensor(y[part], dtype=torch.long)
 
     tr, va, te = tensors("train"), tensors("val"), tensors("test")
     return Data(tr[0], tr[1], va[0], va[1]), te, test_ids, notes, (owners if config.tiles else None)
@@ -394,10 +396,10 @@ def _load_part(settings: Settings, images: list, config: RunConfig,
                progress: Callable[[int, int], None] | None) -> tuple[list[np.ndarray], list[int]]:
     """A part's samples (whole images resized, or each image's tiles) and each one's source image."""
     if not config.tiles:
-        return data.load_arrays(settings, images, config.image_size, progress), list(range(len(images)))
+        return cache.load_arrays(settings, images, config.image_size, progress), list(range(len(images)))
     arrays, owners = [], []
     for i, image in enumerate(images):
-        cut = data.tile_array(settings, image, config.image_size, config.tiles)
+        cut = cache.tile_array(settings, image, config.image_size, config.tiles)
         arrays.extend(cut)
         owners.extend([i] * len(cut))
         if progress:
@@ -414,7 +416,7 @@ def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress
     request ends the run `cancelled`, keeping the epochs it finished. A failure marks the run
     failed with its error text and re-raises.
 
-    With `group` (torchrun started several processes, see core/distributed.py) every process calls
+    With `group` (torchrun started several processes, see core/training/distributed.py) every process calls
     this: rank 0 does all of the above on its device, the others only help train (`_follow`).
     """
     if group is not None and not group.is_main:

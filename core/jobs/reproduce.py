@@ -30,13 +30,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.db import Run
+from core.store.db import Run
 from core.errors import UserError
-from core.run_config import RunConfig
+from core.training.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total), as in core.runs
+Progress = Callable[[str, int, int], None]  # (stage, done, total), as in core.jobs.runs
 
 # The paper's settings (DESIGN.md section 2); a report made with others says which differ.
 PAPER = {"image_size": 224, "per_class": 1200, "epochs": 25, "batch_size": 24, "lr": 1e-4, "weights": "imagenet",
@@ -50,7 +50,7 @@ class ProtocolResult:
     run_id: int
     protocol: str  # splits.describe of the run's split
     accuracy: float
-    table: str  # evaluate.format_report
+    table: str  # metrics.format_report
     confusion: np.ndarray
     classes: list[str]
     epochs: list[dict[str, float | None]]
@@ -64,7 +64,7 @@ class ProtocolResult:
 
 def _run_one(Session: sessionmaker, settings: Settings, config: RunConfig, label: str,
              progress: Progress | None) -> int:
-    from core import runs
+    from core.jobs import runs
 
     with Session.begin() as s:
         (run,) = runs.create_runs(s, settings, config)
@@ -76,13 +76,13 @@ def _run_one(Session: sessionmaker, settings: Settings, config: RunConfig, label
 
 
 def _collect(session: Session, run: Run, key: str, title: str) -> ProtocolResult:
-    from core import evaluate
-    from core.calibration import bootstrap_metrics
-    from core.db import Image, Prediction, RunStatus
+    from core.evaluation import metrics
+    from core.evaluation.calibration import bootstrap_metrics
+    from core.store.db import Image, Prediction, RunStatus
 
     if run.status != RunStatus.succeeded:
         raise UserError(f"Run {run.id} has not succeeded (status: {run.status.value}); nothing to report.")
-    report = evaluate.run_report(session, run)
+    report = metrics.run_report(session, run)
     rows = session.execute(
         select(Prediction.true_label, Prediction.predicted_label, Prediction.image_id, Image.group)
         .join(Image, Image.id == Prediction.image_id).where(Prediction.run_id == run.id).order_by(Prediction.id)
@@ -97,7 +97,7 @@ def _collect(session: Session, run: Run, key: str, title: str) -> ProtocolResult
     seconds = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else float("nan")
     return ProtocolResult(
         key=key, title=title, run_id=run.id, protocol=report.protocol, accuracy=report.accuracy,
-        table=evaluate.format_report(report), confusion=report.confusion, classes=list(report.classes),
+        table=metrics.format_report(report), confusion=report.confusion, classes=list(report.classes),
         epochs=epochs, summary=dict(run.summary), weights_used=run.weights_used or "", device=run.device or "",
         seconds=seconds, bootstrap=boot, n_source_images=len({r[2] for r in rows}),
     )
@@ -258,8 +258,8 @@ def reproduce_paper(Session: sessionmaker, settings: Settings, dataset: str, bas
         out_dir: folder for report.md and the figures; made if missing.
         progress: optional (stage, done, total) callback; stages are prefixed with the protocol.
     """
-    from core.datasets import get_dataset
-    from core.model import check_weights
+    from core.data.datasets import get_dataset
+    from core.training.model import check_weights
 
     check_weights(base.weights)  # fail before anything is recorded or trained
     with Session() as s:
@@ -280,7 +280,8 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
                  out_dir: Path) -> Path:
     """Write out_dir/report.md and its figures from two finished runs: one with the paper-leaky
     split and one honest (holdout) run with the same settings. Returns the report's path."""
-    from core import audit, splits, yardstick
+    from core.data import audit, splits
+    from core.evaluation import yardstick
 
     out_dir = Path(out_dir)
     with Session.begin() as s:
@@ -319,7 +320,7 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
         "",
         (f"Dataset `{dataset}`: {sum(counts.values())} images ({', '.join(f'{c} {n}' for c, n in counts.items())}), "
          f"{f'{n_groups} specimen groups' if n_groups else 'no specimen groups (the honest split is by image)'}. "
-         f"Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `core.reproduce`; training and "
+         f"Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `core.jobs.reproduce`; training and "
          f"evaluation took {leaky.seconds + honest.seconds:.0f} s of wall time on {honest.device or 'an unrecorded device'}."),
         "",
     ]

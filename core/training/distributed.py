@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core.errors import UserError
 
 if TYPE_CHECKING:
-    from core.train import Batches, Callback, Data
+    from core.training.loop import Batches, Callback, Data
 
 log = logging.getLogger(__name__)
 

@@ -15,21 +15,18 @@ long a run has taken. Nothing here imports torch, so the worker and the web page
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.db import EpochMetric, Run, RunStatus, utcnow
+from core.store.db import EpochMetric, Run, RunStatus, engine_of, utcnow, write_transaction
 from core.errors import UserError
-from core.limits import is_disk_full
+from core.access.limits import is_disk_full
 
 LOG_TAIL_LINES = 50
 # A run whose worker died this many times is failed instead of being requeued again: something
@@ -76,34 +73,6 @@ def failure_text(exc: BaseException, run_id: int) -> str:
 
 def age_seconds(moment: datetime | None, now: datetime | None = None) -> float | None:
     return None if moment is None else max(0.0, ((now or utcnow()) - moment).total_seconds())
-
-
-def engine_of(Session: sessionmaker) -> Engine:
-    return Session.kw["bind"]
-
-
-@contextlib.contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A transaction that holds the write lock from its first statement.
-
-    SQLite: `BEGIN IMMEDIATE` takes the database's one write lock up front (waiting up to the
-    busy timeout), so a read followed by an update in it cannot interleave with another writer.
-    The driver's own transaction handling is switched off for this connection to allow that.
-    Other databases: an ordinary transaction; row locks do the rest.
-    """
-    with engine.connect() as conn:
-        if engine.dialect.name != "sqlite":
-            with conn.begin():
-                yield conn
-            return
-        conn.execution_options(isolation_level="AUTOCOMMIT")
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.exec_driver_sql("ROLLBACK")
-            raise
-        conn.exec_driver_sql("COMMIT")
 
 
 def claim_next(Session: sessionmaker, worker: str, run_id: int | None = None) -> int | None:

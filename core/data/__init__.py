@@ -1,0 +1,2 @@
+"""Files to training-ready records: ingest (folder, zip, upload), decode and cache, groups, splits, leak audit.
+Imports core.store, core.access and core.transforms (pure array functions); never training or later."""

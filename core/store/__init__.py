@@ -1,0 +1,2 @@
+"""The records: SQLAlchemy models and sessions, atomic file writes, the consistency check.
+Imports only core.config and core.errors; every other package builds on it."""

@@ -1,0 +1,2 @@
+"""Pure image functions: Augmentor operations at exact probabilities, stain normalisation and jitter, tiles.
+They take and return arrays or PIL images and read no records; imports only core.errors."""
