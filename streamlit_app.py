@@ -7,16 +7,15 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 import streamlit as st
-from sqlalchemy import select
 
 from core.access import accounts
 from core.access.accounts import User
-from core.store.db import Run, RunStatus
 from core.errors import UserError
+from core.jobs import views
 from pages import _sessions as sessions
 from pages._common import (
     SIGNED_IN, load_accounts, md_text, session_factory, settings, sign_in_throttle, sign_out, signed_in_user,
-    start_worker, user_errors, worker_status,
+    start_worker, user_errors,
 )
 
 TITLE = "Lymphoma subtype recognition"
@@ -160,25 +159,19 @@ def sidebar_worker() -> None:
     with user_errors():
         _worker_started(cfg.database_url)
     with session_factory()() as s:
-        status = worker_status(s, cfg)
-        # A worker lists a run until its next heartbeat; show only those still running.
-        listed = [r for w in status["workers"] for r in w["running"]]
-        running = set(s.scalars(select(Run.id).where(Run.id.in_(listed), Run.status == RunStatus.running)))
+        panel = views.worker_panel(s, cfg)
     st.markdown("**Background worker**")
-    workers = status["workers"]
-    if status["alive"]:
-        for w in workers:
-            device = w["device"] or local_device()  # known once it has trained a run
+    if panel.alive:
+        for w in panel.workers:
+            device = w.device or local_device()  # known once it has trained a run
             kind = "GPU" if device.startswith("cuda") else "CPU"
-            mine = [r for r in w["running"] if r in running]
-            doing = "training " + ", ".join(f"run {r}" for r in mine) if mine else "idle"
+            doing = "training " + ", ".join(f"run {r}" for r in w.running) if w.running else "idle"
             st.markdown(f":green-badge[:material/memory: {kind}] {doing}")
-            st.caption(f"{device} · heartbeat {w['heartbeat_age']:.0f} s ago")
+            st.caption(f"{device} · heartbeat {w.heartbeat_age:.0f} s ago")
     else:
         st.markdown(":red-badge[:material/error: not running]")
         st.caption("It starts with the app; reload the page to try again.")
-    queued = int(status["queued"])
-    st.caption(f"{queued} run(s) queued" if queued else "Queue empty")
+    st.caption(f"{panel.queued} run(s) queued" if panel.queued else "Queue empty")
 
 
 user = gate()

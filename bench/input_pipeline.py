@@ -23,7 +23,8 @@ from PIL import Image as PILImage
 from bench.common import report
 from core.transforms import augment
 from core.config import load_settings
-from core.data.cache import resize, resized_array
+from core.data.cache import resized_array
+from core.transforms.pipelines import resize
 from core.data.datasets import load_rgb
 from core.store.db import Image
 

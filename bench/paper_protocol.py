@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from bench.common import device_name
-from core.jobs import runs
+from core.jobs import execute, runs
 from core.config import load_settings
 from core.data.datasets import ingest
 from core.store.db import Run, make_sessionmaker
+from core.store.records import RunSummary
 from core.training.run_config import RunConfig
 from core.training.loop import pick_device
 
@@ -49,11 +50,12 @@ def main(argv: list[str] | None = None) -> str:
             with Session.begin() as s:
                 (run,) = runs.create_runs(s, settings, config)
             t0 = time.perf_counter()
-            runs.execute_run(Session, settings, run.id)
+            execute.execute_run(Session, settings, run.id)
             total = time.perf_counter() - t0
             with Session() as s:
                 run = s.get(Run, run.id)
-                results[label] = (total, dict(run.timings), run.summary.get("test_accuracy"), run.summary.get("images_per_second"))
+                summary = RunSummary.from_dict(run.summary)
+                results[label] = (total, dict(run.timings), summary.test_accuracy, summary.images_per_second)
 
     lines = [f"## Paper protocol end to end ({args.split}, {args.image_size} px, {args.per_class}/class, {args.epochs} epochs, batch {args.batch_size})",
              f"device: {device_name(pick_device(args.device))}; ingest {ingest_seconds:.1f} s (once)", "",

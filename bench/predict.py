@@ -23,11 +23,12 @@ import torch
 from PIL import Image as PILImage
 
 from bench.common import report, timed_pair
-from core.data.cache import resize, to_tensor
+from core.data.cache import to_tensor
 from core.data.datasets import load_rgb
 from core.training.model import PaperDenseNet
 from core.inference.predict import prepare_for_inference
 from core.training.loop import pick_device, predict_logits, preprocess
+from core.transforms.pipelines import EvalPipeline
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> str:
         def plain_logits(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([plain(preprocess(x[i : i + 64], device)).cpu() for i in range(0, len(x), 64)])
 
+        pipeline = EvalPipeline(image_size=size)  # the predictor's way from an image to model input
+
         def decoded() -> torch.Tensor:
-            return to_tensor([np.asarray(resize(load_rgb(tif), size), dtype=np.uint8)])
+            return to_tensor(pipeline([load_rgb(tif)])[0])
 
         one = decoded()
         with torch.no_grad():

@@ -19,13 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.access.accounts import EDITOR, User
-from core.transforms.augment import AugmentParams
 from core.config import Settings, load_settings
 from core.store.db import make_sessionmaker
+from core.store.records import RunSummary
+from core.store.runs import fold_siblings, get_run
 from core.errors import UserError
 from core.access.limits import check_name_length, disk_full_is_user_error
-from core.training.run_config import STAIN_NORMALISATIONS, RunConfig
-from core.data.splits import PROTOCOLS
+from core.training import run_config
+from core.training.run_config import RunConfig
 
 # torch/torchvision take seconds to import; commands import what they need so --help stays quick.
 
@@ -92,22 +93,7 @@ def cmd_datasets(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def config_from_args(args: argparse.Namespace, settings: Settings) -> RunConfig:
-    augmentation = AugmentParams().to_dict()
-    for item in args.augment or []:
-        key, _, value = item.partition("=")
-        try:
-            augmentation[key] = float(value) if "." in value else int(value)
-        except ValueError:
-            raise UserError(f"--augment expects KEY=NUMBER, got {item!r}.") from None
-    return RunConfig(
-        dataset=args.dataset, split=args.split, grouped=args.grouped, test_fraction=args.test_fraction,
-        val_fraction=args.val_fraction, folds=args.folds, per_class=args.per_class,
-        augmentation=AugmentParams.from_dict(augmentation).to_dict(),
-        weights=args.weights or settings.default_weights, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, image_size=args.image_size, seed=args.seed, device=args.device,
-        stain_normalisation=args.stain_normalisation, hed_jitter=args.hed_jitter, tta=args.tta,
-        tiles=args.tiles,
-    )
+    return run_config.from_flags(args, weights=args.weights or settings.default_weights)
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -144,7 +130,7 @@ def _start_worker(args: argparse.Namespace, settings: Settings) -> None:
 
 def _train_here(Session, settings: Settings, run_id: int, claimed: bool = False, group=None) -> None:
     """Train a run in this process, owning it like a worker would (so no worker takes it too)."""
-    from core.jobs import queue, runs
+    from core.jobs import execute, queue
 
     if not claimed and queue.claim_next(Session, f"cli:{socket.gethostname()}:{os.getpid()}", run_id) is None:
         print(f"run {run_id}: taken by a background worker; not training it here", file=sys.stderr)
@@ -152,12 +138,13 @@ def _train_here(Session, settings: Settings, run_id: int, claimed: bool = False,
     bars = Bars()
     print(f"run {run_id}: training", file=sys.stderr)
     try:
-        runs.execute_run(Session, settings, run_id, progress=bars, group=group)
+        execute.execute_run(Session, settings, run_id, progress=bars, group=group)
     finally:
         bars.close()
     with Session() as s:
-        run = runs.get_run(s, run_id)
-        print(f"run {run_id}: {run.status.value}, test accuracy {run.summary.get('test_accuracy')}", file=sys.stderr)
+        run = get_run(s, run_id)
+        accuracy = RunSummary.from_dict(run.summary).test_accuracy
+        print(f"run {run_id}: {run.status.value}, test accuracy {accuracy}", file=sys.stderr)
 
 
 def _stopped_by_torchrun(signum, frame) -> None:
@@ -179,18 +166,18 @@ def cmd_train_distributed(args: argparse.Namespace, settings: Settings, Session)
     if status != "queued":
         raise UserError(f"Run {args.run} is {status}; only a queued run can be trained here (queue one with "
                         "`train --background --no-worker`, or reopen this one with `resume --background --no-worker`).")
-    from core.jobs import runs
+    from core.jobs import execute
     from core.training import distributed
 
     with distributed.started(config.device) as group:
         if group is not None and not group.is_main:
-            runs.execute_run(Session, settings, args.run, group=group)
+            execute.execute_run(Session, settings, args.run, group=group)
             return
         if group is not None:
             signal.signal(signal.SIGTERM, _stopped_by_torchrun)
         _train_here(Session, settings, args.run, group=group)
     with Session() as s:
-        status = runs.get_run(s, args.run).status.value
+        status = get_run(s, args.run).status.value
     print(args.run)
     if group is not None and status != "succeeded":
         # The other processes may be waiting for this one (it stopped before training); a failed
@@ -237,7 +224,7 @@ def cmd_resume(args: argparse.Namespace, settings: Settings, Session) -> None:
     if not args.background:
         # Import torch before claiming the run, not after: the claim's heartbeat must not go
         # stale while the training code loads, or a worker would take the run over.
-        importlib.import_module("core.jobs.runs")
+        importlib.import_module("core.jobs.execute")
 
     me = None if args.background else f"cli:{socket.gethostname()}:{os.getpid()}"
     with Session.begin() as s:
@@ -261,26 +248,26 @@ def cmd_workers(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
     from core.evaluation import metrics, yardstick
-    from core.jobs import runs
 
     with Session() as s:
-        run = runs.get_run(s, args.run)
+        run = get_run(s, args.run)
         print(f"Run {run.id} on {run.dataset.name!r}, weights: {run.weights_used}, device: {run.device}")
         report = metrics.run_report(s, run)
         print(metrics.format_report(report))
-        if run.summary.get("calibration") is not None:
+        summary = RunSummary.from_dict(run.summary)
+        if summary.calibration is not None:
             from core.evaluation.calibration import format_run_calibration
 
-            print(format_run_calibration(run.summary["calibration"]))
-        if run.summary.get("colour_yardstick"):
-            print(yardstick.describe(run.summary["colour_yardstick"]))
-        siblings = runs.fold_siblings(s, run)
+            print(format_run_calibration(summary.calibration))
+        if summary.colour_yardstick:
+            print(yardstick.describe(summary.colour_yardstick))
+        siblings = fold_siblings(s, run)
         if len(siblings) > 1:
             done = [r for r in siblings if r.status.value == "succeeded"]
             print()
             print(f"K-fold experiment: {len(done)} of {len(siblings)} folds finished (runs {', '.join(str(r.id) for r in siblings)})")
             print(metrics.format_fold_summary(metrics.summarise_folds([metrics.run_report(s, r) for r in done])))
-            across = yardstick.describe_folds([r.summary.get("colour_yardstick") for r in done])
+            across = yardstick.describe_folds([RunSummary.from_dict(r.summary).colour_yardstick for r in done])
             if across:
                 print(across)
 
@@ -290,21 +277,22 @@ def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
 
     with Session() as s:
         predictor = load_predictor(s, settings, args.run, device=args.device)
-    rows = predict_files(predictor, [Path(p) for p in args.images], settings.max_image_pixels)
+    # Calibrated where the run has a temperature, as on the pages; the "probabilities" column says which.
+    rows = predict_files(predictor, [Path(p) for p in args.images], settings.max_image_pixels, calibrated=not args.raw)
     writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
 
 
 def cmd_runs(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.jobs import runs
+    from core.jobs import views
 
     with Session() as s:
         print(f"{'id':>4}  {'status':<9}  {'dataset':<14}  {'split':<11}  {'fold':>4}  {'epochs':>6}  {'test acc':>8}  weights")
-        for r in runs.list_runs(s, args.dataset):
-            acc = r.summary.get("test_accuracy")
-            print(f"{r.id:>4}  {r.status.value:<9}  {r.dataset.name[:14]:<14}  {r.config['split']:<11}  {r.fold:>4}  "
-                  f"{len(r.epochs):>3}/{r.config['epochs']:<2}  {'' if acc is None else f'{acc:.4f}':>8}  {r.config['weights']}")
+        for r in reversed(views.run_rows(s, dataset=args.dataset)):
+            acc = r.summary.test_accuracy
+            print(f"{r.id:>4}  {r.status:<9}  {r.dataset[:14]:<14}  {r.config.split:<11}  {r.fold:>4}  "
+                  f"{r.epochs_done:>3}/{r.config.epochs:<2}  {'' if acc is None else f'{acc:.4f}':>8}  {r.config.weights}")
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -320,7 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    defaults = RunConfig(dataset="")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("ingest", help="add a folder of class sub-folders (or a .zip of one) as a dataset", formatter_class=fmt)
@@ -337,35 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the paper's model on a dataset (here, or queued with --background); prints the run id(s) last",
                        formatter_class=fmt, description="Defaults are the paper's settings; the split is honest "
                        "(split first, augment only the training part) unless --split paper-leaky.")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", choices=PROTOCOLS, default=defaults.split,
-                   help="holdout: one stratified test part; kfold: one run per fold; paper-leaky: the paper's augment-then-split (inflated)")
-    p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep each group (specimen) on one side; default: when the dataset has groups")
-    p.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
-    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="of the non-test part; picks the best epoch")
-    p.add_argument("--folds", type=int, default=defaults.folds, help="for --split kfold")
-    p.add_argument("--per-class", type=int, default=defaults.per_class, help="augmented training images per class")
-    p.add_argument("--augment", action="append", metavar="KEY=VALUE",
-                   help=f"override an augmentation setting (repeatable); keys: {', '.join(AugmentParams().to_dict())}")
-    p.add_argument("--weights", default=None, help="imagenet | none | PATH to a weights file (default: DEFAULT_WEIGHTS, else imagenet)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
-    p.add_argument("--image-size", type=int, default=defaults.image_size, help="images are resized to this square")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--stain-normalisation", choices=STAIN_NORMALISATIONS, default=defaults.stain_normalisation,
-                   help="map every image's H&E colours onto a reference image taken from the training part "
-                        "(the one of median optical density), before augmentation; its id is in the run summary")
-    p.add_argument("--hed-jitter", type=float, default=defaults.hed_jitter, metavar="FLOAT",
-                   help="random H&E stain variation of each augmented training image (sigma = bias = FLOAT, "
-                        "e.g. 0.05); 0 = off; never applied to validation or test images")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=defaults.tta,
-                   help="test-time augmentation: average the test softmax over the image and its 3 flips")
-    p.add_argument("--tiles", type=int, default=defaults.tiles, metavar="N",
-                   help="train on up to N tiles of --image-size pixels per image at native resolution (no "
-                        "downscaling) and predict an image by the mean of its tiles' probabilities; 0 = whole images")
+    run_config.add_flags(p)
     p.add_argument("--background", action="store_true",
                    help="queue the run(s) for the background worker and return at once (starts a worker if none is alive)")
     p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")
@@ -379,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=int)
     p.set_defaults(func=cmd_train_distributed)
 
+    _add_job_commands(sub)
+    _add_result_commands(sub, fmt)
+
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--dataset", help="only this dataset's runs")
+    p.set_defaults(func=cmd_runs)
+    return parser
+
+
+def _add_job_commands(sub) -> None:
+    """The background worker and what controls a run's life: cancel, status, resume."""
     p = sub.add_parser("worker", help="train queued runs in the background, each in its own process")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty (default: wait for more)")
     p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
@@ -410,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("workers", help="live background workers and the queue, as JSON")
     p.set_defaults(func=cmd_workers)
 
+
+def _add_result_commands(sub, fmt) -> None:
+    """What reads a run's results: evaluate, predict, the paper reproduction, the consistency check."""
     p = sub.add_parser("evaluate", help="print a run's per-class table (the paper's Table I) and confusion matrix")
     p.add_argument("run", type=int)
     p.set_defaults(func=cmd_evaluate)
@@ -417,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images with a trained run; CSV on stdout", formatter_class=fmt)
     p.add_argument("--run", type=int, required=True)
     p.add_argument("--device", default="auto")
+    p.add_argument("--raw", action="store_true",
+                   help="the model's raw probabilities instead of the run's calibrated ones (no refer verdict)")
     p.add_argument("images", nargs="+", help="image files (TIF, PNG, JPEG, BMP)")
     p.set_defaults(func=cmd_predict)
 
@@ -426,18 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="compare the database with the files under APP_HOME; exit 1 when they disagree",
                        description="Reports image rows whose file is missing or damaged, finished runs without a "
-                       "checkpoint, files under images/ that no row references, leftovers of interrupted writes and "
+                       "model file, files under images/ that no row references, leftovers of interrupted writes and "
                        "uploads, and run folders without a run. Exit status 0: clean; 1: problems (after --fix: "
                        "problems left).")
-    p.add_argument("--deep", action="store_true", help="also hash every stored image and read every checkpoint (slow)")
+    p.add_argument("--deep", action="store_true", help="also hash every stored image and read every model file (slow)")
     p.add_argument("--fix", action="store_true",
                    help="remove unreferenced files, temporary leftovers and folders of deleted runs (never database rows)")
     p.set_defaults(func=cmd_check)
-
-    p = sub.add_parser("runs", help="list runs")
-    p.add_argument("--dataset", help="only this dataset's runs")
-    p.set_defaults(func=cmd_runs)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

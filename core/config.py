@@ -37,6 +37,10 @@ CPU_COMPILE       1: on a machine without a GPU, the predictor runs single image
                   torch.compile'd model (about 1.3x faster on 2 cores, bench/RESULTS.md); the first model a
                   machine compiles takes minutes, each later run's about 20 s, once per run and process.
                   Default 0: eager, ready at once
+KEEP_CHECKPOINTS  1: a succeeded run keeps its resumable checkpoint (last.pt: weights, optimiser state, random
+                  streams; about three times the model file's size). Default 0: deleted once the run's model
+                  file (model.safetensors, weights and everything prediction needs) is written; failed and
+                  cancelled runs always keep theirs, to be resumed
 OIDC_ROLES        roles of addresses signed in with OIDC, e.g. "ana@lab.org=editor,*=viewer", added to
                   the [oidc_roles] table of AUTH_FILE (this wins); an address with no role is refused
 """
@@ -72,6 +76,7 @@ class Settings:
     auth_file: Path | None = None  # None: APP_HOME/accounts.toml
     oidc_roles: str = ""
     cpu_compile: bool = False
+    keep_checkpoints: bool = False
 
     @property
     def images_dir(self) -> Path:
@@ -130,4 +135,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         auth_file=Path(env["AUTH_FILE"]).expanduser().resolve() if env.get("AUTH_FILE") else None,
         oidc_roles=env.get("OIDC_ROLES", ""),
         cpu_compile=env.get("CPU_COMPILE", "0") in ("1", "true", "yes"),
+        keep_checkpoints=env.get("KEEP_CHECKPOINTS", "0") in ("1", "true", "yes"),
     )

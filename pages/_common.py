@@ -21,11 +21,9 @@ from plotly.subplots import make_subplots
 from PIL import Image as PILImage
 
 from core.access import accounts
-from core.data import splits
-from core.jobs import queue, worker
+from core.jobs import queue, views, worker
 from core.access.accounts import User
 from core.config import Settings, load_settings
-from core.store.db import Run, RunStatus, make_sessionmaker, utcnow
 from core.errors import UserError
 from core.access.throttle import SignInThrottle
 from streamlit.runtime.pages_manager import PagesManager
@@ -34,13 +32,12 @@ ENTRY_SCRIPT = Path(__file__).resolve().parents[1] / "streamlit_app.py"
 IMAGE_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "bmp"]
 # Markdown badges (Material icons ship with Streamlit, so they render without emoji fonts).
 STATUS_BADGE = {
-    RunStatus.queued: ":gray-badge[:material/schedule: queued]",
-    RunStatus.running: ":blue-badge[:material/autorenew: running]",
-    RunStatus.succeeded: ":green-badge[:material/check_circle: succeeded]",
-    RunStatus.failed: ":red-badge[:material/error: failed]",
-    RunStatus.cancelled: ":orange-badge[:material/block: cancelled]",
+    "queued": ":gray-badge[:material/schedule: queued]",
+    "running": ":blue-badge[:material/autorenew: running]",
+    "succeeded": ":green-badge[:material/check_circle: succeeded]",
+    "failed": ":red-badge[:material/error: failed]",
+    "cancelled": ":orange-badge[:material/block: cancelled]",
 }
-ACTIVE = (RunStatus.queued, RunStatus.running)
 # Plotly's default palette, shared so that a class or run keeps its colour across figures.
 PALETTE = ["#8e3b7a", "#3b6e8e", "#d08c2e", "#4f9a5b", "#c0392b", "#6c5ce7", "#7f8c8d", "#16a085"]
 
@@ -160,7 +157,7 @@ def settings() -> Settings:
 
 @st.cache_resource(show_spinner=False)
 def _sessionmaker(url: str):
-    return make_sessionmaker(url)
+    return views.sessions(url)
 
 
 def session_factory():
@@ -171,11 +168,6 @@ def session_factory():
 def start_worker(cfg: Settings) -> bool:
     """Make sure a background worker is alive to take queued runs (starts one if none is)."""
     return worker.ensure_worker(cfg)
-
-
-def worker_status(session, cfg: Settings) -> dict:
-    """{"alive", "queued", "workers": [{"id", "heartbeat_age", "running", "device", ...}]}"""
-    return worker.worker_status(session, cfg)
 
 
 def request_cancel(Session, run_id: int) -> None:
@@ -233,59 +225,15 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def protocol_of(run: Run) -> str:
-    """The run's protocol label, e.g. 'holdout 80/20, grouped by specimen, seed 0'."""
-    if run.summary.get("protocol"):
-        return run.summary["protocol"]
-    if run.split is not None:
-        return splits.describe(run.split)
-    return run.config.get("split", "")
-
-
-def is_leaky(run: Run) -> bool:
-    return run.config.get("split") == "paper-leaky"
-
-
-def run_label(run: Run, results: bool = True) -> str:
-    """One line naming a run, e.g. 'Run 3 · lymphoma · holdout · 92.0%'. Without `results`, only
-    what never changes (a select box keeps showing the label it first drew for its value)."""
-    split = run.config.get("split", "")
-    if split == "kfold":
-        split = f"k-fold {run.fold + 1}/{run.config.get('folds')}"
-    parts = [f"Run {run.id}", run.dataset.name, split, f"{run.config.get('image_size')} px",
-             f"{run.config.get('epochs')} epoch(s)"]
-    accuracy = run.summary.get("test_accuracy")
-    if results and accuracy is not None:
-        parts.append(pct(accuracy))
-    return " · ".join(p for p in parts if p)
-
-
-def duration(run: Run) -> str:
-    if run.started_at is None:
+def duration(seconds: float | None) -> str:
+    if seconds is None:
         return "–"
-    end = run.finished_at or utcnow()
-    seconds = max(0, int((end - run.started_at).total_seconds()))
+    seconds = int(seconds)
     if seconds < 90:
         return f"{seconds} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def progress_text(run: Run) -> tuple[float, str]:
-    """A fraction and a sentence for a run's progress bar."""
-    if run.status == RunStatus.queued:
-        return 0.0, "Queued: waiting for the worker"
-    p = run.progress or {}
-    epochs = int(run.config.get("epochs", 1))
-    if "epoch" in p and p.get("steps"):
-        epoch, step, steps = int(p["epoch"]), int(p.get("step", 0)), int(p["steps"])
-        done = ((epoch - 1) + step / steps) / epochs
-        return min(1.0, max(0.0, done)), f"Epoch {epoch} of {epochs}, step {step} of {steps}"
-    if p.get("stage"):
-        stage, done, total = p["stage"], p.get("done", 0), p.get("total", 0)
-        return 0.0, f"Preparing data: {stage} {done} of {total}" if total else f"Preparing data: {stage}"
-    return 0.0, "Preparing data (decode, split, augment)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import pandas as pd
 import streamlit as st
 from PIL import Image as PILImage
 
-from core.data import cache, datasets
+from core.data import cache
+from core.jobs import views
 from core.training import presets
 from core.transforms import augment
 from core.transforms.augment import AugmentParams
@@ -48,8 +49,8 @@ def load_preset() -> None:
 with Session() as s:
     names = presets.preset_names(s)
     saved = [{"preset": p.name, **p.params, "saved": p.created_at, "saved by": p.created_by}
-             for p in presets.list_presets(s)]
-    ds_names = [d.name for d in datasets.list_datasets(s)]
+             for p in views.preset_rows(s)]
+    ds_names = [d.name for d in views.dataset_rows(s)]
 if st.session_state.get("aug_preset") not in names:
     st.session_state.pop("aug_preset", None)
 
@@ -109,13 +110,12 @@ with preview_col:
         a, b, c = st.columns([2, 1, 2])
         ds_name = a.selectbox("Dataset", ds_names, key="aug_dataset")
         with Session() as s:
-            dataset = datasets.get_dataset(s, ds_name)
-            classes = list(dataset.classes)
-            label = b.selectbox("Class", classes, key="aug_class")
-            members = {im.id: im for im in dataset.images if im.label == label}
-            image_id = c.selectbox("Image", list(members), format_func=lambda i: members[i].original_name.split("/")[-1],
-                                   key=f"aug_image_{ds_name}_{label}")
-            image = members[image_id]
+            dataset = views.dataset_detail(s, cfg, ds_name)
+        label = b.selectbox("Class", dataset.classes, key="aug_class")
+        members = {im.id: im for im in dataset.images if im.label == label}
+        image_id = c.selectbox("Image", list(members), format_func=lambda i: members[i].name,
+                               key=f"aug_image_{ds_name}_{label}")
+        image = members[image_id]
         a, b, c = st.columns(3)
         size = a.number_input("Training size (px)", 32, 1024, 224, step=32, key="aug_size",
                               help="Images are resized to this square before augmenting, as in training (paper: 224).")

@@ -1,16 +1,14 @@
 """Datasets: add labelled images (zip, files class by class, or a server folder), look at them,
 see what was skipped and why, delete."""
 
-from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-from sqlalchemy import func, select
 
 from core.data import datasets, uploads
-from core.store.db import Run
 from core.errors import UserError
+from core.jobs import views
 from core.access.limits import disk_full_is_user_error
 from pages._common import (
     IMAGE_TYPES, class_counts_figure, current_user, md_text, page_header, session_factory, settings, show_figure,
@@ -32,7 +30,7 @@ if flash:
     st.success(flash, icon=":material/check_circle:")
 
 with Session() as s:
-    names = [d.name for d in datasets.list_datasets(s)]
+    names = [d.name for d in views.dataset_rows(s)]
 
 
 def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
@@ -130,14 +128,10 @@ def browse_tab() -> None:
         st.session_state["ds_selected"] = names[0]
     name = st.selectbox("Dataset", names, key="ds_selected")
     with Session() as s:
-        d = datasets.get_dataset(s, name)
-        images = list(d.images)
-        counts = Counter(im.label for im in images)
-        counts = {c: counts.get(c, 0) for c in d.classes}
-        groups = {im.group for im in images if im.group is not None}
-        skipped = [{"file": f.path, "reason": f.reason} for f in d.skipped]
-        n_runs = s.scalar(select(func.count()).select_from(Run).where(Run.dataset_id == d.id))
-        classes, source, created, created_by = list(d.classes), d.source, d.created_at, d.created_by
+        d = views.dataset_detail(s, cfg, name)
+    images, counts, groups, n_runs = d.images, d.class_counts(), d.groups, d.n_runs
+    skipped = [{"file": path, "reason": reason} for path, reason in d.skipped]
+    classes, source, created, created_by = d.classes, d.source, d.created_at, d.created_by
 
     c = st.columns(4)
     c[0].metric("Images", len(images), border=True)
@@ -175,8 +169,7 @@ def browse_tab() -> None:
         with user_errors():
             for start in range(0, len(shown), per_row):
                 for col, im in zip(st.columns(per_row), shown[start:start + per_row]):
-                    col.image(thumbnail(str(datasets.image_path(cfg, im))), caption=md_text(Path(im.original_name).name),
-                              width="stretch")
+                    col.image(thumbnail(str(im.path)), caption=md_text(im.name), width="stretch")
 
     with st.expander(f"Skipped files ({len(skipped)})", expanded=bool(skipped) and len(skipped) <= 20):
         if skipped:

@@ -3,11 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-from core.data import datasets
-from core.jobs import runs
+from core.jobs import views
 from core.store import consistency
-from core.store.db import RunStatus
-from pages._common import ACTIVE, pct, protocol_of, session_factory, settings, through_router, worker_status
+from pages._common import pct, session_factory, settings, through_router
 
 through_router()
 Session = session_factory()
@@ -38,28 +36,21 @@ if not check.clean:
                icon=":material/report:")
 
 with Session() as s:
-    all_datasets = datasets.list_datasets(s)
-    all_runs = runs.list_runs(s)
-    status = worker_status(s, cfg)
-    ds_rows = [
-        {"dataset": d.name, "images": len(d.images), "classes": ", ".join(d.classes),
-         "specimen groups": len({im.group for im in d.images if im.group is not None})}
-        for d in all_datasets
-    ]
-    run_rows = [
-        {"run": r.id, "status": r.status.value, "dataset": r.dataset.name,
-         "test accuracy": r.summary.get("test_accuracy"), "protocol": protocol_of(r)}
-        for r in reversed(all_runs)
-    ]
-    best = max((r for r in all_runs if r.status == RunStatus.succeeded and r.summary.get("test_accuracy") is not None
-                and r.config.get("split") != "paper-leaky"), key=lambda r: r.summary["test_accuracy"], default=None)
-    best_text = (pct(best.summary["test_accuracy"]), f"run {best.id}, {protocol_of(best)}") if best else ("–", None)
+    all_datasets = views.dataset_rows(s)
+    all_runs = views.run_rows(s)
+    status = views.worker_panel(s, cfg)
+ds_rows = [{"dataset": d.name, "images": d.images, "classes": ", ".join(d.classes), "specimen groups": d.groups}
+           for d in all_datasets]
+run_rows = [{"run": r.id, "status": r.status, "dataset": r.dataset, "test accuracy": r.summary.test_accuracy,
+             "protocol": r.protocol} for r in all_runs]
+best = views.best_honest_run(all_runs)
+best_text = (pct(best.summary.test_accuracy), f"run {best.id}, {best.protocol}") if best else ("–", None)
 
 m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("Datasets", len(all_datasets), border=True)
 m2.metric("Images", sum(r["images"] for r in ds_rows), border=True)
 m3.metric("Runs", len(all_runs), border=True)
-m4.metric("Queued or running", sum(r.status in ACTIVE for r in all_runs), border=True)
+m4.metric("Queued or running", sum(r.active for r in all_runs), border=True)
 m5.metric("Best honest accuracy", best_text[0], help=best_text[1] or "No finished run with an honest split yet.",
           border=True)
 
@@ -94,14 +85,14 @@ with right:
         st.info("No training runs yet. Launch one on the **Train** page.")
 
 st.subheader("Background worker")
-if status["alive"]:
-    cols = st.columns(max(3, len(status["workers"])))
-    for col, w in zip(cols, status["workers"]):
-        doing = "training " + ", ".join(f"run {r}" for r in w["running"]) if w["running"] else "idle"
-        col.metric(f"Worker {w['id']}", doing, border=True,
-                   help=f"device: {w['device'] or 'reported with its first run'}; heartbeat {w['heartbeat_age']:.0f} s ago")
-    st.caption(f"{status['queued']} run(s) queued. Training runs in its own process: closing the browser or "
+if status.alive:
+    cols = st.columns(max(3, len(status.workers)))
+    for col, w in zip(cols, status.workers):
+        doing = "training " + ", ".join(f"run {r}" for r in w.running) if w.running else "idle"
+        col.metric(f"Worker {w.id}", doing, border=True,
+                   help=f"device: {w.device or 'reported with its first run'}; heartbeat {w.heartbeat_age:.0f} s ago")
+    st.caption(f"{status.queued} run(s) queued. Training runs in its own process: closing the browser or "
                "restarting the web server does not stop it.")
 else:
-    st.warning(f"No worker is alive; {status['queued']} queued run(s) wait. It is started with the app: reload the "
+    st.warning(f"No worker is alive; {status.queued} queued run(s) wait. It is started with the app: reload the "
                "page, or run `python -m core worker`.", icon=":material/error:")

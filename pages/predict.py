@@ -2,21 +2,24 @@
 table (and CSV) for a batch."""
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core.evaluation import calibration
-from core.inference import predict, saliency
-from core.jobs import runs
+from core.jobs import views
 from core.data.datasets import load_rgb
-from core.store.db import RunStatus
 from core.errors import UserError
+from core.inference.probabilities import Probabilities
 from pages._common import (
-    IMAGE_TYPES, is_leaky, md_text, page_header, pct, probabilities_figure, protocol_of, run_label, session_factory,
-    settings, show_figure, through_router, user_errors,
+    IMAGE_TYPES, md_text, page_header, pct, probabilities_figure, session_factory, settings, show_figure,
+    through_router, user_errors,
 )
+
+if TYPE_CHECKING:
+    from core.inference import predict, saliency
 
 through_router()
 Session = session_factory()
@@ -30,24 +33,34 @@ page_header("Predict", "Classify new H&E images with a trained run: the subtype,
 # The model is compiled as it loads on a GPU, and on the CPU with CPU_COMPILE=1: once per model and
 # server process, from seconds to a few minutes for the first model a machine compiles. Cached by the
 # model file's sha256 (`model`), not by the run id alone: an id can name a newer run's model.
+# The model code (and torch) is imported by the first function that needs a model, not with the page.
+def model_of(run_id: int) -> str | None:
+    from core.inference import predict
+
+    return predict.model_sha256(cfg, run_id)
+
+
 @st.cache_resource(show_spinner="Loading the model (and compiling it where set up to: the first time can take "
                    "minutes)…", max_entries=4)
-def predictor_for(run_id: int, model: str | None, database_url: str) -> predict.Predictor:
+def predictor_for(run_id: int, model: str | None, database_url: str) -> "predict.Predictor":
+    from core.inference import predict
+
     with Session() as s:
         return predict.load_predictor(s, cfg, run_id)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def grad_cam_for(run_id: int, model: str | None, database_url: str) -> saliency.GradCam:
+def grad_cam_for(run_id: int, model: str | None, database_url: str) -> "saliency.GradCam":
+    from core.inference import saliency
+
     return saliency.GradCam(predictor_for(run_id, model, database_url))
 
 
 with Session() as s:
-    finished = [r for r in reversed(runs.list_runs(s)) if r.status == RunStatus.succeeded]
-    info = {r.id: {"label": run_label(r), "protocol": protocol_of(r), "leaky": is_leaky(r),
-                   "classes": list(r.dataset.classes), "dataset": r.dataset.name,
-                   "accuracy": r.summary.get("test_accuracy"), "size": r.config.get("image_size"),
-                   "weights": (r.weights_used or r.config.get("weights", "")).split(" (")[0]} for r in finished}
+    finished = views.run_rows(s, status="succeeded")
+info = {r.id: {"label": r.label(), "protocol": r.protocol, "leaky": r.leaky, "classes": list(r.classes),
+               "dataset": r.dataset, "accuracy": r.summary.test_accuracy, "size": r.config.image_size,
+               "weights": r.weights} for r in finished}
 
 if not info:
     st.info("No finished run yet. Train one on the **Train** page; only runs that succeeded can classify images.",
@@ -70,7 +83,7 @@ if not uploads:
     st.stop()
 
 # Decode and classify once per (model, files); the results stay while the user looks around.
-model = predict.model_sha256(cfg, run_id)
+model = model_of(run_id)
 key = (model, tuple(hashlib.sha256(f.getvalue()).hexdigest() for f in uploads))
 cache = st.session_state.setdefault("pr_results", {})
 if key not in cache:
@@ -105,14 +118,14 @@ if not result["names"]:
     st.stop()
 
 predictor = predictor_for(run_id, model, cfg.database_url)
-raw = np.asarray(result["probabilities"])
-threshold, refer = None, np.zeros(len(raw), dtype=bool)
+# Calibrated where the run has a temperature (as on the Runs page and the command line), else raw; labelled.
+displayed = Probabilities(np.asarray(result["probabilities"]), predictor.temperature)
+shown, kind = displayed.shown, displayed.label
+threshold, refer = None, np.zeros(len(shown), dtype=bool)
 if predictor.temperature is None:
-    st.caption("This run had no validation part, so its probabilities are not calibrated and no "
+    st.caption("This run had no validation part, so these are raw model probabilities, not calibrated, and no "
                "\"uncertain, refer\" band applies. Train with a validation fraction above 0 for one.")
-    shown = raw
 else:
-    shown = predictor.calibrated(raw)
     targets = sorted({0.8, 0.85, 0.9, 0.95, 0.99, predictor.calibration["refer_target"]})
     target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
                               value=predictor.calibration["refer_target"], format_func=lambda t: f"{t:.0%}",
@@ -127,8 +140,8 @@ else:
     st.caption(f"Probabilities are temperature-scaled (T = {predictor.temperature:.2f}) on the run's {n_val} "
                f"validation images; {band}. With few validation images the threshold is itself uncertain.")
 
-table = pd.DataFrame([{"file": name, "predicted": classes[int(p.argmax())], "confidence": float(p.max()),
-                       "verdict": "uncertain, refer" if r else "confident",
+table = pd.DataFrame([{"file": name, "predicted": classes[int(p.argmax())], "probabilities": kind,
+                       "confidence": float(p.max()), "verdict": "uncertain, refer" if r else "confident",
                        **{c: float(v) for c, v in zip(classes, p)}}
                       for name, p, r in zip(result["names"], shown, refer)])
 
@@ -170,12 +183,12 @@ with middle:
                      "(red: regions that raised this class's score)", width="stretch")
 with right:
     if refer[chosen]:
-        st.metric("Uncertain, refer", md_text(classes[predicted]), delta=f"most likely, {probs[predicted]:.1%}", delta_color="off",
+        st.metric("Uncertain, refer", md_text(classes[predicted]), delta=f"most likely, {probs[predicted]:.1%} {kind}", delta_color="off",
                   border=True)
         st.warning("Not confident enough to report a subtype: refer this image to a pathologist "
                    "(or review it with more of the specimen).", icon=":material/help:")
     else:
-        st.metric("Predicted subtype", md_text(classes[predicted]), delta=f"{probs[predicted]:.1%} probability",
+        st.metric("Predicted subtype", md_text(classes[predicted]), delta=f"{probs[predicted]:.1%} {kind}",
                   delta_color="off", border=True)
-    show_figure(probabilities_figure(classes, probs, "Class probabilities", f"run {run_id} · {meta['protocol']}",
+    show_figure(probabilities_figure(classes, probs, f"Class probabilities ({kind})", f"run {run_id} · {meta['protocol']}",
                                      wrap=42), key="pr_probs")

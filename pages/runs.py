@@ -2,26 +2,24 @@
 misclassified images, config and downloads; several runs' curves overlaid."""
 
 import io
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-from sqlalchemy import select
 
-from core.evaluation import metrics, yardstick
-from core.jobs import runs
+from core.evaluation import metrics
 from core.evaluation.calibration import format_run_calibration
-from core.store.db import EpochMetric, Image, Prediction, RunStatus
+from core.inference.probabilities import Probabilities
+from core.jobs import views
 from pages._common import (
-    ACTIVE, STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, is_leaky, md_text, page_header,
-    pct, progress_text, protocol_of, reliability_chart, request_cancel, run_label, session_factory, settings,
-    show_figure, through_router, thumbnail, user_errors,
+    STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, md_text, page_header, pct,
+    reliability_chart, request_cancel, session_factory, settings, show_figure, through_router, thumbnail,
+    user_errors,
 )
 
 through_router()
 Session = session_factory()
 cfg = settings()
-user = current_user()  # cancelling and downloading checkpoints need an editor
+user = current_user()  # cancelling and downloading model files need an editor
 LEAKY_NOTE = ("LEAKY protocol (the paper's): augmented copies of the same source images are in both training and "
               "test, so these numbers overstate accuracy on new images.")
 
@@ -29,18 +27,16 @@ page_header("Runs", "Every training run with its data, split, settings and resul
             "protocol it was measured under.")
 
 with Session() as s:
-    all_runs = runs.list_runs(s)
-    rows = [{
-        "run": r.id, "status": r.status.value, "dataset": r.dataset.name,
-        "protocol": protocol_of(r), "split": r.config.get("split"),
-        "test accuracy": r.summary.get("test_accuracy"), "best epoch": r.summary.get("best_epoch"),
-        "epochs": r.config.get("epochs"), "image size": r.config.get("image_size"),
-        "per class": r.config.get("per_class"), "lr": r.config.get("lr"), "batch": r.config.get("batch_size"),
-        "weights": (r.weights_used or r.config.get("weights", "")).split(" (")[0],
-        "device": r.device, "created": r.created_at, "created by": r.created_by, "duration": duration(r),
-    } for r in reversed(all_runs)]
-    labels = {r.id: run_label(r, results=False) for r in all_runs}
-    with_curves = set(s.scalars(select(EpochMetric.run_id).distinct()))
+    all_runs = views.run_rows(s)
+rows = [{
+    "run": r.id, "status": r.status, "dataset": r.dataset, "protocol": r.protocol, "split": r.config.split,
+    "test accuracy": r.summary.test_accuracy, "best epoch": r.summary.best_epoch, "epochs": r.config.epochs,
+    "image size": r.config.image_size, "per class": r.config.per_class, "lr": r.config.lr,
+    "batch": r.config.batch_size, "weights": r.weights, "device": r.device, "created": r.created_at,
+    "created by": r.created_by, "duration": duration(r.seconds),
+} for r in all_runs]
+labels = {r.id: r.label(results=False) for r in all_runs}
+with_curves = {r.id for r in all_runs if r.epochs_done}
 
 if not rows:
     st.info("No runs yet. Launch one on the **Train** page.", icon=":material/monitoring:")
@@ -49,7 +45,7 @@ if not rows:
 table = pd.DataFrame(rows)
 f1, f2, f3 = st.columns(3)
 by_dataset = f1.multiselect("Dataset", sorted(table["dataset"].unique()), key="runs_f_dataset", placeholder="all")
-by_status = f2.multiselect("Status", [s.value for s in RunStatus], key="runs_f_status", placeholder="all")
+by_status = f2.multiselect("Status", views.STATUSES, key="runs_f_status", placeholder="all")
 by_split = f3.multiselect("Split", sorted(table["split"].dropna().unique()), key="runs_f_split", placeholder="all")
 keep = pd.Series(True, index=table.index)
 if by_dataset:
@@ -93,26 +89,27 @@ def table_one(report: metrics.Report) -> pd.DataFrame:
     return pd.concat([frame, overall], ignore_index=True)
 
 
-def metrics_row(run, epochs: list) -> None:
+def metrics_row(run: views.RunRow, epochs: tuple[views.EpochRow, ...]) -> None:
     s = run.summary
     c = st.columns(5)
-    if run.status in ACTIVE:  # while it trains: where it is and how fast it goes
+    if run.active:  # while it trains: where it is and how fast it goes
         last = epochs[-1] if epochs else None
-        c[0].metric("Epochs done", f"{len(epochs)} of {run.config.get('epochs')}", border=True)
+        c[0].metric("Epochs done", f"{len(epochs)} of {run.config.epochs}", border=True)
         c[1].metric("Last validation accuracy", pct(last.val_accuracy if last else None), border=True)
         c[2].metric("Speed", f"{last.images_per_second:.0f} img/s" if last else "–", border=True,
                     help="Training images per second in the last epoch.")
         c[3].metric("Device", (run.device or "–").split(" (")[0], help=run.device, border=True)
-        c[4].metric("Elapsed", duration(run), border=True)
+        c[4].metric("Elapsed", duration(run.seconds), border=True)
         return
-    c[0].metric("Test accuracy", pct(s.get("test_accuracy"), 2), border=True,
-                help="On the run's test part, with the checkpoint of the best validation epoch.")
-    c[1].metric("Best epoch", s.get("best_epoch", "–"), border=True)
-    c[2].metric("Train / val / test", f"{s.get('n_train', '–')} / {s.get('n_val', '–')} / {s.get('n_test', '–')}",
+    shown = lambda v: "–" if v is None else v  # noqa: E731
+    c[0].metric("Test accuracy", pct(s.test_accuracy, 2), border=True,
+                help="On the run's test part, with the weights of the best validation epoch (its model file).")
+    c[1].metric("Best epoch", shown(s.best_epoch), border=True)
+    c[2].metric("Train / val / test", f"{shown(s.n_train)} / {shown(s.n_val)} / {shown(s.n_test)}",
                 border=True, help="Samples: augmented training images, untouched validation and test images.")
     c[3].metric("Device", (run.device or "–").split(" (")[0], help=run.device, border=True)
-    c[4].metric("Duration", duration(run), border=True)
-    speed, memory = s.get("images_per_second"), s.get("gpu_peak_memory_gib")
+    c[4].metric("Duration", duration(run.seconds), border=True)
+    speed, memory = s.images_per_second, s.gpu_peak_memory_gib
     st.caption(f"Training speed: {f'{speed:.0f} images/s' if speed else '–'} (mean over epochs)"
                + (f" · peak GPU memory {memory:.1f} GiB" if memory is not None else " · no GPU memory used (CPU run)"))
 
@@ -120,158 +117,151 @@ def metrics_row(run, epochs: list) -> None:
 def live_panel(run_id: int, was_active: bool) -> None:
     """Progress, metrics and curves; refreshed every few seconds while the run is queued or running."""
     with Session() as s:
-        run = runs.get_run(s, run_id)
-        if was_active and run.status not in ACTIVE:
-            st.rerun(scope="app")  # finished: draw the results once, and stop polling
-        protocol = protocol_of(run)
-        if run.status in ACTIVE:
-            fraction, text = progress_text(run)
-            st.progress(fraction, text=text)
-        epochs = list(run.epochs)
-        if epochs or run.status != RunStatus.failed:  # a run that failed at its start has no numbers
-            metrics_row(run, epochs)
-        if epochs:
-            show_figure(curves_figure([(f"run {run.id}", epochs)], f"Run {run.id}: loss and accuracy per epoch",
-                                      protocol), key=f"runs_curves_{run.id}")
-        elif run.status in ACTIVE:
-            st.caption("Curves appear after the first epoch.")
+        curve = views.run_curve(s, run_id)
+    run, epochs = curve.run, curve.epochs
+    if was_active and not run.active:
+        st.rerun(scope="app")  # finished: draw the results once, and stop polling
+    if run.active:
+        fraction, text = run.progress_bar()
+        st.progress(fraction, text=text)
+    if epochs or run.status != "failed":  # a run that failed at its start has no numbers
+        metrics_row(run, epochs)
+    if epochs:
+        show_figure(curves_figure([(f"run {run.id}", epochs)], f"Run {run.id}: loss and accuracy per epoch",
+                                  run.protocol), key=f"runs_curves_{run.id}")
+    elif run.active:
+        st.caption("Curves appear after the first epoch.")
 
 
-def misclassified(s, run, classes: list[str]) -> None:
-    wrong = s.execute(
-        select(Prediction, Image).join(Image, Image.id == Prediction.image_id)
-        .where(Prediction.run_id == run.id, Prediction.true_label != Prediction.predicted_label)
-        .order_by(Prediction.id)
-    ).all()
+def misclassified(found: views.RunResults, classes: tuple[str, ...]) -> None:
+    wrong = found.misclassified
     st.subheader(f"Misclassified test images ({len(wrong)})")
     if not wrong:
         st.caption("Every test image was classified correctly.")
         return
-    if is_leaky(run):
+    if found.run.leaky:
         st.caption("Leaky protocol: the test samples are augmented copies; the source image is shown.")
     limit, per_row = 24, 5
     cols = st.columns(per_row)
-    for k, (pred, image) in enumerate(wrong[:limit]):
-        probs = " · ".join(f"{c} {p:.0%}" for c, p in zip(classes, pred.probabilities))
-        name = Path(image.original_name).name + (f" (copy {pred.aug_index})" if pred.aug_index is not None else "")
+    # Stored raw; shown calibrated where the run has a temperature, as the Predict page shows them.
+    shown = Probabilities.of_run([p.probabilities for p in wrong[:limit]], found.run.summary.calibration)
+    for k, (pred, row) in enumerate(zip(wrong[:limit], shown.shown)):
+        probs = " · ".join(f"{c} {p:.1%}" for c, p in zip(classes, row))
+        name = pred.name + (f" (copy {pred.aug_index})" if pred.aug_index is not None else "")
         with cols[k % per_row]:
-            st.image(thumbnail(str(cfg.app_home / image.stored_path)), width="stretch")
+            st.image(thumbnail(str(pred.path)), width="stretch")
             st.markdown(f"**{md_text(classes[pred.true_label])} → {md_text(classes[pred.predicted_label])}**")
-            st.caption(f"{md_text(name)}  \n{md_text(probs)}")
+            st.caption(f"{md_text(name)}  \n{shown.label}: {md_text(probs)}")
     if len(wrong) > limit:
         st.caption(f"The first {limit} of {len(wrong)}; the predictions CSV below lists them all.")
 
 
-def predictions_csv(s, run, classes: list[str]) -> bytes:
-    rows = s.execute(
-        select(Prediction, Image).join(Image, Image.id == Prediction.image_id)
-        .where(Prediction.run_id == run.id).order_by(Prediction.id)
-    ).all()
+def predictions_csv(found: views.RunResults, classes: tuple[str, ...]) -> bytes:
+    probs = Probabilities.of_run([p.probabilities for p in found.predictions], found.run.summary.calibration)
+    calibrated = probs.shown if probs.is_calibrated else [()] * len(found.predictions)
     frame = pd.DataFrame([{
-        "image": image.original_name, "augmented_copy": pred.aug_index, "group": image.group,
+        "image": pred.image, "augmented_copy": pred.aug_index, "group": pred.group,
         "true": classes[pred.true_label], "predicted": classes[pred.predicted_label],
-        **{f"p_{c}": p for c, p in zip(classes, pred.probabilities)},
-    } for pred, image in rows])
+        **{f"raw_p_{c}": p for c, p in zip(classes, pred.probabilities)},
+        **{f"calibrated_p_{c}": p for c, p in zip(classes, cal)},
+    } for pred, cal in zip(found.predictions, calibrated)])
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
     return buf.getvalue().encode()
 
 
-def calibration_panel(run, uncertainty: dict) -> None:
-    cal = run.summary.get("calibration") or {}
+def calibration_panel(run: views.RunRow, uncertainty: dict) -> None:
     with st.expander("Calibration and the \"uncertain, refer\" band", expanded=False):
-        st.markdown(format_run_calibration(cal).replace("\n", "  \n"))
+        st.markdown(format_run_calibration(run.summary.calibration or {}).replace("\n", "  \n"))
         if uncertainty["reliability"] is not None:
             show_figure(reliability_chart(uncertainty["reliability"], uncertainty["reliability_after"],
-                                          f"Run {run.id}: test reliability", protocol_of(run), wrap=80),
+                                          f"Run {run.id}: test reliability", run.protocol, wrap=80),
                         key=f"runs_reliability_{run.id}")
             st.caption("Temperature fitted on the validation part only; the test part shows whether it carries over.")
 
 
+def report_panel(found: views.RunResults) -> None:
+    """A succeeded run's confusion matrix, Table I, intervals, colour yardstick and k-fold summary."""
+    run, report, boot = found.run, found.report, found.uncertainty["bootstrap"]
+    left, right = st.columns([2, 3], gap="large")
+    with left:
+        show_figure(confusion_figure(report.confusion, run.classes, f"Run {run.id}: confusion matrix", run.protocol,
+                                     wrap=60), key=f"runs_cm_{run.id}")
+    with right:
+        st.markdown(f"**Per-class results (the paper's Table I layout)** · {report.n} test samples")
+        st.caption(run.protocol)
+        st.dataframe(table_one(report), hide_index=True, placeholder="", column_config={
+            c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
+        })
+        st.caption("Per-class accuracy is one-vs-rest, (TP + TN) / N, as in the paper.")
+        how = (f"{boot.n_groups} specimens (or source images) resampled whole" if boot.n_groups is not None
+               else "test images resampled one by one")
+        st.markdown(f"Test accuracy {pct(boot.accuracy.estimate)}, {boot.level:.0%} bootstrap interval "
+                    f"**{pct(boot.accuracy.low)} – {pct(boot.accuracy.high)}** ({how}).")
+        if found.yardstick:
+            st.caption(found.yardstick)
+        folds = found.folds
+        if folds is not None:
+            st.markdown(f"**{folds.n_folds}-fold cross-validation** · {folds.n_done} of {folds.n_folds} folds finished")
+            if folds.summary is not None:
+                summary = folds.summary
+                st.metric("Accuracy across folds", f"{pct(summary.accuracy_mean)} ± {pct(summary.accuracy_std)}",
+                          help="Mean ± sample standard deviation over the finished folds.")
+                if folds.yardstick:
+                    st.caption(folds.yardstick)
+                st.dataframe(pd.DataFrame([{
+                    "Class": row["name"],
+                    **{m: f"{row[m.lower().replace('-score', '') + '_mean']:.3f} ± "
+                          f"{row[m.lower().replace('-score', '') + '_std']:.3f}"
+                       for m in ("Accuracy", "Precision", "Recall", "F1-score")},
+                } for row in summary.rows]), hide_index=True)
+
+
 def results(run_id: int) -> None:
     with Session() as s:
-        run = runs.get_run(s, run_id)
-        protocol = protocol_of(run)
-        classes = list(run.dataset.classes)
-        if run.status == RunStatus.failed:
-            st.error(f"**This run failed.** {md_text(run.error or 'No error was recorded.')}", icon=":material/error:")
-            log = run.log_tail
-            log_file = runs.run_dir(cfg, run.id) / "train.log"
-            if not log and log_file.exists():
-                log = "\n".join(log_file.read_text(errors="replace").splitlines()[-60:])
-            if log:
-                st.markdown("**End of the log**")
-                st.code(log, language="text")
-        elif run.status == RunStatus.cancelled:
-            st.info("This run was cancelled; its curves show the epochs it finished.", icon=":material/block:")
+        found = views.run_results(s, cfg, run_id)
+    run = found.run
+    if run.status == "failed":
+        st.error(f"**This run failed.** {md_text(found.error or 'No error was recorded.')}", icon=":material/error:")
+        if found.log:
+            st.markdown("**End of the log**")
+            st.code(found.log, language="text")
+    elif run.status == "cancelled":
+        st.info("This run was cancelled; its curves show the epochs it finished.", icon=":material/block:")
 
-        leak = run.summary.get("leak_audit")
-        if leak and leak.get("warning"):
-            st.warning(f"**Leak audit of this run's split.** {leak['warning']}  \n{leak['summary']}",
-                       icon=":material/content_copy:")
-        elif leak:
-            st.caption(f"Leak audit of this run's split: nothing found. {leak['summary']}")
+    leak = run.summary.leak_audit
+    if leak and leak.get("warning"):
+        st.warning(f"**Leak audit of this run's split.** {leak['warning']}  \n{leak['summary']}",
+                   icon=":material/content_copy:")
+    elif leak:
+        st.caption(f"Leak audit of this run's split: nothing found. {leak['summary']}")
 
-        if run.status == RunStatus.succeeded:
-            report = metrics.run_report(s, run)
-            left, right = st.columns([2, 3], gap="large")
-            with left:
-                show_figure(confusion_figure(report.confusion, classes, f"Run {run.id}: confusion matrix", protocol,
-                                             wrap=60), key=f"runs_cm_{run.id}")
-            with right:
-                st.markdown(f"**Per-class results (the paper's Table I layout)** · {report.n} test samples")
-                st.caption(protocol)
-                st.dataframe(table_one(report), hide_index=True, placeholder="", column_config={
-                    c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
-                })
-                st.caption("Per-class accuracy is one-vs-rest, (TP + TN) / N, as in the paper.")
-                uncertainty = metrics.run_uncertainty(s, run)
-                boot = uncertainty["bootstrap"]
-                how = (f"{boot.n_groups} specimens (or source images) resampled whole" if boot.n_groups is not None
-                       else "test images resampled one by one")
-                st.markdown(f"Test accuracy {pct(boot.accuracy.estimate)}, {boot.level:.0%} bootstrap interval "
-                            f"**{pct(boot.accuracy.low)} – {pct(boot.accuracy.high)}** ({how}).")
-                if run.summary.get("colour_yardstick"):
-                    st.caption(yardstick.describe(run.summary["colour_yardstick"]))
-                siblings = runs.fold_siblings(s, run)
-                if len(siblings) > 1:
-                    done = [r for r in siblings if r.status == RunStatus.succeeded]
-                    st.markdown(f"**{len(siblings)}-fold cross-validation** · {len(done)} of {len(siblings)} folds finished")
-                    if done:
-                        summary = metrics.summarise_folds([metrics.run_report(s, r) for r in done])
-                        st.metric("Accuracy across folds", f"{pct(summary.accuracy_mean)} ± {pct(summary.accuracy_std)}",
-                                  help="Mean ± sample standard deviation over the finished folds.")
-                        across = yardstick.describe_folds([r.summary.get("colour_yardstick") for r in done])
-                        if across:
-                            st.caption(across)
-                        st.dataframe(pd.DataFrame([{
-                            "Class": row["name"],
-                            **{m: f"{row[m.lower().replace('-score', '') + '_mean']:.3f} ± "
-                                  f"{row[m.lower().replace('-score', '') + '_std']:.3f}"
-                               for m in ("Accuracy", "Precision", "Recall", "F1-score")},
-                        } for row in summary.rows]), hide_index=True)
-            calibration_panel(run, uncertainty)
-            misclassified(s, run, classes)
+    if found.report is not None:
+        report_panel(found)
+        calibration_panel(run, found.uncertainty)
+        misclassified(found, run.classes)
 
-        with st.expander("Full configuration"):
-            st.markdown(f"**Protocol:** {protocol}  \n"
-                        f"**Weights:** {md_text(run.weights_used or run.config.get('weights'))}  \n"
-                        f"**Experiment:** `{run.experiment}` · fold {run.fold} · split id {run.split_id}")
-            st.json({"config": run.config, "summary": run.summary, "timings_seconds": run.timings}, expanded=1)
+    with st.expander("Full configuration"):
+        st.markdown(f"**Protocol:** {run.protocol}  \n"
+                    f"**Weights:** {md_text(run.weights_used or run.config.weights)}  \n"
+                    f"**Experiment:** `{run.experiment}` · fold {run.fold} · split id {run.split_id}")
+        st.json({"config": found.config_json, "summary": found.summary_json, "timings_seconds": found.timings},
+                expanded=1)
 
-        best = runs.run_dir(cfg, run.id) / "best.pt"
-        a, b, c = st.columns(3)
-        # A checkpoint is the trained weights (the team's work) in a pickle, which can run code in
-        # whoever loads it: editors only. The results (CSV) are for everyone.
-        if best.exists() and user.can_edit:
-            a.download_button("Best checkpoint (.pt)", icon=":material/download:", data=lambda: best.read_bytes(), file_name=f"run-{run.id}-best.pt",
-                              mime="application/octet-stream", on_click="ignore", key=f"runs_dl_ckpt_{run.id}")
-        elif best.exists():
-            a.caption("Downloading the checkpoint needs the editor role.")
-        if run.status == RunStatus.succeeded:
-            b.download_button("Test predictions (.csv)", icon=":material/download:", data=predictions_csv(s, run, classes),
-                              file_name=f"run-{run.id}-predictions.csv", mime="text/csv", on_click="ignore",
-                              key=f"runs_dl_csv_{run.id}")
+    model = found.model_file
+    a, b, c = st.columns(3)
+    # The model file is the trained weights (the team's work): editors only. The results (CSV) are
+    # for everyone.
+    if model is not None and user.can_edit:
+        a.download_button("Model file (.safetensors)", icon=":material/download:", data=lambda: model.read_bytes(),
+                          file_name=f"run-{run.id}-model.safetensors", mime="application/octet-stream",
+                          on_click="ignore", key=f"runs_dl_ckpt_{run.id}")
+    elif model is not None:
+        a.caption("Downloading the model file needs the editor role.")
+    if found.report is not None:
+        b.download_button("Test predictions (.csv)", icon=":material/download:", data=predictions_csv(found, run.classes),
+                          file_name=f"run-{run.id}-predictions.csv", mime="text/csv", on_click="ignore",
+                          key=f"runs_dl_csv_{run.id}")
 
 
 tab_run, tab_compare = st.tabs(["One run", "Compare runs"], key="runs_tab", on_change="rerun")
@@ -279,24 +269,21 @@ if tab_run.open:
     with tab_run:
         run_id = st.selectbox("Run", ids, format_func=labels.get, key="runs_selected")
         with Session() as s:
-            run = runs.get_run(s, run_id)
-            status, protocol, leaky = run.status, protocol_of(run), is_leaky(run)
-            cancel_requested = run.cancel_requested
+            run = views.run_row(s, run_id)
         head, action = st.columns([5, 1], vertical_alignment="bottom")
-        head.subheader(f"Run {run_id} {STATUS_BADGE[status]}")
-        head.caption(f"Protocol: {protocol}")
-        if status in ACTIVE:
-            if cancel_requested:
+        head.subheader(f"Run {run_id} {STATUS_BADGE[run.status]}")
+        head.caption(f"Protocol: {run.protocol}")
+        if run.active:
+            if run.cancel_requested:
                 action.caption("Cancelling…")
             elif user.can_edit and action.button("Cancel run", key=f"runs_cancel_{run_id}", width="stretch"):
                 with user_errors():
                     request_cancel(Session, run_id)
                     st.rerun()
-        if leaky:
+        if run.leaky:
             st.warning(LEAKY_NOTE, icon=":material/warning:")
-        active = status in ACTIVE
-        st.fragment(live_panel, run_every=2 if active else None)(run_id, active)
-        if not active:
+        st.fragment(live_panel, run_every=2 if run.active else None)(run_id, run.active)
+        if not run.active:
             with user_errors():
                 results(run_id)
 
@@ -310,16 +297,15 @@ if tab_compare.open:
             st.info("Choose two or more runs to overlay their curves.")
         else:
             with Session() as s:
-                picked = [runs.get_run(s, i) for i in chosen]
-                series = [(f"run {r.id}", list(r.epochs)) for r in picked]
-                protocols = {protocol_of(r) for r in picked}
-                compare = pd.DataFrame([{
-                    "run": r.id, "status": r.status.value, "dataset": r.dataset.name, "protocol": protocol_of(r),
-                    "test accuracy": r.summary.get("test_accuracy"), "epochs": r.config.get("epochs"),
-                    "lr": r.config.get("lr"), "batch": r.config.get("batch_size"),
-                    "image size": r.config.get("image_size"), "per class": r.config.get("per_class"),
-                    "weights": (r.weights_used or r.config.get("weights", "")).split(" (")[0], "seed": r.seed,
-                } for r in picked])
+                picked = views.run_curves(s, chosen)
+            series = [(f"run {c.run.id}", c.epochs) for c in picked]
+            protocols = {c.run.protocol for c in picked}
+            compare = pd.DataFrame([{
+                "run": r.id, "status": r.status, "dataset": r.dataset, "protocol": r.protocol,
+                "test accuracy": r.summary.test_accuracy, "epochs": r.config.epochs, "lr": r.config.lr,
+                "batch": r.config.batch_size, "image size": r.config.image_size, "per class": r.config.per_class,
+                "weights": r.weights, "seed": r.seed,
+            } for r in (c.run for c in picked)])
             if len(protocols) > 1:
                 st.warning("These runs were measured under different protocols; their accuracies are not comparable.",
                            icon=":material/warning:")

@@ -4,18 +4,15 @@ launch a background run, and watch or cancel the queue."""
 from pathlib import Path
 
 import streamlit as st
-from sqlalchemy import select
 
 from core.data import audit, datasets, splits
-from core.jobs import runs
+from core.jobs import runs, views
 from core.training import presets
-from core.store.db import Run
 from core.errors import UserError
-from core.training.run_config import STAIN_NORMALISATIONS, RunConfig
-from core.data.splits import PROTOCOLS
+from core.training.run_config import RunConfig, setting_type, settings_fields
 from pages._common import (
-    ACTIVE, STATUS_BADGE, current_user, md_text, page_header, progress_text, protocol_of, request_cancel,
-    session_factory, settings, start_worker, through_router, user_errors,
+    STATUS_BADGE, current_user, md_text, page_header, request_cancel, session_factory, settings, start_worker,
+    through_router, user_errors,
 )
 
 through_router()
@@ -23,11 +20,11 @@ Session = session_factory()
 cfg = settings()
 user = current_user()  # launching and cancelling need an editor
 PAPER = RunConfig(dataset="-")
-SPLIT_LABELS = {
-    "holdout": "Holdout: split first, augment only the training part (honest)",
-    "kfold": "k-fold cross-validation: one run per fold (honest)",
-    "paper-leaky": "The paper's protocol: augment everything, then split (LEAKY)",
-}
+# The form's inputs come from RunConfig's fields (their type, label, help, bounds, choices); the
+# few that show records (datasets, specimen groups, presets, files) are drawn by this page itself.
+FIELDS = {f.name: f for f in settings_fields()}
+DRAWN_HERE = {name for name, f in FIELDS.items() if f.metadata.get("drawn_by_page")}
+SPLIT_SETTINGS = ("seed", "test_fraction", "val_fraction", "folds")  # what a split is made with, besides its protocol
 WEIGHT_LABELS = {
     "imagenet": "ImageNet (torchvision download)",
     "file": "A weights file on the server",
@@ -36,6 +33,58 @@ WEIGHT_LABELS = {
 
 page_header("Train", "The modified DenseNet-201 (FC 512, dropout 0.5, no layer frozen) trained with Adam on "
             "cross-entropy. Every default below is the paper's; runs train in the background worker.")
+
+
+def form_key(name: str) -> str:
+    """The session-state key of a setting's input."""
+    return "tr_" + FIELDS[name].metadata.get("key", name)
+
+
+def form_values(values: dict) -> dict:
+    """The inputs' values for RunConfig `values` (less those the page draws itself)."""
+    return {form_key(name): values[name] for name in FIELDS if name not in DRAWN_HERE}
+
+
+def setting_input(container, name: str, split: str | None = None):
+    """The input for setting `name`, its kind chosen by the field's type and choices; disabled
+    under a split protocol it does not apply to. Returns its value."""
+    f = FIELDS[name]
+    meta, kind, key = f.metadata, setting_type(f), form_key(name)
+    label, tip = meta["label"], meta["help"][:1].upper() + meta["help"][1:] + "."
+    disabled = split is not None and split not in meta.get("splits", (split,))
+    options = meta.get("choices") or meta.get("options")
+    if kind is bool:
+        return container.checkbox(label, key=key, help=tip, disabled=disabled)
+    if options and "option_labels" in meta:
+        return container.radio(label, options, format_func=lambda o: meta["option_labels"].get(o, o), key=key,
+                               help=tip, disabled=disabled)
+    if options:
+        return container.selectbox(label, options, key=key, help=tip, disabled=disabled)
+    low, high = meta["bounds"]
+    return container.number_input(label, low, high, step=meta["step"], format=meta.get("format"), key=key,
+                                  help=tip, disabled=disabled)
+
+
+def section_inputs(section: str, split: str, columns: int, drawn: tuple[str, ...] = ()) -> None:
+    """The inputs of a section's settings, in RunConfig's order, across `columns` (less those `drawn` already)."""
+    names = [name for name, f in FIELDS.items()
+             if f.metadata.get("section") == section and name not in DRAWN_HERE and name not in drawn]
+    cols = st.columns(columns)
+    for i, name in enumerate(names):
+        setting_input(cols[i % columns], name, split)
+
+
+def launch(config: RunConfig) -> None:
+    """Queue the runs of `config` and make sure a worker takes them."""
+    with Session.begin() as s:
+        ids = [r.id for r in runs.create_runs(s, cfg, config, user=user)]
+    start_worker(cfg)
+    st.session_state["tr_flash"] = (f"Queued run {ids[0]}" if len(ids) == 1 else
+                                    f"Queued runs {', '.join(map(str, ids))} (one per fold)") + \
+        ". The background worker picks it up; follow it on the Runs page."
+    st.session_state["runs_selected"] = ids[0]
+    st.session_state["tr_launched"] = True
+    st.rerun()
 
 
 def _weights_default() -> tuple[str, str]:
@@ -48,38 +97,23 @@ def apply_preset(name: str) -> None:
     # The paper used ImageNet weights; a site that set DEFAULT_WEIGHTS (say, the same weights as a
     # local file, because it is offline) keeps its choice, unless the preset names its weights.
     choice, path = (values["weights"], "") if "weights" in presets.TRAINING_PRESETS[name] else _weights_default()
-    st.session_state.update({
-        "tr_split": values["split"], "tr_test_fraction": values["test_fraction"], "tr_val_fraction": values["val_fraction"],
-        "tr_folds": values["folds"], "tr_seed": values["seed"], "tr_per_class": values["per_class"],
-        "tr_aug_preset": presets.PAPER_PRESET, "tr_weights": choice, "tr_weights_path": path,
-        "tr_epochs": values["epochs"], "tr_batch_size": values["batch_size"], "tr_lr": values["lr"],
-        "tr_image_size": values["image_size"], "tr_device": values["device"], "tr_leak_ok": False,
-        "tr_stain": values["stain_normalisation"], "tr_hed": values["hed_jitter"], "tr_tta": values["tta"],
-        "tr_tiles": values["tiles"],
-    })
+    st.session_state.update({**form_values(values), form_key("augmentation"): presets.PAPER_PRESET,
+                             form_key("weights"): choice, "tr_weights_path": path, "tr_leak_ok": False})
     if values["grouped"] is not None:
-        st.session_state["tr_grouped"] = values["grouped"]
+        st.session_state[form_key("grouped")] = values["grouped"]
     st.session_state["tr_flash"] = f"Loaded '{name}'. Check the dataset and weights, then launch."
 
 
 choice, path = _weights_default()
-for key, value in {
-    "tr_split": PAPER.split, "tr_test_fraction": PAPER.test_fraction, "tr_val_fraction": PAPER.val_fraction,
-    "tr_folds": PAPER.folds, "tr_seed": PAPER.seed, "tr_per_class": PAPER.per_class,
-    "tr_aug_preset": presets.PAPER_PRESET, "tr_weights": choice, "tr_weights_path": path,
-    "tr_epochs": PAPER.epochs, "tr_batch_size": PAPER.batch_size, "tr_lr": PAPER.lr,
-    "tr_image_size": PAPER.image_size, "tr_device": PAPER.device,
-    "tr_stain": PAPER.stain_normalisation, "tr_hed": PAPER.hed_jitter, "tr_tta": PAPER.tta, "tr_tiles": PAPER.tiles,
-}.items():
+for key, value in {**form_values(PAPER.to_dict()), form_key("augmentation"): presets.PAPER_PRESET,
+                   form_key("weights"): choice, "tr_weights_path": path}.items():
     st.session_state.setdefault(key, value)
 
 with Session() as s:
-    ds_list = datasets.list_datasets(s)
-    ds_info = {d.name: {"images": len(d.images), "classes": list(d.classes),
-                        "groups": len({im.group for im in d.images if im.group is not None})} for d in ds_list}
+    ds_info = {d.name: d for d in views.dataset_rows(s)}
     preset_names = presets.preset_names(s)
-if st.session_state["tr_aug_preset"] not in preset_names:  # deleted on the Augmentation page meanwhile
-    st.session_state["tr_aug_preset"] = presets.PAPER_PRESET
+if st.session_state[form_key("augmentation")] not in preset_names:  # deleted on the Augmentation page meanwhile
+    st.session_state[form_key("augmentation")] = presets.PAPER_PRESET
 
 flash = st.session_state.pop("tr_flash", None)
 if flash:
@@ -104,27 +138,21 @@ else:
     with data_col:
         with st.container(border=True):
             st.markdown("**Data and split**")
-            ds_name = st.selectbox("Dataset", list(ds_info), key="tr_dataset",
-                                   format_func=lambda n: f"{n} ({ds_info[n]['images']} images, {', '.join(ds_info[n]['classes'])})")
-            split = st.radio("Split protocol", PROTOCOLS, format_func=lambda p: SPLIT_LABELS.get(p, p), key="tr_split")
-            groups = ds_info[ds_name]["groups"]
+            ds_name = st.selectbox(FIELDS["dataset"].metadata["label"], list(ds_info), key=form_key("dataset"),
+                                   format_func=lambda n: f"{n} ({ds_info[n].images} images, {', '.join(ds_info[n].classes)})")
+            split = setting_input(st, "split")
+            groups = ds_info[ds_name].groups
             grouped = None
             if split != "paper-leaky":
                 if groups:
-                    grouped = st.checkbox(f"Keep each specimen on one side ({groups} groups)", value=True, key="tr_grouped",
+                    grouped = st.checkbox(f"{FIELDS['grouped'].metadata['label']} ({groups} groups)", value=True,
+                                          key=form_key("grouped"),
                                           help="Images of one specimen share stain and tissue; splitting them inflates scores.")
                 else:
                     st.caption("This dataset has no specimen groups, so the split is by image: images of one "
                                "specimen may land on both sides. Add groups on the Datasets page for a stricter test.")
-            a, b, c = st.columns(3)
-            a.number_input("Test fraction", 0.05, 0.9, step=0.05, format="%.2f", key="tr_test_fraction",
-                           disabled=split == "kfold", help="Paper: 0.2 (80/20).")
-            b.number_input("Validation fraction", 0.0, 0.9, step=0.05, format="%.2f", key="tr_val_fraction",
-                           help="Of the non-test part; picks the best epoch, which is the one evaluated. 0 = none.")
-            c.number_input("Folds", 2, 20, step=1, key="tr_folds", disabled=split != "kfold")
-            st.number_input("Seed", 0, 2**31 - 1, step=1, key="tr_seed", help="Split, augmentation and training are all seeded.")
-            split_key = (ds_name, split, grouped, st.session_state["tr_seed"], st.session_state["tr_test_fraction"],
-                         st.session_state["tr_val_fraction"], st.session_state["tr_folds"])
+            section_inputs("data", split, columns=3, drawn=("split",))
+            split_key = (ds_name, split, grouped, *(st.session_state[form_key(name)] for name in SPLIT_SETTINGS))
             if user.can_edit and split != "paper-leaky" and st.button(
                     "Audit this split for leaks", icon=":material/content_copy:", key="tr_audit",
                     help="Looks for test images that equal, nearly equal or closely resemble a training image "
@@ -133,8 +161,7 @@ else:
                     with Session.begin() as s:
                         planned = splits.make_split(
                             s, datasets.get_dataset(s, ds_name), protocol=split, grouped=grouped,
-                            seed=int(split_key[3]), test_fraction=float(split_key[4]), val_fraction=float(split_key[5]),
-                            folds=int(split_key[6]))
+                            **{name: setting_type(FIELDS[name])(value) for name, value in zip(SPLIT_SETTINGS, split_key[3:])})
                         found = audit.audit_split(s, cfg, planned, fold=0)
                     st.session_state["tr_audit_result"] = (split_key, found.warning, found.summary)
             audited = st.session_state.get("tr_audit_result")
@@ -155,10 +182,9 @@ else:
                 leak_ok = st.checkbox("I understand that this run's test score is not a valid estimate", key="tr_leak_ok")
         with st.container(border=True):
             st.markdown("**Augmentation** of the training part")
-            aug_preset = st.selectbox("Augmentation preset", preset_names, key="tr_aug_preset",
-                                      help="Make presets on the Augmentation page.")
-            st.number_input("Augmented images per class", 1, 100_000, step=100, key="tr_per_class",
-                            help="Paper: 1200 per class (3600 in all).")
+            aug_preset = st.selectbox(FIELDS["augmentation"].metadata["label"], preset_names,
+                                      key=form_key("augmentation"), help="Make presets on the Augmentation page.")
+            section_inputs("augmentation", split, columns=1)
             with Session() as s, user_errors():
                 p = presets.get_params(s, aug_preset)
                 on = [f"rotate p {p.rotate_probability} ±{p.rotate_max_left}/{p.rotate_max_right}°",
@@ -172,8 +198,8 @@ else:
     with model_col:
         with st.container(border=True):
             st.markdown("**Backbone weights**")
-            weights = st.radio("Weights", list(WEIGHT_LABELS), format_func=WEIGHT_LABELS.get, key="tr_weights",
-                               label_visibility="collapsed")
+            weights = st.radio(FIELDS["weights"].metadata["label"], list(WEIGHT_LABELS), format_func=WEIGHT_LABELS.get,
+                               key=form_key("weights"), label_visibility="collapsed")
             if weights == "imagenet":
                 st.caption("The paper's choice. torchvision downloads them once (about 80 MB, cached under TORCH_HOME). "
                            "**On a machine without internet the download fails and the run stops at its start** "
@@ -186,29 +212,10 @@ else:
                            "weights on a few hundred images. The run records that it used no weights.")
         with st.container(border=True):
             st.markdown("**Training**")
-            a, b = st.columns(2)
-            a.number_input("Epochs", 1, 1000, step=1, key="tr_epochs", help="Paper: 25.")
-            b.number_input("Batch size", 1, 1024, step=1, key="tr_batch_size", help="Paper: 24.")
-            a.number_input("Learning rate (Adam)", 1e-7, 1.0, step=1e-5, format="%.1e", key="tr_lr", help="Paper: 1e-4.")
-            b.number_input("Image size (px)", 32, 1024, step=32, key="tr_image_size",
-                           help="Paper: 224. Images are squashed to this square before augmentation.")
-            st.selectbox("Device", ["auto", "cpu", "cuda"], key="tr_device",
-                         help="auto: the GPU when there is one (bf16), else the CPU (slow at 224 px).")
+            section_inputs("training", split, columns=2)
         with st.container(border=True):
             st.markdown("**Generalisation to new specimens** (not in the paper; off by default)")
-            a, b = st.columns(2)
-            a.selectbox("Stain normalisation", STAIN_NORMALISATIONS, key="tr_stain",
-                        help="Map every image's H&E colours onto one training image (Macenko or Reinhard), so "
-                             "staining differences between specimens matter less. The reference comes from the "
-                             "training part only; prediction applies the same mapping.")
-            b.number_input("H&E stain jitter", 0.0, 1.0, step=0.01, format="%.2f", key="tr_hed",
-                           help="Random stain variation in HED colour space of each augmented training image "
-                                "(e.g. 0.05); 0 = off. Never applied to validation or test images.")
-            a.number_input("Tiles per image", 0, 256, step=1, key="tr_tiles",
-                           help="0: whole images squashed to the image size (the paper). N > 0: up to N tiles of the "
-                                "image size cut at native resolution; an image's prediction is the mean of its tiles'.")
-            b.checkbox("Test-time augmentation", key="tr_tta",
-                       help="Average each prediction over the image and its three flips.")
+            section_inputs("generalisation", split, columns=2)
             st.caption("Every class gets the same number of augmented training images (class-balanced). "
                        "Probabilities are calibrated on the validation part, which also sets the "
                        "'uncertain, refer' band on the Predict page.")
@@ -224,34 +231,16 @@ else:
             with Session() as s:
                 augmentation = presets.get_params(s, aug_preset).to_dict()
             config = RunConfig(
-                dataset=ds_name, split=split, grouped=grouped if split != "paper-leaky" else None,
-                test_fraction=float(st.session_state["tr_test_fraction"]),
-                val_fraction=float(st.session_state["tr_val_fraction"]), folds=int(st.session_state["tr_folds"]),
-                per_class=int(st.session_state["tr_per_class"]), augmentation=augmentation, weights=weights_value,
-                epochs=int(st.session_state["tr_epochs"]), batch_size=int(st.session_state["tr_batch_size"]),
-                lr=float(st.session_state["tr_lr"]), image_size=int(st.session_state["tr_image_size"]),
-                seed=int(st.session_state["tr_seed"]), device=st.session_state["tr_device"],
-                stain_normalisation=st.session_state["tr_stain"], hed_jitter=float(st.session_state["tr_hed"]),
-                tta=bool(st.session_state["tr_tta"]), tiles=int(st.session_state["tr_tiles"]),
+                dataset=ds_name, grouped=grouped if split != "paper-leaky" else None, augmentation=augmentation,
+                weights=weights_value, **{name: setting_type(f)(st.session_state[form_key(name)])
+                                          for name, f in FIELDS.items() if name not in DRAWN_HERE},
             )
-            with Session.begin() as s:
-                ids = [r.id for r in runs.create_runs(s, cfg, config, user=user)]
-            start_worker(cfg)
-            st.session_state["tr_flash"] = (f"Queued run {ids[0]}" if len(ids) == 1 else
-                                            f"Queued runs {', '.join(map(str, ids))} (one per fold)") + \
-                ". The background worker picks it up; follow it on the Runs page."
-            st.session_state["runs_selected"] = ids[0]
-            st.session_state["tr_launched"] = True
-            st.rerun()
+            launch(config)
 
 
-def _active_runs() -> list[dict]:
+def _active_runs() -> list[views.RunRow]:
     with Session() as s:
-        rows = s.scalars(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.id)).all()
-        return [{"id": r.id, "status": r.status,
-                 "label": f"**Run {r.id}** {STATUS_BADGE[r.status]} {md_text(r.dataset.name)}",
-                 "protocol": protocol_of(r), "progress": progress_text(r), "cancel": r.cancel_requested,
-                 "device": r.device} for r in rows]
+        return views.active_runs(s)
 
 
 active = _active_runs()
@@ -269,14 +258,15 @@ def queue() -> None:
     for row in rows:
         with st.container(border=True):
             a, b = st.columns([5, 1], vertical_alignment="center")
-            fraction, text = row["progress"]
-            a.markdown(f"{row['label']} · {row['protocol']}" + (f" · {row['device']}" if row["device"] else ""))
+            fraction, text = row.progress_bar()
+            a.markdown(f"**Run {row.id}** {STATUS_BADGE[row.status]} {md_text(row.dataset)} · {row.protocol}"
+                       + (f" · {row.device}" if row.device else ""))
             a.progress(fraction, text=text)
-            if row["cancel"]:
+            if row.cancel_requested:
                 b.caption("Cancelling…")
-            elif user.can_edit and b.button("Cancel", key=f"tr_cancel_{row['id']}", width="stretch"):
+            elif user.can_edit and b.button("Cancel", key=f"tr_cancel_{row.id}", width="stretch"):
                 with user_errors():
-                    request_cancel(Session, row["id"])
+                    request_cancel(Session, row.id)
                     st.rerun()  # the whole page: the queue may also be drawn in a full run
 
 

@@ -58,10 +58,10 @@ def ingest_synthetic(root: Path, settings, Session, per_class: int, name: str = 
 
 def train_runs(Session, settings, config) -> list[int]:
     """Create the runs of `config` (one per fold) and train each to its end in this process; their ids."""
-    from core.jobs import runs
+    from core.jobs import execute, runs
 
     with Session.begin() as s:
         run_ids = [r.id for r in runs.create_runs(s, settings, config)]
     for run_id in run_ids:
-        runs.execute_run(Session, settings, run_id)
+        execute.execute_run(Session, settings, run_id)
     return run_ids

@@ -52,9 +52,10 @@ def test_ingest_train_evaluate_predict(tmp_path):
     out = cli(home, "predict", "--run", run_id, str(image))
     assert out.returncode == 0, out.stderr
     header, row = out.stdout.strip().splitlines()
-    # Class probabilities, then the run's calibrated confidence and refer verdict (it has a validation part).
-    assert header == "path,predicted,CLL,FL,MCL,confidence_calibrated,uncertain_refer"
-    assert abs(sum(float(v) for v in row.split(",")[2:5]) - 1) < 0.01
+    # The run's calibrated class probabilities (it has a validation part), saying so, and its refer verdict.
+    assert header == "path,predicted,probabilities,CLL,FL,MCL,uncertain_refer"
+    assert row.split(",")[2] == "calibrated probability"
+    assert abs(sum(float(v) for v in row.split(",")[3:6]) - 1) < 0.01
 
     out = cli(home, "runs")
     assert out.returncode == 0 and "succeeded" in out.stdout

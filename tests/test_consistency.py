@@ -72,7 +72,7 @@ def test_every_kind_of_problem_is_found_and_fix_removes_only_leftovers(settings,
         ids = finished.id, broken.id, failed.id
     (settings.runs_dir / str(ids[0])).mkdir()
     (settings.runs_dir / str(ids[1])).mkdir()
-    (settings.runs_dir / str(ids[1]) / "best.pt").write_bytes(b"not a zip")  # deep check reads it
+    (settings.runs_dir / str(ids[1]) / "model.safetensors").write_bytes(b"not safetensors")  # deep check reads it
     rel = lambda p: p.relative_to(home).as_posix()  # noqa: E731
 
     quick = consistency.check(Session, settings)
@@ -82,26 +82,26 @@ def test_every_kind_of_problem_is_found_and_fix_removes_only_leftovers(settings,
         "orphan": [rel(orphan)],
         "temp": [rel(temp), "tmp/upload-x1y2/"],
         "run_folder": ["runs/77/"],
-        "checkpoint": [f"runs/{ids[0]}/best.pt"],  # a failed run needs no checkpoint
+        "model": [f"runs/{ids[0]}/model.safetensors"],  # a failed run needs no model file
     }, quick.format()
     assert not quick.fixable and not quick.deep
     assert any(line.startswith("1 image file(s) missing:") for line in quick.summary())
 
     deep = consistency.check(Session, settings, deep=True)
     assert kinds(deep)["damaged"] == [rel(emptied), rel(swapped)]
-    assert kinds(deep)["checkpoint"] == [f"runs/{ids[0]}/best.pt", f"runs/{ids[1]}/best.pt"]
+    assert kinds(deep)["model"] == [f"runs/{ids[0]}/model.safetensors", f"runs/{ids[1]}/model.safetensors"]
     assert "sha256 is" in deep.of_kind("damaged")[1].detail
 
     fixed = consistency.fix(Session, settings)
     assert sorted(fixed.removed) == sorted([rel(orphan), rel(temp), "tmp/upload-x1y2/", "runs/77/"])
     assert not orphan.exists() and not temp.exists() and not upload.exists()
     assert not (settings.runs_dir / "77").exists()
-    assert (settings.runs_dir / str(ids[1]) / "best.pt").exists()  # a referenced file is never removed
-    assert {p.kind for p in fixed.remaining} == {"missing", "damaged", "checkpoint"}
+    assert (settings.runs_dir / str(ids[1]) / "model.safetensors").exists()  # a referenced file is never removed
+    assert {p.kind for p in fixed.remaining} == {"missing", "damaged", "model"}
     with Session() as s:  # rows are never touched
         assert s.scalar(select(func.count()).select_from(Image)) == 9
         assert s.scalar(select(func.count()).select_from(Run)) == 3
-    assert kinds(consistency.check(Session, settings)).keys() == {"missing", "damaged", "checkpoint"}
+    assert kinds(consistency.check(Session, settings)).keys() == {"missing", "damaged", "model"}
 
 
 def test_a_running_ingest_is_left_alone(settings, Session, dataset):

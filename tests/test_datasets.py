@@ -14,6 +14,7 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
+from core.store import consistency
 from core.data.datasets import (
     delete_dataset,
     get_dataset,
@@ -589,6 +590,8 @@ def test_delete_dataset_keeps_shared_files(tmp_path, settings, Session):
     assert {img.original_name for img in left} == {"CLL/000.tif", "MCL/000.tif"}
     assert stored_files(settings) == sorted(image_path(settings, img) for img in left)
     assert count(Session, SkippedFile) == 0
+    report = consistency.check(Session, settings, deep=True)  # the files and the rows still agree
+    assert report.clean, report.format()
     with Session() as s:
         with pytest.raises(UserError, match="Known datasets: b"):
             get_dataset(s, "a")

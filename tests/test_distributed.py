@@ -204,8 +204,8 @@ def test_train_distributed_command_trains_the_paper_model_with_rank_0_recording(
         predictions = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
         assert len(predictions) == run.summary["n_test"] > 0
         assert run.summary["n_train"] == 3 * 4
-    checkpoint = torch.load(settings.runs_dir / str(run_id) / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] == 1 and checkpoint["run_id"] == run_id
+    folder = settings.runs_dir / str(run_id)  # rank 0 wrote the model file; the checkpoint went with success
+    assert (folder / "model.safetensors").is_file() and not (folder / "last.pt").exists()
 
     # A run that is not queued is refused before any process meets the others.
     capsys.readouterr()

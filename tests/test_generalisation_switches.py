@@ -6,12 +6,13 @@ import torch
 from sqlalchemy import select
 from torch import nn
 
-from core.jobs import runs
 from core.__main__ import build_parser, config_from_args
 from core.data.datasets import image_path, load_rgb
 from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
+from core.inference.model_file import read_model
 from core.inference.predict import load_predictor, predict_files
+from core.transforms.stain import choose_reference, mean_optical_density
 from core.training.run_config import RunConfig
 from core.training.loop import predict_logits, predict_proba, tta_views
 from tests.synthetic import ingest_synthetic, synthetic_array, train_runs
@@ -39,8 +40,8 @@ def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset,
         preds = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
         assert {p.image_id for p in preds} == {i for i, part in parts.items() if part == "test"}
         assert all(abs(sum(p.probabilities) - 1) < 1e-3 for p in preds)
-    checkpoint = torch.load(settings.runs_dir / str(run_id) / "best.pt", weights_only=True)
-    assert checkpoint["stain_reference_image_id"] == reference
+    _, meta = read_model(settings.runs_dir / str(run_id) / "model.safetensors")
+    assert meta["stain_reference_image_id"] == reference and meta["preparation"]["stain_params"]["method"] == "macenko"
 
     # Prediction prepares a new image exactly as the run's test images were (normalised, TTA).
     with Session() as s:
@@ -119,11 +120,11 @@ def test_tta_averages_the_softmax_of_the_four_views():
 def test_stain_reference_is_the_median_optical_density_training_image():
     arrays = [synthetic_array(label, i, (32, 32)) for label in ("CLL", "FL", "MCL") for i in range(3)]
     ids = list(range(100, 109))
-    ref_id, normaliser = runs.choose_stain_reference(arrays, ids, "reinhard")
-    od = [runs.mean_optical_density(a) for a in arrays]
+    ref_id, normaliser = choose_reference(arrays, ids, "reinhard")
+    od = [mean_optical_density(a) for a in arrays]
     assert ref_id == ids[int(np.argsort(od, kind="stable")[4])]
     assert normaliser(arrays[0]).shape == arrays[0].shape
     # Same input, same choice (in any order).
-    assert runs.choose_stain_reference(arrays[::-1], ids[::-1], "reinhard")[0] == ref_id
+    assert choose_reference(arrays[::-1], ids[::-1], "reinhard")[0] == ref_id
     with pytest.raises(UserError):
-        runs.choose_stain_reference([], [], "macenko")
+        choose_reference([], [], "macenko")

@@ -26,7 +26,7 @@ import torch
 from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 
-from core.jobs import queue, runs
+from core.jobs import queue, recording, runs
 from core.config import load_settings
 from core.data.datasets import ingest
 from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, utcnow
@@ -281,7 +281,7 @@ def test_a_run_taken_over_by_another_process_stops_here(jset, JSession):
     with JSession.begin() as s:
         s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.running, pid=os.getpid(),
                                                               cancel_requested=False))
-    monitor = runs.Monitor(JSession, run_id, every=60)
+    monitor = recording.Monitor(JSession, run_id, every=60)
     monitor.stage("augment", 1, 2)  # noted in memory; still ours, so nothing is raised
     monitor.beat()  # published with the heartbeat
     assert not monitor.lost.is_set()
@@ -291,7 +291,7 @@ def test_a_run_taken_over_by_another_process_stops_here(jset, JSession):
         s.execute(update(Run).where(Run.id == run_id).values(pid=os.getpid() + 1, cancel_requested=True))
     monitor.beat()
     assert monitor.lost.is_set() and monitor.cancel.is_set()
-    with pytest.raises(runs.TakenOver):
+    with pytest.raises(recording.TakenOver):
         monitor.stage("augment", 2, 2)
 
 
@@ -470,6 +470,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(backend, jset, 
     # The reference: the same configuration and seed, uninterrupted, trained beside the resumed run.
     both = (victim, queue_run(JSession, jset, toy, **config)) if compare else (victim,)
     monkeypatch.setenv("WORKER_SLOTS", "2")
+    monkeypatch.setenv("KEEP_CHECKPOINTS", "1")  # the last epoch's weights, to compare (the model file has the best's)
     two_slots = dataclasses.replace(jset, worker_slots=2)
     with Reader(jset) as reader:
         # The dead worker's heartbeat goes stale after STALE s; then a new one is started.

@@ -27,6 +27,7 @@ from core.access import accounts
 from core.data import uploads
 from core.evaluation import metrics
 from core.jobs import runs
+from core.store.runs import model_path
 from core.training import presets
 from core.access.accounts import EDITOR, VIEWER
 from core.transforms.augment import AugmentParams
@@ -109,9 +110,9 @@ def record_runs(Session, cfg: Settings) -> int:
                           seconds=1.0, images_per_second=8.0))
         done.summary = {"test_accuracy": 0.5, "best_epoch": 1, "n_train": 4, "n_val": 2, "n_test": 8}
         done_id = done.id
-    best = runs.run_dir(cfg, done_id) / "best.pt"
-    best.parent.mkdir(parents=True, exist_ok=True)
-    best.write_bytes(b"stand-in for a checkpoint")
+    model = model_path(cfg, done_id)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(b"stand-in for a model file")
     return done_id
 
 
@@ -306,7 +307,7 @@ def test_only_editors_can_download_checkpoints(user, can_download, hostile, monk
     keys = [b.proto.id for b in at.get("download_button")]
     assert any(f"runs_dl_csv_{done_id}" in k for k in keys)  # results are for everyone
     assert any(f"runs_dl_ckpt_{done_id}" in k for k in keys) == can_download
-    assert any("checkpoint needs the editor role" in c.value for c in at.caption) != can_download
+    assert any("model file needs the editor role" in c.value for c in at.caption) != can_download
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from core.jobs import runs
+from core.jobs import execute, runs
 from core.training import presets
 from core.config import Settings, load_settings
 from core.data.datasets import ingest
@@ -47,7 +47,7 @@ def trained(tmp_path_factory) -> tuple[Settings, int]:
         ingest(s, cfg, tmp / "src", "synthetic")
     with Session.begin() as s:
         (run,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **TINY))
-    runs.execute_run(Session, cfg, run.id)
+    execute.execute_run(Session, cfg, run.id)
     return cfg, run.id
 
 
@@ -376,7 +376,7 @@ def test_finished_run_shows_curves_confusion_matrix_and_table(trained, monkeypat
     assert np.allclose(table["F1-score"][:3], [r.f1 for r in report.rows])
     assert table["Accuracy"].iloc[-1] == pytest.approx(report.accuracy)
     labels = [b.label for b in at.get("download_button")]
-    assert any("checkpoint" in str(b.proto.label) for b in at.get("download_button")), labels
+    assert any("Model file" in str(b.proto.label) for b in at.get("download_button")), labels
     with Session() as s:
         speed = s.get(Run, run_id).summary["images_per_second"]
     assert any(f"Training speed: {speed:.0f} images/s" in c.value and "CPU run" in c.value for c in at.caption)

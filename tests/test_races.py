@@ -23,7 +23,9 @@ from sqlalchemy import event, select, text
 from streamlit.testing.v1 import AppTest
 
 from core.inference import predict
-from core.jobs import queue, runs
+from core.inference.model_file import write_model, write_weights
+from core.jobs import execute, queue, runs
+from core.store.runs import model_path
 from core.store import consistency
 from core.config import load_settings
 from core.data.datasets import delete_dataset, get_dataset, image_path, ingest
@@ -144,31 +146,31 @@ class TinyNet(torch.nn.Module):
 
 def _succeeded_run(Session, settings, dataset: str, run_id: int | None = None) -> int:
     """A run of `dataset` marked succeeded, with an untrained model of the dataset's classes as its
-    best.pt (as training would leave); with `run_id`, under that id."""
+    model file (as training would leave); with `run_id`, under that id."""
     with Session.begin() as s:
         ds = get_dataset(s, dataset)
         config = RunConfig(dataset=dataset, **TINY).to_dict()
         run = Run(id=run_id, dataset_id=ds.id, experiment="e", config=config, seed=3, status=RunStatus.succeeded)
         s.add(run)
         s.flush()
-        run_id, classes = run.id, list(ds.classes)
+        run_id, classes, created = run.id, list(ds.classes), run.created_at.isoformat()
     torch.manual_seed(len(classes))
-    checkpoint = {"model": TinyNet(len(classes)).state_dict(), "classes": classes, "image_size": 32,
-                  "config": config, "epoch": 1}
-    runs.save_atomic(checkpoint, runs.run_dir(settings, run_id) / "best.pt")
+    write_model(model_path(settings, run_id), TinyNet(len(classes)).state_dict(), {
+        "run_id": run_id, "run_created": created, "classes": classes, "config": config,
+        "preparation": {"image_size": 32}, "calibration": {"temperature": None}})
     return run_id
 
 
 def test_a_model_file_is_hashed_once_per_version(settings):
-    path = runs.run_dir(settings, 7) / "best.pt"
+    path = model_path(settings, 7)
     assert predict.model_sha256(settings, 7) is None
-    runs.save_atomic({"weights": torch.zeros(4)}, path)
+    write_weights(path, {"weights": torch.zeros(4)})
     first = predict.model_sha256(settings, 7)
     hashed = predict.file_sha256.cache_info().misses
     assert predict.model_sha256(settings, 7) == first and predict.file_sha256.cache_info().misses == hashed
     # Another model of the same size under the same run id, with the old file's times.
     before = path.stat()
-    runs.save_atomic({"weights": torch.ones(4)}, path)
+    write_weights(path, {"weights": torch.ones(4)})
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert path.stat().st_size == before.st_size
     assert predict.model_sha256(settings, 7) not in (None, first)
@@ -299,10 +301,10 @@ def test_a_run_that_cannot_write_ends_failed_saying_the_disk_is_full(settings, S
     with Session.begin() as s:
         (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY))
     # The real training loop and recorder, on a model that trains in milliseconds.
-    monkeypatch.setattr(runs, "build_model", lambda n, weights: (TinyNet(n), "none (a stand-in model)"))
+    monkeypatch.setattr(execute, "build_model", lambda n, weights: (TinyNet(n), "none (a stand-in model)"))
     _disk_full(monkeypatch, queue.engine_of(Session), refused_writes=2)
     with pytest.raises(OSError):
-        runs.execute_run(Session, settings, run.id)
+        execute.execute_run(Session, settings, run.id)
     with Session() as s:
         failed = s.get(Run, run.id)
         assert failed.status == RunStatus.failed and failed.finished_at is not None

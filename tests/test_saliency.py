@@ -6,6 +6,7 @@ import torch
 from core.training.model import PaperDenseNet
 from core.inference.predict import Predictor
 from core.inference.saliency import GradCam
+from core.transforms.pipelines import EvalPipeline
 from tests.synthetic import synthetic_image
 
 
@@ -17,7 +18,7 @@ def model():
 
 @pytest.mark.parametrize("size, flat", [(64, False), (32, True)])
 def test_heat_map_covers_the_image_and_is_flat_only_without_location(model, size, flat):
-    predictor = Predictor(model, ["CLL", "FL", "MCL"], size, torch.device("cpu"), 1)
+    predictor = Predictor(model, ["CLL", "FL", "MCL"], EvalPipeline(image_size=size), torch.device("cpu"))
     image = synthetic_image("FL", 1, (300, 200))
     result = GradCam(predictor).explain(image, class_index=2, max_side=150)
     assert result.class_index == 2
@@ -29,6 +30,6 @@ def test_heat_map_covers_the_image_and_is_flat_only_without_location(model, size
 
 
 def test_default_class_is_the_predicted_one(model):
-    predictor = Predictor(model, ["CLL", "FL", "MCL"], 64, torch.device("cpu"), 1)
+    predictor = Predictor(model, ["CLL", "FL", "MCL"], EvalPipeline(image_size=64), torch.device("cpu"))
     image = synthetic_image("MCL", 2)
     assert GradCam(predictor).explain(image).class_index == int(predictor.probabilities([image])[0].argmax())

@@ -1,10 +1,13 @@
-"""Stain normalisation undoes a stain shift; HED jitter is seeded and keeps shape and dtype."""
+"""Stain normalisation undoes a stain shift, and a fitted normaliser is rebuilt from its parameters;
+HED jitter is seeded and keeps shape and dtype."""
+
+import json
 
 import numpy as np
 import pytest
 
 from core.errors import UserError
-from core.transforms.stain import METHODS, hed_jitter, hed_to_rgb, make_normaliser, rgb_to_hed
+from core.transforms.stain import METHODS, hed_jitter, hed_to_rgb, make_normaliser, normaliser_from_params, rgb_to_hed
 
 H_REF, E_REF = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])
 
@@ -60,6 +63,17 @@ def test_macenko_also_undoes_other_stain_colours(original):
 @pytest.mark.parametrize("method", METHODS)
 def test_the_reference_maps_onto_itself(original, method):
     assert mae(original, make_normaliser(method, original)(original)) < 1.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_normaliser_is_rebuilt_from_its_parameters_without_the_reference(original, method):
+    fitted = make_normaliser(method, original)
+    params = json.loads(json.dumps(fitted.to_params()))  # as the model file stores them
+    rebuilt = normaliser_from_params(params)
+    shifted = he_image(h_amount=1.6, e_amount=0.6, seed=3)
+    assert params["method"] == method and np.array_equal(rebuilt(shifted), fitted(shifted))
+    with pytest.raises(UserError, match="macenko, reinhard"):
+        normaliser_from_params({**params, "method": "vahadane"})
 
 
 def test_macenko_leaves_an_image_without_tissue_unchanged(original):

@@ -200,45 +200,12 @@ def audit_images(
     close: list[LeakPair] = []
     feature_threshold, nn_ratio = float("nan"), float("nan")
     notes: list[str] = []
-
     if train_a and test_a:
-        # 1. exact: same pixels
-        by_hash: dict[str, list[int]] = {}
-        for j, a in enumerate(train_a):
-            by_hash.setdefault(pixel_hash(a), []).append(j)
-        exact_tests = set()
-        for i, a in enumerate(test_a):
-            for j in by_hash.get(pixel_hash(a), []):
-                exact.append(LeakPair(test_ids[i], train_ids[j], 0.0))
-                exact_tests.add(i)
-
-        # 2. near: perceptual hash within the threshold (exact copies are not repeated here)
-        hd = hamming(np.stack([phash(a) for a in test_a]), np.stack([phash(a) for a in train_a]))
-        for i, j in zip(*np.nonzero(hd <= hash_threshold)):
-            if i not in exact_tests:
-                near.append(LeakPair(test_ids[i], train_ids[j], float(hd[i, j])))
-        near.sort(key=lambda p: (p.distance, p.test))
-
-        # 3. close: feature-space nearest neighbour, standardised by the training set
-        f_train = np.stack([features(a) for a in train_a])
-        f_test = np.stack([features(a) for a in test_a])
-        mean, std = f_train.mean(0), f_train.std(0)
-        std = np.where(std > 1e-9, std, 1.0)  # a constant feature carries no distance
-        z_train, z_test = (f_train - mean) / std, (f_test - mean) / std
-        scale = np.sqrt(f_train.shape[1])
-        d_test = _euclidean(z_test, z_train) / scale
-        nn_test = d_test.min(1)
+        exact, exact_tests = _exact_pairs(train_a, test_a, train_ids, test_ids)
+        near = _near_pairs(train_a, test_a, train_ids, test_ids, hash_threshold, exact_tests)
         if len(train_a) >= 2:
-            d_train = _euclidean(z_train, z_train) / scale
-            np.fill_diagonal(d_train, np.inf)
-            nn_train = d_train.min(1)
-            feature_threshold = float(np.percentile(nn_train, percentile))
-            if np.median(nn_train) > 0:
-                nn_ratio = float(np.median(nn_test) / np.median(nn_train))
-            for i in np.flatnonzero(nn_test < feature_threshold):
-                if i not in exact_tests:
-                    close.append(LeakPair(test_ids[i], train_ids[int(d_test[i].argmin())], float(nn_test[i])))
-            close.sort(key=lambda p: p.distance)
+            close, feature_threshold, nn_ratio = _close_pairs(train_a, test_a, train_ids, test_ids, percentile,
+                                                              exact_tests)
         else:
             notes.append("One training image: no nearest-neighbour distribution to compare with.")
 
@@ -249,6 +216,50 @@ def audit_images(
     )
     report.warning = _warning(report)
     return report
+
+
+def _exact_pairs(train_a, test_a, train_ids, test_ids) -> tuple[list[LeakPair], set[int]]:
+    """Test images with the same pixels as a training image, and which test images those are."""
+    by_hash: dict[str, list[int]] = {}
+    for j, a in enumerate(train_a):
+        by_hash.setdefault(pixel_hash(a), []).append(j)
+    exact, exact_tests = [], set()
+    for i, a in enumerate(test_a):
+        for j in by_hash.get(pixel_hash(a), []):
+            exact.append(LeakPair(test_ids[i], train_ids[j], 0.0))
+            exact_tests.add(i)
+    return exact, exact_tests
+
+
+def _near_pairs(train_a, test_a, train_ids, test_ids, hash_threshold: int, exact_tests: set[int]) -> list[LeakPair]:
+    """Perceptual hash within the threshold (exact copies are not repeated here)."""
+    hd = hamming(np.stack([phash(a) for a in test_a]), np.stack([phash(a) for a in train_a]))
+    near = [LeakPair(test_ids[i], train_ids[j], float(hd[i, j]))
+            for i, j in zip(*np.nonzero(hd <= hash_threshold)) if i not in exact_tests]
+    return sorted(near, key=lambda p: (p.distance, p.test))
+
+
+def _close_pairs(train_a, test_a, train_ids, test_ids, percentile: float,
+                 exact_tests: set[int]) -> tuple[list[LeakPair], float, float]:
+    """Feature-space nearest neighbours, standardised by the training set: test images nearer to a
+    training image than `percentile` of the training images are to each other; also that threshold
+    and the ratio of the median nearest-neighbour distances (test to train over train to train)."""
+    f_train = np.stack([features(a) for a in train_a])
+    f_test = np.stack([features(a) for a in test_a])
+    mean, std = f_train.mean(0), f_train.std(0)
+    std = np.where(std > 1e-9, std, 1.0)  # a constant feature carries no distance
+    z_train, z_test = (f_train - mean) / std, (f_test - mean) / std
+    scale = np.sqrt(f_train.shape[1])
+    d_test = _euclidean(z_test, z_train) / scale
+    nn_test = d_test.min(1)
+    d_train = _euclidean(z_train, z_train) / scale
+    np.fill_diagonal(d_train, np.inf)
+    nn_train = d_train.min(1)
+    threshold = float(np.percentile(nn_train, percentile))
+    nn_ratio = float(np.median(nn_test) / np.median(nn_train)) if np.median(nn_train) > 0 else float("nan")
+    close = [LeakPair(test_ids[i], train_ids[int(d_test[i].argmin())], float(nn_test[i]))
+             for i in np.flatnonzero(nn_test < threshold) if i not in exact_tests]
+    return sorted(close, key=lambda p: p.distance), threshold, nn_ratio
 
 
 def _warning(report: AuditReport) -> str | None:
@@ -320,9 +331,15 @@ def audit_split(session, settings, split, fold: int = 0, image_size: int = 128, 
     A paper-leaky split has no test part before augmentation; its report says so in the warning.
     Extra keyword arguments go to `audit_images`.
     """
+    from core.data import splits
+
+    return audit_parts(settings, split, splits.split_parts(session, split, fold), image_size, **kwargs)
+
+
+def audit_parts(settings, split, parts: dict, image_size: int = 128, **kwargs) -> AuditReport:
+    """`audit_split` of one fold whose images by part (`parts`) are loaded already; reads no database."""
     from core.data import cache, splits  # torch-importing modules; keep `import core.data.audit` light
 
-    parts = splits.split_parts(session, split, fold)
     protocol = splits.describe(split)
     if split.protocol == "paper-leaky":
         n = len(parts.get("pool", []))

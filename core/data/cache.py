@@ -3,7 +3,8 @@
 Decoding a 1388x1040 TIF and resizing it costs ~9 ms; augmenting at full size costs 0.2 s. So every
 image is decoded and resized to the training size once, here, before augmentation, and the result
 is kept under APP_HOME/cache keyed by (sha256, size): new bytes or a new size is a new key, so a
-stale entry can never be read.
+stale entry can never be read. What is cached is the evaluation pipeline's geometric step
+(`EvalPipeline.samples`: resize, or tiles), so cached and uncached images are prepared alike.
 """
 
 from __future__ import annotations
@@ -12,20 +13,17 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image as PILImage
 
-from core.transforms import tiles
 from core.config import Settings
 from core.data.datasets import image_path, load_rgb
 from core.store.db import Image
+from core.transforms.pipelines import EvalPipeline
 
-
-def resize(image: PILImage.Image, size: int) -> PILImage.Image:
-    # The paper squashes every image to 224x224 (aspect ratio not kept); we do the same.
-    return image.resize((size, size), PILImage.BILINEAR)
+if TYPE_CHECKING:  # torch is imported by to_tensor: the pages read the cache without loading it
+    import torch
 
 
 def _cache_path(settings: Settings, sha256: str, kind: str) -> Path:
@@ -47,32 +45,39 @@ def _cached(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
     return array
 
 
+def image_samples(settings: Settings, image: Image, pipeline: EvalPipeline) -> np.ndarray:
+    """`pipeline.samples` of a stored image, (n, S, S, 3) uint8, from the cache when present."""
+    array = _cached(_cache_path(settings, image.sha256, pipeline.cache_key),
+                    lambda: pipeline.samples(load_rgb(image_path(settings, image))))
+    return array if array.ndim == 4 else array[None]  # whole images were once cached as (S, S, 3)
+
+
 def resized_array(settings: Settings, image: Image, size: int) -> np.ndarray:
     """The image as a (size, size, 3) uint8 array, from the cache when present."""
-    return _cached(_cache_path(settings, image.sha256, str(size)),
-                   lambda: np.asarray(resize(load_rgb(image_path(settings, image)), size), dtype=np.uint8))
+    return image_samples(settings, image, EvalPipeline(image_size=size))[0]
 
 
 def tile_array(settings: Settings, image: Image, size: int, max_tiles: int) -> np.ndarray:
     """The image's tiles at native resolution (core/transforms/tiles.py), (n, size, size, 3) uint8, cached."""
-    return _cached(_cache_path(settings, image.sha256, f"tiles-{size}-{max_tiles}"),
-                   lambda: tiles.cut_tiles(load_rgb(image_path(settings, image)), size, max_tiles))
+    return image_samples(settings, image, EvalPipeline(image_size=size, tiles=max_tiles))
 
 
-def load_arrays(
-    settings: Settings,
-    images: Sequence[Image],
-    size: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[np.ndarray]:
-    out = []
+def load_samples(settings: Settings, images: Sequence[Image], pipeline: EvalPipeline,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[list[np.ndarray], list[int]]:
+    """The samples of `images` (one per whole image, or each image's tiles) and each one's image index."""
+    arrays: list[np.ndarray] = []
+    owners: list[int] = []
     for i, image in enumerate(images):
-        out.append(resized_array(settings, image, size))
+        cut = image_samples(settings, image, pipeline)
+        arrays.extend(cut)
+        owners.extend([i] * len(cut))
         if progress:
             progress(i + 1, len(images))
-    return out
+    return arrays, owners
 
 
 def to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     """(N, H, W, 3) uint8 arrays -> (N, 3, H, W) uint8 tensor; normalised later, on the device."""
+    import torch
+
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -335,21 +335,21 @@ def refer_verdict(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     return np.ones_like(top, dtype=bool) if threshold is None else top < threshold
 
 
-def format_run_calibration(summary: dict) -> str:
-    """One paragraph on a run's calibration and refer band, for the CLI and reports."""
-    if not summary or summary.get("temperature") is None:
-        return "Calibration: none (" + (summary or {}).get("note", "run recorded before calibration was added") + ")."
-    lines = [f"Calibration on the validation part ({summary['n_val']} images): temperature {summary['temperature']:.3g}; "
-             f"ECE validation {summary['val_ece_before']:.3f} -> {summary['val_ece_after']:.3f}"
-             + (f", test {summary['test_ece_before']:.3f} -> {summary['test_ece_after']:.3f}" if "test_ece_before" in summary else "")]
-    threshold, target = summary.get("refer_threshold"), summary.get("refer_target")
+def format_run_calibration(record: dict) -> str:
+    """One paragraph on a run's calibration record (run_calibration's) and refer band, for the CLI and reports."""
+    if not record or record.get("temperature") is None:
+        return "Calibration: none (" + (record or {}).get("note", "run recorded before calibration was added") + ")."
+    lines = [f"Calibration on the validation part ({record['n_val']} images): temperature {record['temperature']:.3g}; "
+             f"ECE validation {record['val_ece_before']:.3f} -> {record['val_ece_after']:.3f}"
+             + (f", test {record['test_ece_before']:.3f} -> {record['test_ece_after']:.3f}" if "test_ece_before" in record else "")]
+    threshold, target = record.get("refer_threshold"), record.get("refer_target")
     if threshold is None:
         lines.append(f"Refer band: no threshold reaches {target:.0%} on validation; every prediction is 'uncertain, refer'.")
     else:
         line = f"Refer band: calibrated top probability below {threshold:.3f} is 'uncertain, refer' (target {target:.0%} on validation)"
-        if summary.get("test_coverage") is not None:
-            acc = summary.get("test_accepted_accuracy")
-            line += (f"; on test it keeps {summary['test_coverage']:.0%} of images"
+        if record.get("test_coverage") is not None:
+            acc = record.get("test_accepted_accuracy")
+            line += (f"; on test it keeps {record['test_coverage']:.0%} of images"
                      + ("" if acc is None else f" at {acc:.1%} accuracy"))
         lines.append(line + ".")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.store.db import Image, Prediction, Run
+from core.store.records import RunSummary
 from core.errors import UserError
 
 
@@ -62,7 +63,7 @@ def run_report(session: Session, run: Run) -> Report:
     if not preds:
         raise UserError(f"Run {run.id} has no test predictions (status: {run.status.value}).")
     report = report_from_labels([p.true_label for p in preds], [p.predicted_label for p in preds], run.dataset.classes)
-    report.protocol = run.summary.get("protocol", "")
+    report.protocol = RunSummary.from_dict(run.summary).protocol or ""
     return report
 
 
@@ -89,7 +90,7 @@ def run_uncertainty(session: Session, run: Run) -> dict:
     boot = calibration.bootstrap_metrics(labels, [p.predicted_label for p in preds], run.dataset.classes,
                                          groups=groups, seed=run.seed)
     out = {"bootstrap": boot, "reliability": None, "reliability_after": None}
-    temperature = (run.summary.get("calibration") or {}).get("temperature")
+    temperature = RunSummary.from_dict(run.summary).temperature
     if temperature is not None:
         probs = np.asarray([p.probabilities for p in preds], dtype=np.float64)
         out["reliability"] = calibration.reliability_bins(probs, labels)

@@ -45,11 +45,19 @@ def split_yardstick(session, settings, split, classes: Sequence[str], fold: int 
     """The yardstick of a stored split: fitted on its training and validation images, scored on
     its test images. None for the paper's protocol (its test part exists only after augmenting)
     and for a split without test images."""
-    from core.data import cache, splits  # torch-importing modules; keep `import core.evaluation.yardstick` light
+    from core.data import splits
 
     if split.protocol == "paper-leaky":
         return None
-    parts = splits.split_parts(session, split, fold)
+    return parts_yardstick(settings, split, splits.split_parts(session, split, fold), classes)
+
+
+def parts_yardstick(settings, split, parts: dict, classes: Sequence[str]) -> dict | None:
+    """`split_yardstick` of one fold whose images by part (`parts`) are loaded already; reads no database."""
+    from core.data import cache  # torch-importing; keep `import core.evaluation.yardstick` light
+
+    if split.protocol == "paper-leaky":
+        return None
     seen, test = parts.get("train", []) + parts.get("val", []), parts.get("test", [])
     if not seen or not test:
         return None

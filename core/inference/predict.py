@@ -1,7 +1,12 @@
-"""Classify new images with a trained run's best checkpoint.
+"""Classify new images with a trained run's model file (core/inference/model_file.py).
+
+A Predictor is built from the model file alone (`Predictor.from_file`): the weights, the classes,
+the evaluation pipeline with the run's fitted stain normalisation (core/transforms/pipelines.py) and
+the calibration are all in it. The run's own test evaluation uses the same Predictor class on the
+same pipeline, so a prediction of a test image gives back the probabilities stored for it.
 
 The Predict page keeps one Predictor per model file (st.cache_resource, keyed by `model_sha256`),
-so the checkpoint is read and the model prepared once, not per request. On CUDA the model runs in
+so the file is read and the model prepared once, not per request. On CUDA the model runs in
 bf16, channels_last, through torch.compile with CUDA graphs ("reduce-overhead"), which removes the
 launch overhead of DenseNet-201's ~200 small layers at batch 1; where compilation fails it says so
 in the log and runs eagerly.
@@ -12,40 +17,71 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from core.evaluation import calibration
-from core.transforms import tiles
 from core.config import Settings
-from core.data.cache import resize, resized_array, to_tensor
+from core.data.cache import to_tensor
 from core.data.datasets import load_rgb
-from core.store.db import Image, RunStatus
 from core.errors import UserError
-from core.training.model import PaperDenseNet
-from core.jobs.runs import get_run, run_dir
-from core.transforms.stain import make_normaliser
+from core.evaluation import calibration
+from core.inference.model_file import read_model
+from core.inference.probabilities import Probabilities
+from core.store.db import RunStatus
+from core.store.runs import get_run, model_path, run_dir
 from core.training.loop import pick_device, predict_logits, predict_proba
+from core.training.model import PaperDenseNet
+from core.transforms import tiles
+from core.transforms.pipelines import EvalPipeline
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Predictor:
-    model: PaperDenseNet
+    """A trained model with the run's evaluation pipeline and calibration."""
+
+    model: torch.nn.Module
     classes: list[str]
-    image_size: int
+    pipeline: EvalPipeline
     device: torch.device
-    run_id: int
-    normaliser: Callable[[np.ndarray], np.ndarray] | None = None  # the run's stain normalisation
-    tta: bool = False  # the run's test-time augmentation
     calibration: dict = field(default_factory=dict)  # the run's, fitted on its validation part
-    tiles: int = 0  # the run's tiles per image (0: whole images)
+    run_id: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the model file's description
+
+    @classmethod
+    def from_file(cls, path: Path | str, device: str = "auto", *, cpu_compile: bool = False) -> Predictor:
+        """The predictor of a model file, and nothing else: no database, no settings."""
+        state, meta = read_model(Path(path))
+        classes = list(meta["classes"])
+        model = PaperDenseNet(len(classes))
+        model.load_state_dict(state)
+        pipeline = EvalPipeline(**meta["preparation"])
+        dev = pick_device(device)
+        model = prepare_for_inference(model, dev, pipeline.image_size, cpu_compile=cpu_compile)
+        return cls(model, classes, pipeline, dev, dict(meta.get("calibration") or {}), meta.get("run_id"), meta)
+
+    @property
+    def image_size(self) -> int:
+        return self.pipeline.image_size
+
+    @property
+    def tiles(self) -> int:
+        return self.pipeline.tiles
+
+    @property
+    def tta(self) -> bool:
+        return self.pipeline.tta
+
+    @property
+    def normaliser(self):
+        return self.pipeline.normaliser
 
     @property
     def temperature(self) -> float | None:
@@ -66,26 +102,30 @@ class Predictor:
         return calibration.refer_threshold(np.asarray(self.calibration["val_probs"]),
                                            self.calibration["val_labels"], target_accuracy)
 
-    def probabilities(self, images: Sequence[PILImage.Image]) -> np.ndarray:
-        """(N, C) class probabilities for RGB images of any size, prepared as the run's test images
-        were: resized whole, or cut into tiles at native resolution whose probabilities are averaged."""
-        if self.tiles:
-            cuts = [tiles.cut_tiles(im, self.image_size, self.tiles) for im in images]
-            arrays = [a for cut in cuts for a in cut]
-            owners = np.repeat(np.arange(len(cuts)), [len(cut) for cut in cuts])
-        else:
-            arrays = [np.asarray(resize(im.convert("RGB"), self.image_size), dtype=np.uint8) for im in images]
-        if self.normaliser is not None:
-            arrays = [self.normaliser(a) for a in arrays]
-        if not arrays:
+    def probabilities(self, images: Sequence[PILImage.Image | np.ndarray]) -> np.ndarray:
+        """(N, C) raw class probabilities of RGB images of any size, through the run's pipeline."""
+        samples, owners = self.pipeline(images)
+        return self.score(to_tensor(list(samples)) if len(samples) else samples, owners if self.tiles else None)
+
+    def predict(self, images: Sequence[PILImage.Image | np.ndarray], *, calibrated: bool = True) -> Probabilities:
+        """Raw and (where the run has a temperature, unless `calibrated` is False) calibrated probabilities."""
+        return Probabilities(self.probabilities(images), self.temperature if calibrated else None)
+
+    def score(self, samples: torch.Tensor | np.ndarray, owners: Sequence[int] | None = None) -> np.ndarray:
+        """Raw probabilities of prepared samples ((N, 3, S, S) uint8, as the pipeline makes them), with
+        the run's test-time augmentation; with `owners` (tiles), one row per image: its tiles' mean."""
+        if len(samples) == 0:
             return np.empty((0, len(self.classes)))
-        probs = predict_proba(self.model, to_tensor(arrays), self.device, tta=self.tta).numpy()
-        return tiles.vote(probs, owners, len(images)) if self.tiles else probs
+        probs = predict_proba(self.model, samples, self.device, tta=self.tta).numpy().astype(np.float64)
+        if owners is None:
+            return probs
+        owners = np.asarray(owners)
+        return tiles.vote(probs, owners, int(owners.max()) + 1)
 
 
 def model_file(settings: Settings, run_id: int) -> Path:
-    """The run's model: its best checkpoint."""
-    return run_dir(settings, run_id) / "best.pt"
+    """The run's model file (core/inference/model_file.py)."""
+    return model_path(settings, run_id)
 
 
 def model_sha256(settings: Settings, run_id: int) -> str | None:
@@ -97,7 +137,7 @@ def model_sha256(settings: Settings, run_id: int) -> str | None:
         info = path.stat()
     except FileNotFoundError:
         return None
-    # A checkpoint is replaced by renaming a new file over it, which gives it a new inode.
+    # A model file is replaced by renaming a new file over it, which gives it a new inode.
     return file_sha256(str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
@@ -109,30 +149,21 @@ def file_sha256(path: str, *version: int) -> str:
 
 
 def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
+    """The predictor of a succeeded run, from its model file."""
     run = get_run(session, run_id)
     path = model_file(settings, run_id)
-    if run.status != RunStatus.succeeded or not path.exists():
+    if run.status != RunStatus.succeeded:
         raise UserError(f"Run {run_id} has no trained model (status: {run.status.value}); pick a run that succeeded.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    classes = list(checkpoint["classes"])
-    model = PaperDenseNet(len(classes))
-    model.load_state_dict(checkpoint["model"])
-    dev = pick_device(device)
-    size = int(checkpoint["image_size"])
-    config = checkpoint["config"]
-    normaliser = None
-    if config.get("stain_normalisation", "none") != "none":
-        # Refit on the run's own reference image, so new images look like its training images.
-        reference = session.get(Image, checkpoint["stain_reference_image_id"])
-        if reference is None:
-            raise UserError(f"Run {run_id} normalised stains to image {checkpoint['stain_reference_image_id']}, "
-                            "which is no longer stored; its model cannot be used for prediction.")
-        normaliser = make_normaliser(config["stain_normalisation"], resized_array(settings, reference, size))
-    model = prepare_for_inference(model, dev, size, cpu_compile=settings.cpu_compile)
-    return Predictor(model, classes, size, dev, run_id,
-                     normaliser=normaliser, tta=bool(config.get("tta", False)),
-                     calibration=dict((run.summary or {}).get("calibration") or {}),
-                     tiles=int(config.get("tiles", 0)))
+    if not path.exists():
+        if (run_dir(settings, run_id) / "best.pt").exists():
+            raise UserError(f"Run {run_id} predates model files: it kept only a training checkpoint (best.pt), "
+                            "which prediction no longer reads. Train the run again to use it.")
+        raise UserError(f"Run {run_id} has no model file ({path.name} is missing); train it again to use it.")
+    predictor = Predictor.from_file(path, device, cpu_compile=settings.cpu_compile)
+    if predictor.meta.get("run_created") != run.created_at.isoformat():
+        raise UserError(f"The model file under run {run_id}'s folder belongs to another run (another database's); "
+                        "train this run again to use it.")
+    return predictor
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True,
@@ -177,23 +208,24 @@ def compiled_or_eager(model: torch.nn.Module, device: torch.device, image_size: 
         return getattr(model, "_orig_mod", model)
 
 
-def predict_files(predictor: Predictor, paths: Sequence[Path], max_pixels: int | None = None) -> list[dict]:
-    """One row per file: path, predicted class and each class's probability."""
+def predict_files(predictor: Predictor, paths: Sequence[Path], max_pixels: int | None = None, *,
+                  calibrated: bool = True) -> list[dict]:
+    """One row per file: path, predicted class, which probabilities these are (calibrated where the
+    run has a temperature, unless `calibrated` is False; raw otherwise), each class's probability,
+    and with calibrated probabilities the "uncertain, refer" verdict."""
     images = []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such file.")
         images.append(load_rgb(Path(path), max_pixels))
-    probs = predictor.probabilities(images)
+    probs = predictor.predict(images, calibrated=calibrated)
+    shown = probs.shown
     rows = [
-        {"path": str(path), "predicted": predictor.classes[int(p.argmax())],
+        {"path": str(path), "predicted": predictor.classes[int(p.argmax())], "probabilities": probs.label,
          **{c: float(v) for c, v in zip(predictor.classes, p)}}
-        for path, p in zip(paths, probs)
+        for path, p in zip(paths, shown)
     ]
-    if predictor.temperature is not None and len(probs):
-        calibrated = predictor.calibrated(probs)
-        refer = calibration.refer_verdict(calibrated, predictor.refer_threshold())
-        for row, c, r in zip(rows, calibrated, refer):
-            row["confidence_calibrated"] = float(c.max())
-            row["uncertain_refer"] = bool(r)
+    if probs.is_calibrated:
+        for row, refer in zip(rows, calibration.refer_verdict(shown, predictor.refer_threshold())):
+            row["uncertain_refer"] = bool(refer)
     return rows

@@ -1,8 +1,10 @@
 """Where the model looked: Grad-CAM (the pytorch-grad-cam package) on the last dense block.
 
-The heat map is computed on the image as the model sees it (squashed to the training size), then
-stretched back over the original image for display. DenseNet-201 downsamples by 32, so a model
-trained at 224 px gives a 7x7 map; at 32 px the map is a single cell and carries no location.
+The heat map is computed on the image as the model sees it (the run's evaluation pipeline: squashed
+to the training size and stain-normalised as the run was; a tiled run is explained on the whole
+image at that size), then stretched back over the original image for display. DenseNet-201
+downsamples by 32, so a model trained at 224 px gives a 7x7 map; at 32 px the map is a single cell
+and carries no location.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from core.data.cache import resize, to_tensor
+from core.data.cache import to_tensor
 from core.inference.predict import Predictor
 from core.training.loop import preprocess
 
@@ -49,14 +51,14 @@ class GradCam:
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.device = predictor.device
-        self.image_size = predictor.image_size
+        self.pipeline = predictor.pipeline
         self.classes = predictor.classes
         self.target_layer = self.model.features.denseblock4  # the last dense block
         self._lock = threading.Lock()
 
     def explain(self, image: PILImage.Image, class_index: int | None = None, max_side: int = 640) -> Saliency:
         """The Grad-CAM map of `class_index` (default: the predicted class) for one RGB image."""
-        x = preprocess(to_tensor([np.asarray(resize(image.convert("RGB"), self.image_size), dtype=np.uint8)]), self.device)
+        x = preprocess(to_tensor([self.pipeline.whole(image)]), self.device)
         with self._lock:
             if class_index is None:
                 with torch.no_grad():

@@ -25,8 +25,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
 from core.store.db import EpochMetric, Run, RunStatus, engine_of, utcnow, write_transaction
+from core.store.records import RunSummary
+from core.store.runs import get_run
 from core.errors import UserError
 from core.access.limits import is_disk_full
+from core.training.run_config import RunConfig
 
 LOG_TAIL_LINES = 50
 # A run whose worker died this many times is failed instead of being requeued again: something
@@ -102,13 +105,6 @@ def claim_next(Session: sessionmaker, worker: str, run_id: int | None = None) ->
 def has_queued(session: Session) -> bool:
     """A cheap read, so an idle worker polls without taking the write lock."""
     return session.scalar(select(Run.id).where(Run.status == RunStatus.queued).limit(1)) is not None
-
-
-def get_run(session: Session, run_id: int) -> Run:
-    run = session.get(Run, run_id)
-    if run is None:
-        raise UserError(f"No run with id {run_id}. `python -m core runs` lists them.")
-    return run
 
 
 def request_cancel(session: Session, run_id: int) -> RunStatus:
@@ -205,10 +201,10 @@ def run_status(session: Session, run_id: int) -> dict[str, Any]:
         "id": run.id,
         "status": run.status.value,
         "epochs_done": done,
-        "epochs": run.config.get("epochs"),
+        "epochs": RunConfig.from_dict(run.config).epochs,
         "progress": run.progress,
         "latest_epoch": latest,
-        "test_accuracy": run.summary.get("test_accuracy"),
+        "test_accuracy": RunSummary.from_dict(run.summary).test_accuracy,
         "heartbeat_age_s": None if heartbeat_age is None else round(heartbeat_age, 1),
         "worker": run.worker,
         "pid": run.pid,

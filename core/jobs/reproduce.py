@@ -32,11 +32,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.store.db import Run
 from core.errors import UserError
+from core.store.records import RunSummary
+from core.training import run_config
 from core.training.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total), as in core.jobs.runs
+Progress = Callable[[str, int, int], None]  # (stage, done, total), as in core.jobs.execute
 
 # The paper's settings (DESIGN.md section 2); a report made with others says which differ.
 PAPER = {"image_size": 224, "per_class": 1200, "epochs": 25, "batch_size": 24, "lr": 1e-4, "weights": "imagenet",
@@ -54,7 +56,7 @@ class ProtocolResult:
     confusion: np.ndarray
     classes: list[str]
     epochs: list[dict[str, float | None]]
-    summary: dict[str, Any]
+    summary: RunSummary
     weights_used: str
     device: str
     seconds: float
@@ -64,14 +66,14 @@ class ProtocolResult:
 
 def _run_one(Session: sessionmaker, settings: Settings, config: RunConfig, label: str,
              progress: Progress | None) -> int:
-    from core.jobs import runs
+    from core.jobs import execute, runs
 
     with Session.begin() as s:
         (run,) = runs.create_runs(s, settings, config)
         run_id = run.id
     log.info("reproduce: %s protocol, run %d", label, run_id)
     cb = (lambda stage, done, total: progress(f"{label}: {stage}", done, total)) if progress else None
-    runs.execute_run(Session, settings, run_id, progress=cb)
+    execute.execute_run(Session, settings, run_id, progress=cb)
     return run_id
 
 
@@ -98,7 +100,7 @@ def _collect(session: Session, run: Run, key: str, title: str) -> ProtocolResult
     return ProtocolResult(
         key=key, title=title, run_id=run.id, protocol=report.protocol, accuracy=report.accuracy,
         table=metrics.format_report(report), confusion=report.confusion, classes=list(report.classes),
-        epochs=epochs, summary=dict(run.summary), weights_used=run.weights_used or "", device=run.device or "",
+        epochs=epochs, summary=RunSummary.from_dict(run.summary), weights_used=run.weights_used or "", device=run.device or "",
         seconds=seconds, bootstrap=boot, n_source_images=len({r[2] for r in rows}),
     )
 
@@ -166,6 +168,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _or_unknown(count: int | None) -> int | str:
+    return "?" if count is None else count
+
+
 def _reduced(config: RunConfig, weights_used: str) -> list[str]:
     differ = [f"{k} {getattr(config, k)} (paper: {v})" for k, v in PAPER.items() if k != "weights" and getattr(config, k) != v]
     if not weights_used.lower().startswith("imagenet"):
@@ -177,7 +183,7 @@ def _interval(r: ProtocolResult) -> str:
     b = r.bootstrap
     unit = ("specimen groups" if r.key == "honest" else "source images") if b.n_groups is not None else "samples"
     return (f"95% bootstrap interval {_pct(b.accuracy.low)}-{_pct(b.accuracy.high)}, resampling the "
-            f"{b.n_groups if b.n_groups is not None else r.summary.get('n_test', '?')} test {unit}")
+            f"{b.n_groups if b.n_groups is not None else _or_unknown(r.summary.n_test)} test {unit}")
 
 
 def _verdict(leaky: ProtocolResult, honest: ProtocolResult, grouped: bool, chance: float) -> str:
@@ -225,8 +231,8 @@ def _protocol_section(r: ProtocolResult, explanation: str) -> list[str]:
         "",
         explanation,
         "",
-        (f"Run {r.run_id}: {r.summary.get('n_train', '?')} training, {r.summary.get('n_val', '?')} validation and "
-         f"{r.summary.get('n_test', '?')} test samples (from {r.n_source_images} distinct source images); "
+        (f"Run {r.run_id}: {_or_unknown(r.summary.n_train)} training, {_or_unknown(r.summary.n_val)} validation and "
+         f"{_or_unknown(r.summary.n_test)} test samples (from {r.n_source_images} distinct source images); "
          f"device {r.device}; {r.seconds:.0f} s."),
         "",
         f"Accuracy {_pct(r.accuracy)} ({_interval(r)}; {r.bootstrap.n_resamples} resamples, seed {r.bootstrap.seed}).",
@@ -281,7 +287,6 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
     """Write out_dir/report.md and its figures from two finished runs: one with the paper-leaky
     split and one honest (holdout) run with the same settings. Returns the report's path."""
     from core.data import audit, splits
-    from core.evaluation import yardstick
 
     out_dir = Path(out_dir)
     with Session.begin() as s:
@@ -313,6 +318,35 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
         confusion_png(r.confusion, r.classes, f"{r.title}\naccuracy {_pct(r.accuracy)}", out_dir / f"confusion-{r.key}.png")
         curves_png(r.epochs, f"{r.title} (run {r.run_id})", out_dir / f"curves-{r.key}.png")
 
+    lines = _opening_lines(dataset, counts, n_groups, config, leaky, honest, grouped, chance)
+    lines += [
+        "## Settings (shared by both runs)",
+        "",
+        *_settings_table(config, honest.weights_used),
+        "",
+    ]
+    lines += _protocol_section(leaky, (
+        f"Protocol: {leaky.protocol}. Every source image is augmented to {config.per_class} images per class first; "
+        "the augmented copies are then split 80/20 (validation carved from the 80%). Copies of one source image, "
+        "and images of one specimen, are on both sides: this reproduces the paper's number, it does not measure "
+        "accuracy on new images."))
+    lines += _protocol_section(honest, (
+        f"Protocol: {honest.protocol}. The source images are split first"
+        f"{', whole specimen groups at a time' if grouped else ''}; only the training part is augmented "
+        f"(to {config.per_class} per class); the test images are never augmented or seen in training."))
+    lines += _closing_lines(dataset, config, leaky, honest, honest_audit, by_image_audit, out_dir)
+    path = out_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _opening_lines(dataset: str, counts: dict[str, int], n_groups: int, config: RunConfig, leaky, honest,
+                   grouped: bool, chance: float) -> list[str]:
+    """The report's title, what data and settings it rests on, and its verdict with the table of both protocols."""
+    from core.evaluation import yardstick
+
     reduced = _reduced(config, honest.weights_used)
     on_cpu = honest.device.startswith("cpu")
     lines = [
@@ -333,39 +367,33 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
              "to the paper's full setting."),
             "",
         ]
-    lines += [
+    return lines + [
         "## Verdict",
         "",
         _verdict(leaky, honest, grouped, chance),
         "",
         "| protocol | what is tested | test samples | accuracy | 95% bootstrap interval |",
         "| --- | --- | --- | --- | --- |",
-        (f"| paper (leaky) | augmented copies, split after augmentation | {leaky.summary.get('n_test', '?')} copies of "
+        (f"| paper (leaky) | augmented copies, split after augmentation | {_or_unknown(leaky.summary.n_test)} copies of "
          f"{leaky.n_source_images} images | {_pct(leaky.accuracy)} | {_pct(leaky.bootstrap.accuracy.low)}-"
          f"{_pct(leaky.bootstrap.accuracy.high)} |"),
         (f"| honest | untouched images{' of held-out specimen groups' if grouped else ''} | "
-         f"{honest.summary.get('n_test', '?')} images | {_pct(honest.accuracy)} | "
+         f"{_or_unknown(honest.summary.n_test)} images | {_pct(honest.accuracy)} | "
          f"{_pct(honest.bootstrap.accuracy.low)}-{_pct(honest.bootstrap.accuracy.high)} |"),
         "",
         ("Intervals resample whole units (source images for the paper's augmented copies, specimen groups for a "
          "grouped split), since samples of one unit are not independent."),
         "",
-        *([yardstick.describe(honest.summary["colour_yardstick"]), ""] if honest.summary.get("colour_yardstick") else []),
-        "## Settings (shared by both runs)",
-        "",
-        *_settings_table(config, honest.weights_used),
-        "",
+        *([yardstick.describe(honest.summary.colour_yardstick), ""] if honest.summary.colour_yardstick else []),
     ]
-    lines += _protocol_section(leaky, (
-        f"Protocol: {leaky.protocol}. Every source image is augmented to {config.per_class} images per class first; "
-        "the augmented copies are then split 80/20 (validation carved from the 80%). Copies of one source image, "
-        "and images of one specimen, are on both sides: this reproduces the paper's number, it does not measure "
-        "accuracy on new images."))
-    lines += _protocol_section(honest, (
-        f"Protocol: {honest.protocol}. The source images are split first"
-        f"{', whole specimen groups at a time' if grouped else ''}; only the training part is augmented "
-        f"(to {config.per_class} per class); the test images are never augmented or seen in training."))
-    lines += ["## Leak audit of the honest split", "", audit.format_audit(honest_audit), ""]
+
+
+def _closing_lines(dataset: str, config: RunConfig, leaky, honest, honest_audit, by_image_audit,
+                   out_dir: Path) -> list[str]:
+    """The leak audit of the honest split (and of a split by image, for comparison), and how to make the report again."""
+    from core.data import audit
+
+    lines = ["## Leak audit of the honest split", "", audit.format_audit(honest_audit), ""]
     if by_image_audit is not None:
         lines += [
             ("For comparison, the same audit of a split **by image** (not grouped) of this data: "
@@ -386,11 +414,7 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
          "their full configuration; `python -m core evaluate RUN` prints their tables again."),
         "",
     ]
-    path = out_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,12 +434,12 @@ class _StageLog:
             self.stage, self.last = stage, now
 
 
+# The settings reproduce-paper lets one change; the rest are the paper's (both protocols are run).
+RUN_FLAGS = ("epochs", "image_size", "per_class", "batch_size", "weights", "seed", "device")
+
+
 def cmd_reproduce_paper(args: argparse.Namespace, settings: Settings, Session: sessionmaker) -> None:
-    base = RunConfig(
-        dataset=args.dataset, image_size=args.image_size, per_class=args.per_class, epochs=args.epochs,
-        batch_size=args.batch_size, weights=args.weights or settings.default_weights, seed=args.seed,
-        device=args.device,
-    )
+    base = run_config.from_flags(args, RUN_FLAGS, dataset=args.dataset, weights=args.weights or settings.default_weights)
     out = Path(args.out) if args.out else settings.app_home / "reports" / f"reproduce-{args.dataset}"
     path = reproduce_paper(Session, settings, args.dataset, base, out, progress=_StageLog())
     print(path)
@@ -423,7 +447,6 @@ def cmd_reproduce_paper(args: argparse.Namespace, settings: Settings, Session: s
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `reproduce-paper DATASET`; its handler is set as `func(args, settings, Session)`."""
-    defaults = RunConfig(dataset="")
     p = subparsers.add_parser(
         "reproduce-paper", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train under the paper's (leaky) protocol and the honest one; write a Markdown report",
@@ -434,13 +457,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("dataset", help="name of an ingested dataset")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: APP_HOME/reports/reproduce-DATASET)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--image-size", type=int, default=defaults.image_size, help="images are resized to this square")
-    p.add_argument("--per-class", type=int, default=defaults.per_class, help="augmented images per class")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--weights", default=None,
-                   help="imagenet | none | PATH to a weights file (default: DEFAULT_WEIGHTS, else imagenet)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    run_config.add_flags(p, RUN_FLAGS)
     p.set_defaults(func=cmd_reproduce_paper)
     return p

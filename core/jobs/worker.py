@@ -45,7 +45,7 @@ from core.store.db import Run, RunStatus, Worker, make_sessionmaker, utcnow
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]  # where `python -m core` works
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, where `python -m core` works
 POLL_SECONDS = 0.5  # how often an idle worker looks for queued runs (a read, no lock)
 # A worker started by the app leaves after this long with nothing queued or running anywhere;
 # the app starts another on its next page load (or `train --background` does). No stray
@@ -391,7 +391,7 @@ def run_child(settings: Settings, run_id: int, parent: int | None = None) -> Non
     if parent is not None:
         # The worker's pid is passed in rather than read here: it may have died already.
         threading.Thread(target=_watch_parent, args=(parent,), name="watch-worker", daemon=True).start()
-    from core.jobs.runs import execute_run  # torch: only the child pays for importing it
+    from core.jobs.execute import execute_run  # torch: only the child pays for importing it
 
     Session = make_sessionmaker(settings.database_url)
     execute_run(Session, settings, run_id, resume=True)

@@ -5,8 +5,8 @@ Problems the check finds (one `Problem` each):
 - missing     an image row's stored file is not there
 - damaged     an image's stored file is empty or not a regular file, or (deep check) its sha256 is
               not the one recorded
-- checkpoint  a succeeded run's best.pt (what evaluation and prediction load) is missing or empty,
-              or (deep check) unreadable
+- model       a succeeded run's model file (model.safetensors, what prediction loads) is missing or
+              empty, or (deep check) unreadable or its weights not those it records
 - orphan      a file under images/ that no image row references, e.g. stored by an ingest that was
               killed before its commit
 - temp        a leftover of an interrupted write: an atomic write's temporary file (core/store/files.py),
@@ -19,8 +19,8 @@ stored image, which reads all of them.
 
 An ingest stores its files before it commits their rows, so while one runs its new files look like
 orphans: the check then leaves images/ and tmp/ alone (`ingest_running`), and `fix` refuses.
-Temporary files of checkpoints and of the decoded-image cache count as leftovers once nothing has
-written to them for TEMP_GRACE_SECONDS (a file being written keeps getting newer).
+Temporary files of model files, checkpoints and the decoded-image cache count as leftovers once
+nothing has written to them for TEMP_GRACE_SECONDS (a file being written keeps getting newer).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import hashlib
 import os
 import shutil
 import time
-import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +40,14 @@ from core.config import Settings
 from core.store.db import Dataset, Image, Run, RunStatus
 from core.errors import UserError
 from core.store.files import exclusive_ingest_lock, is_temp_name
+from core.store.runs import model_file_problem, model_path
 
 TEMP_GRACE_SECONDS = 120
 FIXABLE = ("orphan", "temp", "run_folder")
 LABELS = {
     "missing": "image file(s) missing",
     "damaged": "image file(s) damaged",
-    "checkpoint": "finished run(s) without a usable checkpoint",
+    "model": "finished run(s) without a usable model file",
     "orphan": "unreferenced file(s) under images/",
     "temp": "leftover temporary file(s)",
     "run_folder": "run folder(s) without a run",
@@ -217,17 +217,17 @@ def _check_runs(session: Session, settings: Settings) -> tuple[int, list[Problem
     for run_id, status in sorted(runs.items()):
         if status != RunStatus.succeeded:
             continue
-        best = settings.runs_dir / str(run_id) / "best.pt"
-        rel = _rel(settings, best)
-        if not best.is_file():
-            problems.append(Problem("checkpoint", rel, f"run {run_id} succeeded; its checkpoint is missing"))
-        elif best.stat().st_size == 0:
-            problems.append(Problem("checkpoint", rel, f"run {run_id}: empty file"))
+        model = model_path(settings, run_id)
+        rel = _rel(settings, model)
+        if not model.is_file():
+            problems.append(Problem("model", rel, f"run {run_id} succeeded; its model file is missing"))
+        elif model.stat().st_size == 0:
+            problems.append(Problem("model", rel, f"run {run_id}: empty file"))
     return len(runs), problems
 
 
 def _deep_problems(session: Session, settings: Settings, judged: set[str]) -> list[Problem]:
-    """Hash every stored image and read every succeeded run's checkpoint, except paths in `judged`
+    """Hash every stored image and read every succeeded run's model file, except paths in `judged`
     (already reported). Runs without the ingest lock: a file deleted meanwhile is passed over."""
     problems = []
     for stored_path, rows in sorted(_image_owners(session).items()):
@@ -241,18 +241,13 @@ def _deep_problems(session: Session, settings: Settings, judged: set[str]) -> li
             problems.append(Problem("damaged", stored_path,
                                     f"sha256 is {actual[:12]}…, recorded {rows[0][0][:12]}…; {_where(rows)}"))
     for run_id in session.scalars(select(Run.id).where(Run.status == RunStatus.succeeded).order_by(Run.id)):
-        best = settings.runs_dir / str(run_id) / "best.pt"
-        rel = _rel(settings, best)
-        if rel in judged or not best.is_file():
+        model = model_path(settings, run_id)
+        rel = _rel(settings, model)
+        if rel in judged or not model.is_file():
             continue
-        # torch.save writes a zip; its CRCs tell a damaged file without importing torch.
-        try:
-            with zipfile.ZipFile(best) as zf:
-                bad = zf.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            bad = str(e) or type(e).__name__
+        bad = model_file_problem(model)
         if bad is not None:
-            problems.append(Problem("checkpoint", rel, f"run {run_id}: unreadable ({bad})"))
+            problems.append(Problem("model", rel, f"run {run_id}: {bad}"))
     return problems
 
 
@@ -285,7 +280,7 @@ def check(Session: sessionmaker, settings: Settings, *, deep: bool = False) -> C
     """Compare the database with the files under APP_HOME; changes nothing.
 
     The quick check (default) costs a stat per stored file; `deep` also reads and hashes every
-    stored image and checkpoint.
+    stored image and model file.
     """
     # The lock only for the listing: hashing can take minutes, and uploads would wait for it.
     with exclusive_ingest_lock(settings) as idle, Session() as s:

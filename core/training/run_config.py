@@ -3,14 +3,20 @@
 Defaults are the paper's (Hasan et al.): Adam 1e-4, batch 24, 25 epochs, 224x224, 1200 augmented
 images per class, Augmentor rotate/distort/zoom. The split default is the honest one (split first,
 augment only the training part); the paper's own protocol is `split="paper-leaky"`.
+
+Each field's metadata (SETTING_KEYS) gives its help, label, bounds and choices: the CLI's flags
+(`add_flags`, `from_flags`) and the Train page's form are both made from it, so a new setting is
+added here once.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from core.transforms.augment import AugmentParams
 from core.errors import UserError
@@ -20,33 +26,103 @@ from core.transforms.stain import METHODS as STAIN_METHODS
 STAIN_NORMALISATIONS = ("none", *STAIN_METHODS)
 
 
+def _setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **meta: Any) -> Any:
+    """A RunConfig field and what the CLI and the Train form need to offer it (see SETTING_KEYS)."""
+    unknown = set(meta) - set(SETTING_KEYS)
+    assert not unknown, f"unknown setting metadata {sorted(unknown)}"
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+# What a field's metadata may say. The CLI's flags (add_flags) and the Train page's form are both
+# made from it, so a setting, its help and its default are written down once, here.
+SETTING_KEYS = {
+    "help": "what it does: the flag's help in `python -m core train --help` and the form's tooltip",
+    "label": "the Train form's label",
+    "section": "the Train form's box: data, augmentation, weights, training or generalisation",
+    "key": "the Train page's widget key is tr_KEY (default: the field's name)",
+    "choices": "the only values allowed: the flag's choices and the form's options",
+    "option_labels": "a sentence per choice; the form then shows them as radio buttons",
+    "options": "values the form offers; the flag takes any text",
+    "bounds": "(lowest, highest) of the form's number input",
+    "step": "the form's number input step",
+    "format": "the form's number format, e.g. %.2f",
+    "splits": "the split protocols it applies to; the form disables it under the others",
+    "flag": "the flag, when it is not --NAME",
+    "metavar": "the flag's placeholder in --help",
+    "cli_default": "the flag's default when it is not the field's (a site setting applies instead)",
+    "drawn_by_page": "the Train page draws this input itself (it shows records: datasets, groups, presets)",
+    "internal": "why neither the CLI nor the form sets it",
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    dataset: str
+    dataset: str = _setting(help="name of an ingested dataset", label="Dataset", section="data", drawn_by_page=True)
     # split, made before augmentation (see core/data/splits.py)
-    split: str = "holdout"  # holdout | kfold | paper-leaky
-    grouped: bool | None = None  # None: grouped when the dataset has groups
-    test_fraction: float = 0.2  # paper: 80/20
-    val_fraction: float = 0.1  # of the non-test part; picks the best epoch; 0 = none
-    folds: int = 5
-    fold: int = 0  # which k-fold fold this run trains (0 for holdout)
+    split: str = _setting(
+        "holdout", section="data", label="Split protocol", choices=PROTOCOLS,
+        help="holdout: one stratified test part; kfold: one run per fold; paper-leaky: the paper's "
+             "augment-then-split (inflated)",
+        option_labels={
+            "holdout": "Holdout: split first, augment only the training part (honest)",
+            "kfold": "k-fold cross-validation: one run per fold (honest)",
+            "paper-leaky": "The paper's protocol: augment everything, then split (LEAKY)",
+        })
+    grouped: bool | None = _setting(  # None: grouped when the dataset has groups
+        None, section="data", label="Keep each specimen on one side", splits=("holdout", "kfold"), drawn_by_page=True,
+        help="keep each group (specimen) on one side; default: when the dataset has groups")
+    test_fraction: float = _setting(
+        0.2, section="data", label="Test fraction", bounds=(0.05, 0.9), step=0.05, format="%.2f",
+        splits=("holdout", "paper-leaky"), help="share of the images kept for testing (paper: 0.2, i.e. 80/20)")
+    val_fraction: float = _setting(
+        0.1, section="data", label="Validation fraction", bounds=(0.0, 0.9), step=0.05, format="%.2f",
+        help="of the non-test part; picks the best epoch, which is the one evaluated; 0 = none")
+    folds: int = _setting(5, section="data", label="Folds", bounds=(2, 20), step=1, splits=("kfold",),
+                          help="the number of folds of the kfold split, one run each")
+    fold: int = _setting(0, internal="each run of a k-fold experiment gets its fold from create_runs")  # 0 for holdout
     # augmentation of the training part only
-    per_class: int = 1200  # paper: 1200 images per class after augmentation
-    augmentation: dict[str, Any] = field(default_factory=lambda: AugmentParams().to_dict())
+    per_class: int = _setting(1200, section="augmentation", label="Augmented images per class", bounds=(1, 100_000),
+                              step=100, help="augmented training images per class (paper: 1200, 3600 in all)")
+    augmentation: dict[str, Any] = _setting(
+        factory=lambda: AugmentParams().to_dict(), section="augmentation", label="Augmentation preset",
+        key="aug_preset", drawn_by_page=True, flag="--augment", metavar="KEY=VALUE",
+        help=f"override an augmentation setting (repeatable); keys: {', '.join(AugmentParams().to_dict())}")
     # model and optimisation
-    weights: str = "imagenet"  # imagenet | none | path to a weights file
-    epochs: int = 25
-    batch_size: int = 24
-    lr: float = 1e-4
-    image_size: int = 224
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compile: bool = True  # torch.compile with CUDA graphs on a GPU; no effect on the CPU
+    weights: str = _setting(
+        "imagenet", section="weights", label="Weights", drawn_by_page=True, cli_default=None,
+        help="imagenet | none | PATH to a weights file (default: DEFAULT_WEIGHTS, else imagenet)")
+    epochs: int = _setting(25, section="training", label="Epochs", bounds=(1, 1000), step=1,
+                           help="passes over the augmented training images (paper: 25)")
+    batch_size: int = _setting(24, section="training", label="Batch size", bounds=(1, 1024), step=1,
+                               help="images per optimiser step (paper: 24)")
+    lr: float = _setting(1e-4, section="training", label="Learning rate (Adam)", bounds=(1e-7, 1.0), step=1e-5,
+                         format="%.1e", help="Adam learning rate (paper: 1e-4)")
+    image_size: int = _setting(224, section="training", label="Image size (px)", bounds=(32, 1024), step=32,
+                               help="images are resized to this square before augmentation (paper: 224)")
+    seed: int = _setting(0, section="data", label="Seed", bounds=(0, 2**31 - 1), step=1,
+                         help="seeds the split, the augmentation and the training")
+    device: str = _setting("auto", section="training", label="Device", options=("auto", "cpu", "cuda"),
+                           help="auto | cpu | cuda | cuda:N; auto: the GPU when there is one (bf16), else the CPU "
+                                "(slow at 224 px)")
+    compile: bool = _setting(True, internal="an implementation switch: torch.compile with CUDA graphs on a GPU, "
+                                            "no effect on the CPU; training falls back to the eager model by itself")
     # generalisation switches (not in the paper; off by default). See core/transforms/stain.py.
-    stain_normalisation: str = "none"  # none | macenko | reinhard: map every image onto a training reference
-    hed_jitter: float = 0.0  # sigma = bias of the H&E stain jitter on augmented training images; 0 = off
-    tta: bool = False  # test-time augmentation: mean softmax over identity + 3 flips
-    tiles: int = 0  # >0: train on up to this many image_size tiles per image at native resolution, vote (core/transforms/tiles.py)
+    stain_normalisation: str = _setting(
+        "none", section="generalisation", label="Stain normalisation", choices=STAIN_NORMALISATIONS, key="stain",
+        help="map every image's H&E colours onto one training image (the one of median optical density), before "
+             "augmentation, so that staining differences between specimens matter less; prediction applies the "
+             "same mapping, and the run's summary names the image")
+    hed_jitter: float = _setting(
+        0.0, section="generalisation", label="H&E stain jitter", bounds=(0.0, 1.0), step=0.01, format="%.2f",
+        key="hed", metavar="FLOAT",
+        help="random H&E stain variation of each augmented training image (sigma = bias = this value, e.g. "
+             "0.05); 0 = off; never applied to validation or test images")
+    tta: bool = _setting(False, section="generalisation", label="Test-time augmentation",
+                         help="average each prediction's softmax over the image and its 3 flips")
+    tiles: int = _setting(
+        0, section="generalisation", label="Tiles per image", bounds=(0, 256), step=1, metavar="N",
+        help="train on up to this many tiles of the image size per image, cut at native resolution (no "
+             "downscaling), and predict an image by the mean of its tiles' probabilities; 0 = whole images")
 
     def __post_init__(self) -> None:
         if self.split not in PROTOCOLS:
@@ -91,3 +167,66 @@ class RunConfig:
     @property
     def augment_params(self) -> AugmentParams:
         return AugmentParams.from_dict(self.augmentation)
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings a person chooses, as command-line flags (the Train page builds its form from the same fields)
+
+
+def settings_fields(names: Sequence[str] | None = None) -> list[dataclasses.Field]:
+    """RunConfig's fields that a person sets (all but the internal ones), or those named, in that order."""
+    if names is not None:
+        by_name = {f.name: f for f in dataclasses.fields(RunConfig)}
+        return [by_name[name] for name in names]
+    return [f for f in dataclasses.fields(RunConfig) if "internal" not in f.metadata]
+
+
+def setting_type(f: dataclasses.Field) -> type:
+    """The field's value type: bool, int, float, str or dict (`bool | None` is bool)."""
+    kind = get_type_hints(RunConfig)[f.name]
+    if get_origin(kind) is dict:
+        return dict
+    return next((k for k in get_args(kind) if k is not type(None)), kind)  # X | None -> X
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """A flag for each setting (or those named): --NAME with the field's type, default, choices and help."""
+    for f in settings_fields(names):
+        meta, kind = f.metadata, setting_type(f)
+        options: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        if "metavar" in meta:
+            options["metavar"] = meta["metavar"]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            options.update(required=True, default=argparse.SUPPRESS)
+        elif kind is not dict:
+            options["default"] = meta.get("cli_default", f.default)
+        if kind is bool:
+            parser.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **options)
+        elif kind is dict:  # KEY=VALUE items on top of the default's
+            parser.add_argument(flag_of(f), action="append", **options)
+        else:
+            parser.add_argument(flag_of(f), type=kind, choices=meta.get("choices"), **options)
+
+
+def from_flags(args: argparse.Namespace, names: Sequence[str] | None = None, **values: Any) -> RunConfig:
+    """The RunConfig of the flags add_flags made (for `names`), with `values` on top; the rest default."""
+    chosen = {f.name: getattr(args, f.name) for f in settings_fields(names)}
+    for f in settings_fields(names):
+        if setting_type(f) is dict:
+            chosen[f.name] = _key_values(flag_of(f), f.default_factory(), chosen[f.name] or [])
+    return RunConfig(**{**chosen, **values})
+
+
+def _key_values(flag: str, base: dict[str, Any], items: Sequence[str]) -> dict[str, Any]:
+    out = dict(base)
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise UserError(f"{flag} expects KEY=NUMBER, got {item!r}.") from None
+    return out

@@ -20,11 +20,15 @@ uint8, and leaves an image without stained tissue unchanged instead of failing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 METHODS = ("macenko", "reinhard")
 
@@ -68,6 +72,19 @@ class MacenkoNormaliser:
             raise UserError("The reference image has too little stained tissue to estimate H&E stain vectors; "
                             "pick a reference with tissue in most of the field.")
         self.stains, self.max_conc = fitted  # (3, 2) unit columns H, E; (2,) 99th percentiles
+
+    def to_params(self) -> dict[str, Any]:
+        """What the fit found, JSON-ready: `from_params` rebuilds this normaliser without the reference."""
+        return {"method": "macenko", "io": self.io, "beta": self.beta, "alpha": self.alpha,
+                "stains": self.stains.tolist(), "max_conc": self.max_conc.tolist()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> MacenkoNormaliser:
+        self = cls.__new__(cls)
+        self.io, self.beta, self.alpha = float(params["io"]), float(params["beta"]), float(params["alpha"])
+        self.stains = np.asarray(params["stains"], dtype=np.float64).reshape(3, 2)
+        self.max_conc = np.asarray(params["max_conc"], dtype=np.float64).reshape(2)
+        return self
 
     def _od(self, image: np.ndarray) -> np.ndarray:
         return -np.log((image.reshape(-1, 3).astype(np.float64) + 1) / self.io)
@@ -152,6 +169,18 @@ class ReinhardNormaliser:
         lab, tissue = self._lab_and_tissue(_check(reference))
         self.mean, self.std = lab[tissue].mean(0), lab[tissue].std(0)
 
+    def to_params(self) -> dict[str, Any]:
+        """What the fit found, JSON-ready: `from_params` rebuilds this normaliser without the reference."""
+        return {"method": "reinhard", "beta": self.beta, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ReinhardNormaliser:
+        self = cls.__new__(cls)
+        self.beta = float(params["beta"])
+        self.mean = np.asarray(params["mean"], dtype=np.float64).reshape(3)
+        self.std = np.asarray(params["std"], dtype=np.float64).reshape(3)
+        return self
+
     def _lab_and_tissue(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lab = _rgb_to_lab(image)
         od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1) / 256)
@@ -170,7 +199,7 @@ class ReinhardNormaliser:
         return out.reshape(image.shape)
 
 
-def make_normaliser(method: str, reference: np.ndarray) -> Normaliser:
+def make_normaliser(method: str, reference: np.ndarray) -> MacenkoNormaliser | ReinhardNormaliser:
     """A callable mapping HxWx3 uint8 images to the reference's stain appearance.
 
     Args:
@@ -186,6 +215,46 @@ def make_normaliser(method: str, reference: np.ndarray) -> Normaliser:
     if method == "reinhard":
         return ReinhardNormaliser(reference)
     raise UserError(f"Unknown stain normalisation {method!r}; choose one of {', '.join(METHODS)}.")
+
+
+def normaliser_from_params(params: dict[str, Any]) -> MacenkoNormaliser | ReinhardNormaliser:
+    """The normaliser whose `to_params()` gave `params` (its fitted values; no reference image needed)."""
+    kinds = {"macenko": MacenkoNormaliser, "reinhard": ReinhardNormaliser}
+    method = params.get("method")
+    if method not in kinds:
+        raise UserError(f"Unknown stain normalisation {method!r}; choose one of {', '.join(METHODS)}.")
+    return kinds[method].from_params(params)
+
+
+def mean_optical_density(image: np.ndarray) -> float:
+    """Mean optical density of an HxWx3 uint8 image over all pixels and channels (0 for white glass)."""
+    return float(-np.log((image.astype(np.float64) + 1) / 256).mean())
+
+
+def choose_reference(arrays: Sequence[np.ndarray], ids: Sequence[int], method: str
+                     ) -> tuple[int, MacenkoNormaliser | ReinhardNormaliser]:
+    """The stain-normalisation reference and its normaliser, from the given (training) images only.
+
+    The reference is the image whose mean optical density is the median (a typical stain, neither
+    the palest nor the darkest; ties go to the lower image id). If `method` cannot be fitted to it
+    (Macenko needs enough stained tissue), the image next closest to the median is tried, and so on.
+    Returns (image id, normaliser). Raises UserError when no image will do.
+    """
+    if not arrays:
+        raise UserError("Stain normalisation needs at least one training image to take the reference from.")
+    ranked = sorted(range(len(arrays)), key=lambda i: (mean_optical_density(arrays[i]), ids[i]))
+    mid = (len(ranked) - 1) // 2
+    order = sorted(range(len(ranked)), key=lambda r: (abs(r - mid), r))
+    for r in order:
+        i = ranked[r]
+        try:
+            return ids[i], make_normaliser(method, arrays[i])
+        except UserError as exc:
+            if "Unknown stain normalisation" in str(exc):
+                raise
+            log.info("stain reference: image %d does not fit %s (%s); trying the next", ids[i], method, exc)
+    raise UserError(f"No training image has enough stained tissue to fit {method} stain normalisation; "
+                    "train without it (stain_normalisation='none').")
 
 
 # ---------------------------------------------------------------------------------------------
