@@ -31,3 +31,10 @@ def test_paper_protocol_benchmark_reports_each_phase(tmp_path):
     text = main(["--data", str(tmp_path / "data"), "--image-size", "32", "--per-class", "6", "--epochs", "1",
                  "--batch-size", "6", "--device", "cpu"])
     assert "| baseline (eager) |" in text and "| fast path |" in text and "speed-up (total)" in text
+
+
+def test_server_cpu_benchmark_measures_both_servers():
+    from bench.server_cpu import main
+
+    shares = main(["--duration", "2"])
+    assert set(shares) == {"baseline", "project"} and all(0 <= v < 2 for v in shares.values())
