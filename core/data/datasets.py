@@ -510,21 +510,24 @@ def _groups_from_csv(csv_path: Path, rels: list[str]) -> dict[str, str]:
             raise UserError(f"{csv_path.name} gives '{key}' two groups: {table[key]} and {group}.")
 
     name_counts = Counter(PurePosixPath(r).name for r in rels)
-    groups: dict[str, str] = {}
-    missing: list[str] = []
-    for rel in rels:
+
+    def group_of(rel: str) -> str | None:
         name = PurePosixPath(rel).name
-        group = table.get(rel) or (table.get(name) if name_counts[name] == 1 else None)
-        if group:
-            groups[rel] = group
-        else:
-            missing.append(rel)
+        return table.get(rel) or (table.get(name) if name_counts[name] == 1 else None)
+
+    groups, missing = _each_group(rels, group_of)
     if missing:
         raise UserError(
             f"{csv_path.name} has no group for {len(missing)} image(s), e.g. "
             f"{', '.join(missing[:5])}. List each as CLASS/file (or the bare file name if unique)."
         )
     return groups
+
+
+def _each_group(rels: list[str], group_of) -> tuple[dict[str, str], list[str]]:
+    """Each path's group where `group_of` finds one, and the paths it finds none for."""
+    groups = {rel: g for rel in rels if (g := group_of(rel))}
+    return groups, [rel for rel in rels if rel not in groups]
 
 
 def _compile_group_pattern(pattern: str) -> re.Pattern[str]:
@@ -540,15 +543,11 @@ def _compile_group_pattern(pattern: str) -> re.Pattern[str]:
 
 
 def _groups_from_pattern(rx: re.Pattern[str], rels: list[str]) -> dict[str, str]:
-    groups: dict[str, str] = {}
-    missing: list[str] = []
-    for rel in rels:
+    def group_of(rel: str) -> str | None:
         m = rx.search(rel)
-        group = (m.group("group") if "group" in rx.groupindex else m.group(1)) if m else None
-        if group:
-            groups[rel] = group
-        else:
-            missing.append(rel)
+        return (m.group("group") if "group" in rx.groupindex else m.group(1)) if m else None
+
+    groups, missing = _each_group(rels, group_of)
     if missing:
         raise UserError(
             f"Group pattern {rx.pattern!r} finds no group in {len(missing)} image path(s), e.g. "
