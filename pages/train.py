@@ -76,6 +76,10 @@ def section_inputs(section: str, split: str, columns: int, drawn: tuple[str, ...
 
 def launch(config: RunConfig) -> None:
     """Queue the runs of `config` and make sure a worker takes them."""
+    from core.training.model import check_weights  # torch: only when launching
+
+    with st.spinner("Checking that the backbone weights can be loaded..."):
+        check_weights(config.weights)  # here, not after the run has spent minutes augmenting its data
     with Session.begin() as s:
         ids = [r.id for r in runs.create_runs(s, cfg, config, user=user)]
     start_worker(cfg)
@@ -202,8 +206,8 @@ else:
                                key=form_key("weights"), label_visibility="collapsed")
             if weights == "imagenet":
                 st.caption("The paper's choice. torchvision downloads them once (about 80 MB, cached under TORCH_HOME). "
-                           "**On a machine without internet the download fails and the run stops at its start** "
-                           "with that message; use a weights file or no weights there.")
+                           "Launching checks that they can be loaded: on a machine without internet it says so "
+                           "and queues nothing; use a weights file or no weights there.")
             elif weights == "file":
                 st.text_input("Path on the server", key="tr_weights_path", placeholder="/models/densenet201-c1103571.pth",
                               help="A torchvision DenseNet-201 state dict (.pth, .safetensors) or a checkpoint of this app.")

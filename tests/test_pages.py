@@ -458,3 +458,33 @@ def test_prediction_shows_the_probabilities_core_computes(trained, monkeypatch):
     assert any("Class probabilities" in t for t in chart_titles(at))
     # At 32 px the last dense block is 1x1: the page says so instead of drawing an empty overlay.
     assert any("Grad-CAM for" in c for c in image_captions(at)) or any("Grad-CAM for" in i.value for i in at.info)
+
+
+def test_launch_with_imagenet_weights_that_cannot_be_had_queues_nothing(monkeypatch, no_worker, settings, tmp_path):
+    """Offline, the Train page says so at launch in its own words, before any run is queued."""
+    import urllib.error
+
+    from core.training import model
+
+    write_dataset(tmp_path / "src", per_class=6)
+    with make_sessionmaker(settings.database_url).begin() as s:
+        ingest(s, settings, tmp_path / "src", "fresh")
+
+    class Offline:
+        class IMAGENET1K_V1:  # noqa: N801 - torchvision's enum member name
+            @staticmethod
+            def get_state_dict(progress: bool = False):
+                raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(model, "DenseNet201_Weights", Offline)
+    Session = make_sessionmaker(settings.database_url)
+    with Session() as s:
+        before = len(s.scalars(select(Run)).all())
+    at = open_page(monkeypatch, settings, "pages/train.py")
+    at.radio(key="tr_weights").set_value("imagenet").run()
+    at.button(key="tr_launch").click().run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert "could not be loaded" in error and "A weights file on the server" in error and "No run was queued" in error
+    with Session() as s:
+        assert len(s.scalars(select(Run)).all()) == before

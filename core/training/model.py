@@ -22,9 +22,10 @@ WEIGHT_CHOICES = ("imagenet", "none", "PATH to a weights file")
 
 _MISSING_IMAGENET = (
     "ImageNet weights for DenseNet-201 could not be loaded ({reason}). "
-    "This machine may be offline. Either pass a local weights file with --weights PATH "
-    "(densenet201-c1103571.pth, downloaded on a machine with internet, or any state dict of "
-    "DenseNet-201), or train from random initialisation with --weights none."
+    "This machine may be offline. Either use a local weights file (on the Train page: 'A weights "
+    "file on the server'; on the command line: --weights PATH), e.g. densenet201-c1103571.pth "
+    "downloaded on a machine with internet, or train from random initialisation ('None: random "
+    "initialisation'; --weights none)."
 )
 
 
@@ -105,7 +106,10 @@ def load_backbone(model: PaperDenseNet, weights: str) -> str:
 
 def check_weights(weights: str) -> None:
     """Raise UserError now, before anything is recorded, if `weights` cannot be loaded."""
-    load_backbone(PaperDenseNet(2), weights)
+    try:
+        load_backbone(PaperDenseNet(2), weights)
+    except UserError as exc:
+        raise UserError(f"{exc} No run was queued.") from exc
 
 
 def build_model(num_classes: int, weights: str = "none") -> tuple[PaperDenseNet, str]:
