@@ -17,18 +17,26 @@ from core.access.limits import check_disk, check_name_length, check_queue, check
 from core.config import Settings
 from core.data import splits
 from core.data.datasets import get_dataset, lock_dataset
+from core.errors import UserError
 from core.store.db import Run, RunStatus
 from core.training.run_config import RunConfig
 
+MAX_NOTES = 4000  # characters of a run's notes
 
-def create_runs(session: Session, settings: Settings, config: RunConfig, *, user: User | None = None) -> list[Run]:
+
+def create_runs(session: Session, settings: Settings, config: RunConfig, *, user: User | None = None,
+                name: str | None = None, notes: str | None = None) -> list[Run]:
     """Record queued runs for `config`: one, or one per fold for k-fold. Makes (or reuses) the split.
 
     `user` (when given) must be an editor; the runs record their name as created_by. Refused
     (UserError, nothing recorded) when the queue would hold more than MAX_QUEUED_RUNS runs, or the
     user's queued runs more than MAX_QUEUED_RUNS_PER_USER, or the files under APP_HOME use more than
-    MAX_DISK_GB.
+    MAX_DISK_GB. `name` and `notes` are the person's own words for the runs (k-fold folds share them).
     """
+    name = check_name_length(name.strip(), "Run name") if name and name.strip() else None
+    notes = notes.strip() or None if notes else None
+    if notes is not None and len(notes) > MAX_NOTES:
+        raise UserError(f"Notes are limited to {MAX_NOTES} characters; these have {len(notes)}.")
     if user is not None:
         require_editor(user, "launch training runs")
         check_name_length(user.name, "User name")
@@ -64,6 +72,8 @@ def create_runs(session: Session, settings: Settings, config: RunConfig, *, user
             seed=config.seed,
             status=RunStatus.queued,
             created_by=user.name if user is not None else None,
+            name=name,
+            notes=notes,
         )
         for fold in folds
     ]

@@ -164,6 +164,9 @@ class Run(Base):
     status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)  # MAX_QUEUED_RUNS_PER_USER counts by it
+    # What a person calls the run and why they ran it; not part of its config, so they may change.
+    name: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
+    notes: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     device: Mapped[str | None] = mapped_column(String(100), default=None)
