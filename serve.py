@@ -9,6 +9,10 @@ a gate on two of Streamlit's own routes, which do not pass through the app's sig
   media    thumbnails and downloads (/media/...) are served only to a browser that has a signed-in
            session open: it carries the cookie that this gate set on its first page load, and the
            session recorded it. A media address on its own, copied elsewhere, shows nothing.
+
+The HTTP API (core/api, /api/v1 under server.baseUrlPath) is served beside the pages on the same
+port. The gate lets it through untouched: the API asks for its own bearer tokens, not for a signed-in
+browser session, and its answers carry no browser cookie.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streamlit import config
 from streamlit.runtime import Runtime
 
+from core.api.routes import API_PREFIX, api_routes
 from core.config import load_settings
 from pages._sessions import BROWSER_COOKIE, browser_signed_in, is_signed_in
 
@@ -33,8 +38,8 @@ class Gate:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        base = (config.get_option("server.baseUrlPath") or "").strip("/")
-        prefix = f"/{base}" if base else ""
+        prefix = base_path()
+        self.api = prefix + API_PREFIX + "/"
         self.upload = re.compile(re.escape(prefix) + r"/_stcore/upload_file/([^/]+)/[^/]+")
         self.media = prefix + "/media/"
         self.cookie_path = prefix or "/"
@@ -42,7 +47,9 @@ class Gate:
         self.arriving: dict[str, int] = {}  # session id -> bytes of its uploads under way
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        # Every path under the API's prefix is the API's own (its Mount comes first and takes them all),
+        # so passing them untouched opens none of Streamlit's routes.
+        if scope["type"] != "http" or scope["path"].startswith(self.api):
             await self.app(scope, receive, send)
             return
         request = HTTPConnection(scope)
@@ -102,4 +109,10 @@ class Gate:
         return sending
 
 
-app = st.App("streamlit_app.py", middleware=[Middleware(Gate)])
+def base_path() -> str:
+    """server.baseUrlPath as a path prefix: "" or "/name"."""
+    base = (config.get_option("server.baseUrlPath") or "").strip("/")
+    return f"/{base}" if base else ""
+
+
+app = st.App("streamlit_app.py", routes=api_routes(prefix=base_path() + API_PREFIX), middleware=[Middleware(Gate)])

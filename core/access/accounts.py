@@ -22,11 +22,20 @@ The accounts file, as `python -m core.access.accounts add ana --role editor` wri
     "ana@lab.org" = "editor"
     "*" = "viewer"
 
+    [tokens.3f9a1c2b7d4e]          # an API token (core/access/tokens.py): only its secret's argon2id hash
+    name = "ci"
+    role = "viewer"
+    secret_hash = "$argon2id$v=19$m=65536,t=3,p=4$..."
+    created_at = "2026-01-31T09:00:00+00:00"
+
 Command line (the password is asked twice, or read from stdin with --password-stdin):
     python -m core.access.accounts add NAME --role editor|viewer [--replace] [--password-stdin]
     python -m core.access.accounts remove NAME
     python -m core.access.accounts list
     python -m core.access.accounts hash            # prints a hash, for writing the file by other means
+    python -m core.access.accounts token add NAME --role viewer|editor   # prints the token, once
+    python -m core.access.accounts token list
+    python -m core.access.accounts token remove ID
 """
 
 from __future__ import annotations
@@ -133,10 +142,22 @@ class Account:
     role: str
 
 
+@dataclass(frozen=True)
+class ApiToken:
+    """A bearer token of the HTTP API, as the file keeps it: never the token, only its secret's hash."""
+
+    id: str  # the token's public part, lk_<id>_<secret>, by which it is looked up
+    name: str  # whom it acts as: runs it queues are recorded under this name
+    role: str
+    secret_hash: str
+    created_at: str  # ISO 8601
+
+
 @dataclass
 class Accounts:
     accounts: dict[str, Account] = field(default_factory=dict)
     oidc_roles: dict[str, str] = field(default_factory=dict)  # lower-case address (or "*") -> role
+    tokens: dict[str, ApiToken] = field(default_factory=dict)  # token id -> token
 
 
 def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
@@ -145,9 +166,10 @@ def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{source} is not valid TOML: {e}.") from None
-    unknown = sorted(set(data) - {"accounts", "oidc_roles"})
+    unknown = sorted(set(data) - {"accounts", "oidc_roles", "tokens"})
     if unknown:
-        raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; expected [accounts.NAME] and [oidc_roles].")
+        raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; expected [accounts.NAME], [oidc_roles] "
+                        "and [tokens.ID].")
     table = data.get("accounts", {})
     if not isinstance(table, dict):
         raise UserError(f"{source}: 'accounts' must be a table of [accounts.NAME] sections.")
@@ -173,7 +195,35 @@ def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
         raise UserError(f"{source}: 'oidc_roles' must be a table of \"address\" = \"role\" lines.")
     for address, role in roles.items():
         result.oidc_roles[address.strip().lower()] = check_role(role, f"{source}, oidc_roles {address!r}")
+    result.tokens = _parse_tokens(data.get("tokens", {}), source)
     return result
+
+
+_TOKEN_ID = re.compile(r"[0-9a-f]{12}")
+
+
+def _parse_tokens(table: object, source: str) -> dict[str, ApiToken]:
+    """The [tokens.ID] sections of an accounts file."""
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: 'tokens' must be a table of [tokens.ID] sections.")
+    tokens = {}
+    for token_id, entry in table.items():
+        where = f"{source}, token {token_id!r}"
+        if not _TOKEN_ID.fullmatch(token_id) or not isinstance(entry, dict):
+            raise UserError(f"{where}: expected a [tokens.ID] section (ID: 12 hex digits) with name, role, "
+                            "secret_hash and created_at, as `python -m core.access.accounts token add` writes it.")
+        keys = {"name", "role", "secret_hash", "created_at"}
+        if set(entry) != keys or not all(isinstance(entry[k], str) for k in keys):
+            raise UserError(f"{where}: needs exactly name, role, secret_hash and created_at, each a string.")
+        if not entry["secret_hash"].startswith("$argon2"):
+            raise UserError(f"{where}: secret_hash must be an argon2 hash; tokens are never stored in plain text.")
+        try:
+            check_name(entry["name"])
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        tokens[token_id] = ApiToken(token_id, entry["name"], check_role(entry["role"], where), entry["secret_hash"],
+                                    entry["created_at"])
+    return tokens
 
 
 def load_accounts(path: Path, *, missing_ok: bool = False) -> Accounts:
@@ -218,6 +268,10 @@ def format_accounts(accounts: Accounts) -> str:
     if accounts.oidc_roles:
         lines += ["", "[oidc_roles]"]
         lines += [f"{_toml_string(address)} = {_toml_string(role)}" for address, role in sorted(accounts.oidc_roles.items())]
+    for token_id in sorted(accounts.tokens):
+        t = accounts.tokens[token_id]
+        lines += ["", f"[tokens.{_toml_string(t.id)}]", f"name = {_toml_string(t.name)}", f"role = {_toml_string(t.role)}",
+                  f"secret_hash = {_toml_string(t.secret_hash)}", f"created_at = {_toml_string(t.created_at)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -355,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list accounts and OIDC roles (no hashes)")
     p = sub.add_parser("hash", help="print the hash of a password (asks for it)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    from core.access import tokens
+
+    tokens.add_token_commands(sub)
     args = parser.parse_args(argv)
     path = args.file or load_settings().accounts_file
     try:
@@ -365,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "remove":
             remove_account(path, args.name)
             print(f"removed {args.name} from {path}")
+        elif args.command == "token":
+            tokens.token_command(path, args)
         elif args.command == "list":
             accounts = load_accounts(path)
             for a in sorted(accounts.accounts.values(), key=lambda a: a.name):

@@ -1,0 +1,130 @@
+"""Who is asking the API: a bearer token from the accounts file (core/access/tokens.py), or with
+AUTH_MODE=none the local user, for clients on the server's own machine only.
+
+  AUTH_MODE=none      no token: a client on 127.0.0.1 or ::1 is the local editor, as in the app;
+                      any other client gets 403 (with no sign-in, the API must not reach the network).
+  password and oidc   `Authorization: Bearer lk_<id>_<secret>`; 401 without one or with a wrong one.
+
+A token's secret is checked with argon2 (tens of milliseconds, on purpose), so a verified token is
+remembered here, in the server's memory, for CACHE_SECONDS: no client can clear that, and a token
+removed from the file is refused at once, as each request reads the token's record from the file
+(re-read only when the file changes). Attempts that need the hash are counted by the sign-in
+throttle (core/access/throttle.py) per token id and client address, before the hash is checked, so
+guessing stays slow; a throttled client gets 429.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy.orm import sessionmaker
+from starlette.requests import HTTPConnection
+
+from core.access import accounts, tokens
+from core.access.accounts import EDITOR, LOCAL_USER, Accounts, User
+from core.access.throttle import SignInThrottle
+from core.api.errors import BEARER, ApiError
+from core.config import Settings
+from core.errors import UserError
+
+CACHE_SECONDS = 60.0
+CACHE_ENTRIES = 1024
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+class Authenticator:
+    """The user of each API request (call `user` off the event loop: it reads files and the database)."""
+
+    def __init__(self, settings: Settings, Session: sessionmaker) -> None:
+        self.settings = settings
+        self.throttle = SignInThrottle(Session)
+        self._lock = threading.Lock()
+        self._file: tuple[tuple[int, int], Accounts] | None = None  # (file stamp, its accounts)
+        self._verified: dict[tuple[str, str], float] = {}  # (token digest, its record's hash) -> until
+
+    def user(self, request: HTTPConnection) -> User:
+        """The user of `request`; ApiError (401, 403, 429, 503) when there is none."""
+        try:
+            mode = accounts.check_mode(self.settings.auth_mode)
+        except UserError as e:
+            raise ApiError(503, str(e)) from None
+        address = request.client.host if request.client else None
+        if mode == "none":
+            if address not in LOOPBACK:
+                raise ApiError(403, "AUTH_MODE is none (no sign-in), so the API answers only on the server's own "
+                                    "machine (127.0.0.1 or ::1). An administrator sets AUTH_MODE=password and gives "
+                                    "out API tokens for use from elsewhere.")
+            return LOCAL_USER
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "Send an API token: Authorization: Bearer lk_... (an administrator makes one with "
+                                "`python -m core.access.accounts token add NAME --role viewer`).", BEARER)
+        return self.token_user(token.strip(), address)
+
+    def token_user(self, token: str, address: str | None) -> User:
+        parts = tokens.split_token(token)
+        if parts is None:
+            raise ApiError(401, "That is not an API token of this server (lk_<id>_<secret>).", BEARER)
+        found = self.accounts()
+        record = found.tokens.get(parts[0])
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if record is not None and self.remembered(digest, record.secret_hash):
+            return User(record.name, record.role)
+        # The throttle keeps names as user names; a token's id has a prefix no user name can have.
+        name = f"token:{parts[0]}"
+        try:
+            self.throttle.attempt(name, address)
+        except UserError as e:
+            wait = re.search(r"(\d+) s", str(e))
+            raise ApiError(429, str(e), {"Retry-After": wait[1]} if wait else None) from None
+        user = tokens.token_user(found, token)
+        if user is None or record is None:
+            raise ApiError(401, "This API token is wrong or has been removed.", BEARER)
+        self.throttle.succeeded(name, address)
+        self.remember(digest, record.secret_hash)
+        return user
+
+    def accounts(self) -> Accounts:
+        """The accounts file, read again only when it changes; UserError (503) when it is broken."""
+        path: Path = self.settings.accounts_file
+        try:
+            info = path.stat()
+            stamp = (info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = (0, -1)
+        with self._lock:
+            if self._file is not None and self._file[0] == stamp:
+                return self._file[1]
+        try:
+            found = accounts.load_accounts(path, missing_ok=True)
+        except UserError as e:
+            raise ApiError(503, str(e)) from None
+        with self._lock:
+            self._file = (stamp, found)
+        return found
+
+    def remembered(self, digest: str, secret_hash: str) -> bool:
+        with self._lock:
+            return self._verified.get((digest, secret_hash), 0.0) > time.monotonic()
+
+    def remember(self, digest: str, secret_hash: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._verified) >= CACHE_ENTRIES:
+                self._verified = {k: until for k, until in self._verified.items() if until > now}
+                if len(self._verified) >= CACHE_ENTRIES:
+                    self._verified.clear()
+            self._verified[(digest, secret_hash)] = now + CACHE_SECONDS
+
+
+def require_editor(user: User, action: str) -> None:
+    """ApiError 403 unless `user` is an editor."""
+    if user.role != EDITOR:
+        try:
+            accounts.require_editor(user, action)
+        except UserError as e:
+            raise ApiError(403, str(e)) from None

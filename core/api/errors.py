@@ -1,0 +1,70 @@
+"""Every answer of the API that is not a success: JSON `{"error": message}` with its status, never a
+traceback. Endpoints raise ApiError; a UserError that reaches the edge is a 422 (the request cannot
+be carried out as sent, and the message says why); anything else is logged and answered with 500."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BEARER = {"WWW-Authenticate": 'Bearer realm="api"'}
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status and a message for the client. Not Starlette's HTTPException,
+    whose handler inside each route would answer in plain text before JsonErrors sees it."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class JsonErrors:
+    """ASGI wrapper round the API's router: its own refusals and the router's (405 for a method an
+    address does not take) become JSON, and so does an unexpected exception (500, logged)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:  # noqa: BLE001 - the edge: every failure becomes a JSON answer
+            if started or scope["type"] != "http":
+                raise
+            await self.answer(exc)(scope, receive, send)
+
+    @staticmethod
+    def answer(exc: Exception) -> JSONResponse:
+        if isinstance(exc, ApiError):
+            return error_response(exc.status, exc.message, exc.headers)
+        if isinstance(exc, HTTPException):  # the router's own: 405, or 404 for a path it does not know
+            message = exc.detail if isinstance(exc.detail, str) and exc.detail else "Request refused."
+            return error_response(exc.status_code, message, dict(exc.headers or {}))
+        if isinstance(exc, UserError):
+            return error_response(422, str(exc))
+        log.exception("API request failed")
+        return error_response(500, "The server failed to answer this request; its log has the details.")
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """The router's answer to a path it does not know."""
+    await error_response(404, "No such address in the API; its openapi.json lists the addresses it has.")(scope, receive, send)

@@ -1,0 +1,213 @@
+"""The API's OpenAPI 3.1 document (GET /api/v1/openapi.json), written out by hand beside the routes
+(core/api/routes.py), except the run settings' schema, which is made from RunConfig's fields so that
+a new setting appears here as it does in the CLI and the Train form."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+from typing import Any
+
+from core.training.run_config import RunConfig, setting_type
+
+VERSION = "1.0.0"
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(kind: str, **more: Any) -> dict[str, Any]:
+    return {"type": [kind, "null"], **more}
+
+
+def _ok(schema: str, description: str, status: str = "200") -> dict[str, Any]:
+    return {status: {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}}
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    return {status: {"$ref": f"#/components/responses/{status}"} for status in statuses}
+
+
+ERRORS = {
+    "401": "No API token, or a wrong or removed one (WWW-Authenticate: Bearer).",
+    "403": "The token's role may not do this (editors only), or AUTH_MODE=none and the client is not on the "
+           "server's own machine.",
+    "404": "No run with this id, or no such address.",
+    "413": "The body is larger than MAX_UPLOAD_MB (images) or 1 MB (JSON); refused before it is read when its "
+           "Content-Length says so.",
+    "422": "The request cannot be carried out as sent: not an image, too many pixels (MAX_IMAGE_PIXELS), "
+           "unusable run settings, no approved model... The message says which.",
+    "429": "Too many failed token attempts from this address; try again after Retry-After seconds.",
+    "503": "The server's sign-in settings are broken (AUTH_MODE, the accounts file).",
+}
+
+
+def run_config_schema() -> dict[str, Any]:
+    """RunConfig as a JSON Schema: each field's type, default, choices and help."""
+    properties: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        kind = _JSON_TYPES[setting_type(f)]
+        prop: dict[str, Any] = {"type": [kind, "null"] if f.default is None else kind,
+                                "description": f.metadata.get("help") or f.metadata.get("internal", "")}
+        if f.name == "weights":
+            prop["description"] += " (left out: the server's DEFAULT_WEIGHTS)"
+        elif f.default is not dataclasses.MISSING:
+            prop["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            prop["default"] = f.default_factory()
+        if "choices" in f.metadata:
+            prop["enum"] = list(f.metadata["choices"])
+        properties[f.name] = prop
+    return {"type": "object", "required": ["dataset"], "additionalProperties": False, "properties": properties}
+
+
+def _schemas() -> dict[str, Any]:
+    number_map = {"type": "object", "additionalProperties": {"type": "number"}}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "Health": {"type": "object", "required": ["status", "database", "worker"], "properties": {
+            "status": {"type": "string", "enum": ["ok", "no worker", "unavailable"]},
+            "database": {"type": "boolean"}, "worker": _nullable("boolean", description="a worker is alive"),
+            "queued": _nullable("integer"), "error": {"type": "string"}}},
+        "Prediction": {"type": "object", "required": ["name", "subtype", "probabilities", "probability_kind",
+                                                      "refer", "refer_threshold", "run_id", "version", "image_sha256"],
+                       "properties": {
+            "name": {"type": "string"}, "image_sha256": {"type": "string"}, "width": {"type": "integer"},
+            "height": {"type": "integer"}, "size_bytes": {"type": "integer"},
+            "subtype": {"type": "string", "description": "the predicted class"},
+            "probabilities": {**number_map, "description": "class -> probability, of probability_kind"},
+            "probability_kind": {"type": "string", "enum": ["calibrated", "raw"],
+                                 "description": "calibrated (temperature-scaled on the run's validation images) or "
+                                                "raw, for a run without a validation part"},
+            "refer": _nullable("boolean", description="'uncertain, refer': the confidence is below refer_threshold; "
+                                                      "null when the run has no calibration"),
+            "refer_threshold": _nullable("number"), "run_id": {"type": "integer"},
+            "version": {"type": "string", "description": "sha256 of the run's model file"}}},
+        "PredictResponse": {"type": "object", "required": ["run_id", "version", "predictions"], "properties": {
+            "run_id": {"type": "integer"}, "version": {"type": "string"},
+            "predictions": {"type": "array", "items": _ref("Prediction")}}},
+        "Model": {"type": "object", "required": ["run_id", "classes", "version", "approved", "default"], "properties": {
+            "run_id": {"type": "integer"}, "label": {"type": "string"}, "dataset": {"type": "string"},
+            "classes": {"type": "array", "items": {"type": "string"}}, "image_size": {"type": "integer"},
+            "protocol": {"type": "string"}, "leaky": {"type": "boolean"}, "test_accuracy": _nullable("number"),
+            "calibrated": {"type": "boolean"}, "version": _nullable("string"),
+            "approved": {"type": "boolean", "description": "the approved model of its class set"},
+            "default": {"type": "boolean", "description": "the model /predict uses when no run is named"},
+            "finished_at": _nullable("string", format="date-time")}},
+        "Models": {"type": "object", "properties": {"models": {"type": "array", "items": _ref("Model")}}},
+        "Run": {"type": "object", "required": ["id", "status", "dataset"], "properties": {
+            "id": {"type": "integer"}, "status": {"type": "string",
+                                                  "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "label": {"type": "string"}, "dataset": {"type": "string"},
+            "classes": {"type": "array", "items": {"type": "string"}}, "protocol": {"type": "string"},
+            "leaky": {"type": "boolean"}, "grouped": _nullable("boolean"), "experiment": {"type": "string"},
+            "fold": {"type": "integer"}, "seed": {"type": "integer"}, "weights": {"type": "string"},
+            "device": _nullable("string"), "created_at": {"type": "string", "format": "date-time"},
+            "created_by": _nullable("string"), "started_at": _nullable("string", format="date-time"),
+            "finished_at": _nullable("string", format="date-time"), "seconds": _nullable("number"),
+            "epochs": {"type": "integer"}, "epochs_done": {"type": "integer"},
+            "progress": {"type": "object", "properties": {"fraction": {"type": "number"}, "text": {"type": "string"}}},
+            "test_accuracy": _nullable("number"), "cancel_requested": {"type": "boolean"}}},
+        "Runs": {"type": "object", "properties": {"runs": {"type": "array", "items": _ref("Run")}}},
+        "RunDetail": {"allOf": [_ref("Run"), {"type": "object", "properties": {
+            "config": _ref("RunConfig"), "summary": {"type": "object", "description": "what the run found out"},
+            "progress_detail": {"type": "object"}, "error": _nullable("string"),
+            "epoch_metrics": {"type": "array", "items": {"type": "object"}},
+            "report": _nullable("object", description="the test report: accuracy, per-class rows, confusion matrix"),
+            "uncertainty": _nullable("object"), "model_file": {"type": "boolean"}}}]},
+        "RunConfig": run_config_schema(),
+        "QueuedRuns": {"type": "object", "required": ["run_ids", "runs"], "properties": {
+            "run_ids": {"type": "array", "items": {"type": "integer"}},
+            "runs": {"type": "array", "items": _ref("Run")}}},
+        "LoggedPrediction": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}, "user": {"type": "string"},
+            "source": {"type": "string", "enum": ["page", "api", "cli"]}, "run_id": {"type": "integer"},
+            "model_sha256": {"type": "string"}, "image_sha256": {"type": "string"}, "image_name": {"type": "string"},
+            "width": {"type": "integer"}, "height": {"type": "integer"}, "size_bytes": {"type": "integer"},
+            "probabilities": number_map, "probability_kind": {"type": "string", "enum": ["calibrated", "raw"]},
+            "predicted": {"type": "string"}, "refer": _nullable("boolean"), "threshold": _nullable("number"),
+            "stored_path": _nullable("string")}},
+        "Predictions": {"type": "object", "properties": {
+            "predictions": {"type": "array", "items": _ref("LoggedPrediction")}}},
+    }
+
+
+def _query(name: str, kind: str, description: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": kind, **more}}
+
+
+def _paths() -> dict[str, Any]:
+    secured = [{"bearer": []}]
+    return {
+        "/health": {"get": {"operationId": "health", "summary": "Whether the database answers and a worker is alive",
+                            "security": [], "responses": {**_ok("Health", "The database answers"),
+                                                          "503": {"description": "The database does not answer",
+                                                                  "content": {"application/json": {
+                                                                      "schema": _ref("Health")}}}}}},
+        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [],
+                                  "responses": {"200": {"description": "The OpenAPI 3.1 document",
+                                                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        "/predict": {"post": {
+            "operationId": "predict", "summary": "Classify images (logged as source 'api')", "security": secured,
+            "parameters": [_query("run", "integer", "the run whose model classifies (default: the approved model)")],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {
+                "schema": {"type": "object", "required": ["images"], "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+                               "description": "TIFF, PNG, JPEG or BMP files, one part each"},
+                    "run": {"type": "integer", "description": "as the query parameter"}}}}}},
+            "responses": {**_ok("PredictResponse", "Each image's answer, in the order sent"),
+                          **_errors("401", "404", "413", "422", "429", "503")}}},
+        "/models": {"get": {"operationId": "models", "summary": "Succeeded runs whose model can classify",
+                            "security": secured,
+                            "responses": {**_ok("Models", "The models, newest first"), **_errors("401", "429", "503")}}},
+        "/runs": {
+            "get": {"operationId": "listRuns", "summary": "The runs, newest first", "security": secured,
+                    "parameters": [_query("status", "string", "only runs in this status",
+                                          enum=["queued", "running", "succeeded", "failed", "cancelled"]),
+                                   _query("dataset", "string", "only runs of this dataset")],
+                    "responses": {**_ok("Runs", "The runs"), **_errors("401", "422", "429", "503")}},
+            "post": {"operationId": "queueRun", "summary": "Queue a training run (one per fold for k-fold); editors",
+                     "security": secured,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RunConfig")}}},
+                     "responses": {**_ok("QueuedRuns", "Queued; Location names the first run", "201"),
+                                   **_errors("401", "403", "413", "422", "429", "503")}}},
+        "/runs/{run_id}": {"get": {
+            "operationId": "getRun", "summary": "One run: status, progress, settings, metrics, epochs",
+            "security": secured,
+            "parameters": [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {**_ok("RunDetail", "The run"), **_errors("401", "404", "429", "503")}}},
+        "/predictions": {"get": {
+            "operationId": "listPredictions", "summary": "The prediction log, newest first", "security": secured,
+            "parameters": [_query("since", "string", "at or after this time (ISO 8601; UTC without an offset)",
+                                  format="date-time"),
+                           _query("until", "string", "before this time", format="date-time"),
+                           _query("run", "integer", "only this run's"), _query("user", "string", "only this user's"),
+                           _query("predicted", "string", "only this predicted class"),
+                           _query("limit", "integer", "at most this many (default 1000)", minimum=1, maximum=10000)],
+            "responses": {**_ok("Predictions", "The log"), **_errors("401", "422", "429", "503")}}},
+    }
+
+
+@cache
+def document(prefix: str = "/api/v1") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the API mounted at `prefix`."""
+    error = {"application/json": {"schema": _ref("Error")}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Lymphoma subtype recognition API", "version": VERSION,
+                 "description": "Classify H&E images, follow and queue training runs, read the prediction log. "
+                                "Bearer tokens come from `python -m core.access.accounts token add NAME --role "
+                                "viewer|editor`; with AUTH_MODE=none the API answers only on the server's own "
+                                "machine. Every error is JSON {\"error\": message}."},
+        "servers": [{"url": prefix}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "lk_<id>_<secret>"}},
+            "schemas": _schemas(),
+            "responses": {status: {"description": text, "content": error} for status, text in ERRORS.items()},
+        },
+    }

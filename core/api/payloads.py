@@ -1,0 +1,86 @@
+"""The API's JSON bodies, made from the page-ready records of core/jobs/views.py and the prediction
+service's results: the same fields the pages show, as plain JSON values (times in ISO 8601, UTC)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from core.jobs.views import EpochRow, RunCurves, RunRow
+
+
+def when(value: datetime | None) -> str | None:
+    """ISO 8601 with its offset; the database keeps UTC without one."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON values: dataclasses as objects, times as ISO 8601, NaN as null."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime):
+        return when(value)
+    if isinstance(value, Enum):
+        return plain(value.value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return plain(value.tolist())
+    if isinstance(value, float) or hasattr(value, "__float__"):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return str(value)
+
+
+def run_json(row: RunRow) -> dict[str, Any]:
+    """One run as the Runs table lists it."""
+    fraction, text = row.progress_bar()
+    return {
+        "id": row.id, "status": row.status, "label": row.label(), "dataset": row.dataset, "classes": list(row.classes),
+        "protocol": row.protocol, "leaky": row.leaky, "grouped": row.grouped, "experiment": row.experiment,
+        "fold": row.fold, "seed": row.seed, "weights": row.weights, "device": row.device,
+        "created_at": when(row.created_at), "created_by": row.created_by, "started_at": when(row.started_at),
+        "finished_at": when(row.finished_at), "seconds": row.seconds, "epochs": row.config.epochs,
+        "epochs_done": row.epochs_done, "progress": {"fraction": fraction, "text": text},
+        "test_accuracy": plain(row.summary.test_accuracy), "cancel_requested": row.cancel_requested,
+    }
+
+
+def epoch_json(e: EpochRow) -> dict[str, Any]:
+    return plain(e)
+
+
+def run_detail_json(curves: RunCurves, error: str | None) -> dict[str, Any]:
+    """One run with its settings, what it found out, where it is and its epochs: the Runs page's panel."""
+    row = curves.run
+    return {**run_json(row), "config": plain(row.config.to_dict()), "summary": plain(row.summary.to_dict()),
+            "progress_detail": plain(row.progress.to_dict()), "error": error,
+            "epoch_metrics": [epoch_json(e) for e in curves.epochs]}
+
+
+def model_json(row: RunRow, model_sha256: str | None, approved: bool) -> dict[str, Any]:
+    """A succeeded run whose model file can classify images."""
+    return {"run_id": row.id, "label": row.label(), "dataset": row.dataset, "classes": list(row.classes),
+            "image_size": row.config.image_size, "protocol": row.protocol, "leaky": row.leaky,
+            "test_accuracy": plain(row.summary.test_accuracy), "calibrated": row.summary.temperature is not None,
+            "version": model_sha256, "approved": approved, "finished_at": when(row.finished_at)}
+
+
+def classified_json(c: Any) -> dict[str, Any]:
+    """One classified image (core.inference.service.Classified)."""
+    return {"name": c.name, "image_sha256": c.image_sha256, "width": c.width, "height": c.height,
+            "size_bytes": c.size_bytes, "subtype": c.predicted, "probabilities": plain(c.probabilities),
+            "probability_kind": c.kind, "refer": c.refer, "refer_threshold": plain(c.threshold),
+            "run_id": c.run_id, "version": c.model_sha256}

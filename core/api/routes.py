@@ -1,0 +1,213 @@
+"""The API's routes under /api/v1 (`api_routes`), each over the core function its page calls:
+
+  GET  /health        no token: the database answers, a worker is alive (503 when the database does not)
+  GET  /openapi.json  no token: the OpenAPI 3.1 document of all of these (core/api/openapi.py)
+  POST /predict       classify images (core/inference/service.py, as the Predict page does), logged as "api"
+  GET  /models        succeeded runs whose model file can classify, and which are approved
+  GET  /runs          the Runs table; GET /runs/{id}: one run with its settings, progress, metrics, epochs
+  POST /runs          queue a training run from RunConfig's JSON (editors), as the Train page does
+  GET  /predictions   the prediction log
+
+Database work, reading files and running the model happen off the event loop (run_in_threadpool),
+so a long classification never holds up the pages that share the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from functools import cached_property
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Mount, Route, Router
+
+from core.access.accounts import User
+from core.api import bodies, openapi, payloads
+from core.api.auth import Authenticator, require_editor
+from core.api.errors import ApiError, JsonErrors, not_found
+from core.api.run_configs import config_from_json
+from core.config import Settings, load_settings
+from core.errors import UserError
+from core.inference import approval, prediction_log, service
+from core.jobs import runs, views, worker
+from core.store.runs import model_path
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+MAX_LOG_ROWS = 10_000
+
+
+def api_routes(settings: Settings | None = None, prefix: str = API_PREFIX) -> list[BaseRoute]:
+    """The API as one Starlette route, mounted at `prefix` (settings: the environment's by default)."""
+    api = Api(settings or load_settings(), prefix)
+    router = Router([
+        Route("/health", api.health, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/predict", api.predict, methods=["POST"]),
+        Route("/models", api.models, methods=["GET"]),
+        Route("/runs", api.runs, methods=["GET"]),
+        Route("/runs", api.queue_run, methods=["POST"]),
+        Route("/runs/{run_id:int}", api.run, methods=["GET"]),
+        Route("/predictions", api.predictions, methods=["GET"]),
+    ], default=not_found)
+    return [Mount(prefix, app=JsonErrors(router))]
+
+
+# --------------------------------------------------------------------------------------------
+# Query parameters
+
+
+def int_param(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(422, f"'{name}' must be a whole number, not {value!r}.") from None
+
+
+def time_param(value: str | None, name: str) -> datetime | None:
+    """An ISO 8601 time as the database keeps it (UTC, no offset); one without an offset is UTC."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(422, f"'{name}' must be an ISO 8601 time such as 2026-01-31T09:00:00Z, not {value!r}.") from None
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+# --------------------------------------------------------------------------------------------
+# The endpoints
+
+
+class Api:
+    def __init__(self, settings: Settings, prefix: str) -> None:
+        self.settings = settings
+        self.prefix = prefix
+
+    @cached_property
+    def Session(self):
+        return views.sessions(self.settings.database_url)
+
+    @cached_property
+    def auth(self) -> Authenticator:
+        return Authenticator(self.settings, self.Session)
+
+    async def user(self, request: Request) -> User:
+        return await run_in_threadpool(self.auth.user, request)
+
+    async def health(self, request: Request) -> JSONResponse:
+        return await run_in_threadpool(self._health)
+
+    def _health(self) -> JSONResponse:
+        try:
+            with self.Session() as s:
+                panel = views.worker_panel(s, self.settings)
+        except (SQLAlchemyError, OSError):
+            log.exception("health check: the database does not answer")
+            return JSONResponse({"status": "unavailable", "database": False, "worker": None, "queued": None,
+                                 "error": "The database does not answer; the server's log says why."}, status_code=503)
+        return JSONResponse({"status": "ok" if panel.alive else "no worker", "database": True, "worker": panel.alive,
+                             "queued": panel.queued})
+
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(openapi.document(self.prefix))
+
+    async def predict(self, request: Request) -> JSONResponse:
+        user = await self.user(request)
+        images, form_run = await bodies.read_images(request, self.settings)
+        run_id = int_param(request.query_params.get("run") or form_run, "run")
+        if run_id is not None:
+            await run_in_threadpool(self._known_run, run_id)
+        results = await run_in_threadpool(service.classify, self.Session, self.settings, user, images,
+                                          run_id=run_id, source="api")
+        return JSONResponse({"run_id": results[0].run_id, "version": results[0].model_sha256,
+                             "predictions": [payloads.classified_json(c) for c in results]})
+
+    def _known_run(self, run_id: int) -> None:
+        with self.Session() as s:
+            try:
+                views.run_row(s, run_id)
+            except UserError as e:
+                raise ApiError(404, str(e)) from None
+
+    async def models(self, request: Request) -> JSONResponse:
+        await self.user(request)
+        return JSONResponse({"models": await run_in_threadpool(self._models)})
+
+    def _models(self) -> list[dict]:
+        with self.Session() as s:
+            rows = views.run_rows(s, status="succeeded")
+            approved = {a.run_id for a in approval.current_approvals(s)}
+            default = approval.approved_run(s)
+        usable = [(r, model_path(self.settings, r.id)) for r in rows]
+        return [{**payloads.model_json(r, approval.file_sha256(path), r.id in approved),
+                 "default": default is not None and default.run_id == r.id} for r, path in usable if path.exists()]
+
+    async def runs(self, request: Request) -> JSONResponse:
+        await self.user(request)
+        status, dataset = request.query_params.get("status"), request.query_params.get("dataset")
+        if status is not None and status not in views.STATUSES:
+            raise ApiError(422, f"'status' must be one of {', '.join(views.STATUSES)}, not {status!r}.")
+        return JSONResponse({"runs": await run_in_threadpool(self._runs, status, dataset)})
+
+    def _runs(self, status: str | None, dataset: str | None) -> list[dict]:
+        with self.Session() as s:
+            return [payloads.run_json(r) for r in views.run_rows(s, dataset=dataset, status=status)]
+
+    async def run(self, request: Request) -> JSONResponse:
+        await self.user(request)
+        return JSONResponse(await run_in_threadpool(self._run, request.path_params["run_id"]))
+
+    def _run(self, run_id: int) -> dict:
+        with self.Session() as s:
+            try:
+                curves = views.run_curve(s, run_id)
+                results = views.run_results(s, self.settings, run_id)
+            except UserError as e:
+                raise ApiError(404, str(e)) from None
+        body = payloads.run_detail_json(curves, results.error)
+        body["report"] = payloads.plain(results.report)  # the test report (Table I) of a succeeded run
+        body["uncertainty"] = payloads.plain(results.uncertainty)
+        body["model_file"] = results.model_file is not None
+        return body
+
+    async def queue_run(self, request: Request) -> JSONResponse:
+        user = await self.user(request)
+        require_editor(user, "launch training runs")
+        config = config_from_json(await bodies.read_json(request), self.settings)
+        rows = await run_in_threadpool(self._queue, config, user)
+        return JSONResponse({"run_ids": [r["id"] for r in rows], "runs": rows}, status_code=201,
+                            headers={"Location": f"{self.prefix}/runs/{rows[0]['id']}"})
+
+    def _queue(self, config, user: User) -> list[dict]:
+        """As the Train page launches: the weights checked first, the runs recorded, a worker made sure of."""
+        from core.training.model import check_weights  # torch: only when queueing
+
+        check_weights(config.weights)
+        with self.Session.begin() as s:
+            ids = [r.id for r in runs.create_runs(s, self.settings, config, user=user)]
+        worker.ensure_worker(self.settings)
+        with self.Session() as s:
+            return [payloads.run_json(views.run_row(s, i)) for i in ids]
+
+    async def predictions(self, request: Request) -> JSONResponse:
+        await self.user(request)
+        q = request.query_params
+        limit = int_param(q.get("limit"), "limit") or prediction_log.DEFAULT_LIMIT
+        if not 1 <= limit <= MAX_LOG_ROWS:
+            raise ApiError(422, f"'limit' must be from 1 to {MAX_LOG_ROWS}, not {limit}.")
+        filters = dict(since=time_param(q.get("since"), "since"), until=time_param(q.get("until"), "until"),
+                       run_id=int_param(q.get("run"), "run"), user=q.get("user") or None,
+                       predicted=q.get("predicted") or None, limit=limit)
+        return JSONResponse({"predictions": await run_in_threadpool(self._predictions, filters)})
+
+    def _predictions(self, filters: dict) -> list[dict]:
+        with self.Session() as s:
+            return [payloads.plain(p) for p in prediction_log.list_predictions(s, **filters)]
+

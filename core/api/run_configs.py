@@ -1,0 +1,50 @@
+"""A RunConfig from a JSON object (POST /runs): the fields the CLI and the Train form offer, each
+checked against its type before RunConfig checks its value, so that a wrong type is a 422 that
+names the field rather than a failure deep in training."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from core.api.errors import ApiError
+from core.config import Settings
+from core.errors import UserError
+from core.training.run_config import RunConfig, setting_type
+
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "an object"}
+
+
+def _checked(name: str, kind: type, value: Any, optional: bool) -> Any:
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise ApiError(422, f"Run setting '{name}' must be {_TYPE_WORDS[kind]}, not {value!r}.")
+    return value
+
+
+def config_from_json(data: Any, settings: Settings) -> RunConfig:
+    """The RunConfig of `data`; fields it leaves out take their defaults (weights: DEFAULT_WEIGHTS,
+    as on the command line). ApiError 422 for anything RunConfig would refuse."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "The body must be a JSON object of run settings, e.g. {\"dataset\": \"lymphoma\", "
+                            "\"epochs\": 25}; GET the API's openapi.json for them all.")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ApiError(422, f"Unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}.")
+    if "dataset" not in data:
+        raise ApiError(422, "Run setting 'dataset' is required: the name of an ingested dataset.")
+    values = {"weights": settings.default_weights, **data}
+    for name, value in values.items():
+        optional = fields[name].default is None
+        values[name] = _checked(name, setting_type(fields[name]), value, optional)
+    try:
+        return RunConfig.from_dict(values)
+    except UserError as e:
+        raise ApiError(422, str(e)) from None
+    except (TypeError, ValueError) as e:  # a value of the right type that a check further in refuses
+        raise ApiError(422, f"These run settings are not usable: {e}.") from None
