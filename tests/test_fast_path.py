@@ -3,11 +3,10 @@
 import numpy as np
 import torch
 
-from core.config import load_settings
 from core.data.cache import resized_array
 from core.store.db import Image
 from core.training.model import PaperDenseNet
-from core.inference.predict import SingleImageCompiled, compiled_or_eager, prepare_for_inference
+from core.inference.predict import compiled_or_eager, prepare_for_inference
 from core.training.loop import predict_logits, preprocess
 from tests.synthetic import synthetic_array, synthetic_image
 
@@ -54,35 +53,6 @@ def test_failed_compilation_says_so_and_predicts_eagerly(monkeypatch, caplog):
     model = PaperDenseNet(3).eval()
     assert compiled_or_eager(model, torch.device("cpu"), 32) is model
     assert "torch.compile failed (RuntimeError: no compiler)" in caplog.text
-
-
-def test_cpu_compile_sends_single_images_to_the_compiled_model_and_batches_eagerly(monkeypatch):
-    seen = []
-
-    def recording_compile(model, dynamic):
-        assert dynamic is False  # one graph, for batches of one
-
-        def compiled(x):
-            seen.append(len(x))
-            return model(x)
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", recording_compile)
-    torch.manual_seed(0)
-    plain = PaperDenseNet(3).eval()
-    copy = PaperDenseNet(3)
-    copy.load_state_dict(plain.state_dict())
-    fast = prepare_for_inference(copy, torch.device("cpu"), 32, cpu_compile=True)
-    assert isinstance(fast, SingleImageCompiled) and seen == [1]  # warmed up at load, not in a request
-    x = torch.from_numpy(np.stack([synthetic_array("MCL", i, (32, 32)) for i in range(3)])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        expected = plain(preprocess(x, torch.device("cpu")))
-    assert torch.allclose(predict_logits(fast, x[:1], torch.device("cpu")), expected[:1], atol=1e-5)
-    assert torch.allclose(predict_logits(fast, x, torch.device("cpu")), expected, atol=1e-5)
-    assert seen == [1, 1]  # the batch of three went through the eager model
-    assert fast._orig_mod is copy  # what Grad-CAM unwraps
-    assert prepare_for_inference(PaperDenseNet(3), torch.device("cpu"), 32) is not None and seen == [1, 1]  # off by default
-    assert load_settings({"CPU_COMPILE": "1"}).cpu_compile and not load_settings({}).cpu_compile
 
 
 def _stored(settings, name: str, label: str, index: int) -> Image:

@@ -5,8 +5,9 @@ the evaluation pipeline with the run's fitted stain normalisation (core/transfor
 the calibration are all in it. The run's own test evaluation uses the same Predictor class on the
 same pipeline, so a prediction of a test image gives back the probabilities stored for it.
 
-The Predict page keeps one Predictor per model file (st.cache_resource, keyed by `model_sha256`),
-so the file is read and the model prepared once, not per request. On CUDA the model runs in
+The Predict page and the command line get their predictor through core/inference/engine.py, which
+keeps one per model file (keyed by `model_sha256`), so the file is read and the model prepared once,
+not per request, and which runs it on the CPU through ONNX Runtime instead. On CUDA the model runs in
 bf16, channels_last, through torch.compile with CUDA graphs ("reduce-overhead"), which removes the
 launch overhead of DenseNet-201's ~200 small layers at batch 1; where compilation fails it says so
 in the log and runs eagerly.
@@ -33,7 +34,7 @@ from core.errors import UserError
 from core.evaluation import calibration
 from core.inference.model_file import read_model
 from core.inference.probabilities import Probabilities
-from core.store.db import RunStatus
+from core.store.db import Run, RunStatus
 from core.store.runs import get_run, model_path, run_dir
 from core.training.loop import pick_device, predict_logits, predict_proba
 from core.training.model import PaperDenseNet
@@ -43,29 +44,21 @@ from core.transforms.pipelines import EvalPipeline
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Predictor:
-    """A trained model with the run's evaluation pipeline and calibration."""
+class PredictorBase:
+    """What the predictors of both engines share (core/inference/engine.py: this module's torch
+    Predictor and core/inference/onnx_predict.py's OnnxPredictor): the run's classes, evaluation
+    pipeline and calibration, and the way from images to probabilities. A subclass says how
+    prepared samples become class probabilities (`sample_probabilities`)."""
 
-    model: torch.nn.Module
     classes: list[str]
     pipeline: EvalPipeline
-    device: torch.device
-    calibration: dict = field(default_factory=dict)  # the run's, fitted on its validation part
-    run_id: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)  # the model file's description
+    calibration: dict  # the run's, fitted on its validation part
+    run_id: int | None
+    meta: dict[str, Any]  # the model file's description
 
-    @classmethod
-    def from_file(cls, path: Path | str, device: str = "auto", *, cpu_compile: bool = False) -> Predictor:
-        """The predictor of a model file, and nothing else: no database, no settings."""
-        state, meta = read_model(Path(path))
-        classes = list(meta["classes"])
-        model = PaperDenseNet(len(classes))
-        model.load_state_dict(state)
-        pipeline = EvalPipeline(**meta["preparation"])
-        dev = pick_device(device)
-        model = prepare_for_inference(model, dev, pipeline.image_size, cpu_compile=cpu_compile)
-        return cls(model, classes, pipeline, dev, dict(meta.get("calibration") or {}), meta.get("run_id"), meta)
+    def sample_probabilities(self, samples: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, C) float64 probabilities of (N, 3, S, S) uint8 samples, with the run's test-time augmentation."""
+        raise NotImplementedError
 
     @property
     def image_size(self) -> int:
@@ -116,11 +109,40 @@ class Predictor:
         the run's test-time augmentation; with `owners` (tiles), one row per image: its tiles' mean."""
         if len(samples) == 0:
             return np.empty((0, len(self.classes)))
-        probs = predict_proba(self.model, samples, self.device, tta=self.tta).numpy().astype(np.float64)
+        probs = self.sample_probabilities(samples)
         if owners is None:
             return probs
         owners = np.asarray(owners)
         return tiles.vote(probs, owners, int(owners.max()) + 1)
+
+
+@dataclass
+class Predictor(PredictorBase):
+    """A trained model with the run's evaluation pipeline and calibration, run by torch."""
+
+    model: torch.nn.Module
+    classes: list[str]
+    pipeline: EvalPipeline
+    device: torch.device
+    calibration: dict = field(default_factory=dict)  # the run's, fitted on its validation part
+    run_id: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the model file's description
+
+    @classmethod
+    def from_file(cls, path: Path | str, device: str = "auto") -> Predictor:
+        """The predictor of a model file, and nothing else: no database, no settings."""
+        state, meta = read_model(Path(path))
+        classes = list(meta["classes"])
+        model = PaperDenseNet(len(classes))
+        model.load_state_dict(state)
+        pipeline = EvalPipeline(**meta["preparation"])
+        dev = pick_device(device)
+        model = prepare_for_inference(model, dev, pipeline.image_size)
+        return cls(model, classes, pipeline, dev, dict(meta.get("calibration") or {}), meta.get("run_id"), meta)
+
+    def sample_probabilities(self, samples: torch.Tensor | np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(samples) if isinstance(samples, np.ndarray) else samples
+        return predict_proba(self.model, x, self.device, tta=self.tta).numpy().astype(np.float64)
 
 
 def model_file(settings: Settings, run_id: int) -> Path:
@@ -148,8 +170,8 @@ def file_sha256(path: str, *version: int) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
-    """The predictor of a succeeded run, from its model file."""
+def usable_model_file(session, settings: Settings, run_id: int) -> tuple[Run, Path]:
+    """(the run, its model file) for a succeeded run that has one; UserError otherwise."""
     run = get_run(session, run_id)
     path = model_file(settings, run_id)
     if run.status != RunStatus.succeeded:
@@ -159,48 +181,44 @@ def load_predictor(session, settings: Settings, run_id: int, device: str = "auto
             raise UserError(f"Run {run_id} predates model files: it kept only a training checkpoint (best.pt), "
                             "which prediction no longer reads. Train the run again to use it.")
         raise UserError(f"Run {run_id} has no model file ({path.name} is missing); train it again to use it.")
-    predictor = Predictor.from_file(path, device, cpu_compile=settings.cpu_compile)
-    if predictor.meta.get("run_created") != run.created_at.isoformat():
-        raise UserError(f"The model file under run {run_id}'s folder belongs to another run (another database's); "
+    return run, path
+
+
+def check_model_owner(meta: dict[str, Any], run: Run) -> None:
+    """UserError when a model file's description names another run than `run` (another database's)."""
+    if meta.get("run_created") != run.created_at.isoformat():
+        raise UserError(f"The model file under run {run.id}'s folder belongs to another run (another database's); "
                         "train this run again to use it.")
+
+
+def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
+    """The torch predictor of a succeeded run, from its model file (uncached; the engine's
+    `get_predictor` is the cached one, with the configured engine)."""
+    run, path = usable_model_file(session, settings, run_id)
+    predictor = Predictor.from_file(path, device)
+    check_model_owner(predictor.meta, run)
     return predictor
 
 
-def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True,
-                          cpu_compile: bool = False) -> torch.nn.Module:
+def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True
+                          ) -> torch.nn.Module:
     """Eval mode; on CUDA also channels_last and a compiled, CUDA-graphed model (checked by one
-    warm-up call). On the CPU the model stays NCHW: DenseNet's many concatenations made
-    channels_last slower there at batch 1 (bench/predict.py); with `cpu_compile`, single images go
-    through a compiled copy (SingleImageCompiled)."""
+    warm-up call). On the CPU the model stays NCHW and eager: DenseNet's many concatenations made
+    channels_last slower there at batch 1 (bench/predict.py), and the CPU's fast engine is ONNX
+    Runtime (core/inference/engine.py), not a compiled torch model."""
     model = model.to(device).eval()
     if device.type != "cuda":
-        return compiled_or_eager(SingleImageCompiled(model), device, image_size) if cpu_compile else model
+        return model
     model = model.to(memory_format=torch.channels_last)
     return compiled_or_eager(model, device, image_size) if compile else model
 
 
-class SingleImageCompiled(torch.nn.Module):
-    """CPU inference: a batch of one through torch.compile (inductor), any other batch eagerly, as a
-    compiled graph per batch size would cost a compilation each. The eager model is `_orig_mod`, the
-    name torch.compile's own wrapper gives it, so that code unwrapping a compiled model (Grad-CAM)
-    finds it here too. The weights are shared, not frozen into the graph: inductor's on-disk cache
-    then serves every run's model after the first compilation on a machine."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self._orig_mod = model
-        self.compiled = torch.compile(model, dynamic=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compiled(x) if x.shape[0] == 1 else self._orig_mod(x)
-
-
 def compiled_or_eager(model: torch.nn.Module, device: torch.device, image_size: int) -> torch.nn.Module:
-    """The model compiled (on CUDA through torch.compile with CUDA graphs; a SingleImageCompiled
-    compiles itself), compiled now by one warm-up call rather than in a user's first request; the
-    eager model, with a warning in the log, where compilation fails."""
+    """The model compiled through torch.compile with CUDA graphs, compiled now by one warm-up call
+    rather than in a user's first request; the eager model, with a warning in the log, where
+    compilation fails."""
     try:
-        compiled = model if isinstance(model, SingleImageCompiled) else torch.compile(model, mode="reduce-overhead")
+        compiled = torch.compile(model, mode="reduce-overhead")
         predict_logits(compiled, torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), device)
         return compiled
     except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager model usable
