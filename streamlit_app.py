@@ -11,7 +11,7 @@ import streamlit as st
 from core.access import accounts
 from core.access.accounts import User
 from core.errors import UserError
-from core.jobs import views
+from core.jobs import manage, views
 from pages import _sessions as sessions
 from pages._common import (
     SIGNED_IN, load_accounts, md_text, session_factory, settings, sign_in_throttle, sign_out, signed_in_user,
@@ -154,29 +154,61 @@ def local_device() -> str:
     return describe_device(pick_device("auto"))
 
 
-def sidebar_worker() -> None:
+def sidebar_worker(user: User) -> None:
     cfg = settings()
     with user_errors():
         _worker_started(cfg.database_url)
     with session_factory()() as s:
+        busy = views.worker_panel(s, cfg).busy
+    # Refreshed with the page's own live parts while runs wait or train, so that it never tells
+    # another story than the Train page's queue; a run ending redraws the whole page once.
+    st.fragment(worker_status, run_every=3 if busy else None)(user, busy)
+
+
+def worker_status(user: User, was_busy: bool) -> None:
+    cfg = settings()
+    with session_factory()() as s:
         panel = views.worker_panel(s, cfg)
-    st.markdown("**Background worker**")
-    if panel.alive:
-        for w in panel.workers:
-            device = w.device or local_device()  # known once it has trained a run
-            kind = "GPU" if device.startswith("cuda") else "CPU"
-            doing = "training " + ", ".join(f"run {r}" for r in w.running) if w.running else "idle"
-            st.markdown(f":green-badge[:material/memory: {kind}] {doing}")
-            st.caption(f"{device} · heartbeat {w.heartbeat_age:.0f} s ago")
+        notices = views.failure_notices(s, user.name)
+    if was_busy and not panel.busy:
+        st.rerun(scope="app")  # the last run ended: show its outcome everywhere, and stop polling
+    icon = ":material/autorenew:" if panel.running else ":material/schedule:" if panel.alive else ":material/error:"
+    colour = "blue" if panel.running else "green" if panel.alive else "red"
+    # The tooltip renders Markdown: each line of it as text.
+    st.markdown(f"**Training worker:** :{colour}-badge[{icon} {panel.state()}]",
+                help="  \n".join(md_text(line) for line in panel.details().split("\n\n")))
+    if panel.alive or panel.running:
+        kind = "GPU" if (next((w.device for w in panel.workers if w.device), None) or local_device()).startswith("cuda") \
+            else "CPU"
+        st.caption(f"Trains on the {kind}. " + (f"{panel.queued} run{'s' if panel.queued != 1 else ''} waiting in "
+                                                 "the queue." if panel.queued else "Nothing waiting in the queue."))
     else:
-        st.markdown(":red-badge[:material/error: not running]")
-        st.caption("It starts with the app; reload the page to try again.")
-    st.caption(f"{panel.queued} run(s) queued" if panel.queued else "Queue empty")
+        st.caption("It starts with the app; reload the page to try again."
+                   + (f" {panel.queued} run(s) wait for it." if panel.queued else ""))
+    failure_notices(user, notices)
+
+
+def failure_notices(user: User, notices: tuple[views.FailureNotice, ...]) -> None:
+    """Runs that failed since this user last dismissed them: said once here, on every page."""
+    if not notices:
+        return
+    for n in notices[:3]:
+        st.markdown(f":red-badge[:material/error: run {n.run_id} failed] "
+                    f"{views.duration_text(views.seconds_since(n.finished_at))} ago", help=md_text(f"{n.title}: {n.message}"))
+        st.page_link("pages/runs.py", label=f"Open run {n.run_id}", icon=":material/monitoring:",
+                     query_params={"run": str(n.run_id)})
+    if len(notices) > 3:
+        st.caption(f"…and {len(notices) - 3} more failed run(s): the Runs page lists them.")
+    if st.button("Dismiss", key="sb_dismiss_failures", icon=":material/done_all:",
+                 help="Hide these notices; the runs stay on the Runs page."):
+        with session_factory().begin() as s:
+            manage.mark_failures_seen(s, user.name, max(n.finished_at for n in notices))
+        st.rerun(scope="app")
 
 
 user = gate()
 page = st.navigation(pages)
 with st.sidebar:
     sidebar_user(user)
-    sidebar_worker()
+    sidebar_worker(user)
 page.run()

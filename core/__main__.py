@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
@@ -107,7 +108,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
               file=sys.stderr)
     check_weights(config.weights)  # fail before anything is recorded
     with Session.begin() as s:
-        run_ids = [r.id for r in runs.create_runs(s, settings, config, user=cli_user(args))]
+        run_ids = [r.id for r in runs.create_runs(s, settings, config, user=cli_user(args), name=args.name,
+                                                   notes=args.notes)]
     if args.background:
         print(f"queued run(s) {', '.join(map(str, run_ids))}", file=sys.stderr)
         _start_worker(args, settings)
@@ -273,15 +275,92 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.inference.predict import load_predictor, predict_files
+    from core.inference import service
 
-    with Session() as s:
-        predictor = load_predictor(s, settings, args.run, device=args.device)
+    images = []
+    for path in map(Path, args.images):
+        if not path.is_file():
+            raise UserError(f"{path}: no such file.")
+        images.append(service.ImageInput(str(path), path.read_bytes()))
     # Calibrated where the run has a temperature, as on the pages; the "probabilities" column says which.
-    rows = predict_files(predictor, [Path(p) for p in args.images], settings.max_image_pixels, calibrated=not args.raw)
+    results = service.classify(Session, settings, cli_user(args), images, run_id=args.run, source="cli",
+                               log=args.log, calibrated=not args.raw, device=args.device)
+    rows = [{"path": r.name, "predicted": r.predicted, "probabilities": r.label, **r.probabilities,
+             **({} if r.refer is None else {"uncertain_refer": r.refer})} for r in results]
     writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    if args.run is None:
+        print(f"classified with the approved model: run {results[0].run_id}", file=sys.stderr)
+
+
+def cmd_approve(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.inference.approval import approve
+
+    with Session.begin() as s:
+        record = approve(s, settings, args.run, cli_user(args), args.note)
+    print(f"run {record.run_id}: approved for {', '.join(record.classes)} by {record.approved_by} "
+          f"(model {record.model_sha256[:12]})")
+
+
+def cmd_withdraw(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.inference.approval import withdraw
+
+    with Session.begin() as s:
+        record = withdraw(s, args.run, cli_user(args))
+    print(f"run {args.run}: approval withdrawn; {', '.join(record.classes)} has no approved model now")
+
+
+def cmd_approvals(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.inference.approval import approval_history
+
+    with Session() as s:
+        history = approval_history(s)
+    print(f"{'id':>4}  {'state':<9}  {'classes':<20}  {'run':<24}  {'approved by':<14}  {'approved at (UTC)':<19}  "
+          f"{'ended by':<14}  {'model':<12}  note")
+    for a in history:
+        run = a.run_label if a.run_id is not None else f"{a.run_label} (deleted)"
+        print(f"{a.id:>4}  {a.state:<9}  {', '.join(a.classes)[:20]:<20}  {run[:24]:<24}  {a.approved_by[:14]:<14}  "
+              f"{a.approved_at:%Y-%m-%d %H:%M:%S}  {(a.withdrawn_by or '')[:14]:<14}  {a.model_sha256[:12]}  {a.note}")
+
+
+def _utc_time(text: str | None) -> datetime | None:
+    """An ISO date or date and time (UTC unless it names its offset), as the log stores times."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{text!r} is not a date or time; write e.g. 2025-01-31 or 2025-01-31T14:00.") from None
+    return value if value.tzinfo is None else value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def cmd_predictions(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.inference import prediction_log
+
+    if args.prune:
+        with Session.begin() as s:
+            print(f"pruned {prediction_log.prune(s, settings)} row(s) older than PREDICTION_LOG_DAYS", file=sys.stderr)
+    with Session() as s:
+        rows = prediction_log.list_predictions(s, since=_utc_time(args.since), until=_utc_time(args.until),
+                                               run_id=args.run, user=args.user, predicted=args.predicted,
+                                               limit=args.limit or None)
+    if args.csv:
+        sys.stdout.write(prediction_log.to_csv(rows))
+        return
+    print(f"{'at (UTC)':<19}  {'user':<14}  {'from':<4}  {'run':>4}  {'predicted':<10}  {'conf.':>6}  {'refer':<5}  image")
+    for r in rows:
+        refer = "" if r.refer is None else ("yes" if r.refer else "no")
+        print(f"{r.at:%Y-%m-%d %H:%M:%S}  {r.user[:14]:<14}  {r.source:<4}  {r.run_id:>4}  {r.predicted[:10]:<10}  "
+              f"{r.probabilities.get(r.predicted, 0):>6.1%}  {refer:<5}  {r.image_name}")
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.inference.onnx_export import export_run
+
+    with Session() as s:
+        path = export_run(s, settings, args.run, None if args.out is None else Path(args.out))
+    print(path)
 
 
 def cmd_runs(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -329,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queue the run(s) for the background worker and return at once (starts a worker if none is alive)")
     p.add_argument("--no-worker", action="store_true", help="with --background: only queue, start no worker")
     p.add_argument("--user", help="recorded as the runs' creator; MAX_QUEUED_RUNS_PER_USER counts by it (default: your login name)")
+    p.add_argument("--name", help="your own name for the run(s), shown on the Runs page (default: one made from "
+                   "the settings that differ from the paper's)")
+    p.add_argument("--notes", help="why you ran it, or anything to remember; shown with the run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-distributed", help="train a recorded run on several GPUs: torchrun --nproc-per-node=N -m core train-distributed RUN",
@@ -340,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_job_commands(sub)
     _add_result_commands(sub, fmt)
+    _add_approval_commands(sub)
 
     p = sub.add_parser("runs", help="list runs")
     p.add_argument("--dataset", help="only this dataset's runs")
@@ -388,12 +471,23 @@ def _add_result_commands(sub, fmt) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify images with a trained run; CSV on stdout", formatter_class=fmt)
-    p.add_argument("--run", type=int, required=True)
+    p.add_argument("--run", type=int, default=None, help="the run whose model classifies; without it, the approved model")
     p.add_argument("--device", default="auto")
     p.add_argument("--raw", action="store_true",
                    help="the model's raw probabilities instead of the run's calibrated ones (no refer verdict)")
+    p.add_argument("--log", action="store_true", help="record each image's prediction in the log of predictions")
+    p.add_argument("--user", help="recorded in the log as who classified; without it, your login name")
     p.add_argument("images", nargs="+", help="image files (TIF, PNG, JPEG, BMP)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a trained run's model as an ONNX file for use outside the app; prints its path",
+                       description="The graph takes the evaluation pipeline's uint8 samples and gives raw class "
+                       "probabilities; its metadata holds the classes, the preparation (size, tiles, stain parameters) "
+                       "and the calibration. The README's 'Using a model outside the app' shows how to run it.")
+    p.add_argument("run", type=int)
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the file format (ONNX, for ONNX Runtime)")
+    p.add_argument("--out", help="folder to write run-RUN.onnx into (default: the run's own folder, runs/RUN/model.onnx)")
+    p.set_defaults(func=cmd_export)
 
     from core.jobs.reproduce import add_cli as add_reproduce_paper
 
@@ -408,6 +502,34 @@ def _add_result_commands(sub, fmt) -> None:
     p.add_argument("--fix", action="store_true",
                    help="remove unreferenced files, temporary leftovers and folders of deleted runs (never database rows)")
     p.set_defaults(func=cmd_check)
+
+
+def _add_approval_commands(sub) -> None:
+    """The approved model of each class set, and the log of predictions."""
+    p = sub.add_parser("approve", help="approve a succeeded run's model for its class set (replacing the previous approval)")
+    p.add_argument("run", type=int)
+    p.add_argument("--note", required=True, help="why this model, e.g. what it was checked against")
+    p.add_argument("--user", help="recorded as the approver (default: your login name)")
+    p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("withdraw", help="withdraw a run's approval: its class set has no approved model until another is approved")
+    p.add_argument("run", type=int)
+    p.add_argument("--user", help="recorded as who withdrew it (default: your login name)")
+    p.set_defaults(func=cmd_withdraw)
+
+    p = sub.add_parser("approvals", help="every approval of a model, newest first")
+    p.set_defaults(func=cmd_approvals)
+
+    p = sub.add_parser("predictions", help="the log of predictions, newest first (times in UTC)")
+    p.add_argument("--since", help="from this date or time on, e.g. 2025-01-31 or 2025-01-31T14:00")
+    p.add_argument("--until", help="before this date or time")
+    p.add_argument("--run", type=int, help="only this run's predictions")
+    p.add_argument("--user", help="only this user's")
+    p.add_argument("--predicted", help="only those predicted as this class")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many rows (0: all)")
+    p.add_argument("--csv", action="store_true", help="CSV with every field and each class's probability")
+    p.add_argument("--prune", action="store_true", help="first delete the rows older than PREDICTION_LOG_DAYS")
+    p.set_defaults(func=cmd_predictions)
 
 
 def main(argv: list[str] | None = None) -> int:

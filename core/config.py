@@ -33,16 +33,18 @@ AUTH_MODE         who may use the web app (core/access/accounts.py): "none" (def
                   AUTH_FILE) or "oidc" (Streamlit's st.login, [auth] in .streamlit/secrets.toml)
 AUTH_FILE         the accounts file (TOML; default APP_HOME/accounts.toml), written by
                   `python -m core.access.accounts add NAME --role editor`
-CPU_COMPILE       1: on a machine without a GPU, the predictor runs single images through a
-                  torch.compile'd model (about 1.3x faster on 2 cores, bench/RESULTS.md); the first model a
-                  machine compiles takes minutes, each later run's about 20 s, once per run and process.
-                  Default 0: eager, ready at once
+INFERENCE_ENGINE  what runs a trained model for prediction (core/inference/engine.py): "auto" (default: ONNX
+                  Runtime on the CPU, torch on CUDA), "torch" or "onnxruntime"
 KEEP_CHECKPOINTS  1: a succeeded run keeps its resumable checkpoint (last.pt: weights, optimiser state, random
                   streams; about three times the model file's size). Default 0: deleted once the run's model
                   file (model.safetensors, weights and everything prediction needs) is written; failed and
                   cancelled runs always keep theirs, to be resumed
 OIDC_ROLES        roles of addresses signed in with OIDC, e.g. "ana@lab.org=editor,*=viewer", added to
                   the [oidc_roles] table of AUTH_FILE (this wins); an address with no role is refused
+PREDICTION_LOG_DAYS  days the log of predictions (who classified which image with which model, and the
+                  answer) keeps a row (default 365; 0: for ever)
+PREDICTION_LOG_IMAGES  1: the log also keeps each classified image's bytes, under APP_HOME/prediction_images
+                  by content hash, counted against MAX_DISK_GB. Default 0: only the image's sha256, name and size
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ class Settings:
     auth_mode: str = "none"
     auth_file: Path | None = None  # None: APP_HOME/accounts.toml
     oidc_roles: str = ""
-    cpu_compile: bool = False
     keep_checkpoints: bool = False
+    inference_engine: str = "auto"
+    prediction_log_days: int = 365
+    prediction_log_images: bool = False
 
     @property
     def images_dir(self) -> Path:
@@ -89,6 +93,10 @@ class Settings:
     @property
     def tmp_dir(self) -> Path:
         return self.app_home / "tmp"
+
+    @property
+    def prediction_images_dir(self) -> Path:
+        return self.app_home / "prediction_images"
 
     @property
     def accounts_file(self) -> Path:
@@ -134,6 +142,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         auth_mode=env.get("AUTH_MODE", "none").strip().lower() or "none",
         auth_file=Path(env["AUTH_FILE"]).expanduser().resolve() if env.get("AUTH_FILE") else None,
         oidc_roles=env.get("OIDC_ROLES", ""),
-        cpu_compile=env.get("CPU_COMPILE", "0") in ("1", "true", "yes"),
         keep_checkpoints=env.get("KEEP_CHECKPOINTS", "0") in ("1", "true", "yes"),
+        # Checked where a model is loaded (core/inference/engine.py), which names the choices.
+        inference_engine=env.get("INFERENCE_ENGINE", "auto").strip().lower() or "auto",
+        prediction_log_days=int(env.get("PREDICTION_LOG_DAYS", 365)),
+        prediction_log_images=env.get("PREDICTION_LOG_IMAGES", "0") in ("1", "true", "yes"),
     )

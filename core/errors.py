@@ -6,4 +6,16 @@ Anything else is a bug and keeps its traceback (in the log, not in the user's fa
 
 
 class UserError(Exception):
-    """An error caused by the user's input, with a message meant for them."""
+    """An error caused by the user's input, with a message meant for them.
+
+    `str(error)` is the message in the command line's words (its flags); `page`, where given, is
+    the same message in the web pages' words (their options and buttons). Where the two would say
+    the same, `page` is left out and `for_page` gives the one message.
+    """
+
+    def __init__(self, message: str, *, page: str | None = None):
+        super().__init__(message)
+        self.page = page
+
+    def for_page(self) -> str:
+        return self.page or str(self)

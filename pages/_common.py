@@ -179,11 +179,12 @@ def request_cancel(Session, run_id: int) -> None:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """The page edge: a mistake the user can fix is shown as st.error, never as a traceback. The
-    message is plain text and often quotes a name (a file, a dataset), so it is shown as text."""
+    message is plain text and often quotes a name (a file, a dataset), so it is shown as text; in the
+    pages' words where the error has them (it names the page's options rather than the CLI's flags)."""
     try:
         yield
     except UserError as e:
-        st.error(md_text(str(e)), icon=":material/warning:")
+        st.error(md_text(e.for_page()), icon=":material/warning:")
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +327,38 @@ def probabilities_figure(classes: Sequence[str], probabilities: Sequence[float],
     fig.update_yaxes(autorange="reversed")
     fig = _layout(fig, title, subtitle, height=90 + 45 * len(classes), wrap=wrap)
     fig.update_layout(margin_r=28)  # room for the "100%" tick label
+    return fig
+
+
+# Transparent where a region did not raise the score, so the tissue stays visible under the map.
+HEAT_SCALE = [[0.0, "rgba(255,255,178,0)"], [0.35, "rgba(254,204,92,0.55)"], [0.7, "rgba(240,59,32,0.85)"],
+              [1.0, "rgba(189,0,38,1)"]]
+
+
+def saliency_figure(image: PILImage.Image, cells: np.ndarray, title: str, subtitle: str = "",
+                    scale_title: str = "how much this region raised the class score", wrap: int = 42) -> go.Figure:
+    """The image with a heat layer of `cells` ((h, w) in [0, 1], one value per cell of the map, laid
+    evenly over the image) at opacity 0.45 on top, and a colour scale saying what the colours mean."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=85)
+    source = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    width, height = image.size
+    rows, cols = cells.shape
+    fig = go.Figure(go.Image(source=source, x0=0, dx=1, y0=0, dy=1, hoverinfo="skip"))
+    fig.add_trace(go.Heatmap(
+        z=np.asarray(cells, dtype=float).round(3), x0=width / cols / 2, dx=width / cols, y0=height / rows / 2,
+        dy=height / rows, zmin=0, zmax=1, opacity=0.45, colorscale=HEAT_SCALE, zsmooth="best",
+        colorbar={"title": {"text": "<br>".join(plot_text(line) for line in textwrap.wrap(scale_title, 18)),
+                            "side": "right"},
+                  "tickvals": [0, 0.5, 1], "ticktext": ["not at all", "some", "most"], "thickness": 12},
+        hovertemplate="%{z:.0%} of the most<extra></extra>"))
+    fig.update_xaxes(visible=False, range=[0, width], constrain="domain")
+    fig.update_yaxes(visible=False, range=[height, 0], scaleanchor="x", constrain="domain")
+    fig = _layout(fig, title, subtitle, height=int(80 + 330 * min(1.5, height / max(1, width))), wrap=wrap)
+    fig.update_layout(margin_r=10, margin_b=5)
     return fig
 
 

@@ -1,13 +1,13 @@
 """Augmentation: Augmentor's operations with the paper's values as defaults, a live preview on one
-image at the training size, and named presets for the Train page."""
+image at the training size (its proportions kept), and named presets for the Train page; the preset
+box says when the values shown are no longer the preset's."""
 
 import dataclasses
+import math
 
 import pandas as pd
 import streamlit as st
-from PIL import Image as PILImage
 
-from core.data import cache
 from core.jobs import views
 from core.training import presets
 from core.transforms import augment
@@ -29,6 +29,7 @@ page_header("Augmentation", "Training images are multiplied with Augmentor's ope
 
 for name in FIELDS:  # widget state starts at the paper's values
     st.session_state.setdefault(f"aug_{name}", getattr(PAPER, name))
+st.session_state.setdefault("aug_loaded", presets.PAPER_PRESET)  # the preset whose values were loaded last
 
 flash = st.session_state.pop("aug_flash", None)
 if flash:
@@ -44,6 +45,15 @@ def load_preset() -> None:
             return
     for name in FIELDS:
         st.session_state[f"aug_{name}"] = getattr(params, name)
+    st.session_state["aug_loaded"] = st.session_state["aug_preset"]
+
+
+def shown_params() -> AugmentParams | None:
+    """The values in the widgets now (None while one is out of range: the page says so below)."""
+    try:
+        return AugmentParams(**{name: st.session_state[f"aug_{name}"] for name in FIELDS})
+    except UserError:
+        return None
 
 
 with Session() as s:
@@ -51,14 +61,43 @@ with Session() as s:
     saved = [{"preset": p.name, **p.params, "saved": p.created_at, "saved by": p.created_by}
              for p in views.preset_rows(s)]
     ds_names = [d.name for d in views.dataset_rows(s)]
+    loaded = st.session_state["aug_loaded"]
+    loaded_params = presets.get_params(s, loaded) if loaded in names else None  # None: deleted since
+if "aug_select" in st.session_state:  # a preset just saved: chosen before the box is drawn
+    st.session_state["aug_preset"] = st.session_state.pop("aug_select")
 if st.session_state.get("aug_preset") not in names:
-    st.session_state.pop("aug_preset", None)
+    st.session_state["aug_preset"] = loaded if loaded in names else presets.PAPER_PRESET
+# Set from here, the box's value is sent to the browser with its label, so "— changed" shows in the
+# box itself (a browser keeps the label it drew for a value it chose).
+st.session_state["aug_preset"] = st.session_state["aug_preset"]
+current = shown_params()
+changes = [] if current is None or loaded_params is None else [
+    f"{name.replace('_', ' ')} {getattr(loaded_params, name):g} → {getattr(current, name):g}"
+    for name in FIELDS  # a number box can step 0.4 to 0.45000000000000007 and back: equal within 1e-9
+    if not math.isclose(getattr(current, name), getattr(loaded_params, name), rel_tol=0, abs_tol=1e-9)]
+
+
+def preset_label(name: str) -> str:
+    return f"{name} — changed" if name == loaded and changes else name
+
 
 top = st.columns([2, 1, 3], vertical_alignment="bottom")
-top[0].selectbox("Preset", names, key="aug_preset", help="The paper's settings, or one you saved.")
+top[0].selectbox("Preset", names, key="aug_preset", format_func=preset_label,
+                 help="The paper's settings, or one you saved. Marked 'changed' once the values below differ "
+                      "from the preset they were loaded from.")
 top[1].button("Load preset", on_click=load_preset, width="stretch")
 if "aug_flash_error" in st.session_state:
     st.error(st.session_state.pop("aug_flash_error"))
+if loaded_params is None:
+    st.caption(f"Custom values: the preset '{md_text(loaded)}' they were loaded from was deleted. Save them as a "
+               "preset below to train with them.")
+elif changes:
+    st.markdown(f":orange-badge[:material/edit: Changed from '{md_text(loaded)}']  "
+                f"{len(changes)} value(s) differ: {'; '.join(changes)}. The Train page trains with saved presets: "
+                "**save these values as a preset below** to use them, or load the preset again to go back.")
+elif st.session_state["aug_preset"] != loaded:
+    st.caption(f"The values below are those of '{md_text(loaded)}'. Press **Load preset** to use "
+               f"'{md_text(st.session_state['aug_preset'])}'.")
 
 settings_col, preview_col = st.columns([2, 3], gap="large")
 
@@ -118,15 +157,18 @@ with preview_col:
         image = members[image_id]
         a, b, c = st.columns(3)
         size = a.number_input("Training size (px)", 32, 1024, 224, step=32, key="aug_size",
-                              help="Images are resized to this square before augmenting, as in training (paper: 224).")
+                              help="Training squeezes each image to this square before augmenting (paper: 224); "
+                                   "the preview scales the image's shorter side to it instead.")
         n = b.slider("Versions", 2, 16, 8, key="aug_n")
         seed = c.number_input("Seed", 0, 2**31 - 1, 0, key="aug_seed", help="Same seed, same versions.")
         with user_errors(), st.spinner("Augmenting…"):
-            original = PILImage.fromarray(cache.resized_array(cfg, image, int(size)))
+            original = views.preview_image(image, int(size))
             versions = augment.preview(original, params, int(n), int(seed))
         per_row = 3
-        st.markdown(f"**Original**, resized to {size}×{size} · then {n} augmented versions, captioned with the "
-                    "operations that fired")
+        st.markdown(f"**Original** at {original.width}×{original.height}, its proportions kept · then {n} augmented "
+                    "versions, captioned with the operations that fired")
+        st.caption(f"Training squeezes each image to a {size}×{size} square before augmenting; the preview keeps "
+                   "the image's shape so that the changes to the tissue are easy to judge.")
         cells = [(original, "original")] + [(im, " + ".join(fired) if fired else "no operation fired")
                                              for im, fired in versions]
         for start in range(0, len(cells), per_row):
@@ -149,6 +191,8 @@ else:
             require_editor("save presets")
             with Session.begin() as s:
                 presets.save_preset(s, preset_name, params, overwrite=overwrite).created_by = user.name
+            # The values shown are now that preset's: the box shows it, unmarked.
+            st.session_state["aug_loaded"] = st.session_state["aug_select"] = preset_name.strip()
             st.session_state["aug_flash"] = (f"Saved preset '{md_text(preset_name.strip())}'. "
                                              "Choose it on the Train page.")
             st.rerun()

@@ -1,18 +1,19 @@
 """Datasets: add labelled images (zip, files class by class, or a server folder), look at them,
-see what was skipped and why, delete."""
+estimate specimen groups from file numbers, see what was skipped and why, delete."""
 
+import re
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from core.data import datasets, uploads
+from core.data import datasets, groups, uploads
 from core.errors import UserError
 from core.jobs import views
 from core.access.limits import disk_full_is_user_error
 from pages._common import (
-    IMAGE_TYPES, class_counts_figure, current_user, md_text, page_header, session_factory, settings, show_figure,
-    through_router, thumbnail, user_errors,
+    IMAGE_TYPES, class_counts_figure, current_user, md_text, page_header, require_editor, session_factory, settings,
+    show_figure, through_router, thumbnail, user_errors,
 )
 
 through_router()
@@ -112,18 +113,63 @@ def add_tab() -> None:
                     "`IMPORT_ROOTS` setting.", icon=":material/lock:")
     with st.expander("Specimen groups (optional)"):
         st.caption("Images of one specimen share stain and tissue; with groups, splits keep each specimen on one "
-                   "side, which is the honest evaluation. Give a CSV (columns `file,group`) or a pattern.")
-        groups_csv = st.file_uploader("Groups CSV", type=["csv"], key="ds_groups_csv")
-        group_pattern = st.text_input("Group pattern (regular expression on CLASS/file)", key="ds_group_pattern",
-                                      placeholder=r"^[^/]+/(\d+)_")
+                   "side, which is the honest evaluation. Give a table of each file's specimen, or the part of the "
+                   "file names that names it. Without specimen ids, add the images first and then estimate groups "
+                   "from their file numbers under **Browse**.")
+        groups_csv = st.file_uploader("Table of specimens (CSV)", type=["csv"], key="ds_groups_csv",
+                                      help="Columns `file,group`: one row per image, `file` as CLASS/name "
+                                           "(e.g. `CLL/000.png`), `group` its specimen id.")
+        example = groups.EXAMPLE_PATTERN
+        group_pattern = st.text_input(
+            "Specimen id in the file names", key="ds_group_pattern", placeholder=example,
+            help=f"A regular expression on CLASS/file; its first capture group (or one named `group`) is the "
+                 f"specimen id. The example `{example}` takes the class and the tens of the file number: "
+                 f"{', '.join(f'`{n}`' for n in groups.EXAMPLE_NAMES)} fall in groups "
+                 f"{', '.join(f'`{re.search(example, n).group(1)}`' for n in groups.EXAMPLE_NAMES)}, blocks of "
+                 "ten consecutive numbers (an approximation where specimen ids are lost).")
     if st.button("Add images", type="primary", key="ds_add"):
         ingest_now(source, name.strip(), groups_csv, group_pattern)
 
 
-def browse_tab() -> None:
-    if not names:
-        st.info("No datasets yet. Add one in the **Add images** tab.", icon=":material/folder_open:")
+def estimate_section(d: views.DatasetDetail) -> None:
+    """Specimen groups from blocks of consecutive file numbers: shown to everyone, applied by an editor."""
+    a, b = st.columns([3, 1], vertical_alignment="bottom")
+    block = b.number_input("Images per group, at most", 1, 100, groups.DEFAULT_BLOCK_SIZE, key="ds_block_size",
+                           help=f"{groups.DEFAULT_BLOCK_SIZE} gives about 30 groups for the 256 development images "
+                                "of IICBU-2008, about the number of specimens they come from.")
+    if a.button("Estimate specimen groups from the images", icon=":material/auto_awesome_mosaic:",
+                key="ds_estimate", help="An approximation: neighbouring file numbers of one class are taken to "
+                                        "come from one specimen. Nothing changes until you apply it."):
+        with user_errors():
+            found = groups.estimate_groups(((im.label, im.original_name) for im in d.images), int(block))
+            st.session_state["ds_estimate_result"] = (d.name, found)
+    shown = st.session_state.get("ds_estimate_result")
+    if not shown or shown[0] != d.name:
         return
+    found = shown[1]
+    st.info(f"**{found.n_groups} specimen groups estimated** for {len(found.groups)} images. {found.basis}",
+            icon=":material/auto_awesome_mosaic:")
+    rows = [{"class": label, "groups": n, "images per group": f"{low}–{high}" if low != high else str(low)}
+            for label, (n, low, high) in found.per_class().items()]
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    if not user.can_edit:
+        st.caption("Applying them needs the editor role.")
+        return
+    if d.groups:
+        st.caption(f"Applying replaces the dataset's {len(d.groups)} current groups. Splits made before keep "
+                   "their parts; new runs use the new groups.")
+    if st.button(f"Apply these {found.n_groups} groups", type="primary", key="ds_apply_groups"):
+        with user_errors():
+            require_editor("change specimen groups")
+            with Session.begin() as s:
+                changed = groups.apply_groups(s, d.name, found.groups, user=user)
+            st.session_state.pop("ds_estimate_result", None)
+            st.session_state["ds_flash"] = (f"Dataset '{md_text(d.name)}' now has {found.n_groups} estimated specimen "
+                                            f"groups ({changed} image(s) changed group).")
+            st.rerun()
+
+
+def browse_tab() -> None:
     if st.session_state.get("ds_selected") not in names:
         st.session_state["ds_selected"] = names[0]
     name = st.selectbox("Dataset", names, key="ds_selected")
@@ -155,12 +201,16 @@ def browse_tab() -> None:
             st.dataframe(table, height=320)
         else:
             st.markdown("**No specimen groups**")
-            st.caption("Splits will be stratified by class only. Add groups by ingesting again under the same "
-                       "name with a groups CSV or pattern.")
+            st.caption("Splits will be stratified by class only. Estimate groups from the file numbers below, or "
+                       "add the images again under the same name with a table of specimens.")
+    estimated = st.session_state.get("ds_estimate_result", ("",))[0] == name
+    with st.expander("Estimate specimen groups (an approximation)", expanded=not groups or estimated):
+        estimate_section(d)
 
     st.subheader("Samples")
     per_row = 8
-    per_class = st.select_slider("Images shown per class", [per_row, 2 * per_row, 3 * per_row], key="ds_per_class")
+    per_class = st.segmented_control("Images shown per class", [per_row, 2 * per_row, 3 * per_row], default=per_row,
+                                     key="ds_per_class", required=True)
     for label in classes:
         members = [im for im in images if im.label == label]
         step = max(1, len(members) // per_class)
@@ -197,11 +247,14 @@ if report is not None:
     show_report(report)
 if "ds_goto" in st.session_state:  # set before the tabs exist in this run
     st.session_state["ds_tab"] = st.session_state.pop("ds_goto")
-browse, add = st.tabs(["Browse", "Add images"], default="Browse" if names else "Add images", key="ds_tab",
-                      on_change="rerun")
-if browse.open:
-    with browse, user_errors():
-        browse_tab()
-if add.open:
-    with add:
-        add_tab()
+if not names:  # nothing to browse yet: the add form at once, with no tab to switch first
+    st.subheader("Add images")
+    add_tab()
+else:
+    browse, add = st.tabs(["Browse", "Add images"], default="Browse", key="ds_tab", on_change="rerun")
+    if browse.open:
+        with browse, user_errors():
+            browse_tab()
+    if add.open:
+        with add:
+            add_tab()

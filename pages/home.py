@@ -1,4 +1,5 @@
-"""Home: what the app does, the datasets and runs at a glance, the worker's state."""
+"""Home: what the app does, the datasets and runs at a glance, the best result on unseen specimens
+beside its colour-only yardstick, what this server trains on, the worker's state."""
 
 import pandas as pd
 import streamlit as st
@@ -17,6 +18,7 @@ st.markdown(
     "**MCL** (or any classes you upload). Evaluation is honest by default: the data are split "
     "before augmentation, by specimen where specimens are known."
 )
+machine_box = st.empty()  # filled last: finding the GPU loads torch, which need not hold up the rest
 
 
 @st.cache_resource(show_spinner=False)
@@ -43,16 +45,28 @@ ds_rows = [{"dataset": d.name, "images": d.images, "classes": ", ".join(d.classe
            for d in all_datasets]
 run_rows = [{"run": r.id, "status": r.status, "dataset": r.dataset, "test accuracy": r.summary.test_accuracy,
              "protocol": r.protocol} for r in all_runs]
-best = views.best_honest_run(all_runs)
-best_text = (pct(best.summary.test_accuracy), f"run {best.id}, {best.protocol}") if best else ("–", None)
+best = views.best_grouped(all_runs)
 
-m1, m2, m3, m4, m5 = st.columns(5)
+m1, m2, m3, m4 = st.columns(4)
 m1.metric("Datasets", len(all_datasets), border=True)
 m2.metric("Images", sum(r["images"] for r in ds_rows), border=True)
 m3.metric("Runs", len(all_runs), border=True)
 m4.metric("Queued or running", sum(r.active for r in all_runs), border=True)
-m5.metric("Best honest accuracy", best_text[0], help=best_text[1] or "No finished run with an honest split yet.",
-          border=True)
+
+with st.container(border=True, key="home_best"):
+    st.markdown("**Best result on unseen specimens**")
+    if best.run is None:
+        st.caption(best.explanation())
+    else:
+        a, b, c = st.columns([1, 1, 3], vertical_alignment="center")
+        a.metric(f"This run (run {best.run.id})", pct(best.accuracy),
+                 help="Test accuracy on a split that keeps each specimen on one side: the images tested come "
+                      "from specimens the model never saw in training.")
+        b.metric("Colour alone, same split", pct(best.yardstick),
+                 help="A logistic regression on 12 colour statistics per image (means and spreads of R, G, B "
+                      "and their optical densities), fitted on the same training part and scored on the same "
+                      "test part.")
+        c.caption(best.explanation())
 
 st.subheader("How it works")
 steps = st.columns(5)
@@ -84,15 +98,17 @@ with right:
     else:
         st.info("No training runs yet. Launch one on the **Train** page.")
 
-st.subheader("Background worker")
+st.subheader("Training worker")
 if status.alive:
-    cols = st.columns(max(3, len(status.workers)))
-    for col, w in zip(cols, status.workers):
-        doing = "training " + ", ".join(f"run {r}" for r in w.running) if w.running else "idle"
-        col.metric(f"Worker {w.id}", doing, border=True,
-                   help=f"device: {w.device or 'reported with its first run'}; heartbeat {w.heartbeat_age:.0f} s ago")
+    st.metric("Training worker", status.state(), border=True, help=status.details())
     st.caption(f"{status.queued} run(s) queued. Training runs in its own process: closing the browser or "
                "restarting the web server does not stop it.")
 else:
-    st.warning(f"No worker is alive; {status.queued} queued run(s) wait. It is started with the app: reload the "
-               "page, or run `python -m core worker`.", icon=":material/error:")
+    st.warning(f"No training worker is running; {status.queued} queued run(s) wait. It is started with the app: "
+               "reload the page, or run `python -m core worker`.", icon=":material/error:")
+
+machine = views.machine_summary()
+if machine.has_gpu:
+    machine_box.caption(machine.sentence())
+else:
+    machine_box.info(machine.sentence(), icon=":material/memory:")

@@ -1,7 +1,10 @@
-"""Predict: classify new images with a finished run; probabilities, a Grad-CAM heat map, and a
-table (and CSV) for a batch."""
+"""Predict: classify new images with a finished run (the approved model unless another is chosen):
+probabilities, a Grad-CAM heat map, a table (and CSV) for a batch; every classification is logged,
+and the History tab lists the log."""
 
 import hashlib
+import time
+from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -9,186 +12,393 @@ import pandas as pd
 import streamlit as st
 
 from core.evaluation import calibration
-from core.jobs import views
-from core.data.datasets import load_rgb
 from core.errors import UserError
-from core.inference.probabilities import Probabilities
+from core.inference import service
+from core.inference.probabilities import CALIBRATED
+from core.jobs import views
 from pages._common import (
-    IMAGE_TYPES, md_text, page_header, pct, probabilities_figure, session_factory, settings, show_figure,
-    through_router, user_errors,
+    IMAGE_TYPES, current_user, md_text, page_header, pct, probabilities_figure, saliency_figure, session_factory,
+    settings, show_figure, through_router, user_errors,
 )
 
 if TYPE_CHECKING:
-    from core.inference import predict, saliency
+    from core.inference import saliency
 
 through_router()
 Session = session_factory()
 cfg = settings()
-BATCH = 16
+user = current_user()
+FEW_VALIDATION = 50  # validation images below which a refer threshold is only a rough guide
+HISTORY_DAYS = 30  # the History tab's default date range
 
 page_header("Predict", "Classify new H&E images with a trained run: the subtype, each class's probability, and a "
             "Grad-CAM heat map of the regions that drove the decision.")
 
 
-# The model is compiled as it loads on a GPU, and on the CPU with CPU_COMPILE=1: once per model and
-# server process, from seconds to a few minutes for the first model a machine compiles. Cached by the
-# model file's sha256 (`model`), not by the run id alone: an id can name a newer run's model.
-# The model code (and torch) is imported by the first function that needs a model, not with the page.
+# The model is loaded once per model file and server process, for every session: core's engine
+# (core/inference/engine.py) keeps it, keyed by the file's sha256, so a retrained run's new file
+# under the same id is loaded anew. The model code (and torch) is imported only when a model is needed.
 def model_of(run_id: int) -> str | None:
     from core.inference import predict
 
     return predict.model_sha256(cfg, run_id)
 
 
-@st.cache_resource(show_spinner="Loading the model (and compiling it where set up to: the first time can take "
-                   "minutes)…", max_entries=4)
-def predictor_for(run_id: int, model: str | None, database_url: str) -> "predict.Predictor":
-    from core.inference import predict
+def predictor_of(run_id: int):
+    from core.inference import engine
 
     with Session() as s:
-        return predict.load_predictor(s, cfg, run_id)
+        return engine.get_predictor(s, cfg, run_id)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def grad_cam_for(run_id: int, model: str | None, database_url: str) -> "saliency.GradCam":
     from core.inference import saliency
 
-    return saliency.GradCam(predictor_for(run_id, model, database_url))
+    return saliency.GradCam(predictor_of(run_id))
 
 
-with Session() as s:
-    finished = views.run_rows(s, status="succeeded")
-info = {r.id: {"label": r.label(), "protocol": r.protocol, "leaky": r.leaky, "classes": list(r.classes),
-               "dataset": r.dataset, "accuracy": r.summary.test_accuracy, "size": r.config.image_size,
-               "weights": r.weights} for r in finished}
+# --------------------------------------------------------------------------------------------
+# The model
 
-if not info:
-    st.info("No finished run yet. Train one on the **Train** page; only runs that succeeded can classify images.",
-            icon=":material/biotech:")
-    st.stop()
 
-pick, about = st.columns([2, 3], vertical_alignment="bottom")
-run_id = pick.selectbox("Model (a run that succeeded)", list(info), format_func=lambda i: info[i]["label"], key="pr_run")
-meta = info[run_id]
-about.caption(f"Trained on **{md_text(meta['dataset'])}** ({md_text(', '.join(meta['classes']))}) at "
-              f"{meta['size']} px, weights {md_text(meta['weights'])}. Test accuracy {pct(meta['accuracy'])} under: {meta['protocol']}.")
-if meta["leaky"]:
-    st.warning("This model was evaluated with the paper's leaky protocol: its test accuracy overstates how well it "
-               "does on new images.", icon=":material/warning:")
+def pick_model() -> views.RunRow | None:
+    """The run to classify with: the approved model unless the user picks another."""
+    with Session() as s:
+        finished = {r.id: r for r in views.run_rows(s, status="succeeded")}
+        approvals = views.approval_panel(s)
+    if not finished:
+        st.info("No finished run yet. Train one on the **Train** page; only runs that succeeded can classify images.",
+                icon=":material/biotech:")
+        return None
+    approved = {a.run_id: a for a in approvals.current if a.run_id in finished}
+    default = approvals.default.run_id if approvals.default is not None else None
+    ids = list(finished)
+    run_id = st.selectbox(  # the whole width: a run's label names what sets it apart, and is long
+        "Model (a run that succeeded)", ids, index=ids.index(default) if default in finished else 0,
+        format_func=lambda i: finished[i].label() + (" · approved" if i in approved else ""), key="pr_run",
+        help="The approved model is chosen for you: an editor approves a run for use on the Runs page.")
+    row = finished[run_id]
+    st.caption(f"Trained on **{md_text(row.dataset)}** ({md_text(', '.join(row.classes))}) at "
+               f"{row.config.image_size} px, weights {md_text(row.weights)}. Test accuracy "
+               f"{pct(row.summary.test_accuracy)} under: {row.protocol}.")
+    if run_id in approved:
+        a = approved[run_id]
+        note = f": {md_text(a.note)}" if a.note else ""
+        st.caption(f":green-badge[:material/verified: approved] by {md_text(a.approved_by)} on "
+                   f"{a.approved_at:%Y-%m-%d}{note}")
+    elif approvals.default is not None:
+        st.caption(f"Not the approved model ({md_text(approvals.default.run_label)} is).")
+    if row.leaky:
+        st.warning("This model was evaluated with the paper's leaky protocol: its test accuracy overstates how well it "
+                   "does on new images.", icon=":material/warning:")
+    return row
 
-uploads = st.file_uploader("Images to classify (TIF, PNG, JPEG, BMP)", type=IMAGE_TYPES, accept_multiple_files=True,
-                           key="pr_files")
-if not uploads:
-    st.caption("Upload one image to see its heat map, or many for a table of results.")
-    st.stop()
 
-# Decode and classify once per (model, files); the results stay while the user looks around.
-model = model_of(run_id)
-key = (model, tuple(hashlib.sha256(f.getvalue()).hexdigest() for f in uploads))
-cache = st.session_state.setdefault("pr_results", {})
-if key not in cache:
-    try:
-        predictor = predictor_for(run_id, model, cfg.database_url)
-    except UserError as e:
-        st.error(md_text(str(e)), icon=":material/warning:")
-        st.stop()
-    images, names, problems = [], [], []
-    for f in uploads:
+# --------------------------------------------------------------------------------------------
+# Uploads: only the current batch stays, in the uploader and in memory
+
+
+def uploader_key() -> str:
+    round_ = st.session_state.get("pr_upload_round", 0)
+    return "pr_files" if round_ == 0 else f"pr_files_{round_}"
+
+
+def clear_uploads() -> None:
+    """A fresh uploader (a new key) and no results; the old files leave the server's memory now
+    rather than when the browser session ends (Streamlit's in-memory file store keeps them until then)."""
+    from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    files = st.session_state.get(uploader_key()) or []
+    if ctx is not None and isinstance(ctx.uploaded_file_mgr, MemoryUploadedFileManager):
+        for f in files:
+            ctx.uploaded_file_mgr.remove_file(session_id=ctx.session_id, file_id=f.file_id)
+    st.session_state["pr_upload_round"] = st.session_state.get("pr_upload_round", 0) + 1
+    st.session_state.pop("pr_results", None)
+    st.session_state.pop("pr_cam", None)
+
+
+def uploads() -> list:
+    files = st.file_uploader("Images to classify (TIF, PNG, JPEG, BMP)", type=IMAGE_TYPES, accept_multiple_files=True,
+                             key=uploader_key())
+    if not files:
+        st.session_state.pop("pr_results", None)
+        st.session_state.pop("pr_cam", None)
+        st.caption("Upload one image to see its heat map, or many for a table of results.")
+        return []
+    st.button("Clear", icon=":material/delete_sweep:", on_click=clear_uploads, key="pr_clear",
+              help="Remove these images from the page and from the server's memory, to start a new batch.")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Classifying (through core's service, which logs each image)
+
+
+def classify(run_id: int, files: list) -> dict | None:
+    """The batch's results, classified once per (model, files) and kept while the user looks
+    around; only the latest batch is kept. None when the model cannot be used (said on the page)."""
+    model = model_of(run_id)
+    key = (run_id, model, tuple(hashlib.sha256(f.getvalue()).hexdigest() for f in files))
+    cache = st.session_state.setdefault("pr_results", {})
+    if key in cache:
+        return cache[key]
+    decoded, problems = [], []
+    for f in files:
         try:
-            images.append(load_rgb(f, max_pixels=cfg.max_image_pixels))
-            names.append(f.name)
+            decoded.append(service.decode_one(cfg, service.ImageInput(f.name, f.getvalue())))
         except UserError as e:
-            problems.append(str(e))
-    probabilities = []
-    if images:
-        bar = st.progress(0.0, text="Classifying…")
-        for start in range(0, len(images), BATCH):
-            probabilities.extend(predictor.probabilities(images[start:start + BATCH]))
-            done = min(start + BATCH, len(images))
-            bar.progress(done / len(images), text=f"Classifying: {done} of {len(images)}")
-        bar.empty()
+            problems.append(e.for_page())
+    result = {"key": key, "problems": problems, "images": [d.image for d in decoded], "answers": [],
+              "calibration": {}, "classes": []}
+    if decoded:
+        try:
+            result.update(run_model(run_id, decoded))
+        except UserError as e:
+            st.error(md_text(e.for_page()), icon=":material/warning:")
+            return None
     cache.clear()  # keep only the latest batch in memory
-    cache[key] = {"names": names, "images": images, "probabilities": probabilities, "problems": problems,  # raw
-                  "classes": predictor.classes}
-result = cache[key]
-classes = result["classes"]
-for problem in result["problems"]:
-    st.error(f"Not classified: {md_text(problem)}", icon=":material/warning:")
-if not result["names"]:
-    st.stop()
+    cache[key] = result
+    return result
 
-predictor = predictor_for(run_id, model, cfg.database_url)
-# Calibrated where the run has a temperature (as on the Runs page and the command line), else raw; labelled.
-displayed = Probabilities(np.asarray(result["probabilities"]), predictor.temperature)
-shown, kind = displayed.shown, displayed.label
-threshold, refer = None, np.zeros(len(shown), dtype=bool)
-if predictor.temperature is None:
-    st.caption("This run had no validation part, so these are raw model probabilities, not calibrated, and no "
-               "\"uncertain, refer\" band applies. Train with a validation fraction above 0 for one.")
-else:
-    targets = sorted({0.8, 0.85, 0.9, 0.95, 0.99, predictor.calibration["refer_target"]})
+
+def run_model(run_id: int, decoded: list) -> dict:
+    """Load the model (once per server process) and classify, showing each step as it goes."""
+    started = time.monotonic()
+    with st.status("Classifying…", expanded=True) as status:
+        st.write("Reading the model file…")
+        model_of(run_id)
+        st.write("Preparing the model (the first time on this server: up to a minute; then it stays loaded)…")
+        predictor = predictor_of(run_id)
+        st.write("Classifying…")
+        bar = st.progress(0.0)
+        answers = service.classify_decoded(
+            Session, cfg, user, decoded, run_id=run_id, source="page",
+            target=st.session_state.get(f"pr_target_{run_id}"),
+            progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s)"))
+        status.update(label=f"Classified {len(answers)} image(s) in {time.monotonic() - started:.1f} s",
+                      state="complete", expanded=False)
+    return {"answers": answers, "classes": list(predictor.classes), "calibration": dict(predictor.calibration or {})}
+
+
+# --------------------------------------------------------------------------------------------
+# The refer band
+
+
+def refer_band(run_id: int, result: dict) -> tuple[float | None, np.ndarray]:
+    """(threshold, refer per image) for the accuracy the user asks for, chosen on the run's
+    validation images by its predictor; says what the band rests on."""
+    answers, cal = result["answers"], result["calibration"]
+    shown = np.asarray([[a.probabilities[c] for c in result["classes"]] for a in answers])
+    if answers[0].kind != "calibrated":
+        st.caption("This run had no validation part, so these are the model's own probabilities, not adjusted, and no "
+                   "\"uncertain, refer\" band applies. Train with a validation fraction above 0 for one.",
+                   help="Raw softmax probabilities: no temperature scaling was fitted.")
+        return None, np.zeros(len(answers), dtype=bool)
+    targets = sorted({0.8, 0.85, 0.9, 0.95, 0.99, cal["refer_target"]})
     target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
-                              value=predictor.calibration["refer_target"], format_func=lambda t: f"{t:.0%}",
-                              key=f"pr_target_{run_id}",
-                              help="Predictions whose calibrated confidence is below the threshold that reached this "
-                                   "accuracy on the run's validation images are marked 'uncertain, refer'.")
-    threshold = predictor.refer_threshold(target)
-    refer = calibration.refer_verdict(shown, threshold)
-    n_val = predictor.calibration["n_val"]
-    band = ("no threshold reached it on validation: every prediction is marked 'uncertain, refer'"
+                              value=cal["refer_target"], format_func=lambda t: f"{t:.0%}", key=f"pr_target_{run_id}",
+                              help="Predictions whose adjusted confidence is below the threshold that reached this "
+                                   "accuracy on the run's validation images are marked 'uncertain, refer'. The log "
+                                   "keeps the verdict as it was when the images were classified.")
+    threshold = predictor_of(run_id).refer_threshold(target)  # chosen on the validation images, as at training
+    n_val = int(cal["n_val"])
+    band = ("no threshold reached it on the validation images: every prediction is marked 'uncertain, refer'"
             if threshold is None else f"confidence below {threshold:.1%} is marked 'uncertain, refer'")
-    st.caption(f"Probabilities are temperature-scaled (T = {predictor.temperature:.2f}) on the run's {n_val} "
-               f"validation images; {band}. With few validation images the threshold is itself uncertain.")
+    st.caption(f"Confidence adjusted on the run's {n_val} validation images, so that it matches how often the model "
+               f"was right there; {band}.",
+               help=f"Temperature scaling (T = {cal['temperature']:.2f}), fitted on the validation part; its expected "
+                    f"calibration error (ECE) there went from {cal.get('val_ece_before', float('nan')):.3f} to "
+                    f"{cal.get('val_ece_after', float('nan')):.3f}. The refer threshold is the lowest adjusted "
+                    "confidence at which the validation predictions at or above it reach the chosen accuracy.")
+    if n_val < FEW_VALIDATION:
+        st.warning(f"The threshold rests on only {n_val} validation images; treat it as rough. With so few, it moves "
+                   "in steps of one image, so a different accuracy often gives the same or a nearby threshold. A run "
+                   f"with at least {FEW_VALIDATION} validation images gives a steadier one.", icon=":material/warning:")
+    return threshold, calibration.refer_verdict(shown, threshold)
 
-table = pd.DataFrame([{"file": name, "predicted": classes[int(p.argmax())], "probabilities": kind,
-                       "confidence": float(p.max()), "verdict": "uncertain, refer" if r else "confident",
-                       **{c: float(v) for c, v in zip(classes, p)}}
-                      for name, p, r in zip(result["names"], shown, refer)])
 
-st.subheader("Result" if len(table) == 1 else f"Results for {len(table)} images")
-if len(table) > 1:
-    counts = table["predicted"].value_counts()
-    cols = st.columns(len(classes))
-    for col, c in zip(cols, classes):
-        col.metric(f"Predicted {md_text(c)}", int(counts.get(c, 0)), border=True)
-st.dataframe(table, hide_index=True, column_config={
-    name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1)
-    for name in ["confidence", *classes]
-})
-st.download_button("Results (.csv)", icon=":material/download:", data=table.to_csv(index=False).encode(), file_name=f"predictions-run-{run_id}.csv",
-                   mime="text/csv", on_click="ignore")
-if len(table) > 1:
-    chosen = st.selectbox("Look at one image", range(len(table)), format_func=lambda i: result["names"][i], key="pr_detail")
-else:
-    chosen = 0
+# --------------------------------------------------------------------------------------------
+# Results
 
-name, image, probs = result["names"][chosen], result["images"][chosen], shown[chosen]
-predicted = int(probs.argmax())
-left, middle, right = st.columns([1, 1, 1], gap="medium")
-with left:
-    st.markdown(f"**{md_text(name)}**")
-    st.image(image, caption=f"{image.width}×{image.height} px", width="stretch")
-with middle:
+
+def results_table(result: dict, refer: np.ndarray) -> pd.DataFrame:
+    classes = result["classes"]
+    calibrated = result["answers"][0].kind == "calibrated"
+    return pd.DataFrame([{"file": a.name, "predicted": a.predicted, "probabilities": a.label,
+                          "confidence": a.confidence,
+                          "verdict": ("uncertain, refer" if r else "confident") if calibrated else "no refer band",
+                          **{c: a.probabilities[c] for c in classes}}
+                         for a, r in zip(result["answers"], refer)])
+
+
+def batch_summary(table: pd.DataFrame, classes: list[str], calibrated: bool) -> None:
+    """Counts for a batch: with a refer band, the referred apart and only confident predictions per class."""
+    if calibrated:
+        confident = table[table["verdict"] == "confident"]["predicted"].value_counts()
+        cols = st.columns(len(classes) + 1)
+        cols[0].metric("Referred", int((table["verdict"] == "uncertain, refer").sum()), border=True,
+                       help="Not confident enough to report a subtype: to be seen by a pathologist.")
+        for col, c in zip(cols[1:], classes):
+            col.metric(f"Confident {md_text(c)}", int(confident.get(c, 0)), border=True)
+    else:
+        counts = table["predicted"].value_counts()
+        for col, c in zip(st.columns(len(classes)), classes):
+            col.metric(f"Predicted {md_text(c)}", int(counts.get(c, 0)), border=True)
+
+
+def explained(run_id: int, model: str | None, image, image_sha256: str, class_index: int) -> "saliency.Saliency":
+    """The Grad-CAM map of one image and class, kept for the latest one only: a rerun (another
+    accuracy target, a History filter) shows it again without a pass back through the model."""
+    key = (run_id, model, image_sha256, class_index)
+    kept = st.session_state.get("pr_cam")
+    if kept is None or kept[0] != key:
+        with st.spinner("Computing the Grad-CAM heat map…"):
+            kept = (key, grad_cam_for(run_id, model, cfg.database_url).explain(image, class_index=class_index))
+        st.session_state["pr_cam"] = kept
+    return kept[1]
+
+
+def heat_map(run_id: int, model: str | None, image, image_sha256: str, classes: list[str], predicted: int) -> None:
     target = st.selectbox("Heat map for class", range(len(classes)), index=predicted, format_func=lambda i: classes[i],
-                          key=f"pr_cam_class_{(model or '')[:12]}_{key[1][chosen][:12]}")  # per model and image
-    with st.spinner("Computing the Grad-CAM heat map…"), user_errors():
-        cam = grad_cam_for(run_id, model, cfg.database_url).explain(image, class_index=int(target))
+                          key=f"pr_cam_class_{(model or '')[:12]}_{image_sha256[:12]}")  # per model and image
+    with user_errors():
+        explainer = grad_cam_for(run_id, model, cfg.database_url)
+        cam = explained(run_id, model, image, image_sha256, int(target))
+        (rows, cols), size, name = cam.grid, explainer.pipeline.image_size, md_text(classes[cam.class_index])
+        about = (f"Gradient-weighted class activation map (Grad-CAM) on {cam.layer} of DenseNet-201: {rows}×{cols} "
+                 f"cells for this run's {size} px inputs. The deepest block with at least 7×7 cells at the run's image "
+                 "size is used (the finest one where none has); earlier blocks are finer but less specific to the "
+                 "class. Colours are relative to the image's strongest region.")
         if cam.flat:
-            cells = max(1, int(meta["size"]) // 32)
-            st.info(f"Grad-CAM for {md_text(classes[cam.class_index])}: no heat map to show. This model was trained at "
-                    f"{meta['size']} px, where the last dense block is {cells}×{cells} cell(s), so the map carries no "
-                    "location. Train at 224 px (the paper's size) for a 7×7 map.", icon=":material/blur_off:")
-        else:
-            st.image(cam.overlay, caption=f"Grad-CAM for {md_text(classes[cam.class_index])} on the last dense block "
-                     "(red: regions that raised this class's score)", width="stretch")
-with right:
-    if refer[chosen]:
-        st.metric("Uncertain, refer", md_text(classes[predicted]), delta=f"most likely, {probs[predicted]:.1%} {kind}", delta_color="off",
-                  border=True)
+            st.info(f"Grad-CAM for {name}: no heat map to show. No region of this image raised the class's score at "
+                    f"{cam.layer}, so the map is the same everywhere.", icon=":material/blur_off:")
+            return
+        show_figure(saliency_figure(cam.image, cam.cells, f"Grad-CAM for {classes[cam.class_index]}",
+                                    f"run {run_id} · {cam.layer} · {rows}×{cols} cells"), key="pr_cam_chart")
+        st.caption(f"Grad-CAM for {name} on {cam.layer}: where the evidence for this class lies (each coloured "
+                   f"square is one of the map's {rows}×{cols} cells).", help=about)
+        if cam.coarse:
+            st.info(f"Grad-CAM for {name}: the map is only {rows}×{cols} cells at {size} px; it cannot point at cells "
+                    "or structures, only at a part of the image. A run trained at 224 px (the paper's size) gives "
+                    "7×7 cells or more.", icon=":material/grid_on:")
+
+
+def verdict(result: dict, chosen: int, refer: bool, run_id: int, protocol: str) -> None:
+    answer, classes = result["answers"][chosen], result["classes"]
+    probs = np.asarray([answer.probabilities[c] for c in classes])
+    predicted, kind = int(probs.argmax()), answer.label
+    # No arrow: the figure is a probability, not a change since something.
+    if refer:
+        st.metric("Uncertain, refer", md_text(classes[predicted]), delta=f"most likely, {probs[predicted]:.1%} {kind}",
+                  delta_color="off", delta_arrow="off", border=True)
         st.warning("Not confident enough to report a subtype: refer this image to a pathologist "
                    "(or review it with more of the specimen).", icon=":material/help:")
     else:
         st.metric("Predicted subtype", md_text(classes[predicted]), delta=f"{probs[predicted]:.1%} {kind}",
-                  delta_color="off", border=True)
-    show_figure(probabilities_figure(classes, probs, f"Class probabilities ({kind})", f"run {run_id} · {meta['protocol']}",
-                                     wrap=42), key="pr_probs")
+                  delta_color="off", delta_arrow="off", border=True)
+    title = "Class probabilities (adjusted)" if kind == CALIBRATED else "Class probabilities (model's own)"
+    show_figure(probabilities_figure(classes, probs, title, f"run {run_id} · {protocol}", wrap=42), key="pr_probs")
+
+
+def classify_tab() -> None:
+    row = pick_model()
+    if row is None:
+        return
+    files = uploads()
+    if not files:
+        return
+    result = classify(row.id, files)
+    if result is None:
+        return
+    for problem in result["problems"]:
+        st.error(f"Not classified: {md_text(problem)}", icon=":material/warning:")
+    if not result["answers"]:
+        return
+    classes = result["classes"]
+    try:
+        _, refer = refer_band(row.id, result)
+    except UserError as e:  # the run went since it classified (deleted, or its model file replaced)
+        st.error(md_text(e.for_page()), icon=":material/warning:")
+        return
+    table = results_table(result, refer)
+    st.subheader("Result" if len(table) == 1 else f"Results for {len(table)} images")
+    if len(table) > 1:
+        batch_summary(table, classes, result["answers"][0].kind == "calibrated")
+    st.dataframe(table, hide_index=True, column_config={
+        name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1)
+        for name in ["confidence", *classes]
+    })
+    st.download_button("Results (.csv)", icon=":material/download:", data=table.to_csv(index=False).encode(),
+                       file_name=f"predictions-run-{row.id}.csv", mime="text/csv", on_click="ignore")
+    names = [a.name for a in result["answers"]]
+    chosen = (st.selectbox("Look at one image", range(len(table)), format_func=lambda i: names[i], key="pr_detail")
+              if len(table) > 1 else 0)
+    answer, image = result["answers"][chosen], result["images"][chosen]
+    predicted = classes.index(answer.predicted)
+    left, middle, right = st.columns([1, 1, 1], gap="medium")
+    with left:
+        st.markdown(f"**{md_text(answer.name)}**")
+        st.image(image, caption=f"{image.width}×{image.height} px", width="stretch")
+    with middle:
+        heat_map(row.id, answer.model_sha256, image, answer.image_sha256, classes, predicted)
+    with right:
+        verdict(result, chosen, bool(refer[chosen]), row.id, row.protocol)
+
+
+# --------------------------------------------------------------------------------------------
+# History: the log of predictions
+
+
+def history_tab() -> None:
+    with Session() as s:  # only the values the filters offer (no rows)
+        choices = views.prediction_history(s, limit=0).choices
+    if not choices.run_ids:
+        st.info("No prediction logged yet: each image classified here, through the API or with "
+                "`python -m core predict --log` is listed here.", icon=":material/history:")
+        return
+    a, b, c, d = st.columns(4)
+    run_id = a.selectbox("Model", [None, *choices.run_ids], format_func=lambda i: "all" if i is None else f"run {i}",
+                         key="pr_h_model")
+    who = b.selectbox("User", [None, *choices.users], format_func=lambda u: "all" if u is None else u, key="pr_h_user")
+    predicted = c.selectbox("Predicted class", [None, *choices.predicted],
+                            format_func=lambda p: "all" if p is None else p, key="pr_h_class")
+    today = datetime.now(timezone.utc).date()
+    dates = d.date_input("Dates", (today - timedelta(days=HISTORY_DAYS), today), key="pr_h_dates",
+                         help="Days in UTC, both ends included.")
+    since, until = date_bounds(dates)
+    with Session() as s:
+        history = views.prediction_history(s, since=since, until=until, run_id=run_id, user=who, predicted=predicted)
+    if not history.rows:
+        st.caption("No logged prediction matches these filters.")
+        return
+    more = f" (the newest {history.limit}: narrow the filters for older ones)" if history.truncated else ""
+    st.caption(f"{len(history.rows)} logged prediction(s){more}.")
+    table = pd.DataFrame([{"when (UTC)": r.at.replace(microsecond=0), "user": r.user, "from": r.source,
+                           "model": f"run {r.run_id}", "file": r.image_name, "predicted": r.predicted,
+                           "verdict": ("no refer band" if r.refer is None else "uncertain, refer" if r.refer
+                                       else "confident"),
+                           "confidence": r.probabilities.get(r.predicted), "model file (sha256)": r.model_sha256[:12]}
+                          for r in history.rows])
+    st.dataframe(table, hide_index=True, column_config={
+        "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1)})
+    st.download_button("Log (.csv)", icon=":material/download:", data=history.csv().encode(),
+                       file_name="prediction-log.csv", mime="text/csv", on_click="ignore", key="pr_h_csv")
+
+
+def date_bounds(dates) -> tuple[datetime | None, datetime | None]:
+    """[since, until) in UTC of a date range widget's value (one date while the user picks the second)."""
+    picked = [d for d in (dates if isinstance(dates, (tuple, list)) else (dates,)) if isinstance(d, date)]
+    if not picked:
+        return None, None
+    start, end = picked[0], picked[-1]
+    return datetime.combine(start, datetime.min.time()), datetime.combine(end + timedelta(days=1), datetime.min.time())
+
+
+classify_view, history_view = st.tabs(["Classify", "History"])
+with classify_view:
+    classify_tab()
+with history_view:
+    history_tab()

@@ -1,14 +1,20 @@
-"""Train: choose data, split, augmentation, weights and training settings (the paper's by default),
-launch a background run, and watch or cancel the queue."""
+"""Train: choose data, split, augmentation, weights and training settings, see about how long they
+take on this machine, launch a background run, and watch or cancel the queue.
+
+The form is filled once per browser session, from the first of: the settings the Runs page hands
+over ("Train again with these settings", in st.session_state["train_prefill"]), the settings of the
+run this user launched last, the quick preset on a machine without a GPU, the paper's settings.
+After that it keeps its values while the user visits other pages."""
 
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from core.data import audit, datasets, splits
-from core.jobs import runs, views
-from core.training import presets
 from core.errors import UserError
+from core.jobs import estimate, runs, views
+from core.training import presets
 from core.training.run_config import RunConfig, setting_type, settings_fields
 from pages._common import (
     STATUS_BADGE, current_user, md_text, page_header, request_cancel, session_factory, settings, start_worker,
@@ -30,14 +36,27 @@ WEIGHT_LABELS = {
     "file": "A weights file on the server",
     "none": "None: random initialisation",
 }
+PRESET_ICONS = {presets.QUICK_TRY: ":material/bolt:", presets.PAPER_LEAKY: ":material/description:",
+                presets.PAPER_HONEST: ":material/balance:", presets.UNSEEN_SPECIMENS_CPU: ":material/biotech:"}
+# The augmentation of a run the form was filled from, when no saved preset holds its values.
+CUSTOM_AUGMENTATION = "Custom: the values of the run the form was filled from"
+# Streamlit forgets a widget's value once a page without it is shown; this plain copy outlives the
+# widgets, so that the form is as the user left it when they come back from another page.
+KEPT = "tr_kept"
+OWN_KEYS = ("tr_weights_path", "tr_name", "tr_notes")  # inputs that are not settings of RunConfig
 
 page_header("Train", "The modified DenseNet-201 (FC 512, dropout 0.5, no layer frozen) trained with Adam on "
-            "cross-entropy. Every default below is the paper's; runs train in the background worker.")
+            "cross-entropy. The presets fill in the form: the paper's settings, or a first run sized for this "
+            "machine. Runs train in the background worker.")
+machine = views.machine_summary()  # loads torch once per server process, to ask for a GPU
 
 
 def form_key(name: str) -> str:
     """The session-state key of a setting's input."""
     return "tr_" + FIELDS[name].metadata.get("key", name)
+
+
+FORM_KEYS = (*(form_key(name) for name in FIELDS), *OWN_KEYS)
 
 
 def form_values(values: dict) -> dict:
@@ -74,14 +93,119 @@ def section_inputs(section: str, split: str, columns: int, drawn: tuple[str, ...
         setting_input(cols[i % columns], name, split)
 
 
-def launch(config: RunConfig) -> None:
+def weights_choice(weights: str) -> tuple[str, str]:
+    """The weights radio's choice and the path box's text for a RunConfig's `weights`."""
+    return (weights, "") if weights in ("imagenet", "none") else ("file", weights)
+
+
+def fill_form(config: RunConfig, datasets_here: dict) -> None:
+    """Every input set to `config`'s value (its dataset only if it is still here)."""
+    with Session() as s:
+        preset = presets.preset_holding(s, config.augmentation)
+    choice, path = weights_choice(config.weights)
+    st.session_state.update({**form_values(config.to_dict()), form_key("weights"): choice, "tr_weights_path": path,
+                             form_key("augmentation"): preset or CUSTOM_AUGMENTATION, "tr_leak_ok": False,
+                             "tr_custom_augmentation": None if preset else config.augmentation})
+    if config.dataset in datasets_here:
+        st.session_state[form_key("dataset")] = config.dataset
+    if config.grouped is not None:
+        st.session_state[form_key("grouped")] = config.grouped
+
+
+def preset_config(name: str) -> RunConfig:
+    """Training preset `name` as a RunConfig. The paper used ImageNet weights; a site that set
+    DEFAULT_WEIGHTS (say, the same weights as a local file, because it is offline) keeps its choice,
+    unless the preset names its weights."""
+    values = presets.training_preset(name)
+    if "weights" not in presets.TRAINING_PRESETS[name]:
+        values["weights"] = cfg.default_weights
+    return RunConfig(dataset="-", **values)
+
+
+def apply_preset(name: str, datasets_here: dict) -> None:
+    fill_form(preset_config(name), datasets_here)
+    st.session_state["tr_preset_loaded"] = name
+    st.session_state["tr_flash"] = f"Loaded '{name}'. Check the dataset and weights, then launch."
+
+
+def start_form(datasets_here: dict) -> str | None:
+    """Fill the form, once per browser session (see the module's docstring); returns a sentence on
+    where its values came from, when it is worth saying."""
+    handed = st.session_state.pop("train_prefill", None)
+    first = KEPT not in st.session_state
+    st.session_state.setdefault(KEPT, {})
+    if handed is not None:
+        fill_form(RunConfig.from_dict(handed), datasets_here)
+        st.session_state["tr_preset_loaded"] = None
+        return "The form holds the settings of the run you chose on the Runs page. Check them, then launch."
+    if not first:  # back from another page: the form as the user left it
+        for key, value in st.session_state[KEPT].items():
+            st.session_state.setdefault(key, value)
+        return None
+    with Session() as s:
+        last = views.last_launched_config(s, user.name)
+    if last is not None:
+        fill_form(last, datasets_here)
+        st.session_state["tr_preset_loaded"] = None
+        return ("The form starts with the settings of the last run you launched. The buttons above load a "
+                "preset instead.")
+    if not machine.has_gpu:
+        fill_form(preset_config(presets.QUICK_TRY), datasets_here)
+        st.session_state["tr_preset_loaded"] = presets.QUICK_TRY
+        return (f"No GPU on this machine, so the form starts with '{presets.QUICK_TRY}', sized for its CPU. "
+                f"'{presets.PAPER_HONEST}' loads the paper's settings (hours on a CPU).")
+    fill_form(preset_config(presets.PAPER_HONEST), datasets_here)
+    st.session_state["tr_preset_loaded"] = presets.PAPER_HONEST
+    return None
+
+
+def keep_form() -> None:
+    """Copy the form's values where they outlive its widgets (see KEPT)."""
+    st.session_state[KEPT] = {**st.session_state[KEPT],
+                              **{k: st.session_state[k] for k in FORM_KEYS if k in st.session_state}}
+
+
+def form_config(ds_name: str, split: str, grouped: bool | None, aug_preset: str, weights: str) -> RunConfig:
+    """The RunConfig the form shows (UserError when a value is not allowed)."""
+    weights_value = st.session_state["tr_weights_path"].strip() if weights == "file" else weights
+    if aug_preset == CUSTOM_AUGMENTATION:
+        augmentation = st.session_state["tr_custom_augmentation"]
+    else:
+        with Session() as s:
+            augmentation = presets.get_params(s, aug_preset).to_dict()
+    return RunConfig(
+        dataset=ds_name, grouped=grouped if split != "paper-leaky" else None, augmentation=augmentation,
+        weights=weights_value, **{name: setting_type(f)(st.session_state[form_key(name)])
+                                  for name, f in FIELDS.items() if name not in DRAWN_HERE},
+    )
+
+
+def preset_note(config: RunConfig) -> str:
+    """Which training preset the form holds, or what was changed since one was loaded."""
+    matched = presets.matching_preset(config.to_dict(), cfg.default_weights)
+    if matched:
+        return f"The form holds the settings of the preset '{matched}'."
+    loaded = st.session_state.get("tr_preset_loaded")
+    if not loaded:
+        return "The form holds settings of your own, not a preset's."
+    was, now = preset_config(loaded).to_dict(), config.to_dict()
+    changed = [f"{FIELDS[name].metadata['label'].lower()} {was[name]} → {now[name]}"
+               for name in (*(n for n in FIELDS if n not in DRAWN_HERE), "weights") if was[name] != now[name]]
+    if was["augmentation"] != now["augmentation"]:
+        changed.append("other augmentation")
+    if "grouped" in presets.TRAINING_PRESETS[loaded] and was["grouped"] != now["grouped"]:
+        changed.append("specimens not kept on one side" if was["grouped"] else "specimens kept on one side")
+    return f":orange-badge[:material/edit: Changed from '{loaded}']  " + ("; ".join(changed) or "its settings") + "."
+
+
+def launch(config: RunConfig, name: str, notes: str) -> None:
     """Queue the runs of `config` and make sure a worker takes them."""
     from core.training.model import check_weights  # torch: only when launching
 
     with st.spinner("Checking that the backbone weights can be loaded..."):
         check_weights(config.weights)  # here, not after the run has spent minutes augmenting its data
     with Session.begin() as s:
-        ids = [r.id for r in runs.create_runs(s, cfg, config, user=user)]
+        ids = [r.id for r in runs.create_runs(s, cfg, config, user=user, name=name, notes=notes)]
     start_worker(cfg)
     st.session_state["tr_flash"] = (f"Queued run {ids[0]}" if len(ids) == 1 else
                                     f"Queued runs {', '.join(map(str, ids))} (one per fold)") + \
@@ -91,52 +215,43 @@ def launch(config: RunConfig) -> None:
     st.rerun()
 
 
-def _weights_default() -> tuple[str, str]:
-    w = cfg.default_weights
-    return (w, "") if w in ("imagenet", "none") else ("file", w)
-
-
-def apply_preset(name: str) -> None:
-    values = presets.training_preset(name)
-    # The paper used ImageNet weights; a site that set DEFAULT_WEIGHTS (say, the same weights as a
-    # local file, because it is offline) keeps its choice, unless the preset names its weights.
-    choice, path = (values["weights"], "") if "weights" in presets.TRAINING_PRESETS[name] else _weights_default()
-    st.session_state.update({**form_values(values), form_key("augmentation"): presets.PAPER_PRESET,
-                             form_key("weights"): choice, "tr_weights_path": path, "tr_leak_ok": False})
-    if values["grouped"] is not None:
-        st.session_state[form_key("grouped")] = values["grouped"]
-    st.session_state["tr_flash"] = f"Loaded '{name}'. Check the dataset and weights, then launch."
-
-
-choice, path = _weights_default()
-for key, value in {**form_values(PAPER.to_dict()), form_key("augmentation"): presets.PAPER_PRESET,
-                   form_key("weights"): choice, "tr_weights_path": path}.items():
-    st.session_state.setdefault(key, value)
-
 with Session() as s:
     ds_info = {d.name: d for d in views.dataset_rows(s)}
     preset_names = presets.preset_names(s)
+with user_errors():
+    start_note = start_form(ds_info)
+choice, path = weights_choice(cfg.default_weights)
+for key, value in {**form_values(PAPER.to_dict()), form_key("augmentation"): presets.PAPER_PRESET,
+                   form_key("weights"): choice, "tr_weights_path": path, "tr_name": "", "tr_notes": "",
+                   "tr_custom_augmentation": None}.items():
+    st.session_state.setdefault(key, value)
+if st.session_state.get("tr_custom_augmentation"):
+    preset_names = [*preset_names, CUSTOM_AUGMENTATION]
 if st.session_state[form_key("augmentation")] not in preset_names:  # deleted on the Augmentation page meanwhile
     st.session_state[form_key("augmentation")] = presets.PAPER_PRESET
+if st.session_state.get(form_key("dataset")) not in ds_info:  # deleted meanwhile
+    st.session_state.pop(form_key("dataset"), None)
+st.session_state.setdefault(form_key("grouped"), True)
 
 flash = st.session_state.pop("tr_flash", None)
 if flash:
     st.success(flash, icon=":material/check_circle:")
     if st.session_state.pop("tr_launched", False):
         st.page_link("pages/runs.py", label="Follow it on the Runs page", icon=":material/monitoring:")
+        st.session_state.update(tr_name="", tr_notes="")  # a new run gets a name of its own
+elif start_note:
+    st.info(start_note, icon=":material/tune:")
+keep_form()  # widgets and callbacks have set this run's values by now
 
 if not ds_info:
     st.info("Add a dataset on the **Datasets** page first.", icon=":material/folder_open:")
 else:
-    b1, b2, b3, _ = st.columns([1, 1, 1, 1])
-    b1.button("Reproduce the paper", icon=":material/description:", on_click=apply_preset, args=("Reproduce the paper",), width="stretch",
-              help="The paper's settings and its own (leaky) protocol: augment all images, then split 80/20.")
-    b2.button("Paper settings, honest split", icon=":material/balance:", on_click=apply_preset, args=("Paper settings, honest split",),
-              width="stretch", help="The paper's settings, evaluated on untouched test images.")
-    b3.button("Unseen specimens (CPU)", icon=":material/biotech:", on_click=apply_preset, args=(presets.UNSEEN_SPECIMENS_CPU,),
-              width="stretch", help=f"{presets.UNSEEN_SPECIMENS_CPU}: the best configuration compared so far on images of "
-                                    "specimens left out of training, at reduced settings that a CPU can afford; "
-                                    "no ImageNet weights. See docs/generalisation.md.")
+    offered = presets.training_presets(machine.has_gpu)
+    # Two buttons a row: four in one cut their names off.
+    for col, name in zip([c for _ in range(0, len(offered), 2) for c in st.columns(2)], offered):
+        col.button(name, icon=PRESET_ICONS.get(name), on_click=apply_preset, args=(name, ds_info), width="stretch",
+                   help=presets.TRAINING_PRESET_HELP[name], key=f"tr_preset_{offered.index(name)}")
+    which_preset = st.empty()  # filled once the form's values are known
 
     data_col, model_col = st.columns(2, gap="large")
     with data_col:
@@ -149,7 +264,7 @@ else:
             grouped = None
             if split != "paper-leaky":
                 if groups:
-                    grouped = st.checkbox(f"{FIELDS['grouped'].metadata['label']} ({groups} groups)", value=True,
+                    grouped = st.checkbox(f"{FIELDS['grouped'].metadata['label']} ({groups} groups)",
                                           key=form_key("grouped"),
                                           help="Images of one specimen share stain and tissue; splitting them inflates scores.")
                 else:
@@ -186,18 +301,21 @@ else:
                 leak_ok = st.checkbox("I understand that this run's test score is not a valid estimate", key="tr_leak_ok")
         with st.container(border=True):
             st.markdown("**Augmentation** of the training part")
-            aug_preset = st.selectbox(FIELDS["augmentation"].metadata["label"], preset_names,
-                                      key=form_key("augmentation"), help="Make presets on the Augmentation page.")
+            aug_preset = st.selectbox(
+                FIELDS["augmentation"].metadata["label"], preset_names, key=form_key("augmentation"),
+                help="Make presets on the Augmentation page; values changed there train only once saved as a preset.")
             section_inputs("augmentation", split, columns=1)
-            with Session() as s, user_errors():
-                p = presets.get_params(s, aug_preset)
-                on = [f"rotate p {p.rotate_probability} ±{p.rotate_max_left}/{p.rotate_max_right}°",
-                      f"distortion p {p.distortion_probability} grid {p.distortion_grid_width}×{p.distortion_grid_height} "
-                      f"magnitude {p.distortion_magnitude}", f"zoom p {p.zoom_probability} area {p.zoom_percentage_area}"]
-                on += [f"{label} p {v}" for label, v in (("flip left-right", p.flip_left_right_probability),
-                                                         ("flip top-bottom", p.flip_top_bottom_probability),
-                                                         ("rotate 90°", p.rotate90_probability)) if v > 0]
-                st.caption(" · ".join(on))
+            with user_errors():
+                if aug_preset == CUSTOM_AUGMENTATION:
+                    values = st.session_state["tr_custom_augmentation"]
+                else:
+                    with Session() as s:
+                        values = presets.get_params(s, aug_preset).to_dict()
+                st.caption("Each augmented image: " + "; ".join(presets.augmentation_words(values)) + ".")
+                with st.expander("The preset's values"):
+                    st.dataframe(pd.DataFrame({"setting": list(presets.labelled(values)),
+                                               "value": list(presets.labelled(values).values())}),
+                                 hide_index=True, width="stretch")
 
     with model_col:
         with st.container(border=True):
@@ -224,22 +342,36 @@ else:
                        "Probabilities are calibrated on the validation part, which also sets the "
                        "'uncertain, refer' band on the Predict page.")
 
-    ready = leak_ok and (weights != "file" or st.session_state["tr_weights_path"].strip())
+    config = None
+    with user_errors():
+        config = form_config(ds_name, split, grouped, aug_preset, weights)
+    if config is not None:
+        which_preset.caption(preset_note(config))
+    # The run's own words: a name (else the one the Runs page makes from the settings) and notes.
+    auto = " · ".join([ds_name, *views.setting_words(config, None if aug_preset == CUSTOM_AUGMENTATION else aug_preset)]) \
+        if config is not None else ""
+    a, b = st.columns([1, 2])
+    run_name = a.text_input("Run name (optional)", key="tr_name", placeholder=auto,
+                            help="Your own name for the run, shown on the Runs page. Left empty, the run is called "
+                                 "by its dataset and the settings that differ from the paper's, as shown.")
+    run_notes = b.text_area("Notes (optional)", key="tr_notes", height=68, placeholder="Why this run, what to compare it with",
+                            help="Shown with the run on the Runs page; k-fold runs share them.")
+
+    if config is not None:
+        with Session() as s:
+            timing = estimate.time_estimate(s, config, len(ds_info[ds_name].classes), machine)
+        gpu = (f"GPU found: {', '.join(sorted(set(machine.gpus)))}." if machine.has_gpu else
+               f"No GPU found: runs train on this machine's CPU ({machine.cpu_cores} cores).")
+        st.info(f"**{gpu}** {timing.sentence()}", icon=":material/schedule:")
+
+    ready = config is not None and leak_ok and (weights != "file" or st.session_state["tr_weights_path"].strip())
     if not user.can_edit:
         st.info("Launching runs needs the editor role; the Runs page shows every run's results.", icon=":material/lock:")
     elif st.button("Launch training", icon=":material/rocket_launch:", type="primary", disabled=not ready, key="tr_launch"):
         with user_errors():
-            weights_value = st.session_state["tr_weights_path"].strip() if weights == "file" else weights
-            if weights == "file" and not Path(weights_value).expanduser().is_file():
-                raise UserError(f"No weights file at {weights_value} on the server.")
-            with Session() as s:
-                augmentation = presets.get_params(s, aug_preset).to_dict()
-            config = RunConfig(
-                dataset=ds_name, grouped=grouped if split != "paper-leaky" else None, augmentation=augmentation,
-                weights=weights_value, **{name: setting_type(f)(st.session_state[form_key(name)])
-                                          for name, f in FIELDS.items() if name not in DRAWN_HERE},
-            )
-            launch(config)
+            if weights == "file" and not Path(config.weights).expanduser().is_file():
+                raise UserError(f"No weights file at {config.weights} on the server.")
+            launch(config, run_name, run_notes)
 
 
 def _active_runs() -> list[views.RunRow]:

@@ -98,7 +98,7 @@ def only_the_sign_in(at: AppTest) -> None:
     assert [t.value for t in at.title] == [TITLE]
     assert len(at.sidebar) == 0
     assert not at.get("dataframe") and not at.get("metric") and not at.get("plotly_chart")
-    assert "Background worker" not in texts(at) and "How it works" not in texts(at)
+    assert "Training worker" not in texts(at) and "How it works" not in texts(at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_sign_in_with_the_right_password_shows_the_app_and_a_wrong_one_an_error(
     assert not at.exception and not at.error
     assert at.title[0].value == TITLE and "How it works" in texts(at)
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
-    assert "ana" in sidebar and "editor" in sidebar and "Background worker" in sidebar
+    assert "ana" in sidebar and "editor" in sidebar and "Training worker" in sidebar
     assert not any(t.value == PASSWORD for t in at.text_input)  # the form does not keep it
 
     at.sidebar.button(key="auth_sign_out").click().run()

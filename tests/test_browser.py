@@ -19,7 +19,8 @@ import pytest
 from sqlalchemy import select
 
 from core.config import load_settings
-from core.store.db import Run, RunStatus, make_sessionmaker
+from core.store.db import PredictionLog, Run, RunStatus, make_sessionmaker
+from core.training import presets
 from tests.conftest import stop_workers
 from tests.server import free_port, wait_healthy
 from tests.synthetic import synthetic_image, write_dataset
@@ -60,6 +61,8 @@ def app(tmp_path):
 
 
 def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
+    """A new user's first hour: every page empty, upload a zip, the quick CPU preset, watch it train,
+    classify three images, look at the log; a screenshot of each page in each state."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
@@ -70,8 +73,10 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
     with zipfile.ZipFile(zip_path, "w") as zf:
         for path in sorted((tmp_path / "lymphoma").rglob("*.tif")):
             zf.write(path, path.relative_to(tmp_path).as_posix())
-    new_image = tmp_path / "new-FL.tif"
-    synthetic_image("FL", 500, (320, 240)).save(new_image)
+    new_images = []
+    for i, label in enumerate(("CLL", "FL", "MCL")):
+        new_images.append(tmp_path / f"new-{label}.tif")
+        synthetic_image(label, 500 + i, (320, 240)).save(new_images[-1])
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -93,15 +98,29 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
             expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
             expect(page.get_by_test_id("stSkeleton")).to_have_count(0)  # widgets still loading
 
-        # Home on an empty install; the app starts the worker by itself.
+        def visit(path: str, name: str, heading: str) -> None:
+            page.goto(url + path)
+            expect(page.get_by_role("heading", name=heading).first).to_be_visible()
+            settle()
+            shot(name)
+
+        # Every page of an empty install; the app starts the worker by itself.
         page.goto(url)
         expect(page.get_by_role("heading", name="Lymphoma subtype recognition")).to_be_visible()
         expect(page.get_by_test_id("stSidebarNav")).to_be_visible()
-        expect(page.get_by_test_id("stSidebar").get_by_text("Background worker")).to_be_visible()
+        expect(page.get_by_test_id("stSidebar").get_by_text("Training worker")).to_be_visible()
         settle()
-        shot("1-home-empty")
+        shot("01-home-empty")
+        for path, name, heading in (("/dataset", "02-datasets-empty", "Datasets"),
+                                    ("/augmentation", "03-augmentation-empty", "Augmentation"),
+                                    ("/train", "04-train-empty", "Train"), ("/runs", "05-runs-empty", "Runs"),
+                                    ("/predict", "06-predict-empty", "Predict")):
+            visit(path, name, heading)
+        # The same server answers the API beside the pages.
+        health = page.request.get(url + "/api/v1/health")
+        assert health.status == 200 and health.json()["database"] is True, health.text()
 
-        # Datasets: upload the zip.
+        # Datasets: an empty install offers the upload at once; upload the zip.
         page.goto(url + "/dataset")
         uploader = page.get_by_test_id("stFileUploader").first
         uploader.locator("input[type=file]").set_input_files(str(zip_path))
@@ -110,57 +129,59 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_text("24 image(s) added")).to_be_visible(timeout=90_000)
         expect(page.get_by_text("Images per class in 'lymphoma'").first).to_be_visible()
         settle()
-        shot("2-dataset")
+        shot("07-datasets-with-data")
 
         # Augmentation: the live preview of one image.
-        page.goto(url + "/augmentation")
-        expect(page.get_by_text("no operation fired").or_(page.get_by_text("rotate")).first).to_be_visible()
-        settle()
-        shot("3-augmentation")
+        visit("/augmentation", "08-augmentation-with-data", "Augmentation")
 
-        # Train: a tiny CPU run (weights "none" is this site's default), launched in the background.
+        # Train: the quick CPU preset, launched in the background (weights "none" is this site's default).
         page.goto(url + "/train")
         expect(page.get_by_text("Backbone weights")).to_be_visible()
-        for label, value in (("Image size (px)", "32"), ("Epochs", "1"), ("Augmented images per class", "8"),
-                             ("Batch size", "24")):
-            box = page.get_by_label(label, exact=True)
-            box.fill(value)
-            box.press("Enter")
-            settle()
+        page.get_by_role("button", name=presets.QUICK_TRY).click()
+        settle()
+        expect(page.get_by_text(re.compile(r"about \d+ minutes?|under a minute", re.I)).first).to_be_visible()
         expect(page.get_by_label("None: random initialisation")).to_be_checked()
-        shot("4-train")
+        shot("09-train-quick-preset")
         page.get_by_role("button", name="Launch training").click()
         expect(page.get_by_text("Queued run 1")).to_be_visible()
         Session = make_sessionmaker(cfg.database_url)
+        quick = presets.TRAINING_PRESETS[presets.QUICK_TRY]
         with Session() as s:
             run = s.scalars(select(Run)).one()
-            assert (run.config["image_size"], run.config["epochs"], run.config["per_class"]) == (32, 1, 8)
+            assert {k: run.config[k] for k in quick} == quick
 
         # Runs: the worker trains it; the page follows it live until it succeeds.
         page.goto(url + "/runs")
-        progress = page.get_by_test_id("stProgress")
-        try:  # a picture of the live view, if the run is still going when the page opens
-            progress.wait_for(state="visible", timeout=20_000)
-            shot("5a-runs-live")
+        try:  # pictures of the live view, if the run is still going when the pages open
+            page.get_by_test_id("stProgress").first.wait_for(state="visible", timeout=30_000)
+            expect(page.get_by_text(re.compile("Time left|estimating", re.I)).first).to_be_visible()
+            shot("10-runs-training")
+            visit("/", "11-home-training", "Lymphoma subtype recognition")
+            page.goto(url + "/runs")
         except PlaywrightTimeout:
             pass
-        expect(page.get_by_role("heading", name=re.compile(r"Run 1 .*succeeded"))).to_be_visible(timeout=150_000)
+        expect(page.get_by_role("heading", name=re.compile(r"Run 1 .*succeeded"))).to_be_visible(timeout=400_000)
         expect(page.get_by_text("Per-class results (the paper's Table I layout)")).to_be_visible()
         with Session() as s:
             assert s.get(Run, run.id).status == RunStatus.succeeded
         settle()
-        shot("5-runs")
+        shot("12-runs-finished")
 
-        # Predict: classify a new TIF image.
+        # Predict: classify three new TIF images at once, then look at one and at the log.
         page.goto(url + "/predict")
-        page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files(str(new_image))
-        # A subtype, or (for a model this small, whose calibrated confidence is low) the refer verdict.
-        expect(page.get_by_text(re.compile("Predicted subtype|Uncertain, refer")).first).to_be_visible(timeout=90_000)
+        page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files([str(f) for f in new_images])
+        expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
         expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=90_000)
         settle()
-        shot("6-predict")
-
-        page.goto(url)
+        shot("13-predict-three-images")
+        page.get_by_role("tab", name="History").click()
         settle()
-        shot("7-home-with-data")
+        expect(page.get_by_role("button", name="Log (.csv)")).to_be_visible()
+        with Session() as s:  # the table is drawn on a canvas: its rows are read from the log itself
+            logged = s.scalars(select(PredictionLog.image_name)).all()
+        assert sorted(logged) == sorted(f.name for f in new_images)
+        shot("14-predict-history")
+
+        visit("/dataset", "15-datasets-after", "Datasets")
+        visit("/", "16-home-after", "Lymphoma subtype recognition")
         browser.close()

@@ -171,7 +171,8 @@ def markdown_strings(at: AppTest) -> list[tuple[str, str]]:
         for where, value in strings(proto):
             leaf = where.rsplit(".", 1)[-1]
             if (kind in PLAIN_ELEMENTS or (kind in OPTIONS_AS_TEXT and leaf not in ("label", "help"))
-                    or leaf.endswith("id") or leaf == "url"):
+                    or leaf.endswith("id") or leaf == "url"
+                    or leaf == "placeholder"):  # an input's placeholder attribute: the browser draws it as text
                 continue
             found.append((f"{kind}{where}", value))
         for field, value in proto.ListFields():

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from core.jobs import execute, runs
+from core.jobs import execute, runs, views
 from core.training import presets
 from core.config import Settings, load_settings
 from core.data.datasets import ingest
@@ -115,7 +115,7 @@ def test_page_renders_on_an_empty_install(page, settings, monkeypatch):
     if page == "pages/dataset.py":
         assert at.file_uploader(key="ds_zip")  # opens on "Add images"
     # The entry script ran too (not only the page file): its sidebar is there.
-    assert "Background worker" in " ".join(m.value for m in at.sidebar.markdown)
+    assert "Training worker" in " ".join(m.value for m in at.sidebar.markdown)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -253,6 +253,8 @@ def test_launch_queues_a_run_with_the_chosen_settings(trained, monkeypatch, no_w
     write_dataset(tmp_path / "src", per_class=6)
     with Session.begin() as s:
         ingest(s, settings, tmp_path / "src", "fresh")
+    # With a GPU the form starts at the paper's settings (without one, at a quick preset: test_train_page.py).
+    monkeypatch.setattr(views, "machine_summary", lambda: views.MachineSummary(("a GPU",), 2))
     at = open_page(monkeypatch, settings, "pages/train.py")
     assert at.number_input(key="tr_epochs").value == 25 and at.number_input(key="tr_batch_size").value == 24
     assert at.number_input(key="tr_image_size").value == 224 and at.number_input(key="tr_per_class").value == 1200
@@ -316,19 +318,23 @@ def test_runs_page_shows_the_leak_audit_calibration_intervals_and_colour_yardsti
     assert summary["leak_audit"]["n_test"] == summary["n_test"]  # every run audits its split
     at = open_page(monkeypatch, cfg, "pages/runs.py")
     assert not at.exception
-    assert any("Leak audit of this run's split" in t for t in [c.value for c in at.caption] + [w.value for w in at.warning])
-    assert any("bootstrap interval" in m.value for m in at.markdown)
-    assert any(f"Run {run_id}: test reliability" in t for t in chart_titles(at))
-    assert any("temperature" in m.value.lower() for m in at.markdown)
+    verdicts = [c.value for c in at.caption] + [w.value for w in at.warning]
+    assert any("Leak check of this run's split" in t for t in verdicts)
+    assert not any("nothing found" in t for t in verdicts)  # one verdict, not "nothing found" and then a count
+    assert any("bootstrap interval" in c.value for c in at.caption)
+    assert any(f"Run {run_id}: confidence against accuracy on the test part" in t for t in chart_titles(at))
+    scaling = next(m for m in at.metric if m.label == "Confidence scaling")  # the temperature, in plain words
+    assert "Temperature scaling" in scaling.proto.help
     assert summary["colour_yardstick"]["n_test"] == summary["n_test"]
     assert any("Colour-only yardstick on this split" in c.value for c in at.caption)
     # A warning recorded by the audit is shown as one.
-    planted = {**summary["leak_audit"], "warning": "Possible leak: 1 test image exactly equal to a training image."}
+    planted = {**summary["leak_audit"], "exact": 1, "verdict": None,
+               "warning": "Possible leak: 1 test image exactly equal to a training image."}
     with Session.begin() as s:
         s.get(Run, run_id).summary = {**summary, "leak_audit": planted}
     try:
         at = open_page(monkeypatch, cfg, "pages/runs.py")
-        assert any("exactly equal to a training image" in w.value for w in at.warning)
+        assert any("1 test image is the same as a training image" in w.value for w in at.warning)
     finally:
         with Session.begin() as s:
             s.get(Run, run_id).summary = summary
@@ -345,7 +351,7 @@ def test_paper_preset_and_leaky_protocol_need_an_explicit_yes(trained, monkeypat
     assert not at.button(key="tr_launch").disabled
     at.button[[b.label for b in at.button].index("Paper settings, honest split")].click().run()
     assert at.radio(key="tr_split").value == "holdout" and not any("leaks test data" in w.value for w in at.warning)
-    at.button[[b.label for b in at.button].index("Unseen specimens (CPU)")].click().run()
+    at.button[[b.label for b in at.button].index(presets.UNSEEN_SPECIMENS_CPU)].click().run()
     assert not at.exception
     assert (at.radio(key="tr_split").value, at.number_input(key="tr_folds").value) == ("kfold", 5)
     assert (at.number_input(key="tr_hed").value, at.number_input(key="tr_image_size").value) == (0.05, 64)
@@ -379,7 +385,7 @@ def test_finished_run_shows_curves_confusion_matrix_and_table(trained, monkeypat
     assert any("Model file" in str(b.proto.label) for b in at.get("download_button")), labels
     with Session() as s:
         speed = s.get(Run, run_id).summary["images_per_second"]
-    assert any(f"Training speed: {speed:.0f} images/s" in c.value and "CPU run" in c.value for c in at.caption)
+    assert any(f"Training speed: {views.speed_text(speed)}" in c.value and "CPU run" in c.value for c in at.caption)
 
 
 def test_failed_run_shows_its_error_and_log(trained, monkeypatch, settings, tmp_path):
@@ -448,7 +454,7 @@ def test_prediction_shows_the_probabilities_core_computes(trained, monkeypatch):
     assert table["verdict"][0] == ("uncertain, refer" if refer else "confident")
     label = "Uncertain, refer" if refer else "Predicted subtype"
     assert {m.label: m.value for m in at.metric}[label] == predictor.classes[int(expected.argmax())]
-    assert any("temperature-scaled" in c.value for c in at.caption)
+    assert any("adjusted on the run's" in c.value and "Temperature scaling" in c.help for c in at.caption)
 
     # Asking for near-certainty refers everything that falls short of it.
     at.select_slider(key=f"pr_target_{run_id}").set_value(0.99).run()

@@ -183,6 +183,7 @@ def test_the_predict_page_serves_the_model_now_stored_under_a_run_id(settings, S
     run_id = _succeeded_run(Session, settings, "threeclass")
 
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
+    monkeypatch.setenv("INFERENCE_ENGINE", "torch")  # the stand-in network has no ONNX export
     monkeypatch.delenv("DATABASE_URL", raising=False)
     at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=120).run()
     at.switch_page("pages/predict.py").run()

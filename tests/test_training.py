@@ -91,3 +91,92 @@ def test_non_finite_loss_fails_the_run_with_the_reason(dataset, settings, Sessio
         run = s.get(Run, run.id)
         assert run.status == RunStatus.failed
         assert "loss" in run.error.lower() or "nan" in run.error.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Early stopping
+
+
+class _Epochs:
+    """A callback that notes each finished epoch and keeps its checkpoint."""
+
+    def __init__(self):
+        self.epochs, self.checkpoints = [], {}
+
+    def on_step(self, epoch, step, steps):
+        pass
+
+    def on_epoch(self, epoch, metrics, checkpoint, is_best):
+        self.epochs.append(epoch)
+        self.checkpoints[epoch] = checkpoint
+
+    def should_stop(self):
+        return False
+
+
+def _fit_tiny(patience: int, epochs: int = 5, resume=None):
+    """A linear model on 8x8 noise at learning rate 0: its weights never change, so the validation
+    loss never falls below epoch 1's."""
+    import torch
+    from torch import nn
+
+    from core.training.loop import Data, fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (18, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(18) % 3
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    keep = _Epochs()
+    fitted = fit(model, Data(x[:12], y[:12], x[12:], y[12:]), epochs=epochs, batch_size=4, lr=0.0, seed=0,
+                 device=torch.device("cpu"), callback=keep, config={}, compile=False, patience=patience, resume=resume)
+    return fitted, keep
+
+
+def test_early_stopping_ends_training_once_the_validation_loss_stops_falling():
+    fitted, keep = _fit_tiny(patience=2)
+    assert keep.epochs == [1, 2, 3] and (fitted.epoch, fitted.stopped_early) == (3, True)
+    fitted, keep = _fit_tiny(patience=0)  # off: every epoch
+    assert keep.epochs == [1, 2, 3, 4, 5] and (fitted.epoch, fitted.stopped_early) == (5, False)
+    # A run resumed after epoch 2 (one epoch without improvement) stops where it would have.
+    _, before = _fit_tiny(patience=0, epochs=2)
+    fitted, keep = _fit_tiny(patience=2, resume=before.checkpoints[2])
+    assert keep.epochs == [3] and (fitted.epoch, fitted.stopped_early) == (3, True)
+
+
+def test_a_run_records_that_it_stopped_early(dataset, settings, Session, monkeypatch):
+    from core.store.records import RunProgress
+    from core.training import loop
+
+    losses = iter([0.9, 1.0, 1.1])  # validation loss rises after epoch 1
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"loss": next(losses), "accuracy": 0.5})
+    config = RunConfig(dataset=dataset, **{**SMALL, "per_class": 4, "epochs": 3, "batch_size": 12, "patience": 1})
+    (run_id,) = train_runs(Session, settings, config)
+    with Session() as s:
+        run = s.get(Run, run_id)
+        assert run.status == RunStatus.succeeded, run.error
+        assert [e.epoch for e in run.epochs] == [1, 2]
+        summary = RunSummary.from_dict(run.summary)
+        assert (summary.stopped_early, summary.stopped_at_epoch, summary.best_epoch) == (True, 2, 1)
+        assert "Stopped early after epoch 2 of 3" in RunProgress.from_dict(run.progress).bar(3)[1]
+
+
+def test_early_stopping_needs_a_validation_part():
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="--val-fraction above 0") as refused:
+        RunConfig(dataset="d", patience=2, val_fraction=0.0)
+    assert "a validation fraction above 0" in refused.value.for_page()  # in the Train form's words
+
+
+def test_cli_train_records_a_name_and_notes(dataset, settings, Session, monkeypatch):
+    from core.__main__ import main
+
+    monkeypatch.setenv("APP_HOME", str(settings.app_home))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert main(["train", "--dataset", dataset, "--weights", "none", "--background", "--no-worker",
+                 "--name", "first try", "--notes", "to compare with the paper", "--patience", "2"]) in (0, None)
+    with Session() as s:
+        (run,) = s.scalars(select(Run)).all()
+        assert (run.name, run.notes, run.status) == ("first try", "to compare with the paper", RunStatus.queued)
+        assert RunConfig.from_dict(run.config).patience == 2

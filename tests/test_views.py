@@ -80,7 +80,8 @@ def test_the_runs_page_records(recorded, Session):
     assert [by_id[i].epochs_done for i in recorded] == [0, 1, 0, 2]
     assert by_id[running].progress_bar() == (pytest.approx((0 + 3 / 4) / 2), "Epoch 1 of 2, step 3 of 4")
     assert by_id[queued].progress_bar() == (0.0, "Queued: waiting for the worker")
-    assert by_id[done].label() == f"Run {done} · tiny · holdout · 32 px · 2 epoch(s) · 75.0%"
+    assert by_id[done].label() == (f"Run {done} · tiny · holdout · 32 px · 2 epochs · random start · 4 per class · "
+                                   "batch 4 · seed 3 · 75.0%")  # what differs from the paper's settings
     assert [by_id[i].active for i in recorded] == [True, True, False, False]
     assert all(dataclasses.is_dataclass(r) and not isinstance(r, Run) for r in rows)  # no ORM object
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -56,6 +56,19 @@ class AuditReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def expected_close(self) -> float:
+        """How many test images fall under the `close` threshold by chance alone."""
+        return self.percentile / 100 * self.n_test
+
+    @property
+    def verdict(self) -> str:
+        """The audit's finding in one plain sentence, for a page; `summary` has the technical terms."""
+        if self.n_test == 0:
+            return self.warning or f"No test images to check ({self.n_train} training images)."
+        return leak_verdict(len({p.test for p in self.exact}), len({p.test for p in self.near}),
+                            len({p.test for p in self.close}), self.expected_close)
+
+    @property
     def summary(self) -> str:
         if self.n_test == 0:
             return f"No test images to audit ({self.n_train} training images)."
@@ -71,10 +84,54 @@ class AuditReport:
 
     def as_record(self) -> dict:
         """What a run keeps of its split's audit (JSON-ready): the Runs page shows it."""
-        return {"warning": self.warning, "summary": self.summary, "n_test": self.n_test,
+        return {"warning": self.warning, "verdict": self.verdict, "summary": self.summary, "n_test": self.n_test,
+                "expected_close": round(self.expected_close, 2),
                 "exact": len({p.test for p in self.exact}), "near": len({p.test for p in self.near}),
                 "close": len({p.test for p in self.close}),
                 "nn_ratio": None if not np.isfinite(self.nn_ratio) else round(float(self.nn_ratio), 3)}
+
+
+def _close_is_suspicious(n_close: int, expected: float) -> bool:
+    """Chance alone puts about `percentile`% under the threshold; only clearly more is a warning."""
+    return n_close >= 3 and n_close > 3 * expected
+
+
+def _images(n: int, what: str) -> str:
+    return f"{n} test image{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} {what}"
+
+
+def leak_verdict(exact: int, near: int, close: int, expected_close: float) -> str:
+    """One plain sentence from the number of test images in each check: copies (same pixels or
+    near-identical) are leaks; unusually close ones only when clearly more than chance gives."""
+    close_text = (f"{_images(close, 'closer to a training image than usual')} "
+                  f"(about {expected_close:.1f} expected by chance)")
+    copies = []
+    if exact:
+        copies.append(_images(exact, "the same as a training image"))
+    if near:
+        copies.append(_images(near, "near-identical to a training image (re-saved or slightly changed)"))
+    if copies:
+        also = f"; {close_text}" if close else ""
+        return (f"Copies found between the training and test images: {'; '.join(copies)}{also}. "
+                "Scores on this split are inflated.")
+    none = "No copies found between the training and test images"
+    if _close_is_suspicious(close, expected_close):
+        return f"{none}, but {close_text}: the same slides may be on both sides, which inflates scores."
+    if close:
+        return f"{none}; {close_text}, too few to suggest a leak."
+    return f"{none}, and no test image is unusually close to a training image."
+
+
+def record_verdict(record: dict) -> str:
+    """The verdict of a run's stored audit (`AuditReport.as_record`), also of one stored before
+    records carried their verdict (its expected count from the default percentile)."""
+    if record.get("verdict"):
+        return record["verdict"]
+    n_test = record.get("n_test") or 0
+    if not n_test:
+        return record.get("warning") or "No test images to check."
+    expected = record.get("expected_close", DEFAULT_PERCENTILE / 100 * n_test)
+    return leak_verdict(record.get("exact", 0), record.get("near", 0), record.get("close", 0), expected)
 
 
 def _count(pairs: list[LeakPair], what: str) -> str:
@@ -268,11 +325,10 @@ def _warning(report: AuditReport) -> str | None:
         problems.append(f"{_count(report.exact, 'test image')} exactly equal to a training image")
     if report.near:
         problems.append(f"{_count(report.near, 'test image')} nearly equal to a training image "
-                        f"(pHash distance <= {report.hash_threshold})")
+                        "(a re-saved or slightly changed copy)")
     n_close = len({p.test for p in report.close})
-    expected = report.percentile / 100 * report.n_test
-    # Chance alone puts about `percentile`% under the threshold; flag only clearly more.
-    if n_close >= 3 and n_close > 3 * expected:
+    expected = report.expected_close
+    if _close_is_suspicious(n_close, expected):
         problems.append(f"{n_close} test images closer to a training image than "
                         f"{100 - report.percentile:g}% of training images are to each other "
                         f"(about {expected:.1f} expected by chance)")
@@ -289,7 +345,8 @@ def format_audit(report: AuditReport, max_rows: int = 15) -> str:
         lines.append("")
     lines.append(report.summary)
     lines.append("")
-    lines.append(f"**Warning:** {report.warning}" if report.warning else "No leak found by these checks.")
+    lines.append(f"**Warning:** {report.warning}" if report.warning
+                 else f"No leak found by these checks. {report.verdict}")
     for note in report.notes:
         lines += ["", f"Note: {note}"]
     lines += [

@@ -13,6 +13,9 @@ image)::
 
     python -m core.data.groups ROOT --block-size 9 > groups.csv
     python -m core ingest ROOT --name lymphoma --groups-csv groups.csv
+
+or, for a dataset already ingested (the Datasets page's "Estimate specimen groups from the
+images"), `estimate_groups` over its images' names and `apply_groups` to store the estimate.
 """
 
 from __future__ import annotations
@@ -22,11 +25,18 @@ import csv
 import math
 import re
 import sys
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import TextIO
 
-from core.data.datasets import IMAGE_EXTENSIONS
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.access.accounts import User, require_editor
+from core.data.datasets import IMAGE_EXTENSIONS, get_dataset, lock_dataset
 from core.errors import UserError
+from core.store.db import Image
 
 # 9 cuts the dev copy of IICBU-2008 (CLL 78, FL 93, MCL 85 images, each class one run of
 # consecutive numbers) into 9 + 11 + 10 = 30 groups, about the ~30 specimens the full set of
@@ -34,6 +44,12 @@ from core.errors import UserError
 DEFAULT_BLOCK_SIZE = 9
 
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last run of digits in the file stem
+
+# A group pattern (`ingest --group-pattern`) for names like IICBU-2008's CLASS/NNN.png, where
+# specimen ids are lost: the class and the file number's tens, so CLL/000.png to CLL/009.png form
+# group "CLL/00". Blocks of ten aligned to round numbers, another approximation of specimens.
+EXAMPLE_PATTERN = r"^([^/]+/\d\d)\d"
+EXAMPLE_NAMES = ("CLL/000.png", "CLL/009.png", "FL/113.png")  # what it is shown on
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -53,7 +69,7 @@ def _class_root(root: Path) -> Path:
         root = entries[0]
 
 
-def _file_number(path: Path) -> int | None:
+def _file_number(path: PurePosixPath) -> int | None:
     m = _NUMBER.search(path.stem)
     return int(m.group(1)) if m else None
 
@@ -105,24 +121,114 @@ def block_manifest(root: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> list[tup
 
     rows: list[tuple[str, str]] = []
     for class_dir in class_dirs:
-        files = [p for p in _visible(class_dir) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        unnumbered = [p.name for p in files if _file_number(p) is None]
-        if unnumbered:
-            raise UserError(
-                f"Blocks of consecutive numbers need a number in every file name; {class_dir.name}/ has "
-                f"{len(unnumbered)} without one, e.g. {', '.join(unnumbered[:3])}."
-            )
-        by_number: dict[int, list[Path]] = {}
-        for p in files:
-            by_number.setdefault(_file_number(p), []).append(p)  # e.g. 001.tif and 001.png
-        if not by_number:
-            continue
-        width = max(3, len(str(max(by_number))))
-        for block in _blocks(sorted(by_number), block_size):
-            group = f"{class_dir.name}-{block[0]:0{width}d}-{block[-1]:0{width}d}"
-            for n in block:
-                rows.extend((f"{class_dir.name}/{p.name}", group) for p in by_number[n])
+        names = [p.name for p in _visible(class_dir) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        rows.extend((f"{class_dir.name}/{name}", group)
+                    for name, group in _class_blocks(class_dir.name, names, block_size))
     return rows
+
+
+def _class_blocks(label: str, names: Sequence[str], block_size: int) -> list[tuple[str, str]]:
+    """(name, group) for the files `names` of class `label`: blocks of consecutive file numbers,
+    each group named for the class and its block's first and last numbers ("CLL-000-008")."""
+    unnumbered = [n for n in names if _file_number(PurePosixPath(n)) is None]
+    if unnumbered:
+        raise UserError(
+            f"Blocks of consecutive numbers need a number in every file name; {label}/ has "
+            f"{len(unnumbered)} without one, e.g. {', '.join(PurePosixPath(n).name for n in unnumbered[:3])}."
+        )
+    by_number: dict[int, list[str]] = {}
+    for n in names:
+        by_number.setdefault(_file_number(PurePosixPath(n)), []).append(n)  # e.g. 001.tif and 001.png
+    if not by_number:
+        return []
+    width = max(3, len(str(max(by_number))))
+    rows = []
+    for block in _blocks(sorted(by_number), block_size):
+        group = f"{label}-{block[0]:0{width}d}-{block[-1]:0{width}d}"
+        for n in block:
+            rows.extend((name, group) for name in by_number[n])
+    return rows
+
+
+@dataclass(frozen=True)
+class GroupEstimate:
+    """Specimen groups estimated from file numbers, for the images of one dataset."""
+
+    groups: Mapping[str, str]  # each image's name in its source ("CLL/000.png") -> its group
+    labels: Mapping[str, str]  # each group -> its class
+    block_size: int
+
+    @property
+    def n_groups(self) -> int:
+        return len(set(self.groups.values()))
+
+    @property
+    def basis(self) -> str:
+        """What the estimate rests on, in plain words."""
+        return (f"An approximation from the file names: within each class, up to {self.block_size} images with "
+                "consecutive numbers form one group, because neighbouring numbers usually come from one "
+                "specimen. A group can still cut a specimen in two or hold the end of one and the start "
+                "of the next; use real specimen ids when they are known.")
+
+    def sizes(self) -> dict[str, int]:
+        """Images per group, in the order of the groups."""
+        counts: dict[str, int] = {}
+        for group in self.groups.values():
+            counts[group] = counts.get(group, 0) + 1
+        return counts
+
+    def per_class(self) -> dict[str, tuple[int, int, int]]:
+        """For each class: its number of groups and the fewest and most images in one."""
+        by_class: dict[str, list[int]] = {}
+        for group, n in self.sizes().items():
+            by_class.setdefault(self.labels[group], []).append(n)
+        return {label: (len(ns), min(ns), max(ns)) for label, ns in by_class.items()}
+
+
+def estimate_groups(images: Iterable[tuple[str, str]], block_size: int = DEFAULT_BLOCK_SIZE) -> GroupEstimate:
+    """Groups for images given as (class label, name in the source), e.g. a dataset's images:
+    blocks of consecutive file numbers within each class, as `block_manifest` cuts a folder.
+
+    Raises:
+        UserError: a file name without a number, or a block size below 1.
+    """
+    if block_size < 1:
+        raise UserError(f"block size must be at least 1, got {block_size}.")
+    by_class: dict[str, list[str]] = {}
+    for label, name in images:
+        by_class.setdefault(label, []).append(name)
+    groups: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    for label in sorted(by_class):
+        for name, group in _class_blocks(label, sorted(by_class[label]), block_size):
+            groups[name] = group
+            labels[group] = label
+    return GroupEstimate(groups, labels, block_size)
+
+
+def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str], *, user: User | None = None) -> int:
+    """Give every image of dataset `dataset_name` its group from `groups` (name in the source ->
+    group), replacing the groups it had; the number of images changed. Splits already made keep
+    their parts: only splits made afterwards use the new groups. `user` (when given) must be an editor.
+
+    Raises:
+        UserError: no such dataset, or an image `groups` does not name (the dataset changed since).
+    """
+    if user is not None:
+        require_editor(user, "change specimen groups")
+    dataset = lock_dataset(session, get_dataset(session, dataset_name))
+    images = session.scalars(select(Image).where(Image.dataset_id == dataset.id)).all()
+    missing = [im.original_name for im in images if im.original_name not in groups]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of '{dataset_name}' have no group in the estimate, e.g. "
+                        f"{', '.join(missing[:3])}: the dataset changed since. Estimate the groups again.")
+    changed = 0
+    for im in images:
+        if im.group != groups[im.original_name]:
+            im.group = groups[im.original_name]
+            changed += 1
+    session.flush()
+    return changed
 
 
 def write_manifest(rows: list[tuple[str, str]], out: Path | TextIO) -> None:

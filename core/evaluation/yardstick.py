@@ -69,6 +69,11 @@ def parts_yardstick(settings, split, parts: dict, classes: Sequence[str]) -> dic
     return {"accuracy": accuracy, "n_train": len(seen), "n_test": len(test)}
 
 
+def accuracy_of(record: dict | None) -> float | None:
+    """The yardstick's test accuracy in a run's record (`split_yardstick`); None without one."""
+    return None if not record else record.get("accuracy")
+
+
 def describe(record: dict) -> str:
     """One line for reports and pages."""
     return (f"Colour-only yardstick on this split: {record['accuracy']:.1%} (12 colour statistics per image, "

@@ -56,22 +56,37 @@ def note(settings: Settings, run_id: int, message: str) -> None:
         f.write(f"{utcnow():%Y-%m-%d %H:%M:%S} QUEUE {message}\n")
 
 
-def failure_text(exc: BaseException, run_id: int) -> str:
-    """What a failed run's `error` says: a UserError's message; for a full disk (a file, or the
-    database, that could not be written) a plain sentence and how to go on; else type and text."""
-    if isinstance(exc, UserError):
-        return str(exc)
+def _disk_full(exc: BaseException) -> BaseException | None:
     seen: list[BaseException] = []
     cause: BaseException | None = exc
     while cause is not None and cause not in seen:  # a checkpoint writer may wrap the OSError
         seen.append(cause)
         cause = cause.__cause__ or cause.__context__
-    full = next((e for e in seen if is_disk_full(e)), None)
+    return next((e for e in seen if is_disk_full(e)), None)
+
+
+def failure_text(exc: BaseException, run_id: int) -> str:
+    """What a failed run's `error` says: a UserError's message; for a full disk (a file, or the
+    database, that could not be written) a plain sentence and how to go on; else type and text."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    full = _disk_full(exc)
     if full is None:
         return f"{type(exc).__name__}: {exc}"
     why = full.strerror if isinstance(full, OSError) else str(getattr(full, "orig", full))
     return (f"The disk is full: {why or full}. Free space under APP_HOME (or on the database's disk), then "
             f"`python -m core resume {run_id}` continues the run from its last finished epoch.")
+
+
+def failure_page_text(exc: BaseException) -> str | None:
+    """The same failure in the pages' words (RunSummary.error_page), where they differ from
+    failure_text's: the command line's flags and commands become the pages' options and buttons."""
+    if isinstance(exc, UserError):
+        return exc.page
+    if _disk_full(exc) is not None:
+        return ("The server's disk is full. Ask the administrator to free space, then press Resume on this "
+                "page: the run continues from its last finished epoch.")
+    return None
 
 
 def age_seconds(moment: datetime | None, now: datetime | None = None) -> float | None:
@@ -142,14 +157,19 @@ def requeue_stale(session: Session, settings: Settings) -> dict[str, list[int]]:
     now = utcnow()
     stale = _stale(settings, now)
     done: dict[str, list[int]] = {"requeued": [], "cancelled": [], "failed": []}
-    stale_runs = select(Run.id, Run.attempts, Run.cancel_requested, Run.worker).where(stale).order_by(Run.id)
+    stale_runs = (select(Run.id, Run.attempts, Run.cancel_requested, Run.worker, Run.summary).where(stale)
+                  .order_by(Run.id))
     for run in session.execute(stale_runs).all():
         if run.cancel_requested:
             outcome, values = "cancelled", {"status": RunStatus.cancelled, "finished_at": now}
         elif run.attempts >= MAX_ATTEMPTS:
             error = (f"The process training this run stopped responding {run.attempts} times (last on worker "
                      f"{run.worker}); it was not retried again. `python -m core resume {run.id}` tries once more.")
-            outcome, values = "failed", {"status": RunStatus.failed, "finished_at": now, "error": error}
+            page = (f"The process training this run stopped responding {run.attempts} times (out of memory?); it "
+                    "was not retried again. Resume on this page tries once more.")
+            summary = RunSummary.from_dict(run.summary).replace(error_page=page).to_dict()
+            outcome, values = "failed", {"status": RunStatus.failed, "finished_at": now, "error": error,
+                                         "summary": summary}
         else:
             outcome, values = "requeued", {"status": RunStatus.queued, "worker": None, "pid": None}
         if session.execute(update(Run).where(Run.id == run.id, stale).values(**values)).rowcount:
@@ -172,7 +192,8 @@ def reopen(session: Session, settings: Settings, run_id: int, *, worker: str | N
         raise UserError(f"Run {run_id} is running (heartbeat {age_seconds(run.heartbeat_at, now):.0f} s ago); "
                         f"`python -m core cancel {run_id}` first if you want to restart it.")
     values: dict[str, Any] = {"status": RunStatus.queued, "worker": None, "pid": None, "error": None,
-                              "finished_at": None, "cancel_requested": False, "attempts": 0}
+                              "finished_at": None, "cancel_requested": False, "attempts": 0,
+                              "summary": RunSummary.from_dict(run.summary).replace(error_page=None).to_dict()}
     if worker is not None:
         values.update(status=RunStatus.running, worker=worker, heartbeat_at=now, attempts=1)
     reopened = session.execute(

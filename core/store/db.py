@@ -258,6 +258,73 @@ class SignInFailures(Base):
     last_failure_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # old rows are pruned by it
 
 
+class ModelApproval(Base):
+    """An editor's approval of a run's model for its class set (core/inference/approval.py).
+
+    class_set is the model's sorted class names joined by "/" (class names are folder names, which
+    cannot hold one). Approving a run ends the class set's previous approval (withdrawn_* set to the
+    new approver, replaced_by to the new row); rows are never deleted, so all of them are the history
+    and the current approval is the latest row not withdrawn. Deleting the run sets run_id to NULL
+    (the approval then names no usable model, and says so) while run_label and model_sha256 keep
+    which model it was.
+    """
+
+    __tablename__ = "model_approvals"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    class_set: Mapped[str] = mapped_column(Text, index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), index=True)
+    run_label: Mapped[str] = mapped_column(Text)  # e.g. "run 3 · lymphoma", as it was when approved
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(Text, default="")
+    approved_by: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    approved_at: Mapped[datetime] = mapped_column(default=utcnow)
+    withdrawn_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
+    withdrawn_at: Mapped[datetime | None] = mapped_column(default=None)
+    replaced_by: Mapped[int | None] = mapped_column(default=None)  # the approval that ended this one
+
+
+class PredictionLog(Base):
+    """One image classified by the Predict page, the API or the command line (core/inference/prediction_log.py).
+
+    run_id is a plain number, not a foreign key: the log says what happened and keeps the id of a
+    run deleted since (ids are never given twice; model_sha256 names the model file either way).
+    Rows older than PREDICTION_LOG_DAYS are pruned. stored_path is set only with
+    PREDICTION_LOG_IMAGES=1: the image's bytes under APP_HOME, named by their sha256.
+    """
+
+    __tablename__ = "prediction_log"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    user: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    source: Mapped[str] = mapped_column(String(10))  # page | api | cli
+    run_id: Mapped[int] = mapped_column(index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_name: Mapped[str] = mapped_column(Text)
+    width: Mapped[int]
+    height: Mapped[int]
+    size_bytes: Mapped[int]
+    probabilities: Mapped[dict[str, Any]] = mapped_column()  # class -> probability, of probability_kind
+    probability_kind: Mapped[str] = mapped_column(String(20))  # calibrated | raw
+    predicted: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    refer: Mapped[bool | None] = mapped_column(default=None)  # None: the model has no refer band
+    threshold: Mapped[float | None] = mapped_column(default=None)
+    stored_path: Mapped[str | None] = mapped_column(Text, default=None)  # relative to APP_HOME
+
+
+class FailuresSeen(Base):
+    """Up to when each user has seen the runs that failed (core/jobs/manage.py): the app announces
+    the failures newer than that to them, in its sidebar and on the Runs page."""
+
+    __tablename__ = "failures_seen"
+
+    user: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    seen_until: Mapped[datetime]  # the finish time of the newest failure they dismissed
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the app read while a training job writes; busy_timeout waits for a writer
     # instead of failing at once with "database is locked".

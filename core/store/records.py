@@ -34,11 +34,18 @@ class RunSummary:
     n_val: int | None = None
     n_test: int | None = None
     images_per_second: float | None = None  # training speed, mean over the epochs
+    # Early stopping (RunConfig.patience): whether it ended training before the last epoch, and
+    # the last epoch it trained then; None for runs recorded before it existed.
+    stopped_early: bool | None = None
+    stopped_at_epoch: int | None = None
     gpu_peak_memory_gib: float | None = None  # None on the CPU
     stain_reference_image_id: int | None = None  # with stain normalisation: the training image mapped onto
     calibration: dict[str, Any] | None = None  # core/evaluation/calibration.py run_calibration
     leak_audit: dict[str, Any] | None = None  # core/data/audit.py AuditReport.as_record
     colour_yardstick: dict[str, Any] | None = None  # core/evaluation/yardstick.py split_yardstick
+    # A failed run's error (Run.error, in the command line's words) as the pages say it, where the
+    # two differ (core.errors.UserError.page); cleared when the run starts again.
+    error_page: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunSummary:
@@ -68,6 +75,7 @@ class RunProgress:
     epochs: int | None = None
     step: int | None = None  # within the epoch, of `steps`
     steps: int | None = None
+    stopped_early: bool | None = None  # early stopping ended training after `epoch`; the run is being tested
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunProgress:
@@ -78,6 +86,9 @@ class RunProgress:
 
     def bar(self, epochs: int) -> tuple[float, str]:
         """A fraction of the whole run and a sentence, for a progress bar (`epochs`: the run's)."""
+        if self.stopped_early and self.epoch is not None:
+            return 1.0, (f"Stopped early after epoch {self.epoch} of {epochs}: the validation loss stopped "
+                         "improving. Testing the best epoch")
         if self.epoch is not None and self.steps:
             step = self.step or 0
             done = ((self.epoch - 1) + step / self.steps) / max(epochs, 1)

@@ -264,6 +264,37 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 
 @dataclass
+class EarlyStopping:
+    """Early stopping's count: the epochs since the validation loss last fell below its lowest.
+    Training is to stop once it reaches `patience` (never with 0)."""
+
+    patience: int
+    lowest: float = math.inf
+    stale: int = 0
+
+    def update(self, val_loss: float) -> None:
+        if val_loss < self.lowest:
+            self.lowest, self.stale = val_loss, 0
+        else:
+            self.stale += 1
+
+    @property
+    def due(self) -> bool:
+        return 0 < self.patience <= self.stale
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """How training ended: the last epoch trained (in part, when cancelled), whether early stopping
+    ended it before the last epoch, and that epoch's metrics (empty when a resumed run had no epoch
+    left to train)."""
+
+    epoch: int
+    stopped_early: bool
+    metrics: dict[str, float]
+
+
+@dataclass
 class Data:
     """Tensors for one run: uint8 images and int64 labels; val may be empty."""
 
@@ -287,16 +318,19 @@ def fit(
     resume: dict[str, Any] | None = None,
     compile: bool = True,
     group: Group | None = None,
-) -> dict[str, float]:
-    """Train for `epochs`; returns the last epoch's metrics. The best epoch (by validation
-    accuracy, then loss; the last one when there is no validation part) is flagged to the callback.
-
+    patience: int = 0,
+) -> Fitted:
+    """Train for `epochs`, or fewer with early stopping; returns how it ended. The best epoch (by
+    validation accuracy, then loss; the last one when there is no validation part) is flagged to
+    the callback, which keeps its weights: stopping early changes when training ends, not which
+    epoch is tested. `patience` > 0 stops once the validation loss has not improved for that many
+    epochs in a row (see EarlyStopping; 0 trains every epoch, as the paper does).
     `resume` is a checkpoint this function made: training goes on after its epoch exactly as it
-    would have without the interruption (same weights, optimiser moments, RNG streams and
-    shuffling order), so a resumed run ends with the weights of an uninterrupted one.
-    `compile` uses torch.compile with CUDA graphs on a GPU (see prepare_model).
-    `group`: this process is one of several training together (core/training/distributed.py); every one
-    calls fit with the same arguments, and only rank 0 should pass a callback with side effects.
+    would have without the interruption (same weights, optimiser moments, RNG streams, shuffling
+    order and early-stopping count), so a resumed run ends with the weights of an uninterrupted one.
+    `compile` uses torch.compile with CUDA graphs on a GPU (see prepare_model). `group`: this process
+    is one of several training together (core/training/distributed.py); every one calls fit with the
+    same arguments, and only rank 0 should pass a callback with side effects.
     """
     seed_everything(seed)
     if group is not None:
@@ -306,21 +340,20 @@ def fit(
     optimizer = make_optimizer(model, lr, device)
     scheduler = None  # the paper uses a constant learning rate; checkpoints keep a slot for one
     loader = make_loader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, device=device)
-    best = (-1.0, math.inf)
-    first_epoch = 1
+    best, stopping, first_epoch = (-1.0, math.inf), EarlyStopping(patience), 1
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        best = tuple(resume["best"])
-        first_epoch = resume["epoch"] + 1
-        # Last, so nothing above draws from the restored streams.
-        loader.generator.set_state(resume["loader_generator"])
-        set_rng_state(resume["rng"])
+        best, first_epoch = _restore(resume, model, optimizer, loader, stopping)
+    if patience and not len(data.y_val):
+        log.warning("early stopping is on but no validation images can show progress: every epoch is trained")
     train_net = net
     if group is not None:  # DDP for training; validation below calls `net`, with no collectives
         train_net, loader, callback = group.wrap(net), group.shard(loader), group.agreed(callback)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {}  # the last epoch's
     for epoch in range(first_epoch, epochs + 1):
+        if stopping.due:  # the validation loss has not improved for `patience` epochs
+            log.info("stopping early after epoch %d: no better validation loss than %.4f for %d epoch(s)",
+                     epoch - 1, stopping.lowest, stopping.stale)
+            return Fitted(epoch - 1, True, metrics)
         # train
         if group is not None:
             group.seed_epoch(seed, epoch)
@@ -333,20 +366,32 @@ def fit(
             metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             score = (metrics["val_accuracy"], metrics["val_loss"])
             is_best = score[0] > best[0] or (score[0] == best[0] and score[1] < best[1])
+            stopping.update(metrics["val_loss"])
+            if group is not None and patience:  # every process stops after the same epoch: rank 0's count
+                stopping.stale = group.broadcast(stopping.stale)
         else:
             score, is_best = (0.0, 0.0), True
         if is_best:
             best = score
         # record and checkpoint: everything the next epoch depends on, taken at the epoch boundary
         checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "epoch": epoch,
-            "best": list(best),
-            "config": config,
-            "rng": rng_state(),
+            "epoch": epoch, "best": list(best), "early_stopping": [stopping.lowest, stopping.stale],
+            "config": config, "rng": rng_state(),
             "loader_generator": loader.generator.get_state(),  # the shuffling order of later epochs
         }
         callback.on_epoch(epoch, metrics, checkpoint, is_best)
-    return metrics
+    return Fitted(int(metrics.get("epoch", first_epoch - 1)), False, metrics)
+
+
+def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, loader: Batches,
+             stopping: EarlyStopping) -> tuple[tuple[float, float], int]:
+    """Continue from checkpoint `resume` (fit made it): the best score so far and the next epoch."""
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    stopping.lowest, stopping.stale = resume.get("early_stopping", (math.inf, 0))  # none before early stopping
+    # Last, so nothing above draws from the restored streams.
+    loader.generator.set_state(resume["loader_generator"])
+    set_rng_state(resume["rng"])
+    return tuple(resume["best"]), resume["epoch"] + 1

@@ -20,12 +20,19 @@ from core.errors import UserError
 
 WEIGHT_CHOICES = ("imagenet", "none", "PATH to a weights file")
 
+# The same failure in each front end's words: the command line names its flags, the pages the
+# Train page's options (pages/train.py WEIGHT_LABELS). UserError carries both.
 _MISSING_IMAGENET = (
     "ImageNet weights for DenseNet-201 could not be loaded ({reason}). "
-    "This machine may be offline. Either use a local weights file (on the Train page: 'A weights "
-    "file on the server'; on the command line: --weights PATH), e.g. densenet201-c1103571.pth "
-    "downloaded on a machine with internet, or train from random initialisation ('None: random "
-    "initialisation'; --weights none)."
+    "This machine may be offline. Either use a local weights file (--weights PATH, or DEFAULT_WEIGHTS=PATH "
+    "for every run), e.g. densenet201-c1103571.pth downloaded on a machine with internet, or train from "
+    "random initialisation (--weights none)."
+)
+_MISSING_IMAGENET_PAGE = (
+    "The ImageNet starting weights could not be loaded: this server is probably offline. On the Train page, "
+    "under Backbone weights, choose 'None: random initialisation' to train from a random start, or ask the "
+    "administrator to place the weights file (densenet201-c1103571.pth, downloaded on a machine with "
+    "internet) on the server and choose 'A weights file on the server'."
 )
 
 
@@ -87,7 +94,8 @@ def load_backbone(model: PaperDenseNet, weights: str) -> str:
         try:
             state = DenseNet201_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as exc:  # noqa: BLE001 - URLError, OSError, HTTP errors all mean "not available"
-            raise UserError(_MISSING_IMAGENET.format(reason=f"{type(exc).__name__}: {exc}")) from exc
+            raise UserError(_MISSING_IMAGENET.format(reason=f"{type(exc).__name__}: {exc}"),
+                            page=_MISSING_IMAGENET_PAGE) from exc
         source = "imagenet (torchvision DenseNet201_Weights.IMAGENET1K_V1)"
     else:
         path = Path(weights).expanduser()
@@ -109,7 +117,7 @@ def check_weights(weights: str) -> None:
     try:
         load_backbone(PaperDenseNet(2), weights)
     except UserError as exc:
-        raise UserError(f"{exc} No run was queued.") from exc
+        raise UserError(f"{exc} No run was queued.", page=f"{exc.for_page()} No run was queued.") from exc
 
 
 def build_model(num_classes: int, weights: str = "none") -> tuple[PaperDenseNet, str]:

@@ -104,6 +104,12 @@ class RunConfig:
     device: str = _setting("auto", section="training", label="Device", options=("auto", "cpu", "cuda"),
                            help="auto | cpu | cuda | cuda:N; auto: the GPU when there is one (bf16), else the CPU "
                                 "(slow at 224 px)")
+    patience: int = _setting(
+        0, section="training", label="Stop early after epochs without improvement", bounds=(0, 1000), step=1,
+        metavar="EPOCHS",
+        help="early stopping: end training once the validation loss has not improved for this many epochs in a row "
+             "(the best epoch is still the one tested); 0 = off, every epoch is trained (the paper's way); needs a "
+             "validation part")
     compile: bool = _setting(True, internal="an implementation switch: torch.compile with CUDA graphs on a GPU, "
                                             "no effect on the CPU; training falls back to the eager model by itself")
     # generalisation switches (not in the paper; off by default). See core/transforms/stain.py.
@@ -134,6 +140,12 @@ class RunConfig:
             raise UserError(f"image_size must be at least 32 (DenseNet-201 downsamples by 32), got {self.image_size}.")
         if not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}.")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise UserError(f"patience must be a whole number of epochs, 0 (off) or more, got {self.patience!r}.")
+        if self.patience and not self.val_fraction:
+            raise UserError("Early stopping watches the validation loss: give --val-fraction above 0, or --patience 0.",
+                            page="Early stopping watches the validation loss: give a validation fraction above 0, "
+                                 "or set 'Stop early after epochs without improvement' to 0.")
         if not 0 <= self.fold < (self.folds if self.split == "kfold" else 1):
             raise UserError(f"fold {self.fold} does not exist for split {self.split!r} with {self.folds} folds.")
         AugmentParams.from_dict(self.augmentation)  # validates

@@ -1,0 +1,134 @@
+"""How long the runs of a RunConfig will take on this machine, said before they are launched.
+
+From this machine's own measurements where it has some: the training speed (images per second,
+RunSummary.images_per_second) of the latest succeeded runs on the same kind of device at the same
+image size, times the images to train (augmented images per class x classes x epochs, per run),
+plus the time those runs spent outside training (building the model, decoding, augmenting, the
+audit, the test: the run's whole time less Run.timings' "train"). Before any run was measured
+here, a rough figure from a stated assumption, labelled as such. No torch: the Train page calls
+this as it draws.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.jobs.views import CPU_IMAGES_PER_SECOND_PER_CORE, GPU_IMAGES_PER_SECOND, MachineSummary
+from core.store.db import Run, RunStatus
+from core.store.records import RunSummary
+from core.training.run_config import RunConfig
+
+RECENT = 5  # measured runs averaged: the latest, so that a changed machine soon shows in the figure
+LOOKED_AT = 100  # succeeded runs on the device searched for ones at the image size
+
+# The assumption before any measurement. CPU: 2.2 images/s per core at the paper's 224 px (bench/
+# RESULTS.md, via views) and CPU_64_PX_PER_CORE at 64 px, with the speed taken to fall as a power of
+# the image side between (and beyond) the two. The 64 px figure is the development machine's, its 2
+# cores idle (2026-12-02, the "Try it on this machine" settings at 120 images per class): 24.4
+# images/s, and 45 s of the run outside training (model, data, audit, test). Where other work shares
+# the cores it is several times slower (docs/generalisation.md: about 10 images/s). GPU: the 224 px
+# figure at every size, since at these batch sizes a GPU's time goes to launching DenseNet's ~200
+# layers rather than to pixels.
+CPU_64_PX_PER_CORE = 12.0
+ASSUMED_OTHER_SECONDS = 45.0  # per run, outside training
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """About how long the runs of one launch take here, and what the figure rests on."""
+
+    minutes: float
+    device: str  # "GPU" or "CPU"
+    runs: int  # one, or one per fold
+    images: int  # training images per run and epoch
+    epochs: int
+    images_per_second: float
+    other_seconds: float  # per run, outside training
+    measured_runs: int  # runs the speed comes from; 0: the assumption
+    image_size: int
+    stops_early: bool
+    assumption: str = ""  # where the assumed speed comes from, when nothing was measured here
+
+    @property
+    def measured(self) -> bool:
+        return self.measured_runs > 0
+
+    def sentence(self) -> str:
+        """E.g. 'About 4 minutes on this machine (CPU): 360 training images x 3 epoch(s) at 9.8
+        images/s, plus ...', or, unmeasured, a rough figure that names its assumption."""
+        runs = f" × {self.runs} runs" if self.runs > 1 else ""
+        work = (f"{self.images:,} training images × {self.epochs} epoch(s){runs} at {self.images_per_second:.3g} "
+                f"images/s, plus about {_duration(self.other_seconds)} per run to prepare the data and test")
+        total = _duration(self.minutes * 60) + (f" for the {self.runs} runs" if self.runs > 1 else "")
+        sooner = " Early stopping may end it sooner." if self.stops_early else ""
+        if self.measured:
+            return (f"About {total} on this machine ({self.device}): {work}, as the last {self.measured_runs} "
+                    f"run(s) at {self.image_size} px on its {self.device} went.{sooner}")
+        return (f"No run at {self.image_size} px has been timed on this machine's {self.device} yet. A rough "
+                f"figure from an assumption, not a measurement: about {total}, assuming {work} ({self.assumption}). "
+                f"Once a run has finished here, the figure comes from this machine's own speed.{sooner}")
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    if minutes < 1:
+        return f"{max(5, round(seconds / 5) * 5):.0f} s"
+    if minutes < 90:
+        return f"{round(minutes):.0f} minute{'s' if round(minutes) != 1 else ''}"
+    return f"{minutes / 60:.1f} hours"
+
+
+def device_kind(config: RunConfig, machine: MachineSummary) -> str:
+    """"cuda" or "cpu": where the run will train ("auto" takes the GPU when there is one)."""
+    if config.device == "auto":
+        return "cuda" if machine.has_gpu else "cpu"
+    return "cuda" if config.device.startswith("cuda") else "cpu"
+
+
+def assumed_speed(kind: str, image_size: int, cpu_cores: int) -> float:
+    """Training images per second before any measurement (see the assumption above)."""
+    if kind == "cuda":
+        return GPU_IMAGES_PER_SECOND
+    exponent = math.log(CPU_64_PX_PER_CORE / CPU_IMAGES_PER_SECOND_PER_CORE) / math.log(224 / 64)
+    return CPU_64_PX_PER_CORE * (64 / image_size) ** exponent * cpu_cores
+
+
+def time_estimate(session: Session, config: RunConfig, classes: int, machine: MachineSummary) -> TimeEstimate:
+    """About how long `config`'s runs take on this machine (a dataset of `classes` classes)."""
+    kind = device_kind(config, machine)
+    speeds, others = [], []
+    found = session.execute(
+        select(Run.config, Run.summary, Run.timings, Run.started_at, Run.finished_at)
+        .where(Run.status == RunStatus.succeeded, Run.device.like(f"{kind}%"))
+        .order_by(Run.id.desc()).limit(LOOKED_AT))
+    for run_config, summary, timings, started, finished in found:
+        speed = RunSummary.from_dict(summary).images_per_second
+        if speed and RunConfig.from_dict(run_config).image_size == config.image_size:
+            speeds.append(speed)
+            if started and finished:  # the whole run less its training: model, data, audit, test
+                others.append((finished - started).total_seconds() - (timings or {}).get("train", 0.0))
+            if len(speeds) == RECENT:
+                break
+    measured = bool(speeds)
+    speed = statistics.mean(speeds) if measured else assumed_speed(kind, config.image_size, machine.cpu_cores)
+    other = statistics.median(others) if others else ASSUMED_OTHER_SECONDS
+    runs = config.folds if config.split == "kfold" else 1
+    images = config.per_class * classes
+    seconds = runs * (images * config.epochs / speed + other)
+    return TimeEstimate(
+        minutes=seconds / 60, device="GPU" if kind == "cuda" else "CPU", runs=runs, images=images,
+        epochs=config.epochs, images_per_second=speed, other_seconds=other, measured_runs=len(speeds),
+        image_size=config.image_size, stops_early=config.patience > 0,
+        assumption="" if measured else _assumption(kind, config.image_size, machine.cpu_cores))
+
+
+def _assumption(kind: str, image_size: int, cpu_cores: int) -> str:
+    if kind == "cuda":
+        return "the speed of one H100 at the paper's 224 px in the design notes, for every image size"
+    return (f"the speed of the development machine's 2 idle CPU cores at 64 px, scaled to {cpu_cores} cores"
+            + ("" if image_size == 64 else f" and to {image_size} px"))
