@@ -221,3 +221,31 @@ def test_the_command_line_exports_a_run_and_refuses_a_missing_one(runs, tmp_path
 
     assert main(["export", "999", "--format", "onnx"]) == 2
     assert "error: No run with id 999" in capsys.readouterr().err
+
+
+def test_the_predict_page_classifies_with_the_cpu_engine(runs, monkeypatch):
+    import io
+
+    from tests.test_pages import open_page
+
+    settings, run_id = runs.settings, runs.ids["plain"]
+    engine.clear_cache()
+    used = []
+    scored = OnnxPredictor.score
+
+    def counting(self, *args, **kwargs):
+        used.append(self.run_id)
+        return scored(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxPredictor, "score", counting)
+    at = open_page(monkeypatch, settings, "pages/predict.py")
+    at.selectbox(key="pr_run").set_value(run_id).run()
+    buf = io.BytesIO()
+    runs.images[1].save(buf, "PNG")
+    at.file_uploader(key="pr_files").set_value([("fl.png", buf.getvalue(), "image/png")]).run()
+    assert not at.exception, at.exception
+    assert used and set(used) == {run_id}  # the page's probabilities came from ONNX Runtime
+    table = at.dataframe[0].value
+    with session_of(settings)() as s:
+        expected = load_predictor(s, settings, run_id, device="cpu").predict(runs.images[1:2]).shown[0]
+    assert np.abs(table[CLASSES].to_numpy(dtype=float)[0] - expected).max() <= TOLERANCE
