@@ -58,7 +58,7 @@ def shown_params() -> AugmentParams | None:
 
 with Session() as s:
     names = presets.preset_names(s)
-    saved = [{"preset": p.name, **p.params, "saved": p.created_at, "saved by": p.created_by}
+    saved = [{"preset": p.name, **presets.labelled(p.params), "saved": p.created_at, "saved by": p.created_by}
              for p in views.preset_rows(s)]
     ds_names = [d.name for d in views.dataset_rows(s)]
     loaded = st.session_state["aug_loaded"]
@@ -72,7 +72,7 @@ if st.session_state.get("aug_preset") not in names:
 st.session_state["aug_preset"] = st.session_state["aug_preset"]
 current = shown_params()
 changes = [] if current is None or loaded_params is None else [
-    f"{name.replace('_', ' ')} {getattr(loaded_params, name):g} → {getattr(current, name):g}"
+    f"{presets.AUGMENT_LABELS[name].lower()} {getattr(loaded_params, name):g} → {getattr(current, name):g}"
     for name in FIELDS  # a number box can step 0.4 to 0.45000000000000007 and back: equal within 1e-9
     if not math.isclose(getattr(current, name), getattr(loaded_params, name), rel_tol=0, abs_tol=1e-9)]
 
@@ -169,7 +169,8 @@ with preview_col:
                     "versions, captioned with the operations that fired")
         st.caption(f"Training squeezes each image to a {size}×{size} square before augmenting; the preview keeps "
                    "the image's shape so that the changes to the tissue are easy to judge.")
-        cells = [(original, "original")] + [(im, " + ".join(fired) if fired else "no operation fired")
+        cells = [(original, "original")] + [(im, " + ".join(presets.OPERATION_LABELS.get(f, f) for f in fired).capitalize()
+                                              if fired else "no operation fired")
                                              for im, fired in versions]
         for start in range(0, len(cells), per_row):
             row = cells[start:start + per_row]

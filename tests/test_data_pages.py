@@ -170,7 +170,7 @@ def test_the_preset_box_says_when_the_values_are_no_longer_the_preset(settings, 
     at.number_input(key="aug_rotate_probability").set_value(0.6).run()
     assert at.selectbox(key="aug_preset").options[0] == f"{presets.PAPER_PRESET} — changed"
     text = " ".join(m.value for m in at.markdown)
-    assert "rotate probability 0.4 → 0.6" in text and "save these values as a preset" in text
+    assert "chance of rotating 0.4 → 0.6" in text and "save these values as a preset" in text
 
     at.text_input(key="aug_new_name").input("rotate more").run()
     at.button[[b.label for b in at.button].index("Save preset")].click().run()

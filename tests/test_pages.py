@@ -229,7 +229,7 @@ def test_augmentation_preview_and_preset(trained, monkeypatch, settings, tmp_pat
     at.number_input(key="aug_size").set_value(64).run()
     captions = image_captions(at)
     assert captions[0] == "original" and len(captions) == 1 + 8
-    assert all(c == "no operation fired" or set(c.split(" + ")) <= {"rotate", "distortion", "zoom"} for c in captions[1:])
+    assert all(c == "no operation fired" or set(c.lower().split(" + ")) <= {"rotate", "distort", "zoom"} for c in captions[1:])
 
     at.number_input(key="aug_flip_left_right_probability").set_value(0.5).run()
     at.text_input(key="aug_new_name").input("with flips").run()
@@ -238,6 +238,8 @@ def test_augmentation_preview_and_preset(trained, monkeypatch, settings, tmp_pat
     with Session() as s:
         assert presets.get_params(s, "with flips").flip_left_right_probability == 0.5
         assert s.scalar(select(AugmentationPreset.name)) == "with flips"
+    columns = list(at.dataframe[0].value.columns)  # the saved presets, in plain words
+    assert "Chance of flipping left-right" in columns and not any("_" in c for c in columns), columns
 
     # A value Augmentor refuses is a message, not a traceback.
     at.number_input(key="aug_distortion_grid_width").set_value(1).run()
