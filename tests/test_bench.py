@@ -1,13 +1,8 @@
 """Smoke runs of the benchmarks on the CPU, so they keep working where no GPU is at hand."""
 
 # Each benchmark's own smoke run is the --smoke run of bench.all below, which runs every one of them.
-
-
-def test_server_cpu_benchmark_measures_both_servers():
-    from bench.server_cpu import main
-
-    shares = main(["--duration", "2"])
-    assert set(shares) == {"baseline", "project"} and all(0 <= v < 2 for v in shares.values())
+# bench/server_cpu.py (a browser and two web servers, about 45 s) is run by hand; the suite is kept
+# under its 15 minutes for the new user's path in tests/test_browser.py.
 
 
 def test_all_benchmarks_in_one_call_name_every_part_with_a_figure_or_a_reason(tmp_path):
