@@ -2,7 +2,7 @@
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    APP_HOME=/data TORCH_HOME=/data/torch
+    APP_HOME=/data TORCH_HOME=/data/torch AUTH_MODE=password
 WORKDIR /app
 
 COPY requirements.txt .
@@ -18,4 +18,6 @@ RUN useradd --create-home --uid 1000 app && mkdir -p /data && chown app /data
 USER app
 VOLUME ["/data"]
 EXPOSE 8501
+# Every interface of the container, which only a server with sign-in may do (serve.py refuses it with
+# AUTH_MODE=none); compose.yaml publishes the port on the host's loopback unless told otherwise.
 CMD ["streamlit", "run", "serve.py", "--server.address=0.0.0.0", "--server.port=8501"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 
 import streamlit as st
 from starlette.middleware import Middleware
@@ -28,8 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streamlit import config
 from streamlit.runtime import Runtime
 
+from core.access.bind import check_listen_address
 from core.api.routes import API_PREFIX, api_routes
 from core.config import load_settings
+from core.errors import UserError
 from pages._sessions import BROWSER_COOKIE, browser_signed_in, is_signed_in
 
 
@@ -115,4 +118,15 @@ def base_path() -> str:
     return f"/{base}" if base else ""
 
 
+def refuse_unsafe_address() -> None:
+    """Stop before serving a request when no sign-in would guard an address others can reach.
+    Streamlit has bound the socket by now (it imports this file after), but nothing is served yet."""
+    try:
+        check_listen_address(load_settings().auth_mode, config.get_option("server.address"))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+refuse_unsafe_address()
 app = st.App("streamlit_app.py", routes=api_routes(prefix=base_path() + API_PREFIX), middleware=[Middleware(Gate)])

@@ -3,11 +3,13 @@
 #   chromium    the real browser of the end-to-end tests (Playwright drives /usr/bin/chromium;
 #               Playwright's own browser download does not work offline)
 #   postgresql  the server binaries; the tests start a throwaway server of their own (tests/pg.py)
+#   iproute2    `ss`, with which a test checks the addresses the server listens on
 # Called by `make test` and by .ci/run. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v ss >/dev/null || missing+=(iproute2)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "Installing Debian packages for the tests: ${missing[*]}" >&2

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -503,3 +504,30 @@ def test_no_worker_is_started_when_workers_run_elsewhere(tmp_path):
     settings = load_settings({"APP_HOME": str(tmp_path), "START_WORKER": "0"})
     assert ensure_worker(settings) is False
     assert not (tmp_path / "worker.log").exists()
+
+
+def test_a_worker_that_exited_on_this_machine_is_replaced_at_once(tmp_path):
+    """Its heartbeat is still fresh, but its process is gone: `train --background` must not wait for
+    the heartbeat to go stale before a worker takes the queued runs."""
+    settings = load_settings({"APP_HOME": str(tmp_path), "STALE_SECONDS": "300"})
+    Session = make_sessionmaker(settings.database_url)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with Session.begin() as s:
+        s.add(Worker(id=f"{socket.gethostname()}:{gone.pid}", host=socket.gethostname(), pid=gone.pid,
+                     heartbeat_at=utcnow(), slots=1, run_ids=[]))
+        # A worker elsewhere is judged by its heartbeat alone (this pid means nothing here).
+        s.add(Worker(id="gpu-box:1", host="gpu-box", pid=gone.pid, heartbeat_at=utcnow(), slots=1, run_ids=[]))
+    try:
+        with Session() as s:
+            assert [w["host"] for w in worker_status(s, settings)["workers"]] == ["gpu-box"]
+        with Session.begin() as s:
+            s.delete(s.get(Worker, "gpu-box:1"))
+        assert ensure_worker(settings) is True
+    finally:
+        with Session() as s:
+            started = [w.pid for w in s.scalars(select(Worker)) if w.pid != gone.pid]
+        for pid in started:  # our own child: killed and reaped here
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert started

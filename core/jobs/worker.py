@@ -96,7 +96,20 @@ def _sessionmaker(url: str) -> sessionmaker:
 def _fresh_workers(session: Session, settings: Settings) -> list[Worker]:
     now = utcnow()
     return [w for w in session.scalars(select(Worker).order_by(Worker.started_at))
-            if queue.age_seconds(w.heartbeat_at, now) <= settings.stale_seconds]
+            if queue.age_seconds(w.heartbeat_at, now) <= settings.stale_seconds and not _exited_here(w)]
+
+
+def _exited_here(worker: Worker) -> bool:
+    """A worker of this machine whose process is gone (or a zombie) though its heartbeat still looks
+    fresh: without this, `train --background` right after a worker died would queue runs that wait
+    until the heartbeat goes stale. A worker on another machine is judged by its heartbeat alone."""
+    if worker.host != socket.gethostname() or not Path("/proc").is_dir():
+        return False
+    try:
+        command = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return b"worker" not in command  # a zombie has no command line; a reused pid is another program
 
 
 def ensure_worker(settings: Settings) -> bool:
