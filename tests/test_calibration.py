@@ -8,7 +8,9 @@ from core.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
     format_bootstrap,
+    refer_band,
     refer_threshold,
+    supported_target,
     reliability_bins,
     reliability_figure,
     selective_accuracy,
@@ -92,28 +94,61 @@ def test_bootstrap_is_seeded_and_matches_the_point_estimates():
     assert a.per_class["b"]["precision"].estimate == pytest.approx(tp / (y_pred == 1).sum())
 
 
-def test_refer_threshold_reaches_the_target_on_validation():
-    # Confidence 0.95..0.35; the three least confident predictions are the wrong ones.
-    conf = np.linspace(0.95, 0.35, 10)
+def test_refer_band_claims_only_what_the_validation_part_can_bound():
+    # 40 validation predictions; the 10 least confident are the wrong ones.
+    conf = np.linspace(0.99, 0.4, 40)
     probs = np.stack([conf, (1 - conf) / 2, (1 - conf) / 2], 1)
-    labels = np.array([0] * 7 + [1] * 3)
-    assert refer_threshold(probs, labels, 0.7) == 0.0  # 7/10 correct: no refer band
-    t = refer_threshold(probs, labels, 0.9)
-    assert t == pytest.approx(conf[6])  # the 7 most confident are all right; 8 would give 7/8 < 0.9
-    assert selective_accuracy(probs, labels, t) == (pytest.approx(0.7), 1.0)
-
-
-def test_refer_threshold_is_the_smallest_that_works():
-    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
-    probs = np.stack([conf, 1 - conf], 1)
-    labels = np.array([0, 0, 1, 0, 1])  # correct, correct, wrong, correct, wrong
-    # accepted accuracy by threshold: 0.9 -> 1, 0.8 -> 1, 0.7 -> 2/3, 0.6 -> 3/4, 0.5 -> 3/5
-    assert refer_threshold(probs, labels, 0.75) == pytest.approx(0.6)
-    assert refer_threshold(probs, labels, 0.8) == pytest.approx(0.8)
-    assert selective_accuracy(probs, labels, 0.8) == (pytest.approx(0.4), 1.0)
-    assert refer_threshold(probs, np.ones(5, int), 0.5) is None  # every prediction is wrong
+    labels = np.array([0] * 30 + [1] * 10)
+    # 30 of 40 right is 75%, but the 95% lower bound is about 61%: no threshold below the 30 right ones.
+    band = refer_band(probs, labels, 0.75)
+    kept = conf >= band.threshold
+    assert 30 <= band.accepted == kept.sum() < 40
+    assert 0.75 <= band.bound < (labels[kept] == 0).mean()  # a lower bound, below the raw rate
+    assert refer_threshold(probs, labels, 0.5) == 0.0  # the lower bound for all 40 clears 50%
+    # 30 of 30 right: the bound at 95% (split over the tested thresholds) is about 0.88, not 1.
+    assert refer_band(probs, labels, 0.95).threshold is None
+    assert 0.85 < supported_target(probs, labels) < 0.95
+    assert refer_threshold(probs, np.ones(40, int), 0.5) is None  # every prediction is wrong
     with pytest.raises(UserError, match="target accuracy"):
         refer_threshold(probs, labels, 1.5)
+
+
+def test_a_weak_model_with_few_validation_images_refers_everything_at_80_percent():
+    # 26 validation images, 14 right (54%), the right ones a little more confident: the raw
+    # accuracy of the most confident few passes 80%, but no threshold can claim it.
+    rng = np.random.default_rng(1)
+    right = np.array([True] * 14 + [False] * 12)
+    conf = np.where(right, rng.uniform(0.4, 0.6, 26), rng.uniform(0.34, 0.5, 26))
+    probs = np.stack([conf, (1 - conf) / 2, (1 - conf) / 2], 1)
+    labels = np.where(right, 0, 1)
+    top = np.argsort(-conf)[:4]
+    assert right[top].all()  # what the raw rate would have accepted at 80%
+    assert refer_band(probs, labels, 0.8).threshold is None
+    assert supported_target(probs, labels) < 0.8
+
+
+def test_kept_predictions_meet_the_target_at_the_stated_confidence_over_repeated_draws():
+    """A calibrated synthetic model: confidence c uniform on [0.34, 1], right with probability c, so
+    the true accuracy of the predictions kept at threshold t is (1 + t) / 2 (t > 0.34)."""
+    rng = np.random.default_rng(0)
+    target, confidence, draws, n = 0.85, 0.9, 400, 1000
+    failures = raw_failures = found = 0
+    for _ in range(draws):
+        conf = rng.uniform(0.34, 1, n)
+        labels = np.where(rng.random(n) < conf, 0, 1)
+        probs = np.stack([conf, 1 - conf], 1)
+        band = refer_band(probs, labels, target, confidence)
+        if band.threshold is not None:
+            found += 1
+            failures += (1 + max(band.threshold, 0.34)) / 2 < target
+        # The raw accepted rate as the criterion (what the band used to do) fails about half the time.
+        order = np.argsort(-conf)
+        raw = np.cumsum(labels[order] == 0) / np.arange(1, n + 1)
+        raw_t = conf[order][np.flatnonzero(raw >= target).max()]
+        raw_failures += (1 + raw_t) / 2 < target
+    assert found > 0.9 * draws  # not vacuous: a threshold is found nearly every time
+    assert failures / draws <= 1 - confidence
+    assert raw_failures / draws > 0.2
 
 
 def test_group_bootstrap_is_wider_when_groups_are_correlated():
@@ -148,14 +183,17 @@ def test_run_calibration_fits_on_validation_and_carries_to_test():
 
     val_p, val_y = overconfident(400)
     test_p, test_y = overconfident(400)
-    out = run_calibration(val_p, val_y, test_p, test_y, target_accuracy=0.8)
+    out = run_calibration(val_p, val_y, test_p, test_y, target_accuracy=0.7)
     assert out["temperature"] > 2  # softened: the model was over-confident
     assert out["val_ece_after"] < out["val_ece_before"] / 2
     assert out["test_ece_after"] < out["test_ece_before"] / 2
     threshold = out["refer_threshold"]
     assert 0 < threshold < 1 and out["n_val"] == 400 == len(out["val_probs"])
     # The band keeps only confident predictions, which are the more accurate ones.
-    assert 0 < out["test_coverage"] < 1 and out["test_accepted_accuracy"] > 0.7
+    assert 0 < out["test_coverage"] < 1 and out["test_accepted_accuracy"] > 0.65
+    assert out["refer_bound"] >= 0.7 and out["refer_confidence"] == 0.95 and out["refer_accepted"] < 400
+    # The raw rate would have claimed 80% here; at 95% confidence, 400 images cannot.
+    assert run_calibration(val_p, val_y, test_p, test_y, target_accuracy=0.8)["refer_threshold"] is None
     refer = refer_verdict(np.asarray(out["val_probs"]), threshold)
     assert refer.any() and not refer.all()
     assert refer_verdict(np.asarray(out["val_probs"]), None).all()

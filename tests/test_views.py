@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, update
 
 from core.jobs import runs, views
 from core.store.db import EpochMetric, Run, RunStatus, engine_of
@@ -135,3 +135,36 @@ def test_run_summary_and_progress_round_trip_and_read_old_rows():
         assert RunProgress.from_dict(json.loads(json.dumps(progress.to_dict()))) == progress
     assert RunProgress.from_dict({}).bar(5) == (0.0, "Preparing data (decode, split, augment)")
     assert RunProgress(stage="decode", done=3, total=9).bar(5) == (0.0, "Preparing data: decode 3 of 9")
+
+
+def test_time_left_follows_the_speed_of_the_last_steps_when_the_machine_slows(settings, Session, recorded, tmp_path):
+    """A fake clock: steps of 0.1 s, then the machine gets busy and they take 0.5 s. The time left
+    and the speed follow within the epoch, and the page is told the speed has fallen."""
+    from core.jobs.recording import Recorder
+
+    running = recorded[1]  # epoch 1 of 2 recorded at 4 images/s (1 s per epoch of 4 steps)
+    now = [0.0]
+    recorder = Recorder(Session, running, tmp_path, None, {}, epochs=2, clock=lambda: now[0])
+    steps = 400
+
+    def curve() -> views.RunCurves:
+        with Session() as s:
+            return views.run_curves(s, [running])[0]
+
+    for step in range(1, 101):
+        now[0] += 0.1
+        recorder.on_step(2, step, steps)
+    fast = curve()
+    assert fast.remaining_seconds() == pytest.approx(300 * 0.1, rel=0.02)
+    assert fast.speed_now() == pytest.approx(4 / 0.1, rel=0.02) and fast.slowed_to() is None
+
+    for step in range(101, 201):  # 50 s at 0.5 s a step: the window of recent steps is all slow now
+        now[0] += 0.5
+        recorder.on_step(2, step, steps)
+    slow = curve()
+    assert slow.remaining_seconds() == pytest.approx(200 * 0.5, rel=0.02)
+    assert slow.speed_now() == pytest.approx(8.0, rel=0.02)
+    # The finished epoch went at 4 images/s; 8 now is faster, so nothing fell. Against a faster epoch:
+    with Session.begin() as s:
+        s.execute(update(EpochMetric).where(EpochMetric.run_id == running).values(images_per_second=40.0))
+    assert curve().slowed_to() == pytest.approx(0.2, rel=0.02)

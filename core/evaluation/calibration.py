@@ -8,8 +8,9 @@
                        precision/recall/F1 (optionally resampling whole specimens): with ~50 test
                        images an accuracy of 0.80 means "somewhere around 0.68-0.90", and a report
                        should say so
-  refer_threshold      the confidence below which a prediction is not shown as a diagnosis but as
-                       "uncertain, refer", chosen on validation to reach a target accuracy
+  refer_band           the confidence below which a prediction is not shown as a diagnosis but as
+                       "uncertain, refer", chosen on validation so that the predictions shown reach a
+                       target accuracy with a stated confidence (a binomial bound, not the raw rate)
 
 Plain NumPy; the figure is plotly (no streamlit), so both the pages and reports can use it.
 """
@@ -249,35 +250,100 @@ def selective_accuracy(probs: np.ndarray, labels: Sequence[int], threshold: floa
     return float(accepted.mean()), float((probs.argmax(1)[accepted] == labels[accepted]).mean())
 
 
-def refer_threshold(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float) -> float | None:
-    """The smallest top-probability threshold at which the accepted validation predictions reach
-    `target_accuracy`; predictions below it go to the "uncertain, refer" band.
+REFER_CONFIDENCE = 0.95  # how sure the refer band's accuracy claim is, over draws of the validation part
 
-    Returns 0.0 when all predictions together already reach the target (no refer band), and None
-    when no threshold does (refer everything). Choose it on calibrated validation probabilities;
-    with few validation images the threshold is itself uncertain.
+
+@dataclass(frozen=True)
+class ReferBand:
+    """A refer threshold with what it rests on: with probability at least `confidence` (over the draw
+    of the `n_val` validation images), predictions at or above `threshold` are right at least `target`
+    of the time on images like those. `threshold` None: no threshold can claim that, refer every
+    prediction; 0.0: every prediction can be shown."""
+
+    threshold: float | None
+    target: float
+    confidence: float
+    n_val: int
+    accepted: int  # validation images at or above the threshold
+    bound: float | None  # the lower confidence bound on their accuracy (>= target where threshold is set)
+
+
+def accuracy_lower_bound(correct: int, n: int, level: float) -> float:
+    """One-sided Clopper-Pearson lower bound on an accuracy seen as `correct` of `n`: the true
+    accuracy is at least this with probability `level` (0 when n is 0)."""
+    from scipy.stats import beta
+
+    if n == 0 or correct == 0:
+        return 0.0
+    return float(beta.ppf(1 - level, correct, n - correct + 1))
+
+
+def refer_band(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float,
+               confidence: float = REFER_CONFIDENCE) -> ReferBand:
+    """The lowest top-probability threshold whose accepted validation predictions reach
+    `target_accuracy` with the stated `confidence`: selection with guaranteed risk (Geifman and
+    El-Yaniv, "Selective Classification for Deep Neural Networks", NeurIPS 2017).
+
+    A binary search over the sorted validation confidences tests at most k = ceil(log2(n + 1))
+    thresholds, each with a binomial (Clopper-Pearson) lower bound at level 1 - (1 - confidence) / k,
+    so that the claim holds for all of them together (Bonferroni). The raw accuracy of the accepted
+    predictions is not enough: 4 right of 4 is 100%, but the true accuracy may well be 60%.
     """
     if not 0 < target_accuracy <= 1:
         raise UserError(f"target accuracy must be in (0, 1], got {target_accuracy}.")
+    if not 0.5 <= confidence < 1:
+        raise UserError(f"confidence must be in [0.5, 1), got {confidence}.")
     probs = np.asarray(val_probs, dtype=np.float64)
     labels = np.asarray(val_labels, dtype=int)
     if len(probs) == 0:
         raise UserError("No validation predictions to choose a refer threshold from.")
+    n = len(probs)
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
-    order = np.argsort(-conf, kind="stable")
+    order = np.argsort(conf, kind="stable")
     conf, correct = conf[order], correct[order]
-    # Accepting everything with conf >= conf[i] accepts the first `last[i] + 1` sorted predictions
-    # (ties included), so the accuracy at each distinct threshold is one cumulative sum away.
-    hits = np.cumsum(correct)
-    last = np.searchsorted(-conf, -conf, side="right") - 1
-    acc = hits[last] / (last + 1)
-    ok = np.flatnonzero(acc >= target_accuracy - 1e-12)
-    if not ok.size:
-        return None
-    if acc[-1] >= target_accuracy - 1e-12:
+    # Accepting conf >= conf[z] accepts everything from the first of conf[z]'s ties on.
+    first = np.searchsorted(conf, conf, side="left")
+    right_from = np.concatenate([np.cumsum(correct[::-1])[::-1], [0]])
+    level = 1 - (1 - confidence) / max(1, int(np.ceil(np.log2(n + 1))))
+
+    def bound(z: int) -> float:
+        start = first[z]
+        return accuracy_lower_bound(int(right_from[start]), n - start, level)
+
+    lo, hi, found = 0, n, None  # the answer lies in [lo, hi]; hi == n: no threshold found yet
+    while lo < hi:
+        z = (lo + hi) // 2
+        b = bound(z)
+        if b >= target_accuracy:
+            hi, found = z, b
+        else:
+            lo = z + 1
+    if found is None:
+        return ReferBand(None, target_accuracy, confidence, n, 0, None)
+    start = first[hi]
+    threshold = 0.0 if start == 0 else float(conf[hi])
+    return ReferBand(threshold, target_accuracy, confidence, n, n - start, found)
+
+
+def refer_threshold(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float,
+                    confidence: float = REFER_CONFIDENCE) -> float | None:
+    """refer_band's threshold: below it a prediction is "uncertain, refer"; None: refer everything."""
+    return refer_band(val_probs, val_labels, target_accuracy, confidence).threshold
+
+
+def supported_target(val_probs: np.ndarray, val_labels: Sequence[int], confidence: float = REFER_CONFIDENCE) -> float:
+    """The highest accuracy that some threshold can claim at `confidence` on this validation part
+    (the accuracy targets a page may offer); 0 when no prediction is right."""
+    probs = np.asarray(val_probs, dtype=np.float64)
+    if len(probs) == 0:
         return 0.0
-    return float(conf[ok].min())
+    labels = np.asarray(val_labels, dtype=int)
+    conf, correct = probs.max(1), probs.argmax(1) == labels
+    n = len(probs)
+    level = 1 - (1 - confidence) / max(1, int(np.ceil(np.log2(n + 1))))
+    return max(accuracy_lower_bound(int(correct[conf >= c].sum()), int((conf >= c).sum()), level)
+               for c in np.unique(conf))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +375,8 @@ def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs
         return {"temperature": None, "note": "no validation part: not calibrated, no refer threshold"}
     temperature = fit_temperature(as_logits(val_probs), val_labels)
     val_cal = calibrate(val_probs, temperature)
-    threshold = refer_threshold(val_cal, val_labels, target_accuracy)
+    band = refer_band(val_cal, val_labels, target_accuracy)
+    threshold = band.threshold
     out = {
         "temperature": round(temperature, 4),
         "n_val": len(val_probs),
@@ -317,6 +384,9 @@ def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs
         "val_ece_after": round(expected_calibration_error(val_cal, val_labels), 4),
         "refer_target": target_accuracy,
         "refer_threshold": threshold,
+        "refer_confidence": band.confidence,  # the threshold's claim holds with this probability
+        "refer_bound": None if band.bound is None else round(band.bound, 4),
+        "refer_accepted": band.accepted,
         "val_probs": np.round(val_cal, 5).tolist(),
         "val_labels": [int(v) for v in val_labels],
     }

@@ -11,9 +11,12 @@ model file written when the run succeeds (core/inference/model_file.py).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,27 +111,66 @@ class Monitor:
             self.lost.set()
 
 
+class StepClock:
+    """Seconds per training step, now and over the epoch so far. "Now" is the last STEP_WINDOW
+    seconds of steps (at least two steps), so when other work slows the machine the time left
+    follows within seconds, not at the next epoch."""
+
+    STEP_WINDOW = 20.0
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque()  # when each recent step ended
+        self.epoch_start: float | None = None
+        self.epoch_steps = 0
+
+    def tick(self, now: float, step: int) -> None:
+        if step == 1:  # a new epoch: the time before its first step (validation, loading) is not a step's
+            self.times.clear()
+            self.epoch_start, self.epoch_steps = now, 0
+        else:
+            self.epoch_steps += 1
+        self.times.append(now)
+        while len(self.times) > 2 and now - self.times[1] >= self.STEP_WINDOW:
+            self.times.popleft()
+
+    def recent(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+    def epoch_mean(self) -> float | None:
+        if not self.epoch_steps or self.epoch_start is None or not self.times:
+            return None
+        return (self.times[-1] - self.epoch_start) / self.epoch_steps
+
+
 class Recorder:
     """Training callback: epoch metrics and progress to the database, checkpoints to disk."""
 
     def __init__(self, Session: sessionmaker, run_id: int, directory: Path, progress: Progress | None,
-                 extra: dict[str, Any], epochs: int, monitor: Monitor | None = None):
+                 extra: dict[str, Any], epochs: int, monitor: Monitor | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.Session, self.run_id, self.dir, self.progress = Session, run_id, directory, progress
         self.extra = extra  # stored in each checkpoint: which run it belongs to
         self.epochs = epochs
         self.monitor = monitor
-        self._last_write = 0.0
+        self.clock = clock
+        self.steps = StepClock()
+        self._last_write = -math.inf
         self._stop = False
 
     def on_step(self, epoch: int, step: int, steps: int) -> None:
         if self.progress:
             self.progress(f"epoch {epoch}", step, steps)
-        now = time.monotonic()
+        now = self.clock()
+        self.steps.tick(now, step)
         if now - self._last_write >= 1.0 or step == steps:  # at most once a second
             self._last_write = now
             with self.Session.begin() as s:
                 run = s.get(Run, self.run_id)
-                run.progress = RunProgress(stage="train", epoch=epoch, epochs=self.epochs, step=step, steps=steps).to_dict()
+                run.progress = RunProgress(stage="train", epoch=epoch, epochs=self.epochs, step=step, steps=steps,
+                                           step_seconds=self.steps.recent(), epoch_step_seconds=self.steps.epoch_mean()
+                                           ).to_dict()
                 run.heartbeat_at = utcnow()
                 self._stop = run.cancel_requested
 

@@ -76,6 +76,8 @@ class RunProgress:
     step: int | None = None  # within the epoch, of `steps`
     steps: int | None = None
     stopped_early: bool | None = None  # early stopping ended training after `epoch`; the run is being tested
+    step_seconds: float | None = None  # seconds per training step over the last few seconds (the speed now)
+    epoch_step_seconds: float | None = None  # seconds per step over this epoch so far
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunProgress:
