@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -30,7 +31,8 @@ from sqlalchemy.exc import OperationalError
 from core.jobs import queue, recording, runs
 from core.config import load_settings
 from core.data.datasets import ingest
-from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, utcnow
+from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, new_engine, utcnow
+from core.store import migrations
 from core.errors import UserError
 from core.training.run_config import RunConfig
 from core.jobs.worker import ensure_worker, worker_status
@@ -296,29 +298,38 @@ def test_a_run_taken_over_by_another_process_stops_here(jset, JSession):
         monitor.stage("augment", 2, 2)
 
 
+def _upgrade_and_say(url: str, said) -> None:
+    said.put(migrations.upgrade(new_engine(url)).said_before())
+
+
 @BOTH
 def test_the_schema_is_made_then_upgraded_in_place(jset):
-    """A new database gets every table; one from before a column was added gets the column, its
-    rows kept (with the column's default), and starting again on an up-to-date one changes nothing."""
+    """A new database gets every table; one made before migrations and before a column was added
+    gets the column, its rows kept (with the column's default), and starting again on an
+    up-to-date one changes nothing."""
     Session = make_sessionmaker(jset.database_url)
     engine = queue.engine_of(Session)
     assert {t.name for t in Base.metadata.sorted_tables} <= set(inspect(engine).get_table_names())
     (old,) = _bare_runs(Session, 1)
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE runs DROP COLUMN attempts"))
+        conn.execute(text("DROP TABLE alembic_version"))
     engine.dispose()
 
-    # Two processes starting on the old database at the same moment (the app and a worker, say).
-    upgraded = []
-    starters = [threading.Thread(target=lambda: upgraded.append(make_sessionmaker(jset.database_url)))
-                for _ in range(2)]
-    for t in starters:
-        t.start()
-    for t in starters:
-        t.join(60)
-    assert len(upgraded) == 2
-    Session = make_sessionmaker(jset.database_url)  # and once more, with nothing left to do
-    engine = queue.engine_of(Session)
+    # Two processes starting on the old database at the same moment (the app and a worker, say,
+    # forked so that neither spends a second importing first): one upgrades it, the other waits for
+    # the schema lock and finds the work done.
+    fork = multiprocessing.get_context("fork")
+    said = fork.Queue()
+    starters = [fork.Process(target=_upgrade_and_say, args=(jset.database_url, said)) for _ in range(2)]
+    for p in starters:
+        p.start()
+    for p in starters:
+        p.join(60)
+    assert [p.exitcode for p in starters] == [0, 0]
+    head = migrations.head()
+    assert sorted(said.get(timeout=5) for _ in starters) == [head, "none (made before migrations)"]
+    assert migrations.upgrade(engine).before == head  # and once more, with nothing left to do
     assert "attempts" in {c["name"] for c in inspect(engine).get_columns("runs")}
     with Session() as s:
         assert s.get(Run, old).attempts == 0

@@ -7,15 +7,20 @@ predictions. Sessions are made by the caller (`with Session.begin() as s:`) and 
 An id is never given twice, even after its row is deleted, so that nothing named by an id (a run's
 folder runs/<id>/, a page's selection) can be taken for a newer row's. PostgreSQL's sequences never
 go back; SQLite needs AUTOINCREMENT (`sqlite_autoincrement` on every table with an integer id).
-create_all sets it only on tables it creates: a SQLite database made before keeps SQLite's default,
+It is set only when a table is created: a SQLite table made before keeps SQLite's default,
 which gives the largest id again once its row is deleted (caches are keyed by content, so that
 is harmless for them).
+
+The schema is made and changed by the migrations in core/store/migrations (make_engine runs the
+ones a database lacks): a change to a model here needs a new revision there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import threading
+import weakref
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -30,11 +35,9 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
     text,
 )
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -62,6 +65,9 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Who added it (a user name); None where unknown: older records, library calls.
     created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
+    # True: its specimen groups were estimated from file numbers (core/data/groups.py), not given, so
+    # every figure that rests on them says "estimated specimens".
+    groups_estimated: Mapped[bool | None] = mapped_column(default=None)
 
     images: Mapped[list[Image]] = relationship(back_populates="dataset", cascade="all, delete-orphan")
     skipped: Mapped[list[SkippedFile]] = relationship(cascade="all, delete-orphan")
@@ -258,6 +264,18 @@ class SignInFailures(Base):
     last_failure_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # old rows are pruned by it
 
 
+class BrowserSignIn(Base):
+    """A browser kept signed in with a password (core/access/remembered.py): the SHA-256 of its
+    HttpOnly cookie, never the cookie itself, so a copy of the database signs nobody in."""
+
+    __tablename__ = "browser_sign_ins"
+
+    cookie_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    signed_in_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class ModelApproval(Base):
     """An editor's approval of a run's model for its class set (core/inference/approval.py).
 
@@ -313,6 +331,9 @@ class PredictionLog(Base):
     predicted: Mapped[str] = mapped_column(String(NAME_LENGTH))
     refer: Mapped[bool | None] = mapped_column(default=None)  # None: the model has no refer band
     threshold: Mapped[float | None] = mapped_column(default=None)
+    # The accuracy the threshold promises for the predictions it lets through (with 95% confidence,
+    # core/evaluation/calibration.py refer_band); None: no refer band, or logged before it was kept.
+    refer_target: Mapped[float | None] = mapped_column(default=None)
     stored_path: Mapped[str | None] = mapped_column(Text, default=None)  # relative to APP_HOME
 
 
@@ -336,7 +357,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
+def new_engine(url: str) -> Engine:
+    """A new engine for `url`, its schema untouched (make_engine is the one to use)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -345,55 +367,42 @@ def make_engine(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "postgresql":
-        # The app and its workers often start together on a new or older database, and would race
-        # to create the same tables and columns. PostgreSQL's DDL is transactional: under a lock
-        # held to commit, the one that comes second finds the work done.
-        with engine.begin() as conn:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-            Base.metadata.create_all(conn)
-            _add_missing_columns(conn)
         return engine
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    return create_engine(url, pool_pre_ping=True)
+
+
+# One engine per database per process: each engine has its own pool of connections, and the first
+# brings the schema up to date. Weak, so that an engine nobody holds any more (a test's database)
+# closes its connections; the app, its API and workers each hold theirs for the process's life.
+_engines: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
+_engines_lock = threading.Lock()
+
+
+def make_engine(url: str) -> Engine:
+    """This process's engine for the database at `url`, whose schema is brought to the newest
+    revision (core/store/migrations) when the process first asks for it.
+
+    An in-memory SQLite database belongs to its engine, so each call makes a new one.
+    """
+    from core.store import migrations  # it imports this module's models
+
+    if _in_memory(url):
+        engine = new_engine(url)
+        migrations.upgrade(engine)
+        return engine
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = new_engine(url)
+            migrations.upgrade(engine)
+            _engines[url] = engine
     return engine
 
 
-SCHEMA_LOCK_KEY = 0x6C796D70686F6D61  # any constant; advisory locks are per database
-
-
-def _add_missing_columns(bind: Engine | Connection) -> None:
-    """create_all makes missing tables but not columns added to a table since; add those.
-
-    Only for columns that are nullable or have a server default (the only kind we add), so an
-    existing database keeps working after an upgrade. Given a connection, the columns are added in
-    its transaction (which holds the schema lock); given an engine, each in its own.
-    """
-    existing = inspect(bind)
-    tables = set(existing.get_table_names())
-    for table in Base.metadata.sorted_tables:
-        if table.name not in tables:
-            continue
-        have = {c["name"] for c in existing.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in have:
-                continue
-            kind = column.type.compile(dialect=bind.dialect)
-            default = f" DEFAULT {column.server_default.arg.text}" if column.server_default is not None else ""
-            null = "" if column.nullable else " NOT NULL"
-            add = text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}{null}')
-            if isinstance(bind, Connection):
-                bind.execute(add)
-                continue
-            try:
-                with bind.begin() as conn:
-                    conn.execute(add)
-            except DBAPIError:
-                # Another process starting at the same moment may have added it first.
-                if column.name not in {c["name"] for c in inspect(bind).get_columns(table.name)}:
-                    raise
+def _in_memory(url: str) -> bool:
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and (
+        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory")
 
 
 def make_sessionmaker(url: str) -> sessionmaker:
