@@ -4,7 +4,8 @@ a gate on two of Streamlit's own routes, which do not pass through the app's sig
   uploads  Streamlit takes a file for any connected browser session, signed in or not, and holds
            it in memory until the session ends. Here only a session that the sign-in gate
            recorded as signed in (pages/_sessions.py) may upload (403 otherwise), with at most
-           MAX_SESSION_UPLOAD_MB held or arriving at once (413), its Content-Length declared (411);
+           MAX_SESSION_UPLOAD_MB held or arriving at once (413), and MAX_USER_UPLOAD_MB for all the
+           sessions of one person together, its Content-Length declared (411);
            a refused upload is answered before any of its body is read.
   media    thumbnails and downloads (/media/...) are served only to a browser that has a signed-in
            session open: it carries the cookie that this gate set on its first page load, and the
@@ -13,6 +14,10 @@ a gate on two of Streamlit's own routes, which do not pass through the app's sig
 The HTTP API (core/api, /api/v1 under server.baseUrlPath) is served beside the pages on the same
 port. The gate lets it through untouched: the API asks for its own bearer tokens, not for a signed-in
 browser session, and its answers carry no browser cookie.
+
+In front of the gate, SiteGuard (core/api/site.py) refuses every request, websocket included, whose
+Host header is not in ALLOWED_HOSTS (400: a DNS-rebinding page cannot reach the pages or the API), and
+gives every answer the headers that keep other sites from framing the app.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from streamlit.runtime import Runtime
 
 from core.access.bind import check_listen_address
 from core.api.routes import API_PREFIX, api_routes
+from core.api.site import SiteGuard
 from core.config import load_settings
 from core.errors import UserError
-from pages._sessions import BROWSER_COOKIE, browser_signed_in, is_signed_in
+from pages._sessions import BROWSER_COOKIE, browser_signed_in, is_signed_in, person_sessions, release_ended
 
 
 class Gate:
@@ -47,6 +53,7 @@ class Gate:
         self.media = prefix + "/media/"
         self.cookie_path = prefix or "/"
         self.max_bytes = load_settings().max_session_upload_mb * 1024 * 1024  # 0: no limit
+        self.max_person_bytes = load_settings().max_user_upload_mb * 1024 * 1024  # 0: no limit
         self.arriving: dict[str, int] = {}  # session id -> bytes of its uploads under way
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,7 +71,7 @@ class Gate:
         if upload is not None:
             await self.guarded_upload(upload[1], request, receive, send)
             return
-        await self.app(scope, receive, send if browser else self.with_cookie(send))
+        await self.app(scope, receive, send if browser else self.with_cookie(send, secure=scope.get("scheme") == "https"))
 
     async def guarded_upload(self, session_id: str, request: HTTPConnection, receive: Receive, send: Send) -> None:
         """Pass the upload on if its session is signed in and stays within its total."""
@@ -79,6 +86,10 @@ class Gate:
         elif self.max_bytes and self.held(session_id) + self.arriving.get(session_id, 0) + size > self.max_bytes:
             refusal = PlainTextResponse(f"This session's uploads would pass MAX_SESSION_UPLOAD_MB "
                                         f"({self.max_bytes / 2**20:g} MB); remove some first.", status_code=413)
+        elif self.max_person_bytes and self.held_by_person(session_id) + size > self.max_person_bytes:
+            refusal = PlainTextResponse(f"Your uploads in all your sessions would pass MAX_USER_UPLOAD_MB "
+                                        f"({self.max_person_bytes / 2**20:g} MB); remove some, or close other "
+                                        "tabs, first.", status_code=413)
         else:
             refusal = None
         if refusal is not None:
@@ -100,12 +111,20 @@ class Gate:
         files = Runtime.instance().uploaded_file_mgr.file_storage.get(session_id, {})
         return sum(len(f.data) for f in list(files.values()))
 
-    def with_cookie(self, send: Send) -> Send:
-        """`send` that gives a browser without the cookie a new one (HttpOnly: no script reads it)."""
+    def held_by_person(self, session_id: str) -> int:
+        """Bytes held or arriving for every session of the person signed in to `session_id`, closed
+        ones whose files Streamlit still holds included (those of ended sessions are let go first)."""
+        release_ended()
+        return sum(self.held(s) + self.arriving.get(s, 0) for s in person_sessions(session_id))
+
+    def with_cookie(self, send: Send, secure: bool = False) -> Send:
+        """`send` that gives a browser without the cookie a new one (HttpOnly: no script reads it; over
+        https, Secure: never sent in the clear). It also names the browser a sign-in is kept for
+        (core/access/remembered.py)."""
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 cookie = (f"{BROWSER_COOKIE}={secrets.token_urlsafe(24)}; Path={self.cookie_path}; HttpOnly; "
-                          "SameSite=Lax")
+                          "SameSite=Lax" + ("; Secure" if secure else ""))
                 message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
             await send(message)
 
@@ -129,4 +148,6 @@ def refuse_unsafe_address() -> None:
 
 
 refuse_unsafe_address()
-app = st.App("streamlit_app.py", routes=api_routes(prefix=base_path() + API_PREFIX), middleware=[Middleware(Gate)])
+# The Host check first, so that its refusals reach nothing else; its headers go on the gate's answers too.
+MIDDLEWARE = [Middleware(SiteGuard), Middleware(Gate)]
+app = st.App("streamlit_app.py", routes=api_routes(prefix=base_path() + API_PREFIX), middleware=MIDDLEWARE)

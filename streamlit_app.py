@@ -8,14 +8,14 @@ from typing import NoReturn
 
 import streamlit as st
 
-from core.access import accounts
+from core.access import accounts, remembered
 from core.access.accounts import User
 from core.errors import UserError
 from core.jobs import manage, views
 from pages import _sessions as sessions
 from pages._common import (
-    SIGNED_IN, load_accounts, md_text, session_factory, settings, sign_in_throttle, sign_out, signed_in_user,
-    start_worker, user_errors,
+    SIGNED_IN, browser_cookie, load_accounts, md_text, session_factory, settings, sign_in_throttle, sign_out,
+    signed_in_user, start_worker, user_errors,
 )
 
 TITLE = "Lymphoma subtype recognition"
@@ -61,17 +61,29 @@ def only(draw: Callable[[], None]) -> NoReturn:
 
 def password_form() -> None:
     st.caption("Sign in to continue.")
-    # clear_on_submit: the password does not stay in the session after this run.
-    with st.form("auth_form", clear_on_submit=True):
-        name = st.text_input("User name", key="auth_name", autocomplete="username")
-        password = st.text_input("Password", type="password", key="auth_password", autocomplete="current-password")
-        submitted = st.form_submit_button("Sign in", type="primary", icon=":material/login:", key="auth_submit")
-    if submitted:
-        with user_errors():
-            user = accounts.sign_in(load_accounts(settings()), name, password, sign_in_throttle(),
-                                    st.context.ip_address)
-            st.session_state[SIGNED_IN] = user.name
-            st.rerun()
+    with st.form("auth_form"):
+        st.text_input("User name", key="auth_name", autocomplete="username")
+        st.text_input("Password", type="password", key="auth_password", autocomplete="current-password")
+        st.form_submit_button("Sign in", type="primary", icon=":material/login:", key="auth_submit",
+                              on_click=try_password)
+    refused = st.session_state.pop("auth_refused", None)
+    if refused:
+        st.error(md_text(refused), icon=":material/error:")
+
+
+def try_password() -> None:
+    """The form's callback: sign in, and keep this browser signed in (SIGN_IN_HOURS). Whatever the
+    answer, the password leaves the session; the user name stays, so a typo costs only the password."""
+    name, password = st.session_state.get("auth_name", ""), st.session_state.get("auth_password", "")
+    st.session_state["auth_password"] = ""
+    try:
+        user = accounts.sign_in(load_accounts(settings()), name, password, sign_in_throttle(), st.context.ip_address)
+    except UserError as e:
+        st.session_state["auth_refused"] = e.for_page()
+        return
+    st.session_state[SIGNED_IN] = user.name
+    with session_factory().begin() as s:
+        remembered.remember(s, browser_cookie(), user.name, settings().sign_in_hours)
 
 
 def oidc_providers() -> list[str | None]:
@@ -117,7 +129,9 @@ def gate() -> User:
         user = signed_in_user()
     except UserError as e:
         sessions.record(None)
-        message = str(e)  # about the server's own settings (AUTH_MODE, the accounts file)
+        # About the server's own settings (AUTH_MODE, the accounts file), told to whoever opens the
+        # page: the accounts file by its name, not by its place on the server.
+        message = md_text(views.without_paths(str(e)))
         only(lambda: st.error(message, icon=":material/warning:"))
     # What serve.py's gate goes by: uploads and media files only for signed-in sessions.
     sessions.record(None if user is None else user.name, st.context.cookies.get(sessions.BROWSER_COOKIE))

@@ -6,7 +6,6 @@ A thin front end over the library, like the web pages. User errors print one lin
 from __future__ import annotations
 
 import argparse
-import csv
 import getpass
 import importlib
 import logging
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from core.access.accounts import EDITOR, User
 from core.config import Settings, load_settings
+from core.csv_export import write_csv
 from core.store.db import make_sessionmaker
 from core.store.records import RunSummary
 from core.store.runs import fold_siblings, get_run
@@ -287,9 +287,9 @@ def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
                                log=args.log, calibrated=not args.raw, device=args.device)
     rows = [{"path": r.name, "predicted": r.predicted, "probabilities": r.label, **r.probabilities,
              **({} if r.refer is None else {"uncertain_refer": r.refer})} for r in results]
-    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    header = list(rows[0])
+    write_csv(sys.stdout, header, ([f"{v:.4f}" if isinstance(v, float) else v for v in map(row.get, header)]
+                                   for row in rows))
     if args.run is None:
         print(f"classified with the approved model: run {results[0].run_id}", file=sys.stderr)
 
@@ -381,6 +381,19 @@ def cmd_check(args: argparse.Namespace, settings: Settings, Session) -> None:
     report = run(Session, settings, deep=args.deep)
     print(report.format())
     sys.exit(1 if report.remaining else 0)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.store import migrations
+    from core.store.db import new_engine
+
+    engine = new_engine(settings.database_url)
+    try:
+        done = migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+    print(f"before: {done.said_before()}")
+    print(f"after: {done.after}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,6 +516,10 @@ def _add_result_commands(sub, fmt) -> None:
                    help="remove unreferenced files, temporary leftovers and folders of deleted runs (never database rows)")
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("migrate", help="bring the database's schema to this version's (as every start does); prints "
+                       "its revision before and after")
+    p.set_defaults(func=cmd_migrate)
+
 
 def _add_approval_commands(sub) -> None:
     """The approved model of each class set, and the log of predictions."""
@@ -537,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     settings = load_settings()
     try:
-        Session = make_sessionmaker(settings.database_url)
+        # migrate reports the schema as it found it, before make_engine's upgrade.
+        Session = None if args.func is cmd_migrate else make_sessionmaker(settings.database_url)
         args.func(args, settings, Session)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

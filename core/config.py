@@ -28,6 +28,20 @@ For the seven limits above, 0 means no limit.
 MAX_SESSION_UPLOAD_MB  most that one browser session's uploads may hold in server memory at once, in MB
                   (default MAX_UPLOAD_MB; 0: no limit); serve.py answers an upload past it with 413, before
                   reading it, and takes uploads only from signed-in sessions
+MAX_USER_UPLOAD_MB  most that one person's uploads may hold in server memory at once, all their browser sessions
+                  together (those closed too, until the server lets go of their files), in MB (default
+                  MAX_SESSION_UPLOAD_MB; 0: no limit); serve.py answers an upload past it with 413
+MAX_PREDICT_PIXELS  most pixels one prediction (an API request, a batch on the Predict page, a `predict` command)
+                  may decode, its images together, counted from their headers before any is decoded (default
+                  2,000,000,000: some 1,400 images of the paper's 1388x1040, or 20 at MAX_IMAGE_PIXELS; 0: no
+                  limit). Images are decoded one at a time, each reduced toward the model's input size, so this
+                  bounds the time a prediction takes, not its memory (core/inference/admission.py)
+MAX_USER_PREDICT_PIXELS  most pixels one person's predictions under way or waiting may decode together (default
+                  twice MAX_PREDICT_PIXELS; 0: no limit); one past it is refused (API 429) until theirs finish
+MAX_CONCURRENT_PREDICTIONS  predictions one server process decodes and classifies at once (default 2; 0: no
+                  limit); each holds at most one decoded image at full size (up to 4 bytes a pixel of
+                  MAX_IMAGE_PIXELS) besides the model
+PREDICT_WAIT_SECONDS  how long a prediction waits for its turn before it is refused (API 503; default 10)
 AUTH_MODE         who may use the web app (core/access/accounts.py): "none" (default: no sign-in, everyone is the
                   local editor "local"; for one person on their own machine), "password" (accounts in
                   AUTH_FILE) or "oidc" (Streamlit's st.login, [auth] in .streamlit/secrets.toml)
@@ -43,8 +57,22 @@ OIDC_ROLES        roles of addresses signed in with OIDC, e.g. "ana@lab.org=edit
                   the [oidc_roles] table of AUTH_FILE (this wins); an address with no role is refused
 PREDICTION_LOG_DAYS  days the log of predictions (who classified which image with which model, and the
                   answer) keeps a row (default 365; 0: for ever)
+SIGN_IN_HOURS     how long a password sign-in lasts in a browser, across reloads and new tabs (default 12; 0: only
+                  as long as the tab), core/access/remembered.py; signing out or removing the account ends it
 PREDICTION_LOG_IMAGES  1: the log also keeps each classified image's bytes, under APP_HOME/prediction_images
                   by content hash, counted against MAX_DISK_GB. Default 0: only the image's sha256, name and size
+ALLOWED_HOSTS     the host names the server answers to, comma-separated (default: localhost, 127.0.0.1, [::1], on any
+                  port). serve.py refuses a request (pages, websocket and API) whose Host header names another (400),
+                  so a web page whose own name was pointed at this machine (DNS rebinding) cannot talk to the server.
+                  An entry is a name or address (any port), NAME:PORT (that port only), *.example.org (its subdomains)
+                  or * (any: only behind a proxy that checks the name itself). Behind a reverse proxy, name the
+                  public host (e.g. lymphoma.example.org) and have the proxy pass the browser's Host header on
+ALLOWED_ORIGINS   web origins besides the app's own whose pages may send requests to the API, comma-separated, such
+                  as https://lymphoma.example.org (default none). The API refuses (403) a request whose Origin
+                  header (every browser's POST has one) is neither the app's own (the scheme, host and port the
+                  request came in by) nor listed here. Behind a proxy that ends TLS without passing the scheme on,
+                  list the public https origin. The API sends no CORS headers: other origins' pages still cannot
+                  read its answers
 """
 
 from __future__ import annotations
@@ -81,6 +109,14 @@ class Settings:
     inference_engine: str = "auto"
     prediction_log_days: int = 365
     prediction_log_images: bool = False
+    sign_in_hours: float = 12
+    max_user_upload_mb: float = 2048
+    max_predict_pixels: int = 2_000_000_000
+    max_user_predict_pixels: int = 4_000_000_000
+    max_concurrent_predictions: int = 2
+    predict_wait_seconds: float = 10
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
+    allowed_origins: tuple[str, ...] = ()
 
     @property
     def images_dir(self) -> Path:
@@ -101,6 +137,11 @@ class Settings:
     @property
     def accounts_file(self) -> Path:
         return self.auth_file or self.app_home / "accounts.toml"
+
+
+def _items(text: str) -> tuple[str, ...]:
+    """A comma-separated setting's entries, trimmed and lower-cased (host names and origins ignore case)."""
+    return tuple(item.strip().lower() for item in text.split(",") if item.strip())
 
 
 def _default_zip_entries(env: dict[str, str]) -> int:
@@ -147,4 +188,14 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         inference_engine=env.get("INFERENCE_ENGINE", "auto").strip().lower() or "auto",
         prediction_log_days=int(env.get("PREDICTION_LOG_DAYS", 365)),
         prediction_log_images=env.get("PREDICTION_LOG_IMAGES", "0") in ("1", "true", "yes"),
+        sign_in_hours=float(env.get("SIGN_IN_HOURS", 12)),
+        max_user_upload_mb=float(env.get("MAX_USER_UPLOAD_MB", env.get("MAX_SESSION_UPLOAD_MB",
+                                                                        env.get("MAX_UPLOAD_MB", 2048)))),
+        max_predict_pixels=int(env.get("MAX_PREDICT_PIXELS", 2_000_000_000)),
+        max_user_predict_pixels=int(env.get("MAX_USER_PREDICT_PIXELS",
+                                            2 * int(env.get("MAX_PREDICT_PIXELS", 2_000_000_000)))),
+        max_concurrent_predictions=int(env.get("MAX_CONCURRENT_PREDICTIONS", 2)),
+        predict_wait_seconds=float(env.get("PREDICT_WAIT_SECONDS", 10)),
+        allowed_hosts=_items(env.get("ALLOWED_HOSTS") or "localhost,127.0.0.1,[::1]"),  # empty: the default
+        allowed_origins=_items(env.get("ALLOWED_ORIGINS", "")),
     )

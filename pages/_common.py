@@ -20,13 +20,16 @@ import streamlit as st
 from plotly.subplots import make_subplots
 from PIL import Image as PILImage
 
-from core.access import accounts
+from core import csv_export
+from core.access import accounts, remembered
 from core.jobs import queue, views, worker
 from core.access.accounts import User
 from core.config import Settings, load_settings
 from core.errors import UserError
 from core.access.throttle import SignInThrottle
 from streamlit.runtime.pages_manager import PagesManager
+
+from pages._sessions import BROWSER_COOKIE
 
 ENTRY_SCRIPT = Path(__file__).resolve().parents[1] / "streamlit_app.py"
 IMAGE_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "bmp"]
@@ -107,12 +110,16 @@ def signed_in_user() -> User | None:
         return accounts.LOCAL_USER
     if mode == "password":
         name = st.session_state.get(SIGNED_IN)
+        if name is None:  # a reload or a new tab: this browser may be signed in still
+            with session_factory()() as s:
+                name = remembered.recall(s, browser_cookie())
         if name is None:
             return None
         account = load_accounts(cfg).accounts.get(name)
         if account is None:  # removed from the file since: signed out
             st.session_state.pop(SIGNED_IN, None)
             return None
+        st.session_state[SIGNED_IN] = account.name
         return User(account.name, account.role)
     if not st.user.get("is_logged_in"):
         return None
@@ -137,10 +144,18 @@ def require_editor(action: str) -> None:
     accounts.require_editor(current_user(), action)
 
 
+def browser_cookie() -> str | None:
+    """This browser's HttpOnly cookie, set by serve.py (None when the app is served without it)."""
+    cookie = st.context.cookies.get(BROWSER_COOKIE)
+    return cookie if isinstance(cookie, str) else None  # the test harness has no request behind it
+
+
 def sign_out() -> None:
     if settings().auth_mode == "oidc":
         st.logout()
     else:
+        with session_factory().begin() as s:  # every tab of this browser, not only this one
+            remembered.forget(s, browser_cookie())
         # Everything the session remembers goes, so the next person at this browser starts clean.
         for key in list(st.session_state):
             del st.session_state[key]
@@ -210,6 +225,24 @@ def md_text(name: object) -> str:
     text = _REWRITTEN.sub("\u2060", " ".join(str(name).split()))
     text = _MARKUP.sub(r"\\\1", text)
     return _LIST_MARKER.sub(r"\1\\\2", text)
+
+
+def text_table(data, *, hide_index: bool = True, **kwargs) -> None:
+    """A small table whose cells hold text from outside (run names and notes, approvers, settings
+    such as the device), read whole. st.dataframe draws every cell as text; st.table renders Markdown
+    in each cell, header and index, so a note holding an image link would load it in every viewer's
+    browser: pages use this, never st.table. Rows tall enough for the grid to wrap long text (it
+    wraps above 64 px)."""
+    st.dataframe(data, hide_index=hide_index, row_height=72, height=min(520, 38 + 73 * len(data)),
+                 placeholder="–", **kwargs)
+
+
+def csv_bytes(frame) -> bytes:
+    """A table (a pandas DataFrame, its columns as the header) as a CSV download, written by core's
+    one CSV writer (core/csv_export.py), which keeps a spreadsheet from running names as formulas.
+    Missing values are empty cells, as pandas writes them."""
+    cells = frame.astype(object).where(frame.notna(), None)
+    return csv_export.csv_text(list(frame.columns), cells.itertuples(index=False, name=None)).encode()
 
 
 def plot_text(name: object) -> str:
@@ -360,6 +393,39 @@ def saliency_figure(image: PILImage.Image, cells: np.ndarray, title: str, subtit
     fig = _layout(fig, title, subtitle, height=int(80 + 330 * min(1.5, height / max(1, width))), wrap=wrap)
     fig.update_layout(margin_r=10, margin_b=5)
     return fig
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def grad_cam_for(run_id: int, model: str | None, database_url: str):
+    """The run's Grad-CAM explainer (torch, loaded on first use), kept per model file and server."""
+    from core.inference import engine, saliency
+
+    with session_factory()() as s:
+        return saliency.GradCam(engine.get_predictor(s, settings(), run_id))
+
+
+def show_grad_cam(cam, image_size: int, class_name: str, run_id: int, key: str) -> None:
+    """A Grad-CAM map over the whole image, with a caption that says what is drawn and a note when
+    the map is too coarse or flat to point at anything."""
+    (rows, cols), name = cam.grid, md_text(class_name)
+    about = (f"Gradient-weighted class activation map (Grad-CAM) on {cam.layer} of DenseNet-201: {rows}×{cols} "
+             f"cells for this run's {image_size} px inputs. The deepest block with at least 7×7 cells at the run's "
+             "image size is used (the finest one where none has); earlier blocks are finer but less specific to the "
+             "class. Colours are relative to the image's strongest region.")
+    if cam.flat:
+        st.info(f"Grad-CAM for {name}: no heat map to show. No region of this image raised the class's score at "
+                f"{cam.layer}, so the map is the same everywhere.", icon=":material/blur_off:")
+        return
+    show_figure(saliency_figure(cam.image, cam.cells, f"Grad-CAM for {class_name}",
+                                f"run {run_id} · {cam.layer} · {rows}×{cols} cells"), key=key)
+    st.caption(f"Grad-CAM for {name} on {cam.layer}, over the whole image at its own proportions: the warmer the "
+               f"colour, the more that region raised the score of {name}. The map has {rows}×{cols} cells, shaded "
+               f"smoothly between their centres, so it points at regions about 1/{cols} of the image wide, not at "
+               "single cells.", help=about)
+    if cam.coarse:
+        st.info(f"Grad-CAM for {name}: the map is only {rows}×{cols} cells at {image_size} px; it cannot point at "
+                "cells or structures, only at a part of the image. A run trained at 224 px (the paper's size) gives "
+                "7×7 cells or more.", icon=":material/grid_on:")
 
 
 def show_figure(fig: go.Figure, key: str | None = None) -> None:

@@ -58,8 +58,9 @@ def shown_params() -> AugmentParams | None:
 
 with Session() as s:
     names = presets.preset_names(s)
-    saved = [{"preset": p.name, **presets.labelled(p.params), "saved": p.created_at, "saved by": p.created_by}
-             for p in views.preset_rows(s)]
+    # What each preset does in words, one column: a column per setting would not fit beside the sidebar.
+    saved = [{"preset": p.name, "operations": "; ".join(presets.augmentation_words(p.params)), "saved": p.created_at,
+              "saved by": p.created_by} for p in views.preset_rows(s)]
     ds_names = [d.name for d in views.dataset_rows(s)]
     loaded = st.session_state["aug_loaded"]
     loaded_params = presets.get_params(s, loaded) if loaded in names else None  # None: deleted since
@@ -199,9 +200,11 @@ else:
             st.rerun()
 
 if saved:
-    st.dataframe(pd.DataFrame(saved), hide_index=True,
-                 column_config={"saved": st.column_config.DatetimeColumn("saved (UTC)", format="YYYY-MM-DD HH:mm")},
-                 placeholder="–")
+    st.dataframe(pd.DataFrame(saved), hide_index=True, row_height=56, placeholder="–",
+                 column_config={"saved": st.column_config.DatetimeColumn("saved (UTC)", format="YYYY-MM-DD HH:mm",
+                                                                         width=130),
+                                "operations": st.column_config.TextColumn(width="large"),
+                                "saved by": st.column_config.TextColumn(width=90)})
     if user.can_edit:
         a, b = st.columns([3, 1], vertical_alignment="bottom")
         doomed = a.selectbox("Delete a preset", [p["preset"] for p in saved], key="aug_delete_name")

@@ -177,7 +177,8 @@ def browse_tab() -> None:
         d = views.dataset_detail(s, cfg, name)
     images, counts, groups, n_runs = d.images, d.class_counts(), d.groups, d.n_runs
     skipped = [{"file": path, "reason": reason} for path, reason in d.skipped]
-    classes, source, created, created_by = d.classes, d.source, d.created_at, d.created_by
+    classes, created, created_by = d.classes, d.created_at, d.created_by
+    source = d.source_for(cfg.import_roots, full=user.can_edit)  # a viewer reads no server path
 
     c = st.columns(4)
     c[0].metric("Images", len(images), border=True)

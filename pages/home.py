@@ -4,7 +4,7 @@ beside its colour-only yardstick, what this server trains on, the worker's state
 import pandas as pd
 import streamlit as st
 
-from core.jobs import views
+from core.jobs import comparisons, views
 from core.store import consistency
 from pages._common import pct, session_factory, settings, through_router
 
@@ -41,17 +41,34 @@ with Session() as s:
     all_datasets = views.dataset_rows(s)
     all_runs = views.run_rows(s)
     status = views.worker_panel(s, cfg)
+    recent = all_runs[:10]
+    intervals = comparisons.test_intervals(s, [(r.id, r.seed) for r in recent if r.status == "succeeded"])
+    running = views.run_curves(s, [r.id for r in all_runs if r.status == "running"][:3])
+    best = views.best_grouped(all_runs)
+    versus_colour = None if best.run is None else comparisons.network_vs_colour(s, best.run.id)
 ds_rows = [{"dataset": d.name, "images": d.images, "classes": ", ".join(d.classes), "specimen groups": d.groups}
            for d in all_datasets]
-run_rows = [{"run": r.id, "status": r.status, "dataset": r.dataset, "test accuracy": r.summary.test_accuracy,
-             "protocol": r.protocol} for r in all_runs]
-best = views.best_grouped(all_runs)
+# The key figures first (name, status, accuracy with its interval), so that they show without scrolling.
+run_rows = [{"name": r.title, "status": r.status, "test accuracy (95% interval)": views.accuracy_text(
+                r.summary.test_accuracy, intervals.get(r.id)), "run": r.id, "dataset": r.dataset, "protocol": r.protocol}
+            for r in recent]
 
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Datasets", len(all_datasets), border=True)
 m2.metric("Images", sum(r["images"] for r in ds_rows), border=True)
 m3.metric("Runs", len(all_runs), border=True)
 m4.metric("Queued or running", sum(r.active for r in all_runs), border=True)
+
+for curve in running:  # what trains now, and how long it has left, without going to the Runs page
+    fraction, words = curve.run.progress_bar()
+    left = curve.remaining_seconds()
+    speed = curve.speed_now()
+    when = "" if left is None else f" · time left ≈ {views.duration_text(left)}"
+    st.progress(fraction, text=f"Run {curve.run.id} ({curve.run.title}): {words}{when}"
+                + ("" if speed is None else f" · {views.speed_text(speed)} now"))
+    if curve.slowed_to() is not None:
+        st.caption(f"Run {curve.run.id} trains at {curve.slowed_to():.0%} of its earlier speed: other work shares "
+                   "the machine, and the time left follows the speed of the last seconds.")
 
 with st.container(border=True, key="home_best"):
     st.markdown("**Best result on unseen specimens**")
@@ -66,7 +83,7 @@ with st.container(border=True, key="home_best"):
                  help="A logistic regression on 12 colour statistics per image (means and spreads of R, G, B "
                       "and their optical densities), fitted on the same training part and scored on the same "
                       "test part.")
-        c.caption(best.explanation())
+        c.caption(best.explanation(versus_colour))
 
 st.subheader("How it works")
 steps = st.columns(5)
@@ -92,8 +109,11 @@ with right:
     st.subheader("Recent runs")
     if run_rows:
         st.dataframe(
-            pd.DataFrame(run_rows[:10]), hide_index=True, placeholder="–",
-            column_config={"test accuracy": st.column_config.NumberColumn(format="percent")},
+            pd.DataFrame(run_rows), hide_index=True, placeholder="–",
+            column_config={"name": st.column_config.TextColumn(width="medium"),
+                           "test accuracy (95% interval)": st.column_config.TextColumn(
+                               help="On the run's own test part; the interval is a bootstrap over its test images "
+                                    "(whole specimens where known), as on the Runs page.")},
         )
     else:
         st.info("No training runs yet. Launch one on the **Train** page.")

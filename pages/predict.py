@@ -3,6 +3,7 @@ probabilities, a Grad-CAM heat map, a table (and CSV) for a batch; every classif
 and the History tab lists the log."""
 
 import hashlib
+import io
 import time
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
@@ -17,8 +18,8 @@ from core.inference import service
 from core.inference.probabilities import CALIBRATED
 from core.jobs import views
 from pages._common import (
-    IMAGE_TYPES, current_user, md_text, page_header, pct, probabilities_figure, saliency_figure, session_factory,
-    settings, show_figure, through_router, user_errors,
+    IMAGE_TYPES, csv_bytes, current_user, md_text, page_header, pct, probabilities_figure, grad_cam_for, show_grad_cam,
+    session_factory, settings, show_figure, through_router, user_errors,
 )
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ Session = session_factory()
 cfg = settings()
 user = current_user()
 FEW_VALIDATION = 50  # validation images below which a refer threshold is only a rough guide
+THUMBNAIL_SIDE = 480  # px: the image shown beside its heat map (a JPEG of some 40 kB is kept)
 HISTORY_DAYS = 30  # the History tab's default date range
 
 page_header("Predict", "Classify new H&E images with a trained run: the subtype, each class's probability, and a "
@@ -50,12 +52,6 @@ def predictor_of(run_id: int):
     with Session() as s:
         return engine.get_predictor(s, cfg, run_id)
 
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def grad_cam_for(run_id: int, model: str | None, database_url: str) -> "saliency.GradCam":
-    from core.inference import saliency
-
-    return saliency.GradCam(predictor_of(run_id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,32 +135,41 @@ def uploads() -> list:
 
 def classify(run_id: int, files: list) -> dict | None:
     """The batch's results, classified once per (model, files) and kept while the user looks
-    around; only the latest batch is kept. None when the model cannot be used (said on the page)."""
+    around; only the latest batch is kept, and of its images only a small thumbnail each (the
+    service decodes them one at a time and drops them). None when the model cannot be used, the
+    batch is too large or the server too busy (said on the page)."""
     model = model_of(run_id)
     key = (run_id, model, tuple(hashlib.sha256(f.getvalue()).hexdigest() for f in files))
     cache = st.session_state.setdefault("pr_results", {})
     if key in cache:
         return cache[key]
-    decoded, problems = [], []
-    for f in files:
-        try:
-            decoded.append(service.decode_one(cfg, service.ImageInput(f.name, f.getvalue())))
-        except UserError as e:
-            problems.append(e.for_page())
-    result = {"key": key, "problems": problems, "images": [d.image for d in decoded], "answers": [],
-              "calibration": {}, "classes": []}
-    if decoded:
-        try:
-            result.update(run_model(run_id, decoded))
-        except UserError as e:
-            st.error(md_text(e.for_page()), icon=":material/warning:")
-            return None
+    result = {"key": key, "problems": [], "thumbnails": [], "sources": []}
+
+    def seen(index: int, image) -> None:
+        result["sources"].append(index)  # which upload each answer is, for its heat map
+        result["thumbnails"].append(thumbnail(image))
+
+    try:
+        result.update(run_model(run_id, [service.ImageInput(f.name, f.getvalue()) for f in files],
+                                lambda image, e: result["problems"].append(e.for_page()), seen))
+    except UserError as e:
+        st.error(md_text(e.for_page()), icon=":material/warning:")
+        return None
     cache.clear()  # keep only the latest batch in memory
     cache[key] = result
     return result
 
 
-def run_model(run_id: int, decoded: list) -> dict:
+def thumbnail(image, side: int = THUMBNAIL_SIDE) -> bytes:
+    """A JPEG of at most `side` px a side: what the page keeps of an image to show it."""
+    small = image.copy()
+    small.thumbnail((side, side))
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def run_model(run_id: int, images: list, unreadable, seen) -> dict:
     """Load the model (once per server process) and classify, showing each step as it goes."""
     started = time.monotonic()
     with st.status("Classifying…", expanded=True) as status:
@@ -174,10 +179,11 @@ def run_model(run_id: int, decoded: list) -> dict:
         predictor = predictor_of(run_id)
         st.write("Classifying…")
         bar = st.progress(0.0)
-        answers = service.classify_decoded(
-            Session, cfg, user, decoded, run_id=run_id, source="page",
+        answers = service.classify(
+            Session, cfg, user, images, run_id=run_id, source="page",
             target=st.session_state.get(f"pr_target_{run_id}"),
-            progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s)"))
+            progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s)"),
+            unreadable=unreadable, seen=seen)
         status.update(label=f"Classified {len(answers)} image(s) in {time.monotonic() - started:.1f} s",
                       state="complete", expanded=False)
     return {"answers": answers, "classes": list(predictor.classes), "calibration": dict(predictor.calibration or {})}
@@ -197,26 +203,33 @@ def refer_band(run_id: int, result: dict) -> tuple[float | None, np.ndarray]:
                    "\"uncertain, refer\" band applies. Train with a validation fraction above 0 for one.",
                    help="Raw softmax probabilities: no temperature scaling was fitted.")
         return None, np.zeros(len(answers), dtype=bool)
-    targets = sorted({0.8, 0.85, 0.9, 0.95, 0.99, cal["refer_target"]})
+    # Only the targets some threshold can promise from this validation part (and the run's own).
+    supported = calibration.supported_target(np.asarray(cal["val_probs"]), cal["val_labels"])
+    targets = sorted({t for t in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99) if t <= supported} | {cal["refer_target"]})
     target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
                               value=cal["refer_target"], format_func=lambda t: f"{t:.0%}", key=f"pr_target_{run_id}",
-                              help="Predictions whose adjusted confidence is below the threshold that reached this "
-                                   "accuracy on the run's validation images are marked 'uncertain, refer'. The log "
-                                   "keeps the verdict as it was when the images were classified.")
-    threshold = predictor_of(run_id).refer_threshold(target)  # chosen on the validation images, as at training
-    n_val = int(cal["n_val"])
-    band = ("no threshold reached it on the validation images: every prediction is marked 'uncertain, refer'"
-            if threshold is None else f"confidence below {threshold:.1%} is marked 'uncertain, refer'")
+                              help="Predictions below the confidence threshold that can promise this accuracy (with 95% "
+                                   "confidence, from the run's validation images) are marked 'uncertain, refer'. The "
+                                   "offered targets are those the validation images can support"
+                                   + (f" (at most {supported:.0%} here)." if supported < 0.99 else "."))
+    band = predictor_of(run_id).refer_band(target)  # chosen on the validation images, as at training
+    threshold, n_val = band.threshold, int(cal["n_val"])
     st.caption(f"Confidence adjusted on the run's {n_val} validation images, so that it matches how often the model "
-               f"was right there; {band}.",
+               f"was right there. {calibration.band_sentence(band)}",
                help=f"Temperature scaling (T = {cal['temperature']:.2f}), fitted on the validation part; its expected "
                     f"calibration error (ECE) there went from {cal.get('val_ece_before', float('nan')):.3f} to "
                     f"{cal.get('val_ece_after', float('nan')):.3f}. The refer threshold is the lowest adjusted "
-                    "confidence at which the validation predictions at or above it reach the chosen accuracy.")
+                    "confidence whose validation predictions at or above it reach the chosen accuracy by a one-sided "
+                    "Clopper-Pearson lower bound at 95% (selection with guaranteed risk, Geifman and El-Yaniv 2017).")
+    logged = {a.refer_target for a in answers}
+    if logged != {band.target}:
+        st.info(f"These images were classified and logged at {', '.join(f'{t:.0%}' for t in logged if t)}; the "
+                f"verdicts below are at {band.target:.0%}, which the log does not hold. Classify them again to log "
+                "them at this target.", icon=":material/history:")
     if n_val < FEW_VALIDATION:
         st.warning(f"The threshold rests on only {n_val} validation images; treat it as rough. With so few, it moves "
-                   "in steps of one image, so a different accuracy often gives the same or a nearby threshold. A run "
-                   f"with at least {FEW_VALIDATION} validation images gives a steadier one.", icon=":material/warning:")
+                   "in steps of one image, and a high accuracy cannot be promised at all. A run with at least "
+                   f"{FEW_VALIDATION} validation images gives a steadier one.", icon=":material/warning:")
     return threshold, calibration.refer_verdict(shown, threshold)
 
 
@@ -249,41 +262,28 @@ def batch_summary(table: pd.DataFrame, classes: list[str], calibrated: bool) -> 
             col.metric(f"Predicted {md_text(c)}", int(counts.get(c, 0)), border=True)
 
 
-def explained(run_id: int, model: str | None, image, image_sha256: str, class_index: int) -> "saliency.Saliency":
+def explained(run_id: int, model: str | None, load_image, image_sha256: str, class_index: int) -> "saliency.Saliency":
     """The Grad-CAM map of one image and class, kept for the latest one only: a rerun (another
-    accuracy target, a History filter) shows it again without a pass back through the model."""
+    accuracy target, a History filter) shows it again without decoding the image (`load_image()`)
+    or a pass back through the model."""
     key = (run_id, model, image_sha256, class_index)
     kept = st.session_state.get("pr_cam")
     if kept is None or kept[0] != key:
         with st.spinner("Computing the Grad-CAM heat map…"):
-            kept = (key, grad_cam_for(run_id, model, cfg.database_url).explain(image, class_index=class_index))
+            explainer = grad_cam_for(run_id, model, cfg.database_url)
+            kept = (key, explainer.explain(load_image(), class_index=class_index))
         st.session_state["pr_cam"] = kept
     return kept[1]
 
 
-def heat_map(run_id: int, model: str | None, image, image_sha256: str, classes: list[str], predicted: int) -> None:
+def heat_map(run_id: int, model: str | None, load_image, image_sha256: str, classes: list[str],
+             predicted: int) -> None:
     target = st.selectbox("Heat map for class", range(len(classes)), index=predicted, format_func=lambda i: classes[i],
                           key=f"pr_cam_class_{(model or '')[:12]}_{image_sha256[:12]}")  # per model and image
     with user_errors():
         explainer = grad_cam_for(run_id, model, cfg.database_url)
-        cam = explained(run_id, model, image, image_sha256, int(target))
-        (rows, cols), size, name = cam.grid, explainer.pipeline.image_size, md_text(classes[cam.class_index])
-        about = (f"Gradient-weighted class activation map (Grad-CAM) on {cam.layer} of DenseNet-201: {rows}×{cols} "
-                 f"cells for this run's {size} px inputs. The deepest block with at least 7×7 cells at the run's image "
-                 "size is used (the finest one where none has); earlier blocks are finer but less specific to the "
-                 "class. Colours are relative to the image's strongest region.")
-        if cam.flat:
-            st.info(f"Grad-CAM for {name}: no heat map to show. No region of this image raised the class's score at "
-                    f"{cam.layer}, so the map is the same everywhere.", icon=":material/blur_off:")
-            return
-        show_figure(saliency_figure(cam.image, cam.cells, f"Grad-CAM for {classes[cam.class_index]}",
-                                    f"run {run_id} · {cam.layer} · {rows}×{cols} cells"), key="pr_cam_chart")
-        st.caption(f"Grad-CAM for {name} on {cam.layer}: where the evidence for this class lies (each coloured "
-                   f"square is one of the map's {rows}×{cols} cells).", help=about)
-        if cam.coarse:
-            st.info(f"Grad-CAM for {name}: the map is only {rows}×{cols} cells at {size} px; it cannot point at cells "
-                    "or structures, only at a part of the image. A run trained at 224 px (the paper's size) gives "
-                    "7×7 cells or more.", icon=":material/grid_on:")
+        cam = explained(run_id, model, load_image, image_sha256, int(target))
+        show_grad_cam(cam, explainer.pipeline.image_size, classes[cam.class_index], run_id, key="pr_cam_chart")
 
 
 def verdict(result: dict, chosen: int, refer: bool, run_id: int, protocol: str) -> None:
@@ -331,21 +331,24 @@ def classify_tab() -> None:
         name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1)
         for name in ["confidence", *classes]
     })
-    st.download_button("Results (.csv)", icon=":material/download:", data=table.to_csv(index=False).encode(),
+    st.download_button("Results (.csv)", icon=":material/download:", data=csv_bytes(table),
                        file_name=f"predictions-run-{row.id}.csv", mime="text/csv", on_click="ignore")
     names = [a.name for a in result["answers"]]
     chosen = (st.selectbox("Look at one image", range(len(table)), format_func=lambda i: names[i], key="pr_detail")
               if len(table) > 1 else 0)
-    answer, image = result["answers"][chosen], result["images"][chosen]
+    answer, upload = result["answers"][chosen], files[result["sources"][chosen]]
     predicted = classes.index(answer.predicted)
-    left, middle, right = st.columns([1, 1, 1], gap="medium")
+    # The image and its heat map side by side at the same width, so that one can be read against the other.
+    left, right = st.columns(2, gap="medium")
     with left:
         st.markdown(f"**{md_text(answer.name)}**")
-        st.image(image, caption=f"{image.width}×{image.height} px", width="stretch")
-    with middle:
-        heat_map(row.id, answer.model_sha256, image, answer.image_sha256, classes, predicted)
-    with right:
+        st.image(result["thumbnails"][chosen], caption=f"{answer.width}×{answer.height} px", width="stretch")
         verdict(result, chosen, bool(refer[chosen]), row.id, row.protocol)
+    with right:
+        # Decoded again only for a new heat map, reduced as for classifying (a large image is not kept).
+        heat_map(row.id, answer.model_sha256, lambda: service.decode_one(
+            cfg, service.ImageInput(upload.name, upload.getvalue()), service.reduce_side(row.config.image_size)),
+            answer.image_sha256, classes, predicted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def classify_tab() -> None:
 
 def history_tab() -> None:
     with Session() as s:  # only the values the filters offer (no rows)
-        choices = views.prediction_history(s, limit=0).choices
+        choices = views.prediction_history(s, reader=user, limit=0).choices  # a viewer: their own rows
     if not choices.run_ids:
         st.info("No prediction logged yet: each image classified here, through the API or with "
                 "`python -m core predict --log` is listed here.", icon=":material/history:")
@@ -370,7 +373,8 @@ def history_tab() -> None:
                          help="Days in UTC, both ends included.")
     since, until = date_bounds(dates)
     with Session() as s:
-        history = views.prediction_history(s, since=since, until=until, run_id=run_id, user=who, predicted=predicted)
+        history = views.prediction_history(s, reader=user, since=since, until=until, run_id=run_id, user=who,
+                                           predicted=predicted)
     if not history.rows:
         st.caption("No logged prediction matches these filters.")
         return

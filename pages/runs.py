@@ -1,8 +1,6 @@
 """Runs: every training run in a table; one run's live progress, results, approval and management
 (resume, train again, delete); several runs' curves and differing settings side by side."""
 
-import io
-
 import pandas as pd
 import streamlit as st
 
@@ -10,11 +8,11 @@ from core.data import audit
 from core.evaluation import metrics
 from core.inference import approval
 from core.inference.probabilities import Probabilities
-from core.jobs import manage, views
+from core.jobs import comparisons, manage, views
 from pages._common import (
-    STATUS_BADGE, confusion_figure, curves_figure, current_user, duration, md_text, page_header, pct,
-    reliability_chart, request_cancel, session_factory, settings, show_figure, start_worker, through_router,
-    thumbnail, user_errors,
+    STATUS_BADGE, confusion_figure, csv_bytes, curves_figure, current_user, duration, grad_cam_for, md_text,
+    page_header, pct, reliability_chart, request_cancel, session_factory, settings, show_figure, show_grad_cam,
+    start_worker, text_table, through_router, thumbnail, user_errors,
 )
 
 through_router()
@@ -54,13 +52,13 @@ failure_notice()
 
 with Session() as s:
     all_runs = views.run_rows(s)
+    intervals = comparisons.test_intervals(s, [(r.id, r.seed) for r in all_runs if r.status == "succeeded"])
+# The key figures first (name, status, accuracy and its interval) and only as many columns as fit
+# beside the sidebar at 1280 px: the rest of a run's settings are in its own panel below.
 rows = [{
-    "run": r.id, "name": r.title, "status": r.status, "dataset": r.dataset, "protocol": r.protocol,
-    "split": r.config.split, "augmentation": r.augmentation, "test accuracy": r.summary.test_accuracy,
-    "best epoch": r.summary.best_epoch, "epochs": r.config.epochs, "image size": r.config.image_size,
-    "per class": r.config.per_class, "lr": r.config.lr, "batch": r.config.batch_size, "weights": r.weights,
-    "device": r.device, "created": r.created_at, "created by": r.created_by, "duration": duration(r.seconds),
-    "notes": r.notes,
+    "name": r.title, "status": r.status, "test accuracy": r.summary.test_accuracy,
+    "95% interval": views.interval_text(intervals.get(r.id)), "run": r.id, "dataset": r.dataset,
+    "split": r.config.split, "created": r.created_at, "by": r.created_by,
 } for r in all_runs]
 labels = {r.id: r.label(results=False) for r in all_runs}
 with_curves = {r.id for r in all_runs if r.epochs_done}
@@ -89,17 +87,18 @@ st.dataframe(
     column_config={
         "name": st.column_config.TextColumn(width="large", help="Its own name, or what sets its settings apart "
                                             "from the paper's"),
-        "test accuracy": st.column_config.NumberColumn(format="percent"),
-        "lr": st.column_config.NumberColumn("learning rate", format="%.0e"),
-        "created": st.column_config.DatetimeColumn("created (UTC)", format="YYYY-MM-DD HH:mm"),
-        "protocol": st.column_config.TextColumn(width="large"),
-        "augmentation": st.column_config.TextColumn(width="medium", help="The augmentation preset it trained with"),
-        "notes": st.column_config.TextColumn(width="large"),
+        "test accuracy": st.column_config.NumberColumn(format="percent", width=90),
+        "95% interval": st.column_config.TextColumn(width=110, help="Bootstrap over the run's test images (whole "
+                                                    "specimens where known): where its accuracy on other images like "
+                                                    "these likely lies."),
+        "run": st.column_config.NumberColumn(width=50),
+        "created": st.column_config.DatetimeColumn("created (UTC)", format="YYYY-MM-DD HH:mm", width=130),
         "status": st.column_config.TextColumn(width=90),
+        "by": st.column_config.TextColumn(width=80),
     },
 )
 st.caption("Click a column header to sort. Test accuracy is on the run's own test part: compare runs only under "
-           "the same protocol.")
+           "the same protocol (the Compare tab says whether a gap is more than noise).")
 ids = [int(i) for i in shown["run"]] or [r["run"] for r in rows]
 
 # A link to ?run=N (the sidebar's failure notice) selects that run, once per link followed.
@@ -107,6 +106,11 @@ query_run = st.query_params.get("run")
 if query_run and query_run.isdigit() and int(query_run) in labels and st.session_state.get("runs_query") != query_run:
     st.session_state["runs_query"] = query_run
     st.session_state["runs_selected"] = int(query_run)
+# The run just launched on the Train page, once: the page opens on it whether reached by the link
+# there or by the sidebar. Not a widget's key, so no page that lacks the widget clears it.
+focus = st.session_state.pop("runs_focus", None)
+if focus in labels:
+    st.session_state["runs_selected"] = focus
 if st.session_state.get("runs_selected") not in ids:
     st.session_state["runs_selected"] = ids[0]
 
@@ -121,20 +125,25 @@ def metrics_row(curve: views.RunCurves) -> None:
     c = st.columns(4)
     if run.active:  # while it trains: where it is, how long it has left, how fast it goes
         last = epochs[-1] if epochs else None
-        left = curve.remaining_seconds()
+        left, now, slowed = curve.remaining_seconds(), curve.speed_now(), curve.slowed_to()
         c[0].metric("Epochs done", f"{len(epochs)} of {run.config.epochs}", border=True)
         c[1].metric("Last validation accuracy", pct(last.val_accuracy if last else None), border=True)
+        # An estimate at the speed of the last seconds, not a bound: a busier machine makes it longer.
         # With early stopping on, training may end before its last epoch.
-        c[2].metric("Time left" + (" (at most)" if run.config.patience else ""),
+        c[2].metric("Time left" + (" (if every epoch runs)" if run.config.patience else ""),
                     "estimating…" if left is None else f"≈ {views.duration_text(left)}", border=True,
-                    help="Training time left, from the epochs finished so far (the first, which includes warming "
-                         "up, is left out once there are others); it is known once the first epoch has finished. "
-                         "Evaluating the test part comes after it."
+                    help="Training time left at the speed of the last 20 seconds of steps, so it follows the machine "
+                         "when other work slows it; validation between epochs and the test come on top."
                          + (" Early stopping may end training sooner." if run.config.patience else ""))
         c[3].metric("Elapsed", duration(run.seconds), border=True)
-        st.caption(f"Speed {views.speed_text(last.images_per_second if last else None)} in the last epoch · training "
-                   f"on {md_text(run.device or 'the device the worker reports when it starts')}  \nThe first "
-                   "epochs say the least: the curves settle after a few, so judge a run by its later epochs.")
+        speed = (f"Speed {views.speed_text(now)} now" if now is not None else
+                 f"Speed {views.speed_text(last.images_per_second if last else None)} in the last epoch")
+        st.caption(f"{speed} · training on {md_text(run.device or 'the device the worker reports when it starts')}"
+                   "  \nThe first epochs say the least: the curves settle after a few, so judge a run by its later "
+                   "epochs.")
+        if slowed is not None:
+            st.warning(f"Training goes at {slowed:.0%} of its earlier speed: other work shares this machine. The time "
+                       "left follows the speed of the last seconds.", icon=":material/speed:")
         return
     s = run.summary
     shown = lambda v: "–" if v is None else v  # noqa: E731
@@ -213,6 +222,27 @@ def misclassified(found: views.RunResults, classes: tuple[str, ...]) -> None:
             st.caption(f"{md_text(name)}  \n{shown.label}: {md_text(probs)}")
     if len(wrong) > limit:
         st.caption(f"The first {limit} of {len(wrong)}; the predictions CSV below lists them all.")
+    if found.model_file is not None:
+        explain_mistake(found, wrong[:limit], classes)
+
+
+def explain_mistake(found: views.RunResults, wrong: list, classes: tuple[str, ...]) -> None:
+    """Grad-CAM of one misclassified image, for the class the model chose: where it saw that class."""
+    run = found.run
+    names = {k: f"{p.name}: {classes[p.true_label]} taken for {classes[p.predicted_label]}" for k, p in enumerate(wrong)}
+    pick = st.selectbox("Where did the model see the wrong class? (Grad-CAM)", [None, *names], key=f"runs_cam_{run.id}",
+                        format_func=lambda k: "Choose a misclassified image" if k is None else names[k])
+    if pick is None:
+        return
+    from core.data.datasets import load_rgb  # decoding: only for the image asked for
+    from core.inference import predict
+
+    mistake = wrong[pick]
+    with user_errors(), st.spinner("Computing the Grad-CAM heat map…"):
+        explainer = grad_cam_for(run.id, predict.model_sha256(cfg, run.id), cfg.database_url)
+        cam = explainer.explain(load_rgb(mistake.path, cfg.max_image_pixels), class_index=mistake.predicted_label)
+        show_grad_cam(cam, explainer.pipeline.image_size, classes[mistake.predicted_label], run.id,
+                      key=f"runs_cam_chart_{run.id}")
 
 
 def predictions_csv(found: views.RunResults, classes: tuple[str, ...]) -> bytes:
@@ -224,9 +254,7 @@ def predictions_csv(found: views.RunResults, classes: tuple[str, ...]) -> bytes:
         **{f"raw_p_{c}": p for c, p in zip(classes, pred.probabilities)},
         **{f"calibrated_p_{c}": p for c, p in zip(classes, cal)},
     } for pred, cal in zip(found.predictions, calibrated)])
-    buf = io.StringIO()
-    frame.to_csv(buf, index=False)
-    return buf.getvalue().encode()
+    return csv_bytes(frame)
 
 
 def calibration_panel(run: views.RunRow, uncertainty: dict) -> None:
@@ -239,7 +267,11 @@ def calibration_panel(run: views.RunRow, uncertainty: dict) -> None:
         c = st.columns(3)
         c[0].metric("Confidence scaling", f"{cal.scaling:.3g}", border=True, help=cal.scaling_help)
         c[1].metric("Calibration error, validation", cal.error_text(cal.val_error), border=True, help=cal.error_help)
-        c[2].metric("Calibration error, test", cal.error_text(cal.test_error), border=True, help=cal.error_help)
+        # The test figures from the same bins as the chart below, so the card and its legend agree.
+        test = cal.test_error if uncertainty["reliability"] is None else (
+            uncertainty["reliability"].ece, uncertainty["reliability_after"].ece)
+        c[2].metric("Calibration error, test", cal.error_text(test), border=True, help=cal.error_help)
+        st.caption(cal.scaling_sentence)
         st.markdown(cal.refer_sentence)
         if uncertainty["reliability"] is not None:
             fig = reliability_chart(uncertainty["reliability"], uncertainty["reliability_after"],
@@ -300,13 +332,21 @@ def report_panel(found: views.RunResults) -> None:
             folds_panel(found.folds)
 
 
+def for_reader(value):
+    """`value` (text or JSON) as this user may read it: a viewer reads files on the server (a weights
+    file, say) by their names, not by their paths."""
+    return value if user.can_edit else views.without_paths_in(value)
+
+
 def failure_panel(found: views.RunResults) -> None:
     st.error(f"**This run failed.** {md_text(found.message or 'No error was recorded.')}", icon=":material/error:")
     if user.can_edit:
         st.caption("Resume it below once the cause is fixed, or train again with other settings.")
-    if found.technical_log:
+    if found.technical_log and user.can_edit:  # tracebacks and server paths: for the people who run the server
         with st.expander("Technical log", expanded=False, icon=":material/terminal:"):
             st.code(found.technical_log, language="text", wrap_lines=True, height=360)
+    elif found.technical_log:
+        st.caption("Its technical log is shown to editors.")
 
 
 def results(run_id: int) -> None:
@@ -333,10 +373,10 @@ def results(run_id: int) -> None:
     with st.expander("Full configuration"):
         st.markdown(f"**Protocol:** {run.protocol}  \n"
                     f"**Augmentation preset:** {md_text(run.augmentation)}  \n"
-                    f"**Weights:** {md_text(run.weights_used or run.config.weights)}  \n"
+                    f"**Weights:** {md_text(for_reader(run.weights_used or run.config.weights))}  \n"
                     f"**Experiment:** `{run.experiment}` · fold {run.fold} · split id {run.split_id}")
-        st.json({"config": found.config_json, "summary": found.summary_json, "timings_seconds": found.timings},
-                expanded=1)
+        st.json(for_reader({"config": found.config_json, "summary": found.summary_json,
+                            "timings_seconds": found.timings}), expanded=1)
     downloads(found)
     if run.status == "succeeded":
         approval_panel(found)
@@ -400,12 +440,12 @@ def approval_panel(found: views.RunResults) -> None:
     history = [a for a in panel.history if a.classes == tuple(sorted(run.classes))]
     if history:
         with st.expander(f"Approval history for {md_text(classes)} ({len(history)})"):
-            st.table(pd.DataFrame([{
+            text_table(pd.DataFrame([{
                 "model": a.run_label, "state": a.state, "approved by": a.approved_by,
                 "approved (UTC)": f"{a.approved_at:%Y-%m-%d %H:%M}", "note": a.note,
                 "withdrawn by": a.withdrawn_by or "", "withdrawn (UTC)": f"{a.withdrawn_at:%Y-%m-%d %H:%M}"
                 if a.withdrawn_at else "",
-            } for a in history]), hide_index=True)
+            } for a in history]), column_config={"note": st.column_config.TextColumn(width="large")})
 
 
 def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model: bool) -> None:
@@ -414,7 +454,8 @@ def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model:
             with user_errors():
                 with Session.begin() as s:
                     approval.withdraw(s, run.id, user)
-                st.session_state[FLASH] = f"Approval of run {run.id} withdrawn: {classes} has no approved model now."
+                st.session_state[FLASH] = (f"Approval of run {run.id} withdrawn: {md_text(classes)} has no approved "
+                                           "model now.")
                 st.rerun()
         return
     if not has_model:
@@ -431,7 +472,7 @@ def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model:
         with user_errors():
             with Session.begin() as s:
                 approval.approve(s, cfg, run.id, user, note)
-            st.session_state[FLASH] = f"Run {run.id} is now the approved model for {classes}."
+            st.session_state[FLASH] = f"Run {run.id} is now the approved model for {md_text(classes)}."
             st.rerun()
 
 
@@ -516,23 +557,41 @@ def compare_tab() -> None:
     show_figure(curves_figure([(f"run {c.run.id}", c.epochs) for c in picked], "Validation curves, overlaid",
                               subtitle), key="runs_compare_curves")
     columns = [f"Run {r.id}" for r in runs]
-    # Static tables wrap their text: long protocols and names are read whole.
+    # Names, notes and settings (the device is free text) as text, wrapped: long protocols are read whole.
     st.markdown("**Results**")
-    st.table(pd.DataFrame({
+    text_table(pd.DataFrame({
         "name": [r.title for r in runs], "status": [r.status for r in runs],
         "test accuracy": [pct(r.summary.test_accuracy) for r in runs],
         "best epoch": ["–" if r.summary.best_epoch is None else str(r.summary.best_epoch) for r in runs],
         "training speed": [views.speed_text(r.summary.images_per_second) for r in runs],
         "duration": [duration(r.seconds) for r in runs],
-    }, index=columns).T)
+    }, index=columns).T, hide_index=False)
+    difference_lines(runs)
     differences = views.setting_differences(runs)
     st.markdown("**Settings that differ**")
     if differences:
-        st.table(pd.DataFrame([d.values for d in differences], index=[d.setting for d in differences],
-                              columns=columns))
+        text_table(pd.DataFrame([d.values for d in differences], index=[d.setting for d in differences],
+                                columns=columns), hide_index=False)
         st.caption("Only the settings in which these runs differ; everything else was the same.")
     else:
         st.caption("These runs were trained with the same settings (they differ only in what was random, if at all).")
+
+
+def difference_lines(runs: list[views.RunRow]) -> None:
+    """Each run against the first chosen, on the test images both were scored on: the gap, its
+    interval and whether it is more than noise (core/evaluation/compare.py)."""
+    base = runs[0]
+    with Session() as s:
+        found = [(r, comparisons.run_vs_run(s, r.id, base.id)) for r in runs[1:] if r.status == "succeeded"]
+    if base.status != "succeeded" or not found:
+        return
+    lines = [c.verdict(f"Run {r.id}", f"run {base.id}") if c is not None else
+             f"Run {r.id} and run {base.id} were tested on different images (other splits), so no comparison of "
+             "the two figures can say which is better." for r, c in found]
+    st.markdown("**Differences in test accuracy**  \n" + "  \n".join(lines))
+    st.caption("Each gap is measured on the test images both runs were scored on, with a 95% bootstrap interval; "
+               "\"within noise\" means another draw of test images could reverse it. McNemar's test looks only at "
+               "the images one run got right and the other wrong.")
 
 
 tab_run, tab_compare = st.tabs(["One run", "Compare runs"], key="runs_tab", on_change="rerun")

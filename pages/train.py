@@ -113,13 +113,11 @@ def fill_form(config: RunConfig, datasets_here: dict) -> None:
 
 
 def preset_config(name: str) -> RunConfig:
-    """Training preset `name` as a RunConfig. The paper used ImageNet weights; a site that set
-    DEFAULT_WEIGHTS (say, the same weights as a local file, because it is offline) keeps its choice,
-    unless the preset names its weights."""
-    values = presets.training_preset(name)
-    if "weights" not in presets.TRAINING_PRESETS[name]:
-        values["weights"] = cfg.default_weights
-    return RunConfig(dataset="-", **values)
+    """Training preset `name` as a RunConfig, with weights this server can load (core/training/presets.py)."""
+    config, choice = presets.preset_config(name, cfg.default_weights)
+    if choice is not None and choice.reason:
+        st.session_state["tr_weights_note"] = choice.reason
+    return config
 
 
 def apply_preset(name: str, datasets_here: dict) -> None:
@@ -177,12 +175,12 @@ def form_config(ds_name: str, split: str, grouped: bool | None, aug_preset: str,
         dataset=ds_name, grouped=grouped if split != "paper-leaky" else None, augmentation=augmentation,
         weights=weights_value, **{name: setting_type(f)(st.session_state[form_key(name)])
                                   for name, f in FIELDS.items() if name not in DRAWN_HERE},
-    )
+    ).validate()  # the bounds of the inputs, again on the server: a crafted widget value gets no further
 
 
 def preset_note(config: RunConfig) -> str:
     """Which training preset the form holds, or what was changed since one was loaded."""
-    matched = presets.matching_preset(config.to_dict(), cfg.default_weights)
+    matched = presets.matching_preset(config.to_dict(), presets.usable_weights(cfg.default_weights).weights)
     if matched:
         return f"The form holds the settings of the preset '{matched}'."
     loaded = st.session_state.get("tr_preset_loaded")
@@ -210,7 +208,7 @@ def launch(config: RunConfig, name: str, notes: str) -> None:
     st.session_state["tr_flash"] = (f"Queued run {ids[0]}" if len(ids) == 1 else
                                     f"Queued runs {', '.join(map(str, ids))} (one per fold)") + \
         ". The background worker picks it up; follow it on the Runs page."
-    st.session_state["runs_selected"] = ids[0]
+    st.session_state["runs_focus"] = ids[0]  # the Runs page opens on it, however it is reached
     st.session_state["tr_launched"] = True
     st.rerun()
 
@@ -332,6 +330,8 @@ else:
             else:
                 st.caption("Training from random initialisation: expect much lower accuracy than with ImageNet "
                            "weights on a few hundred images. The run records that it used no weights.")
+                if st.session_state.get("tr_weights_note"):  # why the preset chose no weights
+                    st.info(st.session_state["tr_weights_note"], icon=":material/cloud_off:")
         with st.container(border=True):
             st.markdown("**Training**")
             section_inputs("training", split, columns=2)
@@ -396,7 +396,7 @@ def queue() -> None:
             a, b = st.columns([5, 1], vertical_alignment="center")
             fraction, text = row.progress_bar()
             a.markdown(f"**Run {row.id}** {STATUS_BADGE[row.status]} {md_text(row.dataset)} · {row.protocol}"
-                       + (f" · {row.device}" if row.device else ""))
+                       + (f" · {md_text(row.device)}" if row.device else ""))
             a.progress(fraction, text=text)
             if row.cancel_requested:
                 b.caption("Cancelling…")

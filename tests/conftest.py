@@ -49,6 +49,15 @@ def default_app_home(tmp_path_factory):
         os.environ["APP_HOME"] = previous
 
 
+@pytest.fixture(autouse=True)
+def fresh_weights_check():
+    """Which backbone weights load is remembered per process (core/training/presets.py); a test that
+    changes TORCH_HOME or the weights must not see an earlier test's answer."""
+    from core.training.presets import usable_weights
+
+    usable_weights.cache_clear()
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return load_settings({"APP_HOME": str(tmp_path / "home")})

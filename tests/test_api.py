@@ -14,6 +14,9 @@ import hashlib
 import io
 import json
 import os
+import re
+import socket
+import urllib.error
 import urllib.request
 
 import pytest
@@ -117,13 +120,15 @@ def test_no_token_or_a_wrong_one_is_401_and_a_removed_one_is_refused_at_once(ser
     assert client.get("/api/v1/runs", headers=served.as_(token)).status_code == 401
 
 
-def test_failed_token_attempts_are_throttled_per_address(served):
+def test_failed_token_attempts_are_throttled_per_address_and_the_right_token_never_is(served):
     client = served.client("198.51.100.7")
     wrong = served.editor[:-4] + ("AAAA" if not served.editor.endswith("AAAA") else "BBBB")
     codes = [client.get("/api/v1/runs", headers=served.as_(wrong)).status_code for _ in range(6)]
     assert codes == [401] * 5 + [429]
-    refused = client.get("/api/v1/runs", headers=served.as_(served.editor))  # the right token, same address
+    refused = client.get("/api/v1/runs", headers=served.as_(wrong))
     assert refused.status_code == 429 and "Too many" in error_of(refused) and int(refused.headers["retry-after"]) > 0
+    # The right token is checked first: 256 random bits are not guessed, so it is never refused.
+    assert client.get("/api/v1/runs", headers=served.as_(served.editor)).status_code == 200
     assert served.client("198.51.100.8").get("/api/v1/runs", headers=served.as_(served.editor)).status_code == 200
 
 
@@ -194,7 +199,10 @@ def test_a_huge_image_a_text_file_and_a_body_past_the_limit_are_refused(served):
         response = client.post("/api/v1/predict", params={"run": served.run_id}, headers=served.as_(served.viewer),
                                files=[("images", (name, data))])
         assert response.status_code == 422 and name in error_of(response)
-    assert client.post("/api/v1/predict", headers=served.as_(served.viewer), data={"run": "1"}).status_code == 422
+    no_images = client.post("/api/v1/predict", headers=served.as_(served.viewer), files={"run": (None, "1")})
+    assert no_images.status_code == 422 and "one or more images" in error_of(no_images)
+    as_form = client.post("/api/v1/predict", headers=served.as_(served.viewer), data={"run": "1"})  # urlencoded
+    assert as_form.status_code == 400 and "multipart/form-data" in error_of(as_form)
 
     small = served.client(max_upload_mb=0.01)  # about 10 kB
     big = os.urandom(20_000)
@@ -264,8 +272,8 @@ def test_health_needs_no_token_and_the_openapi_document_validates(served):
     assert health == {"status": "no worker", "database": True, "worker": False, "queued": health["queued"]}
     document = client.get("/api/v1/openapi.json").json()
     validate(document)
-    routes = api_routes(served.settings)[0].app.app.routes
-    assert {r.path for r in routes} == {p.replace("{run_id}", "{run_id:int}") for p in document["paths"]}
+    routes = api_routes(served.settings)[0].app.app.app.routes  # Mount > JsonErrors > ApiGuard > Router
+    assert {re.sub(r":\w+}", "}", r.path) for r in routes} == set(document["paths"])  # less the convertors
     assert set(document["components"]["schemas"]["RunConfig"]["properties"]) == \
         {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -290,5 +298,22 @@ def test_the_server_serves_the_pages_and_the_api_on_one_port(served, tmp_path):
                 assert served.run_id in [run["id"] for run in json.load(r)["runs"]]
             with urllib.request.urlopen(url + "/") as r:
                 assert r.status == 200 and b"<html" in r.read().lower()
+                assert r.headers["content-security-policy"] == "frame-ancestors 'self'"
+                assert r.headers["x-frame-options"] == "SAMEORIGIN" and r.headers["x-content-type-options"] == "nosniff"
+            # A page whose host name was pointed at this machine (DNS rebinding) reaches neither the pages,
+            # their websocket, nor the API.
+            for path in ("/", "/api/v1/health"):
+                foreign = urllib.request.Request(url + path, headers={"Host": "rebound.example:8501"})
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(foreign)
+                assert refused.value.code == 400 and b"ALLOWED_HOSTS" in refused.value.read()
+            from websockets.exceptions import InvalidStatus
+            from websockets.sync.client import connect
+
+            sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            with pytest.raises(InvalidStatus) as refused:  # the browser's Host is the name in the page's address
+                connect("ws://rebound.example:8501/_stcore/stream", sock=sock, subprotocols=["streamlit"],
+                        open_timeout=30)
+            assert refused.value.response.status_code == 403
         finally:
             stop_app(process)

@@ -266,7 +266,7 @@ def test_the_log_is_filtered_written_as_csv_and_pruned_after_prediction_log_days
         assert ids(run_id=2) == [2] and ids(user="ana") == [3, 1] and ids(predicted="MCL") == [3]
         assert ids(since=now - timedelta(days=30)) == [3, 2] and ids(until=now - timedelta(days=30)) == [1]
         assert ids(limit=1) == [3]
-        history = views.prediction_history(s, user="ana", limit=1)
+        history = views.prediction_history(s, reader=None, user="ana", limit=1)
         text = prediction_log.to_csv(prediction_log.list_predictions(s))
     assert [r.id for r in history.rows] == [3] and history.truncated and history.classes == CLASSES
     assert history.choices == prediction_log.LogValues(("ana", "bo"), (1, 2), ("CLL", "FL", "MCL"))

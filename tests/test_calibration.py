@@ -13,7 +13,6 @@ from core.evaluation.calibration import (
     supported_target,
     reliability_bins,
     reliability_figure,
-    selective_accuracy,
     softmax,
 )
 from core.errors import UserError

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from core.data import audit, groups
 from core.data.datasets import ingest
 from core.jobs import runs, views
-from core.store.db import Image, RunStatus, make_sessionmaker
+from core.store.db import Image, Prediction, Run, RunStatus, make_sessionmaker
 from core.store.records import RunSummary
 from core.training import presets
 from core.training.run_config import RunConfig
@@ -177,6 +177,9 @@ def test_the_preset_box_says_when_the_values_are_no_longer_the_preset(settings, 
     assert not at.exception
     box = at.selectbox(key="aug_preset")
     assert box.value == "rotate more" and not any("changed" in o for o in box.options)
+    saved = at.dataframe[-1].value  # one row a preset, its operations in words (no column per setting)
+    assert list(saved.columns) == ["preset", "operations", "saved", "saved by"]
+    assert "rotate 60% of images" in saved["operations"][0]
     at.button[[b.label for b in at.button].index("Load preset")].click().run()  # loading it changes nothing
     assert at.number_input(key="aug_rotate_probability").value == 0.6
     assert not any("changed" in o for o in at.selectbox(key="aug_preset").options)
@@ -218,9 +221,37 @@ def test_home_shows_the_best_grouped_result_beside_colour_alone(settings, monkey
     shown = {m.label: m.value for m in at.metric}
     assert shown[f"This run (run {grouped})"] == "61.5%" and shown["Colour alone, same split"] == "78.8%"
     text = " ".join(c.value for c in at.caption)
-    assert "this run 61.5%; colour alone on the same split: 78.8%" in text
+    assert "this run 61.5% on estimated specimens" in text  # the groups came from file numbers
+    assert "colour alone on the same split: 78.8%" in text
     assert "grouped by specimen" in text and "stain" in text  # its protocol, and what colour alone means
     assert "90.0%" not in text  # the split by image is not the headline
+    assert "cannot be said" in text  # no per-image record: no verdict either way
+
+
+def test_home_says_a_gap_to_colour_alone_within_noise_is_within_noise(settings, monkeypatch, tmp_path):
+    """16 of 20 test images right against colour alone's 13: 15 points, and within noise."""
+    write_dataset(tmp_path / "src", per_class=10, ext=".png")
+    Session = make_sessionmaker(settings.database_url)
+    with Session.begin() as s:
+        ingest(s, settings, tmp_path / "src", "home")
+        images = s.scalars(select(Image).order_by(Image.id)).all()
+        for im in images:  # real specimen ids, as a manifest gives them: two images each
+            im.group = f"specimen-{im.id // 2}"
+        image_ids = [im.id for im in images][:20]
+    run_id = finished_run(Session, settings, grouped=True, accuracy=0.8, colour=0.65)
+    with Session.begin() as s:
+        run = s.get(Run, run_id)
+        run.summary = {**run.summary, "colour_yardstick": {
+            "accuracy": 0.65, "n_train": 10, "n_test": 20, "correct": {str(i): k < 13 for k, i in enumerate(image_ids)}}}
+        s.add_all(Prediction(run_id=run_id, image_id=i, true_label=0, predicted_label=0 if k < 16 else 1,
+                             probabilities=[0.6, 0.4]) for k, i in enumerate(image_ids))
+    at = open_page(monkeypatch, settings, "pages/home.py")
+    text = " ".join(c.value for c in at.caption)
+    assert "The network scores 15.0 points above colour alone on the same 20 test images: within noise" in text
+    assert "uses more than the stain" not in text and "estimated specimens" not in text
+    recent = at.dataframe[1].value
+    assert list(recent.columns[:3]) == ["name", "status", "test accuracy (95% interval)"]
+    assert recent["test accuracy (95% interval)"][0].startswith("80.0% (")
 
 
 def test_home_says_whether_this_server_has_a_gpu(settings, monkeypatch):

@@ -267,14 +267,15 @@ def test_decoding_a_16_bit_100_megapixel_png_is_bounded_in_memory(tmp_path):
 
 
 def test_cli_predict_checks_max_image_pixels(tmp_path, monkeypatch, capsys):
-    import core.inference.predict
+    import core.inference.engine
 
     monkeypatch.setenv("APP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "1000")
     monkeypatch.delenv("DATABASE_URL", raising=False)
     stub = SimpleNamespace(classes=["CLL", "FL"], temperature=None,
                            probabilities=lambda images: np.full((len(images), 2), 0.5))
-    monkeypatch.setattr(core.inference.predict, "load_predictor", lambda *args, **kwargs: stub)
+    # The model is found first (the run's predictor, here a stub); then the image is refused on its header.
+    monkeypatch.setattr(core.inference.engine, "get_predictor", lambda *args, **kwargs: stub)
     image = tmp_path / "x.png"
     image.write_bytes(png())  # 64 x 48 = 3,072 pixels
     assert main(["predict", "--run", "1", str(image)]) == 2

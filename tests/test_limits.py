@@ -224,3 +224,25 @@ def test_max_disk_gb_counts_what_an_ingest_or_upload_would_add(settings, Session
     # With room for them it goes through.
     roomy = limited(settings, MAX_DISK_GB=str((limits.disk_usage(settings) + 10 * new_bytes) / 1e9))
     assert do_ingest(Session, roomy, src).added == 4
+
+
+def test_names_and_notes_with_a_nul_character_are_refused_before_the_database(settings, Session, tmp_path):
+    """PostgreSQL cannot store a NUL in text (a 500 once); every name and note is checked for one."""
+    from core.access.limits import check_name_length
+    from core.data.datasets import ingest
+    from core.jobs import runs
+    from core.training.run_config import RunConfig
+    from core.transforms.augment import AugmentParams
+    from tests.synthetic import write_dataset
+
+    with pytest.raises(UserError, match="NUL"):
+        check_name_length("ana\x00", "User name")
+    write_dataset(tmp_path / "src", per_class=2)
+    with Session.begin() as s:
+        ingest(s, settings, tmp_path / "src", "tiny")
+    config = RunConfig(dataset="tiny", image_size=32, epochs=1, per_class=2, weights="none", device="cpu")
+    for name, notes in (("run\x00one", None), ("run one", "see\x00this")):
+        with pytest.raises(UserError, match="NUL"), Session.begin() as s:
+            runs.create_runs(s, settings, config, name=name, notes=notes)
+    with pytest.raises(UserError, match="from 1 to 64"):  # a grid that would tie up the shared worker
+        AugmentParams(distortion_grid_width=10**6)

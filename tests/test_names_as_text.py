@@ -1,12 +1,13 @@
 """Names that come from outside (image file, class, dataset, group, preset and user names, a run's
-error and weights) are shown as text on every page: never as HTML, never as Markdown, never as
-plotly's HTML. Checked in Streamlit's element tree (AppTest) and once in a real browser. Also: no
-`unsafe_allow_html` anywhere, no error details for unexpected exceptions, and the checkpoint
-download for editors only.
+name, notes, device, error and weights, an approval's note) are shown as text on every page: never
+as HTML, never as Markdown (st.table's cells included), never as plotly's HTML. Checked in
+Streamlit's element tree (AppTest) and once in a real browser. Also: no `unsafe_allow_html` and no
+st.table anywhere, no error details for unexpected exceptions, and the checkpoint download for
+editors only.
 
 The data are hostile records made with core directly (a zip ingest, a preset, three runs without
-training: one queued, one failed, one succeeded with misclassified images and a stand-in
-checkpoint file).
+training: one queued, one failed, one succeeded with misclassified images, a stand-in checkpoint
+file and two approvals, the older one replaced).
 """
 
 from __future__ import annotations
@@ -21,18 +22,22 @@ from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import select
+from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
 from core.access import accounts
 from core.data import uploads
 from core.evaluation import metrics
+from core.inference import approval
 from core.jobs import runs
 from core.store.runs import model_path
 from core.training import presets
 from core.access.accounts import EDITOR, VIEWER
 from core.transforms.augment import AugmentParams
 from core.config import Settings, load_settings
-from core.store.db import AugmentationPreset, Dataset, EpochMetric, Prediction, RunStatus, make_sessionmaker, utcnow
+from core.store.db import (
+    AugmentationPreset, Dataset, EpochMetric, ModelApproval, Prediction, RunStatus, make_sessionmaker, utcnow,
+)
 from core.errors import UserError
 from core.training.run_config import RunConfig
 from pages._common import md_text
@@ -55,8 +60,15 @@ PRESET = '[Preset: sign in](https:evil.test) <img src="&#47;&#47;evil.test&#47;p
 USER = '<img src="&#47;&#47;evil.test&#47;u.png">[ana](https:evil.test)@evil.test'
 WEIGHTS = "[weights](http://evil.test/w) :streamlit: -> :material_home: .pt"
 ERROR = f"Image {FORM_FILE} could not be read: ![e](http://evil.test/e.png)"
+# What an editor types (a run's name and notes, an approval's note) and what the API takes as free
+# text (a run's device): tracking images, links that ask to sign in again, HTML.
+RUN_NAME = '![r](http://evil.test/run.png) [Sign in again](http://evil.test/login) <b>run</b>'
+NOTES = '<img src="&#47;&#47;evil.test&#47;n.png"> [Session expired: sign in](http://evil.test/n) ![n](http:evil.test)'
+APPROVAL_NOTE = '![a](http://evil.test/a.png) <a href="http:&#47;&#47;evil.test">[Sign in again](http:evil.test)</a>'
+DEVICE = 'cuda:0 ![d](http://evil.test/device.png) [Sign in again](http://evil.test/d) <i>gpu</i>'
 FILES = [FORM_FILE, IMG_FILE, "003.png", "004.png"]
-NAMES = [FORM_FILE, IMG_FILE, DATASET, *CLASSES, GROUPS[0], GROUPS[1], PRESET, USER, WEIGHTS, ERROR]
+NAMES = [FORM_FILE, IMG_FILE, DATASET, *CLASSES, GROUPS[0], GROUPS[1], PRESET, USER, WEIGHTS, ERROR, RUN_NAME, NOTES,
+         APPROVAL_NOTE, DEVICE]
 PASSWORD = "correct horse battery"
 TINY = dict(image_size=32, epochs=1, per_class=4, batch_size=4, lr=1e-3, weights="none", device="cpu",
             split="holdout", grouped=False)
@@ -89,8 +101,9 @@ def groups_csv() -> bytes:
 
 
 def record_runs(Session, cfg: Settings) -> int:
-    """A queued run, a failed one and a succeeded one whose hostile-named images are misclassified;
-    the id of the succeeded one (the newest, so the Runs page opens on it)."""
+    """A queued run, a failed one and a succeeded one whose hostile-named images are misclassified,
+    with a hostile name, notes, device and approvals; the id of the succeeded one (the newest, so the
+    Runs page opens on it)."""
     with Session.begin() as s:
         queued, failed, done = (runs.create_runs(s, cfg, RunConfig(dataset=DATASET, **TINY, seed=seed))[0]
                                 for seed in (0, 1, 2))
@@ -98,6 +111,10 @@ def record_runs(Session, cfg: Settings) -> int:
         failed.status, failed.error = RunStatus.failed, ERROR
         done.status, done.weights_used = RunStatus.succeeded, WEIGHTS
         done.started_at = done.finished_at = utcnow()
+        done.name, done.notes = RUN_NAME, NOTES
+        # The device as asked for (written directly: the API may check it now) and as a worker reports it.
+        done.config = {**done.config, "device": DEVICE}
+        queued.device = done.device = DEVICE
         dataset = s.get(Dataset, done.dataset_id)
         classes = list(dataset.classes)
         for image in dataset.images:
@@ -110,6 +127,13 @@ def record_runs(Session, cfg: Settings) -> int:
                           seconds=1.0, images_per_second=8.0))
         done.summary = {"test_accuracy": 0.5, "best_epoch": 1, "n_train": 4, "n_val": 2, "n_test": 8}
         done_id = done.id
+        # Approved twice by a hostile user with a hostile note: the first approval replaced by the second.
+        approved = {"class_set": approval.class_set_key(classes), "run_id": done_id, "model_sha256": "0" * 64,
+                    "run_label": f"run {done_id} · {RUN_NAME}", "note": APPROVAL_NOTE, "approved_by": USER}
+        first, second = ModelApproval(**approved), ModelApproval(**approved)
+        s.add_all([first, second])
+        s.flush()
+        first.withdrawn_by, first.withdrawn_at, first.replaced_by = USER, utcnow(), second.id
     model = model_path(cfg, done_id)
     model.parent.mkdir(parents=True, exist_ok=True)
     model.write_bytes(b"stand-in for a model file")
@@ -175,6 +199,9 @@ def markdown_strings(at: AppTest) -> list[tuple[str, str]]:
                     or leaf == "placeholder"):  # an input's placeholder attribute: the browser draws it as text
                 continue
             found.append((f"{kind}{where}", value))
+        if kind == "Table":  # st.table renders Markdown in every cell, header and index
+            frame = dataframe_util.convert_arrow_bytes_to_pandas_df(proto.arrow_data.data)
+            found += [("Table.cell", str(v)) for v in [*frame.columns, *frame.index, *frame.to_numpy().ravel()]]
         for field, value in proto.ListFields():
             assert not (field.name in ("allow_html", "unsafe_allow_html") and value), (kind, field.name)
     return found
@@ -199,9 +226,9 @@ EXPECTED = {
     "pages/home.py": [],  # names only in tables
     "pages/dataset.py": [DATASET, USER, *CLASSES, FORM_FILE, IMG_FILE],
     "pages/augmentation.py": [],  # names only in select boxes and the presets table
-    "pages/train.py": [DATASET],  # the queue
-    "pages/runs.py": [FORM_FILE, IMG_FILE, *CLASSES, WEIGHTS],
-    "pages/predict.py": [DATASET, WEIGHTS],
+    "pages/train.py": [DATASET, DEVICE],  # the queue
+    "pages/runs.py": [FORM_FILE, IMG_FILE, *CLASSES, WEIGHTS, RUN_NAME, NOTES, APPROVAL_NOTE, USER, DEVICE],
+    "pages/predict.py": [DATASET, WEIGHTS, APPROVAL_NOTE, USER],
 }
 
 
@@ -256,6 +283,36 @@ def test_no_page_allows_html():
     assert len(files) > 6
     for path in files:
         assert "unsafe_allow_html" not in path.read_text(), path
+
+
+def test_no_page_draws_a_markdown_table():
+    """st.table renders Markdown in its cells: tables of names go through pages._common.text_table
+    (st.dataframe, whose cells are text)."""
+    files = [*sorted((ROOT / "pages").glob("*.py")), ROOT / "streamlit_app.py"]
+    for path in files:
+        assert not re.search(r"\.table\(", path.read_text()), path
+
+
+def test_the_approval_history_and_the_comparison_show_names_as_text(hostile, monkeypatch):
+    """The approval history and the Compare tab's tables hold a run's name, an approver, a note and
+    a device as text, whole; no element of the page renders them as Markdown (a viewer's page)."""
+    cfg, done_id, accounts_file = hostile
+    at = open_app(monkeypatch, cfg, accounts_file, "vic")
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception, at.exception
+    assert_names_escaped(at, [RUN_NAME, NOTES, APPROVAL_NOTE, USER, DEVICE])
+    (history,) = [t.value for t in at.dataframe if "note" in t.value.columns]
+    assert list(history["note"]) == [APPROVAL_NOTE, APPROVAL_NOTE]
+    assert list(history["approved by"]) == [USER, USER] and list(history["model"])[0] == f"run {done_id} · {RUN_NAME}"
+
+    at.session_state["runs_tab"] = "Compare runs"
+    at.session_state["runs_compare"] = [done_id, done_id - 1]  # the succeeded run and the failed one
+    at.run()
+    assert not at.exception, at.exception
+    assert_names_escaped(at, [])
+    results, differences = [t.value for t in at.dataframe][-2:]
+    assert list(results.loc["name"])[0] == RUN_NAME
+    assert list(differences.loc["Device"]) == [DEVICE, "cpu"]
 
 
 @pytest.mark.parametrize("name", [*NAMES, "1. :streamlit: :material/home: :material_home: :smile: a -> b >= c",

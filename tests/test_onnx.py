@@ -41,9 +41,10 @@ SIZE = 32
 STAIN = ReinhardNormaliser(synthetic_array("FL", 0)).to_params()
 # The tiled run also averages over the four flips (test-time augmentation), which the graph holds.
 VARIANTS = {"plain": {}, "reinhard": {"stain": "reinhard", "stain_params": STAIN}, "tiles": {"tiles": 2, "tta": True}}
-VAL_PROBS = [[0.9, 0.05, 0.05]] * 6 + [[0.5, 0.3, 0.2]] * 6
-CALIBRATION = {"temperature": 1.7, "n_val": 12, "refer_target": 0.9, "refer_threshold": 0.6,
-               "val_probs": VAL_PROBS, "val_labels": [0] * 6 + [1] * 6}
+# 50 right at 0.9, 10 wrong at 0.5: only the confident 50 can promise 90% (at 95% confidence).
+VAL_PROBS = [[0.9, 0.05, 0.05]] * 50 + [[0.5, 0.3, 0.2]] * 10
+CALIBRATION = {"temperature": 1.7, "n_val": 60, "refer_target": 0.9, "refer_threshold": 0.9,
+               "val_probs": VAL_PROBS, "val_labels": [0] * 50 + [1] * 10}
 TOLERANCE = 1e-4
 
 
@@ -111,7 +112,8 @@ def test_the_exported_graph_alone_gives_the_torch_predictors_probabilities(runs,
     props = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
     assert props["classes"] == CLASSES and props["run_id"] == run_id and props["image_size"] == 32
     assert props["preparation"] == torch_predictor.pipeline.to_dict()
-    assert props["temperature"] == 1.7 and props["refer_threshold"] == 0.6 and props["refer_target"] == 0.9
+    assert props["temperature"] == 1.7 and props["refer_threshold"] == 0.9 and props["refer_target"] == 0.9
+    assert props["refer_confidence"] == 0.95 and props["format_version"] == 2
 
     # Only ONNX Runtime on the pipeline's uint8 samples: the scaling, normalisation and flips are in the graph.
     images = runs.images[:2]
@@ -163,8 +165,8 @@ def test_the_cpu_engine_is_onnx_runtime_and_answers_as_torch_does(runs):
     assert np.abs(predictor.probabilities(runs.images) - expected).max() <= TOLERANCE
     shown = predictor.predict(runs.images)
     assert shown.is_calibrated and np.abs(shown.shown - in_torch.calibrated(expected)).max() <= TOLERANCE
-    assert predictor.refer_threshold() == in_torch.refer_threshold() == 0.6
-    assert predictor.refer_threshold(0.6) == in_torch.refer_threshold(0.6)
+    assert predictor.refer_threshold() == in_torch.refer_threshold() == 0.9
+    assert predictor.refer_threshold(0.6) == in_torch.refer_threshold(0.6) == 0.0
 
     torch_settings = load_settings({"APP_HOME": str(settings.app_home), "INFERENCE_ENGINE": "torch"})
     with session_of(settings)() as s:

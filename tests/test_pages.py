@@ -238,8 +238,9 @@ def test_augmentation_preview_and_preset(trained, monkeypatch, settings, tmp_pat
     with Session() as s:
         assert presets.get_params(s, "with flips").flip_left_right_probability == 0.5
         assert s.scalar(select(AugmentationPreset.name)) == "with flips"
-    columns = list(at.dataframe[0].value.columns)  # the saved presets, in plain words
-    assert "Chance of flipping left-right" in columns and not any("_" in c for c in columns), columns
+    saved = at.dataframe[0].value  # the saved presets, in plain words
+    assert list(saved.columns) == ["preset", "operations", "saved", "saved by"]
+    assert "flip left-right 50%" in saved["operations"][0].lower(), saved["operations"][0]
 
     # A value Augmentor refuses is a message, not a traceback.
     at.number_input(key="aug_distortion_grid_width").set_value(1).run()
@@ -496,3 +497,15 @@ def test_launch_with_imagenet_weights_that_cannot_be_had_queues_nothing(monkeypa
     assert "could not be loaded" in error and "A weights file on the server" in error and "No run was queued" in error
     with Session() as s:
         assert len(s.scalars(select(Run)).all()) == before
+
+
+def test_a_misclassified_test_image_shows_where_the_model_saw_the_wrong_class(trained, monkeypatch):
+    cfg, run_id = trained
+    at = open_page(monkeypatch, cfg, "pages/runs.py")
+    picker = at.selectbox(key=f"runs_cam_{run_id}")
+    assert picker.value is None and len(picker.options) > 1  # an untrained tiny model gets some wrong
+    picker.set_value(0).run()
+    assert not at.exception, at.exception
+    assert any("Grad-CAM for" in t for t in chart_titles(at))
+    (caption,) = [c for c in at.caption if c.value.startswith("Grad-CAM for")]
+    assert "over the whole image" in caption.value and "not at single cells" in caption.value

@@ -108,10 +108,35 @@ def test_failures_from_one_address_do_not_lock_the_name_for_another(ana, Session
         refused(ana, throttle, name, "guess-guess", "10.0.0.1")
     assert refused(ana, throttle, "vic", PASSWORD, "10.0.0.1").startswith(LOCKED)
     assert accounts.sign_in(ana, "vic", PASSWORD, throttle, "10.0.0.2").name == "vic"
-    # Guesses spread over many addresses meet the larger limit of the name.
-    for i in range(9):
-        refused(ana, throttle, "vic", "guess-guess", f"10.0.1.{i}")
-    assert refused(ana, throttle, "vic", PASSWORD, "10.0.0.2").startswith(LOCKED)
+
+
+def test_guesses_from_many_addresses_never_lock_out_the_right_password_and_stay_slow(ana, Session, monkeypatch):
+    throttle = SignInThrottle(Session, pair=Limit(3, 60), address=Limit(6, 300), name=Limit(9, 300))
+    # Guesses at vic's name spread over ten addresses, past the limit of the name.
+    for i in range(10):
+        assert refused(ana, throttle, "vic", "guess-guess", f"10.0.1.{i}") == "Wrong user name or password."
+    assert accounts.sign_in(ana, "vic", PASSWORD, throttle, "10.0.0.2").name == "vic"  # vic, from her own machine
+    # While the name is guessed at, each address has one try at it per pair lock: a wrong one locks the
+    # pair at once, and guesses sent at once from a new address check one password.
+    assert refused(ana, throttle, "vic", "guess-guess", "10.0.2.1") == "Wrong user name or password."
+    assert refused(ana, throttle, "vic", PASSWORD, "10.0.2.1").startswith(LOCKED)
+    checked = []
+    verify = accounts.verify_password
+    monkeypatch.setattr(accounts, "verify_password", lambda h, p: checked.append(p) or verify(h, p))
+    start = threading.Barrier(8)
+
+    def guess(i: int) -> None:
+        start.wait()
+        refused(ana, throttle, "vic", f"guess-{i}", "10.0.3.1")
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(checked) == 1
+    age_counters(Session, 61)  # the pair's lock passes; the name's count has not
+    assert accounts.sign_in(ana, "vic", PASSWORD, throttle, "10.0.2.1").name == "vic"
 
 
 def test_a_right_password_takes_its_attempt_back_and_locks_pass(ana, Session):

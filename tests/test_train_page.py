@@ -72,12 +72,19 @@ def test_without_a_gpu_the_form_starts_with_the_quick_preset_and_a_labelled_roug
     assert labels[0] == presets.QUICK_TRY == "Try it on this machine (about 5 minutes)"
     assert (at.number_input(key="tr_image_size").value, at.number_input(key="tr_epochs").value,
             at.number_input(key="tr_per_class").value, at.number_input(key="tr_patience").value) == (64, 3, 200, 1)
-    assert at.radio(key="tr_weights").value == site.default_weights  # the site's weights, not the preset's
+    # The site's weights (ImageNet) cannot be had here (no internet, none under TORCH_HOME): the preset
+    # proposes random initialisation and says why, so the first launch is not refused.
+    assert site.default_weights == "imagenet" and at.radio(key="tr_weights").value == "none"
+    assert "cannot be loaded on this server" in texts(at.info)
     assert presets.QUICK_TRY in texts(at.info) and "No GPU on this machine" in texts(at.info)
     assert f"holds the settings of the preset '{presets.QUICK_TRY}'" in texts(at.caption)
     info = texts(at.info)
     assert "No GPU found" in info and "(2 cores)" in info
     assert "rough figure from an assumption, not a measurement" in info and "minutes" in info
+    at.button(key="tr_launch").click().run()  # the first click queues the run
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (run,) = runs(site)
+    assert RunConfig.from_dict(run.config).weights == "none"
 
 
 def test_with_a_gpu_the_paper_comes_first(site, monkeypatch):
@@ -195,3 +202,19 @@ def test_augmentation_is_shown_in_plain_words_and_a_changed_preset_says_so(site)
 
 def test_every_augmentation_setting_has_a_plain_label():
     assert set(presets.AUGMENT_LABELS) == set(RunConfig(dataset="x").augmentation)
+
+
+def test_the_runs_page_opens_on_the_run_just_launched(site):
+    at = train_page()
+    at.radio(key="tr_weights").set_value("none").run()
+    at.button(key="tr_launch").click().run()
+    at.switch_page("pages/runs.py").run()
+    first = runs(site)[-1].id
+    assert at.selectbox(key="runs_selected").value == first
+    at = train_page(at)
+    at.number_input(key="tr_epochs").set_value(2).run()
+    at.button(key="tr_launch").click().run()
+    at.switch_page("pages/home.py").run()  # elsewhere first, then Runs from the sidebar
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="runs_selected").value == runs(site)[-1].id != first

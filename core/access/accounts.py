@@ -392,6 +392,19 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
+def _sign_out_browsers(name: str) -> None:
+    """End the kept sign-ins of `name` (core/access/remembered.py), so that an account made again
+    under the same name is not signed in by an old browser."""
+    from core.access import remembered
+    from core.config import load_settings
+    from core.store.db import make_sessionmaker
+
+    with make_sessionmaker(load_settings().database_url).begin() as s:
+        count = remembered.forget_user(s, name)
+    if count:
+        print(f"signed {name} out of {count} browser(s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from core.config import load_settings
 
@@ -419,9 +432,12 @@ def main(argv: list[str] | None = None) -> int:
             existed = args.name in load_accounts(path, missing_ok=True).accounts
             account = add_account(path, args.name, _read_password(args), args.role, replace=args.replace)
             print(f"{'updated' if existed else 'added'} {account.name} ({account.role}) in {path}")
+            if existed:  # a new password: the browsers signed in with the old one sign in again
+                _sign_out_browsers(account.name)
         elif args.command == "remove":
             remove_account(path, args.name)
             print(f"removed {args.name} from {path}")
+            _sign_out_browsers(args.name)
         elif args.command == "token":
             tokens.token_command(path, args)
         elif args.command == "list":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.exc import OperationalError
@@ -85,7 +87,7 @@ def check_disk(settings: Settings, adding: int = 0, what: str = "") -> None:
     else:
         usage = f"uses {used / GB:,.2f} GB"
     raise UserError(
-        f"The app's storage ({settings.app_home}) {usage}, more than the MAX_DISK_GB limit of "
+        f"The app's storage (APP_HOME) {usage}, more than the MAX_DISK_GB limit of "
         f"{limit:g} GB. Delete datasets or runs that are no longer needed, or ask an administrator "
         "to raise MAX_DISK_GB. Nothing was stored."
     )
@@ -147,18 +149,47 @@ def check_unpacked(settings: Settings, name: str, unpacked: int) -> None:
 
 
 def check_name_length(value: str, what: str) -> str:
-    """`value`, or UserError when it is longer than the database stores (NAME_LENGTH characters)."""
+    """`value`, or UserError when it is longer than the database stores (NAME_LENGTH characters) or
+    holds a NUL character (which PostgreSQL cannot store in text)."""
+    check_text(value, what)
     if len(value) > NAME_LENGTH:
         raise UserError(f"{what} '{value[:60]}...' is {len(value)} characters long; names can be at most "
                         f"{NAME_LENGTH} characters. Choose a shorter one.")
     return value
 
 
+def check_text(value: str, what: str) -> str:
+    """`value`, or UserError when it holds a NUL character: PostgreSQL refuses one in text, and no
+    name or note a person types has one."""
+    if "\x00" in value:
+        raise UserError(f"{what} holds a NUL character (\\x00), which cannot be stored; remove it.")
+    return value
+
+
+# How Rust writes an OS error into a message, e.g. safetensors' "Error while serializing: I/O error:
+# No space left on device (os error 28)": its SafetensorError carries no errno of its own.
+_NATIVE_DISK_FULL = re.compile(rf"\(os error ({errno.ENOSPC}|{errno.EDQUOT})\)")
+
+
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` says the disk (or the user's quota) is full: an OSError, or SQLite's own words."""
+    """Whether `exc` says the disk (or the user's quota) is full: an OSError, SQLite's own words, or
+    an error from native code (safetensors) that quotes the OS error."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, OperationalError) and "database or disk is full" in str(exc.orig)
+    if isinstance(exc, OperationalError):
+        return "database or disk is full" in str(exc.orig)
+    # A UserError's text may quote a name from outside, which could spell anything.
+    return not isinstance(exc, UserError) and bool(_NATIVE_DISK_FULL.search(str(exc)))
+
+
+def disk_full_error(what: str, folder: Path, *, then: str = "", page: str = "") -> UserError:
+    """The UserError of a full disk: `what` could not be stored, the space left where it was to go
+    (`folder`, not named: a user has no business with the server's folders), and what to do, `then`
+    (the command line's words; `page` the pages' words, where they differ)."""
+    then = then or ("Nothing was stored. Delete datasets or runs that are no longer needed, or ask an "
+                    "administrator to free space.")
+    head = f"The disk is full: {what} could not be stored ({_free_text(folder)})."
+    return UserError(f"{head} {then}", page=f"{head} {page}" if page else None)
 
 
 @contextmanager
@@ -167,18 +198,14 @@ def disk_full_is_user_error(settings: Settings, what: str) -> Iterator[None]:
     user can try a smaller upload; a traceback helps neither. Partial files are the block's to remove."""
     try:
         yield
-    except (OSError, OperationalError) as exc:
+    except Exception as exc:
         if not is_disk_full(exc):
             raise
-        raise UserError(
-            f"The disk is full: {what} could not be stored ({settings.app_home}: "
-            f"{_free_text(settings)}). Nothing was stored. Delete datasets or runs that are no longer "
-            "needed, or ask an administrator to free space."
-        ) from None
+        raise disk_full_error(what, settings.app_home) from None
 
 
-def _free_text(settings: Settings) -> str:
+def _free_text(folder: Path) -> str:
     try:
-        return f"{shutil.disk_usage(settings.app_home).free / GB:,.2f} GB free"
+        return f"{shutil.disk_usage(folder).free / GB:,.2f} GB free"
     except OSError:
         return "free space unknown"

@@ -1,6 +1,8 @@
-"""The sign-in throttle: failed password sign-ins counted in the database, so that guessing is slow.
+"""The sign-in throttle: failed sign-ins counted in the database, so that guessing is slow, without
+letting anyone lock the real holder of a name or a token out.
 
-Nothing here imports streamlit; the sign-in form passes the user name and the client's address.
+Nothing here imports streamlit; the sign-in form passes the user name and the client's address, the
+API (core/api/auth.py) a token's id and the client's address.
 """
 
 from __future__ import annotations
@@ -38,14 +40,20 @@ class SignInThrottle:
                only, so guesses from elsewhere cannot keep the name's owner out;
       address  the address, whatever the name: `address` failures lock the address, so one client
                cannot try many names (or lock many colleagues) in turn;
-      name     the name, from all addresses together: the larger `name` limit slows guessing spread
-               over many addresses.
-    An attempt that any of its three counters refuses checks no password and counts nothing.
+      name     the name, from all addresses together. Past the `name` limit it refuses no one, as
+               its count is fed by other addresses: the right password from an address of its own
+               still signs in. It makes guessing spread over many addresses slow instead: while it
+               is over its limit, one attempt at the name locks the pair at once, so each address
+               has one try at that name per `pair` lock time.
+    An attempt that the pair or the address refuses checks no password and counts nothing.
     Checking the counters and adding the attempt are one write transaction (SQLite: BEGIN
     IMMEDIATE; PostgreSQL: the rows locked FOR UPDATE), so attempts sent at once cannot all pass
     the check before any is counted. A right password takes its attempt back: it clears the pair's
     count and takes one off the address and the name (an attacker's own account cannot wipe out
     the address's count). Rows whose last failure is older than the longest lock are pruned.
+
+    API tokens (`failed`) hold 256 random bits, which no one guesses: their secret is checked first
+    and only a wrong one is counted, so the throttle never refuses a right token.
     """
 
     def __init__(self, Session: sessionmaker, *, pair: Limit = Limit(5, 60), address: Limit = Limit(20, 300),
@@ -60,7 +68,16 @@ class SignInThrottle:
 
     def attempt(self, name: str, address: str | None) -> None:
         """Count a sign-in of `name` from `address` as failed; UserError, counting nothing, while
-        one of its counters is locked. Call it before checking the password."""
+        its pair or its address is locked. Call it before checking the password, and `succeeded`
+        after a right one."""
+        self._count(name, address)
+
+    def failed(self, name: str, address: str | None) -> None:
+        """Count a failed attempt found out already (a wrong API token); UserError, counting nothing,
+        while its pair or its address is locked."""
+        self._count(name, address)
+
+    def _count(self, name: str, address: str | None) -> None:
         keys = self.keys(name, address)
         now = utcnow()
         longest = max(limit.lock_seconds for limit in self.limits.values())
@@ -71,7 +88,7 @@ class SignInThrottle:
             rows = {key: (failures, last) for key, failures, last in conn.execute(
                 select(SignInFailures.key, SignInFailures.failures, SignInFailures.last_failure_at)
                 .where(SignInFailures.key.in_(keys.values())).order_by(SignInFailures.key).with_for_update())}
-            wait, counts = 0.0, {}
+            wait, counts, guessed_at = 0.0, {}, False
             for kind, key in keys.items():
                 failures, last = rows[key]
                 limit = self.limits[kind]
@@ -79,10 +96,15 @@ class SignInThrottle:
                 if left <= 0:
                     failures = 0  # quiet for a whole lock time: a fresh series
                 elif failures >= limit.max_failures:
-                    wait = max(wait, left)
+                    if kind == "name":
+                        guessed_at = True  # other addresses' failures: refuses no one (class docstring)
+                    else:
+                        wait = max(wait, left)
                 counts[key] = failures + 1
             if wait > 0:
                 raise UserError(f"Too many failed sign-ins; try again in {math.ceil(wait)} s.")
+            if guessed_at:  # this address's one try at the name for now; a right password takes it back
+                counts[keys["pair"]] = max(counts[keys["pair"]], self.limits["pair"].max_failures)
             for key, failures in counts.items():
                 conn.execute(update(SignInFailures).where(SignInFailures.key == key)
                              .values(failures=failures, last_failure_at=now))

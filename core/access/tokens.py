@@ -7,6 +7,10 @@ token once; a lost token is removed and replaced, never shown again. A token act
 own role (viewer or editor), whatever NAME's password account may be; removing it from the file
 takes effect at its next request.
 
+Checking a secret against its argon2id hash takes tens of milliseconds and tens of megabytes on
+purpose, so at most CHECKS_AT_ONCE checks run at once in a process: a flood of wrong tokens waits
+its turn instead of taking every core and the server's memory (`Busy` after CHECK_WAIT seconds).
+
 Command line: python -m core.access.accounts token add NAME --role viewer|editor | token list | token remove ID
 """
 
@@ -16,6 +20,7 @@ import argparse
 import re
 import secrets
 import sys
+import threading
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -27,6 +32,9 @@ from core.access.accounts import (
 from core.errors import UserError
 
 PREFIX = "lk"
+CHECKS_AT_ONCE = 4
+CHECK_WAIT = 10.0  # seconds a check waits for its turn
+_checks = threading.BoundedSemaphore(CHECKS_AT_ONCE)
 _TOKEN = re.compile(PREFIX + r"_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 
 
@@ -70,17 +78,26 @@ def _dummy_hash() -> str:
     return hash_password("no token has this secret")
 
 
+class Busy(Exception):
+    """CHECKS_AT_ONCE token checks have been running for CHECK_WAIT seconds: try again shortly."""
+
+
 def token_user(accounts: Accounts, token: str) -> User | None:
-    """The user a token acts as; None for a malformed, unknown or wrong token."""
+    """The user a token acts as; None for a malformed, unknown or wrong token. Busy when the
+    process has been checking CHECKS_AT_ONCE other tokens for CHECK_WAIT seconds."""
     parts = split_token(token)
     if parts is None:
         return None
     record = accounts.tokens.get(parts[0])
-    if record is None:
-        # Same cost as a wrong secret: the timing does not tell which ids exist.
-        verify_password(_dummy_hash(), parts[1])
-        return None
-    return User(record.name, record.role) if verify_password(record.secret_hash, parts[1]) else None
+    if not _checks.acquire(timeout=CHECK_WAIT):
+        raise Busy
+    try:
+        # An unknown id costs a check too: the timing does not tell which ids exist. argon2's own
+        # comparison takes the same time however much of the secret is right.
+        right = verify_password(record.secret_hash if record else _dummy_hash(), parts[1])
+    finally:
+        _checks.release()
+    return User(record.name, record.role) if record is not None and right else None
 
 
 # --------------------------------------------------------------------------------------------

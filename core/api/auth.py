@@ -8,9 +8,13 @@ AUTH_MODE=none the local user, for clients on the server's own machine only.
 A token's secret is checked with argon2 (tens of milliseconds, on purpose), so a verified token is
 remembered here, in the server's memory, for CACHE_SECONDS: no client can clear that, and a token
 removed from the file is refused at once, as each request reads the token's record from the file
-(re-read only when the file changes). Attempts that need the hash are counted by the sign-in
-throttle (core/access/throttle.py) per token id and client address, before the hash is checked, so
-guessing stays slow; a throttled client gets 429.
+(re-read only when the file changes).
+
+A token's id is public and its secret is 256 random bits, which nobody guesses; so the secret is
+checked first and a right one is never refused, however many wrong ones others have sent for the
+same id. Only wrong ones are counted by the sign-in throttle (core/access/throttle.py), per token id
+and client address: a client that keeps sending wrong tokens gets 429 instead of 401. At most a few
+checks run at once (core/access/tokens.py); past that, 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -74,19 +78,20 @@ class Authenticator:
         digest = hashlib.sha256(token.encode()).hexdigest()
         if record is not None and self.remembered(digest, record.secret_hash):
             return User(record.name, record.role)
-        # The throttle keeps names as user names; a token's id has a prefix no user name can have.
-        name = f"token:{parts[0]}"
         try:
-            self.throttle.attempt(name, address)
+            user = tokens.token_user(found, token)
+        except tokens.Busy:
+            raise ApiError(503, "The server is checking many API tokens at once; try again in a few seconds.",
+                           {"Retry-After": "5"}) from None
+        if user is not None and record is not None:
+            self.remember(digest, record.secret_hash)
+            return user
+        try:  # the throttle keeps names as user names; a token's id has a prefix no user name can have
+            self.throttle.failed(f"token:{parts[0]}", address)
         except UserError as e:
             wait = re.search(r"(\d+) s", str(e))
             raise ApiError(429, str(e), {"Retry-After": wait[1]} if wait else None) from None
-        user = tokens.token_user(found, token)
-        if user is None or record is None:
-            raise ApiError(401, "This API token is wrong or has been removed.", BEARER)
-        self.throttle.succeeded(name, address)
-        self.remember(digest, record.secret_hash)
-        return user
+        raise ApiError(401, "This API token is wrong or has been removed.", BEARER)
 
     def accounts(self) -> Accounts:
         """The accounts file, read again only when it changes; UserError (503) when it is broken."""

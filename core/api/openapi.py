@@ -31,16 +31,20 @@ def _errors(*statuses: str) -> dict[str, Any]:
 
 
 ERRORS = {
+    "400": "A body that is not application/json (multipart/form-data for /predict), a form that cannot be read, "
+           "or a Host that is not in ALLOWED_HOSTS.",
     "401": "No API token, or a wrong or removed one (WWW-Authenticate: Bearer).",
-    "403": "The token's role may not do this (editors only), or AUTH_MODE=none and the client is not on the "
-           "server's own machine.",
+    "403": "The token's role may not do this (editors only; a viewer reads only their own predictions), "
+           "AUTH_MODE=none and the client is not on the server's own machine, or the request comes from a web "
+           "page of another origin (Origin not the app's own nor in ALLOWED_ORIGINS).",
     "404": "No run with this id, or no such address.",
     "413": "The body is larger than MAX_UPLOAD_MB (images) or 1 MB (JSON); refused before it is read when its "
            "Content-Length says so.",
     "422": "The request cannot be carried out as sent: not an image, too many pixels (MAX_IMAGE_PIXELS), "
            "unusable run settings, no approved model... The message says which.",
     "429": "Too many failed token attempts from this address; try again after Retry-After seconds.",
-    "503": "The server's sign-in settings are broken (AUTH_MODE, the accounts file).",
+    "503": "The server's sign-in settings are broken (AUTH_MODE, the accounts file), or it is checking many "
+           "tokens at once (Retry-After).",
 }
 
 
@@ -59,6 +63,10 @@ def run_config_schema() -> dict[str, Any]:
             prop["default"] = f.default_factory()
         if "choices" in f.metadata:
             prop["enum"] = list(f.metadata["choices"])
+        if "bounds" in f.metadata:  # what RunConfig.validate holds a new run to
+            prop["minimum"], prop["maximum"] = f.metadata["bounds"]
+        if "pattern" in f.metadata:
+            prop["pattern"] = f"^({f.metadata['pattern'][0]})$"
         properties[f.name] = prop
     return {"type": "object", "required": ["dataset"], "additionalProperties": False, "properties": properties}
 
@@ -159,7 +167,7 @@ def _paths() -> dict[str, Any]:
                                "description": "TIFF, PNG, JPEG or BMP files, one part each"},
                     "run": {"type": "integer", "description": "as the query parameter"}}}}}},
             "responses": {**_ok("PredictResponse", "Each image's answer, in the order sent"),
-                          **_errors("401", "404", "413", "422", "429", "503")}}},
+                          **_errors("400", "401", "403", "404", "413", "422", "429", "503")}}},
         "/models": {"get": {"operationId": "models", "summary": "Succeeded runs whose model can classify",
                             "security": secured,
                             "responses": {**_ok("Models", "The models, newest first"), **_errors("401", "429", "503")}}},
@@ -173,7 +181,7 @@ def _paths() -> dict[str, Any]:
                      "security": secured,
                      "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RunConfig")}}},
                      "responses": {**_ok("QueuedRuns", "Queued; Location names the first run", "201"),
-                                   **_errors("401", "403", "413", "422", "429", "503")}}},
+                                   **_errors("400", "401", "403", "413", "422", "429", "503")}}},
         "/runs/{run_id}": {"get": {
             "operationId": "getRun", "summary": "One run: status, progress, settings, metrics, epochs",
             "security": secured,
@@ -187,7 +195,8 @@ def _paths() -> dict[str, Any]:
                            _query("run", "integer", "only this run's"), _query("user", "string", "only this user's"),
                            _query("predicted", "string", "only this predicted class"),
                            _query("limit", "integer", "at most this many (default 1000)", minimum=1, maximum=10000)],
-            "responses": {**_ok("Predictions", "The log"), **_errors("401", "422", "429", "503")}}},
+            "responses": {**_ok("Predictions", "The log (a viewer's: their own rows)"),
+                          **_errors("401", "403", "422", "429", "503")}}},
     }
 
 
@@ -201,7 +210,9 @@ def document(prefix: str = "/api/v1") -> dict[str, Any]:
                  "description": "Classify H&E images, follow and queue training runs, read the prediction log. "
                                 "Bearer tokens come from `python -m core.access.accounts token add NAME --role "
                                 "viewer|editor`; with AUTH_MODE=none the API answers only on the server's own "
-                                "machine. Every error is JSON {\"error\": message}."},
+                                "machine. A request that changes something sends application/json (images: "
+                                "multipart/form-data); one from a web page of another origin is refused. Every "
+                                "error is JSON {\"error\": message}."},
         "servers": [{"url": prefix}],
         "security": [{"bearer": []}],
         "paths": _paths(),

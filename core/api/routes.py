@@ -2,7 +2,8 @@
 
   GET  /health        no token: the database answers, a worker is alive (503 when the database does not)
   GET  /openapi.json  no token: the OpenAPI 3.1 document of all of these (core/api/openapi.py)
-  POST /predict       classify images (core/inference/service.py, as the Predict page does), logged as "api"
+  POST /predict       classify images (core/inference/service.py, as the Predict page does), logged as "api";
+                      413, 429 or 503 past the limits of core/inference/admission.py
   GET  /models        succeeded runs whose model file can classify, and which are approved
   GET  /runs          the Runs table; GET /runs/{id}: one run with its settings, progress, metrics, epochs
   POST /runs          queue a training run from RunConfig's JSON (editors), as the Train page does
@@ -10,6 +11,17 @@
 
 Database work, reading files and running the model happen off the event loop (run_in_threadpool),
 so a long classification never holds up the pages that share the server.
+
+Before any endpoint runs, core/api/guard.py refuses what a web page could send in a browser's name:
+an Origin that is not the app's own or in ALLOWED_ORIGINS (403), and a request that changes something
+without a JSON (or, for /predict, multipart) body (400); serve.py has already refused a Host that is
+not in ALLOWED_HOSTS (core/api/site.py). Values that cannot name anything are 4xx, never 500: a run id
+past the database's 64-bit ids (404 in the path, 422 as `run`), a time whose offset moves it out of
+the calendar, a NUL character, JSON nested past its depth limit (core/api/bodies.py).
+
+The prediction log holds file names, which often carry patient identifiers: a viewer reads only the
+rows of their own predictions (a `user` filter naming someone else is 403), an editor reads every row;
+the rule is core/inference/prediction_log.py's, so the Predict page's history follows it too.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from functools import cached_property
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route, Router
@@ -28,10 +41,11 @@ from core.access.accounts import User
 from core.api import bodies, openapi, payloads
 from core.api.auth import Authenticator, require_editor
 from core.api.errors import ApiError, JsonErrors, not_found
+from core.api.guard import ApiGuard
 from core.api.run_configs import config_from_json
 from core.config import Settings, load_settings
 from core.errors import UserError
-from core.inference import approval, prediction_log, service
+from core.inference import admission, approval, prediction_log, service
 from core.jobs import runs, views, worker
 from core.store.runs import model_path
 
@@ -39,6 +53,23 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 MAX_LOG_ROWS = 10_000
+MAX_ID = 2**63 - 1  # the database's ids are 64-bit integers: a larger one names no row and cannot be sent
+
+
+class Id64Convertor(Convertor[int]):
+    """A path's id: at most 19 digits (longer paths match no route: 404), so that the thousands of
+    digits a path may carry never reach int() (which refuses past 4300 digits) or the database."""
+
+    regex = "[0-9]{1,19}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("id64", Id64Convertor())
 
 
 def api_routes(settings: Settings | None = None, prefix: str = API_PREFIX) -> list[BaseRoute]:
@@ -51,23 +82,27 @@ def api_routes(settings: Settings | None = None, prefix: str = API_PREFIX) -> li
         Route("/models", api.models, methods=["GET"]),
         Route("/runs", api.runs, methods=["GET"]),
         Route("/runs", api.queue_run, methods=["POST"]),
-        Route("/runs/{run_id:int}", api.run, methods=["GET"]),
+        Route("/runs/{run_id:id64}", api.run, methods=["GET"]),
         Route("/predictions", api.predictions, methods=["GET"]),
     ], default=not_found)
-    return [Mount(prefix, app=JsonErrors(router))]
+    return [Mount(prefix, app=JsonErrors(ApiGuard(router, api.settings)))]
 
 
 # --------------------------------------------------------------------------------------------
 # Query parameters
 
 
-def int_param(value: str | None, name: str) -> int | None:
+def int_param(value: str | None, name: str, low: int = 0, high: int = MAX_ID) -> int | None:
+    """A whole number from `low` to `high` (by default any id the database can hold); 422 otherwise."""
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ApiError(422, f"'{name}' must be a whole number, not {value!r}.") from None
+        raise ApiError(422, f"'{name}' must be a whole number, not {value[:40]!r}.") from None
+    if not low <= number <= high:
+        raise ApiError(422, f"'{name}' must be a whole number from {low} to {high}, not {value[:40]}.")
+    return number
 
 
 def time_param(value: str | None, name: str) -> datetime | None:
@@ -76,9 +111,11 @@ def time_param(value: str | None, name: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(422, f"'{name}' must be an ISO 8601 time such as 2026-01-31T09:00:00Z, not {value!r}.") from None
-    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+        # Its offset can move a time at the calendar's ends (year 1, year 9999) out of it: OverflowError.
+        return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+    except (ValueError, OverflowError):
+        raise ApiError(422, f"'{name}' must be an ISO 8601 time from year 1 to 9999 in UTC, such as "
+                            f"2026-01-31T09:00:00Z, not {value[:60]!r}.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,8 +161,15 @@ class Api:
         run_id = int_param(request.query_params.get("run") or form_run, "run")
         if run_id is not None:
             await run_in_threadpool(self._known_run, run_id)
-        results = await run_in_threadpool(service.classify, self.Session, self.settings, user, images,
-                                          run_id=run_id, source="api")
+        try:
+            results = await run_in_threadpool(service.classify, self.Session, self.settings, user, images,
+                                              run_id=run_id, source="api")
+        except admission.TooManyPixels as e:
+            raise ApiError(413, str(e)) from None
+        except admission.UserBusy as e:
+            raise ApiError(429, str(e)) from None
+        except admission.ServerBusy as e:
+            raise ApiError(503, str(e), {"Retry-After": str(e.retry_after)}) from None
         return JSONResponse({"run_id": results[0].run_id, "version": results[0].model_sha256,
                              "predictions": [payloads.classified_json(c) for c in results]})
 
@@ -162,7 +206,10 @@ class Api:
 
     async def run(self, request: Request) -> JSONResponse:
         await self.user(request)
-        return JSONResponse(await run_in_threadpool(self._run, request.path_params["run_id"]))
+        run_id = request.path_params["run_id"]
+        if run_id > MAX_ID:  # 19 digits can pass the largest id, which the database cannot even be asked for
+            raise ApiError(404, f"No run with id {str(run_id)[:40]}.")
+        return JSONResponse(await run_in_threadpool(self._run, run_id))
 
     def _run(self, run_id: int) -> dict:
         with self.Session() as s:
@@ -197,17 +244,19 @@ class Api:
             return [payloads.run_json(views.run_row(s, i)) for i in ids]
 
     async def predictions(self, request: Request) -> JSONResponse:
-        await self.user(request)
+        user = await self.user(request)
         q = request.query_params
-        limit = int_param(q.get("limit"), "limit") or prediction_log.DEFAULT_LIMIT
-        if not 1 <= limit <= MAX_LOG_ROWS:
-            raise ApiError(422, f"'limit' must be from 1 to {MAX_LOG_ROWS}, not {limit}.")
+        limit = int_param(q.get("limit"), "limit", 1, MAX_LOG_ROWS) or prediction_log.DEFAULT_LIMIT
         filters = dict(since=time_param(q.get("since"), "since"), until=time_param(q.get("until"), "until"),
                        run_id=int_param(q.get("run"), "run"), user=q.get("user") or None,
                        predicted=q.get("predicted") or None, limit=limit)
-        return JSONResponse({"predictions": await run_in_threadpool(self._predictions, filters)})
+        return JSONResponse({"predictions": await run_in_threadpool(self._predictions, user, filters)})
 
-    def _predictions(self, filters: dict) -> list[dict]:
+    def _predictions(self, reader: User, filters: dict) -> list[dict]:
         with self.Session() as s:
-            return [payloads.plain(p) for p in prediction_log.list_predictions(s, **filters)]
+            try:
+                rows = prediction_log.list_predictions(s, reader=reader, **filters)
+            except UserError as e:  # a viewer asking for someone else's rows
+                raise ApiError(403, str(e)) from None
+            return [payloads.plain(p) for p in rows]
 

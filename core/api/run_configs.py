@@ -1,6 +1,7 @@
 """A RunConfig from a JSON object (POST /runs): the fields the CLI and the Train form offer, each
-checked against its type before RunConfig checks its value, so that a wrong type is a 422 that
-names the field rather than a failure deep in training."""
+checked against its type before RunConfig checks its value (RunConfig.validate: the bounds, choices
+and patterns that the form and the flags are made from), so that a value the form would not offer is
+a 422 that names the field rather than a run queued to fail, or to hold a GPU for ever."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _checked(name: str, kind: type, value: Any, optional: bool) -> Any:
 
 def config_from_json(data: Any, settings: Settings) -> RunConfig:
     """The RunConfig of `data`; fields it leaves out take their defaults (weights: DEFAULT_WEIGHTS,
-    as on the command line). ApiError 422 for anything RunConfig would refuse."""
+    as on the command line). ApiError 422 for anything RunConfig or its validate() would refuse."""
     if not isinstance(data, dict):
         raise ApiError(422, "The body must be a JSON object of run settings, e.g. {\"dataset\": \"lymphoma\", "
                             "\"epochs\": 25}; GET the API's openapi.json for them all.")
@@ -43,7 +44,7 @@ def config_from_json(data: Any, settings: Settings) -> RunConfig:
         optional = fields[name].default is None
         values[name] = _checked(name, setting_type(fields[name]), value, optional)
     try:
-        return RunConfig.from_dict(values)
+        return RunConfig.from_dict(values).validate()
     except UserError as e:
         raise ApiError(422, str(e)) from None
     except (TypeError, ValueError) as e:  # a value of the right type that a check further in refuses

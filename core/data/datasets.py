@@ -15,12 +15,16 @@ What is not read is listed with its reason: hidden files and folders (not the op
 own, such as __MACOSX/ and .DS_Store), and links that lead out of the folder being ingested, shown
 by their own name only. A zip is checked from its directory before anything is unpacked
 (MAX_ZIP_ENTRIES, MAX_UNPACKED_MB, MAX_DISK_GB, compression ratio). An image is refused on its
-header's size (MAX_IMAGE_PIXELS) before any pixel is decoded.
+header's size (MAX_IMAGE_PIXELS) before any pixel is decoded. A caller that needs fewer pixels
+(prediction, core/inference/service.py) has images past REDUCE_ABOVE_PIXELS decoded reduced, with no
+full-size copy beside the decoded frame (`load_rgb`'s reduce_to).
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import re
@@ -93,19 +97,18 @@ class _BadImage(Exception):
 _STRIPE_PIXELS = 1 << 20
 
 
-def _stripes(im: PILImage.Image) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, array) for stripes of about _STRIPE_PIXELS pixels, top to bottom."""
+def _stripes(im: PILImage.Image, multiple: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, array) for stripes of about _STRIPE_PIXELS pixels, top to bottom; each stripe but
+    the last has a multiple of `multiple` rows."""
     w, h = im.size
-    rows = max(1, _STRIPE_PIXELS // max(w, 1))
+    rows = multiple * max(1, _STRIPE_PIXELS // max(w * multiple, 1))
     for top in range(0, h, rows):
         yield top, np.asarray(im.crop((0, top, w, min(h, top + rows))))
 
 
-def _grey_to_uint8(im: PILImage.Image) -> PILImage.Image:
-    """16/32-bit grey to 8-bit by scaling the value range; clipping would turn most pixels white.
-
-    Done in stripes of rows, into one 8-bit array: the only full-size allocation is the result.
-    """
+def _grey_scale(im: PILImage.Image) -> Callable[[np.ndarray], np.ndarray]:
+    """The 16/32-bit grey values of `im` to 0..255, for its stripes: scaling the value range, as
+    clipping would turn most pixels white. The range is the whole image's (one pass in stripes)."""
     lo, hi = 0.0, 65535.0  # unsigned 16-bit modes: in range whatever the pixels
     if not im.mode.startswith("I;16"):
         lo, hi = np.inf, -np.inf
@@ -125,7 +128,14 @@ def _grey_to_uint8(im: PILImage.Image) -> PILImage.Image:
             return np.rint(a.astype(np.float64) * 255.0)
     else:
         def scale(a: np.ndarray) -> np.ndarray:
-            return np.rint((a.astype(np.float64) - lo) * (255.0 / (hi - lo))) if hi > lo else 0
+            return np.rint((a.astype(np.float64) - lo) * (255.0 / (hi - lo))) if hi > lo else np.zeros(a.shape)
+    return scale
+
+
+def _grey_to_uint8(im: PILImage.Image) -> PILImage.Image:
+    """16/32-bit grey to 8-bit (`_grey_scale`), in stripes of rows into one 8-bit array: the only
+    full-size allocation is the result, never a float copy of the whole image."""
+    scale = _grey_scale(im)
     out = np.empty((im.height, im.width), np.uint8)
     for top, a in _stripes(im):
         out[top:top + len(a)] = scale(a)
@@ -147,6 +157,29 @@ def _to_rgb(im: PILImage.Image) -> PILImage.Image:
     if im.mode == "RGB":
         return im
     return im.convert("RGB")  # L, P, 1, CMYK, YCbCr
+
+
+def _reduced_rgb(im: PILImage.Image, factor: int) -> PILImage.Image:
+    """8-bit RGB of a loaded image, each `factor` x `factor` block of pixels averaged into one.
+
+    Converted and reduced a stripe of rows at a time (stripes of whole blocks, so the result is the
+    reduction of the whole converted image): beside the decoded frame, no full-size copy is made,
+    neither RGB (4 bytes a pixel) nor, for 16/32-bit images, 8-bit grey.
+    """
+    w, h = im.size
+    out = PILImage.new("RGB", (-(-w // factor), -(-h // factor)))
+    if im.mode.startswith("I") or im.mode == "F":
+        scale = _grey_scale(im)
+        for top, a in _stripes(im, factor):
+            grey = np.empty(a.shape, np.uint8)
+            grey[...] = scale(a)
+            out.paste(PILImage.fromarray(grey, "L").convert("RGB").reduce(factor), (0, top // factor))
+        return out
+    rows = factor * max(1, _STRIPE_PIXELS // (w * factor))
+    for top in range(0, h, rows):
+        stripe = im.crop((0, top, w, min(h, top + rows)))  # keeps the palette and transparency
+        out.paste(_to_rgb(stripe).reduce(factor), (0, top // factor))
+    return out
 
 
 # The app's MAX_IMAGE_PIXELS, checked on the header before anything is decoded, is the only
@@ -184,43 +217,97 @@ def _load(im: PILImage.Image) -> None:
         raise _BadImage(f"corrupt: {e}") from None
 
 
-def _rgb(im: PILImage.Image) -> PILImage.Image:
+def _rgb(im: PILImage.Image, factor: int = 1) -> PILImage.Image:
     try:
-        return _to_rgb(im)
+        return _to_rgb(im) if factor == 1 else _reduced_rgb(im, factor)
     except Exception as e:  # noqa: BLE001 - e.g. a mode PIL cannot convert
         raise _BadImage(f"corrupt: {e}") from None
 
 
+# Images up to this size are decoded whole even where the caller could do with fewer pixels, so that
+# ordinary images (the paper's 1388x1040, a camera's 12 MP) reach a model exactly as in training; only
+# larger ones (whole-slide crops, or a few hundred kB of PNG that declare 100 MP) are reduced.
+REDUCE_ABOVE_PIXELS = 16_000_000
+
+
+def _reduction(size: tuple[int, int], reduce_to: int | None) -> int:
+    """The whole factor an image of `size` is reduced by: 1 up to REDUCE_ABOVE_PIXELS, otherwise the
+    largest that keeps its shorter side at least `reduce_to` (None: never reduced)."""
+    w, h = size
+    if reduce_to is None or w * h <= REDUCE_ABOVE_PIXELS:
+        return 1
+    return max(1, min(w, h) // max(reduce_to, 1))
+
+
+def _give_back_memory() -> None:
+    """Return the freed pages of a large decoded frame to the operating system. glibc keeps freed
+    blocks of many MB in its heaps for reuse, so a server that decoded one huge image would stay that
+    large; malloc_trim releases them. Elsewhere (no glibc) nothing is done."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _decode(
-    src: Path | BinaryIO, max_pixels: int | None, min_side: int | None = None
+    src: Path | BinaryIO, max_pixels: int | None, min_side: int | None = None, reduce_to: int | None = None
 ) -> tuple[PILImage.Image, str, str]:
-    """Open, check the header size, fully decode and convert to RGB.
+    """Open, check the header size, decode and convert to RGB; reduced (`_reduction`) where the
+    image is larger than the caller needs: a JPEG by its decoder (draft mode: 1/2 to 1/8 of each
+    side, decoded at that size), any image by averaging blocks of pixels as it is converted.
 
     Returns (rgb image, PIL format, original PIL mode); raises _BadImage with the reason. Peak
-    memory is the decoded frame plus the RGB result, under 8 bytes per pixel of MAX_IMAGE_PIXELS.
+    memory is the decoded frame plus the RGB result, under 8 bytes per pixel of MAX_IMAGE_PIXELS;
+    reduced, the frame plus a few MB.
     """
     with _opened(src, max_pixels, min_side) as im:
-        fmt, mode = im.format or "", im.mode
+        fmt, mode, (w, h) = im.format or "", im.mode, im.size
+        if fmt == "JPEG" and reduce_to is not None and _reduction(im.size, reduce_to) > 1:
+            im.draft(None, (reduce_to, reduce_to))  # each side stays at least reduce_to
         _load(im)
-        rgb = _rgb(im)
+        rgb = _rgb(im, _reduction(im.size, reduce_to))
+    if w * h > REDUCE_ABOVE_PIXELS:
+        del im  # the decoded frame, unless it is the result
+        _give_back_memory()
     return rgb, fmt, mode
 
 
-def load_rgb(path: Path | str | BinaryIO, max_pixels: int | None = None) -> PILImage.Image:
+def load_rgb(path: Path | str | BinaryIO, max_pixels: int | None = None, *,
+             reduce_to: int | None = None) -> PILImage.Image:
     """Decode a TIFF/PNG/JPEG/BMP file (any mode: RGBA, L, P, 1, 16-bit, CMYK...) to 8-bit RGB.
 
     Also accepts an open binary file (e.g. an upload). A file that is not a usable image raises
     UserError. Files not checked at ingest (uploads to predict, files named on the command line)
     must pass `max_pixels` (settings.max_image_pixels): without it no size is refused.
+    `reduce_to`: the shorter side the caller needs; an image of more than REDUCE_ABOVE_PIXELS is
+    then decoded reduced by a whole factor that keeps its shorter side at least that (None: whole).
     """
     if isinstance(path, str):
         path = Path(path)
     try:
-        rgb, _, _ = _decode(path, max_pixels)
+        rgb, _, _ = _decode(path, max_pixels, reduce_to=reduce_to)
     except _BadImage as e:
-        name = path.name if isinstance(path, Path) else getattr(path, "name", "image")
-        raise UserError(f"{name}: {e.reason}") from None
+        raise UserError(f"{_name(path)}: {e.reason}") from None
     return rgb
+
+
+def image_size(path: Path | BinaryIO, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from the file's header, with the checks of `load_rgb` that need no pixel:
+    UserError for a file that is not a TIFF/PNG/JPEG/BMP image or has more than `max_pixels`.
+    An open file is left at its start."""
+    try:
+        with _opened(path, max_pixels, None) as im:
+            return im.size
+    except _BadImage as e:
+        raise UserError(f"{_name(path)}: {e.reason}") from None
+    finally:
+        if not isinstance(path, Path):
+            path.seek(0)
+
+
+def _name(path: Path | BinaryIO) -> str:
+    return path.name if isinstance(path, Path) else getattr(path, "name", "image")
 
 
 def image_path(settings: Settings, image: Image) -> Path:
@@ -442,11 +529,21 @@ def _extract_zip(zip_path: Path, dest: Path, settings: Settings) -> None:
     except NotImplementedError as e:  # e.g. Deflate64 from Windows Explorer
         raise UserError(f"{zip_path.name} uses an unsupported compression method: {e}") from None
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
-        raise UserError(f"{zip_path.name} has a file and a folder with the same name: {e}") from None
+        raise UserError(f"{zip_path.name} has a file and a folder with the same name: "
+                        f"{_inside(e.filename, dest)}.") from None
     except OSError as e:  # e.g. an entry name too long for the file system
         if is_disk_full(e):
             raise  # reported as a full disk, like any other write of the ingest
-        raise UserError(f"{zip_path.name} could not be unpacked: {e.strerror or e}") from None
+        raise UserError(f"{zip_path.name} could not be unpacked: {e.strerror or 'error ' + str(e.errno)}.") from None
+
+
+def _inside(path: object, root: Path) -> str:
+    """`path` as it is inside `root` (e.g. "CLL/001.png"): a message names a file as it is in its
+    zip or folder, never by the server folder it was unpacked into."""
+    try:
+        return Path(str(path)).relative_to(root).as_posix()
+    except ValueError:
+        return Path(str(path)).name
 
 
 @contextmanager
@@ -456,7 +553,7 @@ def _source_folder(source: Path, settings: Settings) -> Iterator[Path]:
         yield source
         return
     if not source.is_file():
-        raise UserError(f"Source not found: {source}")
+        raise UserError(f"Source not found: {source.name}")
     if not zipfile.is_zipfile(source):
         raise UserError(
             f"{source.name} is not a zip file (or it is damaged). Give a folder of class "
@@ -485,7 +582,7 @@ def _normalise_rel(path: str) -> str:
 def _groups_from_csv(csv_path: Path, rels: list[str]) -> dict[str, str]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise UserError(f"Groups file not found: {csv_path}")
+        raise UserError(f"Groups file not found: {csv_path.name}")
     try:
         text = csv_path.read_text(encoding="utf-8-sig")  # -sig: Excel writes a BOM
     except UnicodeDecodeError:

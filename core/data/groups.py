@@ -227,6 +227,7 @@ def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str],
         if im.group != groups[im.original_name]:
             im.group = groups[im.original_name]
             changed += 1
+    dataset.groups_estimated = True
     session.flush()
     return changed
 

@@ -44,28 +44,20 @@ def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
 def fit_temperature(logits: np.ndarray, labels: Sequence[int], bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """The temperature T minimising the validation negative log-likelihood of softmax(logits / T).
 
-    The NLL is convex in 1/T, so a golden-section search over log T finds the optimum; T > 1 means
-    the model was over-confident. Args: logits (N, C) before softmax, labels (N,) class indices.
+    The NLL is convex in 1/T, so a bounded scalar search over log T (scipy's Brent method) finds
+    the optimum; T > 1 means the model was over-confident. Args: logits (N, C) before softmax,
+    labels (N,) class indices.
     """
+    from scipy.optimize import minimize_scalar
+
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=int)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise UserError("Temperature scaling needs (N, C) validation logits and N labels, N >= 1.")
-    lo, hi = np.log(bounds[0]), np.log(bounds[1])
-    f = lambda log_t: _nll(logits, labels, float(np.exp(log_t)))  # noqa: E731
-    ratio = (np.sqrt(5) - 1) / 2
-    a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = f(a), f(b)
-    while hi - lo > 1e-5:
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = lo + (1 - ratio) * (hi - lo)
-            fa = f(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = f(b)
-    return float(np.exp((lo + hi) / 2))
+    found = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))),
+                            bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                            options={"xatol": 1e-6})
+    return float(np.exp(found.x))
 
 
 @dataclass
@@ -126,10 +118,11 @@ def reliability_figure(bins: ReliabilityBins, title: str = "Reliability diagram"
             x=centre[filled], y=b.accuracy[filled], width=(b.upper - b.lower)[filled] * (0.9 if other is None else 0.45),
             name=f"{name} (ECE {b.ece:.3f})" if other is not None else f"accuracy (ECE {b.ece:.3f})",
             customdata=np.stack([b.count[filled], b.confidence[filled]], 1),
+            text=[f"{int(n)}" for n in b.count[filled]], textposition="outside",  # images in the bin
             hovertemplate="confidence %{customdata[1]:.3f}<br>accuracy %{y:.3f}<br>%{customdata[0]} predictions<extra></extra>",
         ))
-    fig.update_layout(title=title, xaxis_title="confidence (top probability)", yaxis_title="accuracy",
-                      xaxis_range=[0, 1], yaxis_range=[0, 1.02], barmode="group", bargap=0.05)
+    fig.update_layout(title=title, xaxis_title="confidence (top probability); the number over a bar: its images",
+                      yaxis_title="accuracy", xaxis_range=[0, 1], yaxis_range=[0, 1.1], barmode="group", bargap=0.05)
     return fig
 
 
@@ -332,6 +325,30 @@ def refer_threshold(val_probs: np.ndarray, val_labels: Sequence[int], target_acc
     return refer_band(val_probs, val_labels, target_accuracy, confidence).threshold
 
 
+def recorded_band(record: dict | None, target_accuracy: float | None = None) -> ReferBand | None:
+    """The refer band of a run's calibration record (run_calibration's) for `target_accuracy` (None:
+    the run's own target), chosen on its stored validation probabilities, so that the page, the log,
+    the API and the exported model give one threshold however old the record is. None: the run has
+    no calibration."""
+    if not record or record.get("temperature") is None:
+        return None
+    return refer_band(np.asarray(record["val_probs"]), record["val_labels"],
+                      record["refer_target"] if target_accuracy is None else target_accuracy)
+
+
+def band_sentence(band: ReferBand) -> str:
+    """The refer band in a reader's words, with what it rests on."""
+    if band.threshold is None:
+        return (f"No confidence threshold can promise {band.target:.0%} accuracy from the {band.n_val} validation "
+                f"images (at {band.confidence:.0%} confidence), so every prediction of this model is marked "
+                "\"uncertain, refer\".")
+    shown = "every prediction is shown" if band.threshold == 0 else (
+        f"predictions less confident than {band.threshold:.1%} are marked \"uncertain, refer\"")
+    return (f"{shown[0].upper()}{shown[1:]}: the others are right at least {band.target:.0%} of the time, with "
+            f"{band.confidence:.0%} confidence, judged on {band.accepted} of the {band.n_val} validation images "
+            f"(a lower bound of {band.bound:.1%}, not the raw rate).")
+
+
 def supported_target(val_probs: np.ndarray, val_labels: Sequence[int], confidence: float = REFER_CONFIDENCE) -> float:
     """The highest accuracy that some threshold can claim at `confidence` on this validation part
     (the accuracy targets a page may offer); 0 when no prediction is right."""
@@ -382,6 +399,10 @@ def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs
         "n_val": len(val_probs),
         "val_ece_before": round(expected_calibration_error(val_probs, val_labels), 4),
         "val_ece_after": round(expected_calibration_error(val_cal, val_labels), 4),
+        # What the temperature was fitted to lower (the binned error above can rise a little on the same
+        # images: it is another yardstick, coarse with few images).
+        "val_nll_before": round(_nll(as_logits(val_probs), np.asarray(val_labels, dtype=int), 1.0), 4),
+        "val_nll_after": round(_nll(as_logits(val_probs), np.asarray(val_labels, dtype=int), temperature), 4),
         "refer_target": target_accuracy,
         "refer_threshold": threshold,
         "refer_confidence": band.confidence,  # the threshold's claim holds with this probability
@@ -399,6 +420,17 @@ def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs
     return out
 
 
+def scaling_words(temperature: float) -> str:
+    """What a fitted temperature did, in words: 'softened 8.1 times: the model was over-confident, ...'."""
+    if temperature > 1.05:
+        return (f"softened (scores divided by {temperature:.3g}): the model was over-confident, so its confidences "
+                "are pulled toward an even split")
+    if temperature < 0.95:
+        return (f"sharpened (scores divided by {temperature:.3g}): the model was under-confident, so its confidences "
+                "are pushed toward its answer")
+    return f"left nearly as they were (scores divided by {temperature:.3g}): the model's confidences already matched"
+
+
 def refer_verdict(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     """True where a (calibrated) prediction falls in the "uncertain, refer" band."""
     top = np.asarray(probs).max(-1)
@@ -412,14 +444,11 @@ def format_run_calibration(record: dict) -> str:
     lines = [f"Calibration on the validation part ({record['n_val']} images): temperature {record['temperature']:.3g}; "
              f"ECE validation {record['val_ece_before']:.3f} -> {record['val_ece_after']:.3f}"
              + (f", test {record['test_ece_before']:.3f} -> {record['test_ece_after']:.3f}" if "test_ece_before" in record else "")]
-    threshold, target = record.get("refer_threshold"), record.get("refer_target")
-    if threshold is None:
-        lines.append(f"Refer band: no threshold reaches {target:.0%} on validation; every prediction is 'uncertain, refer'.")
-    else:
-        line = f"Refer band: calibrated top probability below {threshold:.3f} is 'uncertain, refer' (target {target:.0%} on validation)"
-        if record.get("test_coverage") is not None:
-            acc = record.get("test_accepted_accuracy")
-            line += (f"; on test it keeps {record['test_coverage']:.0%} of images"
-                     + ("" if acc is None else f" at {acc:.1%} accuracy"))
-        lines.append(line + ".")
+    band = recorded_band(record)
+    line = "Refer band: " + band_sentence(band)
+    if band.threshold is not None and record.get("refer_confidence") is not None and record.get("test_coverage") is not None:
+        acc = record.get("test_accepted_accuracy")
+        line += (f" On test it keeps {record['test_coverage']:.0%} of images"
+                 + ("" if acc is None else f" at {acc:.1%} accuracy") + ".")
+    lines.append(line)
     return "\n".join(lines)

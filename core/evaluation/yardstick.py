@@ -28,6 +28,13 @@ def colour_features(image: np.ndarray) -> np.ndarray:
 def colour_only_accuracy(train: Sequence[np.ndarray], train_labels: Sequence[int],
                          test: Sequence[np.ndarray], test_labels: Sequence[int]) -> float:
     """Test accuracy of a logistic regression on `colour_features`, fitted on the training images."""
+    return float(np.mean(colour_only_correct(train, train_labels, test, test_labels)))
+
+
+def colour_only_correct(train: Sequence[np.ndarray], train_labels: Sequence[int],
+                        test: Sequence[np.ndarray], test_labels: Sequence[int]) -> np.ndarray:
+    """Which test images the colour-only model gets right (booleans in test order), so that the
+    network can be compared with it image by image (core/evaluation/compare.py)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -35,10 +42,10 @@ def colour_only_accuracy(train: Sequence[np.ndarray], train_labels: Sequence[int
     if not test:
         raise ValueError("the yardstick needs test images")
     if len(set(train_labels)) < 2:  # one class to learn from: it is all the model can say
-        return float(np.mean(np.asarray(test_labels) == train_labels[0]))
+        return np.asarray(test_labels) == train_labels[0]
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(np.stack([colour_features(a) for a in train]), list(train_labels))
-    return float(model.score(np.stack([colour_features(a) for a in test]), list(test_labels)))
+    return model.predict(np.stack([colour_features(a) for a in test])) == np.asarray(test_labels)
 
 
 def split_yardstick(session, settings, split, classes: Sequence[str], fold: int = 0) -> dict | None:
@@ -62,11 +69,13 @@ def parts_yardstick(settings, split, parts: dict, classes: Sequence[str]) -> dic
     if not seen or not test:
         return None
     index = {name: i for i, name in enumerate(classes)}
-    accuracy = colour_only_accuracy(
+    correct = colour_only_correct(
         [cache.resized_array(settings, im, IMAGE_SIZE) for im in seen], [index[im.label] for im in seen],
         [cache.resized_array(settings, im, IMAGE_SIZE) for im in test], [index[im.label] for im in test],
     )
-    return {"accuracy": accuracy, "n_train": len(seen), "n_test": len(test)}
+    return {"accuracy": float(correct.mean()), "n_train": len(seen), "n_test": len(test),
+            # image id -> right, for comparing the network with colour alone on the same images
+            "correct": {str(im.id): bool(c) for im, c in zip(test, correct)}}
 
 
 def accuracy_of(record: dict | None) -> float | None:

@@ -12,9 +12,9 @@ No torch: the Runs page lists approvals. The model file is checked by reading it
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -180,14 +180,24 @@ def _model_description(path: Path) -> dict:
     return json.loads(header.get("__metadata__", {}).get(MODEL_META_KEY) or "{}")
 
 
+# path -> (the file's version: inode, size, times; its sha256). One entry per path, replaced when the
+# file changes, so it holds every model file at once (GET /api/v1/models hashes each on every call)
+# and never more entries than there have been model files.
+_hashes: dict[str, tuple[tuple[int, ...], str]] = {}
+_hashes_lock = threading.Lock()
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes, read again only when the file has changed (a model file is
     replaced by renaming a new one over it, which gives it a new inode)."""
     info = path.stat()
-    return _file_sha256(str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, *version: int) -> str:
+    version = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    with _hashes_lock:
+        known = _hashes.get(str(path))
+    if known is not None and known[0] == version:
+        return known[1]
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    with _hashes_lock:
+        _hashes[str(path)] = (version, digest)
+    return digest

@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from core.access.limits import disk_full_error, is_disk_full
 from core.errors import UserError
 from core.store.files import atomic_path
 from core.store.runs import MODEL_META_KEY as META_KEY
@@ -48,11 +49,28 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+# What to do about a full disk while a run writes its weights: its checkpoint (last.pt) is kept.
+_FULL_THEN = ("Free space under APP_HOME (delete datasets or runs that are no longer needed), then "
+              "`python -m core resume {run}` continues the run from its last finished epoch.")
+_FULL_THEN_PAGE = ("Ask the administrator to free space, or delete datasets or runs that are no longer needed, "
+                   "then resume the run on the Runs page: it continues from its last finished epoch.")
+
+
 def write_weights(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
-    """`state` (a state dict), and `meta` as the header's JSON, to `path` atomically."""
+    """`state` (a state dict), and `meta` as the header's JSON, to `path` atomically.
+
+    A full disk is the disk-full UserError (core/access/limits.py), which names the file by its name:
+    safetensors reports it as a SafetensorError quoting "os error 28", not as an OSError.
+    """
     metadata = None if meta is None else {META_KEY: json.dumps(meta)}
-    with atomic_path(path) as tmp:
-        save_file(_tensors(state), tmp, metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(_tensors(state), tmp, metadata=metadata)
+    except (SafetensorError, OSError) as exc:
+        if not is_disk_full(exc):
+            raise
+        then = _FULL_THEN.format(run=(meta or {}).get("run_id") or "RUN_ID")
+        raise disk_full_error(Path(path).name, Path(path).parent, then=then, page=_FULL_THEN_PAGE) from None
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -62,7 +80,8 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
             header = (f.metadata() or {}).get(META_KEY)
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"{Path(path).name} is damaged or not a model file ({exc}).") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # an OSError's text holds the path
+        raise UserError(f"{Path(path).name} is damaged or not a model file ({why}).") from None
     try:
         return state, None if header is None else json.loads(header)
     except json.JSONDecodeError as exc:

@@ -38,6 +38,7 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer
 from core.access.limits import check_disk
 from core.config import Settings
 from core.errors import UserError
+from core.evaluation import calibration
 from core.inference import model_file as model_files
 from core.store.files import atomic_path, copy_file_atomic
 from core.store.runs import MODEL_META_KEY, run_dir
@@ -47,7 +48,9 @@ from core.transforms.pipelines import EvalPipeline
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # of the exported file: its graph's input and output and its metadata keys
+# Of the exported file: its graph's input and output and its metadata keys. 2: the refer band with a
+# guarantee (refer_confidence); an export of format 1 is made again.
+FORMAT = 2
 OPSET = 17
 IR_VERSION = 8  # the oldest that opset 17 allows, so that older ONNX Runtimes read the file too
 ONNX_FILE = "model.onnx"
@@ -209,6 +212,7 @@ def build_graph(model: PaperDenseNet, image_size: int, tta: bool) -> onnx.ModelP
 def metadata(meta: dict[str, Any], model_sha256: str) -> dict[str, str]:
     """The exported model's metadata_props: everything a user of the file needs around the graph."""
     prep, cal = EvalPipeline(**meta["preparation"]).to_dict(), meta.get("calibration") or {}
+    band = calibration.recorded_band(cal)
     values = {
         "format_version": FORMAT,
         "classes": list(meta["classes"]),
@@ -222,8 +226,10 @@ def metadata(meta: dict[str, Any], model_sha256: str) -> dict[str, str]:
         "test_time_augmentation": "inside the graph: the mean over 4 flips" if prep.get("tta") else "none",
         "preparation": prep,
         "temperature": cal.get("temperature"),
-        "refer_threshold": cal.get("refer_threshold"),
+        # The band as the app applies it (recorded_band), with the confidence its claim holds at.
+        "refer_threshold": None if band is None else band.threshold,
         "refer_target": cal.get("refer_target"),
+        "refer_confidence": None if band is None else band.confidence,
         "run_id": meta.get("run_id"),
         "model_sha256": model_sha256,
         "weights_sha256": meta.get("weights_sha256"),

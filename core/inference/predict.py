@@ -88,12 +88,15 @@ class PredictorBase:
         """The calibrated top probability below which a prediction is "uncertain, refer": the run's
         own (chosen on validation for its recorded target), or one chosen on the same validation
         probabilities for `target_accuracy`. None: no threshold reaches the target, refer all."""
-        if self.temperature is None:
+        return self.refer_band(target_accuracy).threshold
+
+    def refer_band(self, target_accuracy: float | None = None) -> calibration.ReferBand:
+        """The band for `target_accuracy` (None: the run's own target) with what it rests on, chosen
+        on the stored validation probabilities (core/evaluation/calibration.py recorded_band)."""
+        band = calibration.recorded_band(self.calibration, target_accuracy)
+        if band is None:
             raise UserError(f"Run {self.run_id} has no validation part, so it has no calibrated refer threshold.")
-        if target_accuracy is None:
-            return self.calibration.get("refer_threshold")
-        return calibration.refer_threshold(np.asarray(self.calibration["val_probs"]),
-                                           self.calibration["val_labels"], target_accuracy)
+        return band
 
     def probabilities(self, images: Sequence[PILImage.Image | np.ndarray]) -> np.ndarray:
         """(N, C) raw class probabilities of RGB images of any size, through the run's pipeline."""

@@ -6,13 +6,15 @@ PREDICTION_LOG_IMAGES=1: its bytes under APP_HOME/prediction_images/, named by t
 file however often it is classified), counted against MAX_DISK_GB like every file under APP_HOME.
 Rows older than PREDICTION_LOG_DAYS are pruned (`prune`), with the kept images no row names any more.
 
+Who reads which rows (`reader`): file names often carry patient identifiers, so a viewer reads only
+the rows of their own predictions and an editor reads every row, on the Predict page's history and
+through the API alike. The command line passes no reader: whoever runs it holds the database itself.
+
 No torch: the Predict page's history and the command line read it.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,8 +23,10 @@ from pathlib import Path
 from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session
 
+from core.access.accounts import EDITOR, User
 from core.access.limits import check_disk
 from core.config import Settings
+from core.csv_export import csv_text
 from core.errors import UserError
 from core.store.db import PredictionLog, utcnow
 from core.store.files import write_bytes_atomic
@@ -51,6 +55,7 @@ class LogEntry:
     refer: bool | None  # None: the model has no refer band (no calibration)
     threshold: float | None
     stored_path: str | None = None  # relative to APP_HOME, when the image is kept
+    refer_target: float | None = None  # the accuracy the threshold promises (at 95% confidence)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +75,8 @@ def record(session: Session, entries: Sequence[LogEntry]) -> None:
         user=e.user, source=e.source, run_id=e.run_id, model_sha256=e.model_sha256, image_sha256=e.image_sha256,
         image_name=e.image_name, width=e.width, height=e.height, size_bytes=e.size_bytes,
         probabilities=dict(e.probabilities), probability_kind=e.probability_kind, predicted=e.predicted,
-        refer=e.refer, threshold=e.threshold, stored_path=e.stored_path) for e in entries)
+        refer=e.refer, threshold=e.threshold, refer_target=e.refer_target, stored_path=e.stored_path)
+        for e in entries)
     session.flush()
 
 
@@ -102,11 +108,23 @@ def keep_images(settings: Settings, images: Sequence[tuple[str, bytes]]) -> dict
     return kept
 
 
+def readable_user(reader: User | None, user: str | None = None) -> str | None:
+    """The user whose rows `reader` may read under the filter `user` (None: everyone's): a viewer
+    only their own, whatever the filter; UserError when a viewer names someone else."""
+    if reader is None or reader.role == EDITOR:
+        return user
+    if user is not None and user != reader.name:
+        raise UserError(f"{reader.name} is signed in as a viewer, who reads only their own predictions in the log; "
+                        "an editor reads everyone's.")
+    return reader.name
+
+
 def list_predictions(session: Session, *, since: datetime | None = None, until: datetime | None = None,
                      run_id: int | None = None, user: str | None = None, predicted: str | None = None,
-                     limit: int | None = DEFAULT_LIMIT) -> list[LoggedPrediction]:
+                     limit: int | None = DEFAULT_LIMIT, reader: User | None = None) -> list[LoggedPrediction]:
     """Logged predictions, newest first: at or after `since`, before `until` (UTC), of one run,
-    user or predicted class; at most `limit` (None: all)."""
+    user or predicted class; at most `limit` (None: all); only those `reader` may read (readable_user)."""
+    user = readable_user(reader, user)
     query = select(PredictionLog).order_by(PredictionLog.at.desc(), PredictionLog.id.desc())
     if since is not None:
         query = query.where(PredictionLog.at >= since)
@@ -132,9 +150,13 @@ class LogValues:
     predicted: tuple[str, ...]
 
 
-def logged_values(session: Session) -> LogValues:
+def logged_values(session: Session, reader: User | None = None) -> LogValues:
+    """The values of the rows `reader` may read (readable_user)."""
+    user = readable_user(reader)
+
     def distinct(column) -> tuple:
-        return tuple(session.scalars(select(column).distinct().order_by(column)))
+        query = select(column).distinct().order_by(column)
+        return tuple(session.scalars(query if user is None else query.where(PredictionLog.user == user)))
 
     return LogValues(distinct(PredictionLog.user), distinct(PredictionLog.run_id), distinct(PredictionLog.predicted))
 
@@ -145,7 +167,7 @@ def _logged(row: PredictionLog) -> LoggedPrediction:
         image_sha256=row.image_sha256, image_name=row.image_name, width=row.width, height=row.height,
         size_bytes=row.size_bytes, probabilities={str(k): float(v) for k, v in row.probabilities.items()},
         probability_kind=row.probability_kind, predicted=row.predicted, refer=row.refer, threshold=row.threshold,
-        stored_path=row.stored_path, id=row.id, at=row.at)
+        refer_target=row.refer_target, stored_path=row.stored_path, id=row.id, at=row.at)
 
 
 CSV_FIELDS = ("at", "user", "source", "run_id", "model_sha256", "image_name", "image_sha256", "width", "height",
@@ -153,17 +175,17 @@ CSV_FIELDS = ("at", "user", "source", "run_id", "model_sha256", "image_name", "i
 
 
 def to_csv(rows: Sequence[LoggedPrediction]) -> str:
-    """The rows as CSV: the fields of CSV_FIELDS, then one column per class (every class any row has)."""
+    """The rows as CSV: the fields of CSV_FIELDS, then one column per class (every class any row has).
+    File, user and class names are outside text: core/csv_export.py keeps a spreadsheet from running them."""
     classes = sorted({c for r in rows for c in r.probabilities})
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*CSV_FIELDS, *classes])
-    for r in rows:
-        fields = [r.at.isoformat(timespec="seconds"), r.user, r.source, r.run_id, r.model_sha256, r.image_name,
-                  r.image_sha256, r.width, r.height, r.size_bytes, r.predicted, r.probability_kind,
-                  "" if r.refer is None else int(r.refer), "" if r.threshold is None else f"{r.threshold:.4f}"]
-        writer.writerow([*fields, *("" if c not in r.probabilities else f"{r.probabilities[c]:.4f}" for c in classes)])
-    return out.getvalue()
+
+    def fields(r: LoggedPrediction) -> list:
+        return [r.at.isoformat(timespec="seconds"), r.user, r.source, r.run_id, r.model_sha256, r.image_name,
+                r.image_sha256, r.width, r.height, r.size_bytes, r.predicted, r.probability_kind,
+                "" if r.refer is None else int(r.refer), "" if r.threshold is None else f"{r.threshold:.4f}",
+                *("" if c not in r.probabilities else f"{r.probabilities[c]:.4f}" for c in classes)]
+
+    return csv_text([*CSV_FIELDS, *classes], map(fields, rows))
 
 
 def prune(session: Session, settings: Settings) -> int:

@@ -1,11 +1,16 @@
 """Classifying images: the one path the Predict page, the HTTP API and `python -m core predict` share.
 
-`classify` decodes each image (with the MAX_IMAGE_PIXELS limit), runs the run's predictor from
-core/inference/engine.py (the approved model when no run is named, core/inference/approval.py),
-turns its probabilities into what every display shows (calibrated where the run has a temperature,
-with the "uncertain, refer" verdict for the accuracy `target`; raw otherwise, with no verdict) and
-logs one row per image (core/inference/prediction_log.py). A front end that already holds the
-decoded images (the Predict page shows them) calls `decode` itself and then `classify_decoded`.
+`classify` first finds the model (the run named, or the approved model when none is:
+core/inference/approval.py; its predictor from core/inference/engine.py), so that a request for a
+model that cannot classify is answered without decoding anything. It then reads each image's header
+(not an image, more than MAX_IMAGE_PIXELS), takes its turn and pixel budget from
+core/inference/admission.py, and decodes the images one at a time: each reduced toward the model's
+input size as it is decoded (core/data/datasets.py: images past REDUCE_ABOVE_PIXELS only, so ordinary
+ones get exactly the probabilities they always had), cut into the run's samples at once and dropped,
+so that a batch holds samples, never a list of full-size images. Probabilities are turned into what
+every display shows (calibrated where the run has a temperature, with the "uncertain, refer" verdict
+for the accuracy `target`; raw otherwise, with no verdict) and one row per image is logged
+(core/inference/prediction_log.py).
 
 Sessions are short: one to find the run and its predictor, none while the model runs, one to log.
 """
@@ -23,14 +28,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.access.accounts import User
 from core.config import Settings
-from core.data.datasets import load_rgb
+from core.data.datasets import image_size, load_rgb
 from core.errors import UserError
 from core.evaluation.calibration import refer_verdict
-from core.inference import prediction_log
+from core.inference import admission, prediction_log
 from core.inference.approval import approved_run
 from core.inference.probabilities import CALIBRATED, RAW, Probabilities
 
 BATCH = 16  # images per call of the model, so that a progress bar moves and memory stays bounded
+# A model that resizes whole images to S px gets images over REDUCE_ABOVE_PIXELS reduced to no less
+# than this many times S on their shorter side: enough for its resize to average over, as it would
+# over the full image, and for Grad-CAM's display of up to 640 px.
+REDUCE_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -40,14 +49,17 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
-class DecodedImage:
-    """An image ready for the model, with what the log records of it."""
+class _Header:
+    """An image whose header was read: what the log records of it, before any pixel is decoded."""
 
-    name: str
+    index: int  # in the caller's images
     sha256: str
-    size_bytes: int
-    image: PILImage.Image  # 8-bit RGB
-    data: bytes  # the bytes as given (kept with PREDICTION_LOG_IMAGES=1)
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,9 @@ class Classified:
     threshold: float | None  # the calibrated confidence below which a prediction is referred
     run_id: int
     model_sha256: str
+    # The accuracy the threshold promises for what it lets through, at 95% confidence
+    # (core/evaluation/calibration.py refer_band); None without a refer band.
+    refer_target: float | None = None
 
     @property
     def confidence(self) -> float:
@@ -77,16 +92,25 @@ class Classified:
         return CALIBRATED if self.kind == "calibrated" else RAW
 
 
-def decode_one(settings: Settings, image: ImageInput) -> DecodedImage:
-    """The image decoded to RGB; UserError naming it when it is not an image or has too many pixels."""
+Unreadable = Callable[[ImageInput, UserError], None]
+
+
+def _stream(image: ImageInput) -> io.BytesIO:
     stream = io.BytesIO(image.data)
-    stream.name = image.name  # load_rgb names the file in its UserError
-    rgb = load_rgb(stream, max_pixels=settings.max_image_pixels)
-    return DecodedImage(image.name, hashlib.sha256(image.data).hexdigest(), len(image.data), rgb, image.data)
+    stream.name = image.name  # the decoder names the file in its UserError
+    return stream
 
 
-def decode(settings: Settings, images: Sequence[ImageInput]) -> list[DecodedImage]:
-    return [decode_one(settings, image) for image in images]
+def reduce_side(image_size: int, tiles: int = 0) -> int | None:
+    """The shorter side a large image is decoded down to for a model at `image_size` px (None:
+    whole, for a model that cuts tiles at native resolution)."""
+    return None if tiles else REDUCE_MARGIN * image_size
+
+
+def decode_one(settings: Settings, image: ImageInput, reduce_to: int | None = None) -> PILImage.Image:
+    """The image decoded to 8-bit RGB, reduced toward `reduce_to` (see `reduce_side`) when it is
+    large; UserError naming it when it is not an image or has too many pixels."""
+    return load_rgb(_stream(image), max_pixels=settings.max_image_pixels, reduce_to=reduce_to)
 
 
 def resolve_run(session: Session, settings: Settings, run_id: int | None) -> int:
@@ -107,29 +131,23 @@ def resolve_run(session: Session, settings: Settings, run_id: int | None) -> int
 
 def classify(Session: sessionmaker, settings: Settings, user: User, images: Sequence[ImageInput], *,
              run_id: int | None = None, source: str, target: float | None = None, log: bool = True,
-             calibrated: bool = True, device: str = "auto",
-             progress: Callable[[int, int], None] | None = None) -> list[Classified]:
-    """Decode and classify `images` (see `classify_decoded`)."""
-    return classify_decoded(Session, settings, user, decode(settings, images), run_id=run_id, source=source,
-                            target=target, log=log, calibrated=calibrated, device=device, progress=progress)
-
-
-def classify_decoded(Session: sessionmaker, settings: Settings, user: User, images: Sequence[DecodedImage], *,
-                     run_id: int | None = None, source: str, target: float | None = None, log: bool = True,
-                     calibrated: bool = True, device: str = "auto",
-                     progress: Callable[[int, int], None] | None = None) -> list[Classified]:
-    """Classify decoded images with run `run_id` (None: the approved model) and, with `log`, log
-    each as coming from `source` ("page", "api" or "cli") by `user`.
+             calibrated: bool = True, device: str = "auto", progress: Callable[[int, int], None] | None = None,
+             unreadable: Unreadable | None = None,
+             seen: Callable[[int, PILImage.Image], None] | None = None) -> list[Classified]:
+    """Classify `images` with run `run_id` (None: the approved model) and, with `log`, log each as
+    coming from `source` ("page", "api" or "cli") by `user`.
 
     `target`: the accuracy a prediction shown as a diagnosis must reach (None: the run's own,
     chosen at training); `calibrated=False` gives the raw probabilities and no verdict.
-    `progress(done, total)` is called after each batch."""
+    `progress(done, total)` is called after each batch. A file that is not a usable image ends the
+    call with its UserError, nothing logged; with `unreadable`, it is handed to it and left out.
+    `seen(index, rgb)` is called with each classified image (its index in `images`, decoded and
+    reduced as the model gets it) before it is dropped, in the order of the results.
+    Past the limits of core/inference/admission.py: its UserErrors, before anything is decoded."""
     if source not in prediction_log.SOURCES:
         raise ValueError(f"source must be one of {prediction_log.SOURCES}, not {source!r}")
     if not images:
         return []
-    if log:
-        prediction_log.check_room(settings, [(im.sha256, im.size_bytes) for im in images])
     from core.inference import engine
     from core.inference.predict import model_sha256
 
@@ -137,54 +155,108 @@ def classify_decoded(Session: sessionmaker, settings: Settings, user: User, imag
         run_id = resolve_run(s, settings, run_id)
         predictor = engine.get_predictor(s, settings, run_id, device)
     sha = model_sha256(settings, run_id)
-    raw = _raw_probabilities(predictor, [im.image for im in images], progress)
-    results = _answers(predictor, images, Probabilities(raw, predictor.temperature if calibrated else None),
+    headers = _headers(settings, images, unreadable)
+    if log:
+        prediction_log.check_room(settings, [(h.sha256, len(images[h.index].data)) for h in headers])
+    if not headers:
+        return []
+    with admission.admitted(settings, user.name, sum(h.pixels for h in headers), len(headers)):
+        done, raw = _run_model(settings, predictor, images, headers, progress, unreadable, seen)
+    results = _answers(predictor, images, done, Probabilities(raw, predictor.temperature if calibrated else None),
                        target, run_id, sha)
     if log:
-        _log(Session, settings, user, source, images, results)
+        _log(Session, settings, user, source, results, [images[h.index].data for h in done])
     return results
 
 
-def _raw_probabilities(predictor, images: list[PILImage.Image],
-                       progress: Callable[[int, int], None] | None) -> np.ndarray:
-    parts = []
-    for start in range(0, len(images), BATCH):
-        parts.append(np.asarray(predictor.predict(images[start:start + BATCH]).raw, dtype=np.float64))
-        if progress is not None:
-            progress(min(start + BATCH, len(images)), len(images))
-    return np.concatenate(parts)
+def _headers(settings: Settings, images: Sequence[ImageInput], unreadable: Unreadable | None) -> list[_Header]:
+    """Each image's size from its header (MAX_IMAGE_PIXELS checked) and its sha256."""
+    headers = []
+    for i, image in enumerate(images):
+        try:
+            width, height = image_size(_stream(image), settings.max_image_pixels)
+        except UserError as e:
+            if unreadable is None:
+                raise
+            unreadable(image, e)
+            continue
+        headers.append(_Header(i, hashlib.sha256(image.data).hexdigest(), width, height))
+    return headers
 
 
-def _answers(predictor, images: Sequence[DecodedImage], probs: Probabilities, target: float | None,
-             run_id: int, sha: str) -> list[Classified]:
+def _run_model(settings: Settings, predictor, images: Sequence[ImageInput], headers: list[_Header],
+               progress: Callable[[int, int], None] | None, unreadable: Unreadable | None,
+               seen: Callable[[int, PILImage.Image], None] | None) -> tuple[list[_Header], np.ndarray]:
+    """(the images classified, their raw probabilities): decoded one at a time, each cut into the
+    pipeline's samples and dropped; BATCH images' samples go through the model at once."""
+    reduce_to = reduce_side(predictor.image_size, predictor.tiles)
+    done: list[_Header] = []
+    parts: list[np.ndarray] = [np.empty((0, len(predictor.classes)))]
+    cuts: list[np.ndarray] = []
+    for n, header in enumerate(headers, 1):
+        try:
+            rgb = decode_one(settings, images[header.index], reduce_to)
+        except UserError as e:
+            if unreadable is None:
+                raise
+            unreadable(images[header.index], e)
+        else:
+            cuts.append(predictor.pipeline.samples(rgb))
+            done.append(header)
+            if seen is not None:
+                seen(header.index, rgb)
+            del rgb
+        if cuts and (len(cuts) == BATCH or n == len(headers)):
+            parts.append(_score(predictor, cuts))
+            cuts = []
+            if progress is not None:
+                progress(len(done), len(done) + len(headers) - n)
+    return done, np.concatenate(parts)
+
+
+def _score(predictor, cuts: list[np.ndarray]) -> np.ndarray:
+    """Raw probabilities of the images whose samples (the pipeline's geometric step) are `cuts`: the
+    rest of what predictor.probabilities does with the images themselves, stain normalisation, the
+    model and, for tiles, the vote."""
+    from core.data.cache import to_tensor
+
+    owners = np.repeat(np.arange(len(cuts)), [len(c) for c in cuts])
+    samples = np.stack(predictor.pipeline.prepare([a for cut in cuts for a in cut]))
+    raw = predictor.score(to_tensor(list(samples)), owners if predictor.tiles else None)
+    return np.asarray(raw, dtype=np.float64)
+
+
+def _answers(predictor, images: Sequence[ImageInput], headers: list[_Header], probs: Probabilities,
+             target: float | None, run_id: int, sha: str) -> list[Classified]:
     """Each image's answer, with the refer verdict computed as the Predict page always has."""
     shown, classes = probs.shown, list(predictor.classes)
     if probs.is_calibrated:
-        threshold = predictor.refer_threshold(target)
+        band = predictor.refer_band(target)
+        threshold, aimed = band.threshold, band.target
         refer: list[bool | None] = [bool(r) for r in refer_verdict(shown, threshold)]
     else:
-        threshold, refer = None, [None] * len(images)
+        threshold, aimed, refer = None, None, [None] * len(headers)
     kind = "calibrated" if probs.is_calibrated else "raw"
-    return [Classified(name=im.name, image_sha256=im.sha256, width=im.image.width, height=im.image.height,
-                       size_bytes=im.size_bytes, predicted=classes[int(p.argmax())],
+    return [Classified(name=images[h.index].name, image_sha256=h.sha256, width=h.width, height=h.height,
+                       size_bytes=len(images[h.index].data), predicted=classes[int(p.argmax())],
                        probabilities={c: float(v) for c, v in zip(classes, p)}, kind=kind, refer=r,
-                       threshold=threshold, run_id=run_id, model_sha256=sha)
-            for im, p, r in zip(images, shown, refer)]
+                       threshold=threshold, run_id=run_id, model_sha256=sha, refer_target=aimed)
+            for h, p, r in zip(headers, shown, refer)]
 
 
-def _log(Session: sessionmaker, settings: Settings, user: User, source: str, images: Sequence[DecodedImage],
-         results: list[Classified]) -> None:
-    """One log row per image, in one short transaction (which also prunes rows past PREDICTION_LOG_DAYS).
-    Kept images are written first: a file whose row failed to commit is harmless, a row without its
-    file is not."""
+def _log(Session: sessionmaker, settings: Settings, user: User, source: str, results: list[Classified],
+         data: list[bytes]) -> None:
+    """One log row per image (`data`: each one's bytes), in one short transaction (which also prunes
+    rows past PREDICTION_LOG_DAYS). Kept images are written first: a file whose row failed to commit
+    is harmless, a row without its file is not."""
     kept: dict[str, str] = {}
     if settings.prediction_log_images:
-        kept = prediction_log.keep_images(settings, [(im.sha256, im.data) for im in images])
+        kept = prediction_log.keep_images(settings, [(r.image_sha256, d) for r, d in zip(results, data)])
     entries = [prediction_log.LogEntry(
         user=user.name, source=source, run_id=r.run_id, model_sha256=r.model_sha256, image_sha256=r.image_sha256,
         image_name=r.name, width=r.width, height=r.height, size_bytes=r.size_bytes, probabilities=r.probabilities,
         probability_kind=r.kind, predicted=r.predicted, refer=r.refer, threshold=r.threshold,
-        stored_path=kept.get(r.image_sha256)) for r in results]
+        refer_target=r.refer_target, stored_path=kept.get(r.image_sha256)) for r in results]
     with Session.begin() as s:
         prediction_log.record(s, entries)
         prediction_log.prune(s, settings)

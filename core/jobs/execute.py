@@ -145,7 +145,10 @@ def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress
         ours = False  # the other process records the outcome
         log.warning("run %d: stopped here; another process trains it now", run_id)
     except BaseException as exc:
-        log.exception("run %d failed", run_id)
+        if isinstance(exc, UserError):  # a message for the user, said in full: a traceback adds nothing
+            log.error("run %d failed: %s", run_id, exc)
+        else:
+            log.exception("run %d failed", run_id)
         _finish(Session, run_id, RunStatus.failed, timings, failure_text(exc, run_id), failure_page_text(exc))
         raise
     finally:

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.access.accounts import User, require_editor
-from core.access.limits import check_disk, check_name_length, check_queue, check_user_queue
+from core.access.limits import check_disk, check_name_length, check_queue, check_text, check_user_queue
 from core.config import Settings
 from core.data import splits
 from core.data.datasets import get_dataset, lock_dataset
@@ -34,7 +34,7 @@ def create_runs(session: Session, settings: Settings, config: RunConfig, *, user
     MAX_DISK_GB. `name` and `notes` are the person's own words for the runs (k-fold folds share them).
     """
     name = check_name_length(name.strip(), "Run name") if name and name.strip() else None
-    notes = notes.strip() or None if notes else None
+    notes = check_text(notes.strip(), "Notes") or None if notes else None
     if notes is not None and len(notes) > MAX_NOTES:
         raise UserError(f"Notes are limited to {MAX_NOTES} characters; these have {len(notes)}.")
     if user is not None:

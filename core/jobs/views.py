@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,11 +25,13 @@ from PIL import Image as PILImage
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
+from core.access.accounts import User
 from core.config import Settings
 from core.data import splits
 from core.data.datasets import get_dataset, load_rgb
 from core.errors import UserError
-from core.evaluation import metrics, yardstick
+from core.evaluation import calibration, metrics, yardstick
+from core.evaluation.compare import PairedComparison
 from core.inference import approval, prediction_log
 from core.jobs import manage, worker
 from core.store.db import (
@@ -49,6 +52,30 @@ ACTIVE = (RunStatus.queued.value, RunStatus.running.value)  # queued or running:
 def sessions(database_url: str) -> sessionmaker:
     """The sessions the pages open to call views and core's actions (one sessionmaker per process)."""
     return make_sessionmaker(database_url)
+
+
+# An absolute path on the server (two components at least) where a message or a log quotes one: after
+# the start, white space, a quote, a bracket or "=", so that addresses (http://...) and fractions
+# (80/20) are left alone.
+_SERVER_PATH = re.compile(r"""(?<![^\s'"(\[=])/[^\s/'"()\[\]]+(?:/[^\s/'"()\[\]]*)+""")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute server path replaced by its last part (a file's or folder's own
+    name): where the app is installed and how its folders are laid out is no reader's business, and
+    a message names a file well enough by its name. Editors read the paths in the technical log."""
+    return _SERVER_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def without_paths_in(value: Any) -> Any:
+    """`value` (JSON: dicts, lists, strings, numbers) with `without_paths` applied to every string."""
+    if isinstance(value, str):
+        return without_paths(value)
+    if isinstance(value, dict):
+        return {k: without_paths_in(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_paths_in(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +123,7 @@ class RunRow:
     # The augmentation preset whose values it trained with: PAPER_PRESET, a saved preset's name, or
     # None when no preset holds them (any more).
     augmentation_preset: str | None = PAPER_PRESET
+    groups_estimated: bool = False  # its dataset's specimen groups were estimated from file numbers
 
     @property
     def active(self) -> bool:
@@ -108,8 +136,8 @@ class RunRow:
 
     @property
     def weights(self) -> str:
-        """The weights it started from, in short ("imagenet", "none" or a file)."""
-        return (self.weights_used or self.config.weights).split(" (")[0]
+        """The weights it started from, in short ("imagenet", "none" or a file by its name)."""
+        return without_paths((self.weights_used or self.config.weights).split(" (")[0])
 
     @property
     def seconds(self) -> float | None:
@@ -227,7 +255,7 @@ def _run_row(run: Run, epochs_done: int, presets: dict[str, str] | None = None) 
         weights_used=run.weights_used, device=run.device, created_at=run.created_at, created_by=run.created_by,
         started_at=run.started_at, finished_at=run.finished_at, epochs_done=epochs_done,
         cancel_requested=run.cancel_requested, name=run.name, notes=run.notes,
-        augmentation_preset=_preset_of(config, presets or {}),
+        augmentation_preset=_preset_of(config, presets or {}), groups_estimated=bool(run.dataset.groups_estimated),
     )
 
 
@@ -287,9 +315,15 @@ class RunCurves:
     epochs: tuple[EpochRow, ...]
 
     def remaining_seconds(self) -> float | None:
-        """About how long training has left, from the epochs finished so far (the first, which
-        includes compiling and warming up, left out once there are others) and how far the current
-        epoch has got; None until an epoch has finished. Evaluation comes after."""
+        """About how long training has left at the speed of the last few seconds of steps
+        (RunProgress.step_seconds), so that a machine that gets busy shows in the figure within
+        seconds; without it, from the epochs finished so far (the first, which includes compiling
+        and warming up, left out once there are others). None until either is known. Validation
+        between epochs and the final test come on top."""
+        progress = self.run.progress
+        if progress.step_seconds and progress.steps and progress.epoch:
+            steps_left = (self.run.config.epochs - progress.epoch) * progress.steps + progress.steps - (progress.step or 0)
+            return max(0.0, steps_left * progress.step_seconds)
         if not self.epochs:
             return None
         times = [e.seconds for e in self.epochs[1:]] or [self.epochs[0].seconds]
@@ -297,6 +331,38 @@ class RunCurves:
         progress, done = self.run.progress, len(self.epochs)
         into = (progress.step or 0) / progress.steps if progress.steps and (progress.epoch or 0) > done else 0.0
         return max(0.0, (self.run.config.epochs - done - into) * per_epoch)
+
+
+    def speed_now(self) -> float | None:
+        """Training images per second over the last few seconds of steps (None before two steps)."""
+        seconds = self.run.progress.step_seconds
+        return self.run.config.batch_size / seconds if seconds else None
+
+    def slowed_to(self) -> float | None:
+        """The speed now as a share of the finished epochs' (the first left out once there are
+        others), when it has fallen below two thirds of it: the machine got busier. None otherwise."""
+        now = self.speed_now()
+        earlier = [e.images_per_second for e in (self.epochs[1:] or self.epochs) if e.images_per_second]
+        if now is None or not earlier:
+            return None
+        share = now / (sum(earlier) / len(earlier))
+        return share if share < 2 / 3 else None
+
+
+def interval_text(interval: tuple[float, float] | None) -> str | None:
+    """'25.5–81.1%', or None without an interval."""
+    if interval is None or interval[0] != interval[0]:  # none, or nan
+        return None
+    return f"{interval[0]:.1%}–{interval[1]:.1%}"
+
+
+def accuracy_text(accuracy: float | None, interval: tuple[float, float] | None) -> str | None:
+    """'53.8% (25.5–81.1%)': an accuracy with its 95% interval, for tables; None without a figure."""
+    if accuracy is None:
+        return None
+    if interval is None or interval[0] != interval[0]:  # no interval, or nan
+        return f"{accuracy:.1%}"
+    return f"{accuracy:.1%} ({interval[0]:.1%}–{interval[1]:.1%})"
 
 
 def speed_text(images_per_second: float | None) -> str:
@@ -415,6 +481,21 @@ class CalibrationView:
     val_error: tuple[float, float] | None  # before -> after scaling
     test_error: tuple[float, float] | None
     refer_sentence: str
+    val_loss: tuple[float, float] | None = None  # the log-loss the scaling was fitted to lower: before -> after
+
+    @property
+    def scaling_sentence(self) -> str:
+        """What the scaling did and what it was fitted on, in words; why the binned error can rise."""
+        text = (f"Confidences {calibration.scaling_words(self.scaling)}. Fitted on the {self.n_val} validation images "
+                "to lower their log-loss (how surprised the model is by the right answers)")
+        if self.val_loss is not None:
+            text += f": {self.val_loss[0]:.3f} → {self.val_loss[1]:.3f}"
+        text += "."
+        if self.val_error is not None and self.val_error[1] > self.val_error[0]:
+            text += (" The calibration error on the same images rose a little: it is another yardstick (confidence "
+                     f"against accuracy in {calibration.N_BINS} bins), coarse with {self.n_val} images, and the scaling "
+                     "did not aim at it.")
+        return text
 
     @property
     def scaling_help(self) -> str:
@@ -439,19 +520,16 @@ def calibration_view(summary: RunSummary) -> CalibrationView:
         return CalibrationView(None, record.get("note", "the run was recorded before calibration was added"),
                                None, None, None, "")
     test = (record["test_ece_before"], record["test_ece_after"]) if "test_ece_before" in record else None
-    threshold, target = record.get("refer_threshold"), record.get("refer_target")
-    if threshold is None:
-        refer = (f"No confidence reaches {target:.0%} accuracy on the validation part, so every prediction of this "
-                 "model is marked \"uncertain, refer\".")
-    else:
-        refer = (f"Predictions less confident than {threshold:.0%} (after scaling) are marked \"uncertain, refer\": "
-                 f"the confident ones were right {target:.0%} of the time on the validation part.")
-        if record.get("test_coverage") is not None:
-            accepted = record.get("test_accepted_accuracy")
-            refer += (f" On the test part it keeps {record['test_coverage']:.0%} of the images as confident"
-                      + ("" if accepted is None else f", {accepted:.1%} of them right") + ".")
+    band = calibration.recorded_band(record)
+    refer = calibration.band_sentence(band)
+    if band.threshold is not None and record.get("refer_confidence") is not None \
+            and record.get("test_coverage") is not None:  # measured with this very band
+        accepted = record.get("test_accepted_accuracy")
+        refer += (f" On the test part it keeps {record['test_coverage']:.0%} of the images as confident"
+                  + ("" if accepted is None else f", {accepted:.1%} of them right") + ".")
+    loss = (record["val_nll_before"], record["val_nll_after"]) if "val_nll_before" in record else None
     return CalibrationView(record["temperature"], "", record.get("n_val"),
-                           (record["val_ece_before"], record["val_ece_after"]), test, refer)
+                           (record["val_ece_before"], record["val_ece_after"]), test, refer, loss)
 
 
 def plain_calibration_words(text: str) -> str:
@@ -466,11 +544,11 @@ def seconds_since(moment: datetime) -> float:
 def failure_message(error: str | None, summary: RunSummary) -> str | None:
     """A run's recorded error as a page says it: the pages' words where the error has them
     (RunSummary.error_page), else its first line (the rest, often a process's output, is for the
-    technical log)."""
+    technical log); a server path in it by its last part (`without_paths`)."""
     if error is None:
         return None
     text = summary.error_page or error
-    return text.strip().splitlines()[0] if text.strip() else text
+    return without_paths(text.strip().splitlines()[0] if text.strip() else text)
 
 
 def run_results(session: Session, settings: Settings, run_id: int) -> RunResults:
@@ -565,6 +643,18 @@ class DatasetDetail:
     @property
     def groups(self) -> set[str]:
         return {im.group for im in self.images if im.group is not None}
+
+    def source_for(self, import_roots: Sequence[Path], full: bool) -> str:
+        """Where its images came from, as a user may read it: in full for an editor (`full`); else a
+        folder on the server by its path below the import root it lies in (IMPORT_ROOTS), or by its
+        own name. An upload is named by its file(s) already."""
+        if full or not self.source.startswith("/"):
+            return self.source
+        source = Path(self.source)
+        root = next((r for r in import_roots if source.is_relative_to(r)), None)
+        if root is not None and source != root:
+            return source.relative_to(root).as_posix()
+        return source.name
 
     def class_counts(self) -> dict[str, int]:
         return {c: sum(im.label == c for im in self.images) for c in self.classes}
@@ -791,12 +881,14 @@ class PredictionHistory:
         return prediction_log.to_csv(self.rows)
 
 
-def prediction_history(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                       run_id: int | None = None, user: str | None = None, predicted: str | None = None,
+def prediction_history(session: Session, *, reader: User | None, since: datetime | None = None,
+                       until: datetime | None = None, run_id: int | None = None, user: str | None = None,
+                       predicted: str | None = None,
                        limit: int | None = prediction_log.DEFAULT_LIMIT) -> PredictionHistory:
+    """The rows and filter values that `reader` may read (a viewer: their own; prediction_log.readable_user)."""
     rows = prediction_log.list_predictions(session, since=since, until=until, run_id=run_id, user=user,
-                                           predicted=predicted, limit=limit)
-    return PredictionHistory(tuple(rows), limit, prediction_log.logged_values(session))
+                                           predicted=predicted, limit=limit, reader=reader)
+    return PredictionHistory(tuple(rows), limit, prediction_log.logged_values(session, reader))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,8 +912,9 @@ class BestGrouped:
         """Colour alone on the same split (None: not recorded for this run)."""
         return None if self.run is None else yardstick.accuracy_of(self.run.summary.colour_yardstick)
 
-    def explanation(self) -> str:
-        """Plain words on what the number means."""
+    def explanation(self, versus_colour: PairedComparison | None = None) -> str:
+        """Plain words on what the number means; `versus_colour`: the run against colour alone on the
+        same test images (core/jobs/comparisons.py), which decides whether the network "does better"."""
         if self.run is None:
             text = ("No finished run on a split grouped by specimen yet, so there is no honest estimate for "
                     "new patients. Give the dataset specimen groups on the Datasets page and train with the "
@@ -833,19 +926,24 @@ class BestGrouped:
             return text
         fold = f", fold {self.run.fold + 1} of {self.run.config.folds}" if self.run.config.split == "kfold" else ""
         head = f"Run {self.run.id} ({self.run.protocol}{fold}): this run {self.accuracy:.1%}"
+        if self.run.groups_estimated:
+            head += (" on estimated specimens (groups cut from blocks of file numbers, not real specimen ids, so "
+                     "images of one specimen may still sit on both sides)")
         if self.yardstick is None:
             return head + "; colour alone was not measured on its split."
         head += f"; colour alone on the same split: {self.yardstick:.1%}. "
         colour = ("'Colour alone' is a simple model that sees only the stain colours of each image (their "
                   "averages and spreads), not the tissue. ")
-        margin = self.accuracy - self.yardstick
-        if margin <= 0:
-            return head + colour + ("It does as well as the network or better: the network may have learnt the "
-                                    "stain of each class's slides rather than the disease, and would not carry "
-                                    "over to another laboratory's slides.")
-        if margin < 0.05:  # within a few test images of it on a test part of some 50 images
-            return head + colour + "The network does only a little better, so it may rely mostly on the stain."
-        return head + colour + "The network does clearly better, so it uses more than the stain."
+        if versus_colour is None:
+            return head + colour + ("This run did not record colour alone image by image, so whether the gap is more "
+                                    "than chance cannot be said; train it again to see.")
+        said = versus_colour.verdict("The network", "colour alone")
+        if versus_colour.within_noise:
+            return head + colour + said + (" So the network may rely on the stain of each class's slides rather "
+                                           "than the disease, and may not carry over to another laboratory's slides.")
+        if versus_colour.difference < 0:
+            return head + colour + said + " The network has learnt less than the stain alone tells."
+        return head + colour + said + " So it uses more than the stain."
 
 
 def best_grouped(rows: list[RunRow]) -> BestGrouped:

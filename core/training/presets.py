@@ -7,6 +7,8 @@ config, so editing or deleting a preset later never changes a recorded run.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -180,6 +182,46 @@ def matching_preset(values: dict[str, Any], default_weights: str) -> str | None:
         if all(values.get(k) == v for k, v in preset.items() if k not in free):
             return name
     return None
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """The backbone weights a preset proposes on this server, and why, in the page's words."""
+
+    weights: str
+    reason: str  # "" when the site's DEFAULT_WEIGHTS load
+
+
+@functools.cache
+def usable_weights(default_weights: str) -> WeightsChoice:
+    """The site's DEFAULT_WEIGHTS when they load here, else random initialisation, said so: a
+    preset that proposed ImageNet weights on an offline server would be refused at every first
+    launch. Loading is tried once per process (a second or two, and torch), then remembered."""
+    from core.training.model import check_weights  # torch: only when a preset is first drawn
+
+    if default_weights == "none":
+        return WeightsChoice("none", "")
+    try:
+        check_weights(default_weights)
+    except UserError as exc:
+        why = exc.for_page().split(". ")[0].rstrip(".")
+        return WeightsChoice("none", f"The presets train from random initialisation here, because the site's "
+                                     f"backbone weights ({default_weights}) cannot be loaded on this server: {why}. "
+                                     "Expect lower accuracy than with ImageNet weights; to use them, place their "
+                                     "file on the server and choose 'A weights file on the server'.")
+    return WeightsChoice(default_weights, "")
+
+
+def preset_config(name: str, default_weights: str) -> tuple[RunConfig, WeightsChoice | None]:
+    """Training preset `name` as a RunConfig (dataset "-"), with the weights choice when the preset
+    leaves the weights to the site (None when it names its own). The paper used ImageNet weights; a
+    site that set DEFAULT_WEIGHTS (say, a local file, because it is offline) keeps its choice."""
+    values = training_preset(name)
+    choice = None
+    if "weights" not in TRAINING_PRESETS[name]:
+        choice = usable_weights(default_weights)
+        values["weights"] = choice.weights
+    return RunConfig(dataset="-", **values), choice
 
 
 def training_preset(name: str) -> dict[str, Any]:

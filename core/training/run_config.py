@@ -7,6 +7,11 @@ augment only the training part); the paper's own protocol is `split="paper-leaky
 Each field's metadata (SETTING_KEYS) gives its help, label, bounds and choices: the CLI's flags
 (`add_flags`, `from_flags`) and the Train page's form are both made from it, so a new setting is
 added here once.
+
+`validate()` holds a new run's settings to that same metadata (type, bounds, choices, pattern, finite
+numbers, no NUL character), with a message naming the setting as the API and the flags name it; the
+command line, the Train form and the API call it before queueing. Constructing a RunConfig checks
+only what any run needs to make sense, so a run recorded before a bound existed still loads.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
@@ -43,7 +49,8 @@ SETTING_KEYS = {
     "choices": "the only values allowed: the flag's choices and the form's options",
     "option_labels": "a sentence per choice; the form then shows them as radio buttons",
     "options": "values the form offers; the flag takes any text",
-    "bounds": "(lowest, highest) of the form's number input",
+    "bounds": "(lowest, highest) of the form's number input, and of any new run's value (validate)",
+    "pattern": "(a regular expression the whole value must match, it in words): validate, the API's schema",
     "step": "the form's number input step",
     "format": "the form's number format, e.g. %.2f",
     "splits": "the split protocols it applies to; the form disables it under the others",
@@ -102,6 +109,7 @@ class RunConfig:
     seed: int = _setting(0, section="data", label="Seed", bounds=(0, 2**31 - 1), step=1,
                          help="seeds the split, the augmentation and the training")
     device: str = _setting("auto", section="training", label="Device", options=("auto", "cpu", "cuda"),
+                           pattern=(r"auto|cpu|cuda(:[0-9]{1,2})?", "auto, cpu, cuda or cuda:N"),
                            help="auto | cpu | cuda | cuda:N; auto: the GPU when there is one (bf16), else the CPU "
                                 "(slow at 224 px)")
     patience: int = _setting(
@@ -162,6 +170,14 @@ class RunConfig:
         if self.tiles and self.split == "paper-leaky":
             raise UserError("The paper's protocol trains on whole images; tiles work with the holdout and kfold splits.")
 
+    def validate(self) -> RunConfig:
+        """This config, if a new run may have it: every field of its own type, within its `bounds`,
+        among its `choices`, matching its `pattern`, finite, and no text with a NUL character (which
+        PostgreSQL cannot store); UserError naming the first field that is not."""
+        for f in dataclasses.fields(self):
+            _check_setting(f, getattr(self, f.name))
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -179,6 +195,40 @@ class RunConfig:
     @property
     def augment_params(self) -> AugmentParams:
         return AugmentParams.from_dict(self.augmentation)
+
+
+_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a finite number",
+               str: "text without a NUL character", dict: "an object"}
+
+
+def _check_setting(f: dataclasses.Field, value: Any) -> None:
+    """UserError unless `value` is one that field `f`'s metadata allows (RunConfig.validate)."""
+    meta, kind = f.metadata, setting_type(f)
+    if value is None and f.default is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = number and math.isfinite(value) if kind is float else \
+        isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if fits and kind is str:
+        fits = "\x00" not in value
+    if fits and kind is dict:
+        fits = all(isinstance(k, str) and "\x00" not in k for k in value)
+    if not fits:
+        _refuse(f, f"must be {_KIND_WORDS[kind]}", value)
+    if "bounds" in meta and not meta["bounds"][0] <= value <= meta["bounds"][1]:
+        low, high = meta["bounds"]
+        _refuse(f, f"must be from {low:g} to {high:g}" if kind is float else f"must be from {low} to {high}", value)
+    if "choices" in meta and value not in meta["choices"]:
+        _refuse(f, f"must be one of {', '.join(map(str, meta['choices']))}", value)
+    if "pattern" in meta and not re.fullmatch(meta["pattern"][0], value):
+        _refuse(f, f"must be {meta['pattern'][1]}", value)
+
+
+def _refuse(f: dataclasses.Field, rule: str, value: Any) -> None:
+    shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a number of over 30 digits"
+    shown = shown[:80]
+    raise UserError(f"Run setting '{f.name}' ({flag_of(f)}) {rule}; got {shown}.",
+                    page=f"{f.metadata.get('label', f.name)} {rule}; got {shown}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +280,7 @@ def from_flags(args: argparse.Namespace, names: Sequence[str] | None = None, **v
     for f in settings_fields(names):
         if setting_type(f) is dict:
             chosen[f.name] = _key_values(flag_of(f), f.default_factory(), chosen[f.name] or [])
-    return RunConfig(**{**chosen, **values})
+    return RunConfig(**{**chosen, **values}).validate()
 
 
 def _key_values(flag: str, base: dict[str, Any], items: Sequence[str]) -> dict[str, Any]:

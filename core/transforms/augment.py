@@ -56,10 +56,11 @@ class AugmentParams:
                 _check_range(f.name, value, 0.0, 1.0, "between 0 and 1")
             elif f.name.startswith("rotate_max_"):
                 _check_int(f.name, value, 0, 25, "a whole number of degrees from 0 to 25 (Augmentor's limit)")
+            # The Augmentation page's bounds: a grid of a million cells would tie up the shared worker.
             elif f.name.startswith("distortion_grid_"):
-                _check_int(f.name, value, 1, 10**6, "a whole number of at least 1")
+                _check_int(f.name, value, 1, 64, "a whole number from 1 to 64")
             elif f.name == "distortion_magnitude":
-                _check_int(f.name, value, 0, 10**6, "a whole number of at least 0")
+                _check_int(f.name, value, 0, 64, "a whole number from 0 to 64")
             elif f.name == "zoom_percentage_area" and not 0.1 <= value < 1:
                 # Augmentor's zoom_random refuses 1.0 (a crop of the whole image would be a no-op).
                 raise UserError(f"Augmentation setting {f.name} must be at least 0.1 and less than 1, got {value}.")
