@@ -282,23 +282,24 @@ def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
         if not path.is_file():
             raise UserError(f"{path}: no such file.")
         images.append(service.ImageInput(str(path), path.read_bytes()))
-    # Calibrated where the run has a temperature, as on the pages; the "probabilities" column says which.
+    # Calibrated where the run has a temperature, as on the pages; probability_kind says which. The
+    # columns are a prediction's fields as the API and the log name them (core/inference/service.py).
     results = service.classify(Session, settings, cli_user(args), images, run_id=args.run, source="cli",
                                log=args.log, calibrated=not args.raw, device=args.device)
-    rows = [{"path": r.name, "predicted": r.predicted, "probabilities": r.label, **r.probabilities,
-             **({} if r.refer is None else {"uncertain_refer": r.refer})} for r in results]
+    rows = [service.prediction_row(r) for r in results]
     header = list(rows[0])
-    write_csv(sys.stdout, header, ([f"{v:.4f}" if isinstance(v, float) else v for v in map(row.get, header)]
+    write_csv(sys.stdout, header, (["" if v is None else f"{v:.4f}" if isinstance(v, float) else
+                                    int(v) if isinstance(v, bool) else v for v in map(row.get, header)]
                                    for row in rows))
     if args.run is None:
         print(f"classified with the approved model: run {results[0].run_id}", file=sys.stderr)
 
 
 def cmd_approve(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.inference.approval import approve
+    from core.jobs.comparisons import approve_checked
 
     with Session.begin() as s:
-        record = approve(s, settings, args.run, cli_user(args), args.note)
+        record = approve_checked(s, settings, args.run, cli_user(args), args.note, despite=args.despite)
     print(f"run {record.run_id}: approved for {', '.join(record.classes)} by {record.approved_by} "
           f"(model {record.model_sha256[:12]})")
 
@@ -527,6 +528,9 @@ def _add_approval_commands(sub) -> None:
     p.add_argument("run", type=int)
     p.add_argument("--note", required=True, help="why this model, e.g. what it was checked against")
     p.add_argument("--user", help="recorded as the approver (default: your login name)")
+    p.add_argument("--despite", action="store_true",
+                   help="approve although the run refers every prediction, may be no better than colour alone or "
+                        "chance, or was tested under the leaky protocol (without it, such a run is refused, saying why)")
     p.set_defaults(func=cmd_approve)
 
     p = sub.add_parser("withdraw", help="withdraw a run's approval: its class set has no approved model until another is approved")

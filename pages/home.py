@@ -50,8 +50,7 @@ ds_rows = [{"dataset": d.name, "images": d.images, "classes": ", ".join(d.classe
            for d in all_datasets]
 # The key figures first (name, status, accuracy with its interval), so that they show without scrolling.
 run_rows = [{"name": r.title, "status": r.status, "test accuracy (95% interval)": views.accuracy_text(
-                r.summary.test_accuracy, intervals.get(r.id)), "run": r.id, "dataset": r.dataset, "protocol": r.protocol}
-            for r in recent]
+                r.summary.test_accuracy, intervals.get(r.id)), "run": r.id, "dataset": r.dataset} for r in recent]
 
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Datasets", len(all_datasets), border=True)
@@ -98,25 +97,27 @@ for col, (page, icon, title, text) in zip(steps, [
         st.page_link(page, label=title, icon=icon)
         st.caption(text)
 
-left, right = st.columns([2, 3], gap="large")
-with left:
-    st.subheader("Datasets")
-    if ds_rows:
-        st.dataframe(pd.DataFrame(ds_rows), hide_index=True)
-    else:
-        st.info("No datasets yet. Add one on the **Datasets** page (or `python -m core ingest FOLDER --name NAME`).")
-with right:
-    st.subheader("Recent runs")
-    if run_rows:
-        st.dataframe(
-            pd.DataFrame(run_rows), hide_index=True, placeholder="–",
-            column_config={"name": st.column_config.TextColumn(width="medium"),
-                           "test accuracy (95% interval)": st.column_config.TextColumn(
-                               help="On the run's own test part; the interval is a bootstrap over its test images "
-                                    "(whole specimens where known), as on the Runs page.")},
-        )
-    else:
-        st.info("No training runs yet. Launch one on the **Train** page.")
+# Each table the page's full width, so that every column shows without scrolling sideways.
+st.subheader("Recent runs")
+if run_rows:
+    st.dataframe(
+        pd.DataFrame(run_rows), hide_index=True, placeholder="–",
+        row_height=56,  # two lines: a long name wraps rather than pushing the figures off to the side
+        column_config={"name": st.column_config.TextColumn(width=330),
+                       "status": st.column_config.TextColumn(width=90),
+                       "test accuracy (95% interval)": st.column_config.TextColumn(
+                           width=190, help="On the run's own test part; the interval is a bootstrap over its test "
+                                           "images (whole specimens where known), as on the Runs page."),
+                       "run": st.column_config.NumberColumn(width=50),
+                       "dataset": st.column_config.TextColumn(width=120)},
+    )
+else:
+    st.info("No training runs yet. Launch one on the **Train** page.")
+st.subheader("Datasets")
+if ds_rows:
+    st.dataframe(pd.DataFrame(ds_rows), hide_index=True)
+else:
+    st.info("No datasets yet. Add one on the **Datasets** page (or `python -m core ingest FOLDER --name NAME`).")
 
 st.subheader("Training worker")
 if status.alive:

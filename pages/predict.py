@@ -327,12 +327,17 @@ def classify_tab() -> None:
     st.subheader("Result" if len(table) == 1 else f"Results for {len(table)} images")
     if len(table) > 1:
         batch_summary(table, classes, result["answers"][0].kind == "calibrated")
-    st.dataframe(table, hide_index=True, column_config={
-        name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1)
-        for name in ["confidence", *classes]
-    })
-    st.download_button("Results (.csv)", icon=":material/download:", data=csv_bytes(table),
-                       file_name=f"predictions-run-{row.id}.csv", mime="text/csv", on_click="ignore")
+    # The file, the answer and each class's probability: what fits beside the sidebar without scrolling
+    # (the kind of probability is said once, in the caption; the confidence is the predicted class's).
+    st.dataframe(table, hide_index=True, column_order=["file", "predicted", "verdict", *classes], column_config={
+        "file": st.column_config.TextColumn(width="medium"),
+        **{name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1, width="small")
+           for name in classes}})
+    st.caption(f"Each class's {result['answers'][0].label}.")
+    # The download holds each prediction's fields as the log and the API name them (core/inference/service.py).
+    st.download_button("Results (.csv)", icon=":material/download:", file_name=f"predictions-run-{row.id}.csv",
+                       data=csv_bytes(pd.DataFrame([service.prediction_row(a) for a in result["answers"]])),
+                       mime="text/csv", on_click="ignore")
     names = [a.name for a in result["answers"]]
     chosen = (st.selectbox("Look at one image", range(len(table)), format_func=lambda i: names[i], key="pr_detail")
               if len(table) > 1 else 0)

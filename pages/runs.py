@@ -58,7 +58,7 @@ with Session() as s:
 rows = [{
     "name": r.title, "status": r.status, "test accuracy": r.summary.test_accuracy,
     "95% interval": views.interval_text(intervals.get(r.id)), "run": r.id, "dataset": r.dataset,
-    "split": r.config.split, "created": r.created_at, "by": r.created_by,
+    "split": r.config.split,
 } for r in all_runs]
 labels = {r.id: r.label(results=False) for r in all_runs}
 with_curves = {r.id for r in all_runs if r.epochs_done}
@@ -85,16 +85,15 @@ shown = table[keep].drop(columns=["split"])
 st.dataframe(
     shown, hide_index=True, height=min(520, 38 + 73 * len(shown)), placeholder="–", row_height=72,
     column_config={
-        "name": st.column_config.TextColumn(width="large", help="Its own name, or what sets its settings apart "
+        "name": st.column_config.TextColumn(width=330, help="Its own name, or what sets its settings apart "
                                             "from the paper's"),
         "test accuracy": st.column_config.NumberColumn(format="percent", width=90),
         "95% interval": st.column_config.TextColumn(width=110, help="Bootstrap over the run's test images (whole "
                                                     "specimens where known): where its accuracy on other images like "
                                                     "these likely lies."),
         "run": st.column_config.NumberColumn(width=50),
-        "created": st.column_config.DatetimeColumn("created (UTC)", format="YYYY-MM-DD HH:mm", width=130),
         "status": st.column_config.TextColumn(width=90),
-        "by": st.column_config.TextColumn(width=80),
+        "dataset": st.column_config.TextColumn(width=110),
     },
 )
 st.caption("Click a column header to sort. Test accuracy is on the run's own test part: compare runs only under "
@@ -461,9 +460,15 @@ def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model:
     if not has_model:
         st.caption("This run has no model file, so it cannot be approved.")
         return
+    with Session() as s:
+        concerns = comparisons.approval_concerns(s, run.id)
+    if concerns:
+        st.warning("**Think twice before approving this model:**\n" + "\n".join(f"- {c}" for c in concerns),
+                   icon=":material/report:")
     with st.form(f"runs_approve_form_{run.id}", border=True):
         note = st.text_area("Note (why this model)", key=f"runs_approve_note_{run.id}", max_chars=approval.MAX_NOTE,
                             placeholder="e.g. validated on the March specimens")
+        despite = concerns and st.checkbox("Approve anyway: I have read why not", key=f"runs_approve_despite_{run.id}")
         pressed = st.form_submit_button(f"Approve this model for {md_text(classes)}", icon=":material/verified:",
                                         key=f"runs_approve_{run.id}",
                                         help="Classifications that name no run (the Predict page's default, the API) "
@@ -471,7 +476,7 @@ def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model:
     if pressed:
         with user_errors():
             with Session.begin() as s:
-                approval.approve(s, cfg, run.id, user, note)
+                comparisons.approve_checked(s, cfg, run.id, user, note, despite=bool(despite))
             st.session_state[FLASH] = f"Run {run.id} is now the approved model for {md_text(classes)}."
             st.rerun()
 

@@ -156,18 +156,31 @@ def test_a_viewer_predicts_and_gets_what_the_prediction_service_gives(served):
                                    [service.ImageInput("new-FL.png", data)], run_id=served.run_id, source="api",
                                    log=False)
     assert answer["probabilities"] == pytest.approx(expected.probabilities, abs=1e-9)
-    assert answer["subtype"] == expected.predicted == max(expected.probabilities, key=expected.probabilities.get)
-    assert (answer["probability_kind"], answer["refer"], answer["refer_threshold"]) == \
-        ("calibrated", expected.refer, expected.threshold)
+    assert answer["predicted"] == expected.predicted == max(expected.probabilities, key=expected.probabilities.get)
+    assert (answer["probability_kind"], answer["refer"], answer["refer_threshold"], answer["refer_target"]) == \
+        ("calibrated", expected.refer, expected.threshold, 0.9)
     model_sha = hashlib.sha256(model_path(served.settings, served.run_id).read_bytes()).hexdigest()
-    assert answer["version"] == body["version"] == model_sha and body["run_id"] == served.run_id
-    assert answer["image_sha256"] == hashlib.sha256(data).hexdigest()
+    assert answer["model_sha256"] == body["model_sha256"] == model_sha and body["run_id"] == served.run_id
+    assert answer["image_sha256"] == hashlib.sha256(data).hexdigest() and answer["image_name"] == "new-FL.png"
     assert (answer["width"], answer["height"], answer["size_bytes"]) == (80, 60, len(data))
 
     logged = client.get("/api/v1/predictions", params={"run": served.run_id, "user": "vera"},
                         headers=served.as_(served.viewer)).json()["predictions"]
     assert [(p["source"], p["image_sha256"], p["predicted"]) for p in logged] == \
-        [("api", answer["image_sha256"], answer["subtype"])]
+        [("api", answer["image_sha256"], answer["predicted"])]
+    # One vocabulary: the log's row is the answer, field for field, with when, who and through what.
+    (row,) = logged
+    assert set(answer) == set(service.PREDICTION_FIELDS) and set(row) == set(answer) | {"id", "at", "user", "source"}
+    assert {k: row[k] for k in answer if k != "probabilities"} == {k: v for k, v in answer.items()
+                                                                   if k != "probabilities"}
+    # Both answers hold to the OpenAPI document's schemas.
+    import jsonschema
+
+    document = client.get("/api/v1/openapi.json").json()
+    resolver = {"$defs": document["components"]["schemas"]}
+    for value, name in ((body, "PredictResponse"), ({"predictions": logged}, "Predictions")):
+        schema = {**document["components"]["schemas"][name], **resolver}
+        jsonschema.validate(value, json.loads(json.dumps(schema).replace("#/components/schemas/", "#/$defs/")))
 
 
 def test_without_a_run_the_approved_model_classifies(served):
@@ -251,7 +264,12 @@ def test_a_viewer_cannot_queue_a_run_and_an_editor_queues_one(served):
         response = client.post("/api/v1/runs", json=bad, headers=served.as_(served.editor))
         assert response.status_code == 422 and message in error_of(response)
 
-    response = client.post("/api/v1/runs", json=config, headers=served.as_(served.editor))
+    # Without the server's ImageNet weights, the refusal speaks the API's words (a field), not flags.
+    offline = client.post("/api/v1/runs", json={**config, "weights": "imagenet"}, headers=served.as_(served.editor))
+    assert offline.status_code == 422 and '"weights": "none"' in error_of(offline)
+    assert "--weights" not in error_of(offline) and "No run was queued" in error_of(offline)
+    named = {**config, "name": "March check", "notes": "Same specimens as run 1."}  # as the Train form takes them
+    response = client.post("/api/v1/runs", json=named, headers=served.as_(served.editor))
     assert response.status_code == 201, response.text
     (run_id,) = response.json()["run_ids"]
     assert response.headers["location"] == f"/api/v1/runs/{run_id}"
@@ -259,6 +277,7 @@ def test_a_viewer_cannot_queue_a_run_and_an_editor_queues_one(served):
     with Session() as s:
         run = s.get(Run, run_id)
         assert (run.status, run.created_by, run.config["epochs"]) == (RunStatus.queued, "ed", 2)
+        assert (run.name, run.notes) == ("March check", "Same specimens as run 1.")
         assert not s.scalars(select(Worker)).all()  # START_WORKER=0: nothing trains it here
     queued = client.get(f"/api/v1/runs/{run_id}", headers=served.as_(served.viewer)).json()
     assert queued["status"] == "queued" and queued["progress"]["text"].startswith("Queued")

@@ -35,7 +35,9 @@ from core.evaluation.calibration import refer_verdict
 from core.inference import approval, engine, prediction_log, service
 from core.inference.model_file import read_model, write_model
 from core.jobs import views
-from core.store.db import Dataset, ModelApproval, PredictionLog, Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import (
+    Dataset, Image, ModelApproval, Prediction, PredictionLog, Run, RunStatus, make_sessionmaker, utcnow,
+)
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig
@@ -336,7 +338,7 @@ def test_cli_approve_then_predict_with_the_approved_model_and_log_it(model_sourc
     assert main(["predict", "--log", "--user", "cy", str(image)]) == 0
     out = capsys.readouterr()
     (row,) = csv.DictReader(io.StringIO(out.out))
-    assert row["probabilities"] == "calibrated probability" and f"run {run_id}" in out.err
+    assert row["probability_kind"] == "calibrated" and f"run {run_id}" in out.err
 
     assert main(["predictions", "--csv", "--since", "2000-01-01"]) == 0
     (logged,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
@@ -371,3 +373,37 @@ def test_the_tables_work_on_postgresql(postgres_url):
     with Session() as s:
         assert approval.approved_run(s, CLASSES).run_id is None  # the run went; the approval stays
         assert len(prediction_log.list_predictions(s)) == 1
+
+
+def test_approving_a_model_that_refers_everything_and_may_be_chance_asks_first(model_source, home, Session,
+                                                                              monkeypatch, capsys):
+    """A weak model: 26 validation images from which no threshold can promise 90%, and 8 of 20 test
+    images right (an interval that reaches chance). Approving it names both reasons and needs --despite."""
+    from core.jobs.comparisons import approval_concerns
+
+    run_id = add_run(Session, home, model_source)
+    with Session.begin() as s:
+        run = s.get(Run, run_id)
+        images = [Image(dataset_id=run.dataset_id, sha256=f"{i:064x}", stored_path=f"images/{i}.png", label="CLL",
+                        original_name=f"{i}.png", width=64, height=64, mode="RGB") for i in range(20)]
+        s.add_all(images)
+        s.flush()
+        s.add_all(Prediction(run_id=run_id, image_id=im.id, true_label=0, predicted_label=0 if k < 8 else 1,
+                             probabilities=[0.4, 0.3, 0.3]) for k, im in enumerate(images))
+        run.summary = {"test_accuracy": 0.4, "calibration": {
+            "temperature": 1.0, "n_val": 26, "refer_target": 0.9, "val_probs": [[0.5, 0.3, 0.2]] * 26,
+            "val_labels": [0] * 14 + [1] * 12}}
+    with Session() as s:
+        concerns = approval_concerns(s, run_id)
+    assert len(concerns) == 2 and "every prediction" in concerns[0] and "reaches chance" in concerns[1]
+
+    monkeypatch.setenv("APP_HOME", str(home.app_home))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert main(["approve", str(run_id), "--note", "looks fine", "--user", "ana"]) == 2
+    err = capsys.readouterr().err
+    assert "was not approved" in err and "uncertain, refer" in err and "--despite" in err
+    with Session() as s:
+        assert approval.approved_run(s) is None
+    assert main(["approve", str(run_id), "--note", "for the demo only", "--user", "ana", "--despite"]) == 0
+    with Session() as s:
+        assert approval.approved_run(s).run_id == run_id

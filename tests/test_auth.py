@@ -325,8 +325,7 @@ def test_a_viewer_sees_no_controls_that_change_records(settings, accounts_file, 
     at.switch_page("pages/runs.py").run()
     assert not at.exception
     assert f"runs_cancel_{run.id}" not in [b.key for b in at.button]
-    table = at.dataframe[0].value
-    assert list(table["by"]) == ["ana"]
+    assert any("by ana" in c.value for c in at.caption)  # who launched it, under the run's heading
 
     at.switch_page("pages/augmentation.py").run()
     assert not at.exception

@@ -85,11 +85,12 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         def shot(name: str) -> None:
             # Streamlit scrolls inside its main container, so a full-page screenshot would stop at the
             # viewport: grow the viewport to the content's height for the picture, then restore it.
+            width = page.viewport_size["width"]
             height = page.evaluate("document.querySelector('[data-testid=stMainBlockContainer]').scrollHeight")
-            page.set_viewport_size({"width": 1440, "height": max(1000, int(height) + 120)})
+            page.set_viewport_size({"width": width, "height": max(1000, int(height) + 120)})
             page.wait_for_timeout(800)  # let charts redraw at the new size
             page.screenshot(path=str(SHOTS / f"{name}.png"))
-            page.set_viewport_size({"width": 1440, "height": 1000})
+            page.set_viewport_size({"width": width, "height": 1000})
 
         def settle() -> None:  # Streamlit shows a running indicator while the script reruns
             page.wait_for_timeout(400)  # a rerun starts a moment after the input that caused it
@@ -166,15 +167,18 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         settle()
         shot("12-runs-finished")
 
-        # Predict: classify three new TIF images at once, then look at one and at the log.
+        # Predict, at 1280 px: classify three new TIF images at once, then look at one and at the log.
+        page.set_viewport_size({"width": 1280, "height": 1000})
         page.goto(url + "/predict")
         page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files([str(f) for f in new_images])
         expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
         expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=90_000)
         settle()
+        assert_tables_fit(page, "/predict")
         shot("13-predict-three-images")
         page.get_by_role("tab", name="History").click()
         settle()
+        page.set_viewport_size({"width": 1440, "height": 1000})
         expect(page.get_by_role("button", name="Log (.csv)")).to_be_visible()
         with Session() as s:  # the table is drawn on a canvas: its rows are read from the log itself
             logged = s.scalars(select(PredictionLog.image_name)).all()

@@ -53,9 +53,11 @@ def test_ingest_train_evaluate_predict(tmp_path):
     assert out.returncode == 0, out.stderr
     header, row = out.stdout.strip().splitlines()
     # The run's calibrated class probabilities (it has a validation part), saying so, and its refer verdict.
-    assert header == "path,predicted,probabilities,CLL,FL,MCL,uncertain_refer"
-    assert row.split(",")[2] == "calibrated probability"
-    assert abs(sum(float(v) for v in row.split(",")[3:6]) - 1) < 0.01
+    # A prediction's fields as the API and the log name them, then one column per class.
+    assert header == ("image_name,image_sha256,width,height,size_bytes,predicted,probability_kind,refer,"
+                      "refer_threshold,refer_target,run_id,model_sha256,CLL,FL,MCL")
+    assert row.split(",")[6] == "calibrated" and row.split(",")[7] in ("0", "1")
+    assert abs(sum(float(v) for v in row.split(",")[12:15]) - 1) < 0.01
 
     out = cli(home, "runs")
     assert out.returncode == 0 and "succeeded" in out.stdout

@@ -10,7 +10,6 @@ import csv
 import io
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -91,15 +90,17 @@ def test_predict_on_the_command_line_writes_names_as_text(settings, monkeypatch,
     monkeypatch.chdir(tmp_path)  # the images named as they are in the folder: the output names them so
 
     def classify(Session, settings, user, images, **kwargs):  # the answers, without a model
-        return [SimpleNamespace(name=image.name, predicted="@FL", label="calibrated probability",
-                                probabilities={"CLL": 0.25, "@FL": 0.75}, refer=False, run_id=1) for image in images]
+        return [service.Classified(name=image.name, image_sha256="0" * 64, width=32, height=32, size_bytes=9,
+                                   predicted="@FL", probabilities={"CLL": 0.25, "@FL": 0.75}, kind="calibrated",
+                                   refer=False, threshold=0.5, run_id=1, model_sha256="1" * 64, refer_target=0.9)
+                for image in images]
 
     monkeypatch.setattr(service, "classify", classify)
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.delenv("DATABASE_URL", raising=False)
     assert main(["predict", "--run", "1", *FILES]) == 0
     rows = parsed(capsys.readouterr().out)
-    assert [r["path"] for r in rows] == ["'" + name for name in FILES]
+    assert [r["image_name"] for r in rows] == ["'" + name for name in FILES]
     assert {r["predicted"] for r in rows} == {"'@FL"} and all(float(r["'@FL"]) == 0.75 for r in rows)
 
 

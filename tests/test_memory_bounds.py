@@ -196,7 +196,7 @@ def test_six_100_megapixel_pngs_in_one_request_grow_the_server_by_less_than_two_
     peak, after = peak_mb(pid), resident_mb(pid)
     assert response.status_code == 200, response.text
     answers = response.json()["predictions"]
-    assert [(a["name"], a["width"], a["height"]) for a in answers] == \
+    assert [(a["image_name"], a["width"], a["height"]) for a in answers] == \
         [(f"black-{i}.png", BOMB_SIDE, BOMB_SIDE) for i in range(6)]
     # One decoded frame is 400 MB (PIL keeps RGB in 4 bytes a pixel); all six at once were 2.4 GB.
     assert peak - before < 600, f"the server's peak grew by {peak - before:.0f} MB"

@@ -29,7 +29,7 @@ from core.errors import UserError
 from core.evaluation.calibration import calibrate
 from core.inference.model_file import dataset_fingerprint, read_model
 from core.inference.predict import Predictor, load_predictor
-from core.inference.probabilities import CALIBRATED, RAW
+from core.inference.probabilities import CALIBRATED
 from core.jobs import execute, runs
 from core.store.runs import model_path
 from core.store.db import Dataset, Image, Prediction, Run, RunStatus, engine_of, make_sessionmaker
@@ -207,8 +207,8 @@ def test_the_runs_gallery_the_predict_page_and_the_cli_show_one_image_alike(untr
     assert any(CALIBRATED in str(m.proto.delta) for m in at.metric)
 
     capsys.readouterr()
-    for flags, kind, values in (([], CALIBRATED, expected), (["--raw"], RAW, pred.probabilities)):
+    for flags, kind, values in (([], "calibrated", expected), (["--raw"], "raw", pred.probabilities)):
         assert main(["predict", "--run", str(run.run_id), *flags, str(path)]) == 0
         (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
-        assert row["probabilities"] == kind
+        assert row["probability_kind"] == kind
         assert np.allclose([float(row[c]) for c in CLASSES], values, atol=1e-4)  # printed to 4 decimals

@@ -334,7 +334,12 @@ def test_calibration_in_plain_words_and_a_model_approved_by_an_editor(lab, monke
     assert "No model is approved for CLL, FL, MCL yet." in text
     assert "Download for use outside the app (ONNX)" in [b.proto.label for b in at.get("download_button")]
 
+    # A tiny untrained model: the page says why not to approve it, and approving needs a second yes.
+    assert any("Think twice before approving" in w.value for w in at.warning)
     at.text_area(key=f"runs_approve_note_{run_id}").input("validated on the March specimens")
+    at.button(key=f"runs_approve_{run_id}").click().run()
+    assert any("was not approved" in e.value and "Approve anyway" in e.value for e in at.error)
+    at.checkbox(key=f"runs_approve_despite_{run_id}").check()
     at.button(key=f"runs_approve_{run_id}").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("approved model for CLL, FL, MCL" in m.value and "validated on the March" in m.value

@@ -60,7 +60,7 @@ class JsonErrors:
             message = exc.detail if isinstance(exc.detail, str) and exc.detail else "Request refused."
             return error_response(exc.status_code, message, dict(exc.headers or {}))
         if isinstance(exc, UserError):
-            return error_response(422, str(exc))
+            return error_response(422, exc.for_api())  # in the API's words where they differ
         log.exception("API request failed")
         return error_response(500, "The server failed to answer this request; its log has the details.")
 

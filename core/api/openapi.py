@@ -8,6 +8,7 @@ import dataclasses
 from functools import cache
 from typing import Any
 
+from core.inference.service import PREDICTION_FIELDS
 from core.training.run_config import RunConfig, setting_type
 
 VERSION = "1.0.0"
@@ -79,28 +80,40 @@ def _schemas() -> dict[str, Any]:
             "status": {"type": "string", "enum": ["ok", "no worker", "unavailable"]},
             "database": {"type": "boolean"}, "worker": _nullable("boolean", description="a worker is alive"),
             "queued": _nullable("integer"), "error": {"type": "string"}}},
-        "Prediction": {"type": "object", "required": ["name", "subtype", "probabilities", "probability_kind",
-                                                      "refer", "refer_threshold", "run_id", "version", "image_sha256"],
+        # One vocabulary for a prediction (core/inference/service.py PREDICTION_FIELDS): /predict answers
+        # these, /predictions the same with when, who and through what, and so do the CSVs.
+        "Prediction": {"type": "object", "required": list(PREDICTION_FIELDS),
                        "properties": {
-            "name": {"type": "string"}, "image_sha256": {"type": "string"}, "width": {"type": "integer"},
-            "height": {"type": "integer"}, "size_bytes": {"type": "integer"},
-            "subtype": {"type": "string", "description": "the predicted class"},
+            "image_name": {"type": "string", "description": "the file's name as sent"},
+            "image_sha256": {"type": "string", "description": "sha256 of the file's bytes"},
+            "width": {"type": "integer", "description": "in pixels, as decoded"},
+            "height": {"type": "integer"}, "size_bytes": {"type": "integer", "description": "the file's size"},
+            "predicted": {"type": "string", "description": "the class with the highest probability"},
             "probabilities": {**number_map, "description": "class -> probability, of probability_kind"},
             "probability_kind": {"type": "string", "enum": ["calibrated", "raw"],
                                  "description": "calibrated (temperature-scaled on the run's validation images) or "
                                                 "raw, for a run without a validation part"},
-            "refer": _nullable("boolean", description="'uncertain, refer': the confidence is below refer_threshold; "
-                                                      "null when the run has no calibration"),
-            "refer_threshold": _nullable("number"), "run_id": {"type": "integer"},
-            "version": {"type": "string", "description": "sha256 of the run's model file"}}},
-        "PredictResponse": {"type": "object", "required": ["run_id", "version", "predictions"], "properties": {
-            "run_id": {"type": "integer"}, "version": {"type": "string"},
+            "refer": _nullable("boolean", description="'uncertain, refer': the top probability is below "
+                                                      "refer_threshold, or refer_threshold is null; null when the run "
+                                                      "has no calibration (raw probabilities, no refer band)"),
+            "refer_threshold": _nullable("number", description="the calibrated top probability below which a "
+                                         "prediction is referred. null with refer true: no threshold can promise "
+                                         "refer_target from the run's validation images, so every prediction is "
+                                         "referred; null with refer null: no refer band"),
+            "refer_target": _nullable("number", description="the accuracy the predictions at or above "
+                                      "refer_threshold reach with 95% confidence (a lower bound on the run's "
+                                      "validation images); null without a refer band"),
+            "run_id": {"type": "integer", "description": "the run whose model classified it"},
+            "model_sha256": {"type": "string", "description": "sha256 of that run's model file"}}},
+        "PredictResponse": {"type": "object", "required": ["run_id", "model_sha256", "predictions"], "properties": {
+            "run_id": {"type": "integer"}, "model_sha256": {"type": "string"},
             "predictions": {"type": "array", "items": _ref("Prediction")}}},
-        "Model": {"type": "object", "required": ["run_id", "classes", "version", "approved", "default"], "properties": {
+        "Model": {"type": "object", "required": ["run_id", "classes", "model_sha256", "approved", "default"], "properties": {
             "run_id": {"type": "integer"}, "label": {"type": "string"}, "dataset": {"type": "string"},
             "classes": {"type": "array", "items": {"type": "string"}}, "image_size": {"type": "integer"},
             "protocol": {"type": "string"}, "leaky": {"type": "boolean"}, "test_accuracy": _nullable("number"),
-            "calibrated": {"type": "boolean"}, "version": _nullable("string"),
+            "calibrated": {"type": "boolean"},
+            "model_sha256": _nullable("string", description="sha256 of its model file"),
             "approved": {"type": "boolean", "description": "the approved model of its class set"},
             "default": {"type": "boolean", "description": "the model /predict uses when no run is named"},
             "finished_at": _nullable("string", format="date-time")}},
@@ -126,17 +139,18 @@ def _schemas() -> dict[str, Any]:
             "report": _nullable("object", description="the test report: accuracy, per-class rows, confusion matrix"),
             "uncertainty": _nullable("object"), "model_file": {"type": "boolean"}}}]},
         "RunConfig": run_config_schema(),
+        # POST /runs: the settings, and the person's own name and notes for the runs (as on the Train form).
+        "RunRequest": {**run_config_schema(), "properties": {
+            **run_config_schema()["properties"],
+            "name": {"type": "string", "maxLength": 200, "description": "the run's own name (k-fold folds share it)"},
+            "notes": {"type": "string", "maxLength": 4000, "description": "what the run is for"}}},
         "QueuedRuns": {"type": "object", "required": ["run_ids", "runs"], "properties": {
             "run_ids": {"type": "array", "items": {"type": "integer"}},
             "runs": {"type": "array", "items": _ref("Run")}}},
-        "LoggedPrediction": {"type": "object", "properties": {
-            "id": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}, "user": {"type": "string"},
-            "source": {"type": "string", "enum": ["page", "api", "cli"]}, "run_id": {"type": "integer"},
-            "model_sha256": {"type": "string"}, "image_sha256": {"type": "string"}, "image_name": {"type": "string"},
-            "width": {"type": "integer"}, "height": {"type": "integer"}, "size_bytes": {"type": "integer"},
-            "probabilities": number_map, "probability_kind": {"type": "string", "enum": ["calibrated", "raw"]},
-            "predicted": {"type": "string"}, "refer": _nullable("boolean"), "threshold": _nullable("number"),
-            "stored_path": _nullable("string")}},
+        "LoggedPrediction": {"allOf": [{**_ref("Prediction")}, {"type": "object", "properties": {
+            "id": {"type": "integer"}, "at": {"type": "string", "format": "date-time", "description": "UTC"},
+            "user": {"type": "string", "description": "who classified it"},
+            "source": {"type": "string", "enum": ["page", "api", "cli"]}}}]},
         "Predictions": {"type": "object", "properties": {
             "predictions": {"type": "array", "items": _ref("LoggedPrediction")}}},
     }
@@ -179,7 +193,7 @@ def _paths() -> dict[str, Any]:
                     "responses": {**_ok("Runs", "The runs"), **_errors("401", "422", "429", "503")}},
             "post": {"operationId": "queueRun", "summary": "Queue a training run (one per fold for k-fold); editors",
                      "security": secured,
-                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RunConfig")}}},
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RunRequest")}}},
                      "responses": {**_ok("QueuedRuns", "Queued; Location names the first run", "201"),
                                    **_errors("400", "401", "403", "413", "422", "429", "503")}}},
         "/runs/{run_id}": {"get": {

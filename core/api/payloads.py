@@ -75,12 +75,18 @@ def model_json(row: RunRow, model_sha256: str | None, approved: bool) -> dict[st
     return {"run_id": row.id, "label": row.label(), "dataset": row.dataset, "classes": list(row.classes),
             "image_size": row.config.image_size, "protocol": row.protocol, "leaky": row.leaky,
             "test_accuracy": plain(row.summary.test_accuracy), "calibrated": row.summary.temperature is not None,
-            "version": model_sha256, "approved": approved, "finished_at": when(row.finished_at)}
+            "model_sha256": model_sha256, "approved": approved, "finished_at": when(row.finished_at)}
 
 
 def classified_json(c: Any) -> dict[str, Any]:
-    """One classified image (core.inference.service.Classified)."""
-    return {"name": c.name, "image_sha256": c.image_sha256, "width": c.width, "height": c.height,
-            "size_bytes": c.size_bytes, "subtype": c.predicted, "probabilities": plain(c.probabilities),
-            "probability_kind": c.kind, "refer": c.refer, "refer_threshold": plain(c.threshold),
-            "run_id": c.run_id, "version": c.model_sha256}
+    """One classified image (core.inference.service.Classified), in the one vocabulary of a prediction."""
+    from core.inference.service import prediction_record
+
+    return plain(prediction_record(c))
+
+
+def logged_json(r: Any) -> dict[str, Any]:
+    """One row of the prediction log (core.inference.prediction_log.LoggedPrediction), same names."""
+    from core.inference.prediction_log import logged_record
+
+    return plain(logged_record(r))

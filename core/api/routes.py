@@ -42,7 +42,7 @@ from core.api import bodies, openapi, payloads
 from core.api.auth import Authenticator, require_editor
 from core.api.errors import ApiError, JsonErrors, not_found
 from core.api.guard import ApiGuard
-from core.api.run_configs import config_from_json
+from core.api.run_configs import config_from_json, run_words
 from core.config import Settings, load_settings
 from core.errors import UserError
 from core.inference import admission, approval, prediction_log, service
@@ -170,7 +170,7 @@ class Api:
             raise ApiError(429, str(e)) from None
         except admission.ServerBusy as e:
             raise ApiError(503, str(e), {"Retry-After": str(e.retry_after)}) from None
-        return JSONResponse({"run_id": results[0].run_id, "version": results[0].model_sha256,
+        return JSONResponse({"run_id": results[0].run_id, "model_sha256": results[0].model_sha256,
                              "predictions": [payloads.classified_json(c) for c in results]})
 
     def _known_run(self, run_id: int) -> None:
@@ -227,18 +227,20 @@ class Api:
     async def queue_run(self, request: Request) -> JSONResponse:
         user = await self.user(request)
         require_editor(user, "launch training runs")
-        config = config_from_json(await bodies.read_json(request), self.settings)
-        rows = await run_in_threadpool(self._queue, config, user)
+        data = await bodies.read_json(request)
+        name, notes = run_words(data)
+        config = config_from_json(data, self.settings)
+        rows = await run_in_threadpool(self._queue, config, user, name, notes)
         return JSONResponse({"run_ids": [r["id"] for r in rows], "runs": rows}, status_code=201,
                             headers={"Location": f"{self.prefix}/runs/{rows[0]['id']}"})
 
-    def _queue(self, config, user: User) -> list[dict]:
+    def _queue(self, config, user: User, name: str | None, notes: str | None) -> list[dict]:
         """As the Train page launches: the weights checked first, the runs recorded, a worker made sure of."""
         from core.training.model import check_weights  # torch: only when queueing
 
         check_weights(config.weights)
         with self.Session.begin() as s:
-            ids = [r.id for r in runs.create_runs(s, self.settings, config, user=user)]
+            ids = [r.id for r in runs.create_runs(s, self.settings, config, user=user, name=name, notes=notes)]
         worker.ensure_worker(self.settings)
         with self.Session() as s:
             return [payloads.run_json(views.run_row(s, i)) for i in ids]
@@ -258,5 +260,5 @@ class Api:
                 rows = prediction_log.list_predictions(s, reader=reader, **filters)
             except UserError as e:  # a viewer asking for someone else's rows
                 raise ApiError(403, str(e)) from None
-            return [payloads.plain(p) for p in rows]
+            return [payloads.logged_json(p) for p in rows]
 

@@ -27,6 +27,22 @@ def _checked(name: str, kind: type, value: Any, optional: bool) -> Any:
     return value
 
 
+RUN_WORDS = ("name", "notes")  # the person's own words for a run, beside its settings (as on the Train form)
+
+
+def run_words(data: Any) -> tuple[str | None, str | None]:
+    """The `name` and `notes` of a POST /runs body (each a string or left out); taken out of `data`."""
+    if not isinstance(data, dict):
+        return None, None
+    words = []
+    for key in RUN_WORDS:
+        value = data.pop(key, None)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(422, f"'{key}' must be a string, not {value!r}.")
+        words.append(value)
+    return words[0], words[1]
+
+
 def config_from_json(data: Any, settings: Settings) -> RunConfig:
     """The RunConfig of `data`; fields it leaves out take their defaults (weights: DEFAULT_WEIGHTS,
     as on the command line). ApiError 422 for anything RunConfig or its validate() would refuse."""

@@ -171,7 +171,17 @@ def _logged(row: PredictionLog) -> LoggedPrediction:
 
 
 CSV_FIELDS = ("at", "user", "source", "run_id", "model_sha256", "image_name", "image_sha256", "width", "height",
-              "size_bytes", "predicted", "probability_kind", "refer", "threshold")
+              "size_bytes", "predicted", "probability_kind", "refer", "refer_threshold", "refer_target")
+
+
+def logged_record(r: LoggedPrediction) -> dict:
+    """A row in the vocabulary of core/inference/service.py's PREDICTION_FIELDS (the API's /predict
+    answers the same names), with when, who and through what; not where a kept image lies."""
+    return {"id": r.id, "at": r.at, "user": r.user, "source": r.source, "image_name": r.image_name,
+            "image_sha256": r.image_sha256, "width": r.width, "height": r.height, "size_bytes": r.size_bytes,
+            "predicted": r.predicted, "probabilities": dict(r.probabilities), "probability_kind": r.probability_kind,
+            "refer": r.refer, "refer_threshold": r.threshold, "refer_target": r.refer_target, "run_id": r.run_id,
+            "model_sha256": r.model_sha256}
 
 
 def to_csv(rows: Sequence[LoggedPrediction]) -> str:
@@ -183,6 +193,7 @@ def to_csv(rows: Sequence[LoggedPrediction]) -> str:
         return [r.at.isoformat(timespec="seconds"), r.user, r.source, r.run_id, r.model_sha256, r.image_name,
                 r.image_sha256, r.width, r.height, r.size_bytes, r.predicted, r.probability_kind,
                 "" if r.refer is None else int(r.refer), "" if r.threshold is None else f"{r.threshold:.4f}",
+                "" if r.refer_target is None else f"{r.refer_target:g}",
                 *("" if c not in r.probabilities else f"{r.probabilities[c]:.4f}" for c in classes)]
 
     return csv_text([*CSV_FIELDS, *classes], map(fields, rows))

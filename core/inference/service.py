@@ -92,6 +92,27 @@ class Classified:
         return CALIBRATED if self.kind == "calibrated" else RAW
 
 
+# One vocabulary for a prediction, wherever it is read: the API's /predict and /predictions, the
+# prediction log's CSV, `python -m core predict`'s CSV and the Predict page's download.
+PREDICTION_FIELDS = ("image_name", "image_sha256", "width", "height", "size_bytes", "predicted", "probabilities",
+                     "probability_kind", "refer", "refer_threshold", "refer_target", "run_id", "model_sha256")
+
+
+def prediction_record(c: Classified) -> dict:
+    """`c` in the fields of PREDICTION_FIELDS (probabilities: class -> probability of probability_kind)."""
+    return {"image_name": c.name, "image_sha256": c.image_sha256, "width": c.width, "height": c.height,
+            "size_bytes": c.size_bytes, "predicted": c.predicted, "probabilities": dict(c.probabilities),
+            "probability_kind": c.kind, "refer": c.refer, "refer_threshold": c.threshold,
+            "refer_target": c.refer_target, "run_id": c.run_id, "model_sha256": c.model_sha256}
+
+
+def prediction_row(c: Classified) -> dict:
+    """prediction_record flattened for a CSV: each class's probability in a column of its own, after
+    the other fields (None for a field with no value, which a CSV leaves empty)."""
+    record = prediction_record(c)
+    return {**{k: v for k, v in record.items() if k != "probabilities"}, **record["probabilities"]}
+
+
 Unreadable = Callable[[ImageInput, UserError], None]
 
 

@@ -1,5 +1,6 @@
 """Comparisons the pages state in words, each made on the same test images (core/evaluation/compare.py):
-a run against colour alone on its split, and one run against another.
+a run against colour alone on its split, and one run against another; the intervals of the tables;
+and the checks before a model is approved for everyday use.
 
 Images of one specimen are resampled together when the split knew the specimens (its groups), so
 the interval is not narrowed by near-copies; a split whose groups were estimated (blocks of file
@@ -90,3 +91,48 @@ def test_intervals(session: Session, runs: list[tuple[int, int]]) -> dict[int, t
             boot = bootstrap_metrics(labels, [r.predicted_label for r in found], classes, groups=groups, seed=seed)
             _intervals[database, run_id] = (boot.accuracy.low, boot.accuracy.high)
     return {i: _intervals[database, i] for i, _ in runs}
+
+
+def approval_concerns(session: Session, run_id: int) -> list[str]:
+    """Why approving run `run_id`'s model for everyday use needs a second thought, in plain words:
+    it refers every prediction, or its test accuracy may be no better than colour alone or chance
+    (its 95% interval reaches them), or it was measured under the paper's leaky protocol. Empty: none."""
+    from core.evaluation.calibration import recorded_band
+
+    run = session.get(Run, run_id)
+    if run is None:
+        return []
+    summary = RunSummary.from_dict(run.summary)
+    concerns = []
+    band = recorded_band(summary.calibration)
+    if band is not None and band.threshold is None:
+        concerns.append(f"it marks every prediction \"uncertain, refer\": no confidence threshold can promise "
+                        f"{band.target:.0%} accuracy from its {band.n_val} validation images")
+    interval = test_intervals(session, [(run.id, run.seed)]).get(run.id)
+    colour = (summary.colour_yardstick or {}).get("accuracy")
+    chance = 1 / len(run.dataset.classes) if run.dataset.classes else None
+    if interval is not None and summary.test_accuracy is not None:
+        low, high = interval
+        if colour is not None and low <= colour:
+            concerns.append(f"its test accuracy, {summary.test_accuracy:.1%} (95% interval {low:.1%}–{high:.1%}), "
+                            f"may be no better than colour alone on the same split ({colour:.1%})")
+        if chance is not None and low <= chance:
+            concerns.append(f"its test accuracy's 95% interval ({low:.1%}–{high:.1%}) reaches chance "
+                            f"(1 in {len(run.dataset.classes)}, {chance:.1%})")
+    if (run.config or {}).get("split") == "paper-leaky":
+        concerns.append("it was tested under the paper's leaky protocol, whose accuracy says little about new patients")
+    return concerns
+
+
+def approve_checked(session: Session, settings, run_id: int, user, note: str, *, despite: bool = False):
+    """Approve run `run_id` (core/inference/approval.py), but only with `despite` when it has
+    approval_concerns: the person approving is told why first, and says they approve anyway."""
+    from core.errors import UserError
+    from core.inference import approval
+
+    concerns = approval_concerns(session, run_id)
+    if concerns and not despite:
+        why = "; ".join(concerns)
+        raise UserError(f"Run {run_id} was not approved: {why}. Approve it anyway with --despite.",
+                        page=f"Run {run_id} was not approved: {why}. Tick \"Approve anyway\" to approve it all the same.")
+    return approval.approve(session, settings, run_id, user, note)

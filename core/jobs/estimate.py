@@ -23,7 +23,7 @@ from core.store.db import Run, RunStatus
 from core.store.records import RunSummary
 from core.training.run_config import RunConfig
 
-RECENT = 5  # measured runs averaged: the latest, so that a changed machine soon shows in the figure
+RECENT = 5  # measured runs whose median speed counts: the latest, so that a changed machine soon shows
 LOOKED_AT = 100  # succeeded runs on the device searched for ones at the image size
 
 # The assumption before any measurement. CPU: 2.2 images/s per core at the paper's 224 px (bench/
@@ -115,7 +115,8 @@ def time_estimate(session: Session, config: RunConfig, classes: int, machine: Ma
             if len(speeds) == RECENT:
                 break
     measured = bool(speeds)
-    speed = statistics.mean(speeds) if measured else assumed_speed(kind, config.image_size, machine.cpu_cores)
+    # The median: one run slowed by other work on the machine does not drag the figure down.
+    speed = statistics.median(speeds) if measured else assumed_speed(kind, config.image_size, machine.cpu_cores)
     other = statistics.median(others) if others else ASSUMED_OTHER_SECONDS
     runs = config.folds if config.split == "kfold" else 1
     images = config.per_class * classes

@@ -34,6 +34,11 @@ _MISSING_IMAGENET_PAGE = (
     "administrator to place the weights file (densenet201-c1103571.pth, downloaded on a machine with "
     "internet) on the server and choose 'A weights file on the server'."
 )
+_MISSING_IMAGENET_API = (
+    "The ImageNet starting weights could not be loaded: this server is probably offline. Send \"weights\": "
+    "\"none\" to train from a random start, or \"weights\": \"/path/on/the/server/densenet201-c1103571.pth\" "
+    "for a weights file an administrator placed on the server."
+)
 
 
 class PaperDenseNet(nn.Module):
@@ -95,7 +100,7 @@ def load_backbone(model: PaperDenseNet, weights: str) -> str:
             state = DenseNet201_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as exc:  # noqa: BLE001 - URLError, OSError, HTTP errors all mean "not available"
             raise UserError(_MISSING_IMAGENET.format(reason=f"{type(exc).__name__}: {exc}"),
-                            page=_MISSING_IMAGENET_PAGE) from exc
+                            page=_MISSING_IMAGENET_PAGE, api=_MISSING_IMAGENET_API) from exc
         source = "imagenet (torchvision DenseNet201_Weights.IMAGENET1K_V1)"
     else:
         path = Path(weights).expanduser()
@@ -117,7 +122,8 @@ def check_weights(weights: str) -> None:
     try:
         load_backbone(PaperDenseNet(2), weights)
     except UserError as exc:
-        raise UserError(f"{exc} No run was queued.", page=f"{exc.for_page()} No run was queued.") from exc
+        raise UserError(f"{exc} No run was queued.", page=f"{exc.for_page()} No run was queued.",
+                        api=f"{exc.for_api()} No run was queued.") from exc
 
 
 def build_model(num_classes: int, weights: str = "none") -> tuple[PaperDenseNet, str]:

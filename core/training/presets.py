@@ -129,7 +129,9 @@ def augmentation_words(values: dict[str, Any]) -> list[str]:
 # which is the paper's (224 px, 1200 per class, batch 24, 25 epochs, Adam 1e-4, ImageNet weights).
 # Their names say what they are for; figures measured with them belong in their help (with where
 # they come from), since a figure from one dataset is no promise for another.
-QUICK_TRY = "Try it on this machine (about 5 minutes)"
+# No figure in the name: how long it takes is the Train page's estimate, from this machine's own runs,
+# so that the button and the estimate beside it never disagree.
+QUICK_TRY = "Try it on this machine (a first run on the CPU)"
 PAPER_LEAKY = "Reproduce the paper"
 PAPER_HONEST = "Paper settings, honest split"
 # The best of the configurations compared by grouped 5-fold CV on the development images
