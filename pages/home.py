@@ -102,7 +102,7 @@ st.subheader("Recent runs")
 if run_rows:
     st.dataframe(
         pd.DataFrame(run_rows), hide_index=True, placeholder="–",
-        row_height=56,  # two lines: a long name wraps rather than pushing the figures off to the side
+        row_height=72,  # tall enough for the grid to wrap a long name rather than cut it
         column_config={"name": st.column_config.TextColumn(width=330),
                        "status": st.column_config.TextColumn(width=90),
                        "test accuracy (95% interval)": st.column_config.TextColumn(

@@ -197,3 +197,13 @@ def test_run_calibration_fits_on_validation_and_carries_to_test():
     assert refer.any() and not refer.all()
     assert refer_verdict(np.asarray(out["val_probs"]), None).all()
     assert run_calibration(val_p[:0], val_y[:0], test_p, test_y)["temperature"] is None
+
+
+def test_every_image_right_is_no_certainty_the_interval_stays_honest():
+    """Six of six right: every bootstrap resample is 100%, but six images bound the accuracy only at
+    about 54% (Clopper-Pearson, 95%); the interval says so."""
+    result = bootstrap_metrics([0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2], ["a", "b", "c"])
+    assert result.accuracy.estimate == 1.0 and result.accuracy.high == 1.0
+    assert result.accuracy.low == pytest.approx(0.5407, abs=1e-3)
+    wrong = bootstrap_metrics([0, 0, 0, 0], [1, 1, 1, 1], ["a", "b"])
+    assert wrong.accuracy.low == 0.0 and wrong.accuracy.high == pytest.approx(0.6024, abs=1e-3)

@@ -205,6 +205,11 @@ def bootstrap_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Seq
         return Interval(float(estimate), float(low), float(high))
 
     accuracy = interval(np.trace(full) / n, np.trace(cms, axis1=1, axis2=2) / cms.sum((1, 2)))
+    if accuracy.estimate in (0.0, 1.0):
+        # Every image right (or every one wrong): each resample says the same, and a percentile interval
+        # of 100-100% would claim certainty that a few images cannot give. The exact binomial interval
+        # over the groups (or images) does not.
+        accuracy = Interval(accuracy.estimate, *_exact_interval(int(accuracy.estimate) * n_groups, n_groups, level))
     p_full, r_full, f_full = _per_class(full)
     p_s, r_s, f_s = _per_class(cms)
     per_class = {
@@ -213,6 +218,16 @@ def bootstrap_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Seq
         for k, name in enumerate(classes)
     }
     return BootstrapResult(level, n_resamples, seed, accuracy, per_class, n_groups if groups is not None else None)
+
+
+def _exact_interval(k: int, n: int, level: float) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of k successes in n."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return low, high
 
 
 def format_bootstrap(result: BootstrapResult) -> str:
