@@ -1,5 +1,8 @@
 """Load test of the Runs page: N concurrent sessions against the real web app while a run trains.
 
+Its protocol sessions speak Streamlit 1.67's private websocket protocol (BackMsg/ForwardMsg), which
+a Streamlit upgrade may change: it is run by hand, not in the test suite (bench/RESULTS.md).
+
 It builds a throw-away APP_HOME (a synthetic dataset, finished runs and one run that keeps training,
 all at tiny CPU settings), starts its own `python -m core worker` and `streamlit run serve.py`
 (headless, a free port, START_WORKER=0, AUTH_MODE=none), and opens the sessions:

@@ -79,7 +79,7 @@ def test_the_prediction_log_as_csv_on_the_page_and_on_the_command_line(settings,
         rows = parsed(text)
         assert sorted(r["image_name"] for r in rows) == sorted("'" + name for name in FILES)
         assert {r["user"] for r in rows} == {"'@ana"} and "'@FL" in rows[0]
-        assert all(float(r["CLL"]) == 0.7 and float(r["threshold"]) == 0.6 and int(r["width"]) == 64 for r in rows)
+        assert all(float(r["CLL"]) == 0.7 and float(r["refer_threshold"]) == 0.6 and int(r["width"]) == 64 for r in rows)
 
 
 def test_predict_on_the_command_line_writes_names_as_text(settings, monkeypatch, capsys, tmp_path):
