@@ -206,12 +206,17 @@ def refer_band(run_id: int, result: dict) -> tuple[float | None, np.ndarray]:
     # Only the targets some threshold can promise from this validation part (and the run's own).
     supported = calibration.supported_target(np.asarray(cal["val_probs"]), cal["val_labels"])
     targets = sorted({t for t in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99) if t <= supported} | {cal["refer_target"]})
-    target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
-                              value=cal["refer_target"], format_func=lambda t: f"{t:.0%}", key=f"pr_target_{run_id}",
-                              help="Predictions below the confidence threshold that can promise this accuracy (with 95% "
-                                   "confidence, from the run's validation images) are marked 'uncertain, refer'. The "
-                                   "offered targets are those the validation images can support"
-                                   + (f" (at most {supported:.0%} here)." if supported < 0.99 else "."))
+    about = ("Predictions below the confidence threshold that can promise this accuracy (with 95% confidence, from "
+             "the run's validation images) are marked 'uncertain, refer'. The offered targets are those the validation "
+             "images can support" + (f" (at most {supported:.0%} here)." if supported < 0.99 else "."))
+    if len(targets) == 1:  # nothing to choose: the run's own target, which its validation part cannot lower
+        target = targets[0]
+        st.caption(f"Accuracy required of a prediction shown as a diagnosis: {target:.0%}, the run's own; its "
+                   "validation images support no other target.", help=about)
+    else:
+        target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
+                                  value=cal["refer_target"], format_func=lambda t: f"{t:.0%}",
+                                  key=f"pr_target_{run_id}", help=about)
     band = predictor_of(run_id).refer_band(target)  # chosen on the validation images, as at training
     threshold, n_val = band.threshold, int(cal["n_val"])
     st.caption(f"Confidence adjusted on the run's {n_val} validation images, so that it matches how often the model "

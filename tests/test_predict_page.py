@@ -158,14 +158,14 @@ def test_a_batch_referred_whole_is_counted_apart_and_the_band_said_in_plain_word
     assert not [label for label in shown if label.startswith("Predicted ")]
     # What the threshold rests on, and a warning that 20 images make it rough.
     assert any("rests on only 20 validation images" in w.value and "rough" in w.value for w in at.warning)
-    (band,) = [c for c in at.caption if "validation images" in c.value]
+    (band,) = [c for c in at.caption if "Confidence adjusted" in c.value]
     # Ten of ten right at 0.95 is no promise of 90% (the lower bound is about 63%): no threshold can
     # claim it, so every prediction is referred, and the slider offers no lower target to make some
     # "confident" (the raw rate, 10 of 10, once did).
     assert "adjusted on the run's 20 validation images" in band.value
     assert "No confidence threshold can promise 90% accuracy from the 20 validation images" in band.value
-    (slider,) = at.select_slider
-    assert slider.options == ["90%"]
+    assert not at.select_slider  # no other target to offer: the page says so instead of a one-stop slider
+    assert any("its validation images support no other target" in c.value for c in at.caption)
     page_text = " ".join(e.value for e in [*at.caption, *at.warning, *at.info, *at.markdown])
     assert "ECE" not in page_text and "T = " not in page_text and "temperature" not in page_text.lower()
     assert "T = 1.00" in band.help and "ECE" in band.help  # the terms are in the tooltip
