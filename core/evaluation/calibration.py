@@ -279,11 +279,15 @@ class ReferBand:
 def accuracy_lower_bound(correct: int, n: int, level: float) -> float:
     """One-sided Clopper-Pearson lower bound on an accuracy seen as `correct` of `n`: the true
     accuracy is at least this with probability `level` (0 when n is 0)."""
-    from scipy.stats import beta
-
-    if n == 0 or correct == 0:
+    if n == 0:
         return 0.0
-    return float(beta.ppf(1 - level, correct, n - correct + 1))
+    return _exact_interval(correct, n, 2 * level - 1)[0]  # a one-sided bound at L is two-sided at 2L - 1
+
+
+def _search_level(n: int, confidence: float) -> float:
+    """The level of each threshold the band's binary search may test (at most ceil(log2(n + 1))
+    of them), so that all its claims hold together at `confidence` (Bonferroni)."""
+    return 1 - (1 - confidence) / max(1, int(np.ceil(np.log2(n + 1))))
 
 
 def refer_band(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float,
@@ -313,7 +317,7 @@ def refer_band(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy
     # Accepting conf >= conf[z] accepts everything from the first of conf[z]'s ties on.
     first = np.searchsorted(conf, conf, side="left")
     right_from = np.concatenate([np.cumsum(correct[::-1])[::-1], [0]])
-    level = 1 - (1 - confidence) / max(1, int(np.ceil(np.log2(n + 1))))
+    level = _search_level(n, confidence)
 
     def bound(z: int) -> float:
         start = first[z]
@@ -373,7 +377,7 @@ def supported_target(val_probs: np.ndarray, val_labels: Sequence[int], confidenc
     labels = np.asarray(val_labels, dtype=int)
     conf, correct = probs.max(1), probs.argmax(1) == labels
     n = len(probs)
-    level = 1 - (1 - confidence) / max(1, int(np.ceil(np.log2(n + 1))))
+    level = _search_level(n, confidence)
     return max(accuracy_lower_bound(int(correct[conf >= c].sum()), int((conf >= c).sum()), level)
                for c in np.unique(conf))
 

@@ -67,6 +67,14 @@ def run_report(session: Session, run: Run) -> Report:
     return report
 
 
+def resampled_groups(preds: Sequence, groups: Sequence[str | None]) -> list | None:
+    """What a bootstrap of test predictions resamples whole: the source image of augmented copies
+    (the paper's protocol), else each image's specimen group when every image has one; None: images."""
+    if any(p.aug_index is not None for p in preds):
+        return [p.image_id for p in preds]
+    return None if any(g is None for g in groups) else list(groups)
+
+
 def run_uncertainty(session: Session, run: Run) -> dict:
     """Bootstrap intervals of a finished run's test figures, and its test reliability before and
     after the run's temperature scaling (None when it has no calibration).
@@ -81,11 +89,7 @@ def run_uncertainty(session: Session, run: Run) -> dict:
     if not rows:
         raise UserError(f"Run {run.id} has no test predictions (status: {run.status.value}).")
     preds = [p for p, _ in rows]
-    groups = [g for _, g in rows]
-    if any(p.aug_index is not None for p in preds):
-        groups = [p.image_id for p in preds]
-    elif any(g is None for g in groups):
-        groups = None
+    groups = resampled_groups(preds, [g for _, g in rows])
     labels = [p.true_label for p in preds]
     boot = calibration.bootstrap_metrics(labels, [p.predicted_label for p in preds], run.dataset.classes,
                                          groups=groups, seed=run.seed)

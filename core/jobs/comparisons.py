@@ -64,6 +64,7 @@ def test_intervals(session: Session, runs: list[tuple[int, int]]) -> dict[int, t
     for tables that put it beside the figure. `runs`: (run id, seed) of succeeded runs. Read in one
     statement for the runs not yet remembered."""
     from core.evaluation.calibration import bootstrap_metrics
+    from core.evaluation.metrics import resampled_groups
 
     database = str(session.get_bind().url)
     missing = [(i, seed) for i, seed in runs if (database, i) not in _intervals]
@@ -81,11 +82,7 @@ def test_intervals(session: Session, runs: list[tuple[int, int]]) -> dict[int, t
             if not found:
                 _intervals[database, run_id] = None
                 continue
-            groups = [r.group for r in found]
-            if any(r.aug_index is not None for r in found):
-                groups = [r.image_id for r in found]
-            elif any(g is None for g in groups):
-                groups = None
+            groups = resampled_groups(found, [r.group for r in found])  # as the Runs page's interval does
             labels = [r.true_label for r in found]
             classes = [str(c) for c in range(1 + max(max(labels), max(r.predicted_label for r in found)))]
             boot = bootstrap_metrics(labels, [r.predicted_label for r in found], classes, groups=groups, seed=seed)

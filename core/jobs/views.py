@@ -360,9 +360,8 @@ def accuracy_text(accuracy: float | None, interval: tuple[float, float] | None) 
     """'53.8% (25.5–81.1%)': an accuracy with its 95% interval, for tables; None without a figure."""
     if accuracy is None:
         return None
-    if interval is None or interval[0] != interval[0]:  # no interval, or nan
-        return f"{accuracy:.1%}"
-    return f"{accuracy:.1%} ({interval[0]:.1%}–{interval[1]:.1%})"
+    between = interval_text(interval)
+    return f"{accuracy:.1%}" if between is None else f"{accuracy:.1%} ({between})"
 
 
 def speed_text(images_per_second: float | None) -> str:
