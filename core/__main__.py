@@ -268,7 +268,13 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
             done = [r for r in siblings if r.status.value == "succeeded"]
             print()
             print(f"K-fold experiment: {len(done)} of {len(siblings)} folds finished (runs {', '.join(str(r.id) for r in siblings)})")
-            print(metrics.format_fold_summary(metrics.summarise_folds([metrics.run_report(s, r) for r in done])))
+            from core.jobs.views import fold_spread_words
+
+            reports = [metrics.run_report(s, r) for r in done]
+            print(metrics.format_fold_summary(metrics.summarise_folds(reports)))
+            spread = fold_spread_words(reports)
+            if spread:
+                print(spread)
             across = yardstick.describe_folds([RunSummary.from_dict(r.summary).colour_yardstick for r in done])
             if across:
                 print(across)

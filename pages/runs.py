@@ -299,6 +299,8 @@ def folds_panel(folds: views.FoldResults) -> None:
     summary = folds.summary
     st.metric("Accuracy across folds", f"{pct(summary.accuracy_mean)} ± {pct(summary.accuracy_std)}",
               help="Mean ± sample standard deviation over the finished folds.")
+    if folds.spread:
+        st.caption(folds.spread)
     if folds.yardstick:
         st.caption(folds.yardstick)
     st.dataframe(pd.DataFrame([{

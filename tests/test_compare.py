@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.evaluation.compare import mcnemar_exact, paired_comparison
+from core.evaluation.compare import fold_spread, mcnemar_exact, paired_comparison
 
 
 def test_a_gap_of_three_images_in_fifty_two_is_within_noise():
@@ -48,3 +48,22 @@ def test_mcnemar_exact_matches_the_binomial_test():
     for only_a, only_b in ((0, 0), (3, 0), (10, 4), (7, 7), (1, 12)):
         expected = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b).pvalue
         assert mcnemar_exact(only_a, only_b) == pytest.approx(expected)
+
+
+def test_folds_that_differ_by_a_few_images_are_within_noise_and_far_apart_ones_are_not():
+    close = fold_spread([12, 15, 14, 13, 16], [26, 26, 25, 25, 25])  # 46% to 64%
+    assert close.within_noise and close.p_value > 0.3
+    assert "5 folds score 46.2% to 64.0%" in close.verdict() and "within noise" in close.verdict()
+    apart = fold_spread([25, 24, 5, 6, 25], [26, 26, 25, 25, 25])
+    assert not apart.within_noise and apart.p_value < 0.01
+    assert "beyond noise" in apart.verdict() and "within noise" not in apart.verdict()
+    assert fold_spread([26, 26], [26, 26]).within_noise  # all right everywhere: nothing to tell apart
+    assert fold_spread([10], [20]) is None
+
+
+def test_the_fold_test_is_wrong_at_most_as_often_as_its_level_allows():
+    """Folds drawn from one accuracy (60%) are called different in at most about 5% of draws."""
+    rng = np.random.default_rng(1)
+    calls = [not fold_spread(list(rng.binomial(25, 0.6, size=5)), [25] * 5, resamples=400, seed=i).within_noise
+             for i in range(150)]
+    assert np.mean(calls) <= 0.09

@@ -17,6 +17,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from sqlalchemy import select
@@ -71,8 +72,9 @@ def approved_run(settings: Settings) -> int:
         return approval.approved_run(s).run_id
 
 
-def add_run(settings: Settings, weights, dataset: str = "lymphoma") -> int:
-    """A succeeded run of `dataset` (made when missing) with its own model file, as training leaves one."""
+def add_run(settings: Settings, weights, dataset: str = "lymphoma", calibration: dict | None = None) -> int:
+    """A succeeded run of `dataset` (made when missing) with its own model file, as training leaves
+    one; its calibration record `calibration` (default CALIBRATION)."""
     Session = make_sessionmaker(settings.database_url)
     config = RunConfig(dataset=dataset, image_size=SIZE, epochs=1, weights="none", device="cpu").to_dict()
     with Session.begin() as s:
@@ -88,7 +90,7 @@ def add_run(settings: Settings, weights, dataset: str = "lymphoma") -> int:
         run_id, created = run.id, run.created_at.isoformat()
     write_model(model_path(settings, run_id), weights, {
         "run_id": run_id, "run_created": created, "classes": list(CLASSES), "config": config,
-        "preparation": {"image_size": SIZE}, "calibration": CALIBRATION})
+        "preparation": {"image_size": SIZE}, "calibration": calibration or CALIBRATION})
     return run_id
 
 
@@ -108,6 +110,12 @@ def upload(at: AppTest, *labels: str, key: str = "pr_files") -> AppTest:
     at.file_uploader(key=key).set_value(files).run()
     assert not at.exception, at.exception
     return at
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def metrics(at: AppTest) -> dict[str, str]:
@@ -172,6 +180,48 @@ def test_a_batch_referred_whole_is_counted_apart_and_the_band_said_in_plain_word
     # The verdict's probability is a plain figure, not a badge with an arrow.
     (referred,) = [m for m in at.metric if m.label == "Uncertain, refer"]
     assert "most likely" in referred.proto.delta and referred.proto.direction == MetricProto.MetricDirection.NONE
+
+
+def test_moving_the_slider_lowers_the_threshold_only_as_far_as_the_validation_images_support(home, weights):
+    """A run whose 200 validation images support several targets: 100 right at a confidence above
+    every uploaded image's, 70 (60 right, 10 wrong) at the uploads' median, 30 wrong below them all.
+    At the run's 95% every upload is referred; moved to 85%, those at or above the median become
+    confident, each verdict the one calibration.refer_band gives, and the page says the log holds 95%."""
+    from core.evaluation import calibration as cal_module
+    from core.inference import service
+
+    run_id = add_run(home, weights)
+    images = [service.ImageInput(f"{c.lower()}-{i}.png", png(synthetic_image(c, 200 + i, (160, 120))))
+              for i, c in enumerate(("CLL", "FL", "MCL", "CLL", "FL", "MCL"))]
+    answers = service.classify(make_sessionmaker(home.database_url), home, User("t", EDITOR), images, run_id=run_id,
+                               source="cli", log=False)
+    tops = sorted(a.confidence for a in answers)
+    high, middle = min(0.999, tops[-1] + 0.01), tops[len(tops) // 2]
+
+    def val(top: float, label: int) -> list[float]:  # a validation row whose top class is `label` at `top`
+        rest = (1 - top) / 2
+        return [top if k == label else rest for k in range(3)]
+
+    probs = [val(high, 0)] * 100 + [val(middle, 0)] * 60 + [val(middle, 1)] * 10 + [val(1 / 3 + 1e-3, 2)] * 30
+    labels = [0] * 160 + [0] * 10 + [1] * 30
+    record = {**CALIBRATION, "n_val": 200, "refer_target": 0.95, "val_probs": probs, "val_labels": labels}
+    tuned = add_run(home, weights, calibration=record)
+    at = open_predict()
+    at.selectbox(key="pr_run").set_value(tuned).run()
+    at = upload(at, "CLL", "FL", "MCL", "CLL", "FL", "MCL")
+    slider = at.select_slider(key=f"pr_target_{tuned}")
+    assert slider.value == 0.95 and slider.options == ["70%", "75%", "80%", "85%", "90%", "95%"]  # not 99%
+    assert metrics(at)["Referred"] == "6"
+    slider.set_value(0.85).run()
+    band = cal_module.refer_band(np.asarray(probs), labels, 0.85)
+    assert band.threshold == pytest.approx(middle) and band.bound >= 0.85
+    table = at.dataframe[0].value
+    expected = ["confident" if max(p for c, p in row.items() if c in CLASSES) >= band.threshold else "uncertain, refer"
+                for row in table[list(CLASSES)].to_dict("records")]
+    assert list(table["verdict"]) == expected and 0 < expected.count("confident") < 6
+    assert metrics(at)["Referred"] == str(expected.count("uncertain, refer"))
+    assert any("logged at 95%" in i.value and "verdicts below are at 85%" in i.value for i in at.info)
+    assert any(f"{band.threshold:.1%} are marked" in c.value and "at least 85%" in c.value for c in at.caption)
 
 
 def test_the_heat_map_lies_over_the_image_with_a_colour_scale_on_a_fine_enough_layer(home):

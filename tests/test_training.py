@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import select
 
-from core.jobs import execute, runs
+from core.jobs import execute, runs, views
 from core.store.runs import fold_siblings
 from core.store.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
 from core.store.records import RunSummary
@@ -79,6 +79,9 @@ def test_kfold_makes_one_run_per_fold(dataset, settings, Session):
         for run, images in zip(folds, tested):
             assert run.summary["colour_yardstick"]["n_test"] == len(images)
             assert run.summary["colour_yardstick"]["accuracy"] >= 0.9
+        # Whether the folds differ is a test across their own test images, not a bare spread.
+        spread = views.run_results(s, settings, folds[0].id).folds.spread
+        assert spread.startswith("The 2 folds score ") and "permutation test of equal accuracy, p = " in spread
 
 
 def test_non_finite_loss_fails_the_run_with_the_reason(dataset, settings, Session):

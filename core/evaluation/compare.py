@@ -93,3 +93,61 @@ def paired_comparison(correct_a: Mapping[Hashable, bool], correct_b: Mapping[Has
     return PairedComparison(len(shared), float(a.mean()), float(b.mean()), float(low), float(high),
                             mcnemar_exact(only_a, only_b), only_a, only_b, level,
                             n_groups if groups is not None else None)
+
+
+@dataclass(frozen=True)
+class FoldSpread:
+    """The folds of a k-fold experiment, each scored on its own test images: do their accuracies
+    differ by more than the draw of those images would make them? Folds share no test image, so
+    the test is not paired: a permutation test of equal accuracy (the right/wrong marks shuffled
+    across folds keeping each fold's size), with the chi-square statistic of the folds x
+    right/wrong table. Exact enough at any count, unlike the chi-square table it borrows from."""
+
+    accuracies: tuple[float, ...]
+    sizes: tuple[int, ...]
+    p_value: float
+    level: float = LEVEL
+
+    @property
+    def within_noise(self) -> bool:
+        return self.p_value >= 1 - self.level
+
+    def verdict(self) -> str:
+        """One sentence, e.g. 'The 5 folds score 48.0% to 70.0% on their own test images (25 to 26
+        each): within noise, a gap this size comes from the draw of test images alone (permutation
+        test, p = 0.41).'"""
+        low, high = min(self.accuracies), max(self.accuracies)
+        sizes = f"{min(self.sizes)}" if min(self.sizes) == max(self.sizes) else f"{min(self.sizes)} to {max(self.sizes)}"
+        head = (f"The {len(self.accuracies)} folds score {low:.1%} to {high:.1%} on their own test images "
+                f"({sizes} each)")
+        test = f"permutation test of equal accuracy, p = {self.p_value:.2g}"
+        if self.within_noise:
+            return f"{head}: within noise, a gap this size comes from the draw of test images alone ({test})."
+        return (f"{head}: they differ beyond noise ({test}), so the folds' test parts are not alike; "
+                "read the mean with its spread.")
+
+
+def _chi_square(right: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Chi-square statistic of each row of per-fold right counts (shape draws x folds)."""
+    share = right.sum(axis=-1, keepdims=True) / sizes.sum()
+    expected_right, expected_wrong = sizes * share, sizes * (1 - share)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = ((right - expected_right) ** 2 / expected_right
+                 + ((sizes - right) - expected_wrong) ** 2 / expected_wrong)
+    return np.nan_to_num(terms, nan=0.0, posinf=0.0).sum(axis=-1)
+
+
+def fold_spread(right: list[int], sizes: list[int], *, level: float = LEVEL, resamples: int = RESAMPLES,
+                seed: int = 0) -> FoldSpread | None:
+    """Compare the folds' accuracies (`right[i]` of `sizes[i]` test images right in fold i). None
+    with fewer than two folds scored."""
+    if len(sizes) < 2 or min(sizes) < 1:
+        return None
+    sizes_a, right_a = np.array(sizes), np.array(right, dtype=float)
+    marks = np.repeat([1.0, 0.0], [int(right_a.sum()), int(sizes_a.sum() - right_a.sum())])
+    edges = np.cumsum(sizes_a)[:-1]
+    rng = np.random.default_rng(seed)
+    shuffled = np.array([np.add.reduceat(rng.permutation(marks), np.r_[0, edges]) for _ in range(resamples)])
+    seen = _chi_square(right_a, sizes_a)
+    p_value = (1 + int((_chi_square(shuffled, sizes_a) >= seen - 1e-12).sum())) / (resamples + 1)
+    return FoldSpread(tuple(float(r / n) for r, n in zip(right, sizes)), tuple(sizes), float(p_value), level)

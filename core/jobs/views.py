@@ -30,7 +30,7 @@ from core.config import Settings
 from core.data import splits
 from core.data.datasets import get_dataset, load_rgb
 from core.errors import UserError
-from core.evaluation import calibration, metrics, yardstick
+from core.evaluation import calibration, compare, metrics, yardstick
 from core.evaluation.compare import PairedComparison
 from core.inference import approval, prediction_log
 from core.jobs import manage, worker
@@ -431,6 +431,7 @@ class FoldResults:
     n_done: int
     summary: metrics.FoldSummary | None  # over the finished folds
     yardstick: str | None  # the colour-only yardstick across them
+    spread: str | None = None  # whether the folds' accuracies differ beyond noise
 
 
 @dataclass(frozen=True)
@@ -580,9 +581,16 @@ def _fold_results(session: Session, run: Run) -> FoldResults | None:
     if len(siblings) < 2:
         return None
     done = [r for r in siblings if r.status == RunStatus.succeeded]
-    summary = metrics.summarise_folds([metrics.run_report(session, r) for r in done]) if done else None
+    reports = [metrics.run_report(session, r) for r in done]
+    summary = metrics.summarise_folds(reports) if done else None
     across = yardstick.describe_folds([RunSummary.from_dict(r.summary).colour_yardstick for r in done])
-    return FoldResults(len(siblings), len(done), summary, across)
+    return FoldResults(len(siblings), len(done), summary, across, fold_spread_words(reports))
+
+
+def fold_spread_words(reports: Sequence[metrics.Report]) -> str | None:
+    """Whether the folds' accuracies differ beyond noise (None with fewer than two scored)."""
+    spread = compare.fold_spread([round(r.accuracy * r.n) for r in reports], [r.n for r in reports])
+    return spread.verdict() if spread else None
 
 
 def _predictions(session: Session, settings: Settings, run_id: int) -> tuple[PredictionRow, ...]:
