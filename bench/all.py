@@ -83,6 +83,16 @@ def input_args(plan: Plan, seconds: float, measured: Measured) -> list[str]:
     return ["--samples", str(clamp((SIZING * seconds - 10) * 60, 200, 1200))]
 
 
+def slide_args(plan: Plan, seconds: float, measured: Measured) -> list[str]:
+    if plan.smoke:
+        return ["--device", "cpu", "--tile-px", "32", "--width", "1500", "--height", "1000"]
+    # ~90 s for writing the slide and compiling the model at three batch sizes; then each tissue tile
+    # costs about 30 ms over both paths (the naive tiling reads every cell, both paths read each tile).
+    tiles = clamp((SIZING * seconds - 90) / 0.03, 200, 1500)  # 1500: a 2 GB slide file (uncompressed texture)
+    width = int((4.5 * tiles) ** 0.5 * 448)  # a third of a 3:2 slide is tissue, 448 level-0 px a tile
+    return ["--device", plan.device, "--width", str(width), "--height", str(width * 2 // 3)]
+
+
 def paper_size(seconds: float, measured: Measured) -> tuple[int, int]:
     """Images per class and epochs (the paper's: 1200 and 25) that fit both of the protocol's runs
     (eager baseline and fast path) in `seconds`, from the training rates measured before."""
@@ -118,6 +128,7 @@ PARTS = (
     Part("train-small", "training throughput, small batch", "bench.train_throughput", 0.28, 60, train_args(24, 2)),
     Part("predict", "prediction", "bench.predict", 0.14, 40, predict_args),
     Part("input-pipeline", "input pipeline", "bench.input_pipeline", 0.06, 15, input_args, uses_device=False),
+    Part("slide", "whole-slide prediction", "bench.slide", 0.10, 90, slide_args),
     Part("train-large", "training throughput, large batch", "bench.train_throughput", 0.22, 60, train_args(128, 4)),
     Part("paper-protocol", "the paper's protocol end to end", "bench.paper_protocol", 0.30, 90, paper_args),
 )

@@ -25,7 +25,7 @@ from core.transforms import augment
 from core.config import load_settings
 from core.data.cache import resized_array
 from core.transforms.pipelines import resize
-from core.data.datasets import load_rgb
+from core.data.decoding import load_rgb
 from core.store.db import Image
 
 

@@ -127,7 +127,7 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
     The long run is created last, so it is the newest: the run the Runs page shows first.
     """
     from core.config import load_settings
-    from core.data.datasets import ingest
+    from core.data.ingest import ingest
     from core.store.db import make_sessionmaker
     from core.training.run_config import RunConfig
     from core.jobs.runs import create_runs

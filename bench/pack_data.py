@@ -3,7 +3,7 @@ cannot read the original: the GPU machine receives at most 64 MiB with the code,
 lymphoma images are 77 MB as PNG (and 1.2 GB as the original TIFs).
 
 Class folders keep their names; each image (TIF, PNG, JPEG, BMP, in any mode the app accepts) is
-decoded the way ingest decodes it (core.data.datasets.load_rgb), shrunk so that its longer side is
+decoded the way ingest decodes it (core.data.decoding.load_rgb), shrunk so that its longer side is
 at most --max-side pixels (never enlarged) and written as SRC's file name with a .jpg suffix.
 Anything else in SRC (a README, hidden files) is left out.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
-from core.data.datasets import IMAGE_EXTENSIONS, load_rgb
+from core.data.decoding import IMAGE_EXTENSIONS, load_rgb
 from core.errors import UserError
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.common import device_name
 from core.jobs import execute, runs
 from core.config import load_settings
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.store.db import Run, make_sessionmaker
 from core.store.records import RunSummary
 from core.training.run_config import RunConfig

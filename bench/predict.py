@@ -24,7 +24,7 @@ import torch
 from PIL import Image as PILImage
 
 from bench.common import device_name, report, timed_pair
-from core.data.datasets import load_rgb
+from core.data.decoding import load_rgb
 from core.inference.model_file import write_model
 from core.inference.onnx_export import write_onnx
 from core.inference.onnx_predict import OnnxPredictor

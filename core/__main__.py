@@ -64,16 +64,50 @@ def cli_user(args: argparse.Namespace) -> User:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.data import datasets
+    from core.data import slide_ingest
 
+    if slide_ingest.is_slide_folder(Path(args.path)):
+        return _ingest_slides(args, settings, Session)
+    if (args.tile_px, args.tile_mpp, args.max_tiles) != (None, None, None):
+        raise UserError(f"--tile-px, --tile-mpp and --max-tiles are for folders of whole-slide images; "
+                        f"{Path(args.path).name} holds images.")
     bars = Bars()
     # The commit writes too: a full disk there is reported like one during the ingest.
     with disk_full_is_user_error(settings, f"dataset '{args.name}'"), Session.begin() as s:
-        report = datasets.ingest(
-            s, settings, Path(args.path), args.name, groups_csv=args.groups_csv, group_pattern=args.group_pattern,
-            progress=lambda d, t: bars("check images", d, t), user=cli_user(args),
+        report = slide_ingest.ingest_fields(
+            s, settings, Path(args.path), args.name, mpp=args.mpp, groups_csv=args.groups_csv,
+            group_pattern=args.group_pattern, progress=lambda d, t: bars("check images", d, t), user=cli_user(args),
         )
     bars.close()
+    _print_ingest(report)
+
+
+def _ingest_slides(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.data import slide_ingest
+
+    if args.groups_csv or args.group_pattern:
+        raise UserError("A slide's tiles are grouped by their slide: --groups-csv and --group-pattern are for images.")
+    bars = Bars()
+    try:  # the bar ends before an error is printed under it
+        with disk_full_is_user_error(settings, f"dataset '{args.name}'"), Session.begin() as s:
+            report = slide_ingest.ingest_slides(
+                s, settings, Path(args.path), args.name, mpp=args.mpp, tile_px=args.tile_px, tile_mpp=args.tile_mpp,
+                max_tiles=args.max_tiles, progress=lambda d, t: bars("tile slides", d, t), user=cli_user(args))
+    finally:
+        bars.close()
+    for rel, _label, kept in report.slides:
+        print(f"slide {rel}: {kept} tiles")
+    for rel in report.already_present:
+        print(f"slide {rel}: already in the dataset")
+    for rel, reason in report.skipped:
+        print(f"skipped {rel}: {reason}")
+    scale = report.scale
+    print(f"{len(report.slides)} slide(s) tiled, {report.tiles_kept} tiles of {scale.tile_px} px at "
+          f"{scale.mpp:g} microns per pixel (at most {scale.max_tiles or 'all'} per slide)")
+    _print_ingest(report.ingest)
+
+
+def _print_ingest(report) -> None:
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}")
     for path, first in report.duplicates:
@@ -194,6 +228,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, Session) -> None:
     print(f"worker stopped after starting {started} run(s)", file=sys.stderr)
 
 
+def cmd_slide_child(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.jobs.slide_jobs import run_slide_child
+
+    run_slide_child(settings, args.job, parent=args.parent)
+
+
 def cmd_child(args: argparse.Namespace, settings: Settings, Session) -> None:
     from core.jobs.worker import run_child
 
@@ -249,20 +289,24 @@ def cmd_workers(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.evaluation import metrics, yardstick
+    from core.evaluation import metrics, slides, yardstick
 
     with Session() as s:
         run = get_run(s, args.run)
         print(f"Run {run.id} on {run.dataset.name!r}, weights: {run.weights_used}, device: {run.device}")
         report = metrics.run_report(s, run)
         print(metrics.format_report(report))
+        if slides.has_slides(s, run.dataset_id):  # tiles of slides: the slides' own results too
+            print()
+            print(slides.format_slide_report(slides.slide_report(s, run)))
         summary = RunSummary.from_dict(run.summary)
         if summary.calibration is not None:
-            from core.evaluation.calibration import format_run_calibration
+            from core.evaluation.calibration_words import calibration_words
 
-            print(format_run_calibration(summary.calibration))
-        if summary.colour_yardstick:
-            print(yardstick.describe(summary.colour_yardstick))
+            print(calibration_words(summary.calibration).text())
+        colour = yardstick.describe(summary.colour_yardstick)
+        if colour:
+            print(colour)
         siblings = fold_siblings(s, run)
         if len(siblings) > 1:
             done = [r for r in siblings if r.status.value == "succeeded"]
@@ -299,6 +343,31 @@ def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
                                    for row in rows))
     if args.run is None:
         print(f"classified with the approved model: run {results[0].run_id}", file=sys.stderr)
+
+
+def cmd_predict_slide(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.slides import outputs
+    from core.slides.predict import classify_slide
+
+    bar: list[tqdm] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:  # made once tiling has counted the tiles
+            bar.append(tqdm(total=total, desc="tiles", unit="tile", file=sys.stderr))
+        bar[0].update(done - bar[0].n)
+
+    try:
+        pred = classify_slide(Session, settings, cli_user(args), args.slide, run_id=args.run, source="cli",
+                              log=args.log, mpp=args.mpp, calibrated=not args.raw, device=args.device,
+                              progress=progress)
+    finally:
+        for b in bar:
+            b.close()
+    print("\n".join(outputs.verdict_lines(pred)))
+    for path in outputs.write_outputs(pred, Path(args.out), Path(args.slide).stem):
+        print(f"wrote {path}")
+    if args.run is None:
+        print(f"classified with the approved model: run {pred.run_id}", file=sys.stderr)
 
 
 def cmd_approve(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -409,12 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    p = sub.add_parser("ingest", help="add a folder of class sub-folders (or a .zip of one) as a dataset", formatter_class=fmt)
-    p.add_argument("path", help="folder with one sub-folder per class, or a .zip of such a folder")
+    p = sub.add_parser("ingest", help="add a folder of class sub-folders (or a .zip of one) as a dataset; slides "
+                       "are tiled, each tile grouped by its slide", formatter_class=fmt)
+    p.add_argument("path", help="folder with one sub-folder per class, of images or of whole-slide images, or a "
+                   ".zip of such a folder of images")
     p.add_argument("--name", required=True, help="dataset name; ingesting again into a name adds new images")
     p.add_argument("--groups-csv", type=Path, help="CSV with columns file,group (specimen/patient of each image)")
     p.add_argument("--group-pattern", help=r"regex on the relative path whose group 'group' (or 1) is the specimen id, e.g. '^[^/]+/(\d+)_'")
     p.add_argument("--user", help="recorded as the dataset's creator (default: your login name)")
+    p.add_argument("--mpp", type=float, help="microns per pixel of the files: for slides, those whose file records "
+                   "none; for images, recorded so a model knows the scale it was trained at")
+    p.add_argument("--tile-px", type=int, help="slides: side of each tile in pixels (default: SLIDE_TILE_PX)")
+    p.add_argument("--tile-mpp", type=float, help="slides: microns per pixel of the tiles (default: SLIDE_MPP)")
+    p.add_argument("--max-tiles", type=int, help="slides: most tiles per slide, 0 for all (default: SLIDE_MAX_TILES)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("datasets", help="list datasets")
@@ -466,6 +542,12 @@ def _add_job_commands(sub) -> None:
     p.add_argument("--parent", type=int, default=None, help="stop when this process (the worker) is gone")
     p.set_defaults(func=cmd_child)
 
+    # Internal: the worker's child process for one whole slide to classify.
+    p = sub.add_parser("_slide")
+    p.add_argument("job", type=int)
+    p.add_argument("--parent", type=int, default=None, help="stop when this process (the worker) is gone")
+    p.set_defaults(func=cmd_slide_child)
+
     p = sub.add_parser("cancel", help="cancel a queued run, or stop a running one keeping its finished epochs")
     p.add_argument("run", type=int)
     p.set_defaults(func=cmd_cancel)
@@ -499,6 +581,21 @@ def _add_result_commands(sub, fmt) -> None:
     p.add_argument("--user", help="recorded in the log as who classified; without it, your login name")
     p.add_argument("images", nargs="+", help="image files (TIF, PNG, JPEG, BMP)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("predict-slide", formatter_class=fmt,
+                       help="classify a whole-slide image tile by tile at the model's own scale; writes the tiles "
+                       "as CSV and GeoJSON (for QuPath) and a summary")
+    p.add_argument("--run", type=int, default=None, help="the run whose model classifies; without it, the approved model")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="the slide's microns per level-0 pixel, where its file records none or a wrong one")
+    p.add_argument("--out", default=".", help="folder for SLIDE.tiles.csv, SLIDE.geojson and SLIDE.summary.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--raw", action="store_true",
+                   help="the model's raw probabilities instead of the run's calibrated ones (no refer verdict)")
+    p.add_argument("--log", action="store_true", help="record the slide's prediction in the log of predictions")
+    p.add_argument("--user", help="recorded in the log as who classified; without it, your login name")
+    p.add_argument("slide", help="a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI, pyramidal TIFF)")
+    p.set_defaults(func=cmd_predict_slide)
 
     p = sub.add_parser("export", help="write a trained run's model as an ONNX file for use outside the app; prints its path",
                        description="The graph takes the evaluation pipeline's uint8 samples and gives raw class "

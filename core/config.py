@@ -73,6 +73,12 @@ ALLOWED_ORIGINS   web origins besides the app's own whose pages may send request
                   request came in by) nor listed here. Behind a proxy that ends TLS without passing the scheme on,
                   list the public https origin. The API sends no CORS headers: other origins' pages still cannot
                   read its answers
+SLIDE_MPP         microns per pixel of the tiles cut from whole-slide images (core/slides/; default 0.5, a 20x
+                  objective's scale); tiles are cut by physical scale, whatever the scanner's pyramid levels
+SLIDE_TILE_PX     side of a slide's tiles in pixels at SLIDE_MPP (default 224)
+SLIDE_MAX_TILES   most tiles used per slide, sampled at random over its tissue (default 256; 0: every tissue tile)
+TISSUE_MIN_SATURATION  HSV saturation (0-1) below which a slide's pixel counts as glass, not tissue (default 0.05)
+TISSUE_MAX_PALE_FRACTION  a slide tile with more than this share of such pale pixels is dropped (default 0.6)
 """
 
 from __future__ import annotations
@@ -117,6 +123,11 @@ class Settings:
     predict_wait_seconds: float = 10
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
     allowed_origins: tuple[str, ...] = ()
+    slide_mpp: float = 0.5
+    slide_tile_px: int = 224
+    slide_max_tiles: int = 256
+    tissue_min_saturation: float = 0.05
+    tissue_max_pale_fraction: float = 0.6
 
     @property
     def images_dir(self) -> Path:
@@ -129,6 +140,14 @@ class Settings:
     @property
     def tmp_dir(self) -> Path:
         return self.app_home / "tmp"
+
+    @property
+    def slide_jobs_dir(self) -> Path:
+        return self.app_home / "slide_jobs"
+
+    @property
+    def slide_uploads_dir(self) -> Path:
+        return self.app_home / "slide_uploads"
 
     @property
     def prediction_images_dir(self) -> Path:
@@ -198,4 +217,10 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         predict_wait_seconds=float(env.get("PREDICT_WAIT_SECONDS", 10)),
         allowed_hosts=_items(env.get("ALLOWED_HOSTS") or "localhost,127.0.0.1,[::1]"),  # empty: the default
         allowed_origins=_items(env.get("ALLOWED_ORIGINS", "")),
+        # Checked where slides are tiled (core/slides/tiling.py), which names the bounds.
+        slide_mpp=float(env.get("SLIDE_MPP", 0.5)),
+        slide_tile_px=int(env.get("SLIDE_TILE_PX", 224)),
+        slide_max_tiles=int(env.get("SLIDE_MAX_TILES", 256)),
+        tissue_min_saturation=float(env.get("TISSUE_MIN_SATURATION", 0.05)),
+        tissue_max_pale_fraction=float(env.get("TISSUE_MAX_PALE_FRACTION", 0.6)),
     )

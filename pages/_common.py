@@ -440,7 +440,7 @@ def show_figure(fig: go.Figure, key: str | None = None) -> None:
 def thumbnail(path: str, side: int = 192) -> np.ndarray:
     """A small RGB copy of a stored image (aspect ratio kept), cached by path: stored files are
     named by their content hash, so a path never changes what it holds."""
-    from core.data.datasets import load_rgb
+    from core.data.decoding import load_rgb
 
     image = load_rgb(path)
     image.thumbnail((side, side), PILImage.BILINEAR)

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from core.data import datasets, groups, uploads
+from core.data.ingest import IngestReport
 from core.errors import UserError
 from core.jobs import views
 from core.access.limits import disk_full_is_user_error
@@ -71,7 +72,7 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
     bar.empty()
 
 
-def show_report(report: datasets.IngestReport) -> None:
+def show_report(report: IngestReport) -> None:
     counts = ", ".join(f"{md_text(c)}: {n}" for c, n in report.class_counts.items())
     st.success(f"Dataset **{md_text(report.name)}**: {report.added} image(s) added, "
                f"{report.already_present} already present, "

@@ -4,7 +4,7 @@ beside its colour-only yardstick, what this server trains on, the worker's state
 import pandas as pd
 import streamlit as st
 
-from core.jobs import comparisons, views
+from core.jobs import comparisons, estimate, views
 from core.store import consistency
 from pages._common import pct, session_factory, settings, through_router
 
@@ -128,7 +128,7 @@ else:
     st.warning(f"No training worker is running; {status.queued} queued run(s) wait. It is started with the app: "
                "reload the page, or run `python -m core worker`.", icon=":material/error:")
 
-machine = views.machine_summary()
+machine = estimate.machine_summary()
 if machine.has_gpu:
     machine_box.caption(machine.sentence())
 else:

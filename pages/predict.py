@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.evaluation import calibration
+from core.evaluation import calibration, calibration_words
 from core.errors import UserError
 from core.inference import service
 from core.inference.probabilities import CALIBRATED
@@ -186,7 +186,7 @@ def run_model(run_id: int, images: list, unreadable, seen) -> dict:
             unreadable=unreadable, seen=seen)
         status.update(label=f"Classified {len(answers)} image(s) in {time.monotonic() - started:.1f} s",
                       state="complete", expanded=False)
-    return {"answers": answers, "classes": list(predictor.classes), "calibration": dict(predictor.calibration or {})}
+    return {"answers": answers, "classes": list(predictor.classes), "calibration": predictor.calibration}
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,8 +204,9 @@ def refer_band(run_id: int, result: dict) -> tuple[float | None, np.ndarray]:
                    help="Raw softmax probabilities: no temperature scaling was fitted.")
         return None, np.zeros(len(answers), dtype=bool)
     # Only the targets some threshold can promise from this validation part (and the run's own).
-    supported = calibration.supported_target(np.asarray(cal["val_probs"]), cal["val_labels"])
-    targets = sorted({t for t in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99) if t <= supported} | {cal["refer_target"]})
+    supported = calibration.supported_target(np.asarray(cal.val_probs), cal.val_labels)
+    own = calibration.DEFAULT_REFER_TARGET if cal.refer_target is None else cal.refer_target
+    targets = sorted({t for t in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99) if t <= supported} | {own})
     about = ("Predictions below the confidence threshold that can promise this accuracy (with 95% confidence, from "
              "the run's validation images) are marked 'uncertain, refer'. The offered targets are those the validation "
              "images can support" + (f" (at most {supported:.0%} here)." if supported < 0.99 else "."))
@@ -215,17 +216,15 @@ def refer_band(run_id: int, result: dict) -> tuple[float | None, np.ndarray]:
                    "validation images support no other target.", help=about)
     else:
         target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
-                                  value=cal["refer_target"], format_func=lambda t: f"{t:.0%}",
+                                  value=own, format_func=lambda t: f"{t:.0%}",
                                   key=f"pr_target_{run_id}", help=about)
     band = predictor_of(run_id).refer_band(target)  # chosen on the validation images, as at training
-    threshold, n_val = band.threshold, int(cal["n_val"])
-    st.caption(f"Confidence adjusted on the run's {n_val} validation images, so that it matches how often the model "
-               f"was right there. {calibration.band_sentence(band)}",
-               help=f"Temperature scaling (T = {cal['temperature']:.2f}), fitted on the validation part; its expected "
-                    f"calibration error (ECE) there went from {cal.get('val_ece_before', float('nan')):.3f} to "
-                    f"{cal.get('val_ece_after', float('nan')):.3f}. The refer threshold is the lowest adjusted "
-                    "confidence whose validation predictions at or above it reach the chosen accuracy by a one-sided "
-                    "Clopper-Pearson lower bound at 95% (selection with guaranteed risk, Geifman and El-Yaniv 2017).")
+    threshold, n_val = band.threshold, band.n_val
+    words = calibration_words.calibration_words(cal, band)
+    st.caption(f"{words.scaling_sentence} {words.refer_sentence}",
+               help=f"{words.technical} The refer threshold is the lowest adjusted confidence whose validation "
+                    "predictions at or above it reach the chosen accuracy by a one-sided Clopper-Pearson lower bound "
+                    "at 95% (selection with guaranteed risk, Geifman and El-Yaniv 2017).")
     logged = {a.refer_target for a in answers}
     if logged != {band.target}:
         st.info(f"These images were classified and logged at {', '.join(f'{t:.0%}' for t in logged if t)}; the "
@@ -411,8 +410,12 @@ def date_bounds(dates) -> tuple[datetime | None, datetime | None]:
     return datetime.combine(start, datetime.min.time()), datetime.combine(end + timedelta(days=1), datetime.min.time())
 
 
-classify_view, history_view = st.tabs(["Classify", "History"])
+classify_view, slide_view, history_view = st.tabs(["Classify", "Whole slide", "History"])
 with classify_view:
     classify_tab()
+with slide_view:
+    from pages._slides import slide_tab  # here, so that its module is read only when the page is drawn
+
+    slide_tab()
 with history_view:
     history_tab()

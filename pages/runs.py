@@ -6,6 +6,7 @@ import streamlit as st
 
 from core.data import audit
 from core.evaluation import metrics
+from core.evaluation.calibration_words import change_text
 from core.inference import approval
 from core.inference.probabilities import Probabilities
 from core.jobs import comparisons, manage, views
@@ -233,7 +234,7 @@ def explain_mistake(found: views.RunResults, wrong: list, classes: tuple[str, ..
                         format_func=lambda k: "Choose a misclassified image" if k is None else names[k])
     if pick is None:
         return
-    from core.data.datasets import load_rgb  # decoding: only for the image asked for
+    from core.data.decoding import load_rgb  # decoding: only for the image asked for
     from core.inference import predict
 
     mistake = wrong[pick]
@@ -256,20 +257,20 @@ def predictions_csv(found: views.RunResults, classes: tuple[str, ...]) -> bytes:
     return csv_bytes(frame)
 
 
-def calibration_panel(run: views.RunRow, uncertainty: dict) -> None:
+def calibration_panel(found: views.RunResults) -> None:
     """How far the run's confidences can be trusted, in plain words; the technical terms in the tooltips."""
+    run, uncertainty, cal = found.run, found.uncertainty, found.calibration
     with st.expander("How far its confidence can be trusted, and the \"uncertain, refer\" band", expanded=False):
-        cal = views.calibration_view(run.summary)
-        if cal.scaling is None:
+        if not cal.calibrated:
             st.caption(f"Not calibrated: {md_text(cal.note)}.")
             return
         c = st.columns(3)
-        c[0].metric("Confidence scaling", f"{cal.scaling:.3g}", border=True, help=cal.scaling_help)
-        c[1].metric("Calibration error, validation", cal.error_text(cal.val_error), border=True, help=cal.error_help)
+        c[0].metric("Confidence scaling", cal.scaling, border=True, help=cal.technical)
+        c[1].metric("Calibration error, validation", cal.val_error, border=True, help=cal.ERROR_HELP)
         # The test figures from the same bins as the chart below, so the card and its legend agree.
-        test = cal.test_error if uncertainty["reliability"] is None else (
-            uncertainty["reliability"].ece, uncertainty["reliability_after"].ece)
-        c[2].metric("Calibration error, test", cal.error_text(test), border=True, help=cal.error_help)
+        test = cal.test_error if uncertainty["reliability"] is None else change_text(
+            (uncertainty["reliability"].ece, uncertainty["reliability_after"].ece))
+        c[2].metric("Calibration error, test", test, border=True, help=cal.ERROR_HELP)
         st.caption(cal.scaling_sentence)
         st.markdown(cal.refer_sentence)
         if uncertainty["reliability"] is not None:
@@ -360,15 +361,15 @@ def results(run_id: int) -> None:
         st.info("This run was cancelled; its curves show the epochs it finished.", icon=":material/block:")
 
     leak = run.summary.leak_audit
-    if leak and leak.get("warning"):
+    if leak is not None and leak.warning:
         st.warning(audit.record_verdict(leak), title="Leak check of this run's split", icon=":material/content_copy:")
-        st.caption("How it was checked", help=leak["summary"])
-    elif leak:
-        st.caption(f"Leak check of this run's split: {audit.record_verdict(leak)}", help=leak["summary"])
+        st.caption("How it was checked", help=leak.summary)
+    elif leak is not None:
+        st.caption(f"Leak check of this run's split: {audit.record_verdict(leak)}", help=leak.summary)
 
     if found.report is not None:
         report_panel(found)
-        calibration_panel(run, found.uncertainty)
+        calibration_panel(found)
         misclassified(found, run.classes)
 
     with st.expander("Full configuration"):

@@ -48,7 +48,7 @@ OWN_KEYS = ("tr_weights_path", "tr_name", "tr_notes")  # inputs that are not set
 page_header("Train", "The modified DenseNet-201 (FC 512, dropout 0.5, no layer frozen) trained with Adam on "
             "cross-entropy. The presets fill in the form: the paper's settings, or a first run sized for this "
             "machine. Runs train in the background worker.")
-machine = views.machine_summary()  # loads torch once per server process, to ask for a GPU
+machine = estimate.machine_summary()  # loads torch once per server process, to ask for a GPU
 
 
 def form_key(name: str) -> str:

@@ -48,7 +48,7 @@ def write_dataset(
 
 def ingest_synthetic(root: Path, settings, Session, per_class: int, name: str = "synthetic") -> str:
     """Write a synthetic TIF dataset under root and ingest it; returns the dataset name."""
-    from core.data.datasets import ingest
+    from core.data.ingest import ingest
 
     write_dataset(root, per_class=per_class, ext=".tif")
     with Session.begin() as s:

@@ -29,7 +29,8 @@ from core.__main__ import main
 from core.access.accounts import EDITOR, VIEWER, User
 from core.access.limits import GB, disk_usage
 from core.config import Settings, load_settings
-from core.data.datasets import delete_dataset, load_rgb
+from core.data.datasets import delete_dataset
+from core.data.decoding import load_rgb
 from core.errors import UserError
 from core.evaluation.calibration import refer_verdict
 from core.inference import approval, engine, prediction_log, service

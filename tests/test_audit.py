@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from core.data import groups
 from core.data.audit import audit_images, audit_split, format_audit, hamming, phash, pixel_hash
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.store.db import Dataset
 from core.store.db import Image as ImageRow
 from core.errors import UserError

@@ -1,17 +1,16 @@
 from __future__ import annotations
 
-import pickle
 import random
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 import Augmentor
 import numpy as np
 import pytest
-import torch
 from Augmentor.ImageUtilities import AugmentorImage
-from torch.utils.data import DataLoader, Dataset
 
-from core.transforms.augment import AugmentParams, AugmentTransform, augment, build_operations, expand, preview
+from core.transforms import augment as augment_module
+from core.transforms.augment import AugmentParams, augment, build_operations, expand, preview
 from core.errors import UserError
 from tests.synthetic import synthetic_image
 
@@ -170,29 +169,6 @@ def test_preview_gives_n_versions_with_fired_names():
         preview(synthetic_image("FL", 0), AugmentParams(), n=0, seed=0)
 
 
-class _TinyDataset(Dataset):
-    def __init__(self, transform: AugmentTransform):
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.transform(synthetic_image("CLL", i, (16, 16)), seed=i)).copy())
-
-
-def test_transform_pickles_and_runs_in_a_spawned_dataloader_worker():
-    transform = AugmentTransform(_params(1.0))
-    clone = pickle.loads(pickle.dumps(transform))
-    image = synthetic_image("CLL", 0, (16, 16))
-    assert np.array_equal(np.asarray(clone(image, seed=5)), np.asarray(transform(image, seed=5)))
-
-    loader = DataLoader(_TinyDataset(transform), batch_size=4, num_workers=1, multiprocessing_context="spawn")
-    (batch,) = list(loader)
-    # Same seeds give the same pixels in the worker process as here.
-    assert torch.equal(batch, torch.stack([_TinyDataset(transform)[i] for i in range(4)]))
-
-
 def test_params_round_trip_and_reject_unknown_keys():
     params = AugmentParams(rotate_probability=0.3, zoom_percentage_area=0.8)
     assert AugmentParams.from_dict(params.to_dict()) == params
@@ -225,10 +201,20 @@ def test_params_reject_out_of_range_values(key, value, message):
     assert key in str(info.value)
 
 
-def test_expand_in_worker_processes_gives_the_same_images():
-    images = [synthetic_image(c, i) for c in ("CLL", "FL") for i in range(3)]
+def test_expand_in_worker_processes_gives_the_same_images(monkeypatch):
+    pools = []
+
+    class Pool(ProcessPoolExecutor):  # the real pool, recording that it was started and how
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs["mp_context"].get_start_method())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(augment_module, "ProcessPoolExecutor", Pool)
+    images = [synthetic_image(c, i, (16, 16)) for c in ("CLL", "FL") for i in range(3)]
     labels = [0] * 3 + [1] * 3
-    one = expand(images, labels, 40, AugmentParams(), seed=4)
-    many = expand(images, labels, 40, AugmentParams(), seed=4, workers=2)
+    # 2 x 64 samples: enough for expand to start its two processes rather than work alone.
+    one = expand(images, labels, 64, _params(1.0), seed=4)
+    many = expand(images, labels, 64, _params(1.0), seed=4, workers=2)
+    assert pools == ["spawn"]  # beside torch's threads only spawned processes are safe
     assert one[1] == many[1] and one[2] == many[2]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one[0], many[0]))

@@ -20,7 +20,8 @@ from core.data import uploads
 from core.jobs import runs
 from core.access.accounts import EDITOR, VIEWER, User
 from core.config import Settings, load_settings
-from core.data.datasets import delete_dataset, ingest
+from core.data.datasets import delete_dataset
+from core.data.ingest import ingest
 from core.store.db import Base, Dataset, Run, RunStatus, make_engine, make_sessionmaker
 from core.errors import UserError
 from core.training.run_config import RunConfig

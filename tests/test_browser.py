@@ -195,6 +195,29 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_text(re.compile(rf"Run [{run.id}{twin}] scores .* (within|beyond) noise")).first).to_be_visible()
         shot("14b-runs-compare")
 
+        # Predict with the twin, given run 1's model and a validation part of 200 images that supports
+        # several targets around the three images' confidences: moving the slider from 95% to 85%
+        # lowers the threshold to where the band's guarantee still holds.
+        with Session() as s:
+            tops = sorted(max(p.probabilities.values()) for p in s.scalars(select(PredictionLog)))
+        give_model(cfg, run.id, twin, tops)
+        page.goto(url + "/predict")
+        page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files([str(f) for f in new_images])
+        expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
+        settle()
+        slider = page.get_by_role("slider")
+        expect(slider).to_have_attribute("aria-valuetext", "95%")
+        for _ in range(6):  # one step left at a time, each a rerun, until 85%
+            if slider.get_attribute("aria-valuetext") == "85%":
+                break
+            slider.focus()
+            slider.press("ArrowLeft")
+            settle()
+        expect(slider).to_have_attribute("aria-valuetext", "85%")
+        expect(page.get_by_text(re.compile(r"right at least 85% of the time")).first).to_be_visible()
+        expect(page.get_by_text(re.compile(r"logged at 95%.*verdicts below are at 85%")).first).to_be_visible()
+        shot("14c-predict-slider-moved")
+
         visit("/dataset", "15-datasets-after", "Datasets")
         visit("/", "16-home-after", "Lymphoma subtype recognition")
 
@@ -236,6 +259,28 @@ def copy_of_run(Session, run_id: int, changed: int) -> int:
                              predicted_label=predicted, probabilities=list(p.probabilities)))
         twin.summary = {**twin.summary, "test_accuracy": sum(right) / len(right)}  # as its answers make it
         return twin.id
+
+
+def give_model(settings, run_id: int, twin: int, tops: list[float]) -> None:
+    """Run `twin` gets run `run_id`'s model file, with a calibration record of 200 validation images
+    (same temperature) whose confidences lie around `tops` (the top probabilities of some images):
+    100 right above them all, 70 at their median (60 right), 30 wrong below them all."""
+    from core.inference.model_file import read_model, write_model
+    from core.store.runs import model_path
+
+    state, meta = read_model(model_path(settings, run_id))
+    high, middle = min(0.999, tops[-1] + 0.01), tops[len(tops) // 2]
+
+    def row(top: float, label: int) -> list[float]:
+        return [top if k == label else (1 - top) / 2 for k in range(3)]
+
+    probs = [row(high, 0)] * 100 + [row(middle, 0)] * 60 + [row(middle, 1)] * 10 + [row(1 / 3 + 1e-3, 2)] * 30
+    calibration = {**meta["calibration"], "n_val": 200, "refer_target": 0.95, "val_probs": probs,
+                   "val_labels": [0] * 170 + [1] * 30}
+    with make_sessionmaker(settings.database_url)() as s:
+        created = s.get(Run, twin).created_at.isoformat()
+    write_model(model_path(settings, twin), state, {**meta, "run_id": twin, "run_created": created,
+                                                     "calibration": calibration})
 
 
 def assert_tables_fit(page, where: str, some: bool = True) -> None:

@@ -183,20 +183,20 @@ def test_run_calibration_fits_on_validation_and_carries_to_test():
     val_p, val_y = overconfident(400)
     test_p, test_y = overconfident(400)
     out = run_calibration(val_p, val_y, test_p, test_y, target_accuracy=0.7)
-    assert out["temperature"] > 2  # softened: the model was over-confident
-    assert out["val_ece_after"] < out["val_ece_before"] / 2
-    assert out["test_ece_after"] < out["test_ece_before"] / 2
-    threshold = out["refer_threshold"]
-    assert 0 < threshold < 1 and out["n_val"] == 400 == len(out["val_probs"])
+    assert out.temperature > 2  # softened: the model was over-confident
+    assert out.val_ece_after < out.val_ece_before / 2
+    assert out.test_ece_after < out.test_ece_before / 2
+    threshold = out.refer_threshold
+    assert 0 < threshold < 1 and out.n_val == 400 == len(out.val_probs)
     # The band keeps only confident predictions, which are the more accurate ones.
-    assert 0 < out["test_coverage"] < 1 and out["test_accepted_accuracy"] > 0.65
-    assert out["refer_bound"] >= 0.7 and out["refer_confidence"] == 0.95 and out["refer_accepted"] < 400
+    assert 0 < out.test_coverage < 1 and out.test_accepted_accuracy > 0.65
+    assert out.refer_bound >= 0.7 and out.refer_confidence == 0.95 and out.refer_accepted < 400
     # The raw rate would have claimed 80% here; at 95% confidence, 400 images cannot.
-    assert run_calibration(val_p, val_y, test_p, test_y, target_accuracy=0.8)["refer_threshold"] is None
-    refer = refer_verdict(np.asarray(out["val_probs"]), threshold)
+    assert run_calibration(val_p, val_y, test_p, test_y, target_accuracy=0.8).refer_threshold is None
+    refer = refer_verdict(np.asarray(out.val_probs), threshold)
     assert refer.any() and not refer.all()
-    assert refer_verdict(np.asarray(out["val_probs"]), None).all()
-    assert run_calibration(val_p[:0], val_y[:0], test_p, test_y)["temperature"] is None
+    assert refer_verdict(np.asarray(out.val_probs), None).all()
+    assert run_calibration(val_p[:0], val_y[:0], test_p, test_y).temperature is None
 
 
 def test_every_image_right_is_no_certainty_the_interval_stays_honest():

@@ -46,6 +46,8 @@ def test_ingest_train_evaluate_predict(tmp_path):
         assert column in out.stdout
     for label in ("CLL", "FL", "MCL"):
         assert label in out.stdout
+    # The calibration in the pages' words and rounding (calibration_words), with its technical terms.
+    assert "Calibration: Confidence adjusted on the run's" in out.stdout and "T = " in out.stdout
 
     image = tmp_path / "x.tif"
     synthetic_image("MCL", 50).save(image)

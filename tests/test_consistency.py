@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.store import consistency
 from core.__main__ import main
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.store.db import Dataset, Image, Run, RunStatus
 from core.errors import UserError
 from core.store.files import hold_ingest_lock

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.__main__ import main
 from core.csv_export import cell, csv_text
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.inference import prediction_log
 from core.jobs import runs
 from core.store.db import Dataset, EpochMetric, Prediction, RunStatus, utcnow

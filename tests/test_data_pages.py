@@ -17,10 +17,10 @@ import torch
 from sqlalchemy import select
 
 from core.data import audit, groups
-from core.data.datasets import ingest
-from core.jobs import runs, views
+from core.data.ingest import ingest
+from core.jobs import estimate, runs, views
 from core.store.db import Image, Prediction, Run, RunStatus, make_sessionmaker
-from core.store.records import RunSummary
+from core.store.records import LeakAudit, RunSummary, Yardstick
 from core.training import presets
 from core.training.run_config import RunConfig
 from core.transforms import augment
@@ -116,8 +116,9 @@ def test_the_leak_audit_says_one_thing_in_plain_words():
     assert "pHash" in report.summary
     # Stored with the run, and read back the same for a run stored before verdicts were.
     record = report.as_record()
-    assert record["verdict"] == verdict
-    assert audit.record_verdict({k: v for k, v in record.items() if k not in ("verdict", "expected_close")}) == verdict
+    assert record.verdict == verdict
+    older = {k: v for k, v in record.to_dict().items() if k not in ("verdict", "expected_close")}
+    assert audit.record_verdict(LeakAudit.from_dict(older)) == verdict
     # Copies are always a leak, and so are many unusually close images; plain words both times.
     assert audit.leak_verdict(1, 2, 0, 0.5).startswith("Copies found")
     assert "near-identical" in audit.leak_verdict(0, 2, 0, 0.5)
@@ -195,7 +196,7 @@ def finished_run(Session, settings, grouped: bool, accuracy: float, colour: floa
         (run,) = runs.create_runs(s, settings, RunConfig(dataset="home", grouped=grouped, weights="none",
                                                          image_size=32, epochs=1))
         run.status = RunStatus.succeeded
-        yardstick = None if colour is None else {"accuracy": colour, "n_train": 24, "n_test": 6}
+        yardstick = None if colour is None else Yardstick(colour, n_train=24, n_test=6)
         run.summary = RunSummary(test_accuracy=accuracy, colour_yardstick=yardstick).to_dict()
         s.flush()
         return run.id
@@ -256,7 +257,7 @@ def test_home_says_a_gap_to_colour_alone_within_noise_is_within_noise(settings, 
 
 def test_home_says_whether_this_server_has_a_gpu(settings, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    views.machine_summary.cache_clear()
+    estimate.machine_summary.cache_clear()
     try:
         at = open_page(monkeypatch, settings, "pages/home.py")
         machine = at.info[0].value
@@ -266,9 +267,9 @@ def test_home_says_whether_this_server_has_a_gpu(settings, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
-        views.machine_summary.cache_clear()
+        estimate.machine_summary.cache_clear()
         at.run()
         assert "GPU on this server: 1 × NVIDIA H200" in " ".join(c.value for c in at.caption)
         assert not any("No GPU" in i.value for i in at.info)
     finally:
-        views.machine_summary.cache_clear()
+        estimate.machine_summary.cache_clear()

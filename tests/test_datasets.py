@@ -19,10 +19,10 @@ from core.data.datasets import (
     delete_dataset,
     get_dataset,
     image_path,
-    ingest,
     list_datasets,
-    load_rgb,
 )
+from core.data.decoding import load_rgb
+from core.data.ingest import ingest
 from core.store.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
 from tests.synthetic import synthetic_image, write_dataset

@@ -24,7 +24,8 @@ from sqlalchemy import select
 
 from core.store import consistency
 from core.config import load_settings
-from core.data.datasets import ingest, load_rgb
+from core.data.decoding import load_rgb
+from core.data.ingest import ingest
 from core.store.db import Dataset, Image, make_sessionmaker
 from core.store.files import atomic_path, is_temp_name, write_bytes_atomic
 from tests.server import free_port, wait_healthy

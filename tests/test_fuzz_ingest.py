@@ -34,7 +34,8 @@ from sqlalchemy import select
 from core.data import uploads
 from core.store import consistency
 from core.config import load_settings
-from core.data.datasets import ingest, load_rgb
+from core.data.decoding import load_rgb
+from core.data.ingest import ingest
 from core.store.db import Dataset, Image, make_sessionmaker
 from core.errors import UserError
 from tests.synthetic import synthetic_image

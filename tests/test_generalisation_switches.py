@@ -7,7 +7,8 @@ from sqlalchemy import select
 from torch import nn
 
 from core.__main__ import build_parser, config_from_args
-from core.data.datasets import image_path, load_rgb
+from core.data.datasets import image_path
+from core.data.decoding import load_rgb
 from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
 from core.inference.model_file import read_model

@@ -33,7 +33,8 @@ from core.store import files
 from core.__main__ import main
 from core.access.accounts import EDITOR, User
 from core.config import load_settings
-from core.data.datasets import ingest, load_rgb
+from core.data.decoding import load_rgb
+from core.data.ingest import ingest
 from core.store.db import Dataset, Image, Run, SkippedFile, make_sessionmaker
 from core.errors import UserError
 from core.transforms.augment import AugmentParams
@@ -230,7 +231,8 @@ MEASURE = """
 import json, resource, sys
 from pathlib import Path
 from core.config import load_settings
-from core.data.datasets import ingest, load_rgb
+from core.data.decoding import load_rgb
+from core.data.ingest import ingest
 from core.store.db import make_sessionmaker
 from tests.synthetic import write_dataset
 

@@ -30,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.jobs import queue, recording, runs
 from core.config import load_settings
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, new_engine, utcnow
 from core.store import migrations
 from core.errors import UserError

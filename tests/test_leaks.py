@@ -174,7 +174,7 @@ def test_a_run_whose_model_file_meets_a_full_disk_fails_with_the_message_and_one
                                                                                            monkeypatch):
     write_dataset(tmp_path / "src", per_class=4, classes=("CLL", "FL"))
     with Session.begin() as s:
-        from core.data.datasets import ingest
+        from core.data.ingest import ingest
 
         ingest(s, settings, tmp_path / "src", "a")
         (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY))

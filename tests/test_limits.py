@@ -14,7 +14,7 @@ from core.access import limits
 from core.data import uploads
 from core.jobs import runs
 from core.config import Settings, load_settings
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.store.db import Dataset, Image, Run, Split
 from core.errors import UserError
 from core.training.run_config import RunConfig
@@ -229,7 +229,7 @@ def test_max_disk_gb_counts_what_an_ingest_or_upload_would_add(settings, Session
 def test_names_and_notes_with_a_nul_character_are_refused_before_the_database(settings, Session, tmp_path):
     """PostgreSQL cannot store a NUL in text (a 500 once); every name and note is checked for one."""
     from core.access.limits import check_name_length
-    from core.data.datasets import ingest
+    from core.data.ingest import ingest
     from core.jobs import runs
     from core.training.run_config import RunConfig
     from core.transforms.augment import AugmentParams

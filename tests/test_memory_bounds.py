@@ -38,7 +38,7 @@ from core.access import accounts, tokens
 from core.access.accounts import VIEWER, User
 from core.api.routes import api_routes
 from core.config import Settings, load_settings
-from core.data import datasets
+from core.data import decoding
 from core.errors import UserError
 from core.inference import admission, engine, service
 from core.inference.model_file import write_model
@@ -173,8 +173,8 @@ def no_decoding(monkeypatch):
     def decoded(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(datasets, "_load", decoded)
-    monkeypatch.setattr(datasets, "_decode", decoded)
+    monkeypatch.setattr(decoding, "_load", decoded)
+    monkeypatch.setattr(decoding, "_decode", decoded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_ordinary_images_get_the_same_probabilities_and_only_large_ones_are_redu
                                    source="cli", log=False, seen=lambda i, rgb: seen.append((i, rgb.size)))
         with Session() as s:
             predictor = engine.get_predictor(s, home.settings, run_id)
-        full = [datasets.load_rgb(io.BytesIO(im.data)) for im in images]
+        full = [decoding.load_rgb(io.BytesIO(im.data)) for im in images]
         expected = predictor.predict(full).shown
         for result, probs in zip(results[:4], expected):
             assert [result.probabilities[c] for c in CLASSES] == list(probs)  # exactly, not nearly
@@ -308,7 +308,7 @@ def test_large_images_are_reduced_as_they_are_decoded_and_small_ones_left_whole(
     small = encoded(synthetic_image("CLL", 8, (1388, 1040)), compress_level=1)
 
     def load(data: bytes, reduce_to: int | None) -> PILImage.Image:
-        return datasets.load_rgb(io.BytesIO(data), 100_000_000, reduce_to=reduce_to)
+        return decoding.load_rgb(io.BytesIO(data), 100_000_000, reduce_to=reduce_to)
 
     # PNG: decoded whole, then 15 x 15 blocks averaged as it is converted, a stripe at a time.
     reduced = load(big_grey16, 256)

@@ -24,7 +24,7 @@ from sqlalchemy.pool import NullPool
 from core.__main__ import main
 from core.errors import UserError
 from core.store import migrations
-from core.store.db import Base, Dataset, Image, PredictionLog, Run, make_engine, make_sessionmaker
+from core.store.db import Base, Dataset, Image, PredictionLog, Run, Slide, make_engine, make_sessionmaker
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE_MIGRATIONS = "6e3864e"  # the version the baseline revision was taken from (it ran create_all)
@@ -95,6 +95,8 @@ def test_a_database_made_before_migrations_is_upgraded_keeping_its_rows(old_mode
         dataset, image, run, log = (s.get(Dataset, ids["dataset"]), s.get(Image, ids["image"]),
                                     s.get(Run, ids["run"]), s.get(PredictionLog, ids["log"]))
         assert (dataset.name, dataset.classes, dataset.groups_estimated) == ("lymphoma", ["CLL", "FL"], None)
+        assert (dataset.tile_px, dataset.tile_mpp) == (None, None)  # 0004: no scale recorded before
+        assert s.scalar(select(func.count()).select_from(Slide)) == 0
         assert (image.group, image.dataset_id) == ("p1", dataset.id)
         assert (run.name, run.config, run.attempts) == ("first", {"epochs": 1}, 0)
         assert (log.predicted, log.threshold, log.refer_target, log.at) == ("CLL", 0.8, None, datetime(2026, 1, 2))

@@ -24,7 +24,9 @@ from streamlit.testing.v1 import AppTest
 
 from core.__main__ import main
 from core.config import Settings, load_settings
-from core.data.datasets import image_path, ingest, load_rgb
+from core.data.datasets import image_path
+from core.data.decoding import load_rgb
+from core.data.ingest import ingest
 from core.errors import UserError
 from core.evaluation.calibration import calibrate
 from core.inference.model_file import dataset_fingerprint, read_model

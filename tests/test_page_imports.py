@@ -1,10 +1,11 @@
-"""The pages read page-ready records (core/jobs/views.py) and load no torch until a model is
-needed; nothing reads a run's config or summary by key outside their typed records. Static checks
-of the source, plus one fresh interpreter."""
+"""The pages read page-ready records (core/jobs/views/) and load no torch until a model is
+needed; nothing reads a run's config or summary by key outside their typed records, and no page reads
+the records nested in the summary by key. Static checks of the source, plus one fresh interpreter."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 import subprocess
@@ -43,7 +44,7 @@ def imports(path: Path, top_level_only: bool) -> list[tuple[int, str]]:
 def test_pages_import_neither_sqlalchemy_nor_the_database_models():
     offending = [f"{p.relative_to(ROOT)}:{line}: {module}" for p in FRONT for line, module in imports(p, False)
                  if re.match(r"(sqlalchemy|core\.store\.db)(\.|$)", module)]
-    assert not offending, "pages read records through core/jobs/views.py:\n" + "\n".join(offending)
+    assert not offending, "pages read records through core/jobs/views/:\n" + "\n".join(offending)
 
 
 def test_loading_a_page_imports_no_torch():
@@ -66,6 +67,23 @@ def test_loading_a_page_imports_no_torch():
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == [], "imports torch as a page loads"
     assert len(modules) > 10  # the walk found the pages' imports
+
+
+def test_pages_read_no_nested_record_by_key():
+    """A run's calibration, leak audit and colour yardstick (and a model file's calibration) reach the
+    pages as typed records (core/store/records.py): no page reads them by key, neither through the
+    summary (`summary.calibration["x"]`) nor by a field's name (`cal["val_probs"]`, `.get("temperature")`)."""
+    from core.store.records import CalibrationRecord, LeakAudit, Yardstick
+
+    fields = {f.name for record in (CalibrationRecord, LeakAudit, Yardstick) for f in dataclasses.fields(record)}
+    fields -= {"verdict"}  # also a column of the Predict page's results table, read by name as pandas does
+    pattern = re.compile(r"""(calibration|leak_audit|colour_yardstick)\s*(\[|\.get\()"""
+                         rf"""|(\[|\.get\()\s*["']({'|'.join(sorted(fields))})["']""")
+    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in FRONT
+            for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, "\n".join(hits)
+    assert pattern.search('help=leak["summary"]') and pattern.search('record.get("temperature")')
+    assert pattern.search('summary.calibration["anything"]') and not pattern.search('table["predicted"]')
 
 
 def test_nothing_reads_a_runs_config_or_summary_by_key():

@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from core.jobs import execute, runs, views
+from core.jobs import estimate, execute, runs, views
 from core.training import presets
 from core.config import Settings, load_settings
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.store.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus, make_sessionmaker
 from core.evaluation.metrics import run_report
 from core.inference.predict import load_predictor
@@ -257,7 +257,7 @@ def test_launch_queues_a_run_with_the_chosen_settings(trained, monkeypatch, no_w
     with Session.begin() as s:
         ingest(s, settings, tmp_path / "src", "fresh")
     # With a GPU the form starts at the paper's settings (without one, at a quick preset: test_train_page.py).
-    monkeypatch.setattr(views, "machine_summary", lambda: views.MachineSummary(("a GPU",), 2))
+    monkeypatch.setattr(estimate, "machine_summary", lambda: estimate.MachineSummary(("a GPU",), 2))
     at = open_page(monkeypatch, settings, "pages/train.py")
     assert at.number_input(key="tr_epochs").value == 25 and at.number_input(key="tr_batch_size").value == 24
     assert at.number_input(key="tr_image_size").value == 224 and at.number_input(key="tr_per_class").value == 1200

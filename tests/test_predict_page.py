@@ -176,7 +176,7 @@ def test_a_batch_referred_whole_is_counted_apart_and_the_band_said_in_plain_word
     assert any("its validation images support no other target" in c.value for c in at.caption)
     page_text = " ".join(e.value for e in [*at.caption, *at.warning, *at.info, *at.markdown])
     assert "ECE" not in page_text and "T = " not in page_text and "temperature" not in page_text.lower()
-    assert "T = 1.00" in band.help and "ECE" in band.help  # the terms are in the tooltip
+    assert "T = 1," in band.help and "ECE" in band.help  # the terms are in the tooltip
     # The verdict's probability is a plain figure, not a badge with an arrow.
     (referred,) = [m for m in at.metric if m.label == "Uncertain, refer"]
     assert "most likely" in referred.proto.delta and referred.proto.direction == MetricProto.MetricDirection.NONE

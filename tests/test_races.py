@@ -28,7 +28,8 @@ from core.jobs import execute, queue, runs
 from core.store.runs import model_path
 from core.store import consistency
 from core.config import load_settings
-from core.data.datasets import delete_dataset, get_dataset, image_path, ingest
+from core.data.datasets import delete_dataset, get_dataset, image_path
+from core.data.ingest import ingest
 from core.store.db import Base, Image, Run, RunStatus, make_sessionmaker
 from core.errors import UserError
 from core.training.run_config import RunConfig

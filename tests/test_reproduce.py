@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from core.data import groups
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.jobs.reproduce import add_cli
 from tests.synthetic import write_dataset
 

@@ -11,8 +11,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.__main__ import build_parser, config_from_args
-from core.data.datasets import ingest
-from core.jobs import views
+from core.data.ingest import ingest
+from core.jobs import estimate
 from core.jobs.reproduce import RUN_FLAGS
 from core.training.run_config import RunConfig, flag_of, settings_fields
 from tests.synthetic import write_dataset
@@ -62,7 +62,7 @@ def test_every_run_setting_has_an_input_on_the_train_page(split, settings, monke
         ingest(s, settings, tmp_path / "src", "grouped", group_pattern=r"^[^/]+/\d\d(\d)")
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.setenv("START_WORKER", "0")
-    monkeypatch.setattr(views, "machine_summary", lambda: views.MachineSummary(("a GPU",), 2))  # paper defaults
+    monkeypatch.setattr(estimate, "machine_summary", lambda: estimate.MachineSummary(("a GPU",), 2))  # paper defaults
     at = AppTest.from_file(APP, default_timeout=60).run()
     at.switch_page("pages/train.py").run()
     at.radio(key="tr_split").set_value(split).run()

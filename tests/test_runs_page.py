@@ -23,7 +23,7 @@ from core.access import accounts
 from core.access.accounts import EDITOR, VIEWER
 from core.config import Settings, load_settings
 from core.data import splits
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.errors import UserError
 from core.evaluation.calibration import run_calibration
 from core.inference.model_file import write_model

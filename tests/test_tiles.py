@@ -6,11 +6,13 @@ import torch
 from sqlalchemy import select
 
 from core.data import cache
-from core.data.datasets import image_path, load_rgb
+from core.data.datasets import image_path
+from core.data.decoding import load_rgb
 from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
 from core.errors import UserError
 from core.inference.predict import load_predictor
 from core.training.run_config import RunConfig
+from core.transforms.pipelines import EvalPipeline
 from core.transforms.tiles import cut_tiles, tile_boxes, vote
 from tests.synthetic import ingest_synthetic, synthetic_image, train_runs
 
@@ -58,11 +60,13 @@ def test_tile_cache_follows_size_and_count(tmp_path, settings, Session):
     name = ingest_synthetic(tmp_path / "src", settings, Session, per_class=1)
     with Session() as s:
         image = s.scalars(select(Image)).first()
-        two = cache.tile_array(settings, image, 32, 2)
-        one = cache.tile_array(settings, image, 32, 1)
+        def tiles(size: int, count: int) -> np.ndarray:  # as a tiled run prepares its images
+            return cache.image_samples(settings, image, EvalPipeline(image_size=size, tiles=count))
+
+        two, one = tiles(32, 2), tiles(32, 1)
         assert two.shape == (2, 32, 32, 3) and one.shape == (1, 32, 32, 3)
-        assert np.array_equal(cache.tile_array(settings, image, 32, 2), two)  # from the cache now
-        assert cache.tile_array(settings, image, 16, 2).shape == (2, 16, 16, 3)
+        assert np.array_equal(tiles(32, 2), two)  # from the cache now
+        assert tiles(16, 2).shape == (2, 16, 16, 3)
     assert name
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from core.config import Settings
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.jobs import estimate, views
 from core.store.db import Dataset, Run, RunStatus, make_sessionmaker
 from core.training import presets
@@ -21,8 +21,8 @@ from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 from tests.test_pages import APP
 
-CPU_ONLY = views.MachineSummary((), 2)
-ONE_GPU = views.MachineSummary(("NVIDIA H200",), 16)
+CPU_ONLY = estimate.MachineSummary((), 2)
+ONE_GPU = estimate.MachineSummary(("NVIDIA H200",), 16)
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def site(settings: Settings, tmp_path, monkeypatch) -> Settings:
     with make_sessionmaker(settings.database_url).begin() as s:
         ingest(s, settings, tmp_path / "src", "synthetic")
     monkeypatch.setattr(worker, "ensure_worker", lambda settings: True)
-    monkeypatch.setattr(views, "machine_summary", lambda: CPU_ONLY)
+    monkeypatch.setattr(estimate, "machine_summary", lambda: CPU_ONLY)
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.delenv("DATABASE_URL", raising=False)
     return settings
@@ -88,7 +88,7 @@ def test_without_a_gpu_the_form_starts_with_the_quick_preset_and_a_labelled_roug
 
 
 def test_with_a_gpu_the_paper_comes_first(site, monkeypatch):
-    monkeypatch.setattr(views, "machine_summary", lambda: ONE_GPU)
+    monkeypatch.setattr(estimate, "machine_summary", lambda: ONE_GPU)
     at = train_page()
     labels = [b.label for b in at.button if b.key and b.key.startswith("tr_preset_")]
     assert labels[0] == presets.PAPER_LEAKY and labels[-1] == presets.QUICK_TRY

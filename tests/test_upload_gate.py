@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from core.access import accounts
 from core.config import load_settings
-from core.data.datasets import ingest
+from core.data.ingest import ingest
 from core.store.db import make_sessionmaker
 from tests.server import ProtocolClient, free_port, start_app, stop_app, wait_healthy
 from tests.synthetic import write_dataset

@@ -1,4 +1,4 @@
-"""The views (core/jobs/views.py): page-ready records, one query per list of runs; and a run's JSON
+"""The views (core/jobs/views/): page-ready records, one query per list of runs; and a run's JSON
 columns as typed records (core/store/records.py)."""
 
 from __future__ import annotations
@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from sqlalchemy import event, update
 
 from core.jobs import runs, views
 from core.store.db import EpochMetric, Run, RunStatus, engine_of
-from core.store.records import RunProgress, RunSummary
+from core.evaluation.calibration import run_calibration
+from core.store.records import CalibrationRecord, LeakAudit, RunProgress, RunSummary, Yardstick
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 
@@ -26,7 +28,7 @@ TINY = dict(image_size=32, epochs=2, per_class=4, batch_size=4, weights="none", 
 def recorded(settings, Session, tmp_path) -> list[int]:
     """Four runs of a tiny dataset (none trained): queued, running with an epoch, failed, and a
     succeeded one with two epochs and a summary. Their ids, oldest first."""
-    from core.data.datasets import ingest
+    from core.data.ingest import ingest
 
     write_dataset(tmp_path / "src", per_class=4)
     with Session.begin() as s:
@@ -122,19 +124,61 @@ def test_the_best_honest_run_prefers_grouped_splits_and_never_the_leaky_protocol
 
 
 def test_run_summary_and_progress_round_trip_and_read_old_rows():
-    full = RunSummary(**{f.name: i + 1 for i, f in enumerate(dataclasses.fields(RunSummary))})
+    nested = {"calibration": CalibrationRecord(temperature=1.5, n_val=2, val_probs=((0.6, 0.4), (0.3, 0.7)),
+                                               val_labels=(0, 1)),
+              "leak_audit": LeakAudit(n_test=4, close=1, summary="4 test vs 12 training images"),
+              "colour_yardstick": Yardstick(0.75, 12, 4, ((3, True), (9, False)))}
+    full = RunSummary(**{f.name: nested.get(f.name, i + 1) for i, f in enumerate(dataclasses.fields(RunSummary))})
     assert RunSummary.from_dict(json.loads(json.dumps(full.to_dict()))) == full
     old = {"test_accuracy": 0.5, "n_test": 8, "a_key_since_removed": 1}  # a row written by an older version
     assert RunSummary.from_dict(old) == RunSummary(test_accuracy=0.5, n_test=8)
     assert RunSummary.from_dict(None) == RunSummary.from_dict({}) == RunSummary()
     assert RunSummary().to_dict() == {}
-    assert RunSummary(calibration={"temperature": 1.5}).temperature == 1.5 and RunSummary().temperature is None
+    assert RunSummary(calibration=CalibrationRecord(temperature=1.5)).temperature == 1.5
+    assert RunSummary().temperature is None
 
     for progress in (RunProgress(stage="decode", done=3, total=9),
                      RunProgress(stage="train", epoch=2, epochs=5, step=1, steps=10)):
         assert RunProgress.from_dict(json.loads(json.dumps(progress.to_dict()))) == progress
     assert RunProgress.from_dict({}).bar(5) == (0.0, "Preparing data (decode, split, augment)")
     assert RunProgress(stage="decode", done=3, total=9).bar(5) == (0.0, "Preparing data: decode 3 of 9")
+
+
+def test_nested_records_are_typed_and_keep_the_json_of_old_and_new_rows():
+    """The summary's calibration, leak audit and colour yardstick read as typed records and are written
+    back in the shape they were stored in: a row read and written again is unchanged, whatever version
+    wrote it; keys an older version lacked read as defaults (and stay absent), unknown keys are left out."""
+    rng = np.random.default_rng(0)
+    record = run_calibration(rng.dirichlet(np.ones(3), 30), rng.integers(0, 3, 30), rng.dirichlet(np.ones(3), 10),
+                             rng.integers(0, 3, 10))
+    stored = {
+        "calibration": json.loads(json.dumps(record.to_dict())),
+        "leak_audit": {"warning": None, "verdict": "No copies found.", "summary": "6 test vs 24 training images",
+                       "n_test": 6, "expected_close": 0.06, "exact": 0, "near": 0, "close": 0, "nn_ratio": None},
+        "colour_yardstick": {"accuracy": 0.5, "n_train": 24, "n_test": 6, "correct": {"3": True, "9": False}},
+    }
+    assert set(stored["calibration"]) == {  # the keys run_calibration has always written
+        "temperature", "n_val", "val_ece_before", "val_ece_after", "val_nll_before", "val_nll_after", "refer_target",
+        "refer_threshold", "refer_confidence", "refer_bound", "refer_accepted", "val_probs", "val_labels",
+        "test_ece_before", "test_ece_after", "test_coverage", "test_accepted_accuracy"}
+    summary = RunSummary.from_dict(stored)
+    assert summary.to_dict() == stored
+    assert summary.calibration.val_probs[0] == tuple(stored["calibration"]["val_probs"][0])
+    assert summary.leak_audit.nn_ratio is None and summary.colour_yardstick.correct == ((3, True), (9, False))
+
+    older = {"calibration": {"temperature": 1.2, "n_val": 2, "refer_target": 0.9, "refer_threshold": None,
+                             "val_probs": [[0.6, 0.4], [0.3, 0.7]], "val_labels": [0, 1], "test_ece_before": 0.2,
+                             "test_ece_after": 0.1},
+             "leak_audit": {"warning": None, "summary": "4 test vs 12 training images", "n_test": 4, "exact": 0,
+                            "near": 0, "close": 1, "nn_ratio": 1.1},
+             "colour_yardstick": {"accuracy": 0.75, "n_train": 12, "n_test": 4}}
+    again = RunSummary.from_dict({**older, "calibration": {**older["calibration"], "a_key_since_removed": 1}})
+    assert again.calibration.val_nll_before is None and again.calibration.refer_confidence is None
+    assert again.leak_audit.verdict is None and again.leak_audit.expected_close is None
+    assert again.colour_yardstick.correct is None
+    assert again.to_dict() == older
+    uncalibrated = {"calibration": {"temperature": None, "note": "no validation part"}}
+    assert RunSummary.from_dict(uncalibrated).to_dict() == uncalibrated
 
 
 def test_time_left_follows_the_speed_of_the_last_steps_when_the_machine_slows(settings, Session, recorded, tmp_path):

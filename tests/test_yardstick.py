@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from core.evaluation import yardstick
+from core.store.records import Yardstick
 from tests.synthetic import synthetic_array
 
 
@@ -40,7 +41,7 @@ def test_classes_that_differ_only_in_texture_leave_colour_at_chance():
 
 
 def test_fold_summary_line_and_empty_test_part():
-    line = yardstick.describe_folds([{"accuracy": 0.5}, None, {"accuracy": 0.7}])
+    line = yardstick.describe_folds([Yardstick(0.5), None, Yardstick(0.7)])
     assert "60.0% ± 14.1%" in line and "2 folds" in line
     assert yardstick.describe_folds([None]) is None
     with pytest.raises(ValueError):

@@ -22,10 +22,10 @@ The accounts file, as `python -m core.access.accounts add ana --role editor` wri
     "ana@lab.org" = "editor"
     "*" = "viewer"
 
-    [tokens.3f9a1c2b7d4e]          # an API token (core/access/tokens.py): only its secret's argon2id hash
+    [tokens.3f9a1c2b7d4e]          # an API token (core/access/tokens.py): only its secret's SHA-256 digest
     name = "ci"
     role = "viewer"
-    secret_hash = "$argon2id$v=19$m=65536,t=3,p=4$..."
+    secret_hash = "sha256:..."     # and 64 hex digits
     created_at = "2026-01-31T09:00:00+00:00"
 
 Command line (the password is asked twice, or read from stdin with --password-stdin):
@@ -200,6 +200,7 @@ def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
 
 
 _TOKEN_ID = re.compile(r"[0-9a-f]{12}")
+_SECRET_HASH = re.compile(r"sha256:[0-9a-f]{64}|\$argon2.+")
 
 
 def _parse_tokens(table: object, source: str) -> dict[str, ApiToken]:
@@ -215,8 +216,11 @@ def _parse_tokens(table: object, source: str) -> dict[str, ApiToken]:
         keys = {"name", "role", "secret_hash", "created_at"}
         if set(entry) != keys or not all(isinstance(entry[k], str) for k in keys):
             raise UserError(f"{where}: needs exactly name, role, secret_hash and created_at, each a string.")
-        if not entry["secret_hash"].startswith("$argon2"):
-            raise UserError(f"{where}: secret_hash must be an argon2 hash; tokens are never stored in plain text.")
+        # "$argon2...": a token made before secrets were kept as SHA-256 digests, refused when used
+        # (core/access/tokens.py) but read, so that the rest of the file still works.
+        if not _SECRET_HASH.fullmatch(entry["secret_hash"]):
+            raise UserError(f"{where}: secret_hash must be sha256: and 64 hex digits, as `token add` writes it; "
+                            "tokens are never stored in plain text.")
         try:
             check_name(entry["name"])
         except UserError as e:

@@ -1,15 +1,23 @@
 """Bearer tokens of the HTTP API (core/api), kept in the accounts file beside the password accounts.
 
 A token reads `lk_<id>_<secret>`: the id (12 hex digits) is its public part, by which the server
-finds its record without trying every hash; the secret (43 URL-safe characters, 256 random bits) is
-stored only as an argon2id hash, so the file never holds a usable token. `token add` prints the
-token once; a lost token is removed and replaced, never shown again. A token acts as NAME with its
-own role (viewer or editor), whatever NAME's password account may be; removing it from the file
-takes effect at its next request.
+finds its record; the secret (43 URL-safe characters, 256 random bits) is stored only as its SHA-256
+digest, `secret_hash = "sha256:<64 hex digits>"`, so the file never holds a usable token. `token add`
+prints the token once; a lost token is removed and replaced, never shown again. A token acts as NAME
+with its own role (viewer or editor), whatever NAME's password account may be; removing it from the
+file takes effect at its next request.
 
-Checking a secret against its argon2id hash takes tens of milliseconds and tens of megabytes on
-purpose, so at most CHECKS_AT_ONCE checks run at once in a process: a flood of wrong tokens waits
-its turn instead of taking every core and the server's memory (`Busy` after CHECK_WAIT seconds).
+Why one SHA-256 and not a slow password hash: argon2 makes each guess at a password people choose
+costly, because such passwords are few enough to try. 256 random bits are not: no number of fast
+guesses finds one, so the digest is as safe and a check costs microseconds, on every request, with
+no cache and no limit on checks at once (the usual way to keep random API tokens).
+The digests are compared with hmac.compare_digest, whose time does not depend on how much of them
+agrees.
+
+Tokens made before this, whose secret_hash is an argon2 hash, are refused with a message that tells
+their holder to have the token made again (`OldToken`); `token list` marks them. They are not
+converted on first use: that would take the server writing the administrator's accounts file while
+`token add` or `token remove` may be writing it too, and a token just removed could come back.
 
 Command line: python -m core.access.accounts token add NAME --role viewer|editor | token list | token remove ID
 """
@@ -17,31 +25,39 @@ Command line: python -m core.access.accounts token add NAME --role viewer|editor
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import re
 import secrets
 import sys
-import threading
 from datetime import datetime, timezone
-from functools import cache
 from pathlib import Path
 
 from core.access.accounts import (
-    ROLES, Accounts, ApiToken, User, check_name, check_role, hash_password, load_accounts, verify_password,
-    write_accounts,
+    ROLES, Accounts, ApiToken, User, check_name, check_role, load_accounts, write_accounts,
 )
 from core.errors import UserError
 
 PREFIX = "lk"
-CHECKS_AT_ONCE = 4
-CHECK_WAIT = 10.0  # seconds a check waits for its turn
-_checks = threading.BoundedSemaphore(CHECKS_AT_ONCE)
+DIGEST_PREFIX = "sha256:"  # how secret_hash starts; an older file's argon2 hashes start with "$argon2"
 _TOKEN = re.compile(PREFIX + r"_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+_NO_TOKEN = DIGEST_PREFIX + "0" * 64  # compared against for an unknown id, so that it costs the same
 
 
 def split_token(token: str) -> tuple[str, str] | None:
     """(id, secret) of a well-formed token; None for anything else."""
     found = _TOKEN.fullmatch(token.strip())
     return (found[1], found[2]) if found else None
+
+
+def secret_digest(secret: str) -> str:
+    """What the accounts file keeps of a token's secret: `sha256:` and its SHA-256 in hex."""
+    return DIGEST_PREFIX + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def is_old(record: ApiToken) -> bool:
+    """A token made when secrets were kept as argon2 hashes: refused until it is made again."""
+    return not record.secret_hash.startswith(DIGEST_PREFIX)
 
 
 def add_token(path: Path, name: str, role: str) -> tuple[ApiToken, str]:
@@ -54,7 +70,7 @@ def add_token(path: Path, name: str, role: str) -> tuple[ApiToken, str]:
     while token_id in accounts.tokens:
         token_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    record = ApiToken(token_id, name, role, hash_password(secret),
+    record = ApiToken(token_id, name, role, secret_digest(secret),
                       datetime.now(timezone.utc).replace(microsecond=0).isoformat())
     accounts.tokens[token_id] = record
     write_accounts(path, accounts)
@@ -73,30 +89,24 @@ def remove_token(path: Path, token_id: str) -> ApiToken:
     return record
 
 
-@cache
-def _dummy_hash() -> str:
-    return hash_password("no token has this secret")
-
-
-class Busy(Exception):
-    """CHECKS_AT_ONCE token checks have been running for CHECK_WAIT seconds: try again shortly."""
+class OldToken(UserError):
+    """The token's record holds an argon2 hash, from before secrets were kept as SHA-256 digests."""
 
 
 def token_user(accounts: Accounts, token: str) -> User | None:
-    """The user a token acts as; None for a malformed, unknown or wrong token. Busy when the
-    process has been checking CHECKS_AT_ONCE other tokens for CHECK_WAIT seconds."""
+    """The user a token acts as; None for a malformed, unknown or wrong token. OldToken, whatever its
+    secret, for a token whose record is an argon2 hash (module docstring)."""
     parts = split_token(token)
     if parts is None:
         return None
-    record = accounts.tokens.get(parts[0])
-    if not _checks.acquire(timeout=CHECK_WAIT):
-        raise Busy
-    try:
-        # An unknown id costs a check too: the timing does not tell which ids exist. argon2's own
-        # comparison takes the same time however much of the secret is right.
-        right = verify_password(record.secret_hash if record else _dummy_hash(), parts[1])
-    finally:
-        _checks.release()
+    token_id, secret = parts
+    record = accounts.tokens.get(token_id)
+    if record is not None and is_old(record):
+        # Its holder is told what to do; the message names no one, as whoever sends the id reads it.
+        raise OldToken(f"API token {token_id} dates from before tokens were stored as SHA-256 digests and is no "
+                       "longer accepted. Ask an administrator for a new one (`python -m core.access.accounts token "
+                       f"add NAME --role ROLE`) and to remove this one (`token remove {token_id}`).")
+    right = hmac.compare_digest(record.secret_hash if record else _NO_TOKEN, secret_digest(secret))
     return User(record.name, record.role) if record is not None and right else None
 
 
@@ -110,7 +120,8 @@ def add_token_commands(sub: argparse._SubParsersAction) -> None:
     p = commands.add_parser("add", help="make a token and print it (once: only its hash is kept)")
     p.add_argument("name", help="whom the token acts as (runs it queues are recorded under this name)")
     p.add_argument("--role", choices=ROLES, required=True)
-    commands.add_parser("list", help="list tokens: id, name, role, when made (never the tokens)")
+    commands.add_parser("list", help="list tokens: id, name, role, when made (never the tokens); a fifth column "
+                                     "marks an old token that is refused until it is made again")
     p = commands.add_parser("remove", help="remove a token; it is refused from its next request on")
     p.add_argument("id", help="the token's id, as `token list` shows it")
 
@@ -123,7 +134,8 @@ def token_command(path: Path, args: argparse.Namespace) -> None:
               "keep it somewhere safe.", file=sys.stderr)
     elif args.token_command == "list":
         for t in sorted(load_accounts(path).tokens.values(), key=lambda t: (t.name, t.created_at)):
-            print(f"{t.id}\t{t.name}\t{t.role}\t{t.created_at}")
+            old = "\told: refused, make it again" if is_old(t) else ""
+            print(f"{t.id}\t{t.name}\t{t.role}\t{t.created_at}{old}")
     else:
         record = remove_token(path, args.id)
         print(f"removed token {record.id} of {record.name} from {path}")

@@ -5,24 +5,22 @@ AUTH_MODE=none the local user, for clients on the server's own machine only.
                       any other client gets 403 (with no sign-in, the API must not reach the network).
   password and oidc   `Authorization: Bearer lk_<id>_<secret>`; 401 without one or with a wrong one.
 
-A token's secret is checked with argon2 (tens of milliseconds, on purpose), so a verified token is
-remembered here, in the server's memory, for CACHE_SECONDS: no client can clear that, and a token
-removed from the file is refused at once, as each request reads the token's record from the file
-(re-read only when the file changes).
+Every request checks its token against the token's record in the accounts file (re-read only when
+the file changes), so a token removed from the file is refused at once. The check is one SHA-256 of
+the secret (core/access/tokens.py says why that is enough), so nothing is cached and nothing waits.
+A token made when secrets were kept as argon2 hashes gets 401 with a message saying to have it made
+again.
 
 A token's id is public and its secret is 256 random bits, which nobody guesses; so the secret is
 checked first and a right one is never refused, however many wrong ones others have sent for the
 same id. Only wrong ones are counted by the sign-in throttle (core/access/throttle.py), per token id
-and client address: a client that keeps sending wrong tokens gets 429 instead of 401. At most a few
-checks run at once (core/access/tokens.py); past that, 503 with Retry-After.
+and client address: a client that keeps sending wrong tokens gets 429 instead of 401.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
-import time
 from pathlib import Path
 
 from sqlalchemy.orm import sessionmaker
@@ -35,8 +33,6 @@ from core.api.errors import BEARER, ApiError
 from core.config import Settings
 from core.errors import UserError
 
-CACHE_SECONDS = 60.0
-CACHE_ENTRIES = 1024
 LOOPBACK = ("127.0.0.1", "::1")
 
 
@@ -48,7 +44,6 @@ class Authenticator:
         self.throttle = SignInThrottle(Session)
         self._lock = threading.Lock()
         self._file: tuple[tuple[int, int], Accounts] | None = None  # (file stamp, its accounts)
-        self._verified: dict[tuple[str, str], float] = {}  # (token digest, its record's hash) -> until
 
     def user(self, request: HTTPConnection) -> User:
         """The user of `request`; ApiError (401, 403, 429, 503) when there is none."""
@@ -73,18 +68,11 @@ class Authenticator:
         parts = tokens.split_token(token)
         if parts is None:
             raise ApiError(401, "That is not an API token of this server (lk_<id>_<secret>).", BEARER)
-        found = self.accounts()
-        record = found.tokens.get(parts[0])
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if record is not None and self.remembered(digest, record.secret_hash):
-            return User(record.name, record.role)
         try:
-            user = tokens.token_user(found, token)
-        except tokens.Busy:
-            raise ApiError(503, "The server is checking many API tokens at once; try again in a few seconds.",
-                           {"Retry-After": "5"}) from None
-        if user is not None and record is not None:
-            self.remember(digest, record.secret_hash)
+            user = tokens.token_user(self.accounts(), token)
+        except tokens.OldToken as e:  # refused whatever its secret: nothing to guess, so nothing is counted
+            raise ApiError(401, str(e), BEARER) from None
+        if user is not None:
             return user
         try:  # the throttle keeps names as user names; a token's id has a prefix no user name can have
             self.throttle.failed(f"token:{parts[0]}", address)
@@ -111,19 +99,6 @@ class Authenticator:
         with self._lock:
             self._file = (stamp, found)
         return found
-
-    def remembered(self, digest: str, secret_hash: str) -> bool:
-        with self._lock:
-            return self._verified.get((digest, secret_hash), 0.0) > time.monotonic()
-
-    def remember(self, digest: str, secret_hash: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._verified) >= CACHE_ENTRIES:
-                self._verified = {k: until for k, until in self._verified.items() if until > now}
-                if len(self._verified) >= CACHE_ENTRIES:
-                    self._verified.clear()
-            self._verified[(digest, secret_hash)] = now + CACHE_SECONDS
 
 
 def require_editor(user: User, action: str) -> None:

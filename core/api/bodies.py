@@ -146,3 +146,40 @@ def _check_text(text: str, what: str) -> None:
     if "\x00" in text:
         raise ApiError(422, f"{what} holds a NUL character ({text.replace(chr(0), '?')[:60]!r}); "
                             "no name or value here can have one.")
+
+
+SLIDE_FIELD = "slide"
+
+
+async def read_slide(request: Request, settings: Settings) -> tuple[UploadFile | None, dict[str, str]]:
+    """A slide to classify: as multipart/form-data, the file under `slide` with the fields `run` and
+    `mpp`; or as JSON, {"path": a slide under IMPORT_ROOTS, "run": ..., "mpp": ...}. (the upload, or
+    None for a path; the text fields). The upload lies in a temporary file the form removes when the
+    request ends, so the caller copies it before then."""
+    if media_type(request) == "application/json":
+        data = await read_json(request)
+        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+            raise ApiError(422, "Send {\"path\": the slide's path on the server, \"run\": ..., \"mpp\": ...} as JSON, "
+                                f"or the slide's file as multipart/form-data under the field '{SLIDE_FIELD}'.")
+        return None, {k: str(data[k]) for k in ("path", "run", "mpp") if data.get(k) is not None}
+    if media_type(request) != "multipart/form-data":
+        raise ApiError(400, f"Send the slide as multipart/form-data under the field '{SLIDE_FIELD}', or its path on "
+                            "the server as JSON.")
+    limit = upload_limit(settings)
+    check_declared(request, limit, "MAX_UPLOAD_MB limit")
+    counted = Request(request.scope, _counting(request.receive, limit))
+    try:
+        form = await counted.form(max_files=1)
+    except _TooLarge:
+        raise _too_large(limit or 0, "MAX_UPLOAD_MB limit") from None
+    except HTTPException as e:
+        raise ApiError(400, f"The form cannot be read: {e.detail}") from None
+    slide = form.get(SLIDE_FIELD)
+    fields = {k: form.get(k) for k in ("run", "mpp") if form.get(k) is not None}
+    if not isinstance(slide, UploadFile) or any(isinstance(v, UploadFile) for v in fields.values()):
+        await form.close()
+        raise ApiError(422, f"Send one slide file under the field '{SLIDE_FIELD}' ('run' and 'mpp' as text fields).")
+    for text in [slide.filename or "", *fields.values()]:
+        _check_text(text, "The slide's file name or a field")
+    request.state.slide_form = form  # closed (its temporary file removed) by the route once copied
+    return slide, {k: str(v) for k, v in fields.items()}

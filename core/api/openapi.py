@@ -34,18 +34,19 @@ def _errors(*statuses: str) -> dict[str, Any]:
 ERRORS = {
     "400": "A body that is not application/json (multipart/form-data for /predict), a form that cannot be read, "
            "or a Host that is not in ALLOWED_HOSTS.",
-    "401": "No API token, or a wrong or removed one (WWW-Authenticate: Bearer).",
+    "401": "No API token, or a wrong or removed one, or an old one to be made again (WWW-Authenticate: Bearer).",
     "403": "The token's role may not do this (editors only; a viewer reads only their own predictions), "
            "AUTH_MODE=none and the client is not on the server's own machine, or the request comes from a web "
            "page of another origin (Origin not the app's own nor in ALLOWED_ORIGINS).",
-    "404": "No run with this id, or no such address.",
+    "404": "No run (or slide job) with this id, or no such address.",
+    "409": "The slide job has not succeeded (yet), so it has no such file.",
     "413": "The body is larger than MAX_UPLOAD_MB (images) or 1 MB (JSON); refused before it is read when its "
            "Content-Length says so.",
     "422": "The request cannot be carried out as sent: not an image, too many pixels (MAX_IMAGE_PIXELS), "
            "unusable run settings, no approved model... The message says which.",
     "429": "Too many failed token attempts from this address; try again after Retry-After seconds.",
-    "503": "The server's sign-in settings are broken (AUTH_MODE, the accounts file), or it is checking many "
-           "tokens at once (Retry-After).",
+    "503": "The server's sign-in settings are broken (AUTH_MODE, the accounts file), or, for /predict, it is "
+           "classifying as many requests as it takes at once (Retry-After).",
 }
 
 
@@ -153,6 +154,30 @@ def _schemas() -> dict[str, Any]:
             "source": {"type": "string", "enum": ["page", "api", "cli"]}}}]},
         "Predictions": {"type": "object", "properties": {
             "predictions": {"type": "array", "items": _ref("LoggedPrediction")}}},
+        "SlideVerdict": {"type": "object", "description": "A whole slide's verdict: the mean of its tissue tiles' "
+                         "probabilities, referred by the run's band (chosen on its validation images, not on slides)",
+                         "properties": {
+            "predicted": {"type": "string"},
+            "probabilities": {"type": "object", "additionalProperties": {"type": "number"},
+                              "description": "class -> probability, of probability_kind"},
+            "probability_kind": {"type": "string", "enum": ["calibrated", "raw"]},
+            "refer": _nullable("boolean", description="uncertain, refer; null: no calibration, so no band"),
+            "refer_threshold": _nullable("number"), "refer_target": _nullable("number"),
+            "tissue_share": {"type": "object", "additionalProperties": {"type": "number"},
+                             "description": "class -> share of the tissue tiles predicted as it"},
+            "tiles_kept": {"type": "integer"}, "tile_px": {"type": "integer"}, "tile_mpp": {"type": "number"},
+            "seconds": {"type": "number"}, "tiles_per_second": {"type": "number"},
+            "slide_width": {"type": "integer"}, "slide_height": {"type": "integer"}, "slide_mpp": {"type": "number"}}},
+        "SlideJob": {"type": "object", "required": ["id", "run_id", "status", "url"], "properties": {
+            "id": {"type": "integer"}, "run_id": {"type": "integer"}, "slide_name": {"type": "string"},
+            "user": {"type": "string"}, "status": {"type": "string",
+                                                   "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "started_at": _nullable("string", format="date-time"), "finished_at": _nullable("string", format="date-time"),
+            "tiles_done": {"type": "integer"}, "tiles_total": _nullable("integer", description="null until tiled"),
+            "seconds_left": _nullable("number", description="at the rate so far"), "error": _nullable("string"),
+            "verdict": {"oneOf": [_ref("SlideVerdict"), {"type": "null"}]}, "url": {"type": "string"},
+            "geojson_url": {"type": "string"}, "tiles_csv_url": {"type": "string"}}},
     }
 
 
@@ -211,7 +236,40 @@ def _paths() -> dict[str, Any]:
                            _query("limit", "integer", "at most this many (default 1000)", minimum=1, maximum=10000)],
             "responses": {**_ok("Predictions", "The log (a viewer's: their own rows)"),
                           **_errors("401", "403", "422", "429", "503")}}},
+        "/slides": {"post": {
+            "operationId": "queueSlide", "summary": "Classify a whole slide in the background (logged as 'api')",
+            "security": secured,
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["slide"], "properties": {
+                    "slide": {"type": "string", "contentMediaType": "application/octet-stream",
+                              "description": "an SVS, NDPI, SCN, BIF, CZI or pyramidal TIFF file"},
+                    "run": {"type": "integer", "description": "the run whose model classifies (default: approved)"},
+                    "mpp": {"type": "number", "description": "microns per pixel, for a slide whose file has none"}}}},
+                "application/json": {"schema": {"type": "object", "required": ["path"], "properties": {
+                    "path": {"type": "string", "description": "a slide on the server, under IMPORT_ROOTS"},
+                    "run": {"type": "integer"}, "mpp": {"type": "number"}}}}}},
+            "responses": {**_ok("SlideJob", "Queued; Location names the job", "202"),
+                          **_errors("400", "401", "403", "404", "413", "422", "429", "503")}}},
+        "/slides/{job_id}": {"get": {
+            "operationId": "getSlide", "summary": "A slide job: progress, then the slide's verdict",
+            "security": secured, "parameters": [_id("job_id")],
+            "responses": {**_ok("SlideJob", "The job (a viewer's own only)"), **_errors("401", "404", "429", "503")}}},
+        "/slides/{job_id}/geojson": {"get": {
+            "operationId": "getSlideGeojson", "summary": "One square per tile with its class, for QuPath",
+            "security": secured, "parameters": [_id("job_id")],
+            "responses": {"200": {"description": "GeoJSON FeatureCollection in level-0 pixels",
+                                  "content": {"application/geo+json": {"schema": {"type": "object"}}}},
+                          **_errors("401", "404", "409", "429", "503")}}},
+        "/slides/{job_id}/tiles.csv": {"get": {
+            "operationId": "getSlideTiles", "summary": "One row per tile: position, class, probabilities",
+            "security": secured, "parameters": [_id("job_id")],
+            "responses": {"200": {"description": "CSV", "content": {"text/csv": {"schema": {"type": "string"}}}},
+                          **_errors("401", "404", "409", "429", "503")}}},
     }
+
+
+def _id(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}
 
 
 @cache

@@ -1,4 +1,4 @@
-"""The API's JSON bodies, made from the page-ready records of core/jobs/views.py and the prediction
+"""The API's JSON bodies, made from the page-ready records of core/jobs/views/ and the prediction
 service's results: the same fields the pages show, as plain JSON values (times in ISO 8601, UTC)."""
 
 from __future__ import annotations
@@ -90,3 +90,17 @@ def logged_json(r: Any) -> dict[str, Any]:
     from core.inference.prediction_log import logged_record
 
     return plain(logged_record(r))
+
+
+def slide_job_json(view, prefix: str) -> dict[str, Any]:
+    """A slide job (core/jobs/slide_jobs.py SlideJobView) as the API answers it."""
+    left = view.seconds_left()
+    body = {"id": view.id, "run_id": view.run_id, "slide_name": view.slide_name, "user": view.user,
+            "status": view.status.value, "created_at": when(view.created_at), "started_at": when(view.started_at),
+            "finished_at": when(view.finished_at), "tiles_done": view.done, "tiles_total": view.total,
+            "seconds_left": None if left is None else round(left, 1), "error": view.error,
+            "verdict": plain(view.verdict), "url": f"{prefix}/slides/{view.id}"}
+    if view.verdict is not None:
+        body["geojson_url"] = f"{prefix}/slides/{view.id}/geojson"
+        body["tiles_csv_url"] = f"{prefix}/slides/{view.id}/tiles.csv"
+    return body

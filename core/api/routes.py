@@ -8,6 +8,9 @@
   GET  /runs          the Runs table; GET /runs/{id}: one run with its settings, progress, metrics, epochs
   POST /runs          queue a training run from RunConfig's JSON (editors), as the Train page does
   GET  /predictions   the prediction log
+  POST /slides        classify a whole slide in the background (core/jobs/slide_jobs.py): 202 and its address
+  GET  /slides/{id}   the job: status, tiles done of total, time left, and once done the slide's verdict;
+                      /slides/{id}/geojson (one square per tile, for QuPath) and /slides/{id}/tiles.csv
 
 Database work, reading files and running the model happen off the event loop (run_in_threadpool),
 so a long classification never holds up the pages that share the server.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 from functools import cached_property
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -84,6 +88,10 @@ def api_routes(settings: Settings | None = None, prefix: str = API_PREFIX) -> li
         Route("/runs", api.queue_run, methods=["POST"]),
         Route("/runs/{run_id:id64}", api.run, methods=["GET"]),
         Route("/predictions", api.predictions, methods=["GET"]),
+        Route("/slides", api.queue_slide, methods=["POST"]),
+        Route("/slides/{job_id:id64}", api.slide, methods=["GET"]),
+        Route("/slides/{job_id:id64}/geojson", api.slide_file, methods=["GET"]),
+        Route("/slides/{job_id:id64}/tiles.csv", api.slide_file, methods=["GET"]),
     ], default=not_found)
     return [Mount(prefix, app=JsonErrors(ApiGuard(router, api.settings)))]
 
@@ -103,6 +111,19 @@ def int_param(value: str | None, name: str, low: int = 0, high: int = MAX_ID) ->
     if not low <= number <= high:
         raise ApiError(422, f"'{name}' must be a whole number from {low} to {high}, not {value[:40]}.")
     return number
+
+
+def mpp_param(value: str | None) -> float | None:
+    """A slide's microns per pixel (core/slides/reader.py check_mpp); 422 otherwise."""
+    if value is None or value == "":
+        return None
+    from core.slides.reader import check_mpp
+
+    try:
+        return check_mpp(float(value), "'mpp'")
+    except (ValueError, UserError):
+        raise ApiError(422, f"'mpp' must be the slide's microns per pixel, from 0.05 to 20, not {value[:40]!r}."
+                       ) from None
 
 
 def time_param(value: str | None, name: str) -> datetime | None:
@@ -262,3 +283,72 @@ class Api:
                 raise ApiError(403, str(e)) from None
             return [payloads.logged_json(p) for p in rows]
 
+
+    # Whole slides ----------------------------------------------------------------------------
+
+    async def queue_slide(self, request: Request) -> JSONResponse:
+        user = await self.user(request)
+        upload, fields = await bodies.read_slide(request, self.settings)
+        run_id = int_param(fields.get("run"), "run")
+        mpp = mpp_param(fields.get("mpp"))
+        try:
+            job_id = await run_in_threadpool(self._queue_slide, user, upload, fields.get("path"), run_id, mpp)
+        finally:
+            if upload is not None:
+                await request.state.slide_form.close()
+        body = await run_in_threadpool(self._slide, user, job_id)
+        return JSONResponse(body, status_code=202, headers={"Location": f"{self.prefix}/slides/{job_id}"})
+
+    def _queue_slide(self, user: User, upload, path: str | None, run_id: int | None, mpp: float | None) -> int:
+        from core.jobs import slide_jobs
+
+        with self.Session() as s:
+            try:
+                run_id = service.resolve_run(s, self.settings, run_id)
+            except UserError as e:
+                raise ApiError(422, e.for_api()) from None
+        self._known_run(run_id)
+        if upload is not None:
+            name = upload.filename or "slide"
+            stored = slide_jobs.store_upload(self.settings, name, upload.file, bodies.upload_limit(self.settings)
+                                             or 2**62)
+            job_id = slide_jobs.queue_slide(self.Session, self.settings, user, run_id, name=name, path=stored,
+                                            uploaded=True, source="api", mpp=mpp)
+        else:
+            job_id = slide_jobs.queue_slide(self.Session, self.settings, user, run_id, name=Path(path).name,
+                                            path=Path(path), uploaded=False, source="api", mpp=mpp)
+        worker.ensure_worker(self.settings)
+        return job_id
+
+    def _job(self, user: User, job_id: int):
+        """The job, if `user` may see it (its owner, or an editor): 404 otherwise, as for a job that is not."""
+        from core.jobs import slide_jobs
+
+        with self.Session() as s:
+            try:
+                view = slide_jobs.slide_job(s, self.settings, job_id)
+            except UserError:
+                view = None
+        if view is None or not (user.can_edit or view.user == user.name):
+            raise ApiError(404, f"No slide job with id {job_id}.")
+        return view
+
+    async def slide(self, request: Request) -> JSONResponse:
+        user = await self.user(request)
+        return JSONResponse(await run_in_threadpool(self._slide, user, request.path_params["job_id"]))
+
+    def _slide(self, user: User, job_id: int) -> dict:
+        return payloads.slide_job_json(self._job(user, job_id), self.prefix)
+
+    async def slide_file(self, request: Request):
+        from starlette.responses import FileResponse
+
+        user = await self.user(request)
+        view = await run_in_threadpool(self._job, user, request.path_params["job_id"])
+        geojson = request.url.path.endswith("/geojson")
+        path = view.file("slide.geojson" if geojson else "slide.tiles.csv")
+        if path is None:
+            raise ApiError(409, f"Slide job {view.id} is {view.status.value}; its files come once it has succeeded.")
+        stem = Path(view.slide_name).stem or "slide"
+        return FileResponse(path, media_type="application/geo+json" if geojson else "text/csv",
+                            filename=f"{stem}.geojson" if geojson else f"{stem}.tiles.csv")

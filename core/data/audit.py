@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image as PILImage
 
+from core.store.records import LeakAudit
+
 ImageLike = np.ndarray | PILImage.Image
 
 HASH_SIZE = 8  # pHash: 8x8 lowest DCT frequencies of a 32x32 grey image -> 64 bits
@@ -82,13 +84,13 @@ class AuditReport:
         )
 
 
-    def as_record(self) -> dict:
-        """What a run keeps of its split's audit (JSON-ready): the Runs page shows it."""
-        return {"warning": self.warning, "verdict": self.verdict, "summary": self.summary, "n_test": self.n_test,
-                "expected_close": round(self.expected_close, 2),
-                "exact": len({p.test for p in self.exact}), "near": len({p.test for p in self.near}),
-                "close": len({p.test for p in self.close}),
-                "nn_ratio": None if not np.isfinite(self.nn_ratio) else round(float(self.nn_ratio), 3)}
+    def as_record(self) -> LeakAudit:
+        """What a run keeps of its split's audit (its summary's record): the Runs page shows it."""
+        return LeakAudit(
+            n_test=self.n_test, exact=len({p.test for p in self.exact}), near=len({p.test for p in self.near}),
+            close=len({p.test for p in self.close}), expected_close=round(self.expected_close, 2),
+            nn_ratio=None if not np.isfinite(self.nn_ratio) else round(float(self.nn_ratio), 3),
+            warning=self.warning, verdict=self.verdict, summary=self.summary)
 
 
 def _close_is_suspicious(n_close: int, expected: float) -> bool:
@@ -122,16 +124,15 @@ def leak_verdict(exact: int, near: int, close: int, expected_close: float) -> st
     return f"{none}, and no test image is unusually close to a training image."
 
 
-def record_verdict(record: dict) -> str:
+def record_verdict(record: LeakAudit) -> str:
     """The verdict of a run's stored audit (`AuditReport.as_record`), also of one stored before
     records carried their verdict (its expected count from the default percentile)."""
-    if record.get("verdict"):
-        return record["verdict"]
-    n_test = record.get("n_test") or 0
-    if not n_test:
-        return record.get("warning") or "No test images to check."
-    expected = record.get("expected_close", DEFAULT_PERCENTILE / 100 * n_test)
-    return leak_verdict(record.get("exact", 0), record.get("near", 0), record.get("close", 0), expected)
+    if record.verdict:
+        return record.verdict
+    if not record.n_test:
+        return record.warning or "No test images to check."
+    expected = DEFAULT_PERCENTILE / 100 * record.n_test if record.expected_close is None else record.expected_close
+    return leak_verdict(record.exact, record.near, record.close, expected)
 
 
 def _count(pairs: list[LeakPair], what: str) -> str:

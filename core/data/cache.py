@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.config import Settings
-from core.data.datasets import image_path, load_rgb
+from core.data.datasets import image_path
+from core.data.decoding import load_rgb
 from core.store.db import Image
 from core.transforms.pipelines import EvalPipeline
 
@@ -55,11 +56,6 @@ def image_samples(settings: Settings, image: Image, pipeline: EvalPipeline) -> n
 def resized_array(settings: Settings, image: Image, size: int) -> np.ndarray:
     """The image as a (size, size, 3) uint8 array, from the cache when present."""
     return image_samples(settings, image, EvalPipeline(image_size=size))[0]
-
-
-def tile_array(settings: Settings, image: Image, size: int, max_tiles: int) -> np.ndarray:
-    """The image's tiles at native resolution (core/transforms/tiles.py), (n, size, size, 3) uint8, cached."""
-    return image_samples(settings, image, EvalPipeline(image_size=size, tiles=max_tiles))
 
 
 def load_samples(settings: Settings, images: Sequence[Image], pipeline: EvalPipeline,

@@ -16,15 +16,21 @@ image)::
 
 or, for a dataset already ingested (the Datasets page's "Estimate specimen groups from the
 images"), `estimate_groups` over its images' names and `apply_groups` to store the estimate.
+
+The groups an ingest is given are read here too, beside the writer of the manifest: from a CSV
+(`groups_from_csv`: this manifest, or one of real specimen ids) or from a regular expression over
+each image's CLASS/file path (`groups_from_pattern`, `ingest --group-pattern`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -34,7 +40,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.access.accounts import User, require_editor
-from core.data.datasets import IMAGE_EXTENSIONS, get_dataset, lock_dataset
+from core.data.datasets import get_dataset, lock_dataset
+from core.data.decoding import IMAGE_EXTENSIONS
 from core.errors import UserError
 from core.store.db import Image
 
@@ -241,6 +248,97 @@ def write_manifest(rows: list[tuple[str, str]], out: Path | TextIO) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["file", "group"])
     writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The groups an ingest is given
+
+
+def _normalise_rel(path: str) -> str:
+    path = path.strip().replace("\\", "/")
+    while path.startswith("./"):
+        path = path[2:]
+    return path
+
+
+def groups_from_csv(csv_path: Path, rels: list[str]) -> dict[str, str]:
+    """Each of the image paths `rels` (CLASS/file) with its group from the CSV at `csv_path` (header
+    `file,group`; a bare file name stands for a path where it is unique). UserError for a file that
+    cannot be read, a file given two groups or an image without one."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"Groups file not found: {csv_path.name}")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")  # -sig: Excel writes a BOM
+    except UnicodeDecodeError:
+        raise UserError(f"{csv_path.name} is not UTF-8 text.") from None
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as e:
+        raise UserError(f"{csv_path.name} is not a valid CSV file: {e}") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if "file" not in header or "group" not in header:
+        raise UserError(f"{csv_path.name} needs a header row 'file,group'.")
+    i_file, i_group = header.index("file"), header.index("group")
+
+    table: dict[str, str] = {}
+    for row in rows[1:]:
+        if len(row) <= max(i_file, i_group):
+            continue
+        key, group = _normalise_rel(row[i_file]), row[i_group].strip()
+        if not key or not group:
+            continue
+        if table.setdefault(key, group) != group:
+            raise UserError(f"{csv_path.name} gives '{key}' two groups: {table[key]} and {group}.")
+
+    name_counts = Counter(PurePosixPath(r).name for r in rels)
+
+    def group_of(rel: str) -> str | None:
+        name = PurePosixPath(rel).name
+        return table.get(rel) or (table.get(name) if name_counts[name] == 1 else None)
+
+    groups, missing = _each_group(rels, group_of)
+    if missing:
+        raise UserError(
+            f"{csv_path.name} has no group for {len(missing)} image(s), e.g. "
+            f"{', '.join(missing[:5])}. List each as CLASS/file (or the bare file name if unique)."
+        )
+    return groups
+
+
+def _each_group(rels: list[str], group_of) -> tuple[dict[str, str], list[str]]:
+    """Each path's group where `group_of` finds one, and the paths it finds none for."""
+    groups = {rel: g for rel in rels if (g := group_of(rel))}
+    return groups, [rel for rel in rels if rel not in groups]
+
+
+def compile_group_pattern(pattern: str) -> re.Pattern[str]:
+    """The regular expression `pattern` with a capture group (or one named `group`); UserError otherwise."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"Group pattern {pattern!r} is not a valid regular expression: {e}") from None
+    if "group" not in rx.groupindex and rx.groups < 1:
+        raise UserError(
+            f"Group pattern {pattern!r} needs a capture group, e.g. r'^[^/]+/(\\d{{2}})' or (?P<group>...)."
+        )
+    return rx
+
+
+def groups_from_pattern(rx: re.Pattern[str], rels: list[str]) -> dict[str, str]:
+    """Each of the image paths `rels` with its group, what `rx` captures in it; UserError for a path
+    it finds none in."""
+    def group_of(rel: str) -> str | None:
+        m = rx.search(rel)
+        return (m.group("group") if "group" in rx.groupindex else m.group(1)) if m else None
+
+    groups, missing = _each_group(rels, group_of)
+    if missing:
+        raise UserError(
+            f"Group pattern {rx.pattern!r} finds no group in {len(missing)} image path(s), e.g. "
+            f"{', '.join(missing[:5])}."
+        )
+    return groups
 
 
 def main(argv: list[str] | None = None) -> int:

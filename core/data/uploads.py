@@ -1,4 +1,4 @@
-"""Datasets from the web app: uploaded files or a folder on the server, handed to datasets.ingest.
+"""Datasets from the web app: uploaded files or a folder on the server, handed to core.data.ingest.
 
 Uploads are written to a temporary folder under APP_HOME/tmp (a zip as it came, loose image files as
 CLASS/file) and ingested from there; the folder is removed afterwards whatever happens. A server
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from core.access.accounts import User, require_editor
 from core.config import Settings
-from core.data.datasets import IngestReport, ingest
+from core.data.ingest import IngestReport, ingest
 from core.store.db import Dataset
 from core.errors import UserError
 from core.store.files import hold_ingest_lock, write_bytes_atomic

@@ -11,6 +11,8 @@
   refer_band           the confidence below which a prediction is not shown as a diagnosis but as
                        "uncertain, refer", chosen on validation so that the predictions shown reach a
                        target accuracy with a stated confidence (a binomial bound, not the raw rate)
+  run_calibration       what a run records of both (core/store/records.py CalibrationRecord), which
+                       core/evaluation/calibration_words.py says in words
 
 Plain NumPy; the figure is plotly (no streamlit), so both the pages and reports can use it.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.errors import UserError
+from core.store.records import CalibrationRecord
 
 N_BINS = 15
 
@@ -344,28 +347,16 @@ def refer_threshold(val_probs: np.ndarray, val_labels: Sequence[int], target_acc
     return refer_band(val_probs, val_labels, target_accuracy, confidence).threshold
 
 
-def recorded_band(record: dict | None, target_accuracy: float | None = None) -> ReferBand | None:
+def recorded_band(record: CalibrationRecord | None, target_accuracy: float | None = None) -> ReferBand | None:
     """The refer band of a run's calibration record (run_calibration's) for `target_accuracy` (None:
     the run's own target), chosen on its stored validation probabilities, so that the page, the log,
     the API and the exported model give one threshold however old the record is. None: the run has
     no calibration."""
-    if not record or record.get("temperature") is None:
+    if record is None or not record.calibrated:
         return None
-    return refer_band(np.asarray(record["val_probs"]), record["val_labels"],
-                      record["refer_target"] if target_accuracy is None else target_accuracy)
-
-
-def band_sentence(band: ReferBand) -> str:
-    """The refer band in a reader's words, with what it rests on."""
-    if band.threshold is None:
-        return (f"No confidence threshold can promise {band.target:.0%} accuracy from the {band.n_val} validation "
-                f"images (at {band.confidence:.0%} confidence), so every prediction of this model is marked "
-                "\"uncertain, refer\".")
-    shown = "every prediction is shown" if band.threshold == 0 else (
-        f"predictions less confident than {band.threshold:.1%} are marked \"uncertain, refer\"")
-    return (f"{shown[0].upper()}{shown[1:]}: the others are right at least {band.target:.0%} of the time, with "
-            f"{band.confidence:.0%} confidence, judged on {band.accepted} of the {band.n_val} validation images "
-            f"(a lower bound of {band.bound:.1%}, not the raw rate).")
+    if target_accuracy is None:
+        target_accuracy = DEFAULT_REFER_TARGET if record.refer_target is None else record.refer_target
+    return refer_band(np.asarray(record.val_probs), record.val_labels, target_accuracy)
 
 
 def supported_target(val_probs: np.ndarray, val_labels: Sequence[int], confidence: float = REFER_CONFIDENCE) -> float:
@@ -399,8 +390,8 @@ def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs: np.ndarray,
-                    test_labels: Sequence[int], target_accuracy: float = DEFAULT_REFER_TARGET) -> dict:
-    """What a run records about its own calibration (JSON-ready).
+                    test_labels: Sequence[int], target_accuracy: float = DEFAULT_REFER_TARGET) -> CalibrationRecord:
+    """What a run records about its own calibration (its summary's and its model file's record).
 
     The temperature and the refer threshold are chosen on the validation part only; the test part
     shows how well they carry over. The calibrated validation probabilities are kept too, so the
@@ -408,66 +399,39 @@ def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs
     """
     val_probs, test_probs = np.asarray(val_probs, dtype=np.float64), np.asarray(test_probs, dtype=np.float64)
     if len(val_probs) == 0:
-        return {"temperature": None, "note": "no validation part: not calibrated, no refer threshold"}
+        return CalibrationRecord(note="no validation part: not calibrated, no refer threshold")
     temperature = fit_temperature(as_logits(val_probs), val_labels)
     val_cal = calibrate(val_probs, temperature)
     band = refer_band(val_cal, val_labels, target_accuracy)
     threshold = band.threshold
-    out = {
-        "temperature": round(temperature, 4),
-        "n_val": len(val_probs),
-        "val_ece_before": round(expected_calibration_error(val_probs, val_labels), 4),
-        "val_ece_after": round(expected_calibration_error(val_cal, val_labels), 4),
-        # What the temperature was fitted to lower (the binned error above can rise a little on the same
-        # images: it is another yardstick, coarse with few images).
-        "val_nll_before": round(_nll(as_logits(val_probs), np.asarray(val_labels, dtype=int), 1.0), 4),
-        "val_nll_after": round(_nll(as_logits(val_probs), np.asarray(val_labels, dtype=int), temperature), 4),
-        "refer_target": target_accuracy,
-        "refer_threshold": threshold,
-        "refer_confidence": band.confidence,  # the threshold's claim holds with this probability
-        "refer_bound": None if band.bound is None else round(band.bound, 4),
-        "refer_accepted": band.accepted,
-        "val_probs": np.round(val_cal, 5).tolist(),
-        "val_labels": [int(v) for v in val_labels],
-    }
+    test: dict[str, float | None] = {}
     if len(test_probs):
         test_cal = calibrate(test_probs, temperature)
-        out["test_ece_before"] = round(expected_calibration_error(test_probs, test_labels), 4)
-        out["test_ece_after"] = round(expected_calibration_error(test_cal, test_labels), 4)
         coverage, accuracy = selective_accuracy(test_cal, test_labels, 1.01 if threshold is None else threshold)
-        out["test_coverage"], out["test_accepted_accuracy"] = coverage, None if np.isnan(accuracy) else accuracy
-    return out
-
-
-def scaling_words(temperature: float) -> str:
-    """What a fitted temperature did, in words: 'softened 8.1 times: the model was over-confident, ...'."""
-    if temperature > 1.05:
-        return (f"softened (scores divided by {temperature:.3g}): the model was over-confident, so its confidences "
-                "are pulled toward an even split")
-    if temperature < 0.95:
-        return (f"sharpened (scores divided by {temperature:.3g}): the model was under-confident, so its confidences "
-                "are pushed toward its answer")
-    return f"left nearly as they were (scores divided by {temperature:.3g}): the model's confidences already matched"
+        test = {"test_ece_before": round(expected_calibration_error(test_probs, test_labels), 4),
+                "test_ece_after": round(expected_calibration_error(test_cal, test_labels), 4),
+                "test_coverage": coverage, "test_accepted_accuracy": None if np.isnan(accuracy) else accuracy}
+    return CalibrationRecord(
+        temperature=round(temperature, 4),
+        n_val=len(val_probs),
+        val_ece_before=round(expected_calibration_error(val_probs, val_labels), 4),
+        val_ece_after=round(expected_calibration_error(val_cal, val_labels), 4),
+        # What the temperature was fitted to lower (the binned error above can rise a little on the same
+        # images: it is another yardstick, coarse with few images).
+        val_nll_before=round(_nll(as_logits(val_probs), np.asarray(val_labels, dtype=int), 1.0), 4),
+        val_nll_after=round(_nll(as_logits(val_probs), np.asarray(val_labels, dtype=int), temperature), 4),
+        refer_target=target_accuracy,
+        refer_threshold=threshold,
+        refer_confidence=band.confidence,  # the threshold's claim holds with this probability
+        refer_bound=None if band.bound is None else round(band.bound, 4),
+        refer_accepted=band.accepted,
+        val_probs=tuple(map(tuple, np.round(val_cal, 5).tolist())),
+        val_labels=tuple(int(v) for v in val_labels),
+        **test,
+    )
 
 
 def refer_verdict(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     """True where a (calibrated) prediction falls in the "uncertain, refer" band."""
     top = np.asarray(probs).max(-1)
     return np.ones_like(top, dtype=bool) if threshold is None else top < threshold
-
-
-def format_run_calibration(record: dict) -> str:
-    """One paragraph on a run's calibration record (run_calibration's) and refer band, for the CLI and reports."""
-    if not record or record.get("temperature") is None:
-        return "Calibration: none (" + (record or {}).get("note", "run recorded before calibration was added") + ")."
-    lines = [f"Calibration on the validation part ({record['n_val']} images): temperature {record['temperature']:.3g}; "
-             f"ECE validation {record['val_ece_before']:.3f} -> {record['val_ece_after']:.3f}"
-             + (f", test {record['test_ece_before']:.3f} -> {record['test_ece_after']:.3f}" if "test_ece_before" in record else "")]
-    band = recorded_band(record)
-    line = "Refer band: " + band_sentence(band)
-    if band.threshold is not None and record.get("refer_confidence") is not None and record.get("test_coverage") is not None:
-        acc = record.get("test_accepted_accuracy")
-        line += (f" On test it keeps {record['test_coverage']:.0%} of images"
-                 + ("" if acc is None else f" at {acc:.1%} accuracy") + ".")
-    lines.append(line)
-    return "\n".join(lines)

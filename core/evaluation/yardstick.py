@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.store.records import Yardstick
+
 IMAGE_SIZE = 128  # the size the leak audit decodes to, so the cached arrays are shared
 
 
@@ -48,7 +50,7 @@ def colour_only_correct(train: Sequence[np.ndarray], train_labels: Sequence[int]
     return model.predict(np.stack([colour_features(a) for a in test])) == np.asarray(test_labels)
 
 
-def split_yardstick(session, settings, split, classes: Sequence[str], fold: int = 0) -> dict | None:
+def split_yardstick(session, settings, split, classes: Sequence[str], fold: int = 0) -> Yardstick | None:
     """The yardstick of a stored split: fitted on its training and validation images, scored on
     its test images. None for the paper's protocol (its test part exists only after augmenting)
     and for a split without test images."""
@@ -59,7 +61,7 @@ def split_yardstick(session, settings, split, classes: Sequence[str], fold: int 
     return parts_yardstick(settings, split, splits.split_parts(session, split, fold), classes)
 
 
-def parts_yardstick(settings, split, parts: dict, classes: Sequence[str]) -> dict | None:
+def parts_yardstick(settings, split, parts: dict, classes: Sequence[str]) -> Yardstick | None:
     """`split_yardstick` of one fold whose images by part (`parts`) are loaded already; reads no database."""
     from core.data import cache  # torch-importing; keep `import core.evaluation.yardstick` light
 
@@ -73,26 +75,23 @@ def parts_yardstick(settings, split, parts: dict, classes: Sequence[str]) -> dic
         [cache.resized_array(settings, im, IMAGE_SIZE) for im in seen], [index[im.label] for im in seen],
         [cache.resized_array(settings, im, IMAGE_SIZE) for im in test], [index[im.label] for im in test],
     )
-    return {"accuracy": float(correct.mean()), "n_train": len(seen), "n_test": len(test),
-            # image id -> right, for comparing the network with colour alone on the same images
-            "correct": {str(im.id): bool(c) for im, c in zip(test, correct)}}
+    return Yardstick(float(correct.mean()), len(seen), len(test),
+                     # for comparing the network with colour alone on the same images
+                     correct=tuple((im.id, bool(c)) for im, c in zip(test, correct)))
 
 
-def accuracy_of(record: dict | None) -> float | None:
-    """The yardstick's test accuracy in a run's record (`split_yardstick`); None without one."""
-    return None if not record else record.get("accuracy")
-
-
-def describe(record: dict) -> str:
-    """One line for reports and pages."""
-    return (f"Colour-only yardstick on this split: {record['accuracy']:.1%} (12 colour statistics per image, "
-            f"logistic regression, {record['n_train']} training and {record['n_test']} test images). A model "
+def describe(record: Yardstick | None) -> str | None:
+    """A run's yardstick in one line, for reports, the command line and pages; None without one."""
+    if record is None or record.accuracy is None:
+        return None
+    return (f"Colour-only yardstick on this split: {record.accuracy:.1%} (12 colour statistics per image, "
+            f"logistic regression, {record.n_train} training and {record.n_test} test images). A model "
             "near this figure may rely on stain colour rather than tissue.")
 
 
-def describe_folds(records: Sequence[dict | None]) -> str | None:
+def describe_folds(records: Sequence[Yardstick | None]) -> str | None:
     """One line for the yardstick across the folds of a k-fold experiment (None without any)."""
-    accuracies = [r["accuracy"] for r in records if r]
+    accuracies = [r.accuracy for r in records if r is not None and r.accuracy is not None]
     if not accuracies:
         return None
     spread = f" ± {np.std(accuracies, ddof=1):.1%}" if len(accuracies) > 1 else ""

@@ -15,7 +15,8 @@ file alone, without the database, the settings or the training images:
                    the fitted normaliser's parameters, test-time augmentation)
     calibration    core.evaluation.calibration.run_calibration: temperature, refer threshold and
                    target, n_val, and the calibrated validation probabilities and labels from which
-                   the Predict page chooses a threshold for another target
+                   the Predict page chooses a threshold for another target; the run summary's
+                   record, read and written only by core/store/records.py CalibrationRecord
     config         the run's RunConfig
     test_metrics   accuracy, n_test and protocol of the run's own test evaluation
     weights        the starting weights used (e.g. "imagenet (torchvision ...)")
@@ -114,3 +115,21 @@ def dataset_fingerprint(images: Iterable[tuple[str, str]]) -> str:
     images with the same labels, whatever their names or order."""
     lines = sorted(f"{sha} {label}" for sha, label in images)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def read_description(path: Path) -> dict[str, Any]:
+    """A model file's description alone (no weights read): what a check before queueing needs.
+    UserError for a file that is not a model file of this version."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"{Path(path).name} is damaged or not a model file ({why}).") from None
+    try:
+        meta = None if header is None else json.loads(header)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{Path(path).name}: its description is damaged ({exc}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{Path(path).name} is not a model file of this version.")
+    return meta

@@ -41,6 +41,7 @@ from core.errors import UserError
 from core.evaluation import calibration
 from core.inference import model_file as model_files
 from core.store.files import atomic_path, copy_file_atomic
+from core.store.records import CalibrationRecord
 from core.store.runs import MODEL_META_KEY, run_dir
 from core.training.loop import MEAN, STD
 from core.training.model import PaperDenseNet
@@ -211,7 +212,7 @@ def build_graph(model: PaperDenseNet, image_size: int, tta: bool) -> onnx.ModelP
 
 def metadata(meta: dict[str, Any], model_sha256: str) -> dict[str, str]:
     """The exported model's metadata_props: everything a user of the file needs around the graph."""
-    prep, cal = EvalPipeline(**meta["preparation"]).to_dict(), meta.get("calibration") or {}
+    prep, cal = EvalPipeline(**meta["preparation"]).to_dict(), CalibrationRecord.from_dict(meta.get("calibration"))
     band = calibration.recorded_band(cal)
     values = {
         "format_version": FORMAT,
@@ -225,10 +226,10 @@ def metadata(meta: dict[str, Any], model_sha256: str) -> dict[str, str]:
                           "where": "inside the graph: (x / 255 - mean) / std per channel"},
         "test_time_augmentation": "inside the graph: the mean over 4 flips" if prep.get("tta") else "none",
         "preparation": prep,
-        "temperature": cal.get("temperature"),
+        "temperature": cal.temperature,
         # The band as the app applies it (recorded_band), with the confidence its claim holds at.
         "refer_threshold": None if band is None else band.threshold,
-        "refer_target": cal.get("refer_target"),
+        "refer_target": cal.refer_target,
         "refer_confidence": None if band is None else band.confidence,
         "run_id": meta.get("run_id"),
         "model_sha256": model_sha256,

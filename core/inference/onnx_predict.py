@@ -25,6 +25,7 @@ from core.config import Settings
 from core.errors import UserError
 from core.inference.onnx_export import INPUT, cached_export, read_description
 from core.inference.predict import Predictor, PredictorBase, model_file
+from core.store.records import CalibrationRecord
 from core.training.loop import pick_device
 from core.transforms.pipelines import EvalPipeline
 
@@ -58,7 +59,7 @@ class OnnxPredictor(PredictorBase):
         self.session, self.meta, self.model_path, self.device = session, meta, Path(model_path), device
         self.classes = list(meta["classes"])
         self.pipeline = EvalPipeline(**meta["preparation"])
-        self.calibration = dict(meta.get("calibration") or {})
+        self.calibration = CalibrationRecord.from_dict(meta.get("calibration"))
         self.run_id = meta.get("run_id")
         self._torch: Predictor | None = None
         self._torch_lock = threading.Lock()

@@ -29,12 +29,13 @@ from PIL import Image as PILImage
 
 from core.config import Settings
 from core.data.cache import to_tensor
-from core.data.datasets import load_rgb
+from core.data.decoding import load_rgb
 from core.errors import UserError
 from core.evaluation import calibration
 from core.inference.model_file import read_model
 from core.inference.probabilities import Probabilities
 from core.store.db import Run, RunStatus
+from core.store.records import CalibrationRecord
 from core.store.runs import get_run, model_path, run_dir
 from core.training.loop import pick_device, predict_logits, predict_proba
 from core.training.model import PaperDenseNet
@@ -52,7 +53,7 @@ class PredictorBase:
 
     classes: list[str]
     pipeline: EvalPipeline
-    calibration: dict  # the run's, fitted on its validation part
+    calibration: CalibrationRecord  # the run's, fitted on its validation part
     run_id: int | None
     meta: dict[str, Any]  # the model file's description
 
@@ -78,7 +79,7 @@ class PredictorBase:
 
     @property
     def temperature(self) -> float | None:
-        return self.calibration.get("temperature")
+        return self.calibration.temperature
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
         """Probabilities after the run's temperature scaling (unchanged when it has none)."""
@@ -127,7 +128,7 @@ class Predictor(PredictorBase):
     classes: list[str]
     pipeline: EvalPipeline
     device: torch.device
-    calibration: dict = field(default_factory=dict)  # the run's, fitted on its validation part
+    calibration: CalibrationRecord = field(default_factory=CalibrationRecord)  # the run's, fitted on its validation part
     run_id: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the model file's description
 
@@ -141,7 +142,8 @@ class Predictor(PredictorBase):
         pipeline = EvalPipeline(**meta["preparation"])
         dev = pick_device(device)
         model = prepare_for_inference(model, dev, pipeline.image_size)
-        return cls(model, classes, pipeline, dev, dict(meta.get("calibration") or {}), meta.get("run_id"), meta)
+        return cls(model, classes, pipeline, dev, CalibrationRecord.from_dict(meta.get("calibration")),
+                   meta.get("run_id"), meta)
 
     def sample_probabilities(self, samples: torch.Tensor | np.ndarray) -> np.ndarray:
         x = torch.from_numpy(samples) if isinstance(samples, np.ndarray) else samples

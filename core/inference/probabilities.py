@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.evaluation.calibration import calibrate
+from core.store.records import CalibrationRecord
 
 CALIBRATED = "calibrated probability"
 RAW = "raw model probability"
@@ -28,9 +29,9 @@ class Probabilities:
     temperature: float | None = None
 
     @classmethod
-    def of_run(cls, raw, calibration: dict | None, *, calibrated: bool = True) -> Probabilities:
+    def of_run(cls, raw, calibration: CalibrationRecord | None, *, calibrated: bool = True) -> Probabilities:
         """`raw` with the temperature of a run's calibration record (none when `calibrated` is False)."""
-        temperature = (calibration or {}).get("temperature") if calibrated else None
+        temperature = calibration.temperature if calibrated and calibration is not None else None
         return cls(np.asarray(raw, dtype=np.float64), temperature)
 
     @property

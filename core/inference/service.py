@@ -5,7 +5,7 @@ core/inference/approval.py; its predictor from core/inference/engine.py), so tha
 model that cannot classify is answered without decoding anything. It then reads each image's header
 (not an image, more than MAX_IMAGE_PIXELS), takes its turn and pixel budget from
 core/inference/admission.py, and decodes the images one at a time: each reduced toward the model's
-input size as it is decoded (core/data/datasets.py: images past REDUCE_ABOVE_PIXELS only, so ordinary
+input size as it is decoded (core/data/decoding.py: images past REDUCE_ABOVE_PIXELS only, so ordinary
 ones get exactly the probabilities they always had), cut into the run's samples at once and dropped,
 so that a batch holds samples, never a list of full-size images. Probabilities are turned into what
 every display shows (calibrated where the run has a temperature, with the "uncertain, refer" verdict
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.access.accounts import User
 from core.config import Settings
-from core.data.datasets import image_size, load_rgb
+from core.data.decoding import image_size, load_rgb
 from core.errors import UserError
 from core.evaluation.calibration import refer_verdict
 from core.inference import admission, prediction_log

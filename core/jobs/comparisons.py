@@ -37,8 +37,8 @@ def network_vs_colour(session: Session, run_id: int) -> PairedComparison | None:
     """The run's model against the colour-only yardstick on the same test images; None when the
     run recorded no per-image yardstick (recorded before this comparison existed) or no test."""
     summary = RunSummary.from_dict(session.scalar(select(Run.summary).where(Run.id == run_id)))
-    record = summary.colour_yardstick or {}
-    colour = {int(k): bool(v) for k, v in (record.get("correct") or {}).items()}
+    record = summary.colour_yardstick
+    colour = dict(record.correct or ()) if record is not None else {}
     network = test_correct(session, run_id)
     if not colour or not network:
         return None
@@ -106,7 +106,7 @@ def approval_concerns(session: Session, run_id: int) -> list[str]:
         concerns.append(f"it marks every prediction \"uncertain, refer\": no confidence threshold can promise "
                         f"{band.target:.0%} accuracy from its {band.n_val} validation images")
     interval = test_intervals(session, [(run.id, run.seed)]).get(run.id)
-    colour = (summary.colour_yardstick or {}).get("accuracy")
+    colour = None if summary.colour_yardstick is None else summary.colour_yardstick.accuracy
     chance = 1 / len(run.dataset.classes) if run.dataset.classes else None
     if interval is not None and summary.test_accuracy is not None:
         low, high = interval

@@ -1,24 +1,26 @@
-"""How long the runs of a RunConfig will take on this machine, said before they are launched.
+"""What this machine can train on and how long the runs of a RunConfig will take on it, said before
+they are launched: the one probe of its GPUs (`machine_summary`), the reference speeds, the estimate.
 
 From this machine's own measurements where it has some: the training speed (images per second,
 RunSummary.images_per_second) of the latest succeeded runs on the same kind of device at the same
 image size, times the images to train (augmented images per class x classes x epochs, per run),
 plus the time those runs spent outside training (building the model, decoding, augmenting, the
 audit, the test: the run's whole time less Run.timings' "train"). Before any run was measured
-here, a rough figure from a stated assumption, labelled as such. No torch: the Train page calls
-this as it draws.
+here, a rough figure from a stated assumption, labelled as such. No torch at import: the Train page
+calls this as it draws, and only `machine_summary` loads torch, once, when first called.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import statistics
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.jobs.views import CPU_IMAGES_PER_SECOND_PER_CORE, GPU_IMAGES_PER_SECOND, MachineSummary
 from core.store.db import Run, RunStatus
 from core.store.records import RunSummary
 from core.training.run_config import RunConfig
@@ -26,8 +28,8 @@ from core.training.run_config import RunConfig
 RECENT = 5  # measured runs whose median speed counts: the latest, so that a changed machine soon shows
 LOOKED_AT = 100  # succeeded runs on the device searched for ones at the image size
 
-# The assumption before any measurement. CPU: 2.2 images/s per core at the paper's 224 px (bench/
-# RESULTS.md, via views) and CPU_64_PX_PER_CORE at 64 px, with the speed taken to fall as a power of
+# The assumption before any measurement. CPU: CPU_IMAGES_PER_SECOND_PER_CORE at the paper's 224 px
+# (below) and CPU_64_PX_PER_CORE at 64 px, with the speed taken to fall as a power of
 # the image side between (and beyond) the two. The 64 px figure is the development machine's, its 2
 # cores idle (2026-12-02, the "Try it on this machine" settings at 120 images per class): 24.4
 # images/s, and 45 s of the run outside training (model, data, audit, test). Where other work shares
@@ -36,6 +38,60 @@ LOOKED_AT = 100  # succeeded runs on the device searched for ones at the image s
 # layers rather than to pixels.
 CPU_64_PX_PER_CORE = 12.0
 ASSUMED_OTHER_SECONDS = 45.0  # per run, outside training
+
+
+# Reference speeds for the paper's 224 px training (bench/RESULTS.md): one H100, eager fp32 at
+# batch 24, about 180 images/s (design notes); 2 idle CPU cores, forward and backward, about 4.4
+# images/s, i.e. 2.2 per core. Only the order of magnitude is meant.
+GPU_IMAGES_PER_SECOND = 180.0
+CPU_IMAGES_PER_SECOND_PER_CORE = 2.2
+
+
+@dataclass(frozen=True)
+class MachineSummary:
+    """What this server has to train on."""
+
+    gpus: tuple[str, ...]  # the CUDA devices torch sees, by name
+    cpu_cores: int
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    def paper_hours(self) -> float:
+        """About how long the paper's settings (RunConfig's defaults, three classes) train here."""
+        paper = RunConfig(dataset="-")
+        images = paper.per_class * 3 * paper.epochs
+        # One GPU: a run trains on one unless it is started across several (core/training/distributed.py).
+        speed = GPU_IMAGES_PER_SECOND if self.gpus else CPU_IMAGES_PER_SECOND_PER_CORE * self.cpu_cores
+        return images / speed / 3600
+
+    def sentence(self) -> str:
+        hours, paper_run = self.paper_hours(), RunConfig(dataset="-")
+        settings = f"{paper_run.image_size} px, {paper_run.epochs} epochs"
+        paper = f"about {hours:.0f} hours" if hours >= 1.5 else f"about {max(1, round(hours * 60))} minutes"
+        if self.has_gpu:
+            names = ", ".join(sorted(set(self.gpus)))
+            return (f"GPU on this server: {len(self.gpus)} × {names}. Training runs on it; the paper's settings "
+                    f"({settings}) take {paper}.")
+        slower = GPU_IMAGES_PER_SECOND / (CPU_IMAGES_PER_SECOND_PER_CORE * self.cpu_cores)
+        slower = round(slower, -1) if slower >= 15 else round(slower)
+        return (f"No GPU on this server: training runs on the CPU ({self.cpu_cores} cores), about {slower:.0f}× "
+                "slower than on one GPU. The CPU training preset (64 px) takes minutes per fold; the paper's "
+                f"settings ({settings}) take {paper} here.")
+
+
+@functools.cache
+def machine_summary() -> MachineSummary:
+    """This server's GPUs and CPU cores, once per process. Imports torch (only here, when called),
+    so opening a page that shows it does not load torch as the page is imported."""
+    import torch
+
+    gpus = ()
+    if torch.cuda.is_available():
+        gpus = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return MachineSummary(gpus, cores)
 
 
 @dataclass(frozen=True)

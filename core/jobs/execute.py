@@ -46,6 +46,8 @@ from core.inference.model_file import dataset_fingerprint, read_weights, write_m
 from core.inference.predict import Predictor
 from core.jobs.queue import claim_next, failure_page_text, failure_text, log_tail
 from core.jobs.recording import BEST_WEIGHTS, CHECKPOINT, Cancelled, Monitor, Recorder, TakenOver
+from core.slides.scale import META_KEY as SCALE_KEY
+from core.slides.scale import scale_meta
 from core.store.db import EpochMetric, Image, Prediction, Run, RunStatus, Split, utcnow
 from core.store.records import RunProgress, RunSummary
 from core.store.runs import get_run, model_path, run_dir
@@ -73,6 +75,7 @@ class Job:
     parts: dict[str, list[Image]]  # the images of each part of the run's fold
     dataset: dict[str, Any]  # name, fingerprint, n_images: for the model file
     epochs_recorded: frozenset[int]
+    scale: dict[str, Any] | None = None  # the dataset's tile scale, for the model file (core/slides/scale.py)
 
 
 def load_job(Session: sessionmaker, run_id: int) -> Job:
@@ -85,6 +88,8 @@ def load_job(Session: sessionmaker, run_id: int) -> Job:
             parts=splits.split_parts(s, run.split, run.fold),
             dataset={"name": run.dataset.name, "fingerprint": dataset_fingerprint(images), "n_images": len(images)},
             epochs_recorded=frozenset(s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id))),
+            scale=None if run.dataset.tile_px is None and run.dataset.tile_mpp is None
+            else scale_meta(run.dataset.tile_px, run.dataset.tile_mpp),
         )
 
 
@@ -186,9 +191,10 @@ def _phases(Session: sessionmaker, settings: Settings, job: Job, device: torch.d
     # the model file, then the results
     write_model(model_path(settings, job.run_id), model.state_dict(), {
         "run_id": job.run_id, "run_created": job.created, "dataset": job.dataset, "classes": job.classes,
-        "preparation": data.pipeline.to_dict(), "calibration": calibration, "config": job.config.to_dict(),
+        "preparation": data.pipeline.to_dict(), "calibration": calibration.to_dict(), "config": job.config.to_dict(),
         "test_metrics": {"accuracy": accuracy, "n_test": len(test), "protocol": job.protocol},
         "weights": weights_used, "stain_reference_image_id": data.stain_reference_image_id,
+        **({} if job.scale is None else {SCALE_KEY: job.scale}),
     })
     _record_results(Session, job, data, test, {"test_accuracy": accuracy, "calibration": calibration}, timings, device)
     _drop_checkpoints(settings, job.run_id)
@@ -199,8 +205,8 @@ def _audit(Session: sessionmaker, settings: Settings, job: Job, data: Prepared, 
         leak_audit = audit.audit_parts(settings, job.split, job.parts).as_record()
     with _timed(timings, "colour_yardstick"):
         colour_yardstick = yardstick.parts_yardstick(settings, job.split, job.parts, job.classes)
-    if leak_audit["warning"]:
-        log.warning("run %d: %s", job.run_id, leak_audit["warning"])
+    if leak_audit.warning:
+        log.warning("run %d: %s", job.run_id, leak_audit.warning)
     notes = {} if data.stain_reference_image_id is None else {"stain_reference_image_id": data.stain_reference_image_id}
     with Session.begin() as s:
         run = get_run(s, job.run_id)

@@ -80,10 +80,3 @@ def create_runs(session: Session, settings: Settings, config: RunConfig, *, user
     session.add_all(runs)
     session.flush()
     return runs
-
-
-def list_runs(session: Session, dataset: str | None = None) -> list[Run]:
-    query = select(Run).order_by(Run.id)
-    if dataset:
-        query = query.where(Run.dataset_id == get_dataset(session, dataset).id)
-    return list(session.scalars(query))

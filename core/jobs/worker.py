@@ -8,7 +8,8 @@ A worker loops: heartbeat, sweep, reap, claim.
   reap       record how each finished child ended (a child that dies without recording a result,
              killed for memory say, fails its run with the exit code and the end of its output);
   claim      take queued runs, oldest first, up to settings.worker_slots at once, and start
-             `python -m core _run RUN_ID` for each.
+             `python -m core _run RUN_ID` for each; with no run waiting, take queued whole slides
+             to classify (core/jobs/slide_jobs.py) and start `python -m core _slide JOB_ID`.
 
 The child is a fresh interpreter (not a fork), so CUDA, threads and open database connections of
 the worker never leak into training. A child stops when its worker dies (it watches its parent),
@@ -39,9 +40,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.jobs import queue
+from core.jobs import queue, slide_jobs
 from core.config import Settings
-from core.store.db import Run, RunStatus, Worker, make_sessionmaker, utcnow
+from core.store.db import Run, RunStatus, SlideJob, Worker, make_sessionmaker, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "WORKER_SLOTS": str(settings.worker_slots),
         "HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
         "STALE_SECONDS": str(settings.stale_seconds),
+        # What a slide job's process needs to classify as the server would (core/jobs/slide_jobs.py).
+        "INFERENCE_ENGINE": settings.inference_engine,
+        "PREDICTION_LOG_DAYS": str(settings.prediction_log_days),
+        "PREDICTION_LOG_IMAGES": "1" if settings.prediction_log_images else "0",
+        "TISSUE_MIN_SATURATION": str(settings.tissue_min_saturation),
+        "TISSUE_MAX_PALE_FRACTION": str(settings.tissue_max_pale_fraction),
     }
 
 
@@ -181,6 +188,7 @@ class WorkerLoop:
     idle_exit: float | None = None  # exit after this many seconds with no run queued or running anywhere
     id: str = field(default_factory=worker_id)
     children: dict[int, Child] = field(default_factory=dict)
+    slides: dict[int, Child] = field(default_factory=dict)  # slide job id -> its process
     started: int = 0
     stopping: bool = False
     busy_at: float = field(default_factory=time.monotonic)
@@ -207,7 +215,7 @@ class WorkerLoop:
                     # restarting, its disk full) or a file could not be written: the children
                     # train on regardless; try again shortly.
                     log.warning("worker %s: database or file error; retrying", self.id, exc_info=True)
-                if not self.children and (self.once or self._quota_used()):
+                if not self.children and not self.slides and (self.once or self._quota_used()):
                     break
                 if self.idle_exit is not None and time.monotonic() - self.busy_at > self.idle_exit:
                     log.info("worker %s: idle for %gs; exiting", self.id, self.idle_exit)
@@ -245,9 +253,13 @@ class WorkerLoop:
                     me.device = device
                 if cancel:
                     self._enforce_cancel(self.children[run_id])
+            if self.slides:  # tiling a large slide reports no progress for a while: alive all the same
+                s.execute(update(SlideJob).where(SlideJob.id.in_(list(self.slides)), SlideJob.worker == self.id,
+                                                 SlideJob.status == RunStatus.running).values(heartbeat_at=now))
             # Busy includes runs of other (perhaps dead) workers: staying keeps the sweep going.
             active = select(Run.id).where(Run.status.in_([RunStatus.queued, RunStatus.running])).limit(1)
-            if self.children or s.scalar(active) is not None:
+            slides = select(SlideJob.id).where(SlideJob.status.in_([RunStatus.queued, RunStatus.running])).limit(1)
+            if self.children or self.slides or s.scalar(active) is not None or s.scalar(slides) is not None:
                 self.busy_at = time.monotonic()
 
     def _enforce_cancel(self, child: Child) -> None:
@@ -262,11 +274,14 @@ class WorkerLoop:
     def sweep(self) -> None:
         with self.Session.begin() as s:
             done = queue.requeue_stale(s, self.settings)
+            stale_slides = slide_jobs.requeue_stale_slides(s, self.settings)
             now = utcnow()
             dead = [w.id for w in s.scalars(select(Worker).where(Worker.id != self.id))
                     if queue.age_seconds(w.heartbeat_at, now) > self.settings.stale_seconds]
             if dead:
                 s.execute(delete(Worker).where(Worker.id.in_(dead)))
+        if stale_slides:
+            log.warning("worker %s: stale slide job(s) %s requeued", self.id, stale_slides)
         for outcome, run_ids in done.items():
             if run_ids:
                 log.warning("worker %s: stale run(s) %s %s", self.id, run_ids, outcome)
@@ -274,14 +289,34 @@ class WorkerLoop:
     # children ----------------------------------------------------------------------------------
 
     def fill_slots(self) -> None:
-        while len(self.children) < self.slots and not self._quota_used() and not self.stopping:
+        while len(self.children) + len(self.slides) < self.slots and not self._quota_used() and not self.stopping:
             with self.Session() as s:
-                if not queue.has_queued(s):
-                    return
-            run_id = queue.claim_next(self.Session, self.id)
-            if run_id is None:
-                continue  # another worker took it; look again
-            self.start(run_id)
+                runs, slides = queue.has_queued(s), slide_jobs.has_queued_slide(s)
+            if runs:
+                run_id = queue.claim_next(self.Session, self.id)
+                if run_id is not None:
+                    self.start(run_id)
+            elif slides:
+                job_id = slide_jobs.claim_next_slide(self.Session, self.id)
+                if job_id is not None:
+                    self.start_slide(job_id)
+            else:
+                return
+            # None: another worker took it; look again
+
+    def start_slide(self, job_id: int) -> None:
+        folder = self.settings.slide_jobs_dir / str(job_id)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            output = open(folder / "process.log", "ab")
+            command = [sys.executable, "-m", "core", "_slide", str(job_id), "--parent", str(os.getpid())]
+            process = subprocess.Popen(command, cwd=ROOT, env=_child_env(self.settings), stdin=subprocess.DEVNULL,
+                                       stdout=output, stderr=subprocess.STDOUT)
+        except OSError as exc:
+            slide_jobs.record_exit(self.Session, self.settings, job_id, self.id, 1, f"It could not start: {exc}")
+            return
+        self.slides[job_id] = Child(job_id, process, output)
+        log.info("worker %s: slide job %d started, pid %d", self.id, job_id, process.pid)
 
     def start(self, run_id: int) -> None:
         directory = self.settings.runs_dir / str(run_id)
@@ -314,6 +349,14 @@ class WorkerLoop:
                                                                  error=error))
 
     def reap(self) -> None:
+        for job_id, child in list(self.slides.items()):
+            code = child.process.poll()
+            if code is None:
+                continue
+            child.output.close()
+            tail = queue.log_tail(self.settings.slide_jobs_dir / str(job_id) / "process.log", 15) or ""
+            slide_jobs.record_exit(self.Session, self.settings, job_id, self.id, code, f"Its last output:\n{tail}")
+            del self.slides[job_id]
         for run_id, child in list(self.children.items()):
             code = child.process.poll()
             if code is None:
@@ -345,7 +388,19 @@ class WorkerLoop:
         log.info("worker %s: run %d ended %s (exit code %d)", self.id, run_id, status.value, code)
 
     def shutdown(self) -> None:
-        """Stop the children and put their runs back in the queue, to resume from their last epoch."""
+        """Stop the children and put their runs back in the queue, to resume from their last epoch
+        (and their slides, to start again)."""
+        for job_id, child in self.slides.items():
+            if child.process.poll() is None:
+                child.process.terminate()
+            try:
+                child.process.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+            child.output.close()
+            slide_jobs.requeue_on_stop(self.Session, job_id, self.id)
+        self.slides.clear()
         for child in self.children.values():
             if child.process.poll() is None:
                 child.process.terminate()

@@ -12,8 +12,11 @@ Problems the check finds (one `Problem` each):
 - temp        a leftover of an interrupted write: an atomic write's temporary file (core/store/files.py),
               or an upload's work folder under tmp/
 - run_folder  a folder under runs/ whose run has no row (e.g. its dataset was deleted)
+- slide_source  a slide a dataset's tiles were cut from, ingested from a folder on the server, is
+              no longer there or has changed since (its size or mtime differ, and then its sha256):
+              the tiles stay valid, but the slide is no longer the one they came from
 
-The first three mean lost data and need a person; `fix` removes only the last three kinds (files,
+The first three mean lost data and need a person, the last one a look; `fix` removes only the last three kinds (files,
 never database rows). The quick check looks at existence and size; the deep one also hashes every
 stored image, which reads all of them.
 
@@ -37,7 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.store.db import Dataset, Image, Run, RunStatus
+from core.store.db import Dataset, Image, Run, RunStatus, Slide
 from core.errors import UserError
 from core.store.files import exclusive_ingest_lock, is_temp_name
 from core.store.runs import model_file_problem, model_path
@@ -51,6 +54,7 @@ LABELS = {
     "orphan": "unreferenced file(s) under images/",
     "temp": "leftover temporary file(s)",
     "run_folder": "run folder(s) without a run",
+    "slide_source": "slide(s) gone or changed since they were ingested",
 }
 
 
@@ -260,6 +264,46 @@ def _check_cache(settings: Settings) -> list[Problem]:
             for p in _walk_files(folder) if is_temp_name(p.name) and _old_enough(p, now)]
 
 
+def check_slide_sources(session: Session, dataset: Dataset) -> list[Problem]:
+    """The dataset's slides recorded with a server path that are gone or changed since ingest.
+
+    A slide is hashed again only when its size or mtime differ from its record: a file touched
+    but not changed is not reported. Problems name the slide as CLASS/file; the detail gives its path.
+    """
+    problems = []
+    for slide in session.scalars(select(Slide).where(Slide.dataset_id == dataset.id, Slide.source_path.is_not(None))
+                                 .order_by(Slide.id)):
+        change = _slide_change(slide)
+        if change is not None:
+            problems.append(Problem("slide_source", f"{slide.label}/{slide.file_name}",
+                                    f"dataset '{dataset.name}': {change}; {slide.source_path}"))
+    return problems
+
+
+def _slide_change(slide: Slide) -> str | None:
+    path = Path(slide.source_path or "")
+    try:
+        st = path.stat()
+    except OSError:
+        return "no longer there"
+    if st.st_size == slide.size_bytes and st.st_mtime == slide.mtime:
+        return None
+    try:
+        actual = _sha256(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if actual == slide.sha256:
+        return None
+    return f"changed since it was ingested (sha256 {actual[:12]}…, recorded {slide.sha256[:12]}…)"
+
+
+def _add_slides(Session: sessionmaker, report: ConsistencyReport) -> None:
+    # Outside the ingest lock: a changed slide is hashed, which can take a while.
+    with Session() as s:
+        for dataset in s.scalars(select(Dataset).where(Dataset.id.in_(select(Slide.dataset_id))).order_by(Dataset.id)):
+            report.problems += check_slide_sources(s, dataset)
+
+
 def _quick(session: Session, settings: Settings, judge_leftovers: bool) -> ConsistencyReport:
     images, problems = _check_images(session, settings, judge_leftovers)
     if judge_leftovers:
@@ -285,6 +329,7 @@ def check(Session: sessionmaker, settings: Settings, *, deep: bool = False) -> C
     # The lock only for the listing: hashing can take minutes, and uploads would wait for it.
     with exclusive_ingest_lock(settings) as idle, Session() as s:
         report = _quick(s, settings, judge_leftovers=idle)
+    _add_slides(Session, report)
     if deep:
         _add_deep(Session, settings, report)
     return report
@@ -311,6 +356,7 @@ def fix(Session: sessionmaker, settings: Settings, *, deep: bool = False) -> Con
             else:
                 path.unlink(missing_ok=True)
             report.removed.append(problem.path)
+    _add_slides(Session, report)
     if deep:
         _add_deep(Session, settings, report)
     return report

@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Enum,
     ForeignKey,
     Index,
@@ -68,6 +69,11 @@ class Dataset(Base):
     # True: its specimen groups were estimated from file numbers (core/data/groups.py), not given, so
     # every figure that rests on them says "estimated specimens".
     groups_estimated: Mapped[bool | None] = mapped_column(default=None)
+    # The scale its images were taken at, so a model trained on it records it (core/slides/scale.py):
+    # tiles cut from whole slides are tile_px pixels at tile_mpp microns per pixel; microscope fields
+    # have tile_px None and tile_mpp the value given at ingest, or None where unknown.
+    tile_px: Mapped[int | None] = mapped_column(default=None)
+    tile_mpp: Mapped[float | None] = mapped_column(default=None)
 
     images: Mapped[list[Image]] = relationship(back_populates="dataset", cascade="all, delete-orphan")
     skipped: Mapped[list[SkippedFile]] = relationship(cascade="all, delete-orphan")
@@ -101,6 +107,35 @@ class SkippedFile(Base):
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     path: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
+
+
+class Slide(Base):
+    """A whole-slide image a dataset's tiles were cut from (core/data/slide_ingest.py).
+
+    Its tiles are the dataset's images whose group is `file_name`, so splits keep them together.
+    source_path is where the slide lies on the server when it was ingested from there, so the
+    consistency check can tell when it changed (size and mtime, then sha256); None for a copy
+    that was removed after ingest (an upload).
+    """
+
+    __tablename__ = "slides"
+    __table_args__ = (UniqueConstraint("dataset_id", "file_name"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))  # class name
+    file_name: Mapped[str] = mapped_column(String(NAME_LENGTH))  # unique in the dataset; its tiles' group
+    source_path: Mapped[str | None] = mapped_column(Text, default=None)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[float]  # seconds since the epoch, as the file system gave it at ingest
+    sha256: Mapped[str] = mapped_column(String(64))
+    mpp: Mapped[float]  # microns per level-0 pixel, from the file or given at ingest
+    vendor: Mapped[str] = mapped_column(String(100))
+    width: Mapped[int]
+    height: Mapped[int]
+    tiling: Mapped[str] = mapped_column(Text)  # core.slides.tiling.Tiling.to_json
+    tiles_kept: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Split(Base):
@@ -276,6 +311,38 @@ class BrowserSignIn(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class SlideJob(Base):
+    """A whole slide to classify with a run's model, in the background (core/jobs/slide_jobs.py): the
+    worker tiles it at the model's scale and predicts batch by batch, recording `done` of `total`
+    tiles as it goes, then writes its results under SLIDE_JOBS_DIR/<id>/ (the verdict, the heat map,
+    the per-tile CSV and the GeoJSON for QuPath). `slide_path` is the uploaded copy (`uploaded`: ours to
+    remove) or the slide's place under IMPORT_ROOTS."""
+
+    __tablename__ = "slide_jobs"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    slide_name: Mapped[str] = mapped_column(String(NAME_LENGTH))  # the file's name, as given
+    slide_path: Mapped[str] = mapped_column(Text)
+    uploaded: Mapped[bool] = mapped_column(default=False)
+    mpp: Mapped[float | None] = mapped_column(default=None)  # given for a slide whose file records none
+    user: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    source: Mapped[str] = mapped_column(String(10))  # "page", "api" or "cli": where it was asked for, as the log says
+    status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued,
+                                              index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    done: Mapped[int] = mapped_column(default=0)  # tiles classified so far
+    total: Mapped[int | None] = mapped_column(default=None)  # tissue tiles; None until tiled
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # core/slides/outputs.py summary
+
+
 class ModelApproval(Base):
     """An editor's approval of a run's model for its class set (core/inference/approval.py).
 
@@ -325,7 +392,7 @@ class PredictionLog(Base):
     image_name: Mapped[str] = mapped_column(Text)
     width: Mapped[int]
     height: Mapped[int]
-    size_bytes: Mapped[int]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # a whole slide's file passes 2 GB
     probabilities: Mapped[dict[str, Any]] = mapped_column()  # class -> probability, of probability_kind
     probability_kind: Mapped[str] = mapped_column(String(20))  # calibrated | raw
     predicted: Mapped[str] = mapped_column(String(NAME_LENGTH))

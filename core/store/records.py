@@ -1,9 +1,13 @@
-"""A run's JSON columns, typed: its summary (results) and its progress.
+"""A run's JSON columns, typed: its summary (results) and its progress, and the records nested in the
+summary: its calibration (also in the model file), its split's leak audit and its colour-only yardstick.
 
 Each has one reader, `from_dict`, and one writer, `to_dict`; the rest of the code reads and writes
 these columns through them, never by key. A row written before a key existed lacks it, and reads
-as None there; keys a reader does not know are left out. `to_dict` writes only the values that are
-set, so a run's row holds what is known about it so far.
+as its default there (None for most); keys a reader does not know are left out. `to_dict` writes
+only the values that are set, so a run's row holds what is known about it so far, and a row read
+and written again keeps its shape. The modules that compute the nested records say them in words:
+core/evaluation/calibration_words.py `calibration_words`, core/data/audit.py `record_verdict`,
+core/evaluation/yardstick.py `describe`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,122 @@ def _known(cls: type, data: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (data or {}).items() if k in names}
 
 
-def _set(record: Any) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(record).items() if v is not None}
+def _set(record: Any, always: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `record` that are set (and those in `always`, set or not), nested records by
+    their own `to_dict`, tuples as lists."""
+    out = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if value is None and f.name not in always:
+            continue
+        out[f.name] = value.to_dict() if hasattr(value, "to_dict") else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """RunSummary.calibration and the model file's "calibration": a run's temperature scaling and
+    refer band, fitted on its validation part (core/evaluation/calibration.py `run_calibration`
+    writes it; calibration_words.py says it). Rows written before a figure was kept lack it (None)."""
+
+    temperature: float | None = None  # None: not calibrated (no validation part); `note` says why
+    note: str | None = None
+    n_val: int | None = None  # validation images it was fitted on
+    val_ece_before: float | None = None  # expected calibration error on them, as trained -> scaled
+    val_ece_after: float | None = None
+    val_nll_before: float | None = None  # their log-loss, which the temperature was fitted to lower
+    val_nll_after: float | None = None
+    refer_target: float | None = None  # the accuracy the refer band promises
+    refer_threshold: float | None = None  # calibrated: None refers every prediction
+    refer_confidence: float | None = None  # how sure the band's claim is (None: recorded before the claim)
+    refer_bound: float | None = None  # the lower confidence bound on the accepted images' accuracy
+    refer_accepted: int | None = None  # validation images at or above the threshold
+    val_probs: tuple[tuple[float, ...], ...] = ()  # calibrated validation probabilities, to choose other targets
+    val_labels: tuple[int, ...] = ()
+    test_ece_before: float | None = None  # on the test part (None: no test part)
+    test_ece_after: float | None = None
+    test_coverage: float | None = None  # share of test images at or above the threshold
+    test_accepted_accuracy: float | None = None  # their accuracy (None: none accepted)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.temperature is not None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> CalibrationRecord:
+        known = _known(cls, data)
+        known["val_probs"] = tuple(tuple(row) for row in known.get("val_probs") or ())
+        known["val_labels"] = tuple(int(v) for v in known.get("val_labels") or ())
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        # None means something in a few fields (no temperature, refer everything, no bound, none accepted),
+        # written wherever the record holds what they depend on, as run_calibration writes them.
+        always = ("temperature",) + (("refer_threshold",) if self.refer_target is not None else ()) \
+            + (("refer_bound",) if self.refer_confidence is not None else ()) \
+            + (("test_accepted_accuracy",) if self.test_coverage is not None else ())
+        out = _set(self, always)
+        for empty in ("val_probs", "val_labels"):
+            if not out[empty]:
+                del out[empty]
+        return out
+
+
+@dataclass(frozen=True)
+class LeakAudit:
+    """RunSummary.leak_audit: what a run keeps of its split's leak audit (core/data/audit.py
+    `AuditReport.as_record` writes it; `record_verdict` says it). Counts are of test images."""
+
+    n_test: int = 0
+    exact: int = 0  # the same pixels as a training image
+    near: int = 0  # near-identical (perceptual hash)
+    close: int = 0  # unusually close in colour and texture
+    expected_close: float | None = None  # how many are close by chance (None: recorded before it was kept)
+    nn_ratio: float | None = None  # median nearest-neighbour distance, test->train over train->train
+    warning: str | None = None  # set when the audit found something to warn of
+    verdict: str | None = None  # in one plain sentence (None: recorded before verdicts were kept)
+    summary: str | None = None  # in the technical terms
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> LeakAudit:
+        return cls(**_known(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _set(self, always=("warning", "nn_ratio"))
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    """RunSummary.colour_yardstick: how far stain colour alone gets on the run's test part
+    (core/evaluation/yardstick.py `parts_yardstick` writes it; `describe` says it)."""
+
+    accuracy: float | None = None
+    n_train: int = 0  # images it was fitted on (training and validation)
+    n_test: int = 0
+    # (image id, right) of each test image, to compare the network with colour alone on the same
+    # images; None: recorded before it was kept.
+    correct: tuple[tuple[int, bool], ...] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Yardstick:
+        known = _known(cls, data)
+        if known.get("correct") is not None:
+            known["correct"] = tuple((int(k), bool(v)) for k, v in known["correct"].items())
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _set(self)
+        if self.correct is not None:  # stored as an object: image id (as text) -> right
+            out["correct"] = {str(image): right for image, right in self.correct}
+        return out
+
+
+# RunSummary's fields that hold a nested record, and its type.
+_NESTED = {"calibration": CalibrationRecord, "leak_audit": LeakAudit, "colour_yardstick": Yardstick}
 
 
 @dataclass(frozen=True)
@@ -40,16 +158,19 @@ class RunSummary:
     stopped_at_epoch: int | None = None
     gpu_peak_memory_gib: float | None = None  # None on the CPU
     stain_reference_image_id: int | None = None  # with stain normalisation: the training image mapped onto
-    calibration: dict[str, Any] | None = None  # core/evaluation/calibration.py run_calibration
-    leak_audit: dict[str, Any] | None = None  # core/data/audit.py AuditReport.as_record
-    colour_yardstick: dict[str, Any] | None = None  # core/evaluation/yardstick.py split_yardstick
+    calibration: CalibrationRecord | None = None
+    leak_audit: LeakAudit | None = None
+    colour_yardstick: Yardstick | None = None  # None also for the paper's protocol and without test images
     # A failed run's error (Run.error, in the command line's words) as the pages say it, where the
     # two differ (core.errors.UserError.page); cleared when the run starts again.
     error_page: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunSummary:
-        return cls(**_known(cls, data))
+        known = _known(cls, data)
+        for name, record in _NESTED.items():
+            known[name] = record.from_dict(known[name]) if known.get(name) else None
+        return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         return _set(self)
@@ -60,7 +181,7 @@ class RunSummary:
     @property
     def temperature(self) -> float | None:
         """The temperature fitted on the validation part; None without one."""
-        return (self.calibration or {}).get("temperature")
+        return None if self.calibration is None else self.calibration.temperature
 
 
 @dataclass(frozen=True)

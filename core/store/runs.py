@@ -8,10 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.errors import UserError
@@ -28,11 +27,6 @@ def get_run(session: Session, run_id: int) -> Run:
     if run is None:
         raise UserError(f"No run with id {run_id}. `python -m core runs` lists them.")
     return run
-
-
-def get_run_config(Session: sessionmaker, run_id: int) -> dict[str, Any]:
-    with Session() as s:
-        return dict(get_run(s, run_id).config)
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:

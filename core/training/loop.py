@@ -233,9 +233,6 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batc
     return torch.cat(out) if out else torch.empty(0)
 
 
-TTA_VIEWS = ("identity", "flip_left_right", "flip_top_bottom", "flip_both")
-
-
 def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
     """The 4 test-time views of (N, C, H, W) images: as they are, mirrored left-right, top-bottom, both."""
     return [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]

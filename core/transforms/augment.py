@@ -2,7 +2,7 @@
 
 We use Augmentor's operation objects but run them ourselves, because its Pipeline rounds the
 random draw to one decimal (so p=0.4 fires ~45% of the time), writes into <source>/output/, and
-its torch_transform() closure cannot be pickled for spawned DataLoader workers.
+its torch_transform() closure cannot be pickled for the spawned processes of `expand`.
 Images are expected at the training size already: augmenting full-size images is ~100x slower.
 """
 
@@ -136,20 +136,6 @@ def augment(image: Image.Image, operations: list, seed: int) -> tuple[Image.Imag
     if image.size != size:  # a 90/270 degree turn of a non-square image
         image = image.resize(size, Image.BICUBIC)
     return image, fired
-
-
-class AugmentTransform:
-    """A picklable stand-in for Augmentor's torch_transform(), for DataLoader workers under spawn."""
-
-    def __init__(self, params: AugmentParams) -> None:
-        self.params = params
-        self.operations = build_operations(params)
-
-    def __call__(self, image: Image.Image, seed: int) -> Image.Image:
-        return augment(image, self.operations, seed)[0]
-
-    def __repr__(self) -> str:
-        return f"AugmentTransform({self.params!r})"
 
 
 def _sample_seeds(rng: random.Random, n: int) -> list[int]:

@@ -14,8 +14,11 @@ instead of the lymphoma. Two remedies:
              colour deconvolution
 
 All functions take and return HxWx3 uint8 RGB arrays. Own implementation rather than torchstain:
-the algorithms are short, and this one fixes the eigenvector sign, clips instead of wrapping
-uint8, and leaves an image without stained tissue unchanged instead of failing.
+the algorithms are short, and this one fixes the eigenvector sign, counts pale eosin as tissue,
+keeps what two stains cannot explain (so the reference maps onto itself), leaves empty glass out of
+Reinhard's statistics and colours, and leaves an image without stained tissue unchanged instead of
+failing. tests/test_stain.py checks both methods against torchstain 1.4.1: where the methods are
+the same, so are the results (to a few units of 255).
 """
 
 from __future__ import annotations
