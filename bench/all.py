@@ -5,9 +5,10 @@
 
 The parts run one after another, the most important and cheapest first: training throughput at
 the small batch (24) against eager fp32 and bf16, prediction (one image and a batch, eager torch
-against ONNX Runtime: bench/predict.py), the input pipeline, training at the large batch (128), and the
+against ONNX Runtime: bench/predict.py), the input pipeline, whole-slide prediction (the library's
+batches against the one-tile loop: bench/slide.py), training at the large batch (128), and the
 paper's protocol end to end (needs --data, a folder per class; bench/pack_data.py makes a compact
-copy). Each runs in a process of its own (bench/isolate.py). Its steps, repeats, samples or epochs
+copy). Each runs in a process of its own (bench/isolate.py). Its steps, repeats, samples, slide size or epochs
 are scaled to its share of what is left of --minutes, and it is stopped at twice that share at
 most (less where the parts after it would lose their minimum); time a part leaves unused goes to
 the ones after it. A part that fails is reported with its error, one that runs past its limit is

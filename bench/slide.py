@@ -12,7 +12,7 @@ compiled torch on CUDA; core/inference/engine.py).
                           it calls tissue are read and checked
     prediction  baseline: for each kept tile, read its region and predict it alone
                 fast:     predict.predict_slide's batches (iter_tiles, --batch tiles a call to the
-                          model), its tiling time taken off
+                          model: by default 32 on CUDA, 4 on the CPU), its tiling time taken off
     end to end  tile_slide + the one-tile loop against predict_slide as a whole
 
 Both paths give each tile the same probabilities (the largest difference is printed). Rates are
@@ -35,7 +35,7 @@ import torch
 from bench.common import report, sync
 from core.config import load_settings
 from core.inference.model_file import write_model
-from core.slides.predict import predict_slide, slide_scale
+from core.slides.predict import default_batch, predict_slide, slide_scale
 from core.slides.reader import open_slide
 from core.slides.scale import scale_meta
 from core.slides.tiling import tile_slide
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--mpp", type=float, default=0.5, help="the model's tiles' microns per pixel")
     parser.add_argument("--width", type=int, default=12_000, help="the slide's level-0 width (0.25 um/px)")
     parser.add_argument("--height", type=int, default=8_000)
-    parser.add_argument("--batch", type=int, default=32, help="tiles per call of the model on the fast path")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="tiles per call of the model on the fast path (0: the library's for the device)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     settings = load_settings({"INFERENCE_ENGINE": "auto"})
@@ -111,24 +112,26 @@ def main(argv: list[str] | None = None) -> str:
         print(f"slide {args.width} x {args.height} written in {time.perf_counter() - started:.1f} s", flush=True)
         predictor = make_predictor(Path(tmp), args.tile_px, args.mpp, device)
         scale = slide_scale(predictor)
+        batch = args.batch or default_batch(predictor)
         with open_slide(path) as slide:
             t0 = time.perf_counter()
             kept = naive_tiling(slide, scale.tile_px, scale.mpp, settings)
             naive_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            tiling = tile_slide(slide, scale.tile_px, scale.mpp, max_tiles=0, min_saturation=settings.tissue_min_saturation,
+            tiling = tile_slide(slide, scale.tile_px, scale.mpp, max_tiles=0,
+                                min_saturation=settings.tissue_min_saturation,
                                 max_pale_fraction=settings.tissue_max_pale_fraction)
             tiling_seconds = time.perf_counter() - t0
             # The first call at each batch size either path makes allocates, and on CUDA compiles: not timed.
             tile = slide.region(0, 0, scale.tile_px, scale.mpp)
-            for size in {1, min(args.batch, len(tiling.tiles)), len(tiling.tiles) % args.batch} - {0}:
+            for size in {1, min(batch, len(tiling.tiles)), len(tiling.tiles) % batch} - {0}:
                 predictor.predict([tile] * size)
             sync(device)
             t0 = time.perf_counter()
             plain = one_by_one(slide, tiling, predictor)
             sync(device)
             plain_seconds = time.perf_counter() - t0
-        pred = predict_slide(predictor, path, scale=scale, settings=settings, batch=args.batch)
+        pred = predict_slide(predictor, path, scale=scale, settings=settings, batch=batch)
     n = pred.n_tiles
     found = {(t.col, t.row) for t in tiling.tiles}
     print(f"{n} tissue tiles of {tiling.columns * tiling.rows} cells; the naive tiling kept {len(kept)}, "
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> str:
     rows = [
         (f"tiling ({n} tissue tiles of {tiling.columns * tiling.rows} cells)", n / naive_seconds, n / tiling_seconds,
          "tiles/s"),
-        (f"prediction, read + model, batch {args.batch}", n / plain_seconds, n / model_seconds, "tiles/s"),
+        (f"prediction, read + model, batch {batch}", n / plain_seconds, n / model_seconds, "tiles/s"),
         ("whole slide, end to end", n / (tiling_seconds + plain_seconds), n / pred.seconds, "tiles/s"),
     ]
     engine = type(predictor).__name__

@@ -39,7 +39,7 @@ def pick_slide_model() -> tuple[views.RunRow, object] | None:
                           key="sl_run", help="Only runs trained on tiles of whole slides know the scale to cut a "
                           "slide at; a run trained on field images does not.")
     scale = scales[run_id]
-    st.caption(f"Cuts each slide into tiles of {scale.tile_px} px at {scale.mpp:g} microns per pixel, the scale this "
+    st.caption(f"Cuts each slide into tiles of {scale.tile_px} px at {scale.mpp:g} µm per pixel, the scale this "
                f"run was trained at, and predicts every tissue tile. The slide's verdict is the mean of its tiles' "
                f"probabilities. Test accuracy {pct(rows[run_id].summary.test_accuracy)} per tile.")
     return rows[run_id], scale

@@ -1,20 +1,31 @@
-"""Datasets: add labelled images (zip, files class by class, or a server folder), look at them,
-estimate specimen groups from file numbers, see what was skipped and why, delete."""
+"""Datasets: add labelled images (zip, files class by class, or a server folder) or whole slides (a
+server folder or zip of class folders of slides, tiled at one scale), look at them, a slide dataset's
+slides and each slide's tiling over its thumbnail, estimate specimen groups from file numbers, see
+what was skipped and why, delete."""
 
+import base64
+import io
 import re
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
+from PIL import Image as PILImage
 
-from core.data import datasets, groups, uploads
+from core.data import datasets, groups, slide_views, uploads
 from core.data.ingest import IngestReport
+from core.data.slide_ingest import SlideIngestReport
 from core.errors import UserError
 from core.jobs import views
 from core.access.limits import disk_full_is_user_error
+from core.slides.reader import MAX_MPP, MIN_MPP
+from core.slides.tiling import MAX_TILE_PX, MIN_TILE_PX
 from pages._common import (
-    IMAGE_TYPES, class_counts_figure, current_user, md_text, page_header, require_editor, session_factory, settings,
-    show_figure, through_router, thumbnail, user_errors,
+    IMAGE_TYPES, class_counts_figure, current_user, duration, md_text, page_header, plot_text,
+    require_editor, session_factory, settings, show_figure, text_table, through_router, thumbnail, user_errors,
 )
 
 through_router()
@@ -22,6 +33,7 @@ Session = session_factory()
 cfg = settings()
 user = current_user()  # viewers browse; adding and deleting need an editor
 SOURCES = ["Zip file", "Image files by class", "Folder on the server"]
+TILE_COLOURS = ("#00a3e0", "#f39c12", "#2ecc71")  # kept, with pen ink, blurred: apart from H&E's pink and purple
 DEFAULT_CLASSES = ["CLL", "FL", "MCL"]
 
 page_header("Datasets", "Labelled H&E images, one class per folder. Every file is decoded when it is added, so a "
@@ -35,14 +47,29 @@ with Session() as s:
     names = [d.name for d in views.dataset_rows(s)]
 
 
+def slide_options() -> uploads.SlideOptions:
+    """The whole-slide fields of the form as they stand (each shown with its default)."""
+    state = st.session_state
+    return uploads.SlideOptions(mpp=state.get("ds_slide_mpp"), tile_px=state.get("ds_tile_px"),
+                                tile_mpp=state.get("ds_tile_mpp"), max_tiles=state.get("ds_max_tiles"))
+
+
 def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
     """Run the ingest the user asked for, with a progress bar; on success remember the report and rerun."""
-    bar = st.progress(0.0, text="Checking images…")
+    bar = st.progress(0.0, text="Reading the files…")
+    start = time.monotonic()
 
     def progress(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"Checking images: {done} of {total}")
 
+    def tile_progress(done: int, total: int) -> None:
+        # Slides take long and alike: the time per slide so far gives the time left.
+        left = (time.monotonic() - start) / max(done, 1) * (total - done)
+        after = f" · about {duration(left)} left" if done < total else " · checking their tiles"
+        bar.progress(done / max(total, 1), text=f"Tiling slides: {done} of {total}{after}")
+
     options = dict(groups_csv=groups_csv, group_pattern=group_pattern.strip() or None, progress=progress)
+    slides = dict(slides=slide_options(), tile_progress=tile_progress)
     with user_errors():
         # The commit writes too: a full disk there is reported like one during the ingest.
         with disk_full_is_user_error(cfg, f"dataset '{name}'"), Session.begin() as s:
@@ -51,7 +78,7 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
                 if upload is None:
                     raise UserError("Choose a .zip file first.")
                 report = uploads.ingest_zip(s, cfg, upload, upload.name, name or Path(upload.name).stem, **options,
-                                            user=user)
+                                            **slides, user=user)
             elif source == SOURCES[1]:
                 files = []
                 for i in range(st.session_state.get("ds_n_classes", 3)):
@@ -64,9 +91,9 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
             else:
                 report = uploads.import_folder(s, cfg, st.session_state.get("ds_path", ""),
                                                name or Path(st.session_state.get("ds_path", "")).name, **options,
-                                               user=user)
+                                               **slides, user=user)
         st.session_state["ds_report"] = report
-        st.session_state["ds_selected"] = report.name
+        st.session_state["ds_selected"] = report.ingest.name if isinstance(report, SlideIngestReport) else report.name
         st.session_state["ds_goto"] = "Browse"
         st.rerun()
     bar.empty()
@@ -77,11 +104,53 @@ def show_report(report: IngestReport) -> None:
     st.success(f"Dataset **{md_text(report.name)}**: {report.added} image(s) added, "
                f"{report.already_present} already present, "
                f"{len(report.skipped) + len(report.duplicates)} skipped. Now {counts}.", icon=":material/check_circle:")
-    rows = [{"file": p, "reason": r} for p, r in report.skipped]
-    rows += [{"file": p, "reason": f"duplicate of {other} (stored once)"} for p, other in report.duplicates]
+    not_taken(report.skipped, report.duplicates)
+
+
+def not_taken(skipped, duplicates) -> None:
+    rows = [{"file": p, "reason": r} for p, r in skipped]
+    rows += [{"file": p, "reason": f"duplicate of {other} (stored once)"} for p, other in duplicates]
     if rows:
         st.markdown("**Files not taken, and why**")
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
+        text_table(pd.DataFrame(rows))
+
+
+def show_slide_report(report: SlideIngestReport) -> None:
+    """Slides added and their tiles, at what scale; slides already there; what in the source was not read."""
+    tiles, scale = report.ingest, report.scale
+    counts = ", ".join(f"{md_text(c)}: {n}" for c, n in tiles.class_counts.items())
+    cap = f"at most {scale.max_tiles} a slide" if scale.max_tiles else "every tissue tile"
+    present = f", {len(report.already_present)} already present" if report.already_present else ""
+    st.success(f"Dataset **{md_text(tiles.name)}**: {len(report.slides)} slide(s) added{present}, "
+               f"{report.tiles_kept} tile(s) of {scale.tile_px} px at {scale.mpp:g} µm per pixel ({cap}); "
+               f"{tiles.added} new tile image(s) stored. Now {counts} tiles.", icon=":material/check_circle:")
+    rows = [{"slide": rel, "class": label, "tiles kept": kept, "": "added"} for rel, label, kept in report.slides]
+    rows += [{"slide": rel, "class": rel.split("/", 1)[0], "tiles kept": None, "": "already in the dataset"}
+             for rel in report.already_present]
+    if rows:
+        text_table(pd.DataFrame(rows))
+    not_taken([*report.skipped, *tiles.skipped], tiles.duplicates)
+
+
+def slide_fields(source: str) -> None:
+    """How slides are read and tiled, for a zip or server folder that turns out to hold slides."""
+    where = "zip" if source == SOURCES[0] else "folder"
+    with st.expander("Whole-slide images: scale and tiling"):
+        st.caption(f"Used when the class folders of the {where} hold whole-slide images (SVS, NDPI, MRXS, SCN, "
+                   "pyramidal TIFF, …): each slide is cut into square tiles at one physical scale over its tissue, "
+                   "and each tile's specimen group is its slide. Defaults are this server's settings.")
+        st.number_input("Microns per pixel (only for slides whose files lack it)", MIN_MPP, MAX_MPP, value=None,
+                        step=0.05, format="%.3f", key="ds_slide_mpp", placeholder="read from each slide's file",
+                        help="A 40x scan is about 0.25, 20x about 0.5. For field images, their microns per pixel, "
+                             "recorded as the dataset's scale.")
+        a, b, c = st.columns(3)
+        a.number_input("Tile size (px)", MIN_TILE_PX, MAX_TILE_PX, cfg.slide_tile_px, key="ds_tile_px",
+                       help="Each tile's side, in pixels at the tile scale.")
+        b.number_input("Tile scale (µm per pixel)", MIN_MPP, MAX_MPP, cfg.slide_mpp, step=0.05, format="%.3f",
+                       key="ds_tile_mpp", help="The microns per pixel the tiles are cut at, whatever each slide's "
+                                               "own; a model trained on them classifies slides at this scale.")
+        c.number_input("Tiles per slide at most", 0, None, cfg.slide_max_tiles, key="ds_max_tiles",
+                       help="Sampled at random over the tissue, the same each time; 0 takes every tissue tile.")
 
 
 def add_tab() -> None:
@@ -93,7 +162,8 @@ def add_tab() -> None:
                          help="A new name creates a dataset; an existing name adds images to it (same classes only).")
     if source == SOURCES[0]:
         st.file_uploader("A .zip with one folder per class (CLASS/image.tif)", type=["zip"], key="ds_zip",
-                         help="A wrapper folder inside the zip is fine. TIF/TIFF, PNG, JPEG and BMP are read.")
+                         help="A wrapper folder inside the zip is fine. TIF/TIFF, PNG, JPEG and BMP are read; "
+                              "whole-slide images (SVS, NDPI, SCN, pyramidal TIFF, …) are tiled.")
         st.caption("Without a name, the dataset is named after the zip file.")
     elif source == SOURCES[1]:
         n = st.session_state.setdefault("ds_n_classes", 3)
@@ -112,6 +182,8 @@ def add_tab() -> None:
         else:
             st.info("Importing from the server is turned off. An administrator can allow folders with the "
                     "`IMPORT_ROOTS` setting.", icon=":material/lock:")
+    if source != SOURCES[1]:
+        slide_fields(source)
     with st.expander("Specimen groups (optional)"):
         st.caption("Images of one specimen share stain and tissue; with groups, splits keep each specimen on one "
                    "side, which is the honest evaluation. Give a table of each file's specimen, or the part of the "
@@ -170,26 +242,105 @@ def estimate_section(d: views.DatasetDetail) -> None:
             st.rerun()
 
 
+def slides_section(slides: tuple[slide_views.SlideSummary, ...]) -> None:
+    """The dataset's slides as a table, and one chosen slide's tiling drawn over its thumbnail."""
+    st.subheader("Slides")
+    text_table(pd.DataFrame([{
+        "slide": x.file_name, "class": x.label, "size (px)": f"{x.width:,} × {x.height:,}",
+        "µm per pixel": f"{x.mpp:.3g}", "vendor": x.vendor, "tiles kept": x.tiles_kept,
+        "background": x.tiling.dropped_background, "pale": x.tiling.dropped_pale,
+        "over the cap": x.tiling.dropped_over_cap, "pen": x.tiling.pen_count, "blurred": x.tiling.blurry_count,
+    } for x in slides]))
+    st.caption("Grid cells dropped as background had too little tissue on the thumbnail; pale ones were mostly "
+               "glass when read; over the cap, tissue not read once the most tiles per slide were kept. Pen and "
+               "blurred count kept tiles with pen ink on them or out of focus.")
+    by_id = {x.id: x for x in slides}
+    if st.session_state.get("ds_slide") not in by_id:  # another dataset's slide, or none yet
+        st.session_state["ds_slide"] = slides[0].id
+    chosen = by_id[st.selectbox("Slide", list(by_id), format_func=lambda i: f"{by_id[i].label} · {by_id[i].file_name}",
+                                key="ds_slide")]
+    picture = cached_picture(chosen.sha256, chosen.source_path, chosen.file.value, chosen.tiling.to_json(), chosen)
+    show_figure(tiling_figure(chosen, picture), key="ds_tiling")
+    if picture.note:
+        st.caption(md_text(picture.note))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_picture(sha256: str, path: str | None, file_state: str, tiling: str,
+                   _slide: slide_views.SlideSummary) -> slide_views.TilingPicture:
+    """A slide's tiling picture, kept while what it is drawn from is the same (the slide's content, where
+    it lies and whether it is there, its tiling): every rerun of the page would otherwise open the slide."""
+    return slide_views.tiling_picture(_slide)
+
+
+def _png_uri(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def tiling_figure(slide: slide_views.SlideSummary, picture: slide_views.TilingPicture) -> go.Figure:
+    """The kept tiles as rectangles (one trace per kind, so the legend counts them) over the thumbnail,
+    or over a blank canvas with the slide's outline."""
+    canvas = picture.thumbnail
+    if canvas is None:
+        canvas = np.full((picture.height, picture.width, 3), 250, np.uint8)
+    # As a PNG: a thumbnail's pixels as JSON numbers would be several megabytes.
+    fig = go.Figure(go.Image(source=_png_uri(canvas), x0=0.5, y0=0.5, hoverinfo="skip", name="slide"))
+    if picture.thumbnail is None:
+        w, h = picture.width, picture.height
+        fig.add_trace(go.Scatter(x=[0, w, w, 0, 0], y=[0, 0, h, h, 0], mode="lines", name="the slide's outline",
+                                 line={"color": "#7f8c8d", "dash": "dot"}, hoverinfo="skip"))
+    kinds = (("kept", picture.clean, TILE_COLOURS[0]), ("kept, pen ink", picture.pen, TILE_COLOURS[1]),
+             ("kept, blurred", picture.blurry, TILE_COLOURS[2]))
+    for label, boxes, colour in kinds:
+        if not boxes:
+            continue
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for left, top, right, bottom in boxes:  # closed outlines in one trace, apart at each None
+            xs += [left, right, right, left, left, None]
+            ys += [top, top, bottom, bottom, top, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{label} ({len(boxes)})", hoverinfo="skip",
+                                 line={"color": colour, "width": 2}))
+    tiling = slide.tiling
+    fig.update_layout(
+        title={"text": f"Tiles of {plot_text(slide.file_name)}",
+               "subtitle": {"text": f"{len(tiling.tiles)} kept · {tiling.tile_px} px at {tiling.mpp:g} µm per "
+                                    "pixel · drag to zoom, double-click to reset"}},
+        height=520, margin={"l": 10, "r": 10, "t": 70, "b": 10}, showlegend=True,
+        legend={"orientation": "h", "y": -0.02},
+        xaxis={"visible": False, "range": [0, picture.width]},
+        yaxis={"visible": False, "scaleanchor": "x", "range": [picture.height, 0]})
+    return fig
+
+
 def browse_tab() -> None:
     if st.session_state.get("ds_selected") not in names:
         st.session_state["ds_selected"] = names[0]
     name = st.selectbox("Dataset", names, key="ds_selected")
     with Session() as s:
         d = views.dataset_detail(s, cfg, name)
+        scale, slides = slide_views.dataset_scale(s, name), slide_views.dataset_slides(s, name)
     images, counts, groups, n_runs = d.images, d.class_counts(), d.groups, d.n_runs
     skipped = [{"file": path, "reason": reason} for path, reason in d.skipped]
     classes, created, created_by = d.classes, d.created_at, d.created_by
     source = d.source_for(cfg.import_roots, full=user.can_edit)  # a viewer reads no server path
 
     c = st.columns(4)
-    c[0].metric("Images", len(images), border=True)
+    c[0].metric("Tiles" if slides else "Images", len(images), border=True)
     c[1].metric("Classes", len(classes), border=True)
-    c[2].metric("Specimen groups", len(groups) if groups else "none", border=True,
-                help="Without groups, images of one specimen can sit on both sides of a split.")
+    if slides:
+        c[2].metric("Slides", len(slides), border=True,
+                    help="Each tile's specimen group is its slide, so a split keeps a slide's tiles on one side.")
+    else:
+        c[2].metric("Specimen groups", len(groups) if groups else "none", border=True,
+                    help="Without groups, images of one specimen can sit on both sides of a split.")
     c[3].metric("Files skipped", len(skipped), border=True)
     st.caption(f"Source: {md_text(source)} · added {created:%Y-%m-%d %H:%M} UTC"
                + (f" by {md_text(created_by)}" if created_by else "")
-               + f" · {n_runs} run(s) use it")
+               + f" · {n_runs} run(s) use it"
+               + (f" · scale: {scale.words}" if scale.words else ""))
 
     left, right = st.columns([3, 2])
     with left:
@@ -197,7 +348,7 @@ def browse_tab() -> None:
                                         "source images before any augmentation or split"), key="ds_counts")
     with right:
         if groups:
-            st.markdown("**Images per specimen group**")
+            st.markdown("**Tiles per slide**" if slides else "**Images per specimen group**")
             table = pd.crosstab(pd.Series([im.group for im in images], name="group"),
                                 pd.Series([im.label for im in images], name="class"))
             st.dataframe(table, height=320)
@@ -205,9 +356,12 @@ def browse_tab() -> None:
             st.markdown("**No specimen groups**")
             st.caption("Splits will be stratified by class only. Estimate groups from the file numbers below, or "
                        "add the images again under the same name with a table of specimens.")
-    estimated = st.session_state.get("ds_estimate_result", ("",))[0] == name
-    with st.expander("Estimate specimen groups (an approximation)", expanded=not groups or estimated):
-        estimate_section(d)
+    if slides:  # their groups are their slides, known: nothing to estimate
+        slides_section(slides)
+    else:
+        estimated = st.session_state.get("ds_estimate_result", ("",))[0] == name
+        with st.expander("Estimate specimen groups (an approximation)", expanded=not groups or estimated):
+            estimate_section(d)
 
     st.subheader("Samples")
     per_row = 8
@@ -245,7 +399,9 @@ def browse_tab() -> None:
 
 
 report = st.session_state.pop("ds_report", None)
-if report is not None:
+if isinstance(report, SlideIngestReport):
+    show_slide_report(report)
+elif report is not None:
     show_report(report)
 if "ds_goto" in st.session_state:  # set before the tabs exist in this run
     st.session_state["ds_tab"] = st.session_state.pop("ds_goto")

@@ -23,6 +23,8 @@ from core.store.db import PredictionLog, Run, RunStatus, make_sessionmaker
 from core.training import presets
 from tests.conftest import stop_workers
 from tests.server import free_port, wait_healthy
+from core.slides.scale import scale_meta
+from tests.slides import two_region_slide
 from tests.synthetic import synthetic_image, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +172,8 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         # Predict, at 1280 px: classify three new TIF images at once, then look at one and at the log.
         page.set_viewport_size({"width": 1280, "height": 1000})
         page.goto(url + "/predict")
-        page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files([str(f) for f in new_images])
+        page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(
+            [str(f) for f in new_images])
         expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
         expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=90_000)
         settle()
@@ -202,7 +205,8 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
             tops = sorted(max(p.probabilities.values()) for p in s.scalars(select(PredictionLog)))
         give_model(cfg, run.id, twin, tops)
         page.goto(url + "/predict")
-        page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files([str(f) for f in new_images])
+        page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(
+            [str(f) for f in new_images])
         expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
         settle()
         slider = page.get_by_role("slider")
@@ -217,6 +221,23 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_text(re.compile(r"right at least 85% of the time")).first).to_be_visible()
         expect(page.get_by_text(re.compile(r"logged at 95%.*verdicts below are at 85%")).first).to_be_visible()
         shot("14c-predict-slider-moved")
+
+        # A whole slide on the Predict page: the twin's model (run 1's, trained on the synthetic
+        # classes) records a scale, so it can classify a slide of their textures; the app's worker
+        # runs the job; the heat map lies over the thumbnail, and the GeoJSON has a square per tile.
+        slide, _, _ = two_region_slide(tmp_path / "biopsy.tif", "CLL", "FL", width=3000, height=1500, mpp=0.5)
+        page.get_by_role("tab", name="Whole slide").click()
+        expect(page.get_by_text("Cuts each slide into tiles of 64 px at 1 µm per pixel")).to_be_visible()
+        page.get_by_test_id("stForm").locator("input[type=file]").set_input_files(str(slide))
+        expect(page.get_by_text("biopsy.tif").first).to_be_visible()
+        page.get_by_role("button", name="Classify slide").click()
+        expect(page.get_by_text("Slide verdict")).to_be_visible(timeout=240_000)
+        settle()
+        shot("14d-predict-whole-slide")
+        job = page.request.get(url + "/api/v1/slides/1").json()
+        assert job["status"] == "succeeded" and job["verdict"]["tiles_kept"] > 20, job
+        features = page.request.get(url + "/api/v1/slides/1/geojson").json()["features"]
+        assert len(features) == job["verdict"]["tiles_kept"]
 
         visit("/dataset", "15-datasets-after", "Datasets")
         visit("/", "16-home-after", "Lymphoma subtype recognition")
@@ -262,7 +283,8 @@ def copy_of_run(Session, run_id: int, changed: int) -> int:
 
 
 def give_model(settings, run_id: int, twin: int, tops: list[float]) -> None:
-    """Run `twin` gets run `run_id`'s model file, with a calibration record of 200 validation images
+    """Run `twin` gets run `run_id`'s model file, recording the scale of slide tiles (64 px at 1 micron
+    per pixel), with a calibration record of 200 validation images
     (same temperature) whose confidences lie around `tops` (the top probabilities of some images):
     100 right above them all, 70 at their median (60 right), 30 wrong below them all."""
     from core.inference.model_file import read_model, write_model
@@ -277,6 +299,8 @@ def give_model(settings, run_id: int, twin: int, tops: list[float]) -> None:
     probs = [row(high, 0)] * 100 + [row(middle, 0)] * 60 + [row(middle, 1)] * 10 + [row(1 / 3 + 1e-3, 2)] * 30
     calibration = {**meta["calibration"], "n_val": 200, "refer_target": 0.95, "val_probs": probs,
                    "val_labels": [0] * 170 + [1] * 30}
+    # And the scale of slide tiles it may classify: its 64 px at 1 micron per pixel.
+    meta = {**meta, "scale": scale_meta(64, 1.0)}
     with make_sessionmaker(settings.database_url)() as s:
         created = s.get(Run, twin).created_at.isoformat()
     write_model(model_path(settings, twin), state, {**meta, "run_id": twin, "run_created": created,

@@ -10,6 +10,7 @@ from core.__main__ import build_parser, config_from_args
 from core.data.datasets import image_path
 from core.data.decoding import load_rgb
 from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
+from core.store.records import RunSummary
 from core.errors import UserError
 from core.inference.model_file import read_model
 from core.inference.predict import load_predictor, predict_files
@@ -54,12 +55,12 @@ def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset,
     assert np.allclose(probs, pred.probabilities, atol=1e-4)
 
     # Calibrated on the run's own validation part; the Predict page's refer band comes from it.
-    calibration = run.summary["calibration"]
+    calibration = RunSummary.from_dict(run.summary).calibration
     n_val = sum(part == "val" for part in parts.values())
-    assert n_val >= 1 and calibration["n_val"] == n_val == len(calibration["val_labels"])
-    assert calibration["temperature"] > 0 and calibration["refer_target"] == 0.9
-    assert predictor.temperature == calibration["temperature"]
-    assert predictor.refer_threshold() == calibration["refer_threshold"]
+    assert n_val >= 1 and calibration.n_val == n_val == len(calibration.val_labels)
+    assert calibration.temperature > 0 and calibration.refer_target == 0.9
+    assert predictor.calibration == calibration  # the model file's record reads as the summary's
+    assert predictor.refer_threshold() == calibration.refer_threshold
     calibrated = predictor.calibrated(np.asarray([probs]))[0]
     assert np.isclose(calibrated.sum(), 1) and calibrated.argmax() == probs.argmax()
     rows = predict_files(predictor, [image_path(settings, image)])

@@ -35,6 +35,7 @@ from core.inference.probabilities import CALIBRATED
 from core.jobs import execute, runs
 from core.store.runs import model_path
 from core.store.db import Dataset, Image, Prediction, Run, RunStatus, engine_of, make_sessionmaker
+from core.store.records import RunSummary
 from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image
 
@@ -187,14 +188,14 @@ def test_the_runs_gallery_the_predict_page_and_the_cli_show_one_image_alike(untr
     run = untrained
     Session = make_sessionmaker(run.settings.database_url)
     with Session() as s:
-        calibration = s.get(Run, run.run_id).summary["calibration"]
+        calibration = RunSummary.from_dict(s.get(Run, run.run_id).summary).calibration
         pred, image = s.execute(select(Prediction, Image).join(Image, Image.id == Prediction.image_id)
                                 .where(Prediction.run_id == run.run_id,
                                        Prediction.true_label != Prediction.predicted_label)
                                 .order_by(Prediction.id)).first()
         path, name = image_path(run.settings, image), Path(image.original_name).name
-    assert calibration["temperature"] is not None  # the run has a validation part
-    expected = calibrate(np.asarray([pred.probabilities]), calibration["temperature"])[0]
+    assert calibration.temperature is not None  # the run has a validation part
+    expected = calibrate(np.asarray([pred.probabilities]), calibration.temperature)[0]
 
     label, gallery = shown_in_gallery(page(monkeypatch, run.settings, "pages/runs.py"), name)
     assert label == CALIBRATED

@@ -22,6 +22,7 @@ from core.training import presets
 from core.config import Settings, load_settings
 from core.data.ingest import ingest
 from core.store.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus, make_sessionmaker
+from core.store.records import RunSummary
 from core.evaluation.metrics import run_report
 from core.inference.predict import load_predictor
 from core.training.run_config import RunConfig
@@ -318,7 +319,8 @@ def test_runs_page_shows_the_leak_audit_calibration_intervals_and_colour_yardsti
     Session = make_sessionmaker(cfg.database_url)
     with Session() as s:
         summary = dict(s.get(Run, run_id).summary)
-    assert summary["leak_audit"]["n_test"] == summary["n_test"]  # every run audits its split
+    recorded = RunSummary.from_dict(summary)
+    assert recorded.leak_audit.n_test == recorded.n_test  # every run audits its split
     at = open_page(monkeypatch, cfg, "pages/runs.py")
     assert not at.exception
     verdicts = [c.value for c in at.caption] + [w.value for w in at.warning]
@@ -328,7 +330,7 @@ def test_runs_page_shows_the_leak_audit_calibration_intervals_and_colour_yardsti
     assert any(f"Run {run_id}: confidence against accuracy on the test part" in t for t in chart_titles(at))
     scaling = next(m for m in at.metric if m.label == "Confidence scaling")  # the temperature, in plain words
     assert "Temperature scaling" in scaling.proto.help
-    assert summary["colour_yardstick"]["n_test"] == summary["n_test"]
+    assert recorded.colour_yardstick.n_test == recorded.n_test
     assert any("Colour-only yardstick on this split" in c.value for c in at.caption)
     # A warning recorded by the audit is shown as one.
     planted = {**summary["leak_audit"], "exact": 1, "verdict": None,

@@ -9,6 +9,7 @@ from core.data import cache
 from core.data.datasets import image_path
 from core.data.decoding import load_rgb
 from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
+from core.store.records import RunSummary
 from core.errors import UserError
 from core.inference.predict import load_predictor
 from core.training.run_config import RunConfig
@@ -84,7 +85,7 @@ def test_tiled_run_predicts_each_test_image_by_its_tiles(tmp_path, settings, Ses
         preds = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
         assert {p.image_id for p in preds} == test_ids and len(preds) == len(test_ids)  # one per image, not per tile
         assert run.summary["n_test"] == len(test_ids)
-        assert run.summary["calibration"]["n_val"] == sum(part == "val" for part in parts.values())
+        assert RunSummary.from_dict(run.summary).calibration.n_val == sum(part == "val" for part in parts.values())
         predictor = load_predictor(s, settings, run_id, device="cpu")
         image = s.get(Image, preds[0].image_id)
         full = load_rgb(image_path(settings, image))

@@ -77,8 +77,9 @@ def test_kfold_makes_one_run_per_fold(dataset, settings, Session):
         assert len(tested[0] | tested[1]) == 60  # every image tested once
         # Each fold scores the colour-only yardstick on its own test images (the classes differ in colour).
         for run, images in zip(folds, tested):
-            assert run.summary["colour_yardstick"]["n_test"] == len(images)
-            assert run.summary["colour_yardstick"]["accuracy"] >= 0.9
+            colour = RunSummary.from_dict(run.summary).colour_yardstick
+            assert colour.n_test == len(images) and colour.accuracy >= 0.9
+            assert {image for image, _ in colour.correct} == images  # each test image, right or wrong
         # Whether the folds differ is a test across their own test images, not a bare spread.
         spread = views.run_results(s, settings, folds[0].id).folds.spread
         assert spread.startswith("The 2 folds score ") and "permutation test of equal accuracy, p = " in spread

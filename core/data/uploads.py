@@ -4,6 +4,10 @@ Uploads are written to a temporary folder under APP_HOME/tmp (a zip as it came, 
 CLASS/file) and ingested from there; the folder is removed afterwards whatever happens. A server
 folder can only be imported from below one of settings.import_roots, so a web user cannot read
 arbitrary paths on the server.
+A zip (uploaded, or on the server) or a server folder whose class folders hold whole-slide images is
+tiled into a dataset of tiles (core.data.slide_ingest.ingest_slides, with `SlideOptions`); others hold
+field images (ingest_fields). Slides in a server folder are read where they lie and their paths
+recorded; slides from a zip are a copy, unpacked into the temporary folder and removed with it.
 Uploads larger than MAX_UPLOAD_MB, or arriving while APP_HOME uses more than MAX_DISK_GB, are
 refused before anything is written; a disk that fills up while one is written is a UserError too.
 """
@@ -15,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import BinaryIO
 
@@ -22,7 +27,10 @@ from sqlalchemy.orm import Session
 
 from core.access.accounts import User, require_editor
 from core.config import Settings
+from core.data import slide_ingest
 from core.data.ingest import IngestReport, ingest
+from core.data.slide_ingest import SlideIngestReport
+from core.data.sources import source_folder
 from core.store.db import Dataset
 from core.errors import UserError
 from core.store.files import hold_ingest_lock, write_bytes_atomic
@@ -30,6 +38,20 @@ from core.access.limits import check_disk, check_upload_size, disk_full_is_user_
 
 Content = bytes | BinaryIO
 Progress = Callable[[int, int], None]
+Report = IngestReport | SlideIngestReport  # images checked, or slides tiled and their tiles checked
+
+
+@dataclass(frozen=True)
+class SlideOptions:
+    """How a source's whole-slide images are read and tiled (core.data.slide_ingest.ingest_slides); None
+    takes the setting (SLIDE_TILE_PX, SLIDE_MPP, SLIDE_MAX_TILES). `mpp` is the slides' microns per pixel
+    where their files record none; for field images, their microns per pixel, recorded as the dataset's
+    scale (ingest_fields). The tiling is for slides only."""
+
+    mpp: float | None = None
+    tile_px: int | None = None
+    tile_mpp: float | None = None
+    max_tiles: int | None = None
 
 # Folder and file names a browser may send: keep letters, digits and a few separators.
 _UNSAFE = re.compile(r"[^\w .()+-]", re.UNICODE)
@@ -67,12 +89,42 @@ def _groups_file(folder: Path, groups_csv: Content | None) -> Path | None:
     return path
 
 
-def _label_source(session: Session, report: IngestReport, temp_source: Path, label: str) -> None:
+def _label_source(session: Session, report: Report, temp_source: Path, label: str) -> None:
     """A new dataset records where it came from; a temp path would mean nothing to anyone."""
-    dataset = session.get(Dataset, report.dataset_id)
+    images = report.ingest if isinstance(report, SlideIngestReport) else report
+    dataset = session.get(Dataset, images.dataset_id)
     if dataset is not None and dataset.source == str(temp_source.resolve()):
         dataset.source = label
         session.flush()
+
+
+@contextmanager
+def _unpacked(zip_path: Path, into: Path, settings: Settings) -> Iterator[Path]:
+    """The zip unpacked (after core.data.sources' checks of its directory) as a folder of the zip's own
+    name inside the work folder `into`, so that a message about its content names the zip, not a
+    temporary folder. The work folder's removal takes it."""
+    with source_folder(zip_path, settings) as unpacked:
+        named = into / "unpacked" / zip_path.name
+        named.parent.mkdir()
+        unpacked.rename(named)  # within APP_HOME/tmp: a rename, not a copy
+        yield named
+
+
+def _ingest_source(session: Session, settings: Settings, source: Path, name: str, *, groups_csv: Path | None,
+                   group_pattern: str | None, slides: SlideOptions | None, keep_paths: bool,
+                   progress: Progress | None, tile_progress: Progress | None, user: User | None) -> Report:
+    """Ingest the folder `source`: its slides tiled when its class folders hold whole-slide images
+    (`keep_paths`: record where each lies), else its images checked."""
+    options = slides or SlideOptions()
+    if not slide_ingest.is_slide_folder(source):
+        return slide_ingest.ingest_fields(session, settings, source, name, mpp=options.mpp, groups_csv=groups_csv,
+                                          group_pattern=group_pattern, progress=progress, user=user)
+    if groups_csv is not None or group_pattern:
+        raise UserError(f"{source.name} holds whole-slide images, whose tiles are grouped by their slide: the table "
+                        "of specimens and the specimen id in the file names are for images. Leave them out.")
+    return slide_ingest.ingest_slides(
+        session, settings, source, name, mpp=options.mpp, tile_px=options.tile_px, tile_mpp=options.tile_mpp,
+        max_tiles=options.max_tiles, keep_paths=keep_paths, progress=tile_progress, user=user)
 
 
 def ingest_zip(
@@ -84,10 +136,14 @@ def ingest_zip(
     *,
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
+    slides: SlideOptions | None = None,
     progress: Progress | None = None,
+    tile_progress: Progress | None = None,
     user: User | None = None,
-) -> IngestReport:
-    """Ingest an uploaded .zip of class folders into dataset `name` (created if new)."""
+) -> Report:
+    """Ingest an uploaded .zip of class folders into dataset `name` (created if new): of images, or of
+    whole-slide images tiled as `slides` says (their copies removed afterwards). `progress(done, total)`
+    counts images checked, `tile_progress` slides tiled."""
     if user is not None:
         require_editor(user, "add images")  # before the upload is written anywhere
     if not filename.lower().endswith(".zip"):
@@ -101,9 +157,12 @@ def ingest_zip(
         _write(content, path)
         if path.stat().st_size == 0:
             raise UserError(f"{filename} is empty.")
-        report = ingest(session, settings, path, name, groups_csv=_groups_file(folder, groups_csv),
-                        group_pattern=group_pattern, progress=progress, user=user)
-        _label_source(session, report, path, f"upload {filename}")
+        groups = _groups_file(folder, groups_csv)
+        with _unpacked(path, folder, settings) as unpacked:
+            report = _ingest_source(session, settings, unpacked, name, groups_csv=groups, group_pattern=group_pattern,
+                                    slides=slides, keep_paths=False, progress=progress, tile_progress=tile_progress,
+                                    user=user)
+            _label_source(session, report, unpacked, f"upload {filename}")
         return report
 
 
@@ -174,17 +233,25 @@ def import_folder(
     *,
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
+    slides: SlideOptions | None = None,
     progress: Progress | None = None,
+    tile_progress: Progress | None = None,
     user: User | None = None,
-) -> IngestReport:
-    """Ingest a folder (or .zip) on the server, which must lie inside settings.import_roots."""
+) -> Report:
+    """Ingest a folder (or .zip) on the server, which must lie inside settings.import_roots: of images,
+    or of whole-slide images tiled as `slides` says. Slides in a folder are read where they lie, and
+    their paths recorded; a zip's are a copy, removed afterwards."""
     if user is not None:
         require_editor(user, "add images")
     source = check_import_path(settings, path)
     check_disk(settings)
-    if groups_csv is None:
-        return ingest(session, settings, source, name, group_pattern=group_pattern, progress=progress, user=user)
     hold_ingest_lock(session, settings)  # the work folder is not a leftover while this runs
-    with _workdir(settings) as folder, disk_full_is_user_error(settings, "the groups file"):
-        return ingest(session, settings, source, name, groups_csv=_groups_file(folder, groups_csv),
-                      group_pattern=group_pattern, progress=progress, user=user)
+    with _workdir(settings) as folder, disk_full_is_user_error(settings, f"the import of {source.name}"):
+        options = dict(groups_csv=_groups_file(folder, groups_csv), group_pattern=group_pattern, slides=slides,
+                       progress=progress, tile_progress=tile_progress, user=user)
+        if source.is_dir():
+            return _ingest_source(session, settings, source, name, keep_paths=True, **options)
+        with _unpacked(source, folder, settings) as unpacked:
+            report = _ingest_source(session, settings, unpacked, name, keep_paths=False, **options)
+            _label_source(session, report, unpacked, str(source))
+        return report

@@ -41,8 +41,7 @@ from core.errors import UserError
 from core.store.files import atomic_path
 from core.store.runs import MODEL_META_KEY as META_KEY
 from core.store.runs import model_file_problem
-
-FORMAT = 1
+from core.inference.model_meta import FORMAT  # one definition, read there without torch
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,20 +115,3 @@ def dataset_fingerprint(images: Iterable[tuple[str, str]]) -> str:
     lines = sorted(f"{sha} {label}" for sha, label in images)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
-
-def read_description(path: Path) -> dict[str, Any]:
-    """A model file's description alone (no weights read): what a check before queueing needs.
-    UserError for a file that is not a model file of this version."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = (f.metadata() or {}).get(META_KEY)
-    except (SafetensorError, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise UserError(f"{Path(path).name} is damaged or not a model file ({why}).") from None
-    try:
-        meta = None if header is None else json.loads(header)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{Path(path).name}: its description is damaged ({exc}).") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{Path(path).name} is not a model file of this version.")
-    return meta

@@ -38,7 +38,7 @@ from core.access.limits import check_disk, check_name_length
 from core.config import Settings
 from core.data.uploads import check_import_path
 from core.errors import UserError
-from core.inference.model_file import read_description
+from core.inference.model_meta import read_description
 from core.slides.reader import SLIDE_SUFFIXES, TIFF_SUFFIXES, open_slide
 from core.slides.scale import model_scale
 from core.store.db import Run, RunStatus, SlideJob, engine_of, utcnow, write_transaction

@@ -140,7 +140,8 @@ def summary(pred: SlidePrediction) -> dict[str, Any]:
         "slide": {"name": info.name, "width": info.width, "height": info.height, "mpp_x": info.mpp_x,
                   "mpp_y": info.mpp_y, "mpp_given": info.mpp_given, "vendor": info.vendor,
                   "objective_power": info.objective_power},
-        "run_id": pred.run_id, "model_sha256": pred.model_sha256, "scale": {"tile_px": pred.scale.tile_px, "mpp": pred.scale.mpp},
+        "run_id": pred.run_id, "model_sha256": pred.model_sha256,
+        "scale": {"tile_px": pred.scale.tile_px, "mpp": pred.scale.mpp},
         "predicted": pred.predicted, "probabilities": dict(pred.probabilities), "probability_kind": pred.kind,
         "aggregation": "mean of the tiles' probabilities", "refer": pred.refer, "refer_threshold": pred.threshold,
         "refer_target": pred.refer_target, "tissue_share": dict(pred.tissue_share),
@@ -178,7 +179,8 @@ def verdict_lines(pred: SlidePrediction) -> list[str]:
               f"tiles: {pred.n_tiles} of {pred.scale.tile_px} px at {pred.scale.mpp:g} um/px (run {pred.run_id}'s "
               f"scale), slide at {info.mpp:.4g} um/px ({'given' if info.mpp_given else 'from its file'}); "
               f"{t.pen_count} with pen ink, {t.blurry_count} blurred",
-              f"time: {pred.seconds:.1f} s ({pred.tiles_per_second:.1f} tiles/s), of which tiling {pred.tiling_seconds:.1f} s"]
+              f"time: {pred.seconds:.1f} s ({pred.tiles_per_second:.1f} tiles/s), of which tiling "
+              f"{pred.tiling_seconds:.1f} s"]
     return lines
 
 

@@ -11,7 +11,8 @@ Tiles are read in batches (`iter_tiles`), handed to the predictor as PIL images 
 `predict`, the same path from an image to the model's input as every other prediction (the run's
 evaluation pipeline, stain normalisation included, its test-time augmentation and its calibration),
 and dropped; so memory holds one batch of pixels and the (tiles x classes) probabilities, whatever
-the slide's size. `progress(done, total)` is called and `cancelled()` asked after each batch.
+the slide's size. `progress(done, total)` is called once the tiles are counted and after each
+batch, and `cancelled()` asked before each.
 
 The slide's probabilities are the mean of its tiles' (Slideflow's default slide-level aggregation),
 calibrated where the run has a temperature. Its "uncertain, refer" verdict applies the run's refer
@@ -46,7 +47,18 @@ if TYPE_CHECKING:  # annotations only: reading a slide's records needs neither t
 
     from core.access.accounts import User
 
-BATCH = 32  # tiles per call of the model: a progress step, and the pixels held at once (32 x 224 px: 4.8 MB)
+# Tiles per call of the model: a progress step, and the pixels held at once (32 x 224 px: 4.8 MB). A GPU
+# wants many at once; on the CPU DenseNet-201 is no faster per tile in a batch, and ONNX Runtime is
+# slower at 32 than at 1 to 4 (bench/slide.py: 8 against 10-11 tiles/s at 224 px on two cores).
+BATCH_CUDA, BATCH_CPU = 32, 4
+
+
+def default_batch(predictor) -> int:
+    """Tiles per call for the predictor's device."""
+    device = getattr(predictor, "device", None)
+    return BATCH_CUDA if getattr(device, "type", None) == "cuda" else BATCH_CPU
+
+
 TOP_TILES = 8  # the most confident tiles kept per class, for a gallery
 
 
@@ -127,7 +139,7 @@ def slide_scale(predictor) -> ModelScale:
 
 
 def predict_slide(predictor, slide_path: Path | str, *, scale: ModelScale, settings: Settings,
-                  mpp: float | None = None, batch: int = BATCH, target: float | None = None,
+                  mpp: float | None = None, batch: int | None = None, target: float | None = None,
                   calibrated: bool = True, progress: Callable[[int, int], None] | None = None,
                   cancelled: Callable[[], bool] | None = None) -> SlidePrediction:
     """Classify every tissue tile of the slide at `slide_path` with `predictor`, at the model's `scale`.
@@ -135,8 +147,9 @@ def predict_slide(predictor, slide_path: Path | str, *, scale: ModelScale, setti
     `scale` must be the model's own (`slide_scale(predictor)`; ValueError otherwise). `mpp`: the
     slide's microns per level-0 pixel, where its file records none or a wrong one. `target`: the
     accuracy the refer band aims at (None: the run's own); `calibrated=False` gives raw probabilities
-    and no verdict. `progress(done, total)` after each batch of `batch` tiles; `cancelled()` before
-    each, SlideCancelled when it says yes. UserError for a file that is not a readable slide, a slide
+    and no verdict. `progress(done, total)` once the tiles are counted and after each batch of `batch`
+    tiles (None: `default_batch` for the predictor's device); `cancelled()` before each batch,
+    SlideCancelled when it says yes. UserError for a file that is not a readable slide, a slide
     without a scale, or one without tissue.
     """
     own = slide_scale(predictor)
@@ -159,7 +172,8 @@ def predict_slide(predictor, slide_path: Path | str, *, scale: ModelScale, setti
             raise UserError(f"{slide.info.name} shows no tissue to classify: no tile of it at {scale.mpp:g} microns "
                             "per pixel is stained tissue rather than glass.")
         tiling_seconds = time.perf_counter() - started
-        shown = _tile_probabilities(predictor, slide, tiling, batch, band is not None, progress, cancelled)
+        shown = _tile_probabilities(predictor, slide, tiling, batch or default_batch(predictor), band is not None,
+                                    progress, cancelled)
         info = slide.info
     return _summarise(predictor, info, tiling, scale, shown, band, time.perf_counter() - started, tiling_seconds)
 
@@ -209,15 +223,10 @@ def _top(tiles: tuple[Tile, ...], column: np.ndarray, k: int = TOP_TILES) -> tup
     return tuple(TopTile(int(i), tiles[i].x, tiles[i].y, float(column[i])) for i in order)
 
 
-# The log's size_bytes column is a 32-bit integer (core/store/db.py PredictionLog; PostgreSQL holds it
-# to this), and slides often pass it: such a slide is refused logging before it is predicted.
-LOG_MAX_BYTES = 2**31 - 1
-
-
 def classify_slide(Session: sessionmaker, settings: Settings, user: User, slide_path: Path | str, *,
-                   run_id: int | None = None, source: str, log: bool = True, mpp: float | None = None,
-                   target: float | None = None, calibrated: bool = True, device: str = "auto", batch: int = BATCH,
-                   progress: Callable[[int, int], None] | None = None,
+                   run_id: int | None = None, source: str, log: bool = False, mpp: float | None = None,
+                   target: float | None = None, calibrated: bool = True, device: str = "auto",
+                   batch: int | None = None, progress: Callable[[int, int], None] | None = None,
                    cancelled: Callable[[], bool] | None = None) -> SlidePrediction:
     """Classify a slide with run `run_id` (None: the approved model, as core/inference/service.py's
     `classify` picks it) and, with `log`, log it as one row coming from `source` by `user`.
@@ -238,11 +247,6 @@ def classify_slide(Session: sessionmaker, settings: Settings, user: User, slide_
         predictor = engine.get_predictor(s, settings, run_id, device)
     scale = slide_scale(predictor)
     path = Path(slide_path)
-    if log and path.is_file() and path.stat().st_size > LOG_MAX_BYTES:
-        size = f"{path.name} is {path.stat().st_size / 2**30:.1f} GiB; the log of predictions records files of up to 2 GiB"
-        raise UserError(f"{size}, so classify it without --log.",
-                        page=f"{size}, so it cannot be classified here, where every prediction is logged; it can be "
-                        "classified unlogged with `python -m core predict-slide`.")
     pred = predict_slide(predictor, path, scale=scale, settings=settings, mpp=mpp, batch=batch, target=target,
                          calibrated=calibrated, progress=progress, cancelled=cancelled)
     pred = dataclasses.replace(pred, model_sha256=model_sha256(settings, run_id))

@@ -20,6 +20,18 @@ depends_on = None
 
 
 def upgrade() -> None:
+    inspector = sa.inspect(op.get_bind())
+    if "slides" not in inspector.get_table_names():  # else made by create_all before migrations
+        _create_slides()
+    present = {c["name"] for c in inspector.get_columns("datasets")}
+    # Tiles of `tile_px` pixels at `tile_mpp` microns per pixel; fields: tile_px NULL.
+    if "tile_px" not in present:
+        op.add_column("datasets", sa.Column("tile_px", sa.Integer(), nullable=True))
+    if "tile_mpp" not in present:
+        op.add_column("datasets", sa.Column("tile_mpp", sa.Double(), nullable=True))
+
+
+def _create_slides() -> None:
     op.create_table(
         "slides",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -43,9 +55,6 @@ def upgrade() -> None:
         sqlite_autoincrement=True,
     )
     op.create_index("ix_slides_dataset_id", "slides", ["dataset_id"])
-    # Tiles of `tile_px` pixels at `tile_mpp` microns per pixel; fields: tile_px NULL.
-    op.add_column("datasets", sa.Column("tile_px", sa.Integer(), nullable=True))
-    op.add_column("datasets", sa.Column("tile_mpp", sa.Double(), nullable=True))
 
 
 def downgrade() -> None:

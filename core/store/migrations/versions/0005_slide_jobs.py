@@ -18,6 +18,13 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if "slide_jobs" not in sa.inspect(op.get_bind()).get_table_names():  # else made by create_all before
+        _create_slide_jobs()
+    with op.batch_alter_table("prediction_log") as batch:
+        batch.alter_column("size_bytes", type_=sa.BigInteger(), existing_type=sa.Integer(), existing_nullable=False)
+
+
+def _create_slide_jobs() -> None:
     op.create_table(
         "slide_jobs",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -46,8 +53,6 @@ def upgrade() -> None:
     )
     op.create_index("ix_slide_jobs_run_id", "slide_jobs", ["run_id"])
     op.create_index("ix_slide_jobs_status", "slide_jobs", ["status"])
-    with op.batch_alter_table("prediction_log") as batch:
-        batch.alter_column("size_bytes", type_=sa.BigInteger(), existing_type=sa.Integer(), existing_nullable=False)
 
 
 def downgrade() -> None:
