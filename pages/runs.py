@@ -332,6 +332,34 @@ def report_panel(found: views.RunResults) -> None:
             st.caption(found.yardstick)
         if found.folds is not None:
             folds_panel(found.folds)
+    if found.slides is not None:
+        slides_panel(found)
+
+
+def slides_panel(found: views.RunResults) -> None:
+    """A run on slide tiles, judged per slide: each test slide's verdict is the mean of its tiles'
+    probabilities (as a slide is classified on the Predict page)."""
+    run, report = found.run, found.slides
+    st.markdown(f"**Per slide (the mean of its tiles' probabilities)** · {report.n} test slides")
+    left, right = st.columns([2, 3], gap="large")
+    with left:
+        show_figure(confusion_figure(report.confusion, run.classes, f"Run {run.id}: confusion matrix per slide",
+                                     run.protocol, wrap=60), key=f"runs_slide_cm_{run.id}")
+    with right:
+        st.dataframe(table_one(report), hide_index=True, placeholder="", column_config={
+            c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
+        })
+        if report.n < 30:
+            st.caption(f"Only {report.n} test slides: one slide moves the accuracy by {pct(1 / max(report.n, 1))}.")
+        table = pd.DataFrame([{"slide": r.slide, "true": r.true_class, "predicted": r.predicted_class,
+                               "its probability": r.probabilities[run.classes.index(r.predicted_class)],
+                               "tiles": r.n_tiles,
+                               **{f"tiles {c}": share for c, share in zip(run.classes, r.tile_shares)}}
+                              for r in report.slides])
+        st.dataframe(table, hide_index=True, column_config={
+            "its probability": st.column_config.NumberColumn(format="%.3f"),
+            **{f"tiles {c}": st.column_config.NumberColumn(format="%.2f", help="share of the slide's test tiles "
+                                                           "predicted as this class") for c in run.classes}})
 
 
 def for_reader(value):

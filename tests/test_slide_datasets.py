@@ -252,3 +252,24 @@ def test_model_scale_reads_only_a_tile_scale():
     for meta in ({}, {"scale": scale_meta(None, 0.25)}, {"scale": {"tile_px": "224", "mpp": 0.5}},
                  {"scale": {"tile_px": 224, "mpp": float("nan")}}, {"scale": [224, 0.5]}):
         assert model_scale(meta) is None
+
+
+def test_the_runs_page_shows_the_run_per_slide_beside_per_tile(trained, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    settings, Session, _, _, _, run_id = trained
+    with Session() as s:
+        report = slide_report(s, s.get(Run, run_id))
+    monkeypatch.setenv("APP_HOME", str(settings.app_home))
+    monkeypatch.setenv("START_WORKER", "0")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "streamlit_app.py"), default_timeout=120).run()
+    at.switch_page("pages/runs.py").run()
+    at.selectbox(key="runs_selected").set_value(run_id).run()
+    assert not at.exception, at.exception
+    assert any(m.value.startswith("**Per slide (the mean of its tiles' probabilities)** · 2 test slides")
+               for m in at.markdown)
+    assert [c for c in at.get("plotly_chart") if "confusion matrix per slide" in c.proto.spec]
+    (slides,) = [d.value for d in at.dataframe if "slide" in d.value.columns]
+    assert list(slides["slide"]) == [r.slide for r in report.slides]
+    assert list(slides["predicted"]) == [r.predicted_class for r in report.slides]

@@ -4,5 +4,7 @@ microns per pixel over that tissue, read back in bounded batches (tiling.py).
 
 Tiles are cut by physical scale (microns per pixel), not by pyramid level, as CLAM, Slideflow,
 TIAToolbox and WSInfer do, so slides from scanners with different objectives give tiles of the same
-scale. Imports only core.errors; ingest and prediction build on it.
+scale. reader, tissue and tiling import only core.errors; predict.py (a slide classified at its model's
+scale) and outputs.py (its CSV, GeoJSON and heat map) build on them with the project's predictor;
+slide datasets are core/data/slide_ingest.py's.
 """

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from core.config import Settings
 from core.errors import UserError
-from core.evaluation import compare, metrics, yardstick
+from core.evaluation import compare, metrics, slides, yardstick
 from core.evaluation.calibration_words import CalibrationWords, calibration_words
 from core.jobs import manage
 from core.jobs.views.formatting import failure_message
@@ -71,6 +71,7 @@ class RunResults:
     yardstick: str | None = None
     folds: FoldResults | None = None
     predictions: tuple[PredictionRow, ...] = ()
+    slides: Any = None  # core/evaluation/slides.py SlideReport, for a run on a dataset of slides
 
     @property
     def misclassified(self) -> list[PredictionRow]:
@@ -109,7 +110,8 @@ def run_results(session: Session, settings: Settings, run_id: int) -> RunResults
     return dataclasses.replace(
         base, report=metrics.run_report(session, run), uncertainty=metrics.run_uncertainty(session, run),
         calibration=calibration_words(summary.calibration), yardstick=yardstick.describe(summary.colour_yardstick),
-        folds=_fold_results(session, run), predictions=_predictions(session, settings, run_id))
+        folds=_fold_results(session, run), predictions=_predictions(session, settings, run_id),
+        slides=slides.slide_report(session, run) if slides.has_slides(session, run.dataset_id) else None)
 
 
 def _fold_results(session: Session, run: Run) -> FoldResults | None:
