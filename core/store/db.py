@@ -109,6 +109,36 @@ class SkippedFile(Base):
     reason: Mapped[str] = mapped_column(Text)
 
 
+class DatasetVersion(Base):
+    """One state of a dataset's contents, never changed once made (core/data/versions.py): which
+    images it held, each with its class and group (DatasetVersionImage). Numbered 1, 2, 3... per
+    dataset; every ingest that changes the images, relabel or change of groups makes the next one.
+    The images themselves are stored once, by content: a version names them, it copies nothing."""
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "number"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)  # None: unknown
+    note: Mapped[str] = mapped_column(Text, default="")
+    counts: Mapped[dict[str, Any]] = mapped_column()  # class -> images of that class in this version
+
+
+class DatasetVersionImage(Base):
+    """An image of a dataset version, with the class and group it has in that version."""
+
+    __tablename__ = "dataset_version_images"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id", ondelete="CASCADE"), primary_key=True)
+    # Indexed: deleting a dataset deletes its images one by one, each looked up here by its id.
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))  # class name in this version
+    group: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
+
+
 class Slide(Base):
     """A whole-slide image a dataset's tiles were cut from (core/data/slide_ingest.py).
 

@@ -20,7 +20,8 @@ depends_on = None
 def upgrade() -> None:
     if "slide_jobs" not in sa.inspect(op.get_bind()).get_table_names():  # else made by create_all before
         _create_slide_jobs()
-    with op.batch_alter_table("prediction_log") as batch:
+    # SQLite rebuilds the table: keep its ids never given again (AUTOINCREMENT), as the model says.
+    with op.batch_alter_table("prediction_log", table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.alter_column("size_bytes", type_=sa.BigInteger(), existing_type=sa.Integer(), existing_nullable=False)
 
 
@@ -56,6 +57,6 @@ def _create_slide_jobs() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("prediction_log") as batch:
+    with op.batch_alter_table("prediction_log", table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.alter_column("size_bytes", type_=sa.Integer(), existing_type=sa.BigInteger(), existing_nullable=False)
     op.drop_table("slide_jobs")
