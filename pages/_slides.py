@@ -88,7 +88,7 @@ def pick_job() -> slide_jobs.SlideJobView | None:
     ids = [j.id for j in jobs]
     wanted = st.session_state.get("sl_job")
     chosen = st.selectbox("Slide", ids, index=ids.index(wanted) if wanted in ids else 0, key="sl_pick",
-                          format_func=lambda i: next(f"Job {j.id} · {j.slide_name} · {j.status.value}"
+                          format_func=lambda i: next(f"Job {j.id} · {j.slide_name} · {j.created_at:%Y-%m-%d %H:%M} UTC"
                                                      for j in jobs if j.id == i))
     return next(j for j in jobs if j.id == chosen)
 

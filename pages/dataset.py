@@ -1,7 +1,7 @@
 """Datasets: add labelled images (zip, files class by class, or a server folder) or whole slides (a
 server folder or zip of class folders of slides, tiled at one scale), look at them, a slide dataset's
 slides and each slide's tiling over its thumbnail, estimate specimen groups from file numbers, see
-what was skipped and why, delete."""
+what was skipped and why, its versions and what changed between two, delete."""
 
 import base64
 import io
@@ -315,6 +315,43 @@ def tiling_figure(slide: slide_views.SlideSummary, picture: slide_views.TilingPi
     return fig
 
 
+def versions_section(name: str) -> None:
+    """The dataset's versions, newest first, and what changed between any two of them."""
+    with Session() as s:
+        found = views.dataset_versions(s, name)
+    st.subheader("Versions")
+    if not found:
+        st.caption("No version recorded yet: the first run launched on it records its images as version 1.")
+        return
+    st.caption("Adding images, relabelling them or changing their groups makes a new version; the old ones stay "
+               "as they were. A run names the version it trained on, and trains again on exactly its images.")
+    text_table(pd.DataFrame([{
+        "version": v.number, "when (UTC)": f"{v.created_at:%Y-%m-%d %H:%M}", "by": v.created_by or "",
+        "images": v.images, "per class": ", ".join(f"{c} {n}" for c, n in v.counts.items()), "note": v.note,
+    } for v in found]))
+    if len(found) < 2:
+        return
+    numbers = [v.number for v in found]
+    for key, number in (("ds_diff_old", numbers[1]), ("ds_diff_new", numbers[0])):
+        if st.session_state.get(key) not in numbers:  # first time, or another dataset's
+            st.session_state[key] = number
+    a, b = st.columns(2)
+    old = a.selectbox("Compare version", numbers, key="ds_diff_old", format_func=lambda n: f"version {n}")
+    new = b.selectbox("with version", numbers, key="ds_diff_new", format_func=lambda n: f"version {n}")
+    with Session() as s:
+        diff = views.version_diff(s, name, old, new)
+    c = st.columns(4)
+    for col, label, images in zip(c, ("Added", "Removed", "Relabelled", "Regrouped"),
+                                  (diff.added, diff.removed, diff.relabelled, diff.regrouped)):
+        col.metric(label, len(images), border=True)
+    lines = diff.lines()
+    if not lines:
+        st.caption(f"Versions {old} and {new} hold the same images with the same classes and groups.")
+        return
+    text_table(pd.DataFrame([{"change": x.change, "image": x.image, "class": x.label, "group": x.group,
+                              "sha256": x.sha256} for x in lines]))
+
+
 def browse_tab() -> None:
     if st.session_state.get("ds_selected") not in names:
         st.session_state["ds_selected"] = names[0]
@@ -382,6 +419,8 @@ def browse_tab() -> None:
             st.dataframe(pd.DataFrame(skipped), hide_index=True)
         else:
             st.caption("Every file was taken.")
+
+    versions_section(name)
 
     if not user.can_edit:
         return

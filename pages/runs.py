@@ -59,7 +59,7 @@ with Session() as s:
 rows = [{
     "name": r.title, "status": r.status, "test accuracy": r.summary.test_accuracy,
     "95% interval": views.interval_text(intervals.get(r.id)), "run": r.id, "dataset": r.dataset,
-    "split": r.config.split,
+    "version": r.config.dataset_version, "split": r.config.split,
 } for r in all_runs]
 labels = {r.id: r.label(results=False) for r in all_runs}
 with_curves = {r.id for r in all_runs if r.epochs_done}
@@ -95,6 +95,9 @@ st.dataframe(
         "run": st.column_config.NumberColumn(width=50),
         "status": st.column_config.TextColumn(width=90),
         "dataset": st.column_config.TextColumn(width=110),
+        "version": st.column_config.NumberColumn(
+            width=60, format="%d", help="The version of the dataset it trained on (the Datasets page lists them); "
+                                        "empty: run before versions were kept"),
     },
 )
 st.caption("Click a column header to sort. Test accuracy is on the run's own test part: compare runs only under "
@@ -557,7 +560,8 @@ def manage_panel(run: views.RunRow) -> None:
 def run_heading(run: views.RunRow) -> None:
     head, action = st.columns([5, 1], vertical_alignment="bottom")
     head.subheader(f"Run {run.id} · {md_text(run.title)} {STATUS_BADGE[run.status]}")
-    head.caption(f"Protocol: {run.protocol}  \nAugmentation preset: {md_text(run.augmentation)} · created "
+    head.caption(f"Dataset: {md_text(run.dataset)}, {run.version_text} · protocol: {run.protocol}  \n"
+                 f"Augmentation preset: {md_text(run.augmentation)} · created "
                  f"{run.created_at:%Y-%m-%d %H:%M} UTC" + (f" by {md_text(run.created_by)}" if run.created_by else ""))
     if run.notes:
         st.markdown("**Notes:** " + "  \n".join(md_text(line) for line in run.notes.splitlines()))

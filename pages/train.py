@@ -108,6 +108,7 @@ def fill_form(config: RunConfig, datasets_here: dict) -> None:
                              "tr_custom_augmentation": None if preset else config.augmentation})
     if config.dataset in datasets_here:
         st.session_state[form_key("dataset")] = config.dataset
+    st.session_state[form_key("dataset_version")] = config.dataset_version or 0  # 0: the latest
     if config.grouped is not None:
         st.session_state[form_key("grouped")] = config.grouped
 
@@ -142,8 +143,8 @@ def start_form(datasets_here: dict) -> str | None:
         return None
     with Session() as s:
         last = views.last_launched_config(s, user.name)
-    if last is not None:
-        fill_form(last, datasets_here)
+    if last is not None:  # on the dataset's latest version: it may have grown since
+        fill_form(last.replace(dataset_version=None), datasets_here)
         st.session_state["tr_preset_loaded"] = None
         return ("The form starts with the settings of the last run you launched. The buttons above load a "
                 "preset instead.")
@@ -172,7 +173,8 @@ def form_config(ds_name: str, split: str, grouped: bool | None, aug_preset: str,
         with Session() as s:
             augmentation = presets.get_params(s, aug_preset).to_dict()
     return RunConfig(
-        dataset=ds_name, grouped=grouped if split != "paper-leaky" else None, augmentation=augmentation,
+        dataset=ds_name, dataset_version=st.session_state.get(form_key("dataset_version")) or None,
+        grouped=grouped if split != "paper-leaky" else None, augmentation=augmentation,
         weights=weights_value, **{name: setting_type(f)(st.session_state[form_key(name)])
                                   for name, f in FIELDS.items() if name not in DRAWN_HERE},
     ).validate()  # the bounds of the inputs, again on the server: a crafted widget value gets no further
@@ -194,6 +196,26 @@ def preset_note(config: RunConfig) -> str:
     if "grouped" in presets.TRAINING_PRESETS[loaded] and was["grouped"] != now["grouped"]:
         changed.append("specimens not kept on one side" if was["grouped"] else "specimens kept on one side")
     return f":orange-badge[:material/edit: Changed from '{loaded}']  " + ("; ".join(changed) or "its settings") + "."
+
+
+def version_input(ds_name: str) -> int:
+    """The dataset version to train on: 0 for the latest (as it is at launch), else a version's number."""
+    with Session() as s:
+        found = {v.number: v for v in views.dataset_versions(s, ds_name)}
+    key, latest = form_key("dataset_version"), max(found, default=None)
+    if st.session_state.get(key) not in (0, *found):  # none chosen yet, or a version of another dataset
+        st.session_state[key] = 0
+
+    def words(number: int) -> str:
+        if number == 0:
+            return "The latest" + (f" (version {latest})" if latest else "")
+        v = found[number]
+        return f"Version {number} · {v.created_at:%Y-%m-%d} · {v.images} images" + (f" · {v.note}" if v.note else "")
+
+    help_text = FIELDS["dataset_version"].metadata["help"]
+    return st.selectbox(FIELDS["dataset_version"].metadata["label"], [0, *sorted(found, reverse=True)], key=key,
+                        format_func=words, help=help_text[:1].upper() + help_text[1:] + ". The Datasets page "
+                        "lists the versions and what changed between them.")
 
 
 def launch(config: RunConfig, name: str, notes: str) -> None:
@@ -256,7 +278,9 @@ else:
         with st.container(border=True):
             st.markdown("**Data and split**")
             ds_name = st.selectbox(FIELDS["dataset"].metadata["label"], list(ds_info), key=form_key("dataset"),
-                                   format_func=lambda n: f"{n} ({ds_info[n].images} images, {', '.join(ds_info[n].classes)})")
+                                   format_func=lambda n: f"{n} ({ds_info[n].images} images, {', '.join(ds_info[n].classes)})",
+                                   on_change=lambda: st.session_state.update({form_key("dataset_version"): 0}))
+            version = version_input(ds_name)
             split = setting_input(st, "split")
             groups = ds_info[ds_name].groups
             grouped = None
@@ -269,7 +293,8 @@ else:
                     st.caption("This dataset has no specimen groups, so the split is by image: images of one "
                                "specimen may land on both sides. Add groups on the Datasets page for a stricter test.")
             section_inputs("data", split, columns=3, drawn=("split",))
-            split_key = (ds_name, split, grouped, *(st.session_state[form_key(name)] for name in SPLIT_SETTINGS))
+            split_key = (ds_name, version, split, grouped,
+                         *(st.session_state[form_key(name)] for name in SPLIT_SETTINGS))
             if user.can_edit and split != "paper-leaky" and st.button(
                     "Audit this split for leaks", icon=":material/content_copy:", key="tr_audit",
                     help="Looks for test images that equal, nearly equal or closely resemble a training image "
@@ -278,7 +303,8 @@ else:
                     with Session.begin() as s:
                         planned = splits.make_split(
                             s, datasets.get_dataset(s, ds_name), protocol=split, grouped=grouped,
-                            **{name: setting_type(FIELDS[name])(value) for name, value in zip(SPLIT_SETTINGS, split_key[3:])})
+                            version=version or None,
+                            **{name: setting_type(FIELDS[name])(value) for name, value in zip(SPLIT_SETTINGS, split_key[4:])})
                         found = audit.audit_split(s, cfg, planned, fold=0)
                     st.session_state["tr_audit_result"] = (split_key, found.warning, found.summary)
             audited = st.session_state.get("tr_audit_result")

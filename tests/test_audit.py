@@ -133,12 +133,12 @@ def test_block_manifest_starts_a_block_at_a_gap_and_rejects_unnumbered(tmp_path)
 def test_groups_cli_writes_the_csv(tmp_path):
     root = _numbered_dataset(tmp_path / "src", per_class=6)
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "core.data.groups", str(root), "--block-size", "3"],
+    out = subprocess.run([sys.executable, "-m", "core", "groups", str(root), "--block-size", "3"],
                          capture_output=True, text=True, check=True, cwd=repo)
     lines = out.stdout.splitlines()
     assert lines[0] == "file,group" and len(lines) == 19 and "CLL/000.png,CLL-000-002" in lines
     assert "6 groups" in out.stderr
-    help_text = subprocess.run([sys.executable, "-m", "core.data.groups", "--help"], capture_output=True, text=True,
+    help_text = subprocess.run([sys.executable, "-m", "core", "groups", "--help"], capture_output=True, text=True,
                                check=True, cwd=repo).stdout
     assert "--block-size" in help_text and "APPROXIMATION" in help_text
 

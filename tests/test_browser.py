@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from core.config import load_settings
-from core.store.db import PredictionLog, Run, RunStatus, make_sessionmaker
+from core.store.db import PredictionLog, Run, RunStatus, SlideJob, make_sessionmaker
 from core.training import presets
 from tests.conftest import stop_workers
 from tests.server import free_port, wait_healthy
@@ -229,13 +229,22 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         page.get_by_role("tab", name="Whole slide").click()
         expect(page.get_by_text("Cuts each slide into tiles of 64 px at 1 µm per pixel")).to_be_visible()
         page.get_by_test_id("stForm").locator("input[type=file]").set_input_files(str(slide))
-        expect(page.get_by_text("biopsy.tif").first).to_be_visible()
+        expect(page.get_by_test_id("stForm").get_by_test_id("stFileChip")).to_be_visible()
+        settle()  # the upload (a PUT) has ended before the form is sent
         page.get_by_role("button", name="Classify slide").click()
-        expect(page.get_by_text("Slide verdict")).to_be_visible(timeout=240_000)
+        settle()
+        with Session() as s:
+            assert s.scalars(select(SlideJob)).one().slide_name == "biopsy.tif"
+        job = page.request.get(url + "/api/v1/slides/1").json()
+        for _ in range(240):  # the app's worker classifies it; the page follows it
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            page.wait_for_timeout(1000)
+            job = page.request.get(url + "/api/v1/slides/1").json()
+        assert job["status"] == "succeeded" and job["verdict"]["tiles_kept"] > 20, job
+        expect(page.get_by_text("Slide verdict")).to_be_visible(timeout=30_000)
         settle()
         shot("14d-predict-whole-slide")
-        job = page.request.get(url + "/api/v1/slides/1").json()
-        assert job["status"] == "succeeded" and job["verdict"]["tiles_kept"] > 20, job
         features = page.request.get(url + "/api/v1/slides/1/geojson").json()["features"]
         assert len(features) == job["verdict"]["tiles_kept"]
 

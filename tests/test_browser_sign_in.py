@@ -63,7 +63,7 @@ def test_a_sign_in_survives_a_reload_and_a_new_tab_until_sign_out_or_removal(tmp
 
                 sign_in(PASSWORD)
                 expect(signed_in).to_be_visible()
-                removed = subprocess.run([sys.executable, "-m", "core.access.accounts", "remove", "ana"], cwd=ROOT,
+                removed = subprocess.run([sys.executable, "-m", "core", "accounts", "remove", "ana"], cwd=ROOT,
                                          env=env, capture_output=True, text=True, timeout=120)
                 assert removed.returncode == 0 and "signed ana out of 1 browser(s)" in removed.stdout, removed
                 page.reload()

@@ -1,6 +1,9 @@
-"""The command line, run as a user would: separate processes, exit codes, stdout to parse."""
+"""The command line, run as a user would: separate processes, exit codes, stdout to parse; in-process
+`main([...])` where what a command prints and returns is the point."""
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +86,85 @@ def test_user_errors_exit_2_with_one_line_and_change_nothing(tmp_path):
         assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
     out = cli(home, "runs")
     assert "succeeded" not in out.stdout and "failed" not in out.stdout  # no run was recorded
+
+
+COMMANDS = ("ingest", "datasets", "groups", "train", "train-distributed", "worker", "cancel", "status", "resume",
+            "workers", "runs", "evaluate", "export", "reproduce-paper", "approve", "withdraw", "approvals", "predict",
+            "predict-slide", "predictions", "check", "migrate", "accounts", "token")
+
+
+def test_help_lists_every_command(tmp_path):
+    from core.__main__ import build_parser
+
+    out = cli(tmp_path, "--help")
+    assert out.returncode == 0, out.stderr
+    listed = set(re.findall(r"^ {4}(\S+)", out.stdout, flags=re.MULTILINE))
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert listed == {name for name in commands.choices if not name.startswith("_")}  # all but the internal ones
+    assert set(COMMANDS) <= listed
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """The parser and those of its commands, and of theirs, each once."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    from core.__main__ import build_parser
+
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, argparse.SUPPRESS) or action.default is False:
+                continue
+            help_text = parser._get_formatter()._expand_help(action)  # as --help prints it
+            assert "(default" in help_text, (parser.prog, action.dest, help_text)
+
+
+def test_accounts_tokens_and_groups_are_commands_with_the_one_error_edge(tmp_path, capsys):
+    from core.__main__ import main
+
+    file = str(tmp_path / "accounts.toml")
+    assert main(["token", "--file", file, "add", "ci", "--role", "viewer"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert main(["token", "--file", file, "list"]) == 0
+    assert capsys.readouterr().out.startswith(token.split("_")[1] + "\tci\tviewer\t")
+
+    assert main(["accounts", "--file", file, "remove", "nobody"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No account 'nobody'") and err.count("\n") == 1
+    assert main(["groups", str(tmp_path / "no-such-folder")]) == 2
+    assert capsys.readouterr().err == f"error: Not a folder: {tmp_path / 'no-such-folder'}\n"
+
+
+def test_the_former_entry_points_run_the_same_commands(tmp_path, capsys, monkeypatch):
+    import runpy
+
+    from core.__main__ import main
+    from core.access import accounts
+    from core.data import groups
+
+    file = str(tmp_path / "accounts.toml")
+    monkeypatch.delitem(sys.modules, "core.access.accounts")  # run afresh as __main__, as `python -m` would
+    monkeypatch.setattr("sys.argv", ["accounts.py", "--file", file, "token", "add", "ci", "--role", "editor"])
+    with pytest.raises(SystemExit) as exited:  # as `python -m core.access.accounts ...` runs it
+        runpy.run_module("core.access.accounts", run_name="__main__")
+    assert exited.value.code == 0
+    capsys.readouterr()
+    assert accounts.main(["--file", file, "token", "list"]) == 0
+    assert "\tci\teditor\t" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        accounts.main(["--file", file, "--help"])
+    assert "usage: python -m core accounts " in capsys.readouterr().out  # its help names the new command
+
+    for label in ("CLL", "FL"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "src" / label / f"{i:03d}.png").write_bytes(b"")
+    assert groups.main([str(tmp_path / "src"), "--block-size", "2"]) == 0
+    former = capsys.readouterr()
+    assert main(["groups", str(tmp_path / "src"), "--block-size", "2"]) == 0
+    assert capsys.readouterr() == former and "FL/002.png,FL-002-003" in former.out

@@ -473,6 +473,10 @@ def test_cli_user_longer_than_the_column_is_refused(tmp_path, settings, monkeypa
 def test_damaged_safetensors_weights_file_is_a_user_error(tmp_path, settings, monkeypatch, capsys):
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    from core.store.db import make_sessionmaker
+    from tests.synthetic import ingest_synthetic
+
+    ingest_synthetic(tmp_path / "data", settings, make_sessionmaker(settings.database_url), 2, name="ds")
     bad = tmp_path / "densenet.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     assert main(["train", "--dataset", "ds", "--weights", str(bad)]) == 2

@@ -24,7 +24,10 @@ from sqlalchemy.pool import NullPool
 from core.__main__ import main
 from core.errors import UserError
 from core.store import migrations
-from core.store.db import Base, Dataset, Image, PredictionLog, Run, Slide, make_engine, make_sessionmaker
+from core.store.db import (
+    Base, Dataset, DatasetVersion, DatasetVersionImage, Image, PredictionLog, Run, Slide, make_engine,
+    make_sessionmaker,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE_MIGRATIONS = "6e3864e"  # the version the baseline revision was taken from (it ran create_all)
@@ -103,6 +106,16 @@ def test_a_database_made_before_migrations_is_upgraded_keeping_its_rows(old_mode
     for table, column in NEW_COLUMNS.items():
         assert column in {c["name"] for c in inspect(Session.kw["bind"]).get_columns(table)}
     assert schema_differences(url) == []
+
+
+def test_each_dataset_of_an_old_database_becomes_version_1_of_itself(old_models, url):
+    ids = make_old_database(old_models, url)
+    with make_sessionmaker(url)() as s:
+        (version,) = s.scalars(select(DatasetVersion)).all()
+        (member,) = s.scalars(select(DatasetVersionImage)).all()
+    assert (version.dataset_id, version.number, version.created_by, version.counts) == (
+        ids["dataset"], 1, None, {"CLL": 1, "FL": 0})
+    assert (member.version_id, member.image_id, member.label, member.group) == (version.id, ids["image"], "CLL", "p1")
 
 
 def test_a_database_older_than_the_baseline_is_completed_then_upgraded(old_models, tmp_path):

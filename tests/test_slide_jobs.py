@@ -4,7 +4,8 @@ own process, followed tile by tile, and answered with the verdict, the GeoJSON f
 per-tile CSV; an uploaded slide is let go once its job has ended, and a viewer sees only their own.
 
 No training: the run's model file holds an untrained DenseNet-201 at 32 px that records the scale of
-its tiles (32 px at 1 micron per pixel), as a run on a slide dataset leaves one. The torch engine.
+its tiles (32 px at 1 micron per pixel), as a run on a slide dataset leaves one (made as
+tests/test_slide_predict.py makes its runs). The torch engine.
 """
 
 from __future__ import annotations
@@ -25,40 +26,15 @@ from core.access.accounts import VIEWER, User
 from core.api.routes import api_routes
 from core.config import Settings, load_settings
 from core.errors import UserError
-from core.inference.model_file import write_model
 from core.jobs import slide_jobs
 from core.jobs.worker import run_worker
-from core.slides.scale import scale_meta
-from core.store.db import Dataset, PredictionLog, Run, RunStatus, SlideJob, make_sessionmaker, utcnow
-from core.store.runs import model_path
+from core.slides.scale import ModelScale
+from core.store.db import PredictionLog, RunStatus, SlideJob, make_sessionmaker
 from core.training.model import PaperDenseNet
-from core.training.run_config import RunConfig
 from tests.slides import two_region_slide
+from tests.test_slide_predict import add_run
 
 CLASSES = ("CLL", "FL")
-
-
-def add_run(settings: Settings, state: dict, scale: bool) -> int:
-    """A succeeded run with a model file; `scale`: it records tiles of 32 px at 1 micron per pixel."""
-    Session = make_sessionmaker(settings.database_url)
-    config = RunConfig(dataset="slides", image_size=32, epochs=1, weights="none", device="cpu").to_dict()
-    with Session.begin() as s:
-        dataset = s.scalar(select(Dataset).where(Dataset.name == "slides"))
-        if dataset is None:
-            dataset = Dataset(name="slides", classes=list(CLASSES))
-            s.add(dataset)
-            s.flush()
-        run = Run(dataset_id=dataset.id, experiment=f"slides-{utcnow().timestamp()}", config=config, seed=0,
-                  status=RunStatus.succeeded, created_at=utcnow())
-        s.add(run)
-        s.flush()
-        run_id, created = run.id, run.created_at.isoformat()
-    meta = {"run_id": run_id, "run_created": created, "classes": list(CLASSES), "config": config,
-            "preparation": {"image_size": 32}}
-    if scale:
-        meta["scale"] = scale_meta(32, 1.0)
-    write_model(model_path(settings, run_id), state, meta)
-    return run_id
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +47,8 @@ def home(tmp_path_factory):
                               "HEARTBEAT_SECONDS": "0.5", "START_WORKER": "0"})
     torch.manual_seed(0)
     state = PaperDenseNet(len(CLASSES)).state_dict()
-    runs = {"scaled": add_run(settings, state, scale=True), "fields": add_run(settings, state, scale=False)}
+    runs = {"scaled": add_run(settings, state, CLASSES, ModelScale(32, 1.0)),
+            "fields": add_run(settings, state, CLASSES, None)}
     _, vera = tokens.add_token(settings.accounts_file, "vera", VIEWER)
     _, otto = tokens.add_token(settings.accounts_file, "otto", VIEWER)
     slide, _, _ = two_region_slide(folder / "biopsy.tif", width=1600, height=800, mpp=0.5)

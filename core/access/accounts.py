@@ -12,7 +12,7 @@ Roles: a viewer browses datasets and runs and classifies images; an editor also 
 cancels, deletes and saves presets. Core functions that change records take the acting `user` and
 call `require_editor`, so a hidden button is not the only thing between a viewer and a change.
 
-The accounts file, as `python -m core.access.accounts add ana --role editor` writes it:
+The accounts file, as `python -m core accounts add ana --role editor` writes it:
 
     [accounts.ana]
     password_hash = "$argon2id$v=19$m=65536,t=3,p=4$..."
@@ -28,20 +28,19 @@ The accounts file, as `python -m core.access.accounts add ana --role editor` wri
     secret_hash = "sha256:..."     # and 64 hex digits
     created_at = "2026-01-31T09:00:00+00:00"
 
-Command line (the password is asked twice, or read from stdin with --password-stdin):
-    python -m core.access.accounts add NAME --role editor|viewer [--replace] [--password-stdin]
-    python -m core.access.accounts remove NAME
-    python -m core.access.accounts list
-    python -m core.access.accounts hash            # prints a hash, for writing the file by other means
-    python -m core.access.accounts token add NAME --role viewer|editor   # prints the token, once
-    python -m core.access.accounts token list
-    python -m core.access.accounts token remove ID
+Command line (core/cli/accounts.py; the password is asked twice, or read from stdin with --password-stdin):
+    python -m core accounts add NAME --role editor|viewer [--replace] [--password-stdin]
+    python -m core accounts remove NAME
+    python -m core accounts list
+    python -m core accounts hash            # prints a hash, for writing the file by other means
+    python -m core token add NAME --role viewer|editor   # prints the token, once
+    python -m core token list
+    python -m core token remove ID
+`python -m core.access.accounts ARGS`, where these commands were first, still runs the same command.
 """
 
 from __future__ import annotations
 
-import argparse
-import getpass
 import os
 import re
 import sys
@@ -384,78 +383,15 @@ def oidc_user(roles: Mapping[str, str], email: str | None, email_verified: objec
 
 
 # --------------------------------------------------------------------------------------------
-# Command line
-
-
-def _read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    password = getpass.getpass("Password: ")
-    if getpass.getpass("Same password again: ") != password:
-        raise UserError("The two passwords differ; nothing was changed.")
-    return password
-
-
-def _sign_out_browsers(name: str) -> None:
-    """End the kept sign-ins of `name` (core/access/remembered.py), so that an account made again
-    under the same name is not signed in by an old browser."""
-    from core.access import remembered
-    from core.config import load_settings
-    from core.store.db import make_sessionmaker
-
-    with make_sessionmaker(load_settings().database_url).begin() as s:
-        count = remembered.forget_user(s, name)
-    if count:
-        print(f"signed {name} out of {count} browser(s)")
+# Command line: `python -m core accounts ...` and `python -m core token ...` (core/cli/accounts.py)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.config import load_settings
+    """Where these commands were first, kept for scripts: runs the same command of `python -m core`."""
+    from core.__main__ import main as core_main
+    from core.cli.accounts import former_argv
 
-    parser = argparse.ArgumentParser(prog="python -m core.access.accounts",
-                                     description="Accounts of the web app (AUTH_MODE=password) in AUTH_FILE.")
-    parser.add_argument("--file", type=Path, default=None, help="the accounts file (default: AUTH_FILE, else APP_HOME/accounts.toml)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("add", help="add an account (asks for its password)")
-    p.add_argument("name")
-    p.add_argument("--role", choices=ROLES, required=True)
-    p.add_argument("--replace", action="store_true", help="change the password and role of an existing account")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    p = sub.add_parser("remove", help="remove an account")
-    p.add_argument("name")
-    sub.add_parser("list", help="list accounts and OIDC roles (no hashes)")
-    p = sub.add_parser("hash", help="print the hash of a password (asks for it)")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    from core.access import tokens
-
-    tokens.add_token_commands(sub)
-    args = parser.parse_args(argv)
-    path = args.file or load_settings().accounts_file
-    try:
-        if args.command == "add":
-            existed = args.name in load_accounts(path, missing_ok=True).accounts
-            account = add_account(path, args.name, _read_password(args), args.role, replace=args.replace)
-            print(f"{'updated' if existed else 'added'} {account.name} ({account.role}) in {path}")
-            if existed:  # a new password: the browsers signed in with the old one sign in again
-                _sign_out_browsers(account.name)
-        elif args.command == "remove":
-            remove_account(path, args.name)
-            print(f"removed {args.name} from {path}")
-            _sign_out_browsers(args.name)
-        elif args.command == "token":
-            tokens.token_command(path, args)
-        elif args.command == "list":
-            accounts = load_accounts(path)
-            for a in sorted(accounts.accounts.values(), key=lambda a: a.name):
-                print(f"{a.name}\t{a.role}")
-            for address, role in sorted(accounts.oidc_roles.items()):
-                print(f"{address}\t{role}\t(oidc)")
-        else:
-            print(hash_password(_read_password(args)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return core_main(former_argv(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Commands over datasets: `ingest` (a folder, a .zip or a folder of whole slides), `datasets` (the
-list) and `groups` (a manifest of approximate specimen groups, for `ingest --groups-csv`)."""
+list), `versions` and `diff` (a dataset's versions, and what changed between two) and `groups` (a
+manifest of approximate specimen groups, for `ingest --groups-csv`)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,27 @@ def cmd_datasets(args: argparse.Namespace, settings: Settings, Session) -> None:
             print(f"{d.name}: {len(d.images)} images {counts}" + (f", {len(groups)} groups" if groups else ""))
 
 
+def cmd_versions(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.data import versions
+
+    with Session() as s:
+        found = versions.version_list(s, args.name)
+    for v in found:
+        counts = ", ".join(f"{c} {n}" for c, n in v.counts.items())
+        print(f"version {v.number}\t{v.created_at:%Y-%m-%d %H:%M} UTC\t{v.created_by or '-'}\t"
+              f"{v.images} images ({counts})\t{v.note}")
+
+
+def cmd_diff(args: argparse.Namespace, settings: Settings, Session) -> None:
+    from core.data import versions
+
+    with Session() as s:
+        found = versions.diff(s, args.name, args.old, args.new)
+    print(f"dataset {args.name!r}, {found.summary()}")
+    for line in found.lines():
+        print("\t".join((line.change, line.image, line.label, line.group or "-", line.sha256)))
+
+
 def cmd_groups(args: argparse.Namespace, settings: Settings, Session) -> None:
     from core.data import groups
 
@@ -103,6 +125,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tiles", type=int, help="slides: most tiles per slide, 0 for all (default: SLIDE_MAX_TILES)")
 
     command(sub, "datasets", cmd_datasets, help="list datasets")
+
+    p = command(sub, "versions", cmd_versions, help="a dataset's versions, newest first: when, by whom, images "
+                "per class, note")
+    p.add_argument("name", help="dataset name")
+    p = command(sub, "diff", cmd_diff, help="what changed between two versions of a dataset: the images added, "
+                "removed, relabelled (and regrouped), one a line: change, image, class, group, sha256")
+    p.add_argument("name", help="dataset name")
+    p.add_argument("old", type=int, help="a version's number")
+    p.add_argument("new", type=int, help="another version's number")
 
     p = command(sub, "groups", cmd_groups, database=False,
                 help="print a manifest of approximate specimen groups (CSV file,group) for `ingest --groups-csv`",

@@ -8,13 +8,22 @@ import sys
 
 from core.cli.common import cli_user, command
 from core.config import Settings
+from core.errors import UserError
 from core.jobs import foreground
 from core.training import run_config
 from core.training.run_config import RunConfig
 
 
 def config_from_args(args: argparse.Namespace, settings: Settings) -> RunConfig:
-    return run_config.from_flags(args, weights=args.weights or settings.default_weights)
+    """The run's settings from the flags; `--dataset NAME@N` names version N of dataset NAME."""
+    from core.data.versions import split_reference
+
+    name, number = split_reference(args.dataset)
+    if number is not None and args.dataset_version not in (None, number):
+        raise UserError(f"--dataset {args.dataset} names version {number} and --dataset-version "
+                        f"{args.dataset_version} another: give the version once.")
+    return run_config.from_flags(args, weights=args.weights or settings.default_weights, dataset=name,
+                                 dataset_version=args.dataset_version if number is None else number)
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -26,6 +35,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
         print("WARNING: paper-leaky augments before splitting, so copies of one image are on both sides. "
               "Its accuracy reproduces the paper's number; it does not measure accuracy on new images.",
               file=sys.stderr)
+    _check_dataset(Session, config)  # a name or version mistyped is said before torch loads
     check_weights(config.weights)  # fail before anything is recorded
     with Session.begin() as s:
         run_ids = [r.id for r in runs.create_runs(s, settings, config, user=cli_user(args), name=args.name,
@@ -37,6 +47,16 @@ def cmd_train(args: argparse.Namespace, settings: Settings, Session) -> None:
         for run_id in run_ids:
             foreground.train_here(Session, settings, run_id)
     print(" ".join(str(i) for i in run_ids))
+
+
+def _check_dataset(Session, config: RunConfig) -> None:
+    """UserError when the config's dataset, or the version it names, does not exist."""
+    from core.data import datasets, versions
+
+    with Session() as s:
+        dataset = datasets.get_dataset(s, config.dataset)
+        if config.dataset_version is not None:
+            versions.get_version(s, dataset, config.dataset_version)
 
 
 def _start_worker(args: argparse.Namespace, settings: Settings) -> None:
@@ -162,7 +182,7 @@ def _add_job_commands(sub: argparse._SubParsersAction) -> None:
     """The background worker and what controls a run's life: cancel, status, resume."""
     p = command(sub, "worker", cmd_worker, help="train queued runs in the background, each in its own process")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty (default: wait for more)")
-    p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
+    p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs (default: no limit)")
     p.add_argument("--slots", type=int, default=None, help="runs trained at once (default: WORKER_SLOTS, else 1)")
     p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                    help="exit after this long with no run queued or running (default: never)")

@@ -11,7 +11,7 @@ real specimen ids whenever they are known.
 Writes the manifest that `ingest --groups-csv` reads (header `file,group`, one CLASS/file row per
 image)::
 
-    python -m core.data.groups ROOT --block-size 9 > groups.csv
+    python -m core groups ROOT --block-size 9 > groups.csv
     python -m core ingest ROOT --name lymphoma --groups-csv groups.csv
 
 or, for a dataset already ingested (the Datasets page's "Estimate specimen groups from the
@@ -24,7 +24,6 @@ each image's CLASS/file path (`groups_from_pattern`, `ingest --group-pattern`).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -42,6 +41,7 @@ from sqlalchemy.orm import Session
 from core.access.accounts import User, require_editor
 from core.data.datasets import get_dataset, lock_dataset
 from core.data.decoding import IMAGE_EXTENSIONS
+from core.data.versions import record_version
 from core.errors import UserError
 from core.store.db import Image
 
@@ -236,6 +236,9 @@ def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str],
             changed += 1
     dataset.groups_estimated = True
     session.flush()
+    # Groups are part of a dataset version: the new ones make its next (core/data/versions.py).
+    record_version(session, dataset, user=user.name if user is not None else None,
+                   note=f"specimen groups estimated from file numbers ({changed} image(s) changed)")
     return changed
 
 
@@ -342,26 +345,10 @@ def groups_from_pattern(rx: re.Pattern[str], rels: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.data.groups",
-        description="Print a groups manifest (CSV file,group) that puts blocks of consecutive file numbers of "
-        "each class into one group: an APPROXIMATION of specimens for sets whose neighbouring file numbers "
-        "come from one slide. Use real specimen ids when you have them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("root", type=Path, help="folder with one sub-folder per class")
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
-                        help="most images per group (9 gives ~30 groups for the 256-image IICBU-2008 dev copy)")
-    args = parser.parse_args(argv)
-    try:
-        rows = block_manifest(args.root, args.block_size)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    write_manifest(rows, sys.stdout)
-    n_groups = len({g for _, g in rows})
-    print(f"{len(rows)} files in {n_groups} groups", file=sys.stderr)
-    return 0
+    """Where the manifest's command was first, kept for scripts: runs `python -m core groups ARGS`."""
+    from core.__main__ import main as core_main
+
+    return core_main(["groups", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from core.config import Settings
 from core.data.decoding import IMAGE_EXTENSIONS, BadImage, check_image
 from core.data.groups import compile_group_pattern, groups_from_csv, groups_from_pattern
 from core.data.sources import Candidate, dataset_root, scan, source_folder
+from core.data.versions import record_version
 from core.errors import UserError
 from core.store.db import Dataset, Image, SkippedFile
 from core.store.files import copy_file_atomic, hold_ingest_lock, remove_unless_shared
@@ -94,10 +95,12 @@ def ingest(
     group_pattern: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     user: User | None = None,
+    note: str | None = None,
 ) -> IngestReport:
     """Validate every image under `source` (folder or .zip of class sub-folders) and add the new
     ones to dataset `name`, creating it if needed. `user` (when given) must be an editor; a new
-    dataset records their name as created_by.
+    dataset records their name as created_by. When the dataset's images or groups change, they are
+    recorded as its next version (core/data/versions.py), by `user` with `note` (else the counts).
 
     Bad files are skipped with a reason. Input that cannot be ingested as a whole (unsafe zip,
     fewer than 2 classes, one image in two classes, groups not covering every image, more images
@@ -122,9 +125,14 @@ def ingest(
     try:
         with disk_full_is_user_error(settings, f"the images of dataset '{name}'"), \
                 source_folder(source, settings) as folder:
-            return _ingest_folder(
+            report = _ingest_folder(
                 session, settings, folder, source, name, groups_csv, group_rx, progress, user, stored
             )
+            dataset = session.get(Dataset, report.dataset_id)
+            assert dataset is not None
+            record_version(session, dataset, user=user.name if user is not None else None,
+                           note=note or f"ingest: {report.added} added, {report.already_present} already present")
+            return report
     except BaseException:
         remove_unless_shared(session, stored)  # their rows will not be committed
         raise

@@ -9,6 +9,9 @@ Protocols:
 
 With groups (specimens/patients), holdout and k-fold are grouped: no group is on both sides of
 any boundary (train/val/test). Splits are seeded and stored, so a run can be re-made exactly.
+
+A split is made over one version of the dataset (core/data/versions.py): that version's images, with
+the classes and groups they have in it, so images added or relabelled since change nothing of it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.data import versions
 from core.store.db import Dataset, Image, Split, SplitMember
 from core.errors import UserError
 
@@ -143,12 +147,16 @@ def make_split(
     val_fraction: float = 0.1,
     folds: int = 5,
     grouped: bool | None = None,
+    version: int | None = None,
 ) -> Split:
     """Return the stored split with these settings, making and storing it the first time.
 
+    It is made over version `version` of the dataset (None: the latest), with the classes and groups
+    its images have in that version; its params record the version's number.
     grouped=None means "grouped when the dataset has groups"; True without groups is an error.
     """
-    images = session.scalars(select(Image).where(Image.dataset_id == dataset.id).order_by(Image.id)).all()
+    chosen = versions.resolve(session, dataset, version)
+    images = versions.version_images(session, chosen)
     has_groups = any(im.group is not None for im in images)
     if grouped is None:
         grouped = has_groups and protocol != "paper-leaky"
@@ -159,6 +167,7 @@ def make_split(
         "val_fraction": val_fraction,
         "folds": folds if protocol == "kfold" else 1,
         "n_images": len(images),
+        "version": chosen.number,
     }
     existing = session.scalars(
         select(Split).where(
@@ -185,7 +194,7 @@ def make_split(
     session.add(split)
     session.flush()
     session.add_all(
-        SplitMember(split_id=split.id, fold=fold, image_id=im.id, part=part)
+        SplitMember(split_id=split.id, fold=fold, image_id=im.image_id, part=part)
         for fold, parts in enumerate(parts_per_fold)
         for im, part in zip(images, parts)
     )
@@ -194,7 +203,9 @@ def make_split(
 
 
 def split_parts(session: Session, split: Split, fold: int) -> dict[str, list[Image]]:
-    """The images of each part of one fold, e.g. {"train": [...], "val": [...], "test": [...]}."""
+    """The images of each part of one fold, e.g. {"train": [...], "val": [...], "test": [...]}, each
+    with the class and group it has in the split's dataset version (a split made before versions: as
+    it has now)."""
     rows = session.execute(
         select(SplitMember.part, Image)
         .join(Image, Image.id == SplitMember.image_id)
@@ -203,10 +214,22 @@ def split_parts(session: Session, split: Split, fold: int) -> dict[str, list[Ima
     ).all()
     if not rows:
         raise UserError(f"Split {split.id} has no fold {fold}.")
+    number = split.params.get("version")
+    kept = versions.classes_and_groups(session, split.dataset_id, number) if number is not None else {}
     parts: dict[str, list[Image]] = {}
     for part, image in rows:
-        parts.setdefault(part, []).append(image)
+        parts.setdefault(part, []).append(_as_in_version(image, *kept.get(image.id, (image.label, image.group))))
     return parts
+
+
+def _as_in_version(image: Image, label: str, group: str | None) -> Image:
+    """`image` with the class and group it has in a version: itself where they are the same, else a
+    copy that belongs to no session, so that nothing writes the version's values over the current ones."""
+    if (image.label, image.group) == (label, group):
+        return image
+    return Image(id=image.id, dataset_id=image.dataset_id, label=label, sha256=image.sha256,
+                 stored_path=image.stored_path, original_name=image.original_name, width=image.width,
+                 height=image.height, mode=image.mode, group=group)
 
 
 def _ratio(split: Split) -> str:

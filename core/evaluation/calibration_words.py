@@ -39,7 +39,10 @@ def scaling_words(temperature: float) -> str:
 
 def change_text(pair: tuple[float, float] | None) -> str:
     """A figure before -> after scaling, e.g. '0.310 → 0.120' ('–' without one)."""
-    return "–" if pair is None else f"{pair[0]:.3f} → {pair[1]:.3f}"
+    def figure(value: float) -> str:  # both are at least 0: a rounding error below it reads 0.000, not -0.000
+        return f"{max(0.0, value):.3f}"
+
+    return "–" if pair is None else f"{figure(pair[0])} → {figure(pair[1])}"
 
 
 @dataclass(frozen=True)

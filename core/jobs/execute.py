@@ -37,7 +37,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from core.config import Settings
-from core.data import audit, splits
+from core.data import audit, splits, versions
 from core.data.prepare import Prepared, prepare_data
 from core.errors import UserError
 from core.evaluation import yardstick
@@ -73,7 +73,7 @@ class Job:
     protocol: str  # the split, in words
     split: Split
     parts: dict[str, list[Image]]  # the images of each part of the run's fold
-    dataset: dict[str, Any]  # name, fingerprint, n_images: for the model file
+    dataset: dict[str, Any]  # name, fingerprint, n_images and version (where known): for the model file
     epochs_recorded: frozenset[int]
     scale: dict[str, Any] | None = None  # the dataset's tile scale, for the model file (core/slides/scale.py)
 
@@ -81,12 +81,17 @@ class Job:
 def load_job(Session: sessionmaker, run_id: int) -> Job:
     with Session() as s:
         run = get_run(s, run_id)
-        images = s.execute(select(Image.sha256, Image.label).where(Image.dataset_id == run.dataset_id)).all()
+        # The images of the dataset version its split was made over; a split from before versions: today's.
+        number = run.split.params.get("version")
+        images = s.execute(select(Image.sha256, Image.label).where(Image.dataset_id == run.dataset_id)).all() \
+            if number is None else [(im.sha256, im.label) for im in versions.version_images(
+                s, versions.get_version(s, run.dataset, number))]
         return Job(
             run_id=run_id, created=run.created_at.isoformat(), config=RunConfig.from_dict(run.config),
             classes=list(run.dataset.classes), protocol=splits.describe(run.split), split=run.split,
             parts=splits.split_parts(s, run.split, run.fold),
-            dataset={"name": run.dataset.name, "fingerprint": dataset_fingerprint(images), "n_images": len(images)},
+            dataset={"name": run.dataset.name, "fingerprint": dataset_fingerprint(images), "n_images": len(images),
+                     **({} if number is None else {"version": number})},
             epochs_recorded=frozenset(s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id))),
             scale=None if run.dataset.tile_px is None and run.dataset.tile_mpp is None
             else scale_meta(run.dataset.tile_px, run.dataset.tile_mpp),

@@ -26,7 +26,9 @@ MAX_NOTES = 4000  # characters of a run's notes
 
 def create_runs(session: Session, settings: Settings, config: RunConfig, *, user: User | None = None,
                 name: str | None = None, notes: str | None = None) -> list[Run]:
-    """Record queued runs for `config`: one, or one per fold for k-fold. Makes (or reuses) the split.
+    """Record queued runs for `config`: one, or one per fold for k-fold. Makes (or reuses) the split,
+    over the dataset version the config names (the latest when it names none), whose number the runs'
+    configs record. UserError when the dataset has no such version.
 
     `user` (when given) must be an editor; the runs record their name as created_by. Refused
     (UserError, nothing recorded) when the queue would hold more than MAX_QUEUED_RUNS runs, or the
@@ -59,6 +61,7 @@ def create_runs(session: Session, settings: Settings, config: RunConfig, *, user
         val_fraction=config.val_fraction,
         folds=config.folds,
         grouped=config.grouped,
+        version=config.dataset_version,
     )
     folds = range(config.folds) if config.split == "kfold" else [config.fold]
     experiment = uuid.uuid4().hex
@@ -68,7 +71,7 @@ def create_runs(session: Session, settings: Settings, config: RunConfig, *, user
             split_id=split.id,
             fold=fold,
             experiment=experiment,
-            config=config.replace(fold=fold, grouped=split.grouped).to_dict(),
+            config=config.replace(fold=fold, grouped=split.grouped, dataset_version=split.params["version"]).to_dict(),
             seed=config.seed,
             status=RunStatus.queued,
             created_by=user.name if user is not None else None,

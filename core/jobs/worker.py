@@ -390,27 +390,21 @@ class WorkerLoop:
     def shutdown(self) -> None:
         """Stop the children and put their runs back in the queue, to resume from their last epoch
         (and their slides, to start again)."""
-        for job_id, child in self.slides.items():
+        every = [*self.slides.values(), *self.children.values()]
+        for child in every:  # all told at once, then each waited for
             if child.process.poll() is None:
                 child.process.terminate()
+        for child in every:
             try:
                 child.process.wait(STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
             child.output.close()
+        for job_id in self.slides:
             slide_jobs.requeue_on_stop(self.Session, job_id, self.id)
         self.slides.clear()
-        for child in self.children.values():
-            if child.process.poll() is None:
-                child.process.terminate()
-        for run_id, child in self.children.items():
-            try:
-                child.process.wait(STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
-            child.output.close()
+        for run_id in self.children:
             with self.Session.begin() as s:
                 cancelled = s.execute(update(Run).where(
                     Run.id == run_id, Run.worker == self.id, Run.status == RunStatus.running, Run.cancel_requested,

@@ -180,7 +180,7 @@ def matching_preset(values: dict[str, Any], default_weights: str) -> str | None:
     one that leaves the grouping to the dataset matches either."""
     for name, changes in TRAINING_PRESETS.items():
         preset = {**training_preset(name), **({} if "weights" in changes else {"weights": default_weights})}
-        free = {"dataset", "fold", *(() if "grouped" in changes else ("grouped",))}
+        free = {"dataset", "dataset_version", "fold", *(() if "grouped" in changes else ("grouped",))}
         if all(values.get(k) == v for k, v in preset.items() if k not in free):
             return name
     return None

@@ -65,6 +65,11 @@ SETTING_KEYS = {
 @dataclass(frozen=True)
 class RunConfig:
     dataset: str = _setting(help="name of an ingested dataset", label="Dataset", section="data", drawn_by_page=True)
+    # None: the latest when the run is launched; create_runs records the number (core/data/versions.py).
+    dataset_version: int | None = _setting(
+        None, section="data", label="Dataset version", drawn_by_page=True, metavar="N",
+        help="the dataset's version to train on: its images with their classes and groups as they were then "
+             "(also --dataset NAME@N); default: the latest")
     # split, made before augmentation (see core/data/splits.py)
     split: str = _setting(
         "holdout", section="data", label="Split protocol", choices=PROTOCOLS,

@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=pathlib.Path, help="a folder per class of images")
     parser.add_argument("groups_csv", type=pathlib.Path,
-                        help="file,group rows with file as CLASS/NAME (python -m core.data.groups writes one)")
+                        help="file,group rows with file as CLASS/NAME (python -m core groups writes one)")
     parser.add_argument("--seeds", type=int, default=3, help="fold assignments to try (default 3)")
     args = parser.parse_args()
 

@@ -10,7 +10,7 @@ By topic:
 
   runs.py        RunRow and RunCurves: the runs as listed, their epochs, the best honest run
   results.py     RunResults: what the Runs page shows of a run that has ended
-  datasets.py    datasets, augmentation presets, the Augmentation page's preview image
+  datasets.py    datasets and their versions, augmentation presets, the Augmentation page's preview image
   workers.py     the training worker's panel and the notice of failed runs
   compare.py     runs side by side, approved models, the prediction log's History tab
   home.py        Home's headline: the best run on specimens it never saw, beside colour alone
@@ -26,7 +26,8 @@ from core.jobs.views.compare import (
     ApprovalPanel, PredictionHistory, SettingDifference, approval_panel, prediction_history, setting_differences,
 )
 from core.jobs.views.datasets import (
-    DatasetDetail, DatasetRow, ImageRow, PresetRow, dataset_detail, dataset_rows, preset_rows, preview_image,
+    DatasetDetail, DatasetRow, ImageRow, PresetRow, VersionDiff, VersionSummary, dataset_detail, dataset_rows,
+    dataset_versions, preset_rows, preview_image, version_diff,
 )
 from core.jobs.views.formatting import (
     accuracy_text, duration_text, failure_message, interval_text, plain_calibration_words, seconds_since, speed_text,
@@ -46,10 +47,12 @@ __all__ = [
     "ACTIVE", "NOTICE_HOURS", "PAPER", "PAPER_AUGMENTATION", "STATUSES",
     "ApprovalPanel", "BestGrouped", "DatasetDetail", "DatasetRow", "EpochRow", "FailureNotice", "FoldResults",
     "ImageRow", "PredictionHistory", "PredictionRow", "PresetRow", "RunCurves", "RunResults", "RunRow",
-    "SettingDifference", "TrainingNow", "WorkerPanel", "WorkerRow",
+    "SettingDifference", "TrainingNow", "VersionDiff", "VersionSummary", "WorkerPanel", "WorkerRow",
     "accuracy_text", "active_runs", "approval_panel", "best_grouped", "best_honest_run", "dataset_detail",
-    "dataset_rows", "duration_text", "failure_message", "failure_notices", "fold_spread_words", "interval_text",
+    "dataset_rows", "dataset_versions",
+    "duration_text", "failure_message", "failure_notices", "fold_spread_words", "interval_text",
     "last_launched_config", "plain_calibration_words", "prediction_history", "preset_rows", "preview_image",
     "run_curve", "run_curves", "run_results", "run_row", "run_rows", "seconds_since", "sessions",
-    "setting_differences", "setting_words", "speed_text", "without_paths", "without_paths_in", "worker_panel",
+    "setting_differences", "setting_words", "speed_text", "version_diff", "without_paths", "without_paths_in",
+    "worker_panel",
 ]

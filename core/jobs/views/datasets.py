@@ -1,4 +1,5 @@
-"""Datasets and augmentation presets as the pages show them, and the Augmentation page's preview image."""
+"""Datasets, their versions and augmentation presets as the pages show them, and the Augmentation page's
+preview image."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from core.config import Settings
+from core.data import versions
 from core.data.datasets import get_dataset
+from core.data.versions import VersionDiff, VersionSummary
 from core.data.decoding import load_rgb
 from core.store.db import AugmentationPreset, Dataset, Image, Run
 
@@ -91,6 +94,16 @@ def dataset_detail(session: Session, settings: Settings, name: str) -> DatasetDe
                             settings.app_home / im.stored_path) for im in sorted(d.images, key=lambda im: im.id))
     return DatasetDetail(d.name, tuple(d.classes), d.source, d.created_at, d.created_by, images,
                          tuple((f.path, f.reason) for f in d.skipped), runs)
+
+
+def dataset_versions(session: Session, name: str) -> tuple[VersionSummary, ...]:
+    """The versions of dataset `name`, newest first: the Datasets page's list, the Train page's picker."""
+    return tuple(versions.version_list(session, name))
+
+
+def version_diff(session: Session, name: str, old: int, new: int) -> VersionDiff:
+    """What changed between two versions of dataset `name`, image by image: the Datasets page."""
+    return versions.diff(session, name, old, new)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,12 @@ class RunRow:
         return without_paths((self.weights_used or self.config.weights).split(" (")[0])
 
     @property
+    def version_text(self) -> str:
+        """The version of its dataset it trained on, e.g. "version 2" (core/data/versions.py)."""
+        number = self.config.dataset_version
+        return "recorded before dataset versions" if number is None else f"version {number}"
+
+    @property
     def seconds(self) -> float | None:
         """How long it has run (until now while it runs); None before it started."""
         if self.started_at is None:

@@ -82,9 +82,10 @@ def _first_versions() -> None:
                                             .where(datasets.c.id.not_in(versioned))).all():
         counts = dict(conn.execute(sa.select(images.c.label, sa.func.count()).where(images.c.dataset_id == dataset_id)
                                    .group_by(images.c.label)).all())
-        version_id = conn.execute(sa.insert(versions).values(
-            dataset_id=dataset_id, number=1, created_at=now, created_by=None, note=FIRST_NOTE,
-            counts={c: counts.get(c, 0) for c in classes})).inserted_primary_key[0]
+        conn.execute(sa.insert(versions).values(dataset_id=dataset_id, number=1, created_at=now, created_by=None,
+                                                note=FIRST_NOTE, counts={c: counts.get(c, 0) for c in classes}))
+        version_id = conn.scalar(sa.select(versions.c.id).where(versions.c.dataset_id == dataset_id,
+                                                                versions.c.number == 1))
         conn.execute(sa.insert(members).from_select(
             ["version_id", "image_id", "label", "group"],
             sa.select(sa.literal(version_id, sa.Integer()), images.c.id, images.c.label, images.c.group)
