@@ -71,7 +71,9 @@ class Gate:
         if upload is not None:
             await self.guarded_upload(upload[1], request, receive, send)
             return
-        await self.app(scope, receive, send if browser else self.with_cookie(send, secure=scope.get("scheme") == "https"))
+        await self.app(
+            scope, receive, send if browser else self.with_cookie(send, secure=scope.get("scheme") == "https")
+        )
 
     async def guarded_upload(self, session_id: str, request: HTTPConnection, receive: Receive, send: Send) -> None:
         """Pass the upload on if its session is signed in and stays within its total."""
@@ -84,12 +86,18 @@ class Gate:
         elif size < 0:
             refusal = PlainTextResponse("An upload must declare its Content-Length.", status_code=411)
         elif self.max_bytes and self.held(session_id) + self.arriving.get(session_id, 0) + size > self.max_bytes:
-            refusal = PlainTextResponse(f"This session's uploads would pass MAX_SESSION_UPLOAD_MB "
-                                        f"({self.max_bytes / 2**20:g} MB); remove some first.", status_code=413)
+            refusal = PlainTextResponse(
+                f"This session's uploads would pass MAX_SESSION_UPLOAD_MB "
+                f"({self.max_bytes / 2**20:g} MB); remove some first.",
+                status_code=413,
+            )
         elif self.max_person_bytes and self.held_by_person(session_id) + size > self.max_person_bytes:
-            refusal = PlainTextResponse(f"Your uploads in all your sessions would pass MAX_USER_UPLOAD_MB "
-                                        f"({self.max_person_bytes / 2**20:g} MB); remove some, or close other "
-                                        "tabs, first.", status_code=413)
+            refusal = PlainTextResponse(
+                f"Your uploads in all your sessions would pass MAX_USER_UPLOAD_MB "
+                f"({self.max_person_bytes / 2**20:g} MB); remove some, or close other "
+                "tabs, first.",
+                status_code=413,
+            )
         else:
             refusal = None
         if refusal is not None:
@@ -121,10 +129,13 @@ class Gate:
         """`send` that gives a browser without the cookie a new one (HttpOnly: no script reads it; over
         https, Secure: never sent in the clear). It also names the browser a sign-in is kept for
         (core/access/remembered.py)."""
+
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
-                cookie = (f"{BROWSER_COOKIE}={secrets.token_urlsafe(24)}; Path={self.cookie_path}; HttpOnly; "
-                          "SameSite=Lax" + ("; Secure" if secure else ""))
+                cookie = (
+                    f"{BROWSER_COOKIE}={secrets.token_urlsafe(24)}; Path={self.cookie_path}; HttpOnly; "
+                    "SameSite=Lax" + ("; Secure" if secure else "")
+                )
                 message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
             await send(message)
 

@@ -14,8 +14,17 @@ from core.errors import UserError
 from core.jobs import manage, views
 from pages import _sessions as sessions
 from pages._common import (
-    SIGNED_IN, browser_cookie, load_accounts, md_text, session_factory, settings, sign_in_throttle, sign_out,
-    signed_in_user, start_worker, user_errors,
+    SIGNED_IN,
+    browser_cookie,
+    load_accounts,
+    md_text,
+    session_factory,
+    settings,
+    sign_in_throttle,
+    sign_out,
+    signed_in_user,
+    start_worker,
+    user_errors,
 )
 
 TITLE = "Lymphoma subtype recognition"
@@ -46,6 +55,7 @@ def only(draw: Callable[[], None]) -> NoReturn:
     rather than "page not found", and after signing in the same address opens the Runs page.
     Without any st.navigation call Streamlit's pages/ folder mode would list the pages' names.
     """
+
     def sign_in() -> None:
         _, middle, _ = st.columns([1, 2, 1])
         with middle:
@@ -53,9 +63,11 @@ def only(draw: Callable[[], None]) -> NoReturn:
             draw()
 
     addresses = [p.url_path for group in pages.values() for p in group if p.url_path]
-    st.navigation([st.Page(sign_in, title="Sign in", icon=":material/login:", default=True)]
-                  + [st.Page(sign_in, title="Sign in", icon=":material/login:", url_path=a) for a in addresses],
-                  position="hidden").run()
+    st.navigation(
+        [st.Page(sign_in, title="Sign in", icon=":material/login:", default=True)]
+        + [st.Page(sign_in, title="Sign in", icon=":material/login:", url_path=a) for a in addresses],
+        position="hidden",
+    ).run()
     st.stop()
 
 
@@ -64,8 +76,9 @@ def password_form() -> None:
     with st.form("auth_form"):
         st.text_input("User name", key="auth_name", autocomplete="username")
         st.text_input("Password", type="password", key="auth_password", autocomplete="current-password")
-        st.form_submit_button("Sign in", type="primary", icon=":material/login:", key="auth_submit",
-                              on_click=try_password)
+        st.form_submit_button(
+            "Sign in", type="primary", icon=":material/login:", key="auth_submit", on_click=try_password
+        )
     refused = st.session_state.pop("auth_refused", None)
     if refused:
         st.error(md_text(refused), icon=":material/error:")
@@ -101,26 +114,43 @@ def oidc_providers() -> list[str | None]:
 def oidc_form() -> None:
     providers = oidc_providers()
     if not providers:
-        st.error("AUTH_MODE is oidc, but .streamlit/secrets.toml has no [auth] section with a provider. "
-                 "The README's 'Sign-in and roles' section shows one.", icon=":material/warning:")
+        st.error(
+            "AUTH_MODE is oidc, but .streamlit/secrets.toml has no [auth] section with a provider. "
+            "The README's 'Sign-in and roles' section shows one.",
+            icon=":material/warning:",
+        )
         return
     if st.user.get("is_logged_in"):  # signed in with the provider, but no role here
         email = str(st.user.get("email") or "an account without an e-mail address")
-        why = ("the provider has not verified that address" if st.user.get("email_verified") is False
-               else "that address has no role in this app")
-        st.error(f"You are signed in as {md_text(email)}, but {why}. Ask an administrator to give it a "
-                 "role (viewer or editor).", icon=":material/block:")
+        why = (
+            "the provider has not verified that address"
+            if st.user.get("email_verified") is False
+            else "that address has no role in this app"
+        )
+        st.error(
+            f"You are signed in as {md_text(email)}, but {why}. Ask an administrator to give it a "
+            "role (viewer or editor).",
+            icon=":material/block:",
+        )
         st.button("Sign out", icon=":material/logout:", on_click=st.logout, key="auth_sign_out")
         return
     if importlib.util.find_spec("authlib") is None:
-        st.error("Signing in with OIDC needs the Authlib package on the server: "
-                 "`pip install 'Authlib>=1.3.2'`.", icon=":material/warning:")
+        st.error(
+            "Signing in with OIDC needs the Authlib package on the server: `pip install 'Authlib>=1.3.2'`.",
+            icon=":material/warning:",
+        )
         return
     st.caption("Sign in with your organisation's account to continue.")
     for provider in providers:
         label = "Sign in" if provider is None else f"Sign in with {md_text(provider)}"
-        st.button(label, type="primary", icon=":material/login:", on_click=st.login,
-                  args=() if provider is None else (provider,), key=f"auth_login_{provider or 'default'}")
+        st.button(
+            label,
+            type="primary",
+            icon=":material/login:",
+            on_click=st.login,
+            args=() if provider is None else (provider,),
+            key=f"auth_login_{provider or 'default'}",
+        )
 
 
 def gate() -> User:
@@ -189,16 +219,29 @@ def worker_status(user: User, was_busy: bool) -> None:
     icon = ":material/autorenew:" if panel.running else ":material/schedule:" if panel.alive else ":material/error:"
     colour = "blue" if panel.running else "green" if panel.alive else "red"
     # The tooltip renders Markdown: each line of it as text.
-    st.markdown(f"**Training worker:** :{colour}-badge[{icon} {panel.state()}]",
-                help="  \n".join(md_text(line) for line in panel.details().split("\n\n")))
+    st.markdown(
+        f"**Training worker:** :{colour}-badge[{icon} {panel.state()}]",
+        help="  \n".join(md_text(line) for line in panel.details().split("\n\n")),
+    )
     if panel.alive or panel.running:
-        kind = "GPU" if (next((w.device for w in panel.workers if w.device), None) or local_device()).startswith("cuda") \
+        kind = (
+            "GPU"
+            if (next((w.device for w in panel.workers if w.device), None) or local_device()).startswith("cuda")
             else "CPU"
-        st.caption(f"Trains on the {kind}. " + (f"{panel.queued} run{'s' if panel.queued != 1 else ''} waiting in "
-                                                 "the queue." if panel.queued else "Nothing waiting in the queue."))
+        )
+        st.caption(
+            f"Trains on the {kind}. "
+            + (
+                f"{panel.queued} run{'s' if panel.queued != 1 else ''} waiting in the queue."
+                if panel.queued
+                else "Nothing waiting in the queue."
+            )
+        )
     else:
-        st.caption("It starts with the app; reload the page to try again."
-                   + (f" {panel.queued} run(s) wait for it." if panel.queued else ""))
+        st.caption(
+            "It starts with the app; reload the page to try again."
+            + (f" {panel.queued} run(s) wait for it." if panel.queued else "")
+        )
     failure_notices(user, notices)
 
 
@@ -207,14 +250,25 @@ def failure_notices(user: User, notices: tuple[views.FailureNotice, ...]) -> Non
     if not notices:
         return
     for n in notices[:3]:
-        st.markdown(f":red-badge[:material/error: run {n.run_id} failed] "
-                    f"{views.duration_text(views.seconds_since(n.finished_at))} ago", help=md_text(f"{n.title}: {n.message}"))
-        st.page_link("pages/runs.py", label=f"Open run {n.run_id}", icon=":material/monitoring:",
-                     query_params={"run": str(n.run_id)})
+        st.markdown(
+            f":red-badge[:material/error: run {n.run_id} failed] "
+            f"{views.duration_text(views.seconds_since(n.finished_at))} ago",
+            help=md_text(f"{n.title}: {n.message}"),
+        )
+        st.page_link(
+            "pages/runs.py",
+            label=f"Open run {n.run_id}",
+            icon=":material/monitoring:",
+            query_params={"run": str(n.run_id)},
+        )
     if len(notices) > 3:
         st.caption(f"…and {len(notices) - 3} more failed run(s): the Runs page lists them.")
-    if st.button("Dismiss", key="sb_dismiss_failures", icon=":material/done_all:",
-                 help="Hide these notices; the runs stay on the Runs page."):
+    if st.button(
+        "Dismiss",
+        key="sb_dismiss_failures",
+        icon=":material/done_all:",
+        help="Hide these notices; the runs stay on the Runs page.",
+    ):
         with session_factory().begin() as s:
             manage.mark_failures_seen(s, user.name, max(n.finished_at for n in notices))
         st.rerun(scope="app")

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.figures import Figure, number, part_figures, render
@@ -51,6 +51,7 @@ class Plan:
 @dataclass
 class Measured:
     """Figures of earlier parts that size later ones (training rates at the small batch, img/s)."""
+
     eager: float | None = None
     fast: float | None = None
 
@@ -68,6 +69,7 @@ def train_args(batch: int, smoke_batch: int) -> Callable[[Plan, float, Measured]
         step = 0.15 + 0.006 * batch
         steps = clamp((SIZING * seconds - 75) / step, 10, 100)
         return ["--device", plan.device, "--batches", str(batch), "--steps", str(steps)]
+
     return build
 
 
@@ -108,8 +110,20 @@ def paper_args(plan: Plan, seconds: float, measured: Measured) -> list[str]:
     if plan.data is None:
         raise Skip("needs --data, a folder with one sub-folder per class")
     if plan.smoke:
-        return ["--data", str(plan.data), "--image-size", "32", "--per-class", "3", "--epochs", "1",
-                "--batch-size", "3", "--device", "cpu"]
+        return [
+            "--data",
+            str(plan.data),
+            "--image-size",
+            "32",
+            "--per-class",
+            "3",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+        ]
     per_class, epochs = paper_size(seconds, measured)
     return ["--data", str(plan.data), "--per-class", str(per_class), "--epochs", str(epochs), "--device", plan.device]
 
@@ -163,8 +177,11 @@ def remember_rates(figures: list[Figure], measured: Measured) -> None:
 
 def compile_warnings(result: PartResult) -> list[Figure]:
     """A fast path that fell back to eager would pass for a slow fast path: say so beside its figures."""
-    return [Figure(result.title, "warning", line.strip()) for line in result.log.splitlines()
-            if "torch.compile failed" in line]
+    return [
+        Figure(result.title, "warning", line.strip())
+        for line in result.log.splitlines()
+        if "torch.compile failed" in line
+    ]
 
 
 def finish(result: PartResult, outcome: Outcome, device: str) -> PartResult:
@@ -175,17 +192,26 @@ def finish(result: PartResult, outcome: Outcome, device: str) -> PartResult:
     else:
         result.status, result.reason = outcome.status, outcome.error
         word = "skipped" if outcome.status == "timed out" else "failed"
-        result.figures = [Figure(result.title, "all of its figures", f"{word}: {outcome.error}")] + compile_warnings(result)
+        result.figures = [Figure(result.title, "all of its figures", f"{word}: {outcome.error}")] + compile_warnings(
+            result
+        )
     return result
 
 
 def skipped(part: Part, reason: str) -> PartResult:
-    return PartResult(part.key, part.title, part.module, "skipped", reason,
-                      figures=[Figure(part.title, "all of its figures", f"skipped: {reason}")])
+    return PartResult(
+        part.key,
+        part.title,
+        part.module,
+        "skipped",
+        reason,
+        figures=[Figure(part.title, "all of its figures", f"skipped: {reason}")],
+    )
 
 
-def run_part(part: Part, plan: Plan, budget: tuple[float, float], measured: Measured,
-             env: dict[str, str]) -> PartResult:
+def run_part(
+    part: Part, plan: Plan, budget: tuple[float, float], measured: Measured, env: dict[str, str]
+) -> PartResult:
     """`budget`: (its share, in seconds, which its sizes are scaled to; the limit it is stopped at)."""
     share, limit = budget
     # (where the environment could not be recorded, the part is tried and speaks for itself)
@@ -289,13 +315,31 @@ def part_section(result: PartResult) -> list[str]:
 
 def markdown(header: str, env: dict[str, str], results: list[PartResult]) -> str:
     figures = [f for r in results for f in r.figures]
-    lines = ["# Benchmarks: the GPU figures of bench/RESULTS.md (bench/all.py)", "", header, "",
-             "## Environment", "", "| what | value |", "| --- | --- |",
-             *(f"| {k} | {' '.join(str(v).replace('|', '/').split())} |" for k, v in env.items()), "",
-             "## Figures", "", render(figures), ""]
+    lines = [
+        "# Benchmarks: the GPU figures of bench/RESULTS.md (bench/all.py)",
+        "",
+        header,
+        "",
+        "## Environment",
+        "",
+        "| what | value |",
+        "| --- | --- |",
+        *(f"| {k} | {' '.join(str(v).replace('|', '/').split())} |" for k, v in env.items()),
+        "",
+        "## Figures",
+        "",
+        render(figures),
+        "",
+    ]
     missing = not_measured(results)
-    lines += ["Not measured: none" if not missing else "Not measured:", "", *(f"- {m}" for m in missing),
-              "", "## Each part", ""]
+    lines += [
+        "Not measured: none" if not missing else "Not measured:",
+        "",
+        *(f"- {m}" for m in missing),
+        "",
+        "## Each part",
+        "",
+    ]
     for result in results:
         lines += part_section(result)
     return "\n".join(lines)
@@ -304,33 +348,59 @@ def markdown(header: str, env: dict[str, str], results: list[PartResult]) -> str
 def write_outputs(out: Path, header: str, record: dict, env: dict[str, str], results: list[PartResult]) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(header, env, results))
-    record |= {"environment": env, "figures": [f.as_dict() for r in results for f in r.figures],
-               "not measured": not_measured(results),
-               "parts": [{"key": r.key, "title": r.title, "status": r.status, "reason": r.reason, "command": r.command,
-                          "limit_seconds": round(r.limit_seconds, 1), "seconds": round(r.seconds, 1), "text": r.text,
-                          "other output": other_output(r)} for r in results]}
+    record |= {
+        "environment": env,
+        "figures": [f.as_dict() for r in results for f in r.figures],
+        "not measured": not_measured(results),
+        "parts": [
+            {
+                "key": r.key,
+                "title": r.title,
+                "status": r.status,
+                "reason": r.reason,
+                "command": r.command,
+                "limit_seconds": round(r.limit_seconds, 1),
+                "seconds": round(r.seconds, 1),
+                "text": r.text,
+                "other output": other_output(r),
+            }
+            for r in results
+        ],
+    }
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    summary = "\n".join(["## Environment", *(f"{k}: {v}" for k, v in env.items()), "", "## Figures",
-                         render([f for r in results for f in r.figures]), "",
-                         *(f"not measured: {m}" for m in not_measured(results)),
-                         f"written: {out} and {out.with_suffix('.json')}"])
+    summary = "\n".join(
+        [
+            "## Environment",
+            *(f"{k}: {v}" for k, v in env.items()),
+            "",
+            "## Figures",
+            render([f for r in results for f in r.figures]),
+            "",
+            *(f"not measured: {m}" for m in not_measured(results)),
+            f"written: {out} and {out.with_suffix('.json')}",
+        ]
+    )
     print(summary, flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", help="where the GPU parts run (no fallback: without CUDA they are skipped)")
+    parser.add_argument(
+        "--device", default="cuda", help="where the GPU parts run (no fallback: without CUDA they are skipped)"
+    )
     parser.add_argument("--minutes", type=float, default=8.0, help="the whole call's budget, results written included")
     parser.add_argument("--data", type=Path, help="a folder per class, for the paper's protocol")
-    parser.add_argument("--out", type=Path, default=Path("test-artifacts/bench-all.md"), help="Markdown; JSON beside it")
+    parser.add_argument(
+        "--out", type=Path, default=Path("test-artifacts/bench-all.md"), help="Markdown; JSON beside it"
+    )
     parser.add_argument("--smoke", action="store_true", help="every part on the CPU at toy sizes")
     parser.add_argument("--only", nargs="+", choices=[p.key for p in PARTS], help="run these parts alone")
     args = parser.parse_args(argv)
     if args.data is not None and not args.data.is_dir():
         parser.error(f"--data {args.data} is not a folder")
     parts = [p for p in PARTS if not args.only or p.key in args.only]
-    started, t0 = datetime.now(timezone.utc), time.monotonic()
+    started, t0 = datetime.now(UTC), time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-all-") as tmp:
         if args.data is not None:
             data = args.data.resolve()
@@ -340,10 +410,17 @@ def main(argv: list[str] | None = None) -> str:
         env, results = run_all(plan, parts, args.minutes)
     seconds = time.monotonic() - t0
     command = " ".join(["python -m bench.all", *(argv if argv is not None else sys.argv[1:])])
-    header = (f"{started:%Y-%m-%d %H:%M} UTC, `{command}`: {seconds:.0f} s of a {args.minutes:g}-minute budget"
-              + (" (smoke: CPU, toy sizes; not figures to report)" if args.smoke else ""))
-    record = {"started": started.isoformat(timespec="seconds"), "command": command, "minutes": args.minutes,
-              "smoke": args.smoke, "device": plan.device, "seconds": round(seconds, 1)}
+    header = f"{started:%Y-%m-%d %H:%M} UTC, `{command}`: {seconds:.0f} s of a {args.minutes:g}-minute budget" + (
+        " (smoke: CPU, toy sizes; not figures to report)" if args.smoke else ""
+    )
+    record = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": command,
+        "minutes": args.minutes,
+        "smoke": args.smoke,
+        "device": plan.device,
+        "seconds": round(seconds, 1),
+    }
     return write_outputs(args.out, header, record, env, results)
 
 

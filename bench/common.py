@@ -22,8 +22,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_pair(baseline: Callable[[], object], fast: Callable[[], object], device: torch.device, *,
-               warmup: int = 2, repeat: int = 5) -> tuple[float, float]:
+def timed_pair(
+    baseline: Callable[[], object],
+    fast: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeat: int = 5,
+) -> tuple[float, float]:
     """Median seconds per call of each, the calls alternating: on a shared machine whose speed drifts
     within a minute, timing one after the other would measure the drift as much as the difference."""
     for _ in range(warmup):
@@ -42,8 +48,13 @@ def timed_pair(baseline: Callable[[], object], fast: Callable[[], object], devic
 
 def report(title: str, device: torch.device, rows: list[tuple[str, float, float, str]]) -> str:
     """rows: (what, baseline, fast, unit). Ratio is fast/baseline for rates, baseline/fast for times."""
-    lines = [f"## {title}", f"device: {device_name(device)}", "",
-             "| what | baseline | fast path | speed-up |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"## {title}",
+        f"device: {device_name(device)}",
+        "",
+        "| what | baseline | fast path | speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
     for what, base, fast, unit in rows:
         ratio = fast / base if unit.endswith("/s") else base / fast
         lines.append(f"| {what} | {base:.4g} {unit} | {fast:.4g} {unit} | {ratio:.2f}x |")

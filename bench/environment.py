@@ -19,8 +19,13 @@ def _driver() -> str:
     if shutil.which("nvidia-smi") is None:
         return "nvidia-smi not found"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError) as exc:
         return f"nvidia-smi failed: {exc}"
     return out.strip() or "nvidia-smi printed nothing"
@@ -32,12 +37,20 @@ def _torch(device: str) -> dict[str, str]:
     from bench.common import device_name
     from core.training.loop import pick_device
 
-    record = {"torch": torch.__version__, "torch built with CUDA": str(torch.version.cuda),
-              "cuDNN": str(torch.backends.cudnn.version()), "CUDA available": str(torch.cuda.is_available())}
+    record = {
+        "torch": torch.__version__,
+        "torch built with CUDA": str(torch.version.cuda),
+        "cuDNN": str(torch.backends.cudnn.version()),
+        "CUDA available": str(torch.cuda.is_available()),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        record |= {"GPU": props.name, "GPU memory": f"{props.total_memory / 2**30:.0f} GiB",
-                   "GPU multiprocessors": str(props.multi_processor_count), "GPU driver": _driver()}
+        record |= {
+            "GPU": props.name,
+            "GPU memory": f"{props.total_memory / 2**30:.0f} GiB",
+            "GPU multiprocessors": str(props.multi_processor_count),
+            "GPU driver": _driver(),
+        }
     try:
         record["device"] = device_name(pick_device(device))
     except (RuntimeError, AssertionError) as exc:  # e.g. --device cuda where torch sees no GPU

@@ -62,17 +62,26 @@ def _column_ratio(column: str, base: str, fast: str) -> str:
     return f"{f / b:.2f}x" if "/s" in column or "/s" in fast else f"{b / f:.2f}x"  # rates up, times down
 
 
-def _paths_as_rows(part: str, header: list[str], rows: list[list[str]], device: str, settings: str
-                   ) -> list[Figure] | None:
+def _paths_as_rows(
+    part: str, header: list[str], rows: list[list[str]], device: str, settings: str
+) -> list[Figure] | None:
     """paper_protocol's shape: a baseline row and a fast-path row, a figure per column; the total
     carries the settings (from the title), which a short budget scales down from the paper's."""
     base = next((r for r in rows if r and r[0].startswith("baseline")), None)
     fast = next((r for r in rows if r and r[0].startswith("fast path")), None)
     if base is None or fast is None:
         return None
-    return [Figure(part, f"{column} ({settings})" if column == "total" and settings else column, f, b,
-                   _column_ratio(column, b, f), device)
-            for column, b, f in zip(header[1:], base[1:], fast[1:])]
+    return [
+        Figure(
+            part,
+            f"{column} ({settings})" if column == "total" and settings else column,
+            f,
+            b,
+            _column_ratio(column, b, f),
+            device,
+        )
+        for column, b, f in zip(header[1:], base[1:], fast[1:])
+    ]
 
 
 def part_figures(part: str, text: str, device: str = "") -> list[Figure]:
@@ -85,13 +94,21 @@ def part_figures(part: str, text: str, device: str = "") -> list[Figure]:
         if "baseline" in names and "fast path" in names:
             b, f = names.index("baseline"), names.index("fast path")
             r = names.index("speed-up") if "speed-up" in names else None
-            figures += [Figure(part, row[0], row[f], row[b], row[r] if r is not None else "", device)
-                        for row in rows if len(row) == len(header)]
+            figures += [
+                Figure(part, row[0], row[f], row[b], row[r] if r is not None else "", device)
+                for row in rows
+                if len(row) == len(header)
+            ]
             continue
         by_path = _paths_as_rows(part, header, rows, device, title.group(1) if title else "")
-        figures += by_path if by_path is not None else [
-            Figure(part, row[0], "; ".join(f"{h}: {v}" for h, v in zip(header[1:], row[1:])), device=device)
-            for row in rows]
+        figures += (
+            by_path
+            if by_path is not None
+            else [
+                Figure(part, row[0], "; ".join(f"{h}: {v}" for h, v in zip(header[1:], row[1:])), device=device)
+                for row in rows
+            ]
+        )
     if figures:
         return figures
     skip = re.search(r"^skipped: (.+)$", text, re.MULTILINE)  # a part that says why it timed nothing

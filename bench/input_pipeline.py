@@ -21,12 +21,12 @@ import torch
 from PIL import Image as PILImage
 
 from bench.common import report
-from core.transforms import augment
 from core.config import load_settings
 from core.data.cache import resized_array
-from core.transforms.pipelines import resize
 from core.data.decoding import load_rgb
 from core.store.db import Image
+from core.transforms import augment
+from core.transforms.pipelines import resize
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> str:
             path = settings.images_dir / f"{i}.tif"
             path.parent.mkdir(parents=True, exist_ok=True)
             PILImage.fromarray(data).save(path)
-            rows.append(Image(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), stored_path=str(path.relative_to(tmp))))
+            rows.append(
+                Image(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), stored_path=str(path.relative_to(tmp)))
+            )
 
         n_base = max(8, args.samples // 20)  # the baseline is slow; time a part of it
         t0 = time.perf_counter()

@@ -106,7 +106,9 @@ def run_isolated(module: str, argv: list[str], limit_seconds: float, threads: in
         if timed_out:
             return Outcome("timed out", "", f"stopped at its limit of {limit_seconds:.0f} s", seconds, log)
         if not result.exists():
-            return Outcome("failed", "", f"its process ended (exit code {proc.exitcode}) without a result", seconds, log)
+            return Outcome(
+                "failed", "", f"its process ended (exit code {proc.exitcode}) without a result", seconds, log
+            )
         payload = json.loads(result.read_text())
     if "error" in payload:
         return Outcome("failed", "", _error_line(payload["error"], log), seconds, log)

@@ -66,8 +66,14 @@ from tests.server import free_port, wait_healthy
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 # The flags tests/test_browser.py launches chromium with.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1280, "height": 900}
 TABLE_ONE = "Per-class results (the paper's Table I layout)"
 
@@ -128,9 +134,9 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
     """
     from core.config import load_settings
     from core.data.ingest import ingest
+    from core.jobs.runs import create_runs
     from core.store.db import make_sessionmaker
     from core.training.run_config import RunConfig
-    from core.jobs.runs import create_runs
     from tests.synthetic import write_dataset
 
     settings = load_settings({"APP_HOME": str(home)})
@@ -141,8 +147,9 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
     tiny = {"dataset": "synthetic", "weights": "none", "image_size": 32, "per_class": 4, "device": "cpu"}
     with Session.begin() as s:
         ingest(s, settings, source, "synthetic")
-        short = [create_runs(s, settings, RunConfig(**tiny, epochs=1, batch_size=12, seed=i))[0].id
-                 for i in range(finished)]
+        short = [
+            create_runs(s, settings, RunConfig(**tiny, epochs=1, batch_size=12, seed=i))[0].id for i in range(finished)
+        ]
         long = create_runs(s, settings, RunConfig(**tiny, epochs=train_epochs, batch_size=2, seed=99))[0].id
     return short, long
 
@@ -185,9 +192,15 @@ def start_worker(home: Path, slots: int, threads: int, log: Path) -> subprocess.
     env = base_env(home)
     env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "core", "worker", "--slots", str(slots)], cwd=ROOT,
-                                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "core", "worker", "--slots", str(slots)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def start_server(home: Path, port: int, log: Path, options: list[str]) -> subprocess.Popen:
@@ -197,10 +210,30 @@ def start_server(home: Path, port: int, log: Path, options: list[str]) -> subpro
     extra = [part for option in options for part in ("--" + option.split("=", 1)[0], option.split("=", 1)[1])]
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "serve.py", "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false", *extra],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "serve.py",
+                "--server.port",
+                str(port),
+                "--server.address",
+                "127.0.0.1",
+                "--server.headless",
+                "true",
+                "--server.fileWatcherType",
+                "none",
+                "--browser.gatherUsageStats",
+                "false",
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -243,8 +276,10 @@ def server_log_errors(log: Path) -> list[str]:
             block.append(line)
             if line.strip() and not line.startswith((" ", "\t")):
                 state = "done"  # the exception line
-        elif state in ("done", "chained") and (not line.strip() or line.startswith(
-                ("During handling of the above exception", "The above exception was the direct cause"))):
+        elif state in ("done", "chained") and (
+            not line.strip()
+            or line.startswith(("During handling of the above exception", "The above exception was the direct cause"))
+        ):
             block.append(line)
             state = "chained" if line.strip() else state
         else:
@@ -263,8 +298,14 @@ def server_log_errors(log: Path) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
@@ -309,8 +350,11 @@ def cores_used(start: dict[str, Any], end: dict[str, Any], seconds: float) -> di
     """Mean cores each tree used between two snapshots; "other" is everything else on the machine.
     Processes alive at the end count from the start (or from their birth); one that ended in between
     is missed, so the figures are lower bounds (the long-lived server, worker and browser dominate)."""
-    used = {name: sum(t - start[name].get(pid, 0.0) for pid, t in tree.items()) / seconds
-            for name, tree in end.items() if name != "all"}
+    used = {
+        name: sum(t - start[name].get(pid, 0.0) for pid, t in tree.items()) / seconds
+        for name, tree in end.items()
+        if name != "all"
+    }
     used["other"] = max(0.0, (end["all"] - start["all"]) / seconds - sum(used.values()))
     return {name: round(v, 2) for name, v in used.items()}
 
@@ -339,12 +383,14 @@ class Recorder:
     timed_from: float = 0.0  # seconds after t0 when the timed phase started
 
     def error(self, session: int, kind: str, message: str) -> None:
-        self.errors.append({"session": session, "kind": kind, "at": round(time.monotonic() - self.t0, 2),
-                            "message": message[:4000]})
+        self.errors.append(
+            {"session": session, "kind": kind, "at": round(time.monotonic() - self.t0, 2), "message": message[:4000]}
+        )
 
 
 def watch(page, record: Recorder, session: int) -> None:
     """Record a page's uncaught exceptions, console errors and failed requests as errors."""
+
     def console(msg) -> None:
         if msg.type != "error":
             return
@@ -404,8 +450,9 @@ class Session:
             record.error(self.number, "render failed", f"{view} run {run_id}: {type(exc).__name__}: {exc}")
             await self.failed()
             return False
-        record.renders.append(Render(self.number, self.client, view, run_id, time.monotonic() - start,
-                                     start - record.t0, first))
+        record.renders.append(
+            Render(self.number, self.client, view, run_id, time.monotonic() - start, start - record.t0, first)
+        )
         return True
 
     async def failed(self) -> None:
@@ -605,8 +652,10 @@ class ProtocolSession(Session):
                     raise
                 kinds = [e.WhichOneof("type") for e in self.elements]
                 headings = [e.heading.body for e in self.elements if e.WhichOneof("type") == "heading"]
-                raise RuntimeError(f"the page was sent without {self.missing(view, run_id)}; it had {len(kinds)} "
-                                   f"elements ({', '.join(sorted(set(kinds)))}), headings {headings}") from None
+                raise RuntimeError(
+                    f"the page was sent without {self.missing(view, run_id)}; it had {len(kinds)} "
+                    f"elements ({', '.join(sorted(set(kinds)))}), headings {headings}"
+                ) from None
             if status not in statuses:
                 raise RuntimeError("the protocol client stopped reading (see its error)")
             name = statuses[status].name
@@ -618,15 +667,26 @@ class ProtocolSession(Session):
 
     def missing(self, view: str, run_id: int) -> str:
         kinds = [e.WhichOneof("type") for e in self.elements]
-        texts = [e.heading.body if k == "heading" else e.markdown.body if k == "markdown" else
-                 e.metric.label if k == "metric" else "" for e, k in zip(self.elements, kinds)]
+        texts = [
+            e.heading.body
+            if k == "heading"
+            else e.markdown.body
+            if k == "markdown"
+            else e.metric.label
+            if k == "metric"
+            else ""
+            for e, k in zip(self.elements, kinds)
+        ]
         if not any(re.match(rf"Run {run_id}\b", t) for t, k in zip(texts, kinds) if k == "heading"):
             return f"the heading of run {run_id}"
         if view == "results":
             ok = any(TABLE_ONE in t for t in texts) and "plotly_chart" in kinds and kinds.count("dataframe") >= 2
             return "" if ok else "Table I, the confusion matrix or the tables"
-        ok = ("progress" in kinds and "Epochs done" in texts
-              and ("plotly_chart" in kinds or any("Curves appear" in t for t in texts)))
+        ok = (
+            "progress" in kinds
+            and "Epochs done" in texts
+            and ("plotly_chart" in kinds or any("Curves appear" in t for t in texts))
+        )
         return "" if ok else "the progress, the metrics or the curves"
 
     async def load(self, training: int, first: bool = False) -> bool:
@@ -639,8 +699,9 @@ class ProtocolSession(Session):
             ws_url = "ws" + self.url.removeprefix("http") + "/_stcore/stream"
             # No keepalive pings: a browser sends none, and a server too busy to answer one in time
             # would see the connection dropped by the client, which no user's browser would do.
-            self.ws = await websockets.connect(ws_url, subprotocols=["streamlit"], max_size=None,
-                                               open_timeout=self.timeout_s, ping_interval=None)
+            self.ws = await websockets.connect(
+                ws_url, subprotocols=["streamlit"], max_size=None, open_timeout=self.timeout_s, ping_interval=None
+            )
             self.reader = asyncio.create_task(self.read(self.ws))
             await self.send(self.client_state())
 
@@ -676,9 +737,19 @@ class ProtocolSession(Session):
         await asyncio.gather(*self.closing, return_exceptions=True)
 
 
-async def drive(url: str, sessions: int, browsers: int, duration: float, finished: list[int], training: int,
-                think: float, timeout_s: float, shots: Path, ready: Callable[[], None],
-                snapshot: Callable[[], dict[str, Any]]) -> tuple[Recorder, list[dict[str, Any]], float, str]:
+async def drive(
+    url: str,
+    sessions: int,
+    browsers: int,
+    duration: float,
+    finished: list[int],
+    training: int,
+    think: float,
+    timeout_s: float,
+    shots: Path,
+    ready: Callable[[], None],
+    snapshot: Callable[[], dict[str, Any]],
+) -> tuple[Recorder, list[dict[str, Any]], float, str]:
     """While `ready()` waits for the fixture's runs: every session's first load of /runs (empty
     browser cache, cold server), spread over `think` seconds. Then the timed phase: visits for
     `duration` seconds. The first `browsers` sessions are chromium contexts, the others speak the
@@ -735,8 +806,11 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def stats(renders: list[Render]) -> dict[str, Any]:
     seconds = [r.seconds for r in renders]
-    figures = (("p50_s", percentile(seconds, 50)), ("p95_s", percentile(seconds, 95)),
-               ("max_s", max(seconds, default=None)))
+    figures = (
+        ("p50_s", percentile(seconds, 50)),
+        ("p95_s", percentile(seconds, 95)),
+        ("max_s", max(seconds, default=None)),
+    )
     return {"renders": len(seconds), **{k: None if v is None else round(v, 3) for k, v in figures}}
 
 
@@ -748,26 +822,40 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"## Runs page under load: {result['sessions']} sessions, {result['duration_s']:.0f} s timed"
         + "".join(f", streamlit --{o}" for o in result["streamlit_options"]),
-        (f"machine: {m['cpu']}, {m['cores']} cores; load average {m['load_average_start']} at the start, "
-         f"{m['load_average_end']} at the end; chromium {result['chromium']}; Python {m['python']}"),
-        (f"CPU cores in use during the timed phase: server {cpu['server']}, training {cpu['training']}, "
-         f"chromium and the protocol clients {cpu['browser']}, everything else on the machine {cpu['other']} "
-         f"(of {m['cores']})"),
-        (f"sessions: {result['browsers']} in chromium, {result['sessions'] - result['browsers']} speaking "
-         "Streamlit's protocol (their render ends when the server has sent the page; nothing is drawn)"),
-        (f"the sessions' first loads (during the setup; not in 'all') took {result['first_loads_s']:.1f} s "
-         f"together; think time {result['think_s']} s"),
+        (
+            f"machine: {m['cpu']}, {m['cores']} cores; load average {m['load_average_start']} at the start, "
+            f"{m['load_average_end']} at the end; chromium {result['chromium']}; Python {m['python']}"
+        ),
+        (
+            f"CPU cores in use during the timed phase: server {cpu['server']}, training {cpu['training']}, "
+            f"chromium and the protocol clients {cpu['browser']}, everything else on the machine {cpu['other']} "
+            f"(of {m['cores']})"
+        ),
+        (
+            f"sessions: {result['browsers']} in chromium, {result['sessions'] - result['browsers']} speaking "
+            "Streamlit's protocol (their render ends when the server has sent the page; nothing is drawn)"
+        ),
+        (
+            f"the sessions' first loads (during the setup; not in 'all') took {result['first_loads_s']:.1f} s "
+            f"together; think time {result['think_s']} s"
+        ),
         "",
         "| renders of | sessions | renders | errors | p50 | p95 | max |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["views"].items():
         errors = result["error_count"] if name == "all" else ""
-        lines.append(f"| {name} | {row['sessions']} | {row['renders']} | {errors} | {s(row['p50_s'])} | "
-                     f"{s(row['p95_s'])} | {s(row['max_s'])} |")
-    lines += ["", f"training run {t['run']}: {t['status_end']} at the end; epochs recorded {t['epochs_start']} -> "
-                  f"{t['epochs_end']} (+{t['epochs_end'] - t['epochs_start']}), training steps "
-                  f"{t['steps_start']} -> {t['steps_end']} during the timed phase" + ("" if t["progressed"] else " (NO PROGRESS)")]
+        lines.append(
+            f"| {name} | {row['sessions']} | {row['renders']} | {errors} | {s(row['p50_s'])} | "
+            f"{s(row['p95_s'])} | {s(row['max_s'])} |"
+        )
+    lines += [
+        "",
+        f"training run {t['run']}: {t['status_end']} at the end; epochs recorded {t['epochs_start']} -> "
+        f"{t['epochs_end']} (+{t['epochs_end'] - t['epochs_start']}), training steps "
+        f"{t['steps_start']} -> {t['steps_end']} during the timed phase"
+        + ("" if t["progressed"] else " (NO PROGRESS)"),
+    ]
     for e in result["errors"][:20]:
         lines.append(f"error: session {e['session']} at {e['at']} s, {e['kind']}: {e['message']}")
     if len(result["errors"]) > 20:
@@ -775,9 +863,16 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summarise(args: argparse.Namespace, argv: list[str], started: datetime, record: Recorder,
-              snapshots: list[dict[str, Any]], first_loads: float, chromium: str, training: int
-              ) -> dict[str, Any]:
+def summarise(
+    args: argparse.Namespace,
+    argv: list[str],
+    started: datetime,
+    record: Recorder,
+    snapshots: list[dict[str, Any]],
+    first_loads: float,
+    chromium: str,
+    training: int,
+) -> dict[str, Any]:
     """The result: figures of the timed phase, and of the first loads apart."""
     timed, end = snapshots
     elapsed = end["t"] - timed["t"]
@@ -790,23 +885,45 @@ def summarise(args: argparse.Namespace, argv: list[str], started: datetime, reco
             continue
         for view, what in (("live", "load of /runs (training run)"), ("results", "pick of a finished run")):
             views[f"{client}: {what}"] = {
-                "sessions": count[client], **stats([x for x in r if x.client == client and x.view == view])}
+                "sessions": count[client],
+                **stats([x for x in r if x.client == client and x.view == view]),
+            }
         first = [x for x in record.renders if x.first and x.client == client]
         views[f"{client}: first load, not in 'all'" + (" (empty cache)" if client == "browser" else "")] = {
-            "sessions": count[client], **stats(first)}
+            "sessions": count[client],
+            **stats(first),
+        }
     s0, s1 = timed["run"], end["run"]
     result = {
         "date": started.isoformat(timespec="seconds"),
         "command": "python -m bench.load_runs_page " + " ".join(argv),
-        "sessions": args.sessions, "browsers": args.browsers, "duration_s": round(elapsed, 1), "think_s": args.think,
+        "sessions": args.sessions,
+        "browsers": args.browsers,
+        "duration_s": round(elapsed, 1),
+        "think_s": args.think,
         "streamlit_options": args.streamlit_option,
-        "first_loads_s": round(first_loads, 1), "timed_phase_from_s": round(record.timed_from, 1),
-        "machine": {**machine(), "load_average_start": round(timed["load"], 2), "load_average_end": round(end["load"], 2)},
-        "cpu_cores_used": cores, "chromium": chromium, "views": views,
-        "error_count": len(record.errors), "errors": record.errors, "expected_404_probes": record.expected,
-        "training": {"run": training, "status_end": s1["status"], "epochs_start": s0["epochs"], "epochs_end": s1["epochs"],
-                     "steps_start": s0["steps"], "steps_end": s1["steps"],
-                     "progressed": s1["steps"] > s0["steps"] or s1["epochs"] > s0["epochs"]},
+        "first_loads_s": round(first_loads, 1),
+        "timed_phase_from_s": round(record.timed_from, 1),
+        "machine": {
+            **machine(),
+            "load_average_start": round(timed["load"], 2),
+            "load_average_end": round(end["load"], 2),
+        },
+        "cpu_cores_used": cores,
+        "chromium": chromium,
+        "views": views,
+        "error_count": len(record.errors),
+        "errors": record.errors,
+        "expected_404_probes": record.expected,
+        "training": {
+            "run": training,
+            "status_end": s1["status"],
+            "epochs_start": s0["epochs"],
+            "epochs_end": s1["epochs"],
+            "steps_start": s0["steps"],
+            "steps_end": s1["steps"],
+            "progressed": s1["steps"] > s0["steps"] or s1["epochs"] > s0["epochs"],
+        },
         "renders": [asdict(x) | {"seconds": round(x.seconds, 3), "at": round(x.at, 2)} for x in record.renders],
     }
     result["ok"] = not record.errors and bool(r) and result["training"]["progressed"]
@@ -817,33 +934,62 @@ def summarise(args: argparse.Namespace, argv: list[str], started: datetime, reco
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.load_runs_page", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load_runs_page", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sessions", type=int, default=20, help="concurrent sessions (default 20)")
-    parser.add_argument("--browsers", type=int, default=None,
-                        help="how many of the sessions are chromium contexts (default 2, or --sessions if less); "
-                             "the others speak Streamlit's websocket protocol, so that the server sees every "
-                             "session while the cores are not spent drawing pages nobody looks at")
-    parser.add_argument("--duration", type=float, default=60,
-                        help="seconds during which sessions start new visits (default 60)")
-    parser.add_argument("--think", type=float, default=1.0,
-                        help="mean pause in seconds between a session's visits, drawn from 0.5x-1.5x (default 1)")
+    parser.add_argument(
+        "--browsers",
+        type=int,
+        default=None,
+        help="how many of the sessions are chromium contexts (default 2, or --sessions if less); "
+        "the others speak Streamlit's websocket protocol, so that the server sees every "
+        "session while the cores are not spent drawing pages nobody looks at",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=60, help="seconds during which sessions start new visits (default 60)"
+    )
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=1.0,
+        help="mean pause in seconds between a session's visits, drawn from 0.5x-1.5x (default 1)",
+    )
     parser.add_argument("--finished-runs", type=int, default=2, help="finished runs to pick from (default 2)")
-    parser.add_argument("--train-epochs", type=int, default=1000,
-                        help="epochs of the training run: more than it can finish during the test; the worker "
-                             "is stopped at the end (default 1000)")
-    parser.add_argument("--train-threads", type=int, default=1,
-                        help="CPU threads of each training process (OMP_NUM_THREADS; default 1)")
-    parser.add_argument("--render-timeout", type=float, default=300,
-                        help="seconds a render may take before it counts as an error (default 300)")
-    parser.add_argument("--setup-timeout", type=float, default=900,
-                        help="seconds to wait for the fixture's runs to train (default 900)")
-    parser.add_argument("--out", type=Path, default=ROOT / "test-artifacts" / "load_runs_page.json",
-                        help="JSON result (default test-artifacts/load_runs_page.json); the server's and the "
-                             "worker's logs and screenshots of failed renders go beside it")
-    parser.add_argument("--streamlit-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a setting for `streamlit run` (repeatable), e.g. runner.postScriptGC=false to "
-                             "measure without the full garbage collection Streamlit runs after every script run")
+    parser.add_argument(
+        "--train-epochs",
+        type=int,
+        default=1000,
+        help="epochs of the training run: more than it can finish during the test; the worker "
+        "is stopped at the end (default 1000)",
+    )
+    parser.add_argument(
+        "--train-threads", type=int, default=1, help="CPU threads of each training process (OMP_NUM_THREADS; default 1)"
+    )
+    parser.add_argument(
+        "--render-timeout",
+        type=float,
+        default=300,
+        help="seconds a render may take before it counts as an error (default 300)",
+    )
+    parser.add_argument(
+        "--setup-timeout", type=float, default=900, help="seconds to wait for the fixture's runs to train (default 900)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "test-artifacts" / "load_runs_page.json",
+        help="JSON result (default test-artifacts/load_runs_page.json); the server's and the "
+        "worker's logs and screenshots of failed renders go beside it",
+    )
+    parser.add_argument(
+        "--streamlit-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for `streamlit run` (repeatable), e.g. runner.postScriptGC=false to "
+        "measure without the full garbage collection Streamlit runs after every script run",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary APP_HOME and print its path")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.finished_runs < 1 or args.duration <= 0 or args.train_threads < 1:
@@ -890,9 +1036,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cpu = cpu_snapshot({"server": server.pid, "training": worker.pid, "browser": os.getpid()})
             return {"t": time.monotonic(), "load": os.getloadavg()[0], "run": run_state(home, training), "cpu": cpu}
 
-        record, snapshots, first_loads, chromium = asyncio.run(drive(
-            url, args.sessions, args.browsers, args.duration, finished, training, args.think, args.render_timeout, args.out,
-            lambda: wait_for_runs(home, finished, training, worker, args.setup_timeout), snapshot))
+        record, snapshots, first_loads, chromium = asyncio.run(
+            drive(
+                url,
+                args.sessions,
+                args.browsers,
+                args.duration,
+                finished,
+                training,
+                args.think,
+                args.render_timeout,
+                args.out,
+                lambda: wait_for_runs(home, finished, training, worker, args.setup_timeout),
+                snapshot,
+            )
+        )
         say("sessions done; stopping the server and the worker")
         for text in server_log_errors(server_log):
             record.error(-1, "server log", text)

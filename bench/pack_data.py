@@ -45,8 +45,9 @@ def pack_image(path: Path, out: Path, max_side: int, quality: int) -> int:
     image = load_rgb(path)
     if max(image.size) > max_side:
         scale = max_side / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             PILImage.Resampling.LANCZOS)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), PILImage.Resampling.LANCZOS
+        )
     image.save(out, "JPEG", quality=quality)
     return out.stat().st_size
 
@@ -69,7 +70,9 @@ def pack(src: Path, dst: Path, *, max_side: int, quality: int) -> Packed:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="folder with one sub-folder per class")
-    parser.add_argument("dst", type=Path, help="where the JPEG copy goes (created; files of the same name are replaced)")
+    parser.add_argument(
+        "dst", type=Path, help="where the JPEG copy goes (created; files of the same name are replaced)"
+    )
     parser.add_argument("--max-side", type=int, default=448, help="longest side in pixels after shrinking")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-95")
     args = parser.parse_args(argv)

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 from bench.common import device_name
-from core.jobs import execute, runs
 from core.config import load_settings
 from core.data.ingest import ingest
+from core.jobs import execute, runs
 from core.store.db import Run, make_sessionmaker
 from core.store.records import RunSummary
-from core.training.run_config import RunConfig
 from core.training.loop import pick_device
+from core.training.run_config import RunConfig
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -44,9 +44,17 @@ def main(argv: list[str] | None = None) -> str:
         ingest_seconds = time.perf_counter() - t0
         results = {}
         for label, compile in (("baseline (eager)", False), ("fast path", True)):
-            config = RunConfig(dataset="bench", split=args.split, image_size=args.image_size, per_class=args.per_class,
-                               epochs=args.epochs, batch_size=args.batch_size, weights=args.weights,
-                               device=args.device, compile=compile)
+            config = RunConfig(
+                dataset="bench",
+                split=args.split,
+                image_size=args.image_size,
+                per_class=args.per_class,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                weights=args.weights,
+                device=args.device,
+                compile=compile,
+            )
             with Session.begin() as s:
                 (run,) = runs.create_runs(s, settings, config)
             t0 = time.perf_counter()
@@ -57,12 +65,18 @@ def main(argv: list[str] | None = None) -> str:
                 summary = RunSummary.from_dict(run.summary)
                 results[label] = (total, dict(run.timings), summary.test_accuracy, summary.images_per_second)
 
-    lines = [f"## Paper protocol end to end ({args.split}, {args.image_size} px, {args.per_class}/class, {args.epochs} epochs, batch {args.batch_size})",
-             f"device: {device_name(pick_device(args.device))}; ingest {ingest_seconds:.1f} s (once)", "",
-             "| path | decode + augment | train | evaluate | total | train img/s | test accuracy |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"## Paper protocol end to end ({args.split}, {args.image_size} px, {args.per_class}/class, {args.epochs} epochs, batch {args.batch_size})",
+        f"device: {device_name(pick_device(args.device))}; ingest {ingest_seconds:.1f} s (once)",
+        "",
+        "| path | decode + augment | train | evaluate | total | train img/s | test accuracy |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for label, (total, t, acc, ips) in results.items():
-        lines.append(f"| {label} | {t.get('data_and_augment', 0):.1f} s | {t.get('train', 0):.1f} s | {t.get('evaluate', 0):.1f} s "
-                     f"| {total:.1f} s | {ips} | {acc:.4f} |")
+        lines.append(
+            f"| {label} | {t.get('data_and_augment', 0):.1f} s | {t.get('train', 0):.1f} s | {t.get('evaluate', 0):.1f} s "
+            f"| {total:.1f} s | {ips} | {acc:.4f} |"
+        )
     base, fast = results["baseline (eager)"][0], results["fast path"][0]
     lines.append(f"\nspeed-up (total): {base / fast:.2f}x")
     text = "\n".join(lines)

@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> str:
         print(f"ONNX export in {time.perf_counter() - started:.1f} s", flush=True)
         fast = OnnxPredictor.from_files(onnx_file, model_file, str(device))
         if device.type == "cuda" and "CUDAExecutionProvider" not in fast.providers:
-            note = (f"## Prediction\ndevice: {device_name(device)}\n\nskipped: this ONNX Runtime has no CUDA "
-                    "provider (install onnxruntime-gpu); nothing was timed.")
+            note = (
+                f"## Prediction\ndevice: {device_name(device)}\n\nskipped: this ONNX Runtime has no CUDA "
+                "provider (install onnxruntime-gpu); nothing was timed."
+            )
             print(note, flush=True)
             return note
         # The baseline: the same weights, eager (no torch.compile, which Predictor.from_file uses on CUDA).
@@ -75,14 +77,18 @@ def main(argv: list[str] | None = None) -> str:
         batch = torch.randint(0, 255, (args.batch, 3, size, size), dtype=torch.uint8)
 
         one_base, one_fast = timed_pair(lambda: one(eager), lambda: one(fast), device, repeat=args.repeat)
-        batch_base, batch_fast = timed_pair(lambda: eager.score(batch), lambda: fast.score(batch), device,
-                                            warmup=1, repeat=min(args.repeat, 3))
+        batch_base, batch_fast = timed_pair(
+            lambda: eager.score(batch), lambda: fast.score(batch), device, warmup=1, repeat=min(args.repeat, 3)
+        )
         rows = [
             ("one image, decode + predict", one_base * 1000, one_fast * 1000, "ms"),
             (f"batch of {args.batch}", args.batch / batch_base, args.batch / batch_fast, "img/s"),
         ]
-    return report(f"Prediction: eager torch (baseline) against ONNX Runtime, {', '.join(fast.providers)} "
-                  "(fast path)", device, rows)
+    return report(
+        f"Prediction: eager torch (baseline) against ONNX Runtime, {', '.join(fast.providers)} (fast path)",
+        device,
+        rows,
+    )
 
 
 if __name__ == "__main__":

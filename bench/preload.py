@@ -8,8 +8,17 @@ these modules starts a thread or touches CUDA when imported, which keeps forking
 
 import importlib
 
-MODULES = ("torch", "torchvision", "sqlalchemy", "bench.common", "bench.environment", "bench.train_throughput",
-           "bench.predict", "bench.input_pipeline", "bench.paper_protocol")
+MODULES = (
+    "torch",
+    "torchvision",
+    "sqlalchemy",
+    "bench.common",
+    "bench.environment",
+    "bench.train_throughput",
+    "bench.predict",
+    "bench.input_pipeline",
+    "bench.paper_protocol",
+)
 
 for _name in MODULES:
     try:

@@ -20,12 +20,26 @@ import time
 from pathlib import Path
 
 from bench.load_runs_page import (
-    CHROMIUM, cpu_snapshot, machine, prepare_home, run_state, start_server, start_worker, stop, wait_for_runs,
+    CHROMIUM,
+    cpu_snapshot,
+    machine,
+    prepare_home,
+    run_state,
+    start_server,
+    start_worker,
+    stop,
+    wait_for_runs,
 )
 from tests.server import free_port, wait_healthy
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def server_share(home: Path, training: int, watcher: str, duration: float, log: Path) -> float:
@@ -64,8 +78,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         finished, training = prepare_home(home, 0, 100_000)
         worker = start_worker(home, 1, 1, tmp / "worker.log")
         wait_for_runs(home, finished, training, worker, 600)
-        shares = {name: server_share(home, training, watcher, args.duration, tmp / f"server-{name}.log")
-                  for name, watcher in (("baseline", args.baseline_watcher), ("project", "none"))}
+        shares = {
+            name: server_share(home, training, watcher, args.duration, tmp / f"server-{name}.log")
+            for name, watcher in (("baseline", args.baseline_watcher), ("project", "none"))
+        }
         if run_state(home, training)["status"] != "running":
             raise RuntimeError(f"the training run stopped: {run_state(home, training)}")
     finally:

@@ -51,9 +51,11 @@ def synthetic_slide(path: Path, width: int, height: int) -> Path:
     """Three blocks of the classes' textures, each a third of the width and a third of the height
     apart, on glass: about a third of the slide is tissue."""
     w, h = width // 3, height // 3
-    blocks = [Region(width // 12, height // 12, w, h, class_texture("CLL")),
-              Region(width // 2, height // 6, w, 2 * h, class_texture("FL")),
-              Region(width // 12, height // 2, w, h, class_texture("MCL"))]
+    blocks = [
+        Region(width // 12, height // 12, w, h, class_texture("CLL")),
+        Region(width // 2, height // 6, w, 2 * h, class_texture("FL")),
+        Region(width // 12, height // 2, w, h, class_texture("MCL")),
+    ]
     return write_slide(path, width, height, blocks, mpp=0.25)
 
 
@@ -61,8 +63,11 @@ def make_predictor(tmp: Path, tile_px: int, mpp: float, device: torch.device):
     """The app's engine for `device` over a model file with the scale recorded."""
     torch.manual_seed(0)
     model_file = tmp / "model.safetensors"
-    write_model(model_file, PaperDenseNet(len(CLASSES)).state_dict(),
-                {"classes": CLASSES, "preparation": {"image_size": tile_px}, "scale": scale_meta(tile_px, mpp)})
+    write_model(
+        model_file,
+        PaperDenseNet(len(CLASSES)).state_dict(),
+        {"classes": CLASSES, "preparation": {"image_size": tile_px}, "scale": scale_meta(tile_px, mpp)},
+    )
     if device.type == "cuda":
         from core.inference.predict import Predictor
 
@@ -89,8 +94,9 @@ def naive_tiling(slide, tile_px: int, mpp: float, settings) -> list[tuple[int, i
 
 def one_by_one(slide, tiling, predictor) -> np.ndarray:
     """The plain loop: read one tile, predict it, next."""
-    return np.concatenate([predictor.predict([slide.region(t.x, t.y, tiling.tile_px, tiling.mpp)]).shown
-                           for t in tiling.tiles])
+    return np.concatenate(
+        [predictor.predict([slide.region(t.x, t.y, tiling.tile_px, tiling.mpp)]).shown for t in tiling.tiles]
+    )
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -100,8 +106,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--mpp", type=float, default=0.5, help="the model's tiles' microns per pixel")
     parser.add_argument("--width", type=int, default=12_000, help="the slide's level-0 width (0.25 um/px)")
     parser.add_argument("--height", type=int, default=8_000)
-    parser.add_argument("--batch", type=int, default=0,
-                        help="tiles per call of the model on the fast path (0: the library's for the device)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="tiles per call of the model on the fast path (0: the library's for the device)",
+    )
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     settings = load_settings({"INFERENCE_ENGINE": "auto"})
@@ -118,9 +128,14 @@ def main(argv: list[str] | None = None) -> str:
             kept = naive_tiling(slide, scale.tile_px, scale.mpp, settings)
             naive_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            tiling = tile_slide(slide, scale.tile_px, scale.mpp, max_tiles=0,
-                                min_saturation=settings.tissue_min_saturation,
-                                max_pale_fraction=settings.tissue_max_pale_fraction)
+            tiling = tile_slide(
+                slide,
+                scale.tile_px,
+                scale.mpp,
+                max_tiles=0,
+                min_saturation=settings.tissue_min_saturation,
+                max_pale_fraction=settings.tissue_max_pale_fraction,
+            )
             tiling_seconds = time.perf_counter() - t0
             # The first call at each batch size either path makes allocates, and on CUDA compiles: not timed.
             tile = slide.region(0, 0, scale.tile_px, scale.mpp)
@@ -134,20 +149,33 @@ def main(argv: list[str] | None = None) -> str:
         pred = predict_slide(predictor, path, scale=scale, settings=settings, batch=batch)
     n = pred.n_tiles
     found = {(t.col, t.row) for t in tiling.tiles}
-    print(f"{n} tissue tiles of {tiling.columns * tiling.rows} cells; the naive tiling kept {len(kept)}, "
-          f"{len(found & set(kept))} of them the same", flush=True)
-    print(f"largest probability difference, batched vs one by one: {np.abs(pred.tile_probabilities - plain).max():.2g}",
-          flush=True)
+    print(
+        f"{n} tissue tiles of {tiling.columns * tiling.rows} cells; the naive tiling kept {len(kept)}, "
+        f"{len(found & set(kept))} of them the same",
+        flush=True,
+    )
+    print(
+        f"largest probability difference, batched vs one by one: {np.abs(pred.tile_probabilities - plain).max():.2g}",
+        flush=True,
+    )
     model_seconds = pred.seconds - pred.tiling_seconds
     rows = [
-        (f"tiling ({n} tissue tiles of {tiling.columns * tiling.rows} cells)", n / naive_seconds, n / tiling_seconds,
-         "tiles/s"),
+        (
+            f"tiling ({n} tissue tiles of {tiling.columns * tiling.rows} cells)",
+            n / naive_seconds,
+            n / tiling_seconds,
+            "tiles/s",
+        ),
         (f"prediction, read + model, batch {batch}", n / plain_seconds, n / model_seconds, "tiles/s"),
         ("whole slide, end to end", n / (tiling_seconds + plain_seconds), n / pred.seconds, "tiles/s"),
     ]
     engine = type(predictor).__name__
-    return report(f"Whole-slide prediction: the plain one-tile loop (baseline) against core/slides (fast path), "
-                  f"{args.tile_px} px at {args.mpp:g} um/px, {engine}", device, rows)
+    return report(
+        f"Whole-slide prediction: the plain one-tile loop (baseline) against core/slides (fast path), "
+        f"{args.tile_px} px at {args.mpp:g} um/px, {engine}",
+        device,
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,21 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.common import device_name, report, sync
+from core.training.loop import (
+    NullCallback,
+    make_loader,
+    make_optimizer,
+    pick_device,
+    prepare_model,
+    preprocess,
+    train_one_epoch,
+)
 from core.training.model import PaperDenseNet
-from core.training.loop import NullCallback, make_loader, make_optimizer, pick_device, prepare_model, preprocess, train_one_epoch
 
 
-def plain_rate(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device, *, bf16: bool = False) -> float:
+def plain_rate(
+    x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device, *, bf16: bool = False
+) -> float:
     model = PaperDenseNet(3).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)

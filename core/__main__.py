@@ -21,8 +21,9 @@ __all__ = ["build_parser", "config_from_args", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.set_defaults(database=True)  # a command registered with database=False gets no Session
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for topic in (data, runs, results, predict, store, accounts):

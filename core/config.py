@@ -208,11 +208,13 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         prediction_log_days=int(env.get("PREDICTION_LOG_DAYS", 365)),
         prediction_log_images=env.get("PREDICTION_LOG_IMAGES", "0") in ("1", "true", "yes"),
         sign_in_hours=float(env.get("SIGN_IN_HOURS", 12)),
-        max_user_upload_mb=float(env.get("MAX_USER_UPLOAD_MB", env.get("MAX_SESSION_UPLOAD_MB",
-                                                                        env.get("MAX_UPLOAD_MB", 2048)))),
+        max_user_upload_mb=float(
+            env.get("MAX_USER_UPLOAD_MB", env.get("MAX_SESSION_UPLOAD_MB", env.get("MAX_UPLOAD_MB", 2048)))
+        ),
         max_predict_pixels=int(env.get("MAX_PREDICT_PIXELS", 2_000_000_000)),
-        max_user_predict_pixels=int(env.get("MAX_USER_PREDICT_PIXELS",
-                                            2 * int(env.get("MAX_PREDICT_PIXELS", 2_000_000_000)))),
+        max_user_predict_pixels=int(
+            env.get("MAX_USER_PREDICT_PIXELS", 2 * int(env.get("MAX_PREDICT_PIXELS", 2_000_000_000)))
+        ),
         max_concurrent_predictions=int(env.get("MAX_CONCURRENT_PREDICTIONS", 2)),
         predict_wait_seconds=float(env.get("PREDICT_WAIT_SECONDS", 10)),
         allowed_hosts=_items(env.get("ALLOWED_HOSTS") or "localhost,127.0.0.1,[::1]"),  # empty: the default

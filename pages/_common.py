@@ -12,23 +12,23 @@ import html
 import re
 import runpy
 import textwrap
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 from PIL import Image as PILImage
+from plotly.subplots import make_subplots
+from streamlit.runtime.pages_manager import PagesManager
 
 from core import csv_export
 from core.access import accounts, remembered
-from core.jobs import queue, views, worker
 from core.access.accounts import User
+from core.access.throttle import SignInThrottle
 from core.config import Settings, load_settings
 from core.errors import UserError
-from core.access.throttle import SignInThrottle
-from streamlit.runtime.pages_manager import PagesManager
-
+from core.jobs import queue, views, worker
 from pages._sessions import BROWSER_COOKIE
 
 ENTRY_SCRIPT = Path(__file__).resolve().parents[1] / "streamlit_app.py"
@@ -233,8 +233,9 @@ def text_table(data, *, hide_index: bool = True, **kwargs) -> None:
     in each cell, header and index, so a note holding an image link would load it in every viewer's
     browser: pages use this, never st.table. Rows tall enough for the grid to wrap long text (it
     wraps above 64 px)."""
-    st.dataframe(data, hide_index=hide_index, row_height=72, height=min(520, 38 + 73 * len(data)),
-                 placeholder="–", **kwargs)
+    st.dataframe(
+        data, hide_index=hide_index, row_height=72, height=min(520, 38 + 73 * len(data)), placeholder="–", **kwargs
+    )
 
 
 def csv_bytes(frame) -> bytes:
@@ -280,15 +281,26 @@ def _layout(fig: go.Figure, title: str, subtitle: str = "", height: int = 380, w
     lines = textwrap.wrap(subtitle, wrap) if subtitle else []
     text = "<br>".join([plot_text(title), *(f"<sup>{plot_text(line)}</sup>" for line in lines)])
     height += 14 * max(0, len(lines) - 1)
-    fig.update_layout(title={"text": text, "x": 0, "xanchor": "left"}, height=height,
-                      margin={"l": 10, "r": 10, "t": 60 + 14 * len(lines), "b": 10}, legend={"orientation": "h", "y": -0.18})
+    fig.update_layout(
+        title={"text": text, "x": 0, "xanchor": "left"},
+        height=height,
+        margin={"l": 10, "r": 10, "t": 60 + 14 * len(lines), "b": 10},
+        legend={"orientation": "h", "y": -0.18},
+    )
     return fig
 
 
 def class_counts_figure(counts: dict[str, int], title: str, subtitle: str = "") -> go.Figure:
     names = [plot_text(n) for n in counts]
-    fig = go.Figure(go.Bar(x=names, y=list(counts.values()), text=list(counts.values()),
-                           textposition="outside", marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(names))]))
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=list(counts.values()),
+            text=list(counts.values()),
+            textposition="outside",
+            marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(names))],
+        )
+    )
     fig.update_yaxes(title="images", rangemode="tozero")
     fig.update_xaxes(title="class")
     return _layout(fig, title, subtitle, height=340)
@@ -312,11 +324,20 @@ def curves_figure(series: Sequence[tuple[str, Sequence]], title: str, subtitle: 
             label = part if single else f"{name} ({part})"
             for col, key in ((1, loss_key), (2, acc_key)):
                 fig.add_trace(
-                    go.Scatter(x=x, y=[getattr(e, key) for e in epochs], mode="lines+markers", name=label,
-                               legendgroup=label, showlegend=col == 1,
-                               line={"color": colour if not single else (PALETTE[0] if part == "train" else PALETTE[1]),
-                                     "dash": dash}),
-                    row=1, col=col,
+                    go.Scatter(
+                        x=x,
+                        y=[getattr(e, key) for e in epochs],
+                        mode="lines+markers",
+                        name=label,
+                        legendgroup=label,
+                        showlegend=col == 1,
+                        line={
+                            "color": colour if not single else (PALETTE[0] if part == "train" else PALETTE[1]),
+                            "dash": dash,
+                        },
+                    ),
+                    row=1,
+                    col=col,
                 )
     fig.update_xaxes(title="epoch", dtick=1 if max((len(e) for _, e in series), default=0) <= 30 else None)
     fig.update_yaxes(title="cross-entropy", row=1, col=1, rangemode="tozero")
@@ -324,17 +345,28 @@ def curves_figure(series: Sequence[tuple[str, Sequence]], title: str, subtitle: 
     return _layout(fig, title, subtitle, height=400)
 
 
-def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, subtitle: str = "",
-                     wrap: int = 110) -> go.Figure:
+def confusion_figure(
+    confusion: np.ndarray, classes: Sequence[str], title: str, subtitle: str = "", wrap: int = 110
+) -> go.Figure:
     z = np.asarray(confusion)
     row_sums = z.sum(1, keepdims=True)
     share = np.divide(z, row_sums, out=np.zeros(z.shape, dtype=float), where=row_sums > 0)
     text = [[f"{z[i, j]}<br>{share[i, j]:.0%}" for j in range(z.shape[1])] for i in range(z.shape[0])]
     names = [plot_text(c) for c in classes]
-    fig = go.Figure(go.Heatmap(z=share, x=names, y=names, text=text, texttemplate="%{text}",
-                               colorscale=[[0, "#ffffff"], [1, PALETTE[0]]], zmin=0, zmax=1,
-                               colorbar={"title": "share of<br>true class", "tickformat": ".0%"},
-                               hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=share,
+            x=names,
+            y=names,
+            text=text,
+            texttemplate="%{text}",
+            colorscale=[[0, "#ffffff"], [1, PALETTE[0]]],
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "share of<br>true class", "tickformat": ".0%"},
+            hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>",
+        )
+    )
     fig.update_xaxes(title="predicted class", side="bottom")
     fig.update_yaxes(title="true class", autorange="reversed")
     return _layout(fig, title, subtitle, height=420, wrap=wrap)
@@ -348,14 +380,20 @@ def reliability_chart(before, after, title: str, subtitle: str = "", wrap: int =
     return _layout(fig, title, subtitle, height=420, wrap=wrap)
 
 
-def probabilities_figure(classes: Sequence[str], probabilities: Sequence[float], title: str, subtitle: str = "",
-                         wrap: int = 110) -> go.Figure:
+def probabilities_figure(
+    classes: Sequence[str], probabilities: Sequence[float], title: str, subtitle: str = "", wrap: int = 110
+) -> go.Figure:
     best = int(np.argmax(probabilities))
-    fig = go.Figure(go.Bar(
-        x=[float(p) for p in probabilities], y=[plot_text(c) for c in classes], orientation="h",
-        text=[f"{p:.1%}" for p in probabilities], textposition="auto",
-        marker_color=[PALETTE[0] if i == best else "#c9b3c4" for i in range(len(classes))],
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=[float(p) for p in probabilities],
+            y=[plot_text(c) for c in classes],
+            orientation="h",
+            text=[f"{p:.1%}" for p in probabilities],
+            textposition="auto",
+            marker_color=[PALETTE[0] if i == best else "#c9b3c4" for i in range(len(classes))],
+        )
+    )
     fig.update_xaxes(range=[0, 1.001], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%", title="probability")
     fig.update_yaxes(autorange="reversed")
     fig = _layout(fig, title, subtitle, height=90 + 45 * len(classes), wrap=wrap)
@@ -364,12 +402,22 @@ def probabilities_figure(classes: Sequence[str], probabilities: Sequence[float],
 
 
 # Transparent where a region did not raise the score, so the tissue stays visible under the map.
-HEAT_SCALE = [[0.0, "rgba(255,255,178,0)"], [0.35, "rgba(254,204,92,0.55)"], [0.7, "rgba(240,59,32,0.85)"],
-              [1.0, "rgba(189,0,38,1)"]]
+HEAT_SCALE = [
+    [0.0, "rgba(255,255,178,0)"],
+    [0.35, "rgba(254,204,92,0.55)"],
+    [0.7, "rgba(240,59,32,0.85)"],
+    [1.0, "rgba(189,0,38,1)"],
+]
 
 
-def saliency_figure(image: PILImage.Image, cells: np.ndarray, title: str, subtitle: str = "",
-                    scale_title: str = "how much this region raised the class score", wrap: int = 42) -> go.Figure:
+def saliency_figure(
+    image: PILImage.Image,
+    cells: np.ndarray,
+    title: str,
+    subtitle: str = "",
+    scale_title: str = "how much this region raised the class score",
+    wrap: int = 42,
+) -> go.Figure:
     """The image with a heat layer of `cells` ((h, w) in [0, 1], one value per cell of the map, laid
     evenly over the image) at opacity 0.45 on top, and a colour scale saying what the colours mean."""
     import base64
@@ -381,13 +429,30 @@ def saliency_figure(image: PILImage.Image, cells: np.ndarray, title: str, subtit
     width, height = image.size
     rows, cols = cells.shape
     fig = go.Figure(go.Image(source=source, x0=0, dx=1, y0=0, dy=1, hoverinfo="skip"))
-    fig.add_trace(go.Heatmap(
-        z=np.asarray(cells, dtype=float).round(3), x0=width / cols / 2, dx=width / cols, y0=height / rows / 2,
-        dy=height / rows, zmin=0, zmax=1, opacity=0.45, colorscale=HEAT_SCALE, zsmooth="best",
-        colorbar={"title": {"text": "<br>".join(plot_text(line) for line in textwrap.wrap(scale_title, 18)),
-                            "side": "right"},
-                  "tickvals": [0, 0.5, 1], "ticktext": ["not at all", "some", "most"], "thickness": 12},
-        hovertemplate="%{z:.0%} of the most<extra></extra>"))
+    fig.add_trace(
+        go.Heatmap(
+            z=np.asarray(cells, dtype=float).round(3),
+            x0=width / cols / 2,
+            dx=width / cols,
+            y0=height / rows / 2,
+            dy=height / rows,
+            zmin=0,
+            zmax=1,
+            opacity=0.45,
+            colorscale=HEAT_SCALE,
+            zsmooth="best",
+            colorbar={
+                "title": {
+                    "text": "<br>".join(plot_text(line) for line in textwrap.wrap(scale_title, 18)),
+                    "side": "right",
+                },
+                "tickvals": [0, 0.5, 1],
+                "ticktext": ["not at all", "some", "most"],
+                "thickness": 12,
+            },
+            hovertemplate="%{z:.0%} of the most<extra></extra>",
+        )
+    )
     fig.update_xaxes(visible=False, range=[0, width], constrain="domain")
     fig.update_yaxes(visible=False, range=[height, 0], scaleanchor="x", constrain="domain")
     fig = _layout(fig, title, subtitle, height=int(80 + 330 * min(1.5, height / max(1, width))), wrap=wrap)
@@ -408,24 +473,39 @@ def show_grad_cam(cam, image_size: int, class_name: str, run_id: int, key: str) 
     """A Grad-CAM map over the whole image, with a caption that says what is drawn and a note when
     the map is too coarse or flat to point at anything."""
     (rows, cols), name = cam.grid, md_text(class_name)
-    about = (f"Gradient-weighted class activation map (Grad-CAM) on {cam.layer} of DenseNet-201: {rows}×{cols} "
-             f"cells for this run's {image_size} px inputs. The deepest block with at least 7×7 cells at the run's "
-             "image size is used (the finest one where none has); earlier blocks are finer but less specific to the "
-             "class. Colours are relative to the image's strongest region.")
+    about = (
+        f"Gradient-weighted class activation map (Grad-CAM) on {cam.layer} of DenseNet-201: {rows}×{cols} "
+        f"cells for this run's {image_size} px inputs. The deepest block with at least 7×7 cells at the run's "
+        "image size is used (the finest one where none has); earlier blocks are finer but less specific to the "
+        "class. Colours are relative to the image's strongest region."
+    )
     if cam.flat:
-        st.info(f"Grad-CAM for {name}: no heat map to show. No region of this image raised the class's score at "
-                f"{cam.layer}, so the map is the same everywhere.", icon=":material/blur_off:")
+        st.info(
+            f"Grad-CAM for {name}: no heat map to show. No region of this image raised the class's score at "
+            f"{cam.layer}, so the map is the same everywhere.",
+            icon=":material/blur_off:",
+        )
         return
-    show_figure(saliency_figure(cam.image, cam.cells, f"Grad-CAM for {class_name}",
-                                f"run {run_id} · {cam.layer} · {rows}×{cols} cells"), key=key)
-    st.caption(f"Grad-CAM for {name} on {cam.layer}, over the whole image at its own proportions: the warmer the "
-               f"colour, the more that region raised the score of {name}. The map has {rows}×{cols} cells, shaded "
-               f"smoothly between their centres, so it points at regions about 1/{cols} of the image wide, not at "
-               "single cells.", help=about)
+    show_figure(
+        saliency_figure(
+            cam.image, cam.cells, f"Grad-CAM for {class_name}", f"run {run_id} · {cam.layer} · {rows}×{cols} cells"
+        ),
+        key=key,
+    )
+    st.caption(
+        f"Grad-CAM for {name} on {cam.layer}, over the whole image at its own proportions: the warmer the "
+        f"colour, the more that region raised the score of {name}. The map has {rows}×{cols} cells, shaded "
+        f"smoothly between their centres, so it points at regions about 1/{cols} of the image wide, not at "
+        "single cells.",
+        help=about,
+    )
     if cam.coarse:
-        st.info(f"Grad-CAM for {name}: the map is only {rows}×{cols} cells at {image_size} px; it cannot point at "
-                "cells or structures, only at a part of the image. A run trained at 224 px (the paper's size) gives "
-                "7×7 cells or more.", icon=":material/grid_on:")
+        st.info(
+            f"Grad-CAM for {name}: the map is only {rows}×{cols} cells at {image_size} px; it cannot point at "
+            "cells or structures, only at a part of the image. A run trained at 224 px (the paper's size) gives "
+            "7×7 cells or more.",
+            icon=":material/grid_on:",
+        )
 
 
 def show_figure(fig: go.Figure, key: str | None = None) -> None:

@@ -12,8 +12,17 @@ from PIL import Image as PILImage
 
 from core.jobs import slide_jobs, views
 from pages._common import (
-    current_user, duration, md_text, pct, plot_text, probabilities_figure, session_factory, settings, show_figure,
-    start_worker, user_errors,
+    current_user,
+    duration,
+    md_text,
+    pct,
+    plot_text,
+    probabilities_figure,
+    session_factory,
+    settings,
+    show_figure,
+    start_worker,
+    user_errors,
 )
 
 SLIDE_TYPES = ["svs", "ndpi", "scn", "bif", "czi", "tif", "tiff"]
@@ -30,33 +39,56 @@ def pick_slide_model() -> tuple[views.RunRow, object] | None:
         scales = slide_jobs.slide_models(s, cfg)
         rows = {r.id: r for r in views.run_rows(s, status="succeeded") if r.id in scales}
     if not rows:
-        st.info("No run can classify whole slides yet. A run trained on a dataset of slide tiles can: ingest a folder "
-                "of class folders of slides on the **Datasets** page or with `python -m core ingest FOLDER --name "
-                "NAME`, then train on it.", icon=":material/biotech:")
+        st.info(
+            "No run can classify whole slides yet. A run trained on a dataset of slide tiles can: ingest a folder "
+            "of class folders of slides on the **Datasets** page or with `python -m core ingest FOLDER --name "
+            "NAME`, then train on it.",
+            icon=":material/biotech:",
+        )
         return None
     ids = list(rows)
-    run_id = st.selectbox("Model (a run trained on slide tiles)", ids, format_func=lambda i: rows[i].label(),
-                          key="sl_run", help="Only runs trained on tiles of whole slides know the scale to cut a "
-                          "slide at; a run trained on field images does not.")
+    run_id = st.selectbox(
+        "Model (a run trained on slide tiles)",
+        ids,
+        format_func=lambda i: rows[i].label(),
+        key="sl_run",
+        help="Only runs trained on tiles of whole slides know the scale to cut a "
+        "slide at; a run trained on field images does not.",
+    )
     scale = scales[run_id]
-    st.caption(f"Cuts each slide into tiles of {scale.tile_px} px at {scale.mpp:g} µm per pixel, the scale this "
-               f"run was trained at, and predicts every tissue tile. The slide's verdict is the mean of its tiles' "
-               f"probabilities. Test accuracy {pct(rows[run_id].summary.test_accuracy)} per tile.")
+    st.caption(
+        f"Cuts each slide into tiles of {scale.tile_px} px at {scale.mpp:g} µm per pixel, the scale this "
+        f"run was trained at, and predicts every tissue tile. The slide's verdict is the mean of its tiles' "
+        f"probabilities. Test accuracy {pct(rows[run_id].summary.test_accuracy)} per tile."
+    )
     return rows[run_id], scale
 
 
 def send_form(run_id: int) -> None:
     """Upload a slide, or name one on the server, with its microns per pixel if its file lacks them."""
     with st.form("sl_form", clear_on_submit=True, border=True):
-        upload = st.file_uploader("Whole-slide image (SVS, NDPI, SCN, BIF, CZI or pyramidal TIFF)", type=SLIDE_TYPES,
-                                  key="sl_file")
-        path = st.text_input("…or its path on the server (under IMPORT_ROOTS)", key="sl_path",
-                             disabled=not cfg.import_roots, help="For MRXS and VMS slides, whose pixels lie in a "
-                             "folder beside the file, and for slides too large to upload."
-                             + ("" if cfg.import_roots else " Turned off: IMPORT_ROOTS is not set on this server."))
-        mpp = st.number_input("Microns per pixel", min_value=0.0, max_value=20.0, value=0.0, step=0.05, format="%.3f",
-                              key="sl_mpp", help="Only for a slide whose file does not record it (0: use the file's). "
-                              "A 40x scan is about 0.25, 20x about 0.5.")
+        upload = st.file_uploader(
+            "Whole-slide image (SVS, NDPI, SCN, BIF, CZI or pyramidal TIFF)", type=SLIDE_TYPES, key="sl_file"
+        )
+        path = st.text_input(
+            "…or its path on the server (under IMPORT_ROOTS)",
+            key="sl_path",
+            disabled=not cfg.import_roots,
+            help="For MRXS and VMS slides, whose pixels lie in a "
+            "folder beside the file, and for slides too large to upload."
+            + ("" if cfg.import_roots else " Turned off: IMPORT_ROOTS is not set on this server."),
+        )
+        mpp = st.number_input(
+            "Microns per pixel",
+            min_value=0.0,
+            max_value=20.0,
+            value=0.0,
+            step=0.05,
+            format="%.3f",
+            key="sl_mpp",
+            help="Only for a slide whose file does not record it (0: use the file's). "
+            "A 40x scan is about 0.25, 20x about 0.5.",
+        )
         sent = st.form_submit_button("Classify slide", type="primary", icon=":material/play_arrow:")
     if not sent:
         return
@@ -65,13 +97,23 @@ def send_form(run_id: int) -> None:
         if upload is not None:
             limit = int(cfg.max_session_upload_mb * 2**20) if cfg.max_session_upload_mb > 0 else 2**62
             stored = slide_jobs.store_upload(cfg, upload.name, upload, limit)
-            job = slide_jobs.queue_slide(Session, cfg, user, run_id, name=upload.name, path=stored, uploaded=True,
-                                         source="page", mpp=given)
+            job = slide_jobs.queue_slide(
+                Session, cfg, user, run_id, name=upload.name, path=stored, uploaded=True, source="page", mpp=given
+            )
         elif path.strip():
             from pathlib import Path
 
-            job = slide_jobs.queue_slide(Session, cfg, user, run_id, name=Path(path.strip()).name, path=Path(path),
-                                         uploaded=False, source="page", mpp=given)
+            job = slide_jobs.queue_slide(
+                Session,
+                cfg,
+                user,
+                run_id,
+                name=Path(path.strip()).name,
+                path=Path(path),
+                uploaded=False,
+                source="page",
+                mpp=given,
+            )
         else:
             st.warning("Choose a slide to upload, or give its path on the server.", icon=":material/warning:")
             return
@@ -87,9 +129,15 @@ def pick_job() -> slide_jobs.SlideJobView | None:
         return None
     ids = [j.id for j in jobs]
     wanted = st.session_state.get("sl_job")
-    chosen = st.selectbox("Slide", ids, index=ids.index(wanted) if wanted in ids else 0, key="sl_pick",
-                          format_func=lambda i: next(f"Job {j.id} · {j.slide_name} · {j.created_at:%Y-%m-%d %H:%M} UTC"
-                                                     for j in jobs if j.id == i))
+    chosen = st.selectbox(
+        "Slide",
+        ids,
+        index=ids.index(wanted) if wanted in ids else 0,
+        key="sl_pick",
+        format_func=lambda i: next(
+            f"Job {j.id} · {j.slide_name} · {j.created_at:%Y-%m-%d %H:%M} UTC" for j in jobs if j.id == i
+        ),
+    )
     return next(j for j in jobs if j.id == chosen)
 
 
@@ -120,23 +168,34 @@ def results(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> None:
         verdict, note = v.predicted, "confident"
     cols = st.columns(3)
     cols[0].metric("Slide verdict", verdict, note, delta_color="off", border=True)
-    cols[1].metric("Tissue tiles", f"{v.tiles_kept:,}", f"{v.tile_px} px at {v.tile_mpp:g} µm/px", delta_color="off",
-                   border=True)
+    cols[1].metric(
+        "Tissue tiles", f"{v.tiles_kept:,}", f"{v.tile_px} px at {v.tile_mpp:g} µm/px", delta_color="off", border=True
+    )
     cols[2].metric("Time", duration(v.seconds), f"{v.tiles_per_second:.1f} tiles/s", delta_color="off", border=True)
     if v.refer is not None:
-        st.caption(f"The slide is referred when the mean probability of its top class is below "
-                   f"{pct(v.refer_threshold) if v.refer_threshold is not None else 'any threshold'}: the run's "
-                   f"band for {v.refer_target:.0%} accuracy, chosen on its validation tiles, not on whole slides, so it "
-                   "is no guarantee per slide.")
+        st.caption(
+            f"The slide is referred when the mean probability of its top class is below "
+            f"{pct(v.refer_threshold) if v.refer_threshold is not None else 'any threshold'}: the run's "
+            f"band for {v.refer_target:.0%} accuracy, chosen on its validation tiles, not on whole slides, so it "
+            "is no guarantee per slide."
+        )
     left, right = st.columns([3, 2])
     with left:
         show_figure(heat_figure(job, classes), key=f"sl_heat_{job.id}")
     with right:
-        show_figure(probabilities_figure(list(classes), [v.probabilities[c] for c in classes],
-                                         "The slide's probabilities", "mean of its tiles' (" + v.probability_kind
-                                         + ")"), key=f"sl_probs_{job.id}")
-        st.caption("Share of the tissue tiles predicted as each class: " + ", ".join(
-            f"{md_text(c)} {pct(v.tissue_share[c])}" for c in classes))
+        show_figure(
+            probabilities_figure(
+                list(classes),
+                [v.probabilities[c] for c in classes],
+                "The slide's probabilities",
+                "mean of its tiles' (" + v.probability_kind + ")",
+            ),
+            key=f"sl_probs_{job.id}",
+        )
+        st.caption(
+            "Share of the tissue tiles predicted as each class: "
+            + ", ".join(f"{md_text(c)} {pct(v.tissue_share[c])}" for c in classes)
+        )
     gallery(job, classes)
     downloads(job)
 
@@ -151,13 +210,26 @@ def heat_figure(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> go.Fi
     blended = (thumb[..., :3] * (1 - alpha) + layer[..., :3] * alpha).astype(np.uint8)
     fig = go.Figure(go.Image(z=blended, hoverinfo="skip"))
     for k, name in enumerate(classes):  # a legend: one coloured square per class
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=plot_text(name),
-                                 marker={"size": 12, "symbol": "square", "color": class_colour(k)}))
-    fig.update_layout(title={"text": f"Tiles of {plot_text(job.slide_name)} by predicted class",
-                             "subtitle": {"text": "opacity: the tile's probability · drag to zoom, double-click to reset"}},
-                      height=520, margin={"l": 10, "r": 10, "t": 70, "b": 10},
-                      legend={"orientation": "h", "y": -0.02}, xaxis={"visible": False},
-                      yaxis={"visible": False, "scaleanchor": "x"})
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=plot_text(name),
+                marker={"size": 12, "symbol": "square", "color": class_colour(k)},
+            )
+        )
+    fig.update_layout(
+        title={
+            "text": f"Tiles of {plot_text(job.slide_name)} by predicted class",
+            "subtitle": {"text": "opacity: the tile's probability · drag to zoom, double-click to reset"},
+        },
+        height=520,
+        margin={"l": 10, "r": 10, "t": 70, "b": 10},
+        legend={"orientation": "h", "y": -0.02},
+        xaxis={"visible": False},
+        yaxis={"visible": False, "scaleanchor": "x"},
+    )
     return fig
 
 
@@ -178,13 +250,25 @@ def downloads(job: slide_jobs.SlideJobView) -> None:
     cols = st.columns(2)
     geojson, tiles = job.file("slide.geojson"), job.file("slide.tiles.csv")
     if geojson is not None:
-        cols[0].download_button("GeoJSON for QuPath", geojson.read_bytes(), f"{stem}.geojson", "application/geo+json",
-                                icon=":material/download:", key=f"sl_geo_{job.id}",
-                                help="One square per tile with its class and probabilities, in the slide's level-0 "
-                                "pixels: File > Import objects in QuPath.")
+        cols[0].download_button(
+            "GeoJSON for QuPath",
+            geojson.read_bytes(),
+            f"{stem}.geojson",
+            "application/geo+json",
+            icon=":material/download:",
+            key=f"sl_geo_{job.id}",
+            help="One square per tile with its class and probabilities, in the slide's level-0 "
+            "pixels: File > Import objects in QuPath.",
+        )
     if tiles is not None:
-        cols[1].download_button("Tiles (.csv)", tiles.read_bytes(), f"{stem}.tiles.csv", "text/csv",
-                                icon=":material/download:", key=f"sl_csv_{job.id}")
+        cols[1].download_button(
+            "Tiles (.csv)",
+            tiles.read_bytes(),
+            f"{stem}.tiles.csv",
+            "text/csv",
+            icon=":material/download:",
+            key=f"sl_csv_{job.id}",
+        )
 
 
 def slide_tab() -> None:

@@ -15,17 +15,30 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image as PILImage
 
+from core.access.limits import disk_full_is_user_error
 from core.data import datasets, groups, slide_views, uploads
 from core.data.ingest import IngestReport
 from core.data.slide_ingest import SlideIngestReport
 from core.errors import UserError
 from core.jobs import views
-from core.access.limits import disk_full_is_user_error
 from core.slides.reader import MAX_MPP, MIN_MPP
 from core.slides.tiling import MAX_TILE_PX, MIN_TILE_PX
 from pages._common import (
-    IMAGE_TYPES, class_counts_figure, current_user, duration, md_text, page_header, plot_text,
-    require_editor, session_factory, settings, show_figure, text_table, through_router, thumbnail, user_errors,
+    IMAGE_TYPES,
+    class_counts_figure,
+    current_user,
+    duration,
+    md_text,
+    page_header,
+    plot_text,
+    require_editor,
+    session_factory,
+    settings,
+    show_figure,
+    text_table,
+    through_router,
+    thumbnail,
+    user_errors,
 )
 
 through_router()
@@ -36,8 +49,11 @@ SOURCES = ["Zip file", "Image files by class", "Folder on the server"]
 TILE_COLOURS = ("#00a3e0", "#f39c12", "#2ecc71")  # kept, with pen ink, blurred: apart from H&E's pink and purple
 DEFAULT_CLASSES = ["CLL", "FL", "MCL"]
 
-page_header("Datasets", "Labelled H&E images, one class per folder. Every file is decoded when it is added, so a "
-            "bad file is reported here with its reason rather than failing a training run later.")
+page_header(
+    "Datasets",
+    "Labelled H&E images, one class per folder. Every file is decoded when it is added, so a "
+    "bad file is reported here with its reason rather than failing a training run later.",
+)
 
 flash = st.session_state.pop("ds_flash", None)
 if flash:
@@ -50,8 +66,12 @@ with Session() as s:
 def slide_options() -> uploads.SlideOptions:
     """The whole-slide fields of the form as they stand (each shown with its default)."""
     state = st.session_state
-    return uploads.SlideOptions(mpp=state.get("ds_slide_mpp"), tile_px=state.get("ds_tile_px"),
-                                tile_mpp=state.get("ds_tile_mpp"), max_tiles=state.get("ds_max_tiles"))
+    return uploads.SlideOptions(
+        mpp=state.get("ds_slide_mpp"),
+        tile_px=state.get("ds_tile_px"),
+        tile_mpp=state.get("ds_tile_mpp"),
+        max_tiles=state.get("ds_max_tiles"),
+    )
 
 
 def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
@@ -77,8 +97,9 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
                 upload = st.session_state.get("ds_zip")
                 if upload is None:
                     raise UserError("Choose a .zip file first.")
-                report = uploads.ingest_zip(s, cfg, upload, upload.name, name or Path(upload.name).stem, **options,
-                                            **slides, user=user)
+                report = uploads.ingest_zip(
+                    s, cfg, upload, upload.name, name or Path(upload.name).stem, **options, **slides, user=user
+                )
             elif source == SOURCES[1]:
                 files = []
                 for i in range(st.session_state.get("ds_n_classes", 3)):
@@ -89,9 +110,15 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
                     files += [(label, f.name, f) for f in chosen]
                 report = uploads.ingest_files(s, cfg, files, name, **options, user=user)
             else:
-                report = uploads.import_folder(s, cfg, st.session_state.get("ds_path", ""),
-                                               name or Path(st.session_state.get("ds_path", "")).name, **options,
-                                               **slides, user=user)
+                report = uploads.import_folder(
+                    s,
+                    cfg,
+                    st.session_state.get("ds_path", ""),
+                    name or Path(st.session_state.get("ds_path", "")).name,
+                    **options,
+                    **slides,
+                    user=user,
+                )
         st.session_state["ds_report"] = report
         st.session_state["ds_selected"] = report.ingest.name if isinstance(report, SlideIngestReport) else report.name
         st.session_state["ds_goto"] = "Browse"
@@ -101,9 +128,12 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
 
 def show_report(report: IngestReport) -> None:
     counts = ", ".join(f"{md_text(c)}: {n}" for c, n in report.class_counts.items())
-    st.success(f"Dataset **{md_text(report.name)}**: {report.added} image(s) added, "
-               f"{report.already_present} already present, "
-               f"{len(report.skipped) + len(report.duplicates)} skipped. Now {counts}.", icon=":material/check_circle:")
+    st.success(
+        f"Dataset **{md_text(report.name)}**: {report.added} image(s) added, "
+        f"{report.already_present} already present, "
+        f"{len(report.skipped) + len(report.duplicates)} skipped. Now {counts}.",
+        icon=":material/check_circle:",
+    )
     not_taken(report.skipped, report.duplicates)
 
 
@@ -121,12 +151,17 @@ def show_slide_report(report: SlideIngestReport) -> None:
     counts = ", ".join(f"{md_text(c)}: {n}" for c, n in tiles.class_counts.items())
     cap = f"at most {scale.max_tiles} a slide" if scale.max_tiles else "every tissue tile"
     present = f", {len(report.already_present)} already present" if report.already_present else ""
-    st.success(f"Dataset **{md_text(tiles.name)}**: {len(report.slides)} slide(s) added{present}, "
-               f"{report.tiles_kept} tile(s) of {scale.tile_px} px at {scale.mpp:g} µm per pixel ({cap}); "
-               f"{tiles.added} new tile image(s) stored. Now {counts} tiles.", icon=":material/check_circle:")
+    st.success(
+        f"Dataset **{md_text(tiles.name)}**: {len(report.slides)} slide(s) added{present}, "
+        f"{report.tiles_kept} tile(s) of {scale.tile_px} px at {scale.mpp:g} µm per pixel ({cap}); "
+        f"{tiles.added} new tile image(s) stored. Now {counts} tiles.",
+        icon=":material/check_circle:",
+    )
     rows = [{"slide": rel, "class": label, "tiles kept": kept, "": "added"} for rel, label, kept in report.slides]
-    rows += [{"slide": rel, "class": rel.split("/", 1)[0], "tiles kept": None, "": "already in the dataset"}
-             for rel in report.already_present]
+    rows += [
+        {"slide": rel, "class": rel.split("/", 1)[0], "tiles kept": None, "": "already in the dataset"}
+        for rel in report.already_present
+    ]
     if rows:
         text_table(pd.DataFrame(rows))
     not_taken([*report.skipped, *tiles.skipped], tiles.duplicates)
@@ -136,21 +171,51 @@ def slide_fields(source: str) -> None:
     """How slides are read and tiled, for a zip or server folder that turns out to hold slides."""
     where = "zip" if source == SOURCES[0] else "folder"
     with st.expander("Whole-slide images: scale and tiling"):
-        st.caption(f"Used when the class folders of the {where} hold whole-slide images (SVS, NDPI, MRXS, SCN, "
-                   "pyramidal TIFF, …): each slide is cut into square tiles at one physical scale over its tissue, "
-                   "and each tile's specimen group is its slide. Defaults are this server's settings.")
-        st.number_input("Microns per pixel (only for slides whose files lack it)", MIN_MPP, MAX_MPP, value=None,
-                        step=0.05, format="%.3f", key="ds_slide_mpp", placeholder="read from each slide's file",
-                        help="A 40x scan is about 0.25, 20x about 0.5. For field images, their microns per pixel, "
-                             "recorded as the dataset's scale.")
+        st.caption(
+            f"Used when the class folders of the {where} hold whole-slide images (SVS, NDPI, MRXS, SCN, "
+            "pyramidal TIFF, …): each slide is cut into square tiles at one physical scale over its tissue, "
+            "and each tile's specimen group is its slide. Defaults are this server's settings."
+        )
+        st.number_input(
+            "Microns per pixel (only for slides whose files lack it)",
+            MIN_MPP,
+            MAX_MPP,
+            value=None,
+            step=0.05,
+            format="%.3f",
+            key="ds_slide_mpp",
+            placeholder="read from each slide's file",
+            help="A 40x scan is about 0.25, 20x about 0.5. For field images, their microns per pixel, "
+            "recorded as the dataset's scale.",
+        )
         a, b, c = st.columns(3)
-        a.number_input("Tile size (px)", MIN_TILE_PX, MAX_TILE_PX, cfg.slide_tile_px, key="ds_tile_px",
-                       help="Each tile's side, in pixels at the tile scale.")
-        b.number_input("Tile scale (µm per pixel)", MIN_MPP, MAX_MPP, cfg.slide_mpp, step=0.05, format="%.3f",
-                       key="ds_tile_mpp", help="The microns per pixel the tiles are cut at, whatever each slide's "
-                                               "own; a model trained on them classifies slides at this scale.")
-        c.number_input("Tiles per slide at most", 0, None, cfg.slide_max_tiles, key="ds_max_tiles",
-                       help="Sampled at random over the tissue, the same each time; 0 takes every tissue tile.")
+        a.number_input(
+            "Tile size (px)",
+            MIN_TILE_PX,
+            MAX_TILE_PX,
+            cfg.slide_tile_px,
+            key="ds_tile_px",
+            help="Each tile's side, in pixels at the tile scale.",
+        )
+        b.number_input(
+            "Tile scale (µm per pixel)",
+            MIN_MPP,
+            MAX_MPP,
+            cfg.slide_mpp,
+            step=0.05,
+            format="%.3f",
+            key="ds_tile_mpp",
+            help="The microns per pixel the tiles are cut at, whatever each slide's "
+            "own; a model trained on them classifies slides at this scale.",
+        )
+        c.number_input(
+            "Tiles per slide at most",
+            0,
+            None,
+            cfg.slide_max_tiles,
+            key="ds_max_tiles",
+            help="Sampled at random over the tissue, the same each time; 0 takes every tissue tile.",
+        )
 
 
 def add_tab() -> None:
@@ -158,48 +223,73 @@ def add_tab() -> None:
         st.info("Adding images needs the editor role. Ask an administrator if you need it.", icon=":material/lock:")
         return
     source = st.segmented_control("Source", SOURCES, default=SOURCES[0], key="ds_source", required=True)
-    name = st.text_input("Dataset name", key="ds_name", placeholder="e.g. lymphoma",
-                         help="A new name creates a dataset; an existing name adds images to it (same classes only).")
+    name = st.text_input(
+        "Dataset name",
+        key="ds_name",
+        placeholder="e.g. lymphoma",
+        help="A new name creates a dataset; an existing name adds images to it (same classes only).",
+    )
     if source == SOURCES[0]:
-        st.file_uploader("A .zip with one folder per class (CLASS/image.tif)", type=["zip"], key="ds_zip",
-                         help="A wrapper folder inside the zip is fine. TIF/TIFF, PNG, JPEG and BMP are read; "
-                              "whole-slide images (SVS, NDPI, SCN, pyramidal TIFF, …) are tiled.")
+        st.file_uploader(
+            "A .zip with one folder per class (CLASS/image.tif)",
+            type=["zip"],
+            key="ds_zip",
+            help="A wrapper folder inside the zip is fine. TIF/TIFF, PNG, JPEG and BMP are read; "
+            "whole-slide images (SVS, NDPI, SCN, pyramidal TIFF, …) are tiled.",
+        )
         st.caption("Without a name, the dataset is named after the zip file.")
     elif source == SOURCES[1]:
         n = st.session_state.setdefault("ds_n_classes", 3)
         for i in range(n):
             c1, c2 = st.columns([1, 3], vertical_alignment="top")
-            c1.text_input(f"Class {i + 1}", value=DEFAULT_CLASSES[i] if i < len(DEFAULT_CLASSES) else "", key=f"ds_class_{i}")
-            c2.file_uploader(f"Images of class {i + 1}", type=IMAGE_TYPES, accept_multiple_files=True, key=f"ds_files_{i}")
+            c1.text_input(
+                f"Class {i + 1}", value=DEFAULT_CLASSES[i] if i < len(DEFAULT_CLASSES) else "", key=f"ds_class_{i}"
+            )
+            c2.file_uploader(
+                f"Images of class {i + 1}", type=IMAGE_TYPES, accept_multiple_files=True, key=f"ds_files_{i}"
+            )
         if st.button("Another class", icon=":material/add:"):
             st.session_state["ds_n_classes"] = n + 1
             st.rerun()
     else:
         if cfg.import_roots:
-            st.text_input("Folder (or .zip) on the server", key="ds_path",
-                          placeholder=str(cfg.import_roots[0] / "lymphoma"))
+            st.text_input(
+                "Folder (or .zip) on the server", key="ds_path", placeholder=str(cfg.import_roots[0] / "lymphoma")
+            )
             st.caption("Allowed below: " + ", ".join(f"`{r}`" for r in cfg.import_roots))
         else:
-            st.info("Importing from the server is turned off. An administrator can allow folders with the "
-                    "`IMPORT_ROOTS` setting.", icon=":material/lock:")
+            st.info(
+                "Importing from the server is turned off. An administrator can allow folders with the "
+                "`IMPORT_ROOTS` setting.",
+                icon=":material/lock:",
+            )
     if source != SOURCES[1]:
         slide_fields(source)
     with st.expander("Specimen groups (optional)"):
-        st.caption("Images of one specimen share stain and tissue; with groups, splits keep each specimen on one "
-                   "side, which is the honest evaluation. Give a table of each file's specimen, or the part of the "
-                   "file names that names it. Without specimen ids, add the images first and then estimate groups "
-                   "from their file numbers under **Browse**.")
-        groups_csv = st.file_uploader("Table of specimens (CSV)", type=["csv"], key="ds_groups_csv",
-                                      help="Columns `file,group`: one row per image, `file` as CLASS/name "
-                                           "(e.g. `CLL/000.png`), `group` its specimen id.")
+        st.caption(
+            "Images of one specimen share stain and tissue; with groups, splits keep each specimen on one "
+            "side, which is the honest evaluation. Give a table of each file's specimen, or the part of the "
+            "file names that names it. Without specimen ids, add the images first and then estimate groups "
+            "from their file numbers under **Browse**."
+        )
+        groups_csv = st.file_uploader(
+            "Table of specimens (CSV)",
+            type=["csv"],
+            key="ds_groups_csv",
+            help="Columns `file,group`: one row per image, `file` as CLASS/name "
+            "(e.g. `CLL/000.png`), `group` its specimen id.",
+        )
         example = groups.EXAMPLE_PATTERN
         group_pattern = st.text_input(
-            "Specimen id in the file names", key="ds_group_pattern", placeholder=example,
+            "Specimen id in the file names",
+            key="ds_group_pattern",
+            placeholder=example,
             help=f"A regular expression on CLASS/file; its first capture group (or one named `group`) is the "
-                 f"specimen id. The example `{example}` takes the class and the tens of the file number: "
-                 f"{', '.join(f'`{n}`' for n in groups.EXAMPLE_NAMES)} fall in groups "
-                 f"{', '.join(f'`{re.search(example, n).group(1)}`' for n in groups.EXAMPLE_NAMES)}, blocks of "
-                 "ten consecutive numbers (an approximation where specimen ids are lost).")
+            f"specimen id. The example `{example}` takes the class and the tens of the file number: "
+            f"{', '.join(f'`{n}`' for n in groups.EXAMPLE_NAMES)} fall in groups "
+            f"{', '.join(f'`{re.search(example, n).group(1)}`' for n in groups.EXAMPLE_NAMES)}, blocks of "
+            "ten consecutive numbers (an approximation where specimen ids are lost).",
+        )
     if st.button("Add images", type="primary", key="ds_add"):
         ingest_now(source, name.strip(), groups_csv, group_pattern)
 
@@ -207,12 +297,22 @@ def add_tab() -> None:
 def estimate_section(d: views.DatasetDetail) -> None:
     """Specimen groups from blocks of consecutive file numbers: shown to everyone, applied by an editor."""
     a, b = st.columns([3, 1], vertical_alignment="bottom")
-    block = b.number_input("Images per group, at most", 1, 100, groups.DEFAULT_BLOCK_SIZE, key="ds_block_size",
-                           help=f"{groups.DEFAULT_BLOCK_SIZE} gives about 30 groups for the 256 development images "
-                                "of IICBU-2008, about the number of specimens they come from.")
-    if a.button("Estimate specimen groups from the images", icon=":material/auto_awesome_mosaic:",
-                key="ds_estimate", help="An approximation: neighbouring file numbers of one class are taken to "
-                                        "come from one specimen. Nothing changes until you apply it."):
+    block = b.number_input(
+        "Images per group, at most",
+        1,
+        100,
+        groups.DEFAULT_BLOCK_SIZE,
+        key="ds_block_size",
+        help=f"{groups.DEFAULT_BLOCK_SIZE} gives about 30 groups for the 256 development images "
+        "of IICBU-2008, about the number of specimens they come from.",
+    )
+    if a.button(
+        "Estimate specimen groups from the images",
+        icon=":material/auto_awesome_mosaic:",
+        key="ds_estimate",
+        help="An approximation: neighbouring file numbers of one class are taken to "
+        "come from one specimen. Nothing changes until you apply it.",
+    ):
         with user_errors():
             found = groups.estimate_groups(((im.label, im.original_name) for im in d.images), int(block))
             st.session_state["ds_estimate_result"] = (d.name, found)
@@ -220,45 +320,72 @@ def estimate_section(d: views.DatasetDetail) -> None:
     if not shown or shown[0] != d.name:
         return
     found = shown[1]
-    st.info(f"**{found.n_groups} specimen groups estimated** for {len(found.groups)} images. {found.basis}",
-            icon=":material/auto_awesome_mosaic:")
-    rows = [{"class": label, "groups": n, "images per group": f"{low}–{high}" if low != high else str(low)}
-            for label, (n, low, high) in found.per_class().items()]
+    st.info(
+        f"**{found.n_groups} specimen groups estimated** for {len(found.groups)} images. {found.basis}",
+        icon=":material/auto_awesome_mosaic:",
+    )
+    rows = [
+        {"class": label, "groups": n, "images per group": f"{low}–{high}" if low != high else str(low)}
+        for label, (n, low, high) in found.per_class().items()
+    ]
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     if not user.can_edit:
         st.caption("Applying them needs the editor role.")
         return
     if d.groups:
-        st.caption(f"Applying replaces the dataset's {len(d.groups)} current groups. Splits made before keep "
-                   "their parts; new runs use the new groups.")
+        st.caption(
+            f"Applying replaces the dataset's {len(d.groups)} current groups. Splits made before keep "
+            "their parts; new runs use the new groups."
+        )
     if st.button(f"Apply these {found.n_groups} groups", type="primary", key="ds_apply_groups"):
         with user_errors():
             require_editor("change specimen groups")
             with Session.begin() as s:
                 changed = groups.apply_groups(s, d.name, found.groups, user=user)
             st.session_state.pop("ds_estimate_result", None)
-            st.session_state["ds_flash"] = (f"Dataset '{md_text(d.name)}' now has {found.n_groups} estimated specimen "
-                                            f"groups ({changed} image(s) changed group).")
+            st.session_state["ds_flash"] = (
+                f"Dataset '{md_text(d.name)}' now has {found.n_groups} estimated specimen "
+                f"groups ({changed} image(s) changed group)."
+            )
             st.rerun()
 
 
 def slides_section(slides: tuple[slide_views.SlideSummary, ...]) -> None:
     """The dataset's slides as a table, and one chosen slide's tiling drawn over its thumbnail."""
     st.subheader("Slides")
-    text_table(pd.DataFrame([{
-        "slide": x.file_name, "class": x.label, "size (px)": f"{x.width:,} × {x.height:,}",
-        "µm per pixel": f"{x.mpp:.3g}", "vendor": x.vendor, "tiles kept": x.tiles_kept,
-        "background": x.tiling.dropped_background, "pale": x.tiling.dropped_pale,
-        "over the cap": x.tiling.dropped_over_cap, "pen": x.tiling.pen_count, "blurred": x.tiling.blurry_count,
-    } for x in slides]))
-    st.caption("Grid cells dropped as background had too little tissue on the thumbnail; pale ones were mostly "
-               "glass when read; over the cap, tissue not read once the most tiles per slide were kept. Pen and "
-               "blurred count kept tiles with pen ink on them or out of focus.")
+    text_table(
+        pd.DataFrame(
+            [
+                {
+                    "slide": x.file_name,
+                    "class": x.label,
+                    "size (px)": f"{x.width:,} × {x.height:,}",
+                    "µm per pixel": f"{x.mpp:.3g}",
+                    "vendor": x.vendor,
+                    "tiles kept": x.tiles_kept,
+                    "background": x.tiling.dropped_background,
+                    "pale": x.tiling.dropped_pale,
+                    "over the cap": x.tiling.dropped_over_cap,
+                    "pen": x.tiling.pen_count,
+                    "blurred": x.tiling.blurry_count,
+                }
+                for x in slides
+            ]
+        )
+    )
+    st.caption(
+        "Grid cells dropped as background had too little tissue on the thumbnail; pale ones were mostly "
+        "glass when read; over the cap, tissue not read once the most tiles per slide were kept. Pen and "
+        "blurred count kept tiles with pen ink on them or out of focus."
+    )
     by_id = {x.id: x for x in slides}
     if st.session_state.get("ds_slide") not in by_id:  # another dataset's slide, or none yet
         st.session_state["ds_slide"] = slides[0].id
-    chosen = by_id[st.selectbox("Slide", list(by_id), format_func=lambda i: f"{by_id[i].label} · {by_id[i].file_name}",
-                                key="ds_slide")]
+    chosen = by_id[
+        st.selectbox(
+            "Slide", list(by_id), format_func=lambda i: f"{by_id[i].label} · {by_id[i].file_name}", key="ds_slide"
+        )
+    ]
     picture = cached_picture(chosen.sha256, chosen.source_path, chosen.file.value, chosen.tiling.to_json(), chosen)
     show_figure(tiling_figure(chosen, picture), key="ds_tiling")
     if picture.note:
@@ -266,8 +393,9 @@ def slides_section(slides: tuple[slide_views.SlideSummary, ...]) -> None:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def cached_picture(sha256: str, path: str | None, file_state: str, tiling: str,
-                   _slide: slide_views.SlideSummary) -> slide_views.TilingPicture:
+def cached_picture(
+    sha256: str, path: str | None, file_state: str, tiling: str, _slide: slide_views.SlideSummary
+) -> slide_views.TilingPicture:
     """A slide's tiling picture, kept while what it is drawn from is the same (the slide's content, where
     it lies and whether it is there, its tiling): every rerun of the page would otherwise open the slide."""
     return slide_views.tiling_picture(_slide)
@@ -289,10 +417,21 @@ def tiling_figure(slide: slide_views.SlideSummary, picture: slide_views.TilingPi
     fig = go.Figure(go.Image(source=_png_uri(canvas), x0=0.5, y0=0.5, hoverinfo="skip", name="slide"))
     if picture.thumbnail is None:
         w, h = picture.width, picture.height
-        fig.add_trace(go.Scatter(x=[0, w, w, 0, 0], y=[0, 0, h, h, 0], mode="lines", name="the slide's outline",
-                                 line={"color": "#7f8c8d", "dash": "dot"}, hoverinfo="skip"))
-    kinds = (("kept", picture.clean, TILE_COLOURS[0]), ("kept, pen ink", picture.pen, TILE_COLOURS[1]),
-             ("kept, blurred", picture.blurry, TILE_COLOURS[2]))
+        fig.add_trace(
+            go.Scatter(
+                x=[0, w, w, 0, 0],
+                y=[0, 0, h, h, 0],
+                mode="lines",
+                name="the slide's outline",
+                line={"color": "#7f8c8d", "dash": "dot"},
+                hoverinfo="skip",
+            )
+        )
+    kinds = (
+        ("kept", picture.clean, TILE_COLOURS[0]),
+        ("kept, pen ink", picture.pen, TILE_COLOURS[1]),
+        ("kept, blurred", picture.blurry, TILE_COLOURS[2]),
+    )
     for label, boxes, colour in kinds:
         if not boxes:
             continue
@@ -301,17 +440,32 @@ def tiling_figure(slide: slide_views.SlideSummary, picture: slide_views.TilingPi
         for left, top, right, bottom in boxes:  # closed outlines in one trace, apart at each None
             xs += [left, right, right, left, left, None]
             ys += [top, top, bottom, bottom, top, None]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{label} ({len(boxes)})", hoverinfo="skip",
-                                 line={"color": colour, "width": 2}))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                name=f"{label} ({len(boxes)})",
+                hoverinfo="skip",
+                line={"color": colour, "width": 2},
+            )
+        )
     tiling = slide.tiling
     fig.update_layout(
-        title={"text": f"Tiles of {plot_text(slide.file_name)}",
-               "subtitle": {"text": f"{len(tiling.tiles)} kept · {tiling.tile_px} px at {tiling.mpp:g} µm per "
-                                    "pixel · drag to zoom, double-click to reset"}},
-        height=520, margin={"l": 10, "r": 10, "t": 70, "b": 10}, showlegend=True,
+        title={
+            "text": f"Tiles of {plot_text(slide.file_name)}",
+            "subtitle": {
+                "text": f"{len(tiling.tiles)} kept · {tiling.tile_px} px at {tiling.mpp:g} µm per "
+                "pixel · drag to zoom, double-click to reset"
+            },
+        },
+        height=520,
+        margin={"l": 10, "r": 10, "t": 70, "b": 10},
+        showlegend=True,
         legend={"orientation": "h", "y": -0.02},
         xaxis={"visible": False, "range": [0, picture.width]},
-        yaxis={"visible": False, "scaleanchor": "x", "range": [picture.height, 0]})
+        yaxis={"visible": False, "scaleanchor": "x", "range": [picture.height, 0]},
+    )
     return fig
 
 
@@ -323,12 +477,25 @@ def versions_section(name: str) -> None:
     if not found:
         st.caption("No version recorded yet: the first run launched on it records its images as version 1.")
         return
-    st.caption("Adding images, relabelling them or changing their groups makes a new version; the old ones stay "
-               "as they were. A run names the version it trained on, and trains again on exactly its images.")
-    text_table(pd.DataFrame([{
-        "version": v.number, "when (UTC)": f"{v.created_at:%Y-%m-%d %H:%M}", "by": v.created_by or "",
-        "images": v.images, "per class": ", ".join(f"{c} {n}" for c, n in v.counts.items()), "note": v.note,
-    } for v in found]))
+    st.caption(
+        "Adding images, relabelling them or changing their groups makes a new version; the old ones stay "
+        "as they were. A run names the version it trained on, and trains again on exactly its images."
+    )
+    text_table(
+        pd.DataFrame(
+            [
+                {
+                    "version": v.number,
+                    "when (UTC)": f"{v.created_at:%Y-%m-%d %H:%M}",
+                    "by": v.created_by or "",
+                    "images": v.images,
+                    "per class": ", ".join(f"{c} {n}" for c, n in v.counts.items()),
+                    "note": v.note,
+                }
+                for v in found
+            ]
+        )
+    )
     if len(found) < 2:
         return
     numbers = [v.number for v in found]
@@ -341,15 +508,22 @@ def versions_section(name: str) -> None:
     with Session() as s:
         diff = views.version_diff(s, name, old, new)
     c = st.columns(4)
-    for col, label, images in zip(c, ("Added", "Removed", "Relabelled", "Regrouped"),
-                                  (diff.added, diff.removed, diff.relabelled, diff.regrouped)):
+    for col, label, images in zip(
+        c, ("Added", "Removed", "Relabelled", "Regrouped"), (diff.added, diff.removed, diff.relabelled, diff.regrouped)
+    ):
         col.metric(label, len(images), border=True)
     lines = diff.lines()
     if not lines:
         st.caption(f"Versions {old} and {new} hold the same images with the same classes and groups.")
         return
-    text_table(pd.DataFrame([{"change": x.change, "image": x.image, "class": x.label, "group": x.group,
-                              "sha256": x.sha256} for x in lines]))
+    text_table(
+        pd.DataFrame(
+            [
+                {"change": x.change, "image": x.image, "class": x.label, "group": x.group, "sha256": x.sha256}
+                for x in lines
+            ]
+        )
+    )
 
 
 def browse_tab() -> None:
@@ -368,31 +542,49 @@ def browse_tab() -> None:
     c[0].metric("Tiles" if slides else "Images", len(images), border=True)
     c[1].metric("Classes", len(classes), border=True)
     if slides:
-        c[2].metric("Slides", len(slides), border=True,
-                    help="Each tile's specimen group is its slide, so a split keeps a slide's tiles on one side.")
+        c[2].metric(
+            "Slides",
+            len(slides),
+            border=True,
+            help="Each tile's specimen group is its slide, so a split keeps a slide's tiles on one side.",
+        )
     else:
-        c[2].metric("Specimen groups", len(groups) if groups else "none", border=True,
-                    help="Without groups, images of one specimen can sit on both sides of a split.")
+        c[2].metric(
+            "Specimen groups",
+            len(groups) if groups else "none",
+            border=True,
+            help="Without groups, images of one specimen can sit on both sides of a split.",
+        )
     c[3].metric("Files skipped", len(skipped), border=True)
-    st.caption(f"Source: {md_text(source)} · added {created:%Y-%m-%d %H:%M} UTC"
-               + (f" by {md_text(created_by)}" if created_by else "")
-               + f" · {n_runs} run(s) use it"
-               + (f" · scale: {scale.words}" if scale.words else ""))
+    st.caption(
+        f"Source: {md_text(source)} · added {created:%Y-%m-%d %H:%M} UTC"
+        + (f" by {md_text(created_by)}" if created_by else "")
+        + f" · {n_runs} run(s) use it"
+        + (f" · scale: {scale.words}" if scale.words else "")
+    )
 
     left, right = st.columns([3, 2])
     with left:
-        show_figure(class_counts_figure(counts, f"Images per class in '{name}'",
-                                        "source images before any augmentation or split"), key="ds_counts")
+        show_figure(
+            class_counts_figure(
+                counts, f"Images per class in '{name}'", "source images before any augmentation or split"
+            ),
+            key="ds_counts",
+        )
     with right:
         if groups:
             st.markdown("**Tiles per slide**" if slides else "**Images per specimen group**")
-            table = pd.crosstab(pd.Series([im.group for im in images], name="group"),
-                                pd.Series([im.label for im in images], name="class"))
+            table = pd.crosstab(
+                pd.Series([im.group for im in images], name="group"),
+                pd.Series([im.label for im in images], name="class"),
+            )
             st.dataframe(table, height=320)
         else:
             st.markdown("**No specimen groups**")
-            st.caption("Splits will be stratified by class only. Estimate groups from the file numbers below, or "
-                       "add the images again under the same name with a table of specimens.")
+            st.caption(
+                "Splits will be stratified by class only. Estimate groups from the file numbers below, or "
+                "add the images again under the same name with a table of specimens."
+            )
     if slides:  # their groups are their slides, known: nothing to estimate
         slides_section(slides)
     else:
@@ -402,8 +594,13 @@ def browse_tab() -> None:
 
     st.subheader("Samples")
     per_row = 8
-    per_class = st.segmented_control("Images shown per class", [per_row, 2 * per_row, 3 * per_row], default=per_row,
-                                     key="ds_per_class", required=True)
+    per_class = st.segmented_control(
+        "Images shown per class",
+        [per_row, 2 * per_row, 3 * per_row],
+        default=per_row,
+        key="ds_per_class",
+        required=True,
+    )
     for label in classes:
         members = [im for im in images if im.label == label]
         step = max(1, len(members) // per_class)
@@ -411,7 +608,7 @@ def browse_tab() -> None:
         st.markdown(f"**{md_text(label)}** · {len(members)} images")
         with user_errors():
             for start in range(0, len(shown), per_row):
-                for col, im in zip(st.columns(per_row), shown[start:start + per_row]):
+                for col, im in zip(st.columns(per_row), shown[start : start + per_row]):
                     col.image(thumbnail(str(im.path)), caption=md_text(im.name), width="stretch")
 
     with st.expander(f"Skipped files ({len(skipped)})", expanded=bool(skipped) and len(skipped) <= 20):
@@ -425,8 +622,11 @@ def browse_tab() -> None:
     if not user.can_edit:
         return
     with st.expander("Delete this dataset"):
-        st.warning(f"Deleting **{md_text(name)}** removes its {len(images)} images and its {n_runs} run(s) with their "
-                   "results. Stored image files used by no other dataset are removed too.", icon=":material/delete:")
+        st.warning(
+            f"Deleting **{md_text(name)}** removes its {len(images)} images and its {n_runs} run(s) with their "
+            "results. Stored image files used by no other dataset are removed too.",
+            icon=":material/delete:",
+        )
         sure = st.checkbox(f"Yes, delete '{md_text(name)}' and everything trained on it", key=f"ds_confirm_{name}")
         if st.button("Delete dataset", disabled=not sure, key="ds_delete"):
             with user_errors():

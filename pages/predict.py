@@ -5,21 +5,33 @@ and the History tab lists the log."""
 import hashlib
 import io
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.evaluation import calibration, calibration_words
 from core.errors import UserError
+from core.evaluation import calibration, calibration_words
 from core.inference import service
 from core.inference.probabilities import CALIBRATED
 from core.jobs import views
 from pages._common import (
-    IMAGE_TYPES, csv_bytes, current_user, md_text, page_header, pct, probabilities_figure, grad_cam_for, show_grad_cam,
-    session_factory, settings, show_figure, through_router, user_errors,
+    IMAGE_TYPES,
+    csv_bytes,
+    current_user,
+    grad_cam_for,
+    md_text,
+    page_header,
+    pct,
+    probabilities_figure,
+    session_factory,
+    settings,
+    show_figure,
+    show_grad_cam,
+    through_router,
+    user_errors,
 )
 
 if TYPE_CHECKING:
@@ -33,8 +45,11 @@ FEW_VALIDATION = 50  # validation images below which a refer threshold is only a
 THUMBNAIL_SIDE = 480  # px: the image shown beside its heat map (a JPEG of some 40 kB is kept)
 HISTORY_DAYS = 30  # the History tab's default date range
 
-page_header("Predict", "Classify new H&E images with a trained run: the subtype, each class's probability, and a "
-            "Grad-CAM heat map of the regions that drove the decision.")
+page_header(
+    "Predict",
+    "Classify new H&E images with a trained run: the subtype, each class's probability, and a "
+    "Grad-CAM heat map of the regions that drove the decision.",
+)
 
 
 # The model is loaded once per model file and server process, for every session: core's engine
@@ -53,7 +68,6 @@ def predictor_of(run_id: int):
         return engine.get_predictor(s, cfg, run_id)
 
 
-
 # --------------------------------------------------------------------------------------------
 # The model
 
@@ -64,30 +78,42 @@ def pick_model() -> views.RunRow | None:
         finished = {r.id: r for r in views.run_rows(s, status="succeeded")}
         approvals = views.approval_panel(s)
     if not finished:
-        st.info("No finished run yet. Train one on the **Train** page; only runs that succeeded can classify images.",
-                icon=":material/biotech:")
+        st.info(
+            "No finished run yet. Train one on the **Train** page; only runs that succeeded can classify images.",
+            icon=":material/biotech:",
+        )
         return None
     approved = {a.run_id: a for a in approvals.current if a.run_id in finished}
     default = approvals.default.run_id if approvals.default is not None else None
     ids = list(finished)
     run_id = st.selectbox(  # the whole width: a run's label names what sets it apart, and is long
-        "Model (a run that succeeded)", ids, index=ids.index(default) if default in finished else 0,
-        format_func=lambda i: finished[i].label() + (" · approved" if i in approved else ""), key="pr_run",
-        help="The approved model is chosen for you: an editor approves a run for use on the Runs page.")
+        "Model (a run that succeeded)",
+        ids,
+        index=ids.index(default) if default in finished else 0,
+        format_func=lambda i: finished[i].label() + (" · approved" if i in approved else ""),
+        key="pr_run",
+        help="The approved model is chosen for you: an editor approves a run for use on the Runs page.",
+    )
     row = finished[run_id]
-    st.caption(f"Trained on **{md_text(row.dataset)}** ({md_text(', '.join(row.classes))}) at "
-               f"{row.config.image_size} px, weights {md_text(row.weights)}. Test accuracy "
-               f"{pct(row.summary.test_accuracy)} under: {row.protocol}.")
+    st.caption(
+        f"Trained on **{md_text(row.dataset)}** ({md_text(', '.join(row.classes))}) at "
+        f"{row.config.image_size} px, weights {md_text(row.weights)}. Test accuracy "
+        f"{pct(row.summary.test_accuracy)} under: {row.protocol}."
+    )
     if run_id in approved:
         a = approved[run_id]
         note = f": {md_text(a.note)}" if a.note else ""
-        st.caption(f":green-badge[:material/verified: approved] by {md_text(a.approved_by)} on "
-                   f"{a.approved_at:%Y-%m-%d}{note}")
+        st.caption(
+            f":green-badge[:material/verified: approved] by {md_text(a.approved_by)} on {a.approved_at:%Y-%m-%d}{note}"
+        )
     elif approvals.default is not None:
         st.caption(f"Not the approved model ({md_text(approvals.default.run_label)} is).")
     if row.leaky:
-        st.warning("This model was evaluated with the paper's leaky protocol: its test accuracy overstates how well it "
-                   "does on new images.", icon=":material/warning:")
+        st.warning(
+            "This model was evaluated with the paper's leaky protocol: its test accuracy overstates how well it "
+            "does on new images.",
+            icon=":material/warning:",
+        )
     return row
 
 
@@ -117,15 +143,21 @@ def clear_uploads() -> None:
 
 
 def uploads() -> list:
-    files = st.file_uploader("Images to classify (TIF, PNG, JPEG, BMP)", type=IMAGE_TYPES, accept_multiple_files=True,
-                             key=uploader_key())
+    files = st.file_uploader(
+        "Images to classify (TIF, PNG, JPEG, BMP)", type=IMAGE_TYPES, accept_multiple_files=True, key=uploader_key()
+    )
     if not files:
         st.session_state.pop("pr_results", None)
         st.session_state.pop("pr_cam", None)
         st.caption("Upload one image to see its heat map, or many for a table of results.")
         return []
-    st.button("Clear", icon=":material/delete_sweep:", on_click=clear_uploads, key="pr_clear",
-              help="Remove these images from the page and from the server's memory, to start a new batch.")
+    st.button(
+        "Clear",
+        icon=":material/delete_sweep:",
+        on_click=clear_uploads,
+        key="pr_clear",
+        help="Remove these images from the page and from the server's memory, to start a new batch.",
+    )
     return files
 
 
@@ -150,8 +182,14 @@ def classify(run_id: int, files: list) -> dict | None:
         result["thumbnails"].append(thumbnail(image))
 
     try:
-        result.update(run_model(run_id, [service.ImageInput(f.name, f.getvalue()) for f in files],
-                                lambda image, e: result["problems"].append(e.for_page()), seen))
+        result.update(
+            run_model(
+                run_id,
+                [service.ImageInput(f.name, f.getvalue()) for f in files],
+                lambda image, e: result["problems"].append(e.for_page()),
+                seen,
+            )
+        )
     except UserError as e:
         st.error(md_text(e.for_page()), icon=":material/warning:")
         return None
@@ -180,12 +218,22 @@ def run_model(run_id: int, images: list, unreadable, seen) -> dict:
         st.write("Classifying…")
         bar = st.progress(0.0)
         answers = service.classify(
-            Session, cfg, user, images, run_id=run_id, source="page",
+            Session,
+            cfg,
+            user,
+            images,
+            run_id=run_id,
+            source="page",
             target=st.session_state.get(f"pr_target_{run_id}"),
             progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} image(s)"),
-            unreadable=unreadable, seen=seen)
-        status.update(label=f"Classified {len(answers)} image(s) in {time.monotonic() - started:.1f} s",
-                      state="complete", expanded=False)
+            unreadable=unreadable,
+            seen=seen,
+        )
+        status.update(
+            label=f"Classified {len(answers)} image(s) in {time.monotonic() - started:.1f} s",
+            state="complete",
+            expanded=False,
+        )
     return {"answers": answers, "classes": list(predictor.classes), "calibration": predictor.calibration}
 
 
@@ -199,41 +247,61 @@ def refer_band(run_id: int, result: dict) -> tuple[float | None, np.ndarray]:
     answers, cal = result["answers"], result["calibration"]
     shown = np.asarray([[a.probabilities[c] for c in result["classes"]] for a in answers])
     if answers[0].kind != "calibrated":
-        st.caption("This run had no validation part, so these are the model's own probabilities, not adjusted, and no "
-                   "\"uncertain, refer\" band applies. Train with a validation fraction above 0 for one.",
-                   help="Raw softmax probabilities: no temperature scaling was fitted.")
+        st.caption(
+            "This run had no validation part, so these are the model's own probabilities, not adjusted, and no "
+            '"uncertain, refer" band applies. Train with a validation fraction above 0 for one.',
+            help="Raw softmax probabilities: no temperature scaling was fitted.",
+        )
         return None, np.zeros(len(answers), dtype=bool)
     # Only the targets some threshold can promise from this validation part (and the run's own).
     supported = calibration.supported_target(np.asarray(cal.val_probs), cal.val_labels)
     own = calibration.DEFAULT_REFER_TARGET if cal.refer_target is None else cal.refer_target
     targets = sorted({t for t in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99) if t <= supported} | {own})
-    about = ("Predictions below the confidence threshold that can promise this accuracy (with 95% confidence, from "
-             "the run's validation images) are marked 'uncertain, refer'. The offered targets are those the validation "
-             "images can support" + (f" (at most {supported:.0%} here)." if supported < 0.99 else "."))
+    about = (
+        "Predictions below the confidence threshold that can promise this accuracy (with 95% confidence, from "
+        "the run's validation images) are marked 'uncertain, refer'. The offered targets are those the validation "
+        "images can support" + (f" (at most {supported:.0%} here)." if supported < 0.99 else ".")
+    )
     if len(targets) == 1:  # nothing to choose: the run's own target, which its validation part cannot lower
         target = targets[0]
-        st.caption(f"Accuracy required of a prediction shown as a diagnosis: {target:.0%}, the run's own; its "
-                   "validation images support no other target.", help=about)
+        st.caption(
+            f"Accuracy required of a prediction shown as a diagnosis: {target:.0%}, the run's own; its "
+            "validation images support no other target.",
+            help=about,
+        )
     else:
-        target = st.select_slider("Accuracy required of a prediction shown as a diagnosis", targets,
-                                  value=own, format_func=lambda t: f"{t:.0%}",
-                                  key=f"pr_target_{run_id}", help=about)
+        target = st.select_slider(
+            "Accuracy required of a prediction shown as a diagnosis",
+            targets,
+            value=own,
+            format_func=lambda t: f"{t:.0%}",
+            key=f"pr_target_{run_id}",
+            help=about,
+        )
     band = predictor_of(run_id).refer_band(target)  # chosen on the validation images, as at training
     threshold, n_val = band.threshold, band.n_val
     words = calibration_words.calibration_words(cal, band)
-    st.caption(f"{words.scaling_sentence} {words.refer_sentence}",
-               help=f"{words.technical} The refer threshold is the lowest adjusted confidence whose validation "
-                    "predictions at or above it reach the chosen accuracy by a one-sided Clopper-Pearson lower bound "
-                    "at 95% (selection with guaranteed risk, Geifman and El-Yaniv 2017).")
+    st.caption(
+        f"{words.scaling_sentence} {words.refer_sentence}",
+        help=f"{words.technical} The refer threshold is the lowest adjusted confidence whose validation "
+        "predictions at or above it reach the chosen accuracy by a one-sided Clopper-Pearson lower bound "
+        "at 95% (selection with guaranteed risk, Geifman and El-Yaniv 2017).",
+    )
     logged = {a.refer_target for a in answers}
     if logged != {band.target}:
-        st.info(f"These images were classified and logged at {', '.join(f'{t:.0%}' for t in logged if t)}; the "
-                f"verdicts below are at {band.target:.0%}, which the log does not hold. Classify them again to log "
-                "them at this target.", icon=":material/history:")
+        st.info(
+            f"These images were classified and logged at {', '.join(f'{t:.0%}' for t in logged if t)}; the "
+            f"verdicts below are at {band.target:.0%}, which the log does not hold. Classify them again to log "
+            "them at this target.",
+            icon=":material/history:",
+        )
     if n_val < FEW_VALIDATION:
-        st.warning(f"The threshold rests on only {n_val} validation images; treat it as rough. With so few, it moves "
-                   "in steps of one image, and a high accuracy cannot be promised at all. A run with at least "
-                   f"{FEW_VALIDATION} validation images gives a steadier one.", icon=":material/warning:")
+        st.warning(
+            f"The threshold rests on only {n_val} validation images; treat it as rough. With so few, it moves "
+            "in steps of one image, and a high accuracy cannot be promised at all. A run with at least "
+            f"{FEW_VALIDATION} validation images gives a steadier one.",
+            icon=":material/warning:",
+        )
     return threshold, calibration.refer_verdict(shown, threshold)
 
 
@@ -244,11 +312,19 @@ def refer_band(run_id: int, result: dict) -> tuple[float | None, np.ndarray]:
 def results_table(result: dict, refer: np.ndarray) -> pd.DataFrame:
     classes = result["classes"]
     calibrated = result["answers"][0].kind == "calibrated"
-    return pd.DataFrame([{"file": a.name, "predicted": a.predicted, "probabilities": a.label,
-                          "confidence": a.confidence,
-                          "verdict": ("uncertain, refer" if r else "confident") if calibrated else "no refer band",
-                          **{c: a.probabilities[c] for c in classes}}
-                         for a, r in zip(result["answers"], refer)])
+    return pd.DataFrame(
+        [
+            {
+                "file": a.name,
+                "predicted": a.predicted,
+                "probabilities": a.label,
+                "confidence": a.confidence,
+                "verdict": ("uncertain, refer" if r else "confident") if calibrated else "no refer band",
+                **{c: a.probabilities[c] for c in classes},
+            }
+            for a, r in zip(result["answers"], refer)
+        ]
+    )
 
 
 def batch_summary(table: pd.DataFrame, classes: list[str], calibrated: bool) -> None:
@@ -256,8 +332,12 @@ def batch_summary(table: pd.DataFrame, classes: list[str], calibrated: bool) -> 
     if calibrated:
         confident = table[table["verdict"] == "confident"]["predicted"].value_counts()
         cols = st.columns(len(classes) + 1)
-        cols[0].metric("Referred", int((table["verdict"] == "uncertain, refer").sum()), border=True,
-                       help="Not confident enough to report a subtype: to be seen by a pathologist.")
+        cols[0].metric(
+            "Referred",
+            int((table["verdict"] == "uncertain, refer").sum()),
+            border=True,
+            help="Not confident enough to report a subtype: to be seen by a pathologist.",
+        )
         for col, c in zip(cols[1:], classes):
             col.metric(f"Confident {md_text(c)}", int(confident.get(c, 0)), border=True)
     else:
@@ -280,10 +360,14 @@ def explained(run_id: int, model: str | None, load_image, image_sha256: str, cla
     return kept[1]
 
 
-def heat_map(run_id: int, model: str | None, load_image, image_sha256: str, classes: list[str],
-             predicted: int) -> None:
-    target = st.selectbox("Heat map for class", range(len(classes)), index=predicted, format_func=lambda i: classes[i],
-                          key=f"pr_cam_class_{(model or '')[:12]}_{image_sha256[:12]}")  # per model and image
+def heat_map(run_id: int, model: str | None, load_image, image_sha256: str, classes: list[str], predicted: int) -> None:
+    target = st.selectbox(
+        "Heat map for class",
+        range(len(classes)),
+        index=predicted,
+        format_func=lambda i: classes[i],
+        key=f"pr_cam_class_{(model or '')[:12]}_{image_sha256[:12]}",
+    )  # per model and image
     with user_errors():
         explainer = grad_cam_for(run_id, model, cfg.database_url)
         cam = explained(run_id, model, load_image, image_sha256, int(target))
@@ -296,13 +380,28 @@ def verdict(result: dict, chosen: int, refer: bool, run_id: int, protocol: str) 
     predicted, kind = int(probs.argmax()), answer.label
     # No arrow: the figure is a probability, not a change since something.
     if refer:
-        st.metric("Uncertain, refer", md_text(classes[predicted]), delta=f"most likely, {probs[predicted]:.1%} {kind}",
-                  delta_color="off", delta_arrow="off", border=True)
-        st.warning("Not confident enough to report a subtype: refer this image to a pathologist "
-                   "(or review it with more of the specimen).", icon=":material/help:")
+        st.metric(
+            "Uncertain, refer",
+            md_text(classes[predicted]),
+            delta=f"most likely, {probs[predicted]:.1%} {kind}",
+            delta_color="off",
+            delta_arrow="off",
+            border=True,
+        )
+        st.warning(
+            "Not confident enough to report a subtype: refer this image to a pathologist "
+            "(or review it with more of the specimen).",
+            icon=":material/help:",
+        )
     else:
-        st.metric("Predicted subtype", md_text(classes[predicted]), delta=f"{probs[predicted]:.1%} {kind}",
-                  delta_color="off", delta_arrow="off", border=True)
+        st.metric(
+            "Predicted subtype",
+            md_text(classes[predicted]),
+            delta=f"{probs[predicted]:.1%} {kind}",
+            delta_color="off",
+            delta_arrow="off",
+            border=True,
+        )
     title = "Class probabilities (adjusted)" if kind == CALIBRATED else "Class probabilities (model's own)"
     show_figure(probabilities_figure(classes, probs, title, f"run {run_id} · {protocol}", wrap=42), key="pr_probs")
 
@@ -333,18 +432,34 @@ def classify_tab() -> None:
         batch_summary(table, classes, result["answers"][0].kind == "calibrated")
     # The file, the answer and each class's probability: what fits beside the sidebar without scrolling
     # (the kind of probability is said once, in the caption; the confidence is the predicted class's).
-    st.dataframe(table, hide_index=True, column_order=["file", "predicted", "verdict", *classes], column_config={
-        "file": st.column_config.TextColumn(width="medium"),
-        **{name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1, width="small")
-           for name in classes}})
+    st.dataframe(
+        table,
+        hide_index=True,
+        column_order=["file", "predicted", "verdict", *classes],
+        column_config={
+            "file": st.column_config.TextColumn(width="medium"),
+            **{
+                name: st.column_config.ProgressColumn(name, format="percent", min_value=0, max_value=1, width="small")
+                for name in classes
+            },
+        },
+    )
     st.caption(f"Each class's {result['answers'][0].label}.")
     # The download holds each prediction's fields as the log and the API name them (core/inference/service.py).
-    st.download_button("Results (.csv)", icon=":material/download:", file_name=f"predictions-run-{row.id}.csv",
-                       data=csv_bytes(pd.DataFrame([service.prediction_row(a) for a in result["answers"]])),
-                       mime="text/csv", on_click="ignore")
+    st.download_button(
+        "Results (.csv)",
+        icon=":material/download:",
+        file_name=f"predictions-run-{row.id}.csv",
+        data=csv_bytes(pd.DataFrame([service.prediction_row(a) for a in result["answers"]])),
+        mime="text/csv",
+        on_click="ignore",
+    )
     names = [a.name for a in result["answers"]]
-    chosen = (st.selectbox("Look at one image", range(len(table)), format_func=lambda i: names[i], key="pr_detail")
-              if len(table) > 1 else 0)
+    chosen = (
+        st.selectbox("Look at one image", range(len(table)), format_func=lambda i: names[i], key="pr_detail")
+        if len(table) > 1
+        else 0
+    )
     answer, upload = result["answers"][chosen], files[result["sources"][chosen]]
     predicted = classes.index(answer.predicted)
     # The image and its heat map side by side at the same width, so that one can be read against the other.
@@ -355,9 +470,16 @@ def classify_tab() -> None:
         verdict(result, chosen, bool(refer[chosen]), row.id, row.protocol)
     with right:
         # Decoded again only for a new heat map, reduced as for classifying (a large image is not kept).
-        heat_map(row.id, answer.model_sha256, lambda: service.decode_one(
-            cfg, service.ImageInput(upload.name, upload.getvalue()), service.reduce_side(row.config.image_size)),
-            answer.image_sha256, classes, predicted)
+        heat_map(
+            row.id,
+            answer.model_sha256,
+            lambda: service.decode_one(
+                cfg, service.ImageInput(upload.name, upload.getvalue()), service.reduce_side(row.config.image_size)
+            ),
+            answer.image_sha256,
+            classes,
+            predicted,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,37 +490,69 @@ def history_tab() -> None:
     with Session() as s:  # only the values the filters offer (no rows)
         choices = views.prediction_history(s, reader=user, limit=0).choices  # a viewer: their own rows
     if not choices.run_ids:
-        st.info("No prediction logged yet: each image classified here, through the API or with "
-                "`python -m core predict --log` is listed here.", icon=":material/history:")
+        st.info(
+            "No prediction logged yet: each image classified here, through the API or with "
+            "`python -m core predict --log` is listed here.",
+            icon=":material/history:",
+        )
         return
     a, b, c, d = st.columns(4)
-    run_id = a.selectbox("Model", [None, *choices.run_ids], format_func=lambda i: "all" if i is None else f"run {i}",
-                         key="pr_h_model")
+    run_id = a.selectbox(
+        "Model", [None, *choices.run_ids], format_func=lambda i: "all" if i is None else f"run {i}", key="pr_h_model"
+    )
     who = b.selectbox("User", [None, *choices.users], format_func=lambda u: "all" if u is None else u, key="pr_h_user")
-    predicted = c.selectbox("Predicted class", [None, *choices.predicted],
-                            format_func=lambda p: "all" if p is None else p, key="pr_h_class")
-    today = datetime.now(timezone.utc).date()
-    dates = d.date_input("Dates", (today - timedelta(days=HISTORY_DAYS), today), key="pr_h_dates",
-                         help="Days in UTC, both ends included.")
+    predicted = c.selectbox(
+        "Predicted class", [None, *choices.predicted], format_func=lambda p: "all" if p is None else p, key="pr_h_class"
+    )
+    today = datetime.now(UTC).date()
+    dates = d.date_input(
+        "Dates",
+        (today - timedelta(days=HISTORY_DAYS), today),
+        key="pr_h_dates",
+        help="Days in UTC, both ends included.",
+    )
     since, until = date_bounds(dates)
     with Session() as s:
-        history = views.prediction_history(s, reader=user, since=since, until=until, run_id=run_id, user=who,
-                                           predicted=predicted)
+        history = views.prediction_history(
+            s, reader=user, since=since, until=until, run_id=run_id, user=who, predicted=predicted
+        )
     if not history.rows:
         st.caption("No logged prediction matches these filters.")
         return
     more = f" (the newest {history.limit}: narrow the filters for older ones)" if history.truncated else ""
     st.caption(f"{len(history.rows)} logged prediction(s){more}.")
-    table = pd.DataFrame([{"when (UTC)": r.at.replace(microsecond=0), "user": r.user, "from": r.source,
-                           "model": f"run {r.run_id}", "file": r.image_name, "predicted": r.predicted,
-                           "verdict": ("no refer band" if r.refer is None else "uncertain, refer" if r.refer
-                                       else "confident"),
-                           "confidence": r.probabilities.get(r.predicted), "model file (sha256)": r.model_sha256[:12]}
-                          for r in history.rows])
-    st.dataframe(table, hide_index=True, column_config={
-        "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1)})
-    st.download_button("Log (.csv)", icon=":material/download:", data=history.csv().encode(),
-                       file_name="prediction-log.csv", mime="text/csv", on_click="ignore", key="pr_h_csv")
+    table = pd.DataFrame(
+        [
+            {
+                "when (UTC)": r.at.replace(microsecond=0),
+                "user": r.user,
+                "from": r.source,
+                "model": f"run {r.run_id}",
+                "file": r.image_name,
+                "predicted": r.predicted,
+                "verdict": ("no refer band" if r.refer is None else "uncertain, refer" if r.refer else "confident"),
+                "confidence": r.probabilities.get(r.predicted),
+                "model file (sha256)": r.model_sha256[:12],
+            }
+            for r in history.rows
+        ]
+    )
+    st.dataframe(
+        table,
+        hide_index=True,
+        column_config={
+            "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1)
+        },
+    )
+    st.download_button(
+        "Log (.csv)",
+        icon=":material/download:",
+        data=history.csv().encode(),
+        file_name="prediction-log.csv",
+        mime="text/csv",
+        on_click="ignore",
+        key="pr_h_csv",
+    )
 
 
 def date_bounds(dates) -> tuple[datetime | None, datetime | None]:

@@ -11,21 +11,44 @@ from core.inference import approval
 from core.inference.probabilities import Probabilities
 from core.jobs import comparisons, manage, views
 from pages._common import (
-    STATUS_BADGE, confusion_figure, csv_bytes, curves_figure, current_user, duration, grad_cam_for, md_text,
-    page_header, pct, reliability_chart, request_cancel, session_factory, settings, show_figure, show_grad_cam,
-    start_worker, text_table, through_router, thumbnail, user_errors,
+    STATUS_BADGE,
+    confusion_figure,
+    csv_bytes,
+    current_user,
+    curves_figure,
+    duration,
+    grad_cam_for,
+    md_text,
+    page_header,
+    pct,
+    reliability_chart,
+    request_cancel,
+    session_factory,
+    settings,
+    show_figure,
+    show_grad_cam,
+    start_worker,
+    text_table,
+    through_router,
+    thumbnail,
+    user_errors,
 )
 
 through_router()
 Session = session_factory()
 cfg = settings()
 user = current_user()  # managing runs, approving models and downloading model files need an editor
-LEAKY_NOTE = ("LEAKY protocol (the paper's): augmented copies of the same source images are in both training and "
-              "test, so these numbers overstate accuracy on new images.")
+LEAKY_NOTE = (
+    "LEAKY protocol (the paper's): augmented copies of the same source images are in both training and "
+    "test, so these numbers overstate accuracy on new images."
+)
 FLASH = "runs_flash"  # a success message to show once, after the rerun an action causes
 
-page_header("Runs", "Every training run with its data, split, settings and results. Each figure names the "
-            "protocol it was measured under.")
+page_header(
+    "Runs",
+    "Every training run with its data, split, settings and results. Each figure names the "
+    "protocol it was measured under.",
+)
 if FLASH in st.session_state:
     st.success(st.session_state.pop(FLASH), icon=":material/check_circle:")
 
@@ -36,14 +59,22 @@ def failure_notice() -> None:
         notices = views.failure_notices(s, user.name)
     if not notices:
         return
-    lines = [f"- **Run {n.run_id}** ({md_text(n.title)}) failed {views.duration_text(views.seconds_since(n.finished_at))} "
-             f"ago: {md_text(n.message)}" for n in notices[:5]]
+    lines = [
+        f"- **Run {n.run_id}** ({md_text(n.title)}) failed {views.duration_text(views.seconds_since(n.finished_at))} "
+        f"ago: {md_text(n.message)}"
+        for n in notices[:5]
+    ]
     more = f"\n\n…and {len(notices) - 5} more (filter the table by status *failed*)." if len(notices) > 5 else ""
     box, button = st.columns([6, 1], vertical_alignment="center")
-    box.error(f"**{len(notices)} run(s) failed since you last looked**\n\n" + "\n".join(lines) + more,
-              icon=":material/error:")
-    if button.button("Dismiss", key="runs_dismiss_failures", width="stretch",
-                     help="Hide these notices here and in the sidebar; the runs stay in the table."):
+    box.error(
+        f"**{len(notices)} run(s) failed since you last looked**\n\n" + "\n".join(lines) + more, icon=":material/error:"
+    )
+    if button.button(
+        "Dismiss",
+        key="runs_dismiss_failures",
+        width="stretch",
+        help="Hide these notices here and in the sidebar; the runs stay in the table.",
+    ):
         with Session.begin() as s:
             manage.mark_failures_seen(s, user.name, max(n.finished_at for n in notices))
         st.rerun(scope="app")
@@ -56,11 +87,19 @@ with Session() as s:
     intervals = comparisons.test_intervals(s, [(r.id, r.seed) for r in all_runs if r.status == "succeeded"])
 # The key figures first (name, status, accuracy and its interval) and only as many columns as fit
 # beside the sidebar at 1280 px: the rest of a run's settings are in its own panel below.
-rows = [{
-    "name": r.title, "status": r.status, "test accuracy": r.summary.test_accuracy,
-    "95% interval": views.interval_text(intervals.get(r.id)), "run": r.id, "dataset": r.dataset,
-    "version": r.config.dataset_version, "split": r.config.split,
-} for r in all_runs]
+rows = [
+    {
+        "name": r.title,
+        "status": r.status,
+        "test accuracy": r.summary.test_accuracy,
+        "95% interval": views.interval_text(intervals.get(r.id)),
+        "run": r.id,
+        "dataset": r.dataset,
+        "version": r.config.dataset_version,
+        "split": r.config.split,
+    }
+    for r in all_runs
+]
 labels = {r.id: r.label(results=False) for r in all_runs}
 with_curves = {r.id for r in all_runs if r.epochs_done}
 
@@ -84,24 +123,37 @@ shown = table[keep].drop(columns=["split"])
 # Rows tall enough for the grid to wrap long text (it wraps above 64 px): the protocol, names and
 # notes are read whole, not cut off.
 st.dataframe(
-    shown, hide_index=True, height=min(520, 38 + 73 * len(shown)), placeholder="–", row_height=72,
+    shown,
+    hide_index=True,
+    height=min(520, 38 + 73 * len(shown)),
+    placeholder="–",
+    row_height=72,
     column_config={
-        "name": st.column_config.TextColumn(width=330, help="Its own name, or what sets its settings apart "
-                                            "from the paper's"),
+        "name": st.column_config.TextColumn(
+            width=330, help="Its own name, or what sets its settings apart from the paper's"
+        ),
         "test accuracy": st.column_config.NumberColumn(format="percent", width=90),
-        "95% interval": st.column_config.TextColumn(width=110, help="Bootstrap over the run's test images (whole "
-                                                    "specimens where known): where its accuracy on other images like "
-                                                    "these likely lies."),
+        "95% interval": st.column_config.TextColumn(
+            width=110,
+            help="Bootstrap over the run's test images (whole "
+            "specimens where known): where its accuracy on other images like "
+            "these likely lies.",
+        ),
         "run": st.column_config.NumberColumn(width=50),
         "status": st.column_config.TextColumn(width=90),
         "dataset": st.column_config.TextColumn(width=110),
         "version": st.column_config.NumberColumn(
-            width=60, format="%d", help="The version of the dataset it trained on (the Datasets page lists them); "
-                                        "empty: run before versions were kept"),
+            width=60,
+            format="%d",
+            help="The version of the dataset it trained on (the Datasets page lists them); "
+            "empty: run before versions were kept",
+        ),
     },
 )
-st.caption("Click a column header to sort. Test accuracy is on the run's own test part: compare runs only under "
-           "the same protocol (the Compare tab says whether a gap is more than noise).")
+st.caption(
+    "Click a column header to sort. Test accuracy is on the run's own test part: compare runs only under "
+    "the same protocol (the Compare tab says whether a gap is more than noise)."
+)
 ids = [int(i) for i in shown["run"]] or [r["run"] for r in rows]
 
 # A link to ?run=N (the sidebar's failure notice) selects that run, once per link followed.
@@ -133,39 +185,63 @@ def metrics_row(curve: views.RunCurves) -> None:
         c[1].metric("Last validation accuracy", pct(last.val_accuracy if last else None), border=True)
         # An estimate at the speed of the last seconds, not a bound: a busier machine makes it longer.
         # With early stopping on, training may end before its last epoch.
-        c[2].metric("Time left" + (" (if every epoch runs)" if run.config.patience else ""),
-                    "estimating…" if left is None else f"≈ {views.duration_text(left)}", border=True,
-                    help="Training time left at the speed of the last 20 seconds of steps, so it follows the machine "
-                         "when other work slows it; validation between epochs and the test come on top."
-                         + (" Early stopping may end training sooner." if run.config.patience else ""))
+        c[2].metric(
+            "Time left" + (" (if every epoch runs)" if run.config.patience else ""),
+            "estimating…" if left is None else f"≈ {views.duration_text(left)}",
+            border=True,
+            help="Training time left at the speed of the last 20 seconds of steps, so it follows the machine "
+            "when other work slows it; validation between epochs and the test come on top."
+            + (" Early stopping may end training sooner." if run.config.patience else ""),
+        )
         c[3].metric("Elapsed", duration(run.seconds), border=True)
-        speed = (f"Speed {views.speed_text(now)} now" if now is not None else
-                 f"Speed {views.speed_text(last.images_per_second if last else None)} in the last epoch")
-        st.caption(f"{speed} · training on {md_text(run.device or 'the device the worker reports when it starts')}"
-                   "  \nThe first epochs say the least: the curves settle after a few, so judge a run by its later "
-                   "epochs.")
+        speed = (
+            f"Speed {views.speed_text(now)} now"
+            if now is not None
+            else f"Speed {views.speed_text(last.images_per_second if last else None)} in the last epoch"
+        )
+        st.caption(
+            f"{speed} · training on {md_text(run.device or 'the device the worker reports when it starts')}"
+            "  \nThe first epochs say the least: the curves settle after a few, so judge a run by its later "
+            "epochs."
+        )
         if slowed is not None:
-            st.warning(f"Training goes at {slowed:.0%} of its earlier speed: other work shares this machine. The time "
-                       "left follows the speed of the last seconds.", icon=":material/speed:")
+            st.warning(
+                f"Training goes at {slowed:.0%} of its earlier speed: other work shares this machine. The time "
+                "left follows the speed of the last seconds.",
+                icon=":material/speed:",
+            )
         return
     s = run.summary
     shown = lambda v: "–" if v is None else v  # noqa: E731
-    c[0].metric("Test accuracy", pct(s.test_accuracy, 2), border=True,
-                help="On the run's test part, with the weights of the best validation epoch (its model file).")
-    c[1].metric("Best epoch", shown(s.best_epoch), border=True,
-                help="The epoch with the best validation accuracy: its weights are the ones tested and kept.")
+    c[0].metric(
+        "Test accuracy",
+        pct(s.test_accuracy, 2),
+        border=True,
+        help="On the run's test part, with the weights of the best validation epoch (its model file).",
+    )
+    c[1].metric(
+        "Best epoch",
+        shown(s.best_epoch),
+        border=True,
+        help="The epoch with the best validation accuracy: its weights are the ones tested and kept.",
+    )
     c[2].metric("Epochs trained", f"{len(epochs)} of {run.config.epochs}", border=True)
     c[3].metric("Duration", duration(run.seconds), border=True)
     if s.stopped_early:
-        st.info(f"**Stopped early** after epoch {s.stopped_at_epoch} of {run.config.epochs}: the validation loss "
-                f"had not improved for {_epochs(run.config.patience)}, so training ended there. The best epoch "
-                f"({shown(s.best_epoch)}) is the one tested and kept.", icon=":material/front_hand:")
+        st.info(
+            f"**Stopped early** after epoch {s.stopped_at_epoch} of {run.config.epochs}: the validation loss "
+            f"had not improved for {_epochs(run.config.patience)}, so training ended there. The best epoch "
+            f"({shown(s.best_epoch)}) is the one tested and kept.",
+            icon=":material/front_hand:",
+        )
     memory = s.gpu_peak_memory_gib
-    st.caption(f"Training speed: {views.speed_text(s.images_per_second)} (mean over epochs) · trained on "
-               f"{md_text(run.device or '–')}"
-               + (f" · peak GPU memory {memory:.1f} GiB" if memory is not None else " · no GPU memory used (CPU run)")
-               + f"  \nSamples: {shown(s.n_train)} augmented training images, {shown(s.n_val)} validation and "
-                 f"{shown(s.n_test)} test images (untouched)")
+    st.caption(
+        f"Training speed: {views.speed_text(s.images_per_second)} (mean over epochs) · trained on "
+        f"{md_text(run.device or '–')}"
+        + (f" · peak GPU memory {memory:.1f} GiB" if memory is not None else " · no GPU memory used (CPU run)")
+        + f"  \nSamples: {shown(s.n_train)} augmented training images, {shown(s.n_val)} validation and "
+        f"{shown(s.n_test)} test images (untouched)"
+    )
 
 
 def _epochs(n: int) -> str:
@@ -185,8 +261,10 @@ def live_panel(run_id: int, was_active: bool) -> None:
     if epochs or run.status != "failed":  # a run that failed at its start has no numbers
         metrics_row(curve)
     if epochs:
-        show_figure(curves_figure([(f"run {run.id}", epochs)], f"Run {run.id}: loss and accuracy per epoch",
-                                  run.protocol), key=f"runs_curves_{run.id}")
+        show_figure(
+            curves_figure([(f"run {run.id}", epochs)], f"Run {run.id}: loss and accuracy per epoch", run.protocol),
+            key=f"runs_curves_{run.id}",
+        )
     elif run.active:
         st.caption("Curves appear after the first epoch.")
 
@@ -197,10 +275,31 @@ def live_panel(run_id: int, was_active: bool) -> None:
 
 def table_one(report: metrics.Report) -> pd.DataFrame:
     """The paper's Table I layout: one row per class, then the overall accuracy."""
-    frame = pd.DataFrame([{"Class": r.name, "Accuracy": r.accuracy, "Precision": r.precision, "Recall": r.recall,
-                           "F1-score": r.f1, "Support": r.support} for r in report.rows])
-    overall = pd.DataFrame([{"Class": "Overall accuracy", "Accuracy": report.accuracy, "Precision": None,
-                             "Recall": None, "F1-score": None, "Support": report.n}])
+    frame = pd.DataFrame(
+        [
+            {
+                "Class": r.name,
+                "Accuracy": r.accuracy,
+                "Precision": r.precision,
+                "Recall": r.recall,
+                "F1-score": r.f1,
+                "Support": r.support,
+            }
+            for r in report.rows
+        ]
+    )
+    overall = pd.DataFrame(
+        [
+            {
+                "Class": "Overall accuracy",
+                "Accuracy": report.accuracy,
+                "Precision": None,
+                "Recall": None,
+                "F1-score": None,
+                "Support": report.n,
+            }
+        ]
+    )
     return pd.concat([frame, overall], ignore_index=True)
 
 
@@ -232,9 +331,15 @@ def misclassified(found: views.RunResults, classes: tuple[str, ...]) -> None:
 def explain_mistake(found: views.RunResults, wrong: list, classes: tuple[str, ...]) -> None:
     """Grad-CAM of one misclassified image, for the class the model chose: where it saw that class."""
     run = found.run
-    names = {k: f"{p.name}: {classes[p.true_label]} taken for {classes[p.predicted_label]}" for k, p in enumerate(wrong)}
-    pick = st.selectbox("Where did the model see the wrong class? (Grad-CAM)", [None, *names], key=f"runs_cam_{run.id}",
-                        format_func=lambda k: "Choose a misclassified image" if k is None else names[k])
+    names = {
+        k: f"{p.name}: {classes[p.true_label]} taken for {classes[p.predicted_label]}" for k, p in enumerate(wrong)
+    }
+    pick = st.selectbox(
+        "Where did the model see the wrong class? (Grad-CAM)",
+        [None, *names],
+        key=f"runs_cam_{run.id}",
+        format_func=lambda k: "Choose a misclassified image" if k is None else names[k],
+    )
     if pick is None:
         return
     from core.data.decoding import load_rgb  # decoding: only for the image asked for
@@ -244,26 +349,35 @@ def explain_mistake(found: views.RunResults, wrong: list, classes: tuple[str, ..
     with user_errors(), st.spinner("Computing the Grad-CAM heat map…"):
         explainer = grad_cam_for(run.id, predict.model_sha256(cfg, run.id), cfg.database_url)
         cam = explainer.explain(load_rgb(mistake.path, cfg.max_image_pixels), class_index=mistake.predicted_label)
-        show_grad_cam(cam, explainer.pipeline.image_size, classes[mistake.predicted_label], run.id,
-                      key=f"runs_cam_chart_{run.id}")
+        show_grad_cam(
+            cam, explainer.pipeline.image_size, classes[mistake.predicted_label], run.id, key=f"runs_cam_chart_{run.id}"
+        )
 
 
 def predictions_csv(found: views.RunResults, classes: tuple[str, ...]) -> bytes:
     probs = Probabilities.of_run([p.probabilities for p in found.predictions], found.run.summary.calibration)
     calibrated = probs.shown if probs.is_calibrated else [()] * len(found.predictions)
-    frame = pd.DataFrame([{
-        "image": pred.image, "augmented_copy": pred.aug_index, "group": pred.group,
-        "true": classes[pred.true_label], "predicted": classes[pred.predicted_label],
-        **{f"raw_p_{c}": p for c, p in zip(classes, pred.probabilities)},
-        **{f"calibrated_p_{c}": p for c, p in zip(classes, cal)},
-    } for pred, cal in zip(found.predictions, calibrated)])
+    frame = pd.DataFrame(
+        [
+            {
+                "image": pred.image,
+                "augmented_copy": pred.aug_index,
+                "group": pred.group,
+                "true": classes[pred.true_label],
+                "predicted": classes[pred.predicted_label],
+                **{f"raw_p_{c}": p for c, p in zip(classes, pred.probabilities)},
+                **{f"calibrated_p_{c}": p for c, p in zip(classes, cal)},
+            }
+            for pred, cal in zip(found.predictions, calibrated)
+        ]
+    )
     return csv_bytes(frame)
 
 
 def calibration_panel(found: views.RunResults) -> None:
     """How far the run's confidences can be trusted, in plain words; the technical terms in the tooltips."""
     run, uncertainty, cal = found.run, found.uncertainty, found.calibration
-    with st.expander("How far its confidence can be trusted, and the \"uncertain, refer\" band", expanded=False):
+    with st.expander('How far its confidence can be trusted, and the "uncertain, refer" band', expanded=False):
         if not cal.calibrated:
             st.caption(f"Not calibrated: {md_text(cal.note)}.")
             return
@@ -271,28 +385,42 @@ def calibration_panel(found: views.RunResults) -> None:
         c[0].metric("Confidence scaling", cal.scaling, border=True, help=cal.technical)
         c[1].metric("Calibration error, validation", cal.val_error, border=True, help=cal.ERROR_HELP)
         # The test figures from the same bins as the chart below, so the card and its legend agree.
-        test = cal.test_error if uncertainty["reliability"] is None else change_text(
-            (uncertainty["reliability"].ece, uncertainty["reliability_after"].ece))
+        test = (
+            cal.test_error
+            if uncertainty["reliability"] is None
+            else change_text((uncertainty["reliability"].ece, uncertainty["reliability_after"].ece))
+        )
         c[2].metric("Calibration error, test", test, border=True, help=cal.ERROR_HELP)
         st.caption(cal.scaling_sentence)
         st.markdown(cal.refer_sentence)
         if uncertainty["reliability"] is not None:
-            fig = reliability_chart(uncertainty["reliability"], uncertainty["reliability_after"],
-                                    f"Run {run.id}: confidence against accuracy on the test part", run.protocol,
-                                    wrap=80)
+            fig = reliability_chart(
+                uncertainty["reliability"],
+                uncertainty["reliability_after"],
+                f"Run {run.id}: confidence against accuracy on the test part",
+                run.protocol,
+                wrap=80,
+            )
             for trace in fig.data:  # the chart's technical names, in the page's words
                 trace.name = views.plain_calibration_words(trace.name or "")
             show_figure(fig, key=f"runs_reliability_{run.id}")
-            st.caption("Confidence scaling is fitted on the validation part only; the test part shows whether it "
-                       "carries over. Bars on the dashed line: confidence matches accuracy.")
+            st.caption(
+                "Confidence scaling is fitted on the validation part only; the test part shows whether it "
+                "carries over. Bars on the dashed line: confidence matches accuracy."
+            )
 
 
 def bootstrap_lines(found: views.RunResults) -> None:
     boot = found.uncertainty["bootstrap"]
-    how = (f"{boot.n_groups} specimens (or source images) resampled whole" if boot.n_groups is not None
-           else "test images resampled one by one")
-    st.markdown(f"Test accuracy {pct(boot.accuracy.estimate)}, likely between "
-                f"**{pct(boot.accuracy.low)} and {pct(boot.accuracy.high)}** on other images like these.")
+    how = (
+        f"{boot.n_groups} specimens (or source images) resampled whole"
+        if boot.n_groups is not None
+        else "test images resampled one by one"
+    )
+    st.markdown(
+        f"Test accuracy {pct(boot.accuracy.estimate)}, likely between "
+        f"**{pct(boot.accuracy.low)} and {pct(boot.accuracy.high)}** on other images like these."
+    )
     st.caption(f"{boot.level:.0%} bootstrap interval: {how}.")
 
 
@@ -301,18 +429,31 @@ def folds_panel(folds: views.FoldResults) -> None:
     if folds.summary is None:
         return
     summary = folds.summary
-    st.metric("Accuracy across folds", f"{pct(summary.accuracy_mean)} ± {pct(summary.accuracy_std)}",
-              help="Mean ± sample standard deviation over the finished folds.")
+    st.metric(
+        "Accuracy across folds",
+        f"{pct(summary.accuracy_mean)} ± {pct(summary.accuracy_std)}",
+        help="Mean ± sample standard deviation over the finished folds.",
+    )
     if folds.spread:
         st.caption(folds.spread)
     if folds.yardstick:
         st.caption(folds.yardstick)
-    st.dataframe(pd.DataFrame([{
-        "Class": row["name"],
-        **{m: f"{row[m.lower().replace('-score', '') + '_mean']:.3f} ± "
-              f"{row[m.lower().replace('-score', '') + '_std']:.3f}"
-           for m in ("Accuracy", "Precision", "Recall", "F1-score")},
-    } for row in summary.rows]), hide_index=True)
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "Class": row["name"],
+                    **{
+                        m: f"{row[m.lower().replace('-score', '') + '_mean']:.3f} ± "
+                        f"{row[m.lower().replace('-score', '') + '_std']:.3f}"
+                        for m in ("Accuracy", "Precision", "Recall", "F1-score")
+                    },
+                }
+                for row in summary.rows
+            ]
+        ),
+        hide_index=True,
+    )
 
 
 def report_panel(found: views.RunResults) -> None:
@@ -320,16 +461,25 @@ def report_panel(found: views.RunResults) -> None:
     run, report = found.run, found.report
     left, right = st.columns([2, 3], gap="large")
     with left:
-        show_figure(confusion_figure(report.confusion, run.classes, f"Run {run.id}: confusion matrix", run.protocol,
-                                     wrap=60), key=f"runs_cm_{run.id}")
+        show_figure(
+            confusion_figure(report.confusion, run.classes, f"Run {run.id}: confusion matrix", run.protocol, wrap=60),
+            key=f"runs_cm_{run.id}",
+        )
     with right:
         st.markdown(f"**Per-class results (the paper's Table I layout)** · {report.n} test samples")
         st.caption(run.protocol)
-        st.dataframe(table_one(report), hide_index=True, placeholder="", column_config={
-            c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
-        })
-        st.caption("Per-class accuracy counts the images rightly put in or kept out of each class (one-vs-rest, "
-                   "(TP + TN) / N, as in the paper).")
+        st.dataframe(
+            table_one(report),
+            hide_index=True,
+            placeholder="",
+            column_config={
+                c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
+            },
+        )
+        st.caption(
+            "Per-class accuracy counts the images rightly put in or kept out of each class (one-vs-rest, "
+            "(TP + TN) / N, as in the paper)."
+        )
         bootstrap_lines(found)
         if found.yardstick:
             st.caption(found.yardstick)
@@ -346,23 +496,49 @@ def slides_panel(found: views.RunResults) -> None:
     st.markdown(f"**Per slide (the mean of its tiles' probabilities)** · {report.n} test slides")
     left, right = st.columns([2, 3], gap="large")
     with left:
-        show_figure(confusion_figure(report.confusion, run.classes, f"Run {run.id}: confusion matrix per slide",
-                                     run.protocol, wrap=60), key=f"runs_slide_cm_{run.id}")
+        show_figure(
+            confusion_figure(
+                report.confusion, run.classes, f"Run {run.id}: confusion matrix per slide", run.protocol, wrap=60
+            ),
+            key=f"runs_slide_cm_{run.id}",
+        )
     with right:
-        st.dataframe(table_one(report), hide_index=True, placeholder="", column_config={
-            c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
-        })
+        st.dataframe(
+            table_one(report),
+            hide_index=True,
+            placeholder="",
+            column_config={
+                c: st.column_config.NumberColumn(format="%.3f") for c in ("Accuracy", "Precision", "Recall", "F1-score")
+            },
+        )
         if report.n < 30:
             st.caption(f"Only {report.n} test slides: one slide moves the accuracy by {pct(1 / max(report.n, 1))}.")
-        table = pd.DataFrame([{"slide": r.slide, "true": r.true_class, "predicted": r.predicted_class,
-                               "its probability": r.probabilities[run.classes.index(r.predicted_class)],
-                               "tiles": r.n_tiles,
-                               **{f"tiles {c}": share for c, share in zip(run.classes, r.tile_shares)}}
-                              for r in report.slides])
-        st.dataframe(table, hide_index=True, column_config={
-            "its probability": st.column_config.NumberColumn(format="%.3f"),
-            **{f"tiles {c}": st.column_config.NumberColumn(format="%.2f", help="share of the slide's test tiles "
-                                                           "predicted as this class") for c in run.classes}})
+        table = pd.DataFrame(
+            [
+                {
+                    "slide": r.slide,
+                    "true": r.true_class,
+                    "predicted": r.predicted_class,
+                    "its probability": r.probabilities[run.classes.index(r.predicted_class)],
+                    "tiles": r.n_tiles,
+                    **{f"tiles {c}": share for c, share in zip(run.classes, r.tile_shares)},
+                }
+                for r in report.slides
+            ]
+        )
+        st.dataframe(
+            table,
+            hide_index=True,
+            column_config={
+                "its probability": st.column_config.NumberColumn(format="%.3f"),
+                **{
+                    f"tiles {c}": st.column_config.NumberColumn(
+                        format="%.2f", help="share of the slide's test tiles predicted as this class"
+                    )
+                    for c in run.classes
+                },
+            },
+        )
 
 
 def for_reader(value):
@@ -404,12 +580,16 @@ def results(run_id: int) -> None:
         misclassified(found, run.classes)
 
     with st.expander("Full configuration"):
-        st.markdown(f"**Protocol:** {run.protocol}  \n"
-                    f"**Augmentation preset:** {md_text(run.augmentation)}  \n"
-                    f"**Weights:** {md_text(for_reader(run.weights_used or run.config.weights))}  \n"
-                    f"**Experiment:** `{run.experiment}` · fold {run.fold} · split id {run.split_id}")
-        st.json(for_reader({"config": found.config_json, "summary": found.summary_json,
-                            "timings_seconds": found.timings}), expanded=1)
+        st.markdown(
+            f"**Protocol:** {run.protocol}  \n"
+            f"**Augmentation preset:** {md_text(run.augmentation)}  \n"
+            f"**Weights:** {md_text(for_reader(run.weights_used or run.config.weights))}  \n"
+            f"**Experiment:** `{run.experiment}` · fold {run.fold} · split id {run.split_id}"
+        )
+        st.json(
+            for_reader({"config": found.config_json, "summary": found.summary_json, "timings_seconds": found.timings}),
+            expanded=1,
+        )
     downloads(found)
     if run.status == "succeeded":
         approval_panel(found)
@@ -421,22 +601,40 @@ def downloads(found: views.RunResults) -> None:
     # The model file is the trained weights (the team's work): editors only. The results (CSV) are
     # for everyone.
     if model is not None and user.can_edit:
-        a.download_button("Model file (.safetensors)", icon=":material/download:", data=lambda: model.read_bytes(),
-                          file_name=f"run-{run.id}-model.safetensors", mime="application/octet-stream",
-                          on_click="ignore", key=f"runs_dl_ckpt_{run.id}")
+        a.download_button(
+            "Model file (.safetensors)",
+            icon=":material/download:",
+            data=lambda: model.read_bytes(),
+            file_name=f"run-{run.id}-model.safetensors",
+            mime="application/octet-stream",
+            on_click="ignore",
+            key=f"runs_dl_ckpt_{run.id}",
+        )
     elif model is not None:
         a.caption("Downloading the model file needs the editor role.")
     if model is not None and user.can_edit and run.status == "succeeded":
-        c.download_button("Download for use outside the app (ONNX)", icon=":material/download:",
-                          data=lambda: onnx_bytes(run.id), file_name=f"run-{run.id}.onnx",
-                          mime="application/octet-stream", on_click="ignore", key=f"runs_dl_onnx_{run.id}",
-                          help="The network as an ONNX model, for ONNX Runtime and other tools. It takes uint8 RGB "
-                               "images already resized (or tiled) and stain-normalised as this run does, and returns "
-                               "raw class probabilities; the run's preparation and calibration are in its metadata.")
+        c.download_button(
+            "Download for use outside the app (ONNX)",
+            icon=":material/download:",
+            data=lambda: onnx_bytes(run.id),
+            file_name=f"run-{run.id}.onnx",
+            mime="application/octet-stream",
+            on_click="ignore",
+            key=f"runs_dl_onnx_{run.id}",
+            help="The network as an ONNX model, for ONNX Runtime and other tools. It takes uint8 RGB "
+            "images already resized (or tiled) and stain-normalised as this run does, and returns "
+            "raw class probabilities; the run's preparation and calibration are in its metadata.",
+        )
     if found.report is not None:
-        b.download_button("Test predictions (.csv)", icon=":material/download:", data=predictions_csv(found, run.classes),
-                          file_name=f"run-{run.id}-predictions.csv", mime="text/csv", on_click="ignore",
-                          key=f"runs_dl_csv_{run.id}")
+        b.download_button(
+            "Test predictions (.csv)",
+            icon=":material/download:",
+            data=predictions_csv(found, run.classes),
+            file_name=f"run-{run.id}-predictions.csv",
+            mime="text/csv",
+            on_click="ignore",
+            key=f"runs_dl_csv_{run.id}",
+        )
 
 
 def onnx_bytes(run_id: int) -> bytes:
@@ -461,9 +659,11 @@ def approval_panel(found: views.RunResults) -> None:
     others = [a for a in panel.current if a.classes == tuple(sorted(run.classes)) and a.run_id != run.id]
     st.subheader("Approved model")
     if mine is not None:
-        st.markdown(f":green-badge[:material/verified: approved model for {md_text(classes)}] "
-                    f"by {md_text(mine.approved_by)} on {mine.approved_at:%Y-%m-%d %H:%M} UTC"
-                    + (f": {md_text(mine.note)}" if mine.note else ""))
+        st.markdown(
+            f":green-badge[:material/verified: approved model for {md_text(classes)}] "
+            f"by {md_text(mine.approved_by)} on {mine.approved_at:%Y-%m-%d %H:%M} UTC"
+            + (f": {md_text(mine.note)}" if mine.note else "")
+        )
     elif others:
         st.caption(f"Not approved: {md_text(others[0].run_label)} is the approved model for {md_text(classes)}.")
     else:
@@ -473,12 +673,23 @@ def approval_panel(found: views.RunResults) -> None:
     history = [a for a in panel.history if a.classes == tuple(sorted(run.classes))]
     if history:
         with st.expander(f"Approval history for {md_text(classes)} ({len(history)})"):
-            text_table(pd.DataFrame([{
-                "model": a.run_label, "state": a.state, "approved by": a.approved_by,
-                "approved (UTC)": f"{a.approved_at:%Y-%m-%d %H:%M}", "note": a.note,
-                "withdrawn by": a.withdrawn_by or "", "withdrawn (UTC)": f"{a.withdrawn_at:%Y-%m-%d %H:%M}"
-                if a.withdrawn_at else "",
-            } for a in history]), column_config={"note": st.column_config.TextColumn(width="large")})
+            text_table(
+                pd.DataFrame(
+                    [
+                        {
+                            "model": a.run_label,
+                            "state": a.state,
+                            "approved by": a.approved_by,
+                            "approved (UTC)": f"{a.approved_at:%Y-%m-%d %H:%M}",
+                            "note": a.note,
+                            "withdrawn by": a.withdrawn_by or "",
+                            "withdrawn (UTC)": f"{a.withdrawn_at:%Y-%m-%d %H:%M}" if a.withdrawn_at else "",
+                        }
+                        for a in history
+                    ]
+                ),
+                column_config={"note": st.column_config.TextColumn(width="large")},
+            )
 
 
 def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model: bool) -> None:
@@ -487,8 +698,9 @@ def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model:
             with user_errors():
                 with Session.begin() as s:
                     approval.withdraw(s, run.id, user)
-                st.session_state[FLASH] = (f"Approval of run {run.id} withdrawn: {md_text(classes)} has no approved "
-                                           "model now.")
+                st.session_state[FLASH] = (
+                    f"Approval of run {run.id} withdrawn: {md_text(classes)} has no approved model now."
+                )
                 st.rerun()
         return
     if not has_model:
@@ -497,16 +709,25 @@ def approval_actions(run: views.RunRow, classes: str, approved: bool, has_model:
     with Session() as s:
         concerns = comparisons.approval_concerns(s, run.id)
     if concerns:
-        st.warning("**Think twice before approving this model:**\n" + "\n".join(f"- {c}" for c in concerns),
-                   icon=":material/report:")
+        st.warning(
+            "**Think twice before approving this model:**\n" + "\n".join(f"- {c}" for c in concerns),
+            icon=":material/report:",
+        )
     with st.form(f"runs_approve_form_{run.id}", border=True):
-        note = st.text_area("Note (why this model)", key=f"runs_approve_note_{run.id}", max_chars=approval.MAX_NOTE,
-                            placeholder="e.g. validated on the March specimens")
+        note = st.text_area(
+            "Note (why this model)",
+            key=f"runs_approve_note_{run.id}",
+            max_chars=approval.MAX_NOTE,
+            placeholder="e.g. validated on the March specimens",
+        )
         despite = concerns and st.checkbox("Approve anyway: I have read why not", key=f"runs_approve_despite_{run.id}")
-        pressed = st.form_submit_button(f"Approve this model for {md_text(classes)}", icon=":material/verified:",
-                                        key=f"runs_approve_{run.id}",
-                                        help="Classifications that name no run (the Predict page's default, the API) "
-                                             "use the approved model of their classes; it replaces the one before.")
+        pressed = st.form_submit_button(
+            f"Approve this model for {md_text(classes)}",
+            icon=":material/verified:",
+            key=f"runs_approve_{run.id}",
+            help="Classifications that name no run (the Predict page's default, the API) "
+            "use the approved model of their classes; it replaces the one before.",
+        )
     if pressed:
         with user_errors():
             with Session.begin() as s:
@@ -526,19 +747,33 @@ def manage_panel(run: views.RunRow) -> None:
     if run.status in ("failed", "cancelled"):
         resumes = manage.resumable(cfg, run.id)
         label = "Resume from its last finished epoch" if resumes else "Retry from the start"
-        if next(slots).button(label, key=f"runs_requeue_{run.id}", icon=":material/replay:", width="stretch",
-                    help="Queue it again with the same settings" + (", continuing after its last finished epoch."
-                                                                     if resumes else "; it has no finished epoch to "
-                                                                     "continue from.")):
+        if next(slots).button(
+            label,
+            key=f"runs_requeue_{run.id}",
+            icon=":material/replay:",
+            width="stretch",
+            help="Queue it again with the same settings"
+            + (
+                ", continuing after its last finished epoch."
+                if resumes
+                else "; it has no finished epoch to continue from."
+            ),
+        ):
             with user_errors():
                 with Session.begin() as s:
                     continues = manage.requeue_run(s, cfg, run.id, user=user)
                 start_worker(cfg)
-                st.session_state[FLASH] = (f"Run {run.id} queued again" + (", to continue after its last finished "
-                                           "epoch." if continues else ", from the start."))
+                st.session_state[FLASH] = f"Run {run.id} queued again" + (
+                    ", to continue after its last finished epoch." if continues else ", from the start."
+                )
                 st.rerun()
-    if next(slots).button("Train again with these settings", key=f"runs_again_{run.id}", icon=":material/content_copy:",
-                width="stretch", help="Opens the Train page with this run's settings filled in, to change and launch."):
+    if next(slots).button(
+        "Train again with these settings",
+        key=f"runs_again_{run.id}",
+        icon=":material/content_copy:",
+        width="stretch",
+        help="Opens the Train page with this run's settings filled in, to change and launch.",
+    ):
         st.session_state["train_prefill"] = run.config.to_dict()
         st.switch_page("pages/train.py")
     slot = next(slots)
@@ -546,8 +781,10 @@ def manage_panel(run: views.RunRow) -> None:
         slot.caption("A running run cannot be deleted: cancel it first.")
         return
     with slot.popover("Delete run", icon=":material/delete:", width="stretch"):
-        st.markdown(f"Delete run {run.id} with its curves, results and files (model file, checkpoints, logs)? "
-                    "This cannot be undone.")
+        st.markdown(
+            f"Delete run {run.id} with its curves, results and files (model file, checkpoints, logs)? "
+            "This cannot be undone."
+        )
         sure = st.checkbox(f"Yes, delete run {run.id}", key=f"runs_confirm_delete_{run.id}")
         if st.button("Delete", key=f"runs_delete_{run.id}", type="primary", disabled=not sure):
             with user_errors():
@@ -560,9 +797,11 @@ def manage_panel(run: views.RunRow) -> None:
 def run_heading(run: views.RunRow) -> None:
     head, action = st.columns([5, 1], vertical_alignment="bottom")
     head.subheader(f"Run {run.id} · {md_text(run.title)} {STATUS_BADGE[run.status]}")
-    head.caption(f"Dataset: {md_text(run.dataset)}, {run.version_text} · protocol: {run.protocol}  \n"
-                 f"Augmentation preset: {md_text(run.augmentation)} · created "
-                 f"{run.created_at:%Y-%m-%d %H:%M} UTC" + (f" by {md_text(run.created_by)}" if run.created_by else ""))
+    head.caption(
+        f"Dataset: {md_text(run.dataset)}, {run.version_text} · protocol: {run.protocol}  \n"
+        f"Augmentation preset: {md_text(run.augmentation)} · created "
+        f"{run.created_at:%Y-%m-%d %H:%M} UTC" + (f" by {md_text(run.created_by)}" if run.created_by else "")
+    )
     if run.notes:
         st.markdown("**Notes:** " + "  \n".join(md_text(line) for line in run.notes.splitlines()))
     if run.active:
@@ -591,27 +830,40 @@ def compare_tab() -> None:
     runs = [c.run for c in picked]
     protocols = {r.protocol for r in runs}
     if len(protocols) > 1:
-        st.warning("These runs were measured under different protocols; their accuracies are not comparable.",
-                   icon=":material/warning:")
+        st.warning(
+            "These runs were measured under different protocols; their accuracies are not comparable.",
+            icon=":material/warning:",
+        )
     subtitle = next(iter(protocols)) if len(protocols) == 1 else "protocols differ: " + " | ".join(sorted(protocols))
-    show_figure(curves_figure([(f"run {c.run.id}", c.epochs) for c in picked], "Validation curves, overlaid",
-                              subtitle), key="runs_compare_curves")
+    show_figure(
+        curves_figure([(f"run {c.run.id}", c.epochs) for c in picked], "Validation curves, overlaid", subtitle),
+        key="runs_compare_curves",
+    )
     columns = [f"Run {r.id}" for r in runs]
     # Names, notes and settings (the device is free text) as text, wrapped: long protocols are read whole.
     st.markdown("**Results**")
-    text_table(pd.DataFrame({
-        "name": [r.title for r in runs], "status": [r.status for r in runs],
-        "test accuracy": [pct(r.summary.test_accuracy) for r in runs],
-        "best epoch": ["–" if r.summary.best_epoch is None else str(r.summary.best_epoch) for r in runs],
-        "training speed": [views.speed_text(r.summary.images_per_second) for r in runs],
-        "duration": [duration(r.seconds) for r in runs],
-    }, index=columns).T, hide_index=False)
+    text_table(
+        pd.DataFrame(
+            {
+                "name": [r.title for r in runs],
+                "status": [r.status for r in runs],
+                "test accuracy": [pct(r.summary.test_accuracy) for r in runs],
+                "best epoch": ["–" if r.summary.best_epoch is None else str(r.summary.best_epoch) for r in runs],
+                "training speed": [views.speed_text(r.summary.images_per_second) for r in runs],
+                "duration": [duration(r.seconds) for r in runs],
+            },
+            index=columns,
+        ).T,
+        hide_index=False,
+    )
     difference_lines(runs)
     differences = views.setting_differences(runs)
     st.markdown("**Settings that differ**")
     if differences:
-        text_table(pd.DataFrame([d.values for d in differences], index=[d.setting for d in differences],
-                                columns=columns), hide_index=False)
+        text_table(
+            pd.DataFrame([d.values for d in differences], index=[d.setting for d in differences], columns=columns),
+            hide_index=False,
+        )
         st.caption("Only the settings in which these runs differ; everything else was the same.")
     else:
         st.caption("These runs were trained with the same settings (they differ only in what was random, if at all).")
@@ -625,13 +877,19 @@ def difference_lines(runs: list[views.RunRow]) -> None:
         found = [(r, comparisons.run_vs_run(s, r.id, base.id)) for r in runs[1:] if r.status == "succeeded"]
     if base.status != "succeeded" or not found:
         return
-    lines = [c.verdict(f"Run {r.id}", f"run {base.id}") if c is not None else
-             f"Run {r.id} and run {base.id} were tested on different images (other splits), so no comparison of "
-             "the two figures can say which is better." for r, c in found]
+    lines = [
+        c.verdict(f"Run {r.id}", f"run {base.id}")
+        if c is not None
+        else f"Run {r.id} and run {base.id} were tested on different images (other splits), so no comparison of "
+        "the two figures can say which is better."
+        for r, c in found
+    ]
     st.markdown("**Differences in test accuracy**  \n" + "  \n".join(lines))
-    st.caption("Each gap is measured on the test images both runs were scored on, with a 95% bootstrap interval; "
-               "\"within noise\" means another draw of test images could reverse it. McNemar's test looks only at "
-               "the images one run got right and the other wrong.")
+    st.caption(
+        "Each gap is measured on the test images both runs were scored on, with a 95% bootstrap interval; "
+        '"within noise" means another draw of test images could reverse it. McNemar\'s test looks only at '
+        "the images one run got right and the other wrong."
+    )
 
 
 tab_run, tab_compare = st.tabs(["One run", "Compare runs"], key="runs_tab", on_change="rerun")

@@ -17,8 +17,16 @@ from core.jobs import estimate, runs, views
 from core.training import presets
 from core.training.run_config import RunConfig, setting_type, settings_fields
 from pages._common import (
-    STATUS_BADGE, current_user, md_text, page_header, request_cancel, session_factory, settings, start_worker,
-    through_router, user_errors,
+    STATUS_BADGE,
+    current_user,
+    md_text,
+    page_header,
+    request_cancel,
+    session_factory,
+    settings,
+    start_worker,
+    through_router,
+    user_errors,
 )
 
 through_router()
@@ -36,8 +44,12 @@ WEIGHT_LABELS = {
     "file": "A weights file on the server",
     "none": "None: random initialisation",
 }
-PRESET_ICONS = {presets.QUICK_TRY: ":material/bolt:", presets.PAPER_LEAKY: ":material/description:",
-                presets.PAPER_HONEST: ":material/balance:", presets.UNSEEN_SPECIMENS_CPU: ":material/biotech:"}
+PRESET_ICONS = {
+    presets.QUICK_TRY: ":material/bolt:",
+    presets.PAPER_LEAKY: ":material/description:",
+    presets.PAPER_HONEST: ":material/balance:",
+    presets.UNSEEN_SPECIMENS_CPU: ":material/biotech:",
+}
 # The augmentation of a run the form was filled from, when no saved preset holds its values.
 CUSTOM_AUGMENTATION = "Custom: the values of the run the form was filled from"
 # Streamlit forgets a widget's value once a page without it is shown; this plain copy outlives the
@@ -45,9 +57,12 @@ CUSTOM_AUGMENTATION = "Custom: the values of the run the form was filled from"
 KEPT = "tr_kept"
 OWN_KEYS = ("tr_weights_path", "tr_name", "tr_notes")  # inputs that are not settings of RunConfig
 
-page_header("Train", "The modified DenseNet-201 (FC 512, dropout 0.5, no layer frozen) trained with Adam on "
-            "cross-entropy. The presets fill in the form: the paper's settings, or a first run sized for this "
-            "machine. Runs train in the background worker.")
+page_header(
+    "Train",
+    "The modified DenseNet-201 (FC 512, dropout 0.5, no layer frozen) trained with Adam on "
+    "cross-entropy. The presets fill in the form: the paper's settings, or a first run sized for this "
+    "machine. Runs train in the background worker.",
+)
 machine = estimate.machine_summary()  # loads torch once per server process, to ask for a GPU
 
 
@@ -75,19 +90,24 @@ def setting_input(container, name: str, split: str | None = None):
     if kind is bool:
         return container.checkbox(label, key=key, help=tip, disabled=disabled)
     if options and "option_labels" in meta:
-        return container.radio(label, options, format_func=lambda o: meta["option_labels"].get(o, o), key=key,
-                               help=tip, disabled=disabled)
+        return container.radio(
+            label, options, format_func=lambda o: meta["option_labels"].get(o, o), key=key, help=tip, disabled=disabled
+        )
     if options:
         return container.selectbox(label, options, key=key, help=tip, disabled=disabled)
     low, high = meta["bounds"]
-    return container.number_input(label, low, high, step=meta["step"], format=meta.get("format"), key=key,
-                                  help=tip, disabled=disabled)
+    return container.number_input(
+        label, low, high, step=meta["step"], format=meta.get("format"), key=key, help=tip, disabled=disabled
+    )
 
 
 def section_inputs(section: str, split: str, columns: int, drawn: tuple[str, ...] = ()) -> None:
     """The inputs of a section's settings, in RunConfig's order, across `columns` (less those `drawn` already)."""
-    names = [name for name, f in FIELDS.items()
-             if f.metadata.get("section") == section and name not in DRAWN_HERE and name not in drawn]
+    names = [
+        name
+        for name, f in FIELDS.items()
+        if f.metadata.get("section") == section and name not in DRAWN_HERE and name not in drawn
+    ]
     cols = st.columns(columns)
     for i, name in enumerate(names):
         setting_input(cols[i % columns], name, split)
@@ -103,9 +123,16 @@ def fill_form(config: RunConfig, datasets_here: dict) -> None:
     with Session() as s:
         preset = presets.preset_holding(s, config.augmentation)
     choice, path = weights_choice(config.weights)
-    st.session_state.update({**form_values(config.to_dict()), form_key("weights"): choice, "tr_weights_path": path,
-                             form_key("augmentation"): preset or CUSTOM_AUGMENTATION, "tr_leak_ok": False,
-                             "tr_custom_augmentation": None if preset else config.augmentation})
+    st.session_state.update(
+        {
+            **form_values(config.to_dict()),
+            form_key("weights"): choice,
+            "tr_weights_path": path,
+            form_key("augmentation"): preset or CUSTOM_AUGMENTATION,
+            "tr_leak_ok": False,
+            "tr_custom_augmentation": None if preset else config.augmentation,
+        }
+    )
     if config.dataset in datasets_here:
         st.session_state[form_key("dataset")] = config.dataset
     st.session_state[form_key("dataset_version")] = config.dataset_version or 0  # 0: the latest
@@ -146,13 +173,16 @@ def start_form(datasets_here: dict) -> str | None:
     if last is not None:  # on the dataset's latest version: it may have grown since
         fill_form(last.replace(dataset_version=None), datasets_here)
         st.session_state["tr_preset_loaded"] = None
-        return ("The form starts with the settings of the last run you launched. The buttons above load a "
-                "preset instead.")
+        return (
+            "The form starts with the settings of the last run you launched. The buttons above load a preset instead."
+        )
     if not machine.has_gpu:
         fill_form(preset_config(presets.QUICK_TRY), datasets_here)
         st.session_state["tr_preset_loaded"] = presets.QUICK_TRY
-        return (f"No GPU on this machine, so the form starts with '{presets.QUICK_TRY}', sized for its CPU. "
-                f"'{presets.PAPER_HONEST}' loads the paper's settings (hours on a CPU).")
+        return (
+            f"No GPU on this machine, so the form starts with '{presets.QUICK_TRY}', sized for its CPU. "
+            f"'{presets.PAPER_HONEST}' loads the paper's settings (hours on a CPU)."
+        )
     fill_form(preset_config(presets.PAPER_HONEST), datasets_here)
     st.session_state["tr_preset_loaded"] = presets.PAPER_HONEST
     return None
@@ -160,8 +190,10 @@ def start_form(datasets_here: dict) -> str | None:
 
 def keep_form() -> None:
     """Copy the form's values where they outlive its widgets (see KEPT)."""
-    st.session_state[KEPT] = {**st.session_state[KEPT],
-                              **{k: st.session_state[k] for k in FORM_KEYS if k in st.session_state}}
+    st.session_state[KEPT] = {
+        **st.session_state[KEPT],
+        **{k: st.session_state[k] for k in FORM_KEYS if k in st.session_state},
+    }
 
 
 def form_config(ds_name: str, split: str, grouped: bool | None, aug_preset: str, weights: str) -> RunConfig:
@@ -173,10 +205,16 @@ def form_config(ds_name: str, split: str, grouped: bool | None, aug_preset: str,
         with Session() as s:
             augmentation = presets.get_params(s, aug_preset).to_dict()
     return RunConfig(
-        dataset=ds_name, dataset_version=st.session_state.get(form_key("dataset_version")) or None,
-        grouped=grouped if split != "paper-leaky" else None, augmentation=augmentation,
-        weights=weights_value, **{name: setting_type(f)(st.session_state[form_key(name)])
-                                  for name, f in FIELDS.items() if name not in DRAWN_HERE},
+        dataset=ds_name,
+        dataset_version=st.session_state.get(form_key("dataset_version")) or None,
+        grouped=grouped if split != "paper-leaky" else None,
+        augmentation=augmentation,
+        weights=weights_value,
+        **{
+            name: setting_type(f)(st.session_state[form_key(name)])
+            for name, f in FIELDS.items()
+            if name not in DRAWN_HERE
+        },
     ).validate()  # the bounds of the inputs, again on the server: a crafted widget value gets no further
 
 
@@ -189,8 +227,11 @@ def preset_note(config: RunConfig) -> str:
     if not loaded:
         return "The form holds settings of your own, not a preset's."
     was, now = preset_config(loaded).to_dict(), config.to_dict()
-    changed = [f"{FIELDS[name].metadata['label'].lower()} {was[name]} → {now[name]}"
-               for name in (*(n for n in FIELDS if n not in DRAWN_HERE), "weights") if was[name] != now[name]]
+    changed = [
+        f"{FIELDS[name].metadata['label'].lower()} {was[name]} → {now[name]}"
+        for name in (*(n for n in FIELDS if n not in DRAWN_HERE), "weights")
+        if was[name] != now[name]
+    ]
     if was["augmentation"] != now["augmentation"]:
         changed.append("other augmentation")
     if "grouped" in presets.TRAINING_PRESETS[loaded] and was["grouped"] != now["grouped"]:
@@ -213,9 +254,14 @@ def version_input(ds_name: str) -> int:
         return f"Version {number} · {v.created_at:%Y-%m-%d} · {v.images} images" + (f" · {v.note}" if v.note else "")
 
     help_text = FIELDS["dataset_version"].metadata["help"]
-    return st.selectbox(FIELDS["dataset_version"].metadata["label"], [0, *sorted(found, reverse=True)], key=key,
-                        format_func=words, help=help_text[:1].upper() + help_text[1:] + ". The Datasets page "
-                        "lists the versions and what changed between them.")
+    return st.selectbox(
+        FIELDS["dataset_version"].metadata["label"],
+        [0, *sorted(found, reverse=True)],
+        key=key,
+        format_func=words,
+        help=help_text[:1].upper() + help_text[1:] + ". The Datasets page "
+        "lists the versions and what changed between them.",
+    )
 
 
 def launch(config: RunConfig, name: str, notes: str) -> None:
@@ -227,9 +273,9 @@ def launch(config: RunConfig, name: str, notes: str) -> None:
     with Session.begin() as s:
         ids = [r.id for r in runs.create_runs(s, cfg, config, user=user, name=name, notes=notes)]
     start_worker(cfg)
-    st.session_state["tr_flash"] = (f"Queued run {ids[0]}" if len(ids) == 1 else
-                                    f"Queued runs {', '.join(map(str, ids))} (one per fold)") + \
-        ". The background worker picks it up; follow it on the Runs page."
+    st.session_state["tr_flash"] = (
+        f"Queued run {ids[0]}" if len(ids) == 1 else f"Queued runs {', '.join(map(str, ids))} (one per fold)"
+    ) + ". The background worker picks it up; follow it on the Runs page."
     st.session_state["runs_focus"] = ids[0]  # the Runs page opens on it, however it is reached
     st.session_state["tr_launched"] = True
     st.rerun()
@@ -241,9 +287,15 @@ with Session() as s:
 with user_errors():
     start_note = start_form(ds_info)
 choice, path = weights_choice(cfg.default_weights)
-for key, value in {**form_values(PAPER.to_dict()), form_key("augmentation"): presets.PAPER_PRESET,
-                   form_key("weights"): choice, "tr_weights_path": path, "tr_name": "", "tr_notes": "",
-                   "tr_custom_augmentation": None}.items():
+for key, value in {
+    **form_values(PAPER.to_dict()),
+    form_key("augmentation"): presets.PAPER_PRESET,
+    form_key("weights"): choice,
+    "tr_weights_path": path,
+    "tr_name": "",
+    "tr_notes": "",
+    "tr_custom_augmentation": None,
+}.items():
     st.session_state.setdefault(key, value)
 if st.session_state.get("tr_custom_augmentation"):
     preset_names = [*preset_names, CUSTOM_AUGMENTATION]
@@ -269,42 +321,76 @@ else:
     offered = presets.training_presets(machine.has_gpu)
     # Two buttons a row: four in one cut their names off.
     for col, name in zip([c for _ in range(0, len(offered), 2) for c in st.columns(2)], offered):
-        col.button(name, icon=PRESET_ICONS.get(name), on_click=apply_preset, args=(name, ds_info), width="stretch",
-                   help=presets.TRAINING_PRESET_HELP[name], key=f"tr_preset_{offered.index(name)}")
+        col.button(
+            name,
+            icon=PRESET_ICONS.get(name),
+            on_click=apply_preset,
+            args=(name, ds_info),
+            width="stretch",
+            help=presets.TRAINING_PRESET_HELP[name],
+            key=f"tr_preset_{offered.index(name)}",
+        )
     which_preset = st.empty()  # filled once the form's values are known
 
     data_col, model_col = st.columns(2, gap="large")
     with data_col:
         with st.container(border=True):
             st.markdown("**Data and split**")
-            ds_name = st.selectbox(FIELDS["dataset"].metadata["label"], list(ds_info), key=form_key("dataset"),
-                                   format_func=lambda n: f"{n} ({ds_info[n].images} images, {', '.join(ds_info[n].classes)})",
-                                   on_change=lambda: st.session_state.update({form_key("dataset_version"): 0}))
+            ds_name = st.selectbox(
+                FIELDS["dataset"].metadata["label"],
+                list(ds_info),
+                key=form_key("dataset"),
+                format_func=lambda n: f"{n} ({ds_info[n].images} images, {', '.join(ds_info[n].classes)})",
+                on_change=lambda: st.session_state.update({form_key("dataset_version"): 0}),
+            )
             version = version_input(ds_name)
             split = setting_input(st, "split")
             groups = ds_info[ds_name].groups
             grouped = None
             if split != "paper-leaky":
                 if groups:
-                    grouped = st.checkbox(f"{FIELDS['grouped'].metadata['label']} ({groups} groups)",
-                                          key=form_key("grouped"),
-                                          help="Images of one specimen share stain and tissue; splitting them inflates scores.")
+                    grouped = st.checkbox(
+                        f"{FIELDS['grouped'].metadata['label']} ({groups} groups)",
+                        key=form_key("grouped"),
+                        help="Images of one specimen share stain and tissue; splitting them inflates scores.",
+                    )
                 else:
-                    st.caption("This dataset has no specimen groups, so the split is by image: images of one "
-                               "specimen may land on both sides. Add groups on the Datasets page for a stricter test.")
+                    st.caption(
+                        "This dataset has no specimen groups, so the split is by image: images of one "
+                        "specimen may land on both sides. Add groups on the Datasets page for a stricter test."
+                    )
             section_inputs("data", split, columns=3, drawn=("split",))
-            split_key = (ds_name, version, split, grouped,
-                         *(st.session_state[form_key(name)] for name in SPLIT_SETTINGS))
-            if user.can_edit and split != "paper-leaky" and st.button(
-                    "Audit this split for leaks", icon=":material/content_copy:", key="tr_audit",
+            split_key = (
+                ds_name,
+                version,
+                split,
+                grouped,
+                *(st.session_state[form_key(name)] for name in SPLIT_SETTINGS),
+            )
+            if (
+                user.can_edit
+                and split != "paper-leaky"
+                and st.button(
+                    "Audit this split for leaks",
+                    icon=":material/content_copy:",
+                    key="tr_audit",
                     help="Looks for test images that equal, nearly equal or closely resemble a training image "
-                         "(duplicates, neighbouring fields of one slide). Runs audit their split too."):
+                    "(duplicates, neighbouring fields of one slide). Runs audit their split too.",
+                )
+            ):
                 with user_errors(), st.spinner("Comparing every test image with the training images…"):
                     with Session.begin() as s:
                         planned = splits.make_split(
-                            s, datasets.get_dataset(s, ds_name), protocol=split, grouped=grouped,
+                            s,
+                            datasets.get_dataset(s, ds_name),
+                            protocol=split,
+                            grouped=grouped,
                             version=version or None,
-                            **{name: setting_type(FIELDS[name])(value) for name, value in zip(SPLIT_SETTINGS, split_key[4:])})
+                            **{
+                                name: setting_type(FIELDS[name])(value)
+                                for name, value in zip(SPLIT_SETTINGS, split_key[4:])
+                            },
+                        )
                         found = audit.audit_split(s, cfg, planned, fold=0)
                     st.session_state["tr_audit_result"] = (split_key, found.warning, found.summary)
             audited = st.session_state.get("tr_audit_result")
@@ -321,13 +407,20 @@ else:
                     "augmented copies are then split 80/20, so copies of the same source image (and images of the "
                     "same specimen) end up in both training and test. Its accuracy is inflated (the paper's 99.56% "
                     "came this way) and does not measure performance on new patients. Use it only to reproduce the "
-                    "paper; every result of this run is labelled LEAKY.", icon=":material/warning:")
-                leak_ok = st.checkbox("I understand that this run's test score is not a valid estimate", key="tr_leak_ok")
+                    "paper; every result of this run is labelled LEAKY.",
+                    icon=":material/warning:",
+                )
+                leak_ok = st.checkbox(
+                    "I understand that this run's test score is not a valid estimate", key="tr_leak_ok"
+                )
         with st.container(border=True):
             st.markdown("**Augmentation** of the training part")
             aug_preset = st.selectbox(
-                FIELDS["augmentation"].metadata["label"], preset_names, key=form_key("augmentation"),
-                help="Make presets on the Augmentation page; values changed there train only once saved as a preset.")
+                FIELDS["augmentation"].metadata["label"],
+                preset_names,
+                key=form_key("augmentation"),
+                help="Make presets on the Augmentation page; values changed there train only once saved as a preset.",
+            )
             section_inputs("augmentation", split, columns=1)
             with user_errors():
                 if aug_preset == CUSTOM_AUGMENTATION:
@@ -337,25 +430,45 @@ else:
                         values = presets.get_params(s, aug_preset).to_dict()
                 st.caption("Each augmented image: " + "; ".join(presets.augmentation_words(values)) + ".")
                 with st.expander("The preset's values"):
-                    st.dataframe(pd.DataFrame({"setting": list(presets.labelled(values)),
-                                               "value": list(presets.labelled(values).values())}),
-                                 hide_index=True, width="stretch")
+                    st.dataframe(
+                        pd.DataFrame(
+                            {
+                                "setting": list(presets.labelled(values)),
+                                "value": list(presets.labelled(values).values()),
+                            }
+                        ),
+                        hide_index=True,
+                        width="stretch",
+                    )
 
     with model_col:
         with st.container(border=True):
             st.markdown("**Backbone weights**")
-            weights = st.radio(FIELDS["weights"].metadata["label"], list(WEIGHT_LABELS), format_func=WEIGHT_LABELS.get,
-                               key=form_key("weights"), label_visibility="collapsed")
+            weights = st.radio(
+                FIELDS["weights"].metadata["label"],
+                list(WEIGHT_LABELS),
+                format_func=WEIGHT_LABELS.get,
+                key=form_key("weights"),
+                label_visibility="collapsed",
+            )
             if weights == "imagenet":
-                st.caption("The paper's choice. torchvision downloads them once (about 80 MB, cached under TORCH_HOME). "
-                           "Launching checks that they can be loaded: on a machine without internet it says so "
-                           "and queues nothing; use a weights file or no weights there.")
+                st.caption(
+                    "The paper's choice. torchvision downloads them once (about 80 MB, cached under TORCH_HOME). "
+                    "Launching checks that they can be loaded: on a machine without internet it says so "
+                    "and queues nothing; use a weights file or no weights there."
+                )
             elif weights == "file":
-                st.text_input("Path on the server", key="tr_weights_path", placeholder="/models/densenet201-c1103571.pth",
-                              help="A torchvision DenseNet-201 state dict (.pth, .safetensors) or a checkpoint of this app.")
+                st.text_input(
+                    "Path on the server",
+                    key="tr_weights_path",
+                    placeholder="/models/densenet201-c1103571.pth",
+                    help="A torchvision DenseNet-201 state dict (.pth, .safetensors) or a checkpoint of this app.",
+                )
             else:
-                st.caption("Training from random initialisation: expect much lower accuracy than with ImageNet "
-                           "weights on a few hundred images. The run records that it used no weights.")
+                st.caption(
+                    "Training from random initialisation: expect much lower accuracy than with ImageNet "
+                    "weights on a few hundred images. The run records that it used no weights."
+                )
                 if st.session_state.get("tr_weights_note"):  # why the preset chose no weights
                     st.info(st.session_state["tr_weights_note"], icon=":material/cloud_off:")
         with st.container(border=True):
@@ -364,9 +477,11 @@ else:
         with st.container(border=True):
             st.markdown("**Generalisation to new specimens** (not in the paper; off by default)")
             section_inputs("generalisation", split, columns=2)
-            st.caption("Every class gets the same number of augmented training images (class-balanced). "
-                       "Probabilities are calibrated on the validation part, which also sets the "
-                       "'uncertain, refer' band on the Predict page.")
+            st.caption(
+                "Every class gets the same number of augmented training images (class-balanced). "
+                "Probabilities are calibrated on the validation part, which also sets the "
+                "'uncertain, refer' band on the Predict page."
+            )
 
     config = None
     with user_errors():
@@ -374,26 +489,45 @@ else:
     if config is not None:
         which_preset.caption(preset_note(config))
     # The run's own words: a name (else the one the Runs page makes from the settings) and notes.
-    auto = " · ".join([ds_name, *views.setting_words(config, None if aug_preset == CUSTOM_AUGMENTATION else aug_preset)]) \
-        if config is not None else ""
+    auto = (
+        " · ".join([ds_name, *views.setting_words(config, None if aug_preset == CUSTOM_AUGMENTATION else aug_preset)])
+        if config is not None
+        else ""
+    )
     a, b = st.columns([1, 2])
-    run_name = a.text_input("Run name (optional)", key="tr_name", placeholder=auto,
-                            help="Your own name for the run, shown on the Runs page. Left empty, the run is called "
-                                 "by its dataset and the settings that differ from the paper's, as shown.")
-    run_notes = b.text_area("Notes (optional)", key="tr_notes", height=68, placeholder="Why this run, what to compare it with",
-                            help="Shown with the run on the Runs page; k-fold runs share them.")
+    run_name = a.text_input(
+        "Run name (optional)",
+        key="tr_name",
+        placeholder=auto,
+        help="Your own name for the run, shown on the Runs page. Left empty, the run is called "
+        "by its dataset and the settings that differ from the paper's, as shown.",
+    )
+    run_notes = b.text_area(
+        "Notes (optional)",
+        key="tr_notes",
+        height=68,
+        placeholder="Why this run, what to compare it with",
+        help="Shown with the run on the Runs page; k-fold runs share them.",
+    )
 
     if config is not None:
         with Session() as s:
             timing = estimate.time_estimate(s, config, len(ds_info[ds_name].classes), machine)
-        gpu = (f"GPU found: {', '.join(sorted(set(machine.gpus)))}." if machine.has_gpu else
-               f"No GPU found: runs train on this machine's CPU ({machine.cpu_cores} cores).")
+        gpu = (
+            f"GPU found: {', '.join(sorted(set(machine.gpus)))}."
+            if machine.has_gpu
+            else f"No GPU found: runs train on this machine's CPU ({machine.cpu_cores} cores)."
+        )
         st.info(f"**{gpu}** {timing.sentence()}", icon=":material/schedule:")
 
     ready = config is not None and leak_ok and (weights != "file" or st.session_state["tr_weights_path"].strip())
     if not user.can_edit:
-        st.info("Launching runs needs the editor role; the Runs page shows every run's results.", icon=":material/lock:")
-    elif st.button("Launch training", icon=":material/rocket_launch:", type="primary", disabled=not ready, key="tr_launch"):
+        st.info(
+            "Launching runs needs the editor role; the Runs page shows every run's results.", icon=":material/lock:"
+        )
+    elif st.button(
+        "Launch training", icon=":material/rocket_launch:", type="primary", disabled=not ready, key="tr_launch"
+    ):
         with user_errors():
             if weights == "file" and not Path(config.weights).expanduser().is_file():
                 raise UserError(f"No weights file at {config.weights} on the server.")
@@ -421,8 +555,10 @@ def queue() -> None:
         with st.container(border=True):
             a, b = st.columns([5, 1], vertical_alignment="center")
             fraction, text = row.progress_bar()
-            a.markdown(f"**Run {row.id}** {STATUS_BADGE[row.status]} {md_text(row.dataset)} · {row.protocol}"
-                       + (f" · {md_text(row.device)}" if row.device else ""))
+            a.markdown(
+                f"**Run {row.id}** {STATUS_BADGE[row.status]} {md_text(row.dataset)} · {row.protocol}"
+                + (f" · {md_text(row.device)}" if row.device else "")
+            )
             a.progress(fraction, text=text)
             if row.cancel_requested:
                 b.caption("Cancelling…")

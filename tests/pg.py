@@ -52,8 +52,15 @@ class Cluster:
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
         as_postgres = {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], cwd=self.root or "/", capture_output=True,
-                              text=True, timeout=120, check=True, **as_postgres)
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]],
+            cwd=self.root or "/",
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            **as_postgres,
+        )
 
     def start(self) -> str:
         remove_orphans(self.bin)
@@ -63,12 +70,27 @@ class Cluster:
             shutil.chown(self.root, "postgres", "postgres")
         data = self.root / "data"
         try:
-            self._run("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C",
-                      "--no-sync", "--no-instructions")
-            options = (f"-c listen_addresses='' -c unix_socket_directories='{self.root}' -c port=5432 "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-            self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"), "-o", options, "-w",
-                      "-t", "60", "start")
+            self._run(
+                "initdb",
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            )
+            options = (
+                f"-c listen_addresses='' -c unix_socket_directories='{self.root}' -c port=5432 "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            )
+            self._run(
+                "pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"), "-o", options, "-w", "-t", "60", "start"
+            )
         except subprocess.CalledProcessError as exc:
             log = (self.root / "server.log").read_text() if (self.root / "server.log").exists() else ""
             self.stop()
@@ -85,8 +107,13 @@ class Cluster:
 def stop_cluster(bin_dir: Path, root: Path) -> None:
     if (root / "data" / "postmaster.pid").exists():
         as_postgres = {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
-        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"],
-                       cwd="/", capture_output=True, timeout=60, **as_postgres)
+        subprocess.run(
+            [str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"],
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+            **as_postgres,
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -41,10 +41,28 @@ def start_app(port: int, env: dict[str, str], log: object) -> subprocess.Popen:
     """The app as `make run` serves it (serve.py's gate in front), on 127.0.0.1:`port`, in its own
     process group; returns before it is up (wait_healthy)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "serve.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "serve.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+            "--server.fileWatcherType",
+            "none",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -65,8 +83,13 @@ class ProtocolClient:
         from websockets.sync.client import connect
 
         headers = {"Cookie": cookie} if cookie else None
-        self.ws = connect("ws" + url.removeprefix("http") + "/_stcore/stream", subprotocols=["streamlit"],
-                          max_size=None, open_timeout=30, additional_headers=headers)
+        self.ws = connect(
+            "ws" + url.removeprefix("http") + "/_stcore/stream",
+            subprotocols=["streamlit"],
+            max_size=None,
+            open_timeout=30,
+            additional_headers=headers,
+        )
         self.session_id = ""
 
     def send(self, msg: object) -> None:

@@ -50,7 +50,7 @@ class Region:
     fill: Fill
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _patch(label: str, index: int) -> np.ndarray:
     patch = synthetic_array(label, index, (PATCH, PATCH))
     patch.flags.writeable = False
@@ -59,6 +59,7 @@ def _patch(label: str, index: int) -> np.ndarray:
 
 def class_texture(label: str) -> Fill:
     """The texture of a synthetic class (tests/synthetic.py): a mosaic of its images, fixed by position."""
+
     def fill(x: int, y: int, w: int, h: int) -> np.ndarray:
         out = np.empty((h, w, 3), np.uint8)
         for py in range(y // PATCH, (y + h - 1) // PATCH + 1):
@@ -66,9 +67,11 @@ def class_texture(label: str) -> Fill:
                 patch = _patch(label, (py * 7919 + px * 104_729) % PATCHES)
                 x0, y0 = max(x, px * PATCH), max(y, py * PATCH)
                 x1, y1 = min(x + w, (px + 1) * PATCH), min(y + h, (py + 1) * PATCH)
-                out[y0 - y:y1 - y, x0 - x:x1 - x] = patch[y0 - py * PATCH:y1 - py * PATCH,
-                                                          x0 - px * PATCH:x1 - px * PATCH]
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = patch[
+                    y0 - py * PATCH : y1 - py * PATCH, x0 - px * PATCH : x1 - px * PATCH
+                ]
         return out
+
     return fill
 
 
@@ -79,9 +82,11 @@ def solid(rgb: tuple[int, int, int]) -> Fill:
 
 def dots(rgb: tuple[int, int, int], period: int, side: int) -> Fill:
     """Squares of `side` level-0 pixels in `rgb` on white, every `period` pixels across and down."""
+
     def fill(x: int, y: int, w: int, h: int) -> np.ndarray:
         on = ((np.arange(y, y + h) % period) < side)[:, None] & ((np.arange(x, x + w) % period) < side)[None, :]
         return np.where(on[..., None], np.array(rgb, np.uint8), np.uint8(255)).astype(np.uint8)
+
     return fill
 
 
@@ -92,7 +97,7 @@ def render(regions: Sequence[Region], x: int, y: int, w: int, h: int) -> np.ndar
         x0, y0 = max(x, r.x), max(y, r.y)
         x1, y1 = min(x + w, r.x + r.width), min(y + h, r.y + r.height)
         if x0 < x1 and y0 < y1:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = r.fill(x0, y0, x1 - x0, y1 - y0)
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = r.fill(x0, y0, x1 - x0, y1 - y0)
     return out
 
 
@@ -100,8 +105,7 @@ def _level_tile(regions: Sequence[Region], size: tuple[int, int], ds: int, tx: i
     """The TILE x TILE tile at tile position (tx, ty) of the level `ds` times down; None if all glass."""
     bx, by = tx * TILE * ds, ty * TILE * ds  # the tile's level-0 box
     bw, bh = min(TILE * ds, size[0] - bx), min(TILE * ds, size[1] - by)
-    hits = [(max(bx, r.x), max(by, r.y), min(bx + bw, r.x + r.width), min(by + bh, r.y + r.height))
-            for r in regions]
+    hits = [(max(bx, r.x), max(by, r.y), min(bx + bw, r.x + r.width), min(by + bh, r.y + r.height)) for r in regions]
     hits = [b for b in hits if b[0] < b[2] and b[1] < b[3]]
     if not hits:
         return None
@@ -128,25 +132,43 @@ def _tiles(regions: Sequence[Region], size: tuple[int, int], ds: int, sparse: bo
             yield white if tile is None else zlib.compress(tile.tobytes(), LEVEL)
 
 
-def write_slide(path: Path, width: int, height: int, regions: Sequence[Region] = (), *,
-                mpp: float | None = 0.25, levels: int = 3, factor: int = 2, sparse: bool = False) -> Path:
+def write_slide(
+    path: Path,
+    width: int,
+    height: int,
+    regions: Sequence[Region] = (),
+    *,
+    mpp: float | None = 0.25,
+    levels: int = 3,
+    factor: int = 2,
+    sparse: bool = False,
+) -> Path:
     """Write a pyramidal tiled TIFF slide of width x height at `mpp` (None: no resolution tags).
 
     `levels` levels, each `factor` (2 or 4) times smaller than the one before; 256 px tiles, deflate.
     """
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for k in range(levels):
-            ds = factor ** k
+            ds = factor**k
             shape = (math.ceil(height / ds), math.ceil(width / ds), 3)
             extra = {} if mpp is None else {"resolution": (1e4 / (mpp * ds),) * 2, "resolutionunit": "CENTIMETER"}
-            tif.write(_tiles(regions, (width, height), ds, sparse), shape=shape, dtype=np.uint8,
-                      tile=(TILE, TILE), compression="zlib", photometric="rgb", subfiletype=1 if k else 0,
-                      metadata=None, **extra)
+            tif.write(
+                _tiles(regions, (width, height), ds, sparse),
+                shape=shape,
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                compression="zlib",
+                photometric="rgb",
+                subfiletype=1 if k else 0,
+                metadata=None,
+                **extra,
+            )
     return path
 
 
-def two_region_slide(path: Path, left: str = "CLL", right: str = "FL", *, width: int = 6000,
-                     height: int = 3000, mpp: float = 0.25) -> tuple[Path, Region, Region]:
+def two_region_slide(
+    path: Path, left: str = "CLL", right: str = "FL", *, width: int = 6000, height: int = 3000, mpp: float = 0.25
+) -> tuple[Path, Region, Region]:
     """A slide with `left`'s texture in a block on the left, `right`'s on the right, glass elsewhere.
 
     Each block is about a quarter of the slide's width and half its height, away from the edges.

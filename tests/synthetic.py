@@ -3,9 +3,8 @@ so a small network can learn the task quickly, with noise so that no two images 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image

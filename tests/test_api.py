@@ -37,8 +37,9 @@ from tests.server import free_port, start_app, stop_app, wait_healthy
 from tests.synthetic import ingest_synthetic, synthetic_image, train_runs
 
 # The smallest run with training, validation and test images (as tests/test_model_file.py's).
-TINY = dict(image_size=32, epochs=1, per_class=4, batch_size=12, lr=1e-3, weights="none", device="cpu",
-            val_fraction=0.25)
+TINY = dict(
+    image_size=32, epochs=1, per_class=4, batch_size=12, lr=1e-3, weights="none", device="cpu", val_fraction=0.25
+)
 
 
 @dataclasses.dataclass
@@ -148,33 +149,50 @@ def test_with_auth_mode_none_only_the_servers_own_machine_is_answered_as_the_loc
 def test_a_viewer_predicts_and_gets_what_the_prediction_service_gives(served):
     data = png(synthetic_image("FL", 500, (80, 60)))
     client = served.client()
-    response = client.post("/api/v1/predict", params={"run": served.run_id}, headers=served.as_(served.viewer),
-                           files=[("images", ("new-FL.png", data, "image/png"))])
+    response = client.post(
+        "/api/v1/predict",
+        params={"run": served.run_id},
+        headers=served.as_(served.viewer),
+        files=[("images", ("new-FL.png", data, "image/png"))],
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     (answer,) = body["predictions"]
     Session = make_sessionmaker(served.settings.database_url)
-    (expected,) = service.classify(Session, served.settings, User("vera", VIEWER),
-                                   [service.ImageInput("new-FL.png", data)], run_id=served.run_id, source="api",
-                                   log=False)
+    (expected,) = service.classify(
+        Session,
+        served.settings,
+        User("vera", VIEWER),
+        [service.ImageInput("new-FL.png", data)],
+        run_id=served.run_id,
+        source="api",
+        log=False,
+    )
     assert answer["probabilities"] == pytest.approx(expected.probabilities, abs=1e-9)
     assert answer["predicted"] == expected.predicted == max(expected.probabilities, key=expected.probabilities.get)
-    assert (answer["probability_kind"], answer["refer"], answer["refer_threshold"], answer["refer_target"]) == \
-        ("calibrated", expected.refer, expected.threshold, 0.9)
+    assert (answer["probability_kind"], answer["refer"], answer["refer_threshold"], answer["refer_target"]) == (
+        "calibrated",
+        expected.refer,
+        expected.threshold,
+        0.9,
+    )
     model_sha = hashlib.sha256(model_path(served.settings, served.run_id).read_bytes()).hexdigest()
     assert answer["model_sha256"] == body["model_sha256"] == model_sha and body["run_id"] == served.run_id
     assert answer["image_sha256"] == hashlib.sha256(data).hexdigest() and answer["image_name"] == "new-FL.png"
     assert (answer["width"], answer["height"], answer["size_bytes"]) == (80, 60, len(data))
 
-    logged = client.get("/api/v1/predictions", params={"run": served.run_id, "user": "vera"},
-                        headers=served.as_(served.viewer)).json()["predictions"]
-    assert [(p["source"], p["image_sha256"], p["predicted"]) for p in logged] == \
-        [("api", answer["image_sha256"], answer["predicted"])]
+    logged = client.get(
+        "/api/v1/predictions", params={"run": served.run_id, "user": "vera"}, headers=served.as_(served.viewer)
+    ).json()["predictions"]
+    assert [(p["source"], p["image_sha256"], p["predicted"]) for p in logged] == [
+        ("api", answer["image_sha256"], answer["predicted"])
+    ]
     # One vocabulary: the log's row is the answer, field for field, with when, who and through what.
     (row,) = logged
     assert set(answer) == set(service.PREDICTION_FIELDS) and set(row) == set(answer) | {"id", "at", "user", "source"}
-    assert {k: row[k] for k in answer if k != "probabilities"} == {k: v for k, v in answer.items()
-                                                                   if k != "probabilities"}
+    assert {k: row[k] for k in answer if k != "probabilities"} == {
+        k: v for k, v in answer.items() if k != "probabilities"
+    }
     # Both answers hold to the OpenAPI document's schemas.
     import jsonschema
 
@@ -189,12 +207,15 @@ def test_without_a_run_the_approved_model_classifies(served):
     client = served.client()
     files = [("images", ("a.png", png(synthetic_image("CLL", 501)), "image/png"))]
     models = client.get("/api/v1/models", headers=served.as_(served.viewer)).json()["models"]
-    assert [(m["run_id"], m["approved"], m["default"], m["calibrated"]) for m in models] == \
-        [(served.run_id, False, False, True)]
+    assert [(m["run_id"], m["approved"], m["default"], m["calibrated"]) for m in models] == [
+        (served.run_id, False, False, True)
+    ]
     refused = client.post("/api/v1/predict", headers=served.as_(served.viewer), files=files)
     assert refused.status_code == 422 and "No model is approved" in error_of(refused)
-    assert client.post("/api/v1/predict", params={"run": 999}, headers=served.as_(served.viewer),
-                       files=files).status_code == 404
+    assert (
+        client.post("/api/v1/predict", params={"run": 999}, headers=served.as_(served.viewer), files=files).status_code
+        == 404
+    )
 
     Session = make_sessionmaker(served.settings.database_url)
     with Session.begin() as s:
@@ -215,8 +236,12 @@ def test_a_huge_image_a_text_file_and_a_body_past_the_limit_are_refused(served):
     bomb = png(PILImage.new("1", (12_000, 12_000)))
     assert len(bomb) < 100_000
     for name, data in (("bomb.png", bomb), ("notes.txt", b"not an image at all")):
-        response = client.post("/api/v1/predict", params={"run": served.run_id}, headers=served.as_(served.viewer),
-                               files=[("images", (name, data))])
+        response = client.post(
+            "/api/v1/predict",
+            params={"run": served.run_id},
+            headers=served.as_(served.viewer),
+            files=[("images", (name, data))],
+        )
         assert response.status_code == 422 and name in error_of(response)
     no_images = client.post("/api/v1/predict", headers=served.as_(served.viewer), files={"run": (None, "1")})
     assert no_images.status_code == 422 and "one or more images" in error_of(no_images)
@@ -229,10 +254,16 @@ def test_a_huge_image_a_text_file_and_a_body_past_the_limit_are_refused(served):
     assert declared.status_code == 413 and "MAX_UPLOAD_MB" in error_of(declared)
     # No Content-Length (sent in chunks): counted as it arrives.
     boundary = "b0undary"
-    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.png\"\r\n\r\n".encode(),
-             big, f"\r\n--{boundary}--\r\n".encode()]
-    chunked = small.post("/api/v1/predict", content=iter(parts), headers={
-        **served.as_(served.viewer), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="x.png"\r\n\r\n'.encode(),
+        big,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ]
+    chunked = small.post(
+        "/api/v1/predict",
+        content=iter(parts),
+        headers={**served.as_(served.viewer), "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert chunked.status_code == 413 and "MAX_UPLOAD_MB" in error_of(chunked)
 
 
@@ -263,10 +294,12 @@ def test_a_viewer_cannot_queue_a_run_and_an_editor_queues_one(served):
     config = {"dataset": "synthetic", "epochs": 2, "image_size": 32, "weights": "none", "device": "cpu"}
     refused = client.post("/api/v1/runs", json=config, headers=served.as_(served.viewer))
     assert refused.status_code == 403 and "only editors" in error_of(refused)
-    for bad, message in (({**config, "epochs": "two"}, "'epochs' must be a whole number"),
-                         ({**config, "colour": "red"}, "Unknown run setting(s) colour"),
-                         ({**config, "dataset": "nowhere"}, "nowhere"),
-                         ({**config, "split": "random"}, "Unknown split")):
+    for bad, message in (
+        ({**config, "epochs": "two"}, "'epochs' must be a whole number"),
+        ({**config, "colour": "red"}, "Unknown run setting(s) colour"),
+        ({**config, "dataset": "nowhere"}, "nowhere"),
+        ({**config, "split": "random"}, "Unknown split"),
+    ):
         response = client.post("/api/v1/runs", json=bad, headers=served.as_(served.editor))
         assert response.status_code == 422 and message in error_of(response)
 
@@ -299,8 +332,9 @@ def test_health_needs_no_token_and_the_openapi_document_validates(served):
     validate(document)
     routes = api_routes(served.settings)[0].app.app.app.routes  # Mount > JsonErrors > ApiGuard > Router
     assert {re.sub(r":\w+}", "}", r.path) for r in routes} == set(document["paths"])  # less the convertors
-    assert set(document["components"]["schemas"]["RunConfig"]["properties"]) == \
-        {f.name for f in dataclasses.fields(RunConfig)}
+    assert set(document["components"]["schemas"]["RunConfig"]["properties"]) == {
+        f.name for f in dataclasses.fields(RunConfig)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +371,9 @@ def test_the_server_serves_the_pages_and_the_api_on_one_port(served, tmp_path):
 
             sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
             with pytest.raises(InvalidStatus) as refused:  # the browser's Host is the name in the page's address
-                connect("ws://rebound.example:8501/_stcore/stream", sock=sock, subprotocols=["streamlit"],
-                        open_timeout=30)
+                connect(
+                    "ws://rebound.example:8501/_stcore/stream", sock=sock, subprotocols=["streamlit"], open_timeout=30
+                )
             assert refused.value.response.status_code == 403
         finally:
             stop_app(process)

@@ -38,8 +38,11 @@ from tests.synthetic import ingest_synthetic
 
 APP = "http://localhost:8501"  # where the local user's browser has the app
 RUN = {"dataset": "synthetic", "epochs": 1, "image_size": 32, "weights": "none", "device": "cpu"}
-FRAME_HEADERS = {"content-security-policy": "frame-ancestors 'self'", "x-frame-options": "SAMEORIGIN",
-                 "x-content-type-options": "nosniff"}
+FRAME_HEADERS = {
+    "content-security-policy": "frame-ancestors 'self'",
+    "x-frame-options": "SAMEORIGIN",
+    "x-content-type-options": "nosniff",
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +78,7 @@ def served(settings: Settings, monkeypatch, **env: str) -> TestClient:
     import serve
 
     routes = [*api_routes(settings), Route("/", page), WebSocketRoute("/_stcore/stream", stream)]
-    return TestClient(Starlette(routes=routes, middleware=serve.MIDDLEWARE), base_url=APP,
-                      client=("127.0.0.1", 50000))
+    return TestClient(Starlette(routes=routes, middleware=serve.MIDDLEWARE), base_url=APP, client=("127.0.0.1", 50000))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,21 +89,28 @@ def test_a_cross_origin_text_plain_post_and_a_foreign_host_are_refused_and_queue
     client = served(home, monkeypatch)
     body = json.dumps(RUN)
     refused = {
-        "a page of another site, as text/plain (no preflight)":
-            client.post("/api/v1/runs", content=body, headers={"Content-Type": "text/plain",
-                                                               "Origin": "http://evil.example"}),
-        "a page of another site, even as JSON": client.post("/api/v1/runs", content=body, headers={
-            "Content-Type": "application/json", "Origin": "http://evil.example"}),
-        "a sandboxed page (Origin: null)": client.post("/api/v1/runs", content=body, headers={
-            "Content-Type": "application/json", "Origin": "null"}),
-        "another site that leaves Origin out": client.post("/api/v1/runs", content=body, headers={
-            "Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}),
+        "a page of another site, as text/plain (no preflight)": client.post(
+            "/api/v1/runs", content=body, headers={"Content-Type": "text/plain", "Origin": "http://evil.example"}
+        ),
+        "a page of another site, even as JSON": client.post(
+            "/api/v1/runs", content=body, headers={"Content-Type": "application/json", "Origin": "http://evil.example"}
+        ),
+        "a sandboxed page (Origin: null)": client.post(
+            "/api/v1/runs", content=body, headers={"Content-Type": "application/json", "Origin": "null"}
+        ),
+        "another site that leaves Origin out": client.post(
+            "/api/v1/runs", content=body, headers={"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}
+        ),
         "text/plain with no Origin": client.post("/api/v1/runs", content=body, headers={"Content-Type": "text/plain"}),
         "a form": client.post("/api/v1/runs", data={"dataset": "synthetic"}),
-        "a rebound host name": client.post("/api/v1/runs", content=body, headers={
-            "Content-Type": "application/json", "Host": "evil.example:8501"}),
-        "the app's own page over https (another origin)": client.post("/api/v1/runs", content=body, headers={
-            "Content-Type": "application/json", "Origin": "https://localhost:8501"}),
+        "a rebound host name": client.post(
+            "/api/v1/runs", content=body, headers={"Content-Type": "application/json", "Host": "evil.example:8501"}
+        ),
+        "the app's own page over https (another origin)": client.post(
+            "/api/v1/runs",
+            content=body,
+            headers={"Content-Type": "application/json", "Origin": "https://localhost:8501"},
+        ),
     }
     for what, response in refused.items():
         assert response.status_code in (400, 403), (what, response.status_code, response.text)
@@ -125,8 +134,14 @@ def test_every_answer_forbids_framing_and_a_foreign_host_reaches_neither_pages_n
     with client.websocket_connect("/_stcore/stream", headers={"Host": "localhost:8501"}) as ws:
         assert ws.receive_text() == "hello"
 
-    for host in ("evil.example", "localhost.evil.example:8501", "127.0.0.1.evil.example", "localhost:8501@evil",
-                 "evil.example/localhost", ""):
+    for host in (
+        "evil.example",
+        "localhost.evil.example:8501",
+        "127.0.0.1.evil.example",
+        "localhost:8501@evil",
+        "evil.example/localhost",
+        "",
+    ):
         response = client.get("/", headers={"Host": host})
         assert response.status_code == 400 and "ALLOWED_HOSTS" in response.json()["error"], host
         assert response.headers["x-frame-options"] == "SAMEORIGIN"
@@ -160,9 +175,15 @@ def test_allowed_hosts_entries():
 def test_allowed_origins_may_call_the_api_from_a_browser(home):
     app = Starlette(routes=api_routes(dataclasses.replace(home, allowed_origins=("https://tools.lab.org",))))
     client = TestClient(app, base_url=APP, client=("127.0.0.1", 50000))
-    for origin, site, status in (("https://tools.lab.org", "cross-site", 200), ("https://tools.lab.org:443", "", 200),
-                                 ("http://tools.lab.org", "", 403), ("https://evil.example", "", 403),
-                                 ("", "same-site", 403), (APP, "same-origin", 200), ("", "none", 200)):
+    for origin, site, status in (
+        ("https://tools.lab.org", "cross-site", 200),
+        ("https://tools.lab.org:443", "", 200),
+        ("http://tools.lab.org", "", 403),
+        ("https://evil.example", "", 403),
+        ("", "same-site", 403),
+        (APP, "same-origin", 200),
+        ("", "none", 200),
+    ):
         headers = {k: v for k, v in (("Origin", origin), ("Sec-Fetch-Site", site)) if v}
         assert client.get("/api/v1/runs", headers=headers).status_code == status, (origin, site)
 
@@ -171,19 +192,22 @@ def test_allowed_origins_may_call_the_api_from_a_browser(home):
 # Run settings: the form's bounds, for the API and the command line
 
 
-@pytest.mark.parametrize(("setting", "value", "words"), [
-    ("image_size", 100_000, "from 32 to 1024"),
-    ("per_class", 10**9, "from 1 to 100000"),
-    ("epochs", 10**30, "from 1 to 1000"),
-    ("batch_size", 10**7, "from 1 to 1024"),
-    ("lr", 1e400, "finite"),  # JSON's 1e400 is Python's inf
-    ("seed", -5, "from 0 to 2147483647"),
-    ("seed", 2**70, "from 0 to 2147483647"),
-    ("test_fraction", 0.99, "from 0.05 to 0.9"),
-    ("device", "rm -rf /", "auto, cpu, cuda or cuda:N"),
-    ("device", "cuda:x", "auto, cpu, cuda or cuda:N"),
-    ("dataset", "synthetic\u0000", "NUL"),
-])
+@pytest.mark.parametrize(
+    ("setting", "value", "words"),
+    [
+        ("image_size", 100_000, "from 32 to 1024"),
+        ("per_class", 10**9, "from 1 to 100000"),
+        ("epochs", 10**30, "from 1 to 1000"),
+        ("batch_size", 10**7, "from 1 to 1024"),
+        ("lr", 1e400, "finite"),  # JSON's 1e400 is Python's inf
+        ("seed", -5, "from 0 to 2147483647"),
+        ("seed", 2**70, "from 0 to 2147483647"),
+        ("test_fraction", 0.99, "from 0.05 to 0.9"),
+        ("device", "rm -rf /", "auto, cpu, cuda or cuda:N"),
+        ("device", "cuda:x", "auto, cpu, cuda or cuda:N"),
+        ("dataset", "synthetic\u0000", "NUL"),
+    ],
+)
 def test_run_settings_out_of_bounds_are_422_naming_the_setting(home, setting, value, words):
     client = TestClient(Starlette(routes=api_routes(home)), client=("127.0.0.1", 50000))
     body = json.dumps({**RUN, setting: value}).replace("Infinity", "1e400")
@@ -205,28 +229,37 @@ def test_the_command_line_keeps_to_the_same_bounds(capsys):
 # What used to be a 500
 
 
-NUL_NAMED_FILE = (b'--b0undary\r\nContent-Disposition: form-data; name="images"; filename="slide\x00.png"\r\n\r\n'
-                  b"not an image\r\n--b0undary--\r\n")  # as a client that does not escape it sends it
+NUL_NAMED_FILE = (
+    b'--b0undary\r\nContent-Disposition: form-data; name="images"; filename="slide\x00.png"\r\n\r\n'
+    b"not an image\r\n--b0undary--\r\n"
+)  # as a client that does not escape it sends it
 
 
 def test_values_that_name_nothing_are_4xx_with_a_json_message(home):
     client = TestClient(Starlette(routes=api_routes(home)), client=("127.0.0.1", 50000))
     json_body = {"Content-Type": "application/json"}
     answers = {
-        404: [client.get(f"/api/v1/runs/{2**63}"), client.get("/api/v1/runs/" + "9" * 5000),
-              client.get(f"/api/v1/runs/{2**63 - 1}")],
-        422: [client.get("/api/v1/predictions", params={"since": "9999-12-31T23:59:59-23:59"}),
-              client.get("/api/v1/predictions", params={"until": "0001-01-01T00:00:00+23:59"}),
-              client.get("/api/v1/predictions", params={"run": str(2**63)}),
-              client.get("/api/v1/predictions", params={"limit": "9" * 5000}),
-              client.get("/api/v1/predictions", params={"user": "ana\x00"}),
-              client.get("/api/v1/runs", params={"dataset": "synthetic\x00"}),
-              client.post("/api/v1/runs", content="[" * 100_000 + "]" * 100_000, headers=json_body),
-              client.post("/api/v1/runs", content='{"augmentation": ' + "[" * 40 + "]" * 40 + "}",
-                          headers=json_body),
-              client.post("/api/v1/runs", content='{"seed": 1' + "0" * 5000 + "}", headers=json_body),
-              client.post("/api/v1/predict", content=NUL_NAMED_FILE, headers={
-                  "Content-Type": "multipart/form-data; boundary=b0undary"})],
+        404: [
+            client.get(f"/api/v1/runs/{2**63}"),
+            client.get("/api/v1/runs/" + "9" * 5000),
+            client.get(f"/api/v1/runs/{2**63 - 1}"),
+        ],
+        422: [
+            client.get("/api/v1/predictions", params={"since": "9999-12-31T23:59:59-23:59"}),
+            client.get("/api/v1/predictions", params={"until": "0001-01-01T00:00:00+23:59"}),
+            client.get("/api/v1/predictions", params={"run": str(2**63)}),
+            client.get("/api/v1/predictions", params={"limit": "9" * 5000}),
+            client.get("/api/v1/predictions", params={"user": "ana\x00"}),
+            client.get("/api/v1/runs", params={"dataset": "synthetic\x00"}),
+            client.post("/api/v1/runs", content="[" * 100_000 + "]" * 100_000, headers=json_body),
+            client.post("/api/v1/runs", content='{"augmentation": ' + "[" * 40 + "]" * 40 + "}", headers=json_body),
+            client.post("/api/v1/runs", content='{"seed": 1' + "0" * 5000 + "}", headers=json_body),
+            client.post(
+                "/api/v1/predict",
+                content=NUL_NAMED_FILE,
+                headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+            ),
+        ],
     }
     for status, responses in answers.items():
         for response in responses:
@@ -267,17 +300,22 @@ def test_guesses_from_many_addresses_never_lock_out_the_right_token(settings, Se
     assert [status(wrong, "10.0.8.1") for _ in range(2)] == [401, 429]
 
 
-def test_a_token_kept_as_an_argon2_hash_is_refused_with_what_to_do_and_the_rest_of_the_file_works(
-        settings, capsys):
+def test_a_token_kept_as_an_argon2_hash_is_refused_with_what_to_do_and_the_rest_of_the_file_works(settings, capsys):
     secret = "s" * 43  # its right secret: refused all the same
     old_hash = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(secret)
-    accounts.write_accounts(settings.accounts_file, accounts.Accounts(
-        tokens={"0123456789ab": ApiToken("0123456789ab", "vera", VIEWER, old_hash, "2025-01-01T00:00:00+00:00")}))
+    accounts.write_accounts(
+        settings.accounts_file,
+        accounts.Accounts(
+            tokens={"0123456789ab": ApiToken("0123456789ab", "vera", VIEWER, old_hash, "2025-01-01T00:00:00+00:00")}
+        ),
+    )
     _, new = tokens.add_token(settings.accounts_file, "ed", EDITOR)
-    client = TestClient(Starlette(routes=api_routes(dataclasses.replace(settings, auth_mode="password"))),
-                        client=("203.0.113.9", 50000))
-    answers = [client.get("/api/v1/runs", headers={"Authorization": f"Bearer lk_0123456789ab_{secret}"})
-               for _ in range(6)]
+    client = TestClient(
+        Starlette(routes=api_routes(dataclasses.replace(settings, auth_mode="password"))), client=("203.0.113.9", 50000)
+    )
+    answers = [
+        client.get("/api/v1/runs", headers={"Authorization": f"Bearer lk_0123456789ab_{secret}"}) for _ in range(6)
+    ]
     # 401 every time, never 429: a token refused whatever its secret counts no failed attempt.
     assert [a.status_code for a in answers] == [401] * 6
     assert answers[0].headers["www-authenticate"].startswith("Bearer")
@@ -299,12 +337,25 @@ def test_a_viewer_reads_only_their_own_predictions_and_an_editor_all(settings, S
     _, vera = tokens.add_token(settings.accounts_file, "vera", VIEWER)
     _, ed = tokens.add_token(settings.accounts_file, "ed", EDITOR)
     base = prediction_log.LogEntry(
-        user="vera", source="api", run_id=1, model_sha256="m" * 64, image_sha256="i" * 64, image_name="p-1234.tif",
-        width=64, height=48, size_bytes=100, probabilities={"CLL": 0.7, "FL": 0.3}, probability_kind="raw",
-        predicted="CLL", refer=None, threshold=None)
+        user="vera",
+        source="api",
+        run_id=1,
+        model_sha256="m" * 64,
+        image_sha256="i" * 64,
+        image_name="p-1234.tif",
+        width=64,
+        height=48,
+        size_bytes=100,
+        probabilities={"CLL": 0.7, "FL": 0.3},
+        probability_kind="raw",
+        predicted="CLL",
+        refer=None,
+        threshold=None,
+    )
     with Session.begin() as s:
-        prediction_log.record(s, [base, dataclasses.replace(base, user="ana", image_name="smith-john.tif",
-                                                            predicted="FL")])
+        prediction_log.record(
+            s, [base, dataclasses.replace(base, user="ana", image_name="smith-john.tif", predicted="FL")]
+        )
     client = TestClient(Starlette(routes=api_routes(settings)), client=("203.0.113.5", 50000))
 
     def names(token: str, **params) -> list[str]:

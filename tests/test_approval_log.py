@@ -37,7 +37,15 @@ from core.inference import approval, engine, prediction_log, service
 from core.inference.model_file import read_model, write_model
 from core.jobs import views
 from core.store.db import (
-    Dataset, Image, ModelApproval, Prediction, PredictionLog, Run, RunStatus, make_sessionmaker, utcnow,
+    Dataset,
+    Image,
+    ModelApproval,
+    Prediction,
+    PredictionLog,
+    Run,
+    RunStatus,
+    make_sessionmaker,
+    utcnow,
 )
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
@@ -46,8 +54,14 @@ from tests.synthetic import synthetic_image
 
 CLASSES = ("CLL", "FL", "MCL")
 # 20 validation images: ten right at 0.95, ten wrong at 0.6 (a temperature and a refer band).
-CALIBRATION = {"temperature": 1.5, "n_val": 20, "refer_target": 0.9, "refer_threshold": 0.95,
-               "val_probs": [[0.95, 0.03, 0.02]] * 10 + [[0.6, 0.3, 0.1]] * 10, "val_labels": [0] * 10 + [1] * 10}
+CALIBRATION = {
+    "temperature": 1.5,
+    "n_val": 20,
+    "refer_target": 0.9,
+    "refer_threshold": 0.95,
+    "val_probs": [[0.95, 0.03, 0.02]] * 10 + [[0.6, 0.3, 0.1]] * 10,
+    "val_labels": [0] * 10 + [1] * 10,
+}
 ANA, VIC = User("ana", EDITOR), User("vic", VIEWER)
 
 
@@ -57,9 +71,18 @@ def model_source(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("approval") / "model.safetensors"
     torch.manual_seed(0)
     config = RunConfig(dataset="lymphoma", image_size=32, epochs=1, weights="none", device="cpu").to_dict()
-    write_model(path, PaperDenseNet(len(CLASSES)).state_dict(), {
-        "run_id": 0, "run_created": utcnow().isoformat(), "classes": list(CLASSES), "config": config,
-        "preparation": {"image_size": 32}, "calibration": CALIBRATION})
+    write_model(
+        path,
+        PaperDenseNet(len(CLASSES)).state_dict(),
+        {
+            "run_id": 0,
+            "run_created": utcnow().isoformat(),
+            "classes": list(CLASSES),
+            "config": config,
+            "preparation": {"image_size": 32},
+            "calibration": CALIBRATION,
+        },
+    )
     return path
 
 
@@ -73,8 +96,17 @@ def Session(home):
     return make_sessionmaker(home.database_url)
 
 
-def add_run(Session, settings: Settings, source: Path, *, dataset: str = "lymphoma", classes=CLASSES,
-            status: RunStatus = RunStatus.succeeded, model: bool = True, own_model: bool = False) -> int:
+def add_run(
+    Session,
+    settings: Settings,
+    source: Path,
+    *,
+    dataset: str = "lymphoma",
+    classes=CLASSES,
+    status: RunStatus = RunStatus.succeeded,
+    model: bool = True,
+    own_model: bool = False,
+) -> int:
     """A run row of `dataset` (made when missing) in `status`, with a model file from `source`."""
     own_model = own_model or tuple(classes) != CLASSES
     created = utcnow() if own_model else datetime.fromisoformat(read_model_meta(source)["run_created"])
@@ -84,15 +116,23 @@ def add_run(Session, settings: Settings, source: Path, *, dataset: str = "lympho
             found = Dataset(name=dataset, classes=sorted(classes))
             s.add(found)
             s.flush()
-        run = Run(dataset_id=found.id, experiment=f"{dataset}-{utcnow().timestamp()}", config={}, seed=0,
-                  status=status, created_at=created)
+        run = Run(
+            dataset_id=found.id,
+            experiment=f"{dataset}-{utcnow().timestamp()}",
+            config={},
+            seed=0,
+            status=status,
+            created_at=created,
+        )
         s.add(run)
         s.flush()
         run_id = run.id
     target = model_path(settings, run_id)
     if model and own_model:
         state, meta = read_model(source)
-        write_model(target, state, {**meta, "run_id": run_id, "run_created": created.isoformat(), "classes": list(classes)})
+        write_model(
+            target, state, {**meta, "run_id": run_id, "run_created": created.isoformat(), "classes": list(classes)}
+        )
     elif model:
         target.parent.mkdir(parents=True)
         shutil.copyfile(source, target)
@@ -147,7 +187,8 @@ def test_approving_a_run_makes_it_the_model_that_classifying_without_a_run_uses(
     # Both approvals are kept, newest first, with who and when; the first was ended by the second.
     assert [(a.run_id, a.approved_by, a.note, a.state) for a in history] == [
         (second, "bo", "retrained with more specimens", "approved"),
-        (first, "ana", "checked on the March slides", "replaced")]
+        (first, "ana", "checked on the March slides", "replaced"),
+    ]
     assert history[1].withdrawn_by == "bo" and history[1].replaced_by == history[0].id
     assert history[1].approved_at <= history[0].approved_at == history[1].withdrawn_at
     assert history[0].classes == CLASSES and history[0].run_label == f"run {second} · lymphoma"
@@ -157,10 +198,12 @@ def test_only_an_editor_can_approve_and_only_a_succeeded_run_with_its_model_file
     good = add_run(Session, home, model_source)
     failed = add_run(Session, home, model_source, status=RunStatus.failed, model=False)
     missing = add_run(Session, home, model_source, model=False)
-    cases = [(good, VIC, "vic is signed in as a viewer: only editors can approve models"),
-             (failed, ANA, f"Run {failed} is failed: only a run that succeeded has a model to approve"),
-             (missing, ANA, f"Run {missing} has no model file"),
-             (999, ANA, "No run with id 999")]
+    cases = [
+        (good, VIC, "vic is signed in as a viewer: only editors can approve models"),
+        (failed, ANA, f"Run {failed} is failed: only a run that succeeded has a model to approve"),
+        (missing, ANA, f"Run {missing} has no model file"),
+        (999, ANA, "No run with id 999"),
+    ]
     for run_id, user, message in cases:
         with Session.begin() as s, pytest.raises(UserError, match=message):
             approval.approve(s, home, run_id, user, "")
@@ -193,7 +236,11 @@ def test_withdrawing_leaves_no_approved_model_and_each_class_set_has_its_own(mod
     with Session() as s:
         # Not the older approval of the same class set: withdrawn means none until an editor approves one.
         assert approval.approved_run(s, CLASSES) is None
-        assert [(a.run_id, a.state, a.withdrawn_by) for a in approval.approval_history(s)][1] == (second, "withdrawn", "ana")
+        assert [(a.run_id, a.state, a.withdrawn_by) for a in approval.approval_history(s)][1] == (
+            second,
+            "withdrawn",
+            "ana",
+        )
 
     with Session.begin() as s:  # deleting a dataset deletes its runs; their approval stays, naming no run
         delete_dataset(s, home, "letters")
@@ -219,7 +266,7 @@ def test_classify_answers_as_the_predict_page_and_logs_one_row_per_image(model_s
     shown = expected.shown
     threshold = predictor.refer_threshold(0.95)
     assert predictor.temperature is not None
-    for result, image, probs, refer in zip(results, IMAGES, shown, refer_verdict(shown, threshold)):
+    for result, probs, refer in zip(results, shown, refer_verdict(shown, threshold)):
         assert np.allclose([result.probabilities[c] for c in CLASSES], probs, atol=1e-6)
         assert result.predicted == CLASSES[int(probs.argmax())] and result.kind == "calibrated"
         assert result.refer == bool(refer) and result.threshold == threshold
@@ -234,34 +281,52 @@ def test_classify_answers_as_the_predict_page_and_logs_one_row_per_image(model_s
         assert row.probabilities == result.probabilities and row.probability_kind == "calibrated"
         assert (row.predicted, row.refer, row.threshold) == (result.predicted, result.refer, threshold)
 
-    (raw,) = service.classify(Session, home, VIC, IMAGES[:1], run_id=run_id, source="cli", calibrated=False,
-                              log=False)
+    (raw,) = service.classify(Session, home, VIC, IMAGES[:1], run_id=run_id, source="cli", calibrated=False, log=False)
     assert (raw.kind, raw.refer, raw.threshold) == ("raw", None, None)
     assert np.allclose([raw.probabilities[c] for c in CLASSES], expected.raw[0], atol=1e-6)
     with pytest.raises(UserError, match="notes.txt: "):
-        service.classify(Session, home, VIC, [IMAGES[0], service.ImageInput("notes.txt", b"hello")],
-                         run_id=run_id, source="page")
+        service.classify(
+            Session, home, VIC, [IMAGES[0], service.ImageInput("notes.txt", b"hello")], run_id=run_id, source="page"
+        )
     assert len(log_rows(Session)) == len(IMAGES)  # neither the unlogged call nor the refused one
 
 
 def entry(**changes) -> prediction_log.LogEntry:
     base = prediction_log.LogEntry(
-        user="ana", source="page", run_id=1, model_sha256="m" * 64, image_sha256="i" * 64, image_name="a.tif",
-        width=64, height=48, size_bytes=100, probabilities={"CLL": 0.7, "FL": 0.2, "MCL": 0.1},
-        probability_kind="calibrated", predicted="CLL", refer=False, threshold=0.6)
+        user="ana",
+        source="page",
+        run_id=1,
+        model_sha256="m" * 64,
+        image_sha256="i" * 64,
+        image_name="a.tif",
+        width=64,
+        height=48,
+        size_bytes=100,
+        probabilities={"CLL": 0.7, "FL": 0.2, "MCL": 0.1},
+        probability_kind="calibrated",
+        predicted="CLL",
+        refer=False,
+        threshold=0.6,
+    )
     return dataclasses.replace(base, **changes)
 
 
 def test_the_log_is_filtered_written_as_csv_and_pruned_after_prediction_log_days(home, Session):
     now = utcnow()
     with Session.begin() as s:
-        prediction_log.record(s, [entry(), entry(user="bo", run_id=2, predicted="FL", refer=None, threshold=None,
-                                                 image_name="b,=1.tif"),
-                                  entry(source="cli", predicted="MCL")])
+        prediction_log.record(
+            s,
+            [
+                entry(),
+                entry(user="bo", run_id=2, predicted="FL", refer=None, threshold=None, image_name="b,=1.tif"),
+                entry(source="cli", predicted="MCL"),
+            ],
+        )
         ages = {1: 400, 2: 10, 3: 0}
         for row in s.scalars(select(PredictionLog)):
             row.at = now - timedelta(days=ages[row.id])
     with Session() as s:
+
         def ids(**filters):
             return [r.id for r in prediction_log.list_predictions(s, **filters)]
 
@@ -300,8 +365,9 @@ def test_images_are_kept_only_with_prediction_log_images_and_count_against_the_d
     assert [r.stored_path for r in kept] == [prediction_log.stored_path(r.image_sha256) for r in kept]
     for row, image in zip(kept, [*IMAGES, IMAGES[0]]):
         assert (home.app_home / row.stored_path).read_bytes() == image.data
-    assert sorted(p.name for p in home.prediction_images_dir.rglob("*") if p.is_file()) == \
-        sorted({hashlib.sha256(im.data).hexdigest() for im in IMAGES})  # one file per content
+    assert sorted(p.name for p in home.prediction_images_dir.rglob("*") if p.is_file()) == sorted(
+        {hashlib.sha256(im.data).hexdigest() for im in IMAGES}
+    )  # one file per content
 
     new = service.ImageInput("new.png", png("FL", 42))
     tight = dataclasses.replace(keeping, max_disk_gb=(disk_usage(keeping) + len(new.data) // 2) / GB)
@@ -320,8 +386,9 @@ def test_images_are_kept_only_with_prediction_log_images_and_count_against_the_d
 # The command line
 
 
-def test_cli_approve_then_predict_with_the_approved_model_and_log_it(model_source, home, Session, monkeypatch,
-                                                                      capsys, tmp_path):
+def test_cli_approve_then_predict_with_the_approved_model_and_log_it(
+    model_source, home, Session, monkeypatch, capsys, tmp_path
+):
     run_id = add_run(Session, home, model_source)
     monkeypatch.setenv("APP_HOME", str(home.app_home))
     monkeypatch.setenv("INFERENCE_ENGINE", "torch")
@@ -343,8 +410,12 @@ def test_cli_approve_then_predict_with_the_approved_model_and_log_it(model_sourc
 
     assert main(["predictions", "--csv", "--since", "2000-01-01"]) == 0
     (logged,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
-    assert (logged["user"], logged["source"], logged["run_id"], logged["predicted"]) == ("cy", "cli", str(run_id),
-                                                                                         row["predicted"])
+    assert (logged["user"], logged["source"], logged["run_id"], logged["predicted"]) == (
+        "cy",
+        "cli",
+        str(run_id),
+        row["predicted"],
+    )
     assert logged["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     assert float(logged[row["predicted"]]) == pytest.approx(float(row[row["predicted"]]), abs=1e-4)
     assert main(["predictions", "--since", "yesterday"]) == 2
@@ -363,8 +434,15 @@ def test_the_tables_work_on_postgresql(postgres_url):
         run = Run(dataset_id=dataset.id, experiment="e", config={}, seed=0, status=RunStatus.succeeded)
         s.add(run)
         s.flush()
-        s.add(ModelApproval(class_set=approval.class_set_key(CLASSES), run_id=run.id, run_label=f"run {run.id} · d",
-                            model_sha256="m" * 64, approved_by="ana"))
+        s.add(
+            ModelApproval(
+                class_set=approval.class_set_key(CLASSES),
+                run_id=run.id,
+                run_label=f"run {run.id} · d",
+                model_sha256="m" * 64,
+                approved_by="ana",
+            )
+        )
         prediction_log.record(s, [entry(run_id=run.id)])
     with Session() as s:
         assert approval.approved_run(s, CLASSES).run_id == run.id
@@ -376,8 +454,9 @@ def test_the_tables_work_on_postgresql(postgres_url):
         assert len(prediction_log.list_predictions(s)) == 1
 
 
-def test_approving_a_model_that_refers_everything_and_may_be_chance_asks_first(model_source, home, Session,
-                                                                              monkeypatch, capsys):
+def test_approving_a_model_that_refers_everything_and_may_be_chance_asks_first(
+    model_source, home, Session, monkeypatch, capsys
+):
     """A weak model: 26 validation images from which no threshold can promise 90%, and 8 of 20 test
     images right (an interval that reaches chance). Approving it names both reasons and needs --despite."""
     from core.jobs.comparisons import approval_concerns
@@ -385,15 +464,41 @@ def test_approving_a_model_that_refers_everything_and_may_be_chance_asks_first(m
     run_id = add_run(Session, home, model_source)
     with Session.begin() as s:
         run = s.get(Run, run_id)
-        images = [Image(dataset_id=run.dataset_id, sha256=f"{i:064x}", stored_path=f"images/{i}.png", label="CLL",
-                        original_name=f"{i}.png", width=64, height=64, mode="RGB") for i in range(20)]
+        images = [
+            Image(
+                dataset_id=run.dataset_id,
+                sha256=f"{i:064x}",
+                stored_path=f"images/{i}.png",
+                label="CLL",
+                original_name=f"{i}.png",
+                width=64,
+                height=64,
+                mode="RGB",
+            )
+            for i in range(20)
+        ]
         s.add_all(images)
         s.flush()
-        s.add_all(Prediction(run_id=run_id, image_id=im.id, true_label=0, predicted_label=0 if k < 8 else 1,
-                             probabilities=[0.4, 0.3, 0.3]) for k, im in enumerate(images))
-        run.summary = {"test_accuracy": 0.4, "calibration": {
-            "temperature": 1.0, "n_val": 26, "refer_target": 0.9, "val_probs": [[0.5, 0.3, 0.2]] * 26,
-            "val_labels": [0] * 14 + [1] * 12}}
+        s.add_all(
+            Prediction(
+                run_id=run_id,
+                image_id=im.id,
+                true_label=0,
+                predicted_label=0 if k < 8 else 1,
+                probabilities=[0.4, 0.3, 0.3],
+            )
+            for k, im in enumerate(images)
+        )
+        run.summary = {
+            "test_accuracy": 0.4,
+            "calibration": {
+                "temperature": 1.0,
+                "n_val": 26,
+                "refer_target": 0.9,
+                "val_probs": [[0.5, 0.3, 0.2]] * 26,
+                "val_labels": [0] * 14 + [1] * 12,
+            },
+        }
     with Session() as s:
         concerns = approval_concerns(s, run_id)
     assert len(concerns) == 2 and "every prediction" in concerns[0] and "reaches chance" in concerns[1]

@@ -14,10 +14,10 @@ from sqlalchemy import select
 from core.data import groups
 from core.data.audit import audit_images, audit_split, format_audit, hamming, phash, pixel_hash
 from core.data.ingest import ingest
+from core.data.splits import make_split, split_parts
+from core.errors import UserError
 from core.store.db import Dataset
 from core.store.db import Image as ImageRow
-from core.errors import UserError
-from core.data.splits import make_split, split_parts
 
 
 def tissue(index: int, size: int = 64) -> np.ndarray:
@@ -27,7 +27,11 @@ def tissue(index: int, size: int = 64) -> np.ndarray:
     img = np.ones((size, size, 3)) * (rng.uniform(200, 240), rng.uniform(140, 190), rng.uniform(180, 220))
     for _ in range(rng.integers(10, 40)):
         cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(2, 8)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = (rng.uniform(60, 120), rng.uniform(40, 80), rng.uniform(120, 170))
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = (
+            rng.uniform(60, 120),
+            rng.uniform(40, 80),
+            rng.uniform(120, 170),
+        )
     img += rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -56,8 +60,9 @@ def test_clean_distinct_images_are_not_flagged(train):
     assert "No leak found" in format_audit(report)
 
 
-@pytest.mark.parametrize("name, make_copy", [("jpeg", jpeg), ("brighter", brighter),
-                                              ("jpeg+brighter", lambda a: brighter(jpeg(a, 85), 10))])
+@pytest.mark.parametrize(
+    "name, make_copy", [("jpeg", jpeg), ("brighter", brighter), ("jpeg+brighter", lambda a: brighter(jpeg(a, 85), 10))]
+)
 def test_planted_near_duplicate_is_found(train, name, make_copy):
     test = [tissue(100 + i) for i in range(10)] + [make_copy(train[7])]
     ids = [f"new{i}" for i in range(10)] + ["copy-of-7"]
@@ -121,8 +126,13 @@ def test_block_manifest_starts_a_block_at_a_gap_and_rejects_unnumbered(tmp_path)
         for n in names:
             Image.fromarray(tissue(len(n))).save(root / label / n)
     assert dict(groups.block_manifest(root, block_size=9)) == {
-        "A/001.png": "A-001-002", "A/002.png": "A-001-002", "A/010.png": "A-010-011", "A/011.png": "A-010-011",
-        "B/x1.png": "B-001-002", "B/x2.png": "B-001-002"}
+        "A/001.png": "A-001-002",
+        "A/002.png": "A-001-002",
+        "A/010.png": "A-010-011",
+        "A/011.png": "A-010-011",
+        "B/x1.png": "B-001-002",
+        "B/x2.png": "B-001-002",
+    }
     (root / "B" / "scan.png").write_bytes((root / "B" / "x1.png").read_bytes())
     with pytest.raises(UserError, match="scan.png"):
         groups.block_manifest(root, 9)
@@ -133,13 +143,19 @@ def test_block_manifest_starts_a_block_at_a_gap_and_rejects_unnumbered(tmp_path)
 def test_groups_cli_writes_the_csv(tmp_path):
     root = _numbered_dataset(tmp_path / "src", per_class=6)
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "core", "groups", str(root), "--block-size", "3"],
-                         capture_output=True, text=True, check=True, cwd=repo)
+    out = subprocess.run(
+        [sys.executable, "-m", "core", "groups", str(root), "--block-size", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=repo,
+    )
     lines = out.stdout.splitlines()
     assert lines[0] == "file,group" and len(lines) == 19 and "CLL/000.png,CLL-000-002" in lines
     assert "6 groups" in out.stderr
-    help_text = subprocess.run([sys.executable, "-m", "core", "groups", "--help"], capture_output=True, text=True,
-                               check=True, cwd=repo).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "core", "groups", "--help"], capture_output=True, text=True, check=True, cwd=repo
+    ).stdout
     assert "--block-size" in help_text and "APPROXIMATION" in help_text
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from Augmentor.ImageUtilities import AugmentorImage
 
+from core.errors import UserError
 from core.transforms import augment as augment_module
 from core.transforms.augment import AugmentParams, augment, build_operations, expand, preview
-from core.errors import UserError
 from tests.synthetic import synthetic_image
 
 PAPER_OPS = ("rotate", "distortion", "zoom")
@@ -59,7 +59,9 @@ def test_augmentors_own_rounding_would_miss_the_set_probability():
     state = random.getstate()
     random.seed(0)
     try:
-        outputs = (pipeline._execute(AugmentorImage(None, None, pil_images=image), save_to_disk=False) for _ in range(2000))
+        outputs = (
+            pipeline._execute(AugmentorImage(None, None, pil_images=image), save_to_disk=False) for _ in range(2000)
+        )
         fired = sum(not np.array_equal(np.asarray(out), original) for out in outputs)
     finally:
         random.setstate(state)

@@ -16,14 +16,14 @@ from sqlalchemy import create_engine, inspect, select
 from streamlit.testing.v1 import AppTest
 
 from core.access import accounts
-from core.data import uploads
-from core.jobs import runs
 from core.access.accounts import EDITOR, VIEWER, User
 from core.config import Settings, load_settings
+from core.data import uploads
 from core.data.datasets import delete_dataset
 from core.data.ingest import ingest
-from core.store.db import Base, Dataset, Run, RunStatus, make_engine, make_sessionmaker
 from core.errors import UserError
+from core.jobs import runs
+from core.store.db import Base, Dataset, Run, RunStatus, make_engine, make_sessionmaker
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 
@@ -44,10 +44,15 @@ def password_hash() -> str:
 def accounts_file(tmp_path, password_hash) -> Path:
     """ana (editor) and vic (viewer), both with PASSWORD."""
     path = tmp_path / "accounts.toml"
-    accounts.write_accounts(path, accounts.Accounts({
-        "ana": accounts.Account("ana", password_hash, EDITOR),
-        "vic": accounts.Account("vic", password_hash, VIEWER),
-    }))
+    accounts.write_accounts(
+        path,
+        accounts.Accounts(
+            {
+                "ana": accounts.Account("ana", password_hash, EDITOR),
+                "vic": accounts.Account("vic", password_hash, VIEWER),
+            }
+        ),
+    )
     return path
 
 
@@ -89,8 +94,12 @@ def signed_in_as(at: AppTest, name: str) -> AppTest:
 
 
 def texts(at: AppTest) -> str:
-    return " ".join([t.value for t in at.title] + [h.value for h in at.subheader] + [m.value for m in at.markdown]
-                    + [c.value for c in at.caption])
+    return " ".join(
+        [t.value for t in at.title]
+        + [h.value for h in at.subheader]
+        + [m.value for m in at.markdown]
+        + [c.value for c in at.caption]
+    )
 
 
 def only_the_sign_in(at: AppTest) -> None:
@@ -141,16 +150,19 @@ def test_cli_adds_an_account_to_the_file_atomically_and_never_in_plain_text(tmp_
     assert cli("remove", "ana") == 0 and not accounts.load_accounts(path).accounts
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[accounts.ana\nrole = 1", "not valid TOML"),
-    ('[accounts.ana]\npassword_hash = "$argon2id$x"\nrole = "admin"', "role 'admin' is not one of viewer, editor"),
-    ('[accounts.ana]\npassword_hash = "hunter22"\nrole = "editor"', "plain-text passwords are not accepted"),
-    ('[accounts.ana]\npassword_hash = "$argon2id$x"', "role None"),
-    ('[accounts.ana]\npassword = "$argon2id$x"\nrole = "editor"', "unknown key(s) password"),
-    ('[account.ana]\npassword_hash = "$argon2id$x"\nrole = "editor"', "unknown section(s) account"),
-    ('[accounts."ana smith"]\npassword_hash = "$argon2id$x"\nrole = "editor"', "is not usable"),
-    ('[oidc_roles]\n"ana@lab.org" = "owner"', "role 'owner'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[accounts.ana\nrole = 1", "not valid TOML"),
+        ('[accounts.ana]\npassword_hash = "$argon2id$x"\nrole = "admin"', "role 'admin' is not one of viewer, editor"),
+        ('[accounts.ana]\npassword_hash = "hunter22"\nrole = "editor"', "plain-text passwords are not accepted"),
+        ('[accounts.ana]\npassword_hash = "$argon2id$x"', "role None"),
+        ('[accounts.ana]\npassword = "$argon2id$x"\nrole = "editor"', "unknown key(s) password"),
+        ('[account.ana]\npassword_hash = "$argon2id$x"\nrole = "editor"', "unknown section(s) account"),
+        ('[accounts."ana smith"]\npassword_hash = "$argon2id$x"\nrole = "editor"', "is not usable"),
+        ('[oidc_roles]\n"ana@lab.org" = "owner"', "role 'owner'"),
+    ],
+)
 def test_accounts_file_mistakes_are_user_errors(text, message):
     with pytest.raises(UserError, match="accounts file") as e:
         accounts.parse_accounts(text, "The accounts file x.toml")
@@ -203,7 +215,10 @@ def test_viewers_cannot_change_records_and_editors_are_recorded(settings, Sessio
     with zipfile.ZipFile(buf, "w") as zf:
         for p in sorted((tmp_path / "src").rglob("*.tif")):
             zf.write(p, p.relative_to(tmp_path / "src").as_posix())
-    with Session.begin() as s, pytest.raises(UserError, match="vic is signed in as a viewer: only editors can add images"):
+    with (
+        Session.begin() as s,
+        pytest.raises(UserError, match="vic is signed in as a viewer: only editors can add images"),
+    ):
         ingest(s, settings, tmp_path / "src", "ds", user=VIC)
     with Session.begin() as s, pytest.raises(UserError, match="only editors can add images"):
         uploads.ingest_zip(s, settings, buf.getvalue(), "ds.zip", "ds", user=VIC)
@@ -234,7 +249,9 @@ def test_per_user_queue_limit(settings, Session, tmp_path):
         runs.create_runs(s, capped, RunConfig(dataset="ds", **TINY, seed=1), user=ANA)
     with Session.begin() as s, pytest.raises(UserError) as e:
         runs.create_runs(s, capped, RunConfig(dataset="ds", **TINY, seed=2), user=ANA)
-    assert "You (ana) already have 2 run(s) queued" in str(e.value) and "MAX_QUEUED_RUNS_PER_USER limit of 2" in str(e.value)
+    assert "You (ana) already have 2 run(s) queued" in str(e.value) and "MAX_QUEUED_RUNS_PER_USER limit of 2" in str(
+        e.value
+    )
     with Session.begin() as s:  # someone else still can; so can ana once a run is no longer queued
         runs.create_runs(s, capped, RunConfig(dataset="ds", **TINY, seed=3), user=User("bo", EDITOR))
         s.scalars(select(Run).where(Run.created_by == "ana")).first().status = RunStatus.running
@@ -363,9 +380,13 @@ def test_an_account_removed_from_the_file_is_signed_out(settings, accounts_file,
 
 def test_oidc_sign_in_uses_the_role_of_the_address(settings, monkeypatch):
     at = app(monkeypatch, settings, "oidc", OIDC_ROLES="ana@lab.org=editor")
-    at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
-                          "client_id": "id", "client_secret": "secret",
-                          "server_metadata_url": "https://id.example.org/.well-known/openid-configuration"}
+    at.secrets["auth"] = {
+        "redirect_uri": "http://localhost:8501/oauth2callback",
+        "cookie_secret": "x" * 32,
+        "client_id": "id",
+        "client_secret": "secret",
+        "server_metadata_url": "https://id.example.org/.well-known/openid-configuration",
+    }
     at.user = {"is_logged_in": False}
     at.run()
     only_the_sign_in(at)

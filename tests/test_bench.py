@@ -17,8 +17,13 @@ def test_all_benchmarks_in_one_call_name_every_part_with_a_figure_or_a_reason(tm
     from bench.figures import number
 
     out = tmp_path / "all.md"
-    proc = subprocess.run([sys.executable, "-m", "bench.all", "--smoke", "--minutes", "4", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.all", "--smoke", "--minutes", "4", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "smoke data: 12 JPEG images" in proc.stdout  # synthetic TIFs through bench/pack_data.py
     record = json.loads(out.with_suffix(".json").read_text())

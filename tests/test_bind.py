@@ -29,8 +29,14 @@ def test_other_addresses_need_a_sign_in(address):
 
 def serve(env: dict[str, str], log) -> subprocess.Popen:
     """`make run`'s command, with no address or port flag: only the environment and config.toml."""
-    return subprocess.Popen([sys.executable, "-m", "streamlit", "run", "serve.py"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "serve.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def listening(port: int) -> set[str]:
@@ -40,8 +46,13 @@ def listening(port: int) -> set[str]:
 
 def test_make_run_listens_on_loopback_only_and_refuses_a_wider_address(settings, tmp_path):
     port = free_port()
-    env = {**os.environ, "APP_HOME": str(settings.app_home), "START_WORKER": "0", "AUTH_MODE": "none",
-           "STREAMLIT_SERVER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "APP_HOME": str(settings.app_home),
+        "START_WORKER": "0",
+        "AUTH_MODE": "none",
+        "STREAMLIT_SERVER_PORT": str(port),
+    }
     env.pop("STREAMLIT_SERVER_ADDRESS", None)
     with open(tmp_path / "serve.log", "w") as log:
         process = serve(env, log)
@@ -54,8 +65,14 @@ def test_make_run_listens_on_loopback_only_and_refuses_a_wider_address(settings,
     assert "External URL" not in out and "Network URL" not in out
 
     wide = {**env, "STREAMLIT_SERVER_ADDRESS": "0.0.0.0", "STREAMLIT_SERVER_PORT": str(free_port())}
-    refused = subprocess.run([sys.executable, "-m", "streamlit", "run", "serve.py"], cwd=ROOT, env=wide,
-                             capture_output=True, text=True, timeout=90)
+    refused = subprocess.run(
+        [sys.executable, "-m", "streamlit", "run", "serve.py"],
+        cwd=ROOT,
+        env=wide,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert refused.returncode == 2
     assert "Refusing to listen on 0.0.0.0 with AUTH_MODE=none" in refused.stderr
     assert "Set AUTH_MODE=password" in refused.stderr

@@ -19,19 +19,25 @@ import pytest
 from sqlalchemy import select
 
 from core.config import load_settings
+from core.slides.scale import scale_meta
 from core.store.db import PredictionLog, Run, RunStatus, SlideJob, make_sessionmaker
 from core.training import presets
 from tests.conftest import stop_workers
 from tests.server import free_port, wait_healthy
-from core.slides.scale import scale_meta
 from tests.slides import two_region_slide
 from tests.synthetic import synthetic_image, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture
@@ -43,10 +49,28 @@ def app(tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     log = open(SHOTS / "streamlit.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "serve.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "serve.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+            "--server.fileWatcherType",
+            "none",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -113,10 +137,13 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_test_id("stSidebar").get_by_text("Training worker")).to_be_visible()
         settle()
         shot("01-home-empty")
-        for path, name, heading in (("/dataset", "02-datasets-empty", "Datasets"),
-                                    ("/augmentation", "03-augmentation-empty", "Augmentation"),
-                                    ("/train", "04-train-empty", "Train"), ("/runs", "05-runs-empty", "Runs"),
-                                    ("/predict", "06-predict-empty", "Predict")):
+        for path, name, heading in (
+            ("/dataset", "02-datasets-empty", "Datasets"),
+            ("/augmentation", "03-augmentation-empty", "Augmentation"),
+            ("/train", "04-train-empty", "Train"),
+            ("/runs", "05-runs-empty", "Runs"),
+            ("/predict", "06-predict-empty", "Predict"),
+        ):
             visit(path, name, heading)
         # The same server answers the API beside the pages.
         health = page.request.get(url + "/api/v1/health")
@@ -173,7 +200,8 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         page.set_viewport_size({"width": 1280, "height": 1000})
         page.goto(url + "/predict")
         page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(
-            [str(f) for f in new_images])
+            [str(f) for f in new_images]
+        )
         expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
         expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=90_000)
         settle()
@@ -195,7 +223,9 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         page.goto(url + "/runs")
         page.get_by_role("tab", name="Compare runs").click()
         settle()
-        expect(page.get_by_text(re.compile(rf"Run [{run.id}{twin}] scores .* (within|beyond) noise")).first).to_be_visible()
+        expect(
+            page.get_by_text(re.compile(rf"Run [{run.id}{twin}] scores .* (within|beyond) noise")).first
+        ).to_be_visible()
         shot("14b-runs-compare")
 
         # Predict with the twin, given run 1's model and a validation part of 200 images that supports
@@ -206,7 +236,8 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         give_model(cfg, run.id, twin, tops)
         page.goto(url + "/predict")
         page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(
-            [str(f) for f in new_images])
+            [str(f) for f in new_images]
+        )
         expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
         settle()
         slider = page.get_by_role("slider")
@@ -254,8 +285,11 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         # At 1280 px beside the sidebar, no table scrolls sideways: the key figures are in view.
         page.set_viewport_size({"width": 1280, "height": 1000})
         # (Augmentation has a table once a preset is saved, which this first hour does not do.)
-        for path, heading in (("/", "Lymphoma subtype recognition"), ("/runs", "Runs"),
-                              ("/augmentation", "Augmentation")):
+        for path, heading in (
+            ("/", "Lymphoma subtype recognition"),
+            ("/runs", "Runs"),
+            ("/augmentation", "Augmentation"),
+        ):
             page.goto(url + path)
             expect(page.get_by_role("heading", name=heading).first).to_be_visible()
             settle()
@@ -271,22 +305,50 @@ def copy_of_run(Session, run_id: int, changed: int) -> int:
 
     with Session.begin() as s:
         run = s.get(Run, run_id)
-        twin = Run(dataset_id=run.dataset_id, split_id=run.split_id, experiment=f"{run.experiment}-twin", fold=run.fold,
-                   seed=run.seed, config=dict(run.config), summary=dict(run.summary), status=RunStatus.succeeded,
-                   device=run.device, started_at=run.started_at, finished_at=run.finished_at, name="twin of run 1")
+        twin = Run(
+            dataset_id=run.dataset_id,
+            split_id=run.split_id,
+            experiment=f"{run.experiment}-twin",
+            fold=run.fold,
+            seed=run.seed,
+            config=dict(run.config),
+            summary=dict(run.summary),
+            status=RunStatus.succeeded,
+            device=run.device,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            name="twin of run 1",
+        )
         s.add(twin)
         s.flush()
         for e in s.scalars(select(EpochMetric).where(EpochMetric.run_id == run_id)):
-            s.add(EpochMetric(run_id=twin.id, epoch=e.epoch, train_loss=e.train_loss, train_accuracy=e.train_accuracy,
-                              val_loss=e.val_loss, val_accuracy=e.val_accuracy, seconds=e.seconds,
-                              images_per_second=e.images_per_second))
+            s.add(
+                EpochMetric(
+                    run_id=twin.id,
+                    epoch=e.epoch,
+                    train_loss=e.train_loss,
+                    train_accuracy=e.train_accuracy,
+                    val_loss=e.val_loss,
+                    val_accuracy=e.val_accuracy,
+                    seconds=e.seconds,
+                    images_per_second=e.images_per_second,
+                )
+            )
         right = []
         for k, p in enumerate(s.scalars(select(Prediction).where(Prediction.run_id == run_id).order_by(Prediction.id))):
             flipped = (p.true_label + 1) % 3 if p.predicted_label == p.true_label else p.true_label
             predicted = flipped if k < changed else p.predicted_label
             right.append(predicted == p.true_label)
-            s.add(Prediction(run_id=twin.id, image_id=p.image_id, aug_index=p.aug_index, true_label=p.true_label,
-                             predicted_label=predicted, probabilities=list(p.probabilities)))
+            s.add(
+                Prediction(
+                    run_id=twin.id,
+                    image_id=p.image_id,
+                    aug_index=p.aug_index,
+                    true_label=p.true_label,
+                    predicted_label=predicted,
+                    probabilities=list(p.probabilities),
+                )
+            )
         twin.summary = {**twin.summary, "test_accuracy": sum(right) / len(right)}  # as its answers make it
         return twin.id
 
@@ -306,14 +368,20 @@ def give_model(settings, run_id: int, twin: int, tops: list[float]) -> None:
         return [top if k == label else (1 - top) / 2 for k in range(3)]
 
     probs = [row(high, 0)] * 100 + [row(middle, 0)] * 60 + [row(middle, 1)] * 10 + [row(1 / 3 + 1e-3, 2)] * 30
-    calibration = {**meta["calibration"], "n_val": 200, "refer_target": 0.95, "val_probs": probs,
-                   "val_labels": [0] * 170 + [1] * 30}
+    calibration = {
+        **meta["calibration"],
+        "n_val": 200,
+        "refer_target": 0.95,
+        "val_probs": probs,
+        "val_labels": [0] * 170 + [1] * 30,
+    }
     # And the scale of slide tiles it may classify: its 64 px at 1 micron per pixel.
     meta = {**meta, "scale": scale_meta(64, 1.0)}
     with make_sessionmaker(settings.database_url)() as s:
         created = s.get(Run, twin).created_at.isoformat()
-    write_model(model_path(settings, twin), state, {**meta, "run_id": twin, "run_created": created,
-                                                     "calibration": calibration})
+    write_model(
+        model_path(settings, twin), state, {**meta, "run_id": twin, "run_created": created, "calibration": calibration}
+    )
 
 
 def assert_tables_fit(page, where: str, some: bool = True) -> None:

@@ -19,10 +19,16 @@ def test_a_sign_in_survives_a_reload_and_a_new_tab_until_sign_out_or_removal(tmp
     from playwright.sync_api import expect, sync_playwright
 
     home, accounts_file = tmp_path / "home", tmp_path / "accounts.toml"
-    accounts.write_accounts(accounts_file, accounts.Accounts(
-        {"ana": accounts.Account("ana", accounts.hash_password(PASSWORD), EDITOR)}))
-    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "APP_HOME": str(home),
-           "AUTH_MODE": "password", "AUTH_FILE": str(accounts_file), "START_WORKER": "0"}
+    accounts.write_accounts(
+        accounts_file, accounts.Accounts({"ana": accounts.Account("ana", accounts.hash_password(PASSWORD), EDITOR)})
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+        "APP_HOME": str(home),
+        "AUTH_MODE": "password",
+        "AUTH_FILE": str(accounts_file),
+        "START_WORKER": "0",
+    }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "server.log", "wb") as log:
@@ -63,8 +69,14 @@ def test_a_sign_in_survives_a_reload_and_a_new_tab_until_sign_out_or_removal(tmp
 
                 sign_in(PASSWORD)
                 expect(signed_in).to_be_visible()
-                removed = subprocess.run([sys.executable, "-m", "core", "accounts", "remove", "ana"], cwd=ROOT,
-                                         env=env, capture_output=True, text=True, timeout=120)
+                removed = subprocess.run(
+                    [sys.executable, "-m", "core", "accounts", "remove", "ana"],
+                    cwd=ROOT,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
                 assert removed.returncode == 0 and "signed ana out of 1 browser(s)" in removed.stdout, removed
                 page.reload()
                 expect(sign_in_form).to_be_visible()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from core.errors import UserError
 from core.evaluation.calibration import (
     bootstrap_metrics,
     expected_calibration_error,
@@ -10,12 +11,11 @@ from core.evaluation.calibration import (
     format_bootstrap,
     refer_band,
     refer_threshold,
-    supported_target,
     reliability_bins,
     reliability_figure,
     softmax,
+    supported_target,
 )
-from core.errors import UserError
 
 
 def calibrated_logits(n: int, n_classes: int = 3, seed: int = 0):
@@ -174,11 +174,12 @@ def test_run_calibration_fits_on_validation_and_carries_to_test():
     from core.evaluation.calibration import refer_verdict, run_calibration
 
     rng = np.random.default_rng(0)
+
     def overconfident(n):
         labels = rng.integers(0, 3, n)
         logits = rng.normal(0, 1, (n, 3))
         logits[np.arange(n), labels] += 1.0  # right about 60% of the time ...
-        return softmax(logits * 6), labels     # ... but nearly always "sure"
+        return softmax(logits * 6), labels  # ... but nearly always "sure"
 
     val_p, val_y = overconfident(400)
     test_p, test_y = overconfident(400)

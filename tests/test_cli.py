@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "APP_HOME": str(home), "OMP_NUM_THREADS": "2"}
     env.pop("DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "core", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("command", ["ingest", "train", "evaluate", "predict", "runs", "datasets", "reproduce-paper"])
@@ -36,16 +37,41 @@ def test_ingest_train_evaluate_predict(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "30 added" in out.stdout
 
-    out = cli(home, "train", "--dataset", "toy", "--epochs", "1", "--image-size", "32", "--per-class", "6",
-              "--weights", "none", "--batch-size", "9", "--val-fraction", "0.25")
+    out = cli(
+        home,
+        "train",
+        "--dataset",
+        "toy",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--per-class",
+        "6",
+        "--weights",
+        "none",
+        "--batch-size",
+        "9",
+        "--val-fraction",
+        "0.25",
+    )
     assert out.returncode == 0, out.stderr
     run_id = out.stdout.strip().splitlines()[-1]
     assert run_id.isdigit()
 
     out = cli(home, "evaluate", run_id)
     assert out.returncode == 0, out.stderr
-    for column in ("Class", "Accuracy", "Precision", "Recall", "F1", "Support", "Confusion matrix", "Protocol: holdout",
-                   "Colour-only yardstick on this split"):
+    for column in (
+        "Class",
+        "Accuracy",
+        "Precision",
+        "Recall",
+        "F1",
+        "Support",
+        "Confusion matrix",
+        "Protocol: holdout",
+        "Colour-only yardstick on this split",
+    ):
         assert column in out.stdout
     for label in ("CLL", "FL", "MCL"):
         assert label in out.stdout
@@ -59,8 +85,10 @@ def test_ingest_train_evaluate_predict(tmp_path):
     header, row = out.stdout.strip().splitlines()
     # The run's calibrated class probabilities (it has a validation part), saying so, and its refer verdict.
     # A prediction's fields as the API and the log name them, then one column per class.
-    assert header == ("image_name,image_sha256,width,height,size_bytes,predicted,probability_kind,refer,"
-                      "refer_threshold,refer_target,run_id,model_sha256,CLL,FL,MCL")
+    assert header == (
+        "image_name,image_sha256,width,height,size_bytes,predicted,probability_kind,refer,"
+        "refer_threshold,refer_target,run_id,model_sha256,CLL,FL,MCL"
+    )
     assert row.split(",")[6] == "calibrated" and row.split(",")[7] in ("0", "1")
     assert abs(sum(float(v) for v in row.split(",")[12:15]) - 1) < 0.01
 
@@ -88,9 +116,32 @@ def test_user_errors_exit_2_with_one_line_and_change_nothing(tmp_path):
     assert "succeeded" not in out.stdout and "failed" not in out.stdout  # no run was recorded
 
 
-COMMANDS = ("ingest", "datasets", "groups", "train", "train-distributed", "worker", "cancel", "status", "resume",
-            "workers", "runs", "evaluate", "export", "reproduce-paper", "approve", "withdraw", "approvals", "predict",
-            "predict-slide", "predictions", "check", "migrate", "accounts", "token")
+COMMANDS = (
+    "ingest",
+    "datasets",
+    "groups",
+    "train",
+    "train-distributed",
+    "worker",
+    "cancel",
+    "status",
+    "resume",
+    "workers",
+    "runs",
+    "evaluate",
+    "export",
+    "reproduce-paper",
+    "approve",
+    "withdraw",
+    "approvals",
+    "predict",
+    "predict-slide",
+    "predictions",
+    "check",
+    "migrate",
+    "accounts",
+    "token",
+)
 
 
 def test_help_lists_every_command(tmp_path):

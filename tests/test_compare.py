@@ -64,6 +64,8 @@ def test_folds_that_differ_by_a_few_images_are_within_noise_and_far_apart_ones_a
 def test_the_fold_test_is_wrong_at_most_as_often_as_its_level_allows():
     """Folds drawn from one accuracy (60%) are called different in at most about 5% of draws."""
     rng = np.random.default_rng(1)
-    calls = [not fold_spread(list(rng.binomial(25, 0.6, size=5)), [25] * 5, resamples=400, seed=i).within_noise
-             for i in range(150)]
+    calls = [
+        not fold_spread(list(rng.binomial(25, 0.6, size=5)), [25] * 5, resamples=400, seed=i).within_noise
+        for i in range(150)
+    ]
     assert np.mean(calls) <= 0.09

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
-from core.store import consistency
 from core.__main__ import main
 from core.data.ingest import ingest
-from core.store.db import Dataset, Image, Run, RunStatus
 from core.errors import UserError
+from core.store import consistency
+from core.store.db import Dataset, Image, Run, RunStatus
 from core.store.files import hold_ingest_lock
 from tests.synthetic import write_dataset
 

@@ -52,8 +52,9 @@ def test_text_that_would_start_a_formula_gets_an_apostrophe_and_numbers_stay_num
 
 def test_the_predict_pages_results_table_is_written_as_text(monkeypatch):
     """The Predict page's results (file, verdict and one probability column per class)."""
-    table = pd.DataFrame([{"file": name, "predicted": "@FL", "confidence": 0.75, "@FL": 0.75, "CLL": 0.25}
-                          for name in FILES])
+    table = pd.DataFrame(
+        [{"file": name, "predicted": "@FL", "confidence": 0.75, "@FL": 0.75, "CLL": 0.25} for name in FILES]
+    )
     rows = parsed(csv_bytes(table).decode())
     assert [r["file"] for r in rows] == ["'" + name for name in FILES]
     assert {r["predicted"] for r in rows} == {"'@FL"} and "'@FL" in rows[0]
@@ -62,9 +63,21 @@ def test_the_predict_pages_results_table_is_written_as_text(monkeypatch):
 
 def entry(name: str) -> prediction_log.LogEntry:
     return prediction_log.LogEntry(
-        user="@ana", source="page", run_id=1, model_sha256="m" * 64, image_sha256="i" * 64, image_name=name,
-        width=64, height=48, size_bytes=100, probabilities={"CLL": 0.7, "@FL": 0.3}, probability_kind="calibrated",
-        predicted="CLL", refer=False, threshold=0.6)
+        user="@ana",
+        source="page",
+        run_id=1,
+        model_sha256="m" * 64,
+        image_sha256="i" * 64,
+        image_name=name,
+        width=64,
+        height=48,
+        size_bytes=100,
+        probabilities={"CLL": 0.7, "@FL": 0.3},
+        probability_kind="calibrated",
+        predicted="CLL",
+        refer=False,
+        threshold=0.6,
+    )
 
 
 def test_the_prediction_log_as_csv_on_the_page_and_on_the_command_line(settings, Session, monkeypatch, capsys):
@@ -79,7 +92,9 @@ def test_the_prediction_log_as_csv_on_the_page_and_on_the_command_line(settings,
         rows = parsed(text)
         assert sorted(r["image_name"] for r in rows) == sorted("'" + name for name in FILES)
         assert {r["user"] for r in rows} == {"'@ana"} and "'@FL" in rows[0]
-        assert all(float(r["CLL"]) == 0.7 and float(r["refer_threshold"]) == 0.6 and int(r["width"]) == 64 for r in rows)
+        assert all(
+            float(r["CLL"]) == 0.7 and float(r["refer_threshold"]) == 0.6 and int(r["width"]) == 64 for r in rows
+        )
 
 
 def test_predict_on_the_command_line_writes_names_as_text(settings, monkeypatch, capsys, tmp_path):
@@ -90,10 +105,24 @@ def test_predict_on_the_command_line_writes_names_as_text(settings, monkeypatch,
     monkeypatch.chdir(tmp_path)  # the images named as they are in the folder: the output names them so
 
     def classify(Session, settings, user, images, **kwargs):  # the answers, without a model
-        return [service.Classified(name=image.name, image_sha256="0" * 64, width=32, height=32, size_bytes=9,
-                                   predicted="@FL", probabilities={"CLL": 0.25, "@FL": 0.75}, kind="calibrated",
-                                   refer=False, threshold=0.5, run_id=1, model_sha256="1" * 64, refer_target=0.9)
-                for image in images]
+        return [
+            service.Classified(
+                name=image.name,
+                image_sha256="0" * 64,
+                width=32,
+                height=32,
+                size_bytes=9,
+                predicted="@FL",
+                probabilities={"CLL": 0.25, "@FL": 0.75},
+                kind="calibrated",
+                refer=False,
+                threshold=0.5,
+                run_id=1,
+                model_sha256="1" * 64,
+                refer_target=0.9,
+            )
+            for image in images
+        ]
 
     monkeypatch.setattr(service, "classify", classify)
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
@@ -112,21 +141,51 @@ def test_the_runs_pages_test_predictions_are_written_as_text(settings, Session, 
             synthetic_image(["CLL", "FL"][k], i, (32, 32)).save(source / label / name, "PNG")
     groups = tmp_path / "groups.csv"
     with open(groups, "w", newline="") as f:
-        csv.writer(f).writerows([("file", "group"), *((f"{label}/{name}", f"{GROUP} {i}") for label in CLASSES
-                                                      for i, name in enumerate(FILES))])
+        csv.writer(f).writerows(
+            [
+                ("file", "group"),
+                *((f"{label}/{name}", f"{GROUP} {i}") for label in CLASSES for i, name in enumerate(FILES)),
+            ]
+        )
     with Session.begin() as s:
         ingest(s, settings, source, "hostile", groups_csv=groups)
-        config = RunConfig(dataset="hostile", image_size=32, epochs=1, per_class=4, batch_size=4, weights="none",
-                           device="cpu", split="holdout", grouped=False)
+        config = RunConfig(
+            dataset="hostile",
+            image_size=32,
+            epochs=1,
+            per_class=4,
+            batch_size=4,
+            weights="none",
+            device="cpu",
+            split="holdout",
+            grouped=False,
+        )
         (run,) = runs.create_runs(s, settings, config)
         run.status, run.started_at, run.finished_at = RunStatus.succeeded, utcnow(), utcnow()
         dataset = s.scalar(select(Dataset))
         for image in dataset.images:
             true = list(dataset.classes).index(image.label)
-            s.add(Prediction(run_id=run.id, image_id=image.id, true_label=true, predicted_label=1 - true,
-                             probabilities=[0.3, 0.7] if true == 0 else [0.7, 0.3]))
-        s.add(EpochMetric(run_id=run.id, epoch=1, train_loss=0.7, train_accuracy=0.5, val_loss=0.7, val_accuracy=0.5,
-                          seconds=1.0, images_per_second=8.0))
+            s.add(
+                Prediction(
+                    run_id=run.id,
+                    image_id=image.id,
+                    true_label=true,
+                    predicted_label=1 - true,
+                    probabilities=[0.3, 0.7] if true == 0 else [0.7, 0.3],
+                )
+            )
+        s.add(
+            EpochMetric(
+                run_id=run.id,
+                epoch=1,
+                train_loss=0.7,
+                train_accuracy=0.5,
+                val_loss=0.7,
+                val_accuracy=0.5,
+                seconds=1.0,
+                images_per_second=8.0,
+            )
+        )
         run.summary = {"test_accuracy": 0.0, "best_epoch": 1, "n_train": 4, "n_val": 2, "n_test": 8}
         run_id = run.id
 
@@ -169,4 +228,3 @@ def no_worker(monkeypatch):
     from core.jobs import worker
 
     monkeypatch.setattr(worker, "ensure_worker", lambda settings: True)
-

@@ -27,8 +27,11 @@ from core.transforms import augment
 from tests.synthetic import write_dataset
 from tests.test_pages import open_page
 
-DEV_NAMES = ([("CLL", f"CLL/{i:03d}.png") for i in range(0, 78)] + [("FL", f"FL/{i:03d}.png") for i in range(113, 206)]
-             + [("MCL", f"MCL/{i:03d}.png") for i in range(252, 337)])
+DEV_NAMES = (
+    [("CLL", f"CLL/{i:03d}.png") for i in range(0, 78)]
+    + [("FL", f"FL/{i:03d}.png") for i in range(113, 206)]
+    + [("MCL", f"MCL/{i:03d}.png") for i in range(252, 337)]
+)
 
 
 @pytest.fixture(autouse=True)
@@ -107,8 +110,18 @@ def test_groups_are_estimated_and_applied_on_the_datasets_page(settings, monkeyp
 
 def test_the_leak_audit_says_one_thing_in_plain_words():
     close = [audit.LeakPair("test/a", "train/b", 0.1), audit.LeakPair("test/c", "train/d", 0.2)]
-    report = audit.AuditReport(n_train=204, n_test=52, exact=[], near=[], close=close, hash_threshold=10,
-                         feature_threshold=0.35, percentile=1.0, nn_ratio=1.02, warning=None)
+    report = audit.AuditReport(
+        n_train=204,
+        n_test=52,
+        exact=[],
+        near=[],
+        close=close,
+        hash_threshold=10,
+        feature_threshold=0.35,
+        percentile=1.0,
+        nn_ratio=1.02,
+        warning=None,
+    )
     verdict = report.verdict
     assert verdict.startswith("No copies found") and "2 test images" in verdict
     assert "about 0.5 expected by chance" in verdict and "nothing found" not in verdict.lower()
@@ -193,8 +206,9 @@ def test_the_preset_box_says_when_the_values_are_no_longer_the_preset(settings, 
 def finished_run(Session, settings, grouped: bool, accuracy: float, colour: float | None) -> int:
     """A run recorded as succeeded with these results, without training it."""
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, RunConfig(dataset="home", grouped=grouped, weights="none",
-                                                         image_size=32, epochs=1))
+        (run,) = runs.create_runs(
+            s, settings, RunConfig(dataset="home", grouped=grouped, weights="none", image_size=32, epochs=1)
+        )
         run.status = RunStatus.succeeded
         yardstick = None if colour is None else Yardstick(colour, n_train=24, n_test=6)
         run.summary = RunSummary(test_accuracy=accuracy, colour_yardstick=yardstick).to_dict()
@@ -242,10 +256,21 @@ def test_home_says_a_gap_to_colour_alone_within_noise_is_within_noise(settings, 
     run_id = finished_run(Session, settings, grouped=True, accuracy=0.8, colour=0.65)
     with Session.begin() as s:
         run = s.get(Run, run_id)
-        run.summary = {**run.summary, "colour_yardstick": {
-            "accuracy": 0.65, "n_train": 10, "n_test": 20, "correct": {str(i): k < 13 for k, i in enumerate(image_ids)}}}
-        s.add_all(Prediction(run_id=run_id, image_id=i, true_label=0, predicted_label=0 if k < 16 else 1,
-                             probabilities=[0.6, 0.4]) for k, i in enumerate(image_ids))
+        run.summary = {
+            **run.summary,
+            "colour_yardstick": {
+                "accuracy": 0.65,
+                "n_train": 10,
+                "n_test": 20,
+                "correct": {str(i): k < 13 for k, i in enumerate(image_ids)},
+            },
+        }
+        s.add_all(
+            Prediction(
+                run_id=run_id, image_id=i, true_label=0, predicted_label=0 if k < 16 else 1, probabilities=[0.6, 0.4]
+            )
+            for k, i in enumerate(image_ids)
+        )
     at = open_page(monkeypatch, settings, "pages/home.py")
     text = " ".join(c.value for c in at.caption)
     assert "The network scores 15.0 points above colour alone on the same 20 test images: within noise" in text

@@ -38,7 +38,8 @@ def image_ids(Session, number: int) -> set[int]:
 
 
 def test_an_ingest_that_adds_images_makes_the_next_version_and_the_diff_lists_them(
-        settings, monkeypatch, capsys, tmp_path):
+    settings, monkeypatch, capsys, tmp_path
+):
     Session = make_sessionmaker(settings.database_url)
     ingest_into(settings, Session, tmp_path / "first", per_class=2)
     ingest_into(settings, Session, tmp_path / "first", per_class=2)  # nothing new: no version
@@ -47,7 +48,9 @@ def test_an_ingest_that_adds_images_makes_the_next_version_and_the_diff_lists_th
         listed = versions.version_list(s, "ds")
         found = versions.diff(s, "ds", 1, 2)
     assert [(v.number, v.created_by, v.counts) for v in listed] == [
-        (2, "ana", {"CLL": 3, "FL": 3, "MCL": 3}), (1, "ana", {"CLL": 2, "FL": 2, "MCL": 2})]
+        (2, "ana", {"CLL": 3, "FL": 3, "MCL": 3}),
+        (1, "ana", {"CLL": 2, "FL": 2, "MCL": 2}),
+    ]
     assert "3 added" in listed[0].note
     assert [im.name for im in found.added] == ["CLL/002.tif", "FL/002.tif", "MCL/002.tif"]
     assert (found.removed, found.relabelled, found.regrouped) == ((), (), ())
@@ -63,7 +66,10 @@ def test_an_ingest_that_adds_images_makes_the_next_version_and_the_diff_lists_th
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "dataset 'ds', version 1 → 2: 3 added, 0 removed, 0 relabelled"
     assert [line.split("\t")[:3] for line in out[1:]] == [
-        ["added", "CLL/002.tif", "CLL"], ["added", "FL/002.tif", "FL"], ["added", "MCL/002.tif", "MCL"]]
+        ["added", "CLL/002.tif", "CLL"],
+        ["added", "FL/002.tif", "FL"],
+        ["added", "MCL/002.tif", "MCL"],
+    ]
 
     at = open_page(monkeypatch, settings, "pages/dataset.py")  # the Browse tab, on "ds"
     tables = [t.value for t in at.dataframe if "version" in t.value.columns or "change" in t.value.columns]
@@ -84,8 +90,10 @@ def test_a_run_launched_before_an_ingest_keeps_its_version_and_is_split_over_its
         again = RunConfig.from_dict(s.merge(before).config)  # "train again with these settings"
         (retrained,) = runs.create_runs(s, settings, again)
         (latest,) = runs.create_runs(s, settings, RunConfig(dataset="ds", **TINY))
-        drawn = {r.id: {im.id for part in splits.split_parts(s, r.split, r.fold).values() for im in part}
-                 for r in (s.merge(before), retrained, latest)}
+        drawn = {
+            r.id: {im.id for part in splits.split_parts(s, r.split, r.fold).values() for im in part}
+            for r in (s.merge(before), retrained, latest)
+        }
         numbers = {r.id: r.config["dataset_version"] for r in (s.merge(before), retrained, latest)}
     assert numbers == {before.id: 1, retrained.id: 1, latest.id: 2}
     assert drawn[before.id] == drawn[retrained.id] == first
@@ -128,10 +136,12 @@ def test_relabel_makes_a_version_whose_diff_shows_it_and_earlier_versions_keep_t
 
 
 def test_train_names_a_version_as_name_at_number_and_a_missing_one_is_a_plain_error(
-        settings, monkeypatch, capsys, tmp_path):
+    settings, monkeypatch, capsys, tmp_path
+):
     parse = build_parser().parse_args
     assert config_from_args(parse(["train", "--dataset", "ds@1"]), settings) == RunConfig(
-        dataset="ds", dataset_version=1, weights=settings.default_weights)
+        dataset="ds", dataset_version=1, weights=settings.default_weights
+    )
     assert config_from_args(parse(["train", "--dataset", "ds"]), settings).dataset_version is None
     with pytest.raises(UserError, match="give the version once"):
         config_from_args(parse(["train", "--dataset", "ds@1", "--dataset-version", "2"]), settings)

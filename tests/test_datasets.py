@@ -14,7 +14,6 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from core.store import consistency
 from core.data.datasets import (
     delete_dataset,
     get_dataset,
@@ -23,10 +22,10 @@ from core.data.datasets import (
 )
 from core.data.decoding import load_rgb
 from core.data.ingest import ingest
-from core.store.db import Dataset, Image, Run, RunStatus, SkippedFile
 from core.errors import UserError
+from core.store import consistency
+from core.store.db import Dataset, Image, Run, RunStatus, SkippedFile
 from tests.synthetic import synthetic_image, write_dataset
-
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -64,12 +63,7 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def encoded(im: PILImage.Image, fmt: str) -> bytes:
@@ -391,9 +385,7 @@ def test_zip_in_single_top_level_folder(tmp_path, settings, Session):
 
     assert report.added == 4
     assert report.skipped == [("README.txt", "not in a class folder")]
-    assert {img.original_name for img in images(Session)} == {
-        "CLL/000.png", "CLL/001.png", "FL/000.png", "FL/001.png"
-    }
+    assert {img.original_name for img in images(Session)} == {"CLL/000.png", "CLL/001.png", "FL/000.png", "FL/001.png"}
     assert list(settings.tmp_dir.iterdir()) == []  # extraction folder removed
 
 

@@ -25,12 +25,12 @@ import torch.multiprocessing as mp
 from sqlalchemy import select
 from torch import nn
 
-from core.jobs import runs
 from core.__main__ import main
+from core.jobs import runs
 from core.store.db import EpochMetric, Prediction, Run, RunStatus
 from core.training.distributed import Shards, shard_bounds, started
-from core.training.run_config import RunConfig
 from core.training.loop import Batches, Data, fit
+from core.training.run_config import RunConfig
 from tests.synthetic import CLASS_COLOURS, ingest_synthetic, synthetic_array
 
 EPOCHS, BATCH, LR, SEED = 3, 7, 3e-3, 5
@@ -65,15 +65,24 @@ def test_shards_partition_every_global_batch():
 def _data() -> Data:
     labels = [i % 3 for i in range(N_TRAIN)]
     names = list(CLASS_COLOURS)
-    x = torch.stack([torch.from_numpy(synthetic_array(names[c], i, (32, 32))).permute(2, 0, 1) for i, c in enumerate(labels)])
+    x = torch.stack(
+        [torch.from_numpy(synthetic_array(names[c], i, (32, 32))).permute(2, 0, 1) for i, c in enumerate(labels)]
+    )
     empty = torch.empty(0, 3, 32, 32, dtype=torch.uint8)
     return Data(x, torch.tensor(labels), empty, torch.empty(0, dtype=torch.long))
 
 
 def _small_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
 
 
 class Keep:
@@ -96,8 +105,19 @@ class Keep:
 
 def _train(group=None) -> Keep:
     keep = Keep()
-    fit(_small_model(), _data(), epochs=EPOCHS, batch_size=BATCH, lr=LR, seed=SEED, device=torch.device("cpu"),
-        callback=keep, config={}, compile=False, group=group)
+    fit(
+        _small_model(),
+        _data(),
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        lr=LR,
+        seed=SEED,
+        device=torch.device("cpu"),
+        callback=keep,
+        config={},
+        compile=False,
+        group=group,
+    )
     return keep
 
 
@@ -106,8 +126,9 @@ def _as_rank(rank: int, world: int, port: int, work, out: Path) -> None:
     variables), then run `work(rank)` with stdout and stderr to out/rankN.out and .err. Forked, so
     the child need not import torch again."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     code = 1
     with open(out / f"rank{rank}.out", "w") as stdout, open(out / f"rank{rank}.err", "w") as stderr:
         sys.stdout, sys.stderr = stdout, stderr
@@ -166,21 +187,32 @@ def test_two_gloo_processes_follow_the_single_process_run(tmp_path):
     # Every epoch's weights: the same on both ranks, and those of the single process.
     for epoch in range(EPOCHS):
         for name, w in alone.weights[epoch].items():
-            torch.testing.assert_close(ranks[1]["weights"][epoch][name], ranks[0]["weights"][epoch][name],
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                ranks[1]["weights"][epoch][name], ranks[0]["weights"][epoch][name], rtol=0, atol=0
+            )
             torch.testing.assert_close(ranks[0]["weights"][epoch][name], w, rtol=1e-4, atol=1e-5)
     moved = sum((alone.weights[-1][k] - w).abs().sum() for k, w in _small_model().state_dict().items())
     assert moved > 1e-2  # the weights did change, far beyond the tolerance
 
 
-def test_train_distributed_command_trains_the_paper_model_with_rank_0_recording(tmp_path, settings, Session, capsys,
-                                                                               monkeypatch):
+def test_train_distributed_command_trains_the_paper_model_with_rank_0_recording(
+    tmp_path, settings, Session, capsys, monkeypatch
+):
     """The command as torchrun starts it (RANK, WORLD_SIZE, ... in the environment), two processes."""
     dataset = ingest_synthetic(tmp_path / "src", settings, Session, per_class=5)
     # 64 px: at 32 px DenseNet-201's last block sees 1x1 maps, so on the CPU (BatchNorm per process)
     # each norm there would average 3 values a channel (half a batch of 6), which can give NaN gradients.
-    config = RunConfig(dataset=dataset, image_size=64, per_class=4, epochs=1, batch_size=6, lr=1e-3,
-                       weights="none", device="cpu", val_fraction=0.25)
+    config = RunConfig(
+        dataset=dataset,
+        image_size=64,
+        per_class=4,
+        epochs=1,
+        batch_size=6,
+        lr=1e-3,
+        weights="none",
+        device="cpu",
+        val_fraction=0.25,
+    )
     with Session.begin() as s:
         (run,) = runs.create_runs(s, settings, config)
         run_id = run.id

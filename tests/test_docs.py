@@ -38,15 +38,19 @@ def named(module: str, text: str, blocks: list[str]) -> bool:
         return True
     if name == "__init__.py":
         return re.search(rf"(?<![\w/.]){re.escape(package)}(?![\w.])", text) is not None
-    return any(re.search(rf"`{re.escape(package)}/?`", block) and re.search(rf"(?<![\w/.]){re.escape(name)}", block)
-               for block in blocks)
+    return any(
+        re.search(rf"`{re.escape(package)}/?`", block) and re.search(rf"(?<![\w/.]){re.escape(name)}", block)
+        for block in blocks
+    )
 
 
 def test_the_rule_tells_a_named_module_from_one_that_is_not():
-    text = ("| split → samples | `core/data` | `cache.py` (decode once), `prepare.py` |\n"
-            "| the run as a job | `core/jobs` | `runs.py` |\n\n"
-            "`core/slides` reads slides:\n`reader.py` opens one.\n\n"
-            "core/store/migrations/ and `core/api/auth.py`; the pages read `site.py` and views.py")
+    text = (
+        "| split → samples | `core/data` | `cache.py` (decode once), `prepare.py` |\n"
+        "| the run as a job | `core/jobs` | `runs.py` |\n\n"
+        "`core/slides` reads slides:\n`reader.py` opens one.\n\n"
+        "core/store/migrations/ and `core/api/auth.py`; the pages read `site.py` and views.py"
+    )
     blocks = paragraphs(text)
     assert named("core/data/cache.py", text, blocks) and named("core/api/auth.py", text, blocks)
     assert named("core/slides/reader.py", text, blocks) and named("core/store/migrations/__init__.py", text, blocks)

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.store import consistency
 from core.config import load_settings
 from core.data.decoding import load_rgb
 from core.data.ingest import ingest
+from core.store import consistency
 from core.store.db import Dataset, Image, make_sessionmaker
 from core.store.files import atomic_path, is_temp_name, write_bytes_atomic
 from tests.server import free_port, wait_healthy
@@ -33,8 +33,14 @@ from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # installed by `make test` (scripts/system-packages.sh)
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,10 +79,28 @@ def launch_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMPORT_ROOTS", "AUTH_MODE")}
     env.update(APP_HOME=str(home), START_WORKER="0", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "serve.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "serve.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+            "--server.fileWatcherType",
+            "none",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     return process, f"http://127.0.0.1:{port}"
 
@@ -153,7 +177,9 @@ def test_kill_9_during_an_upload_loses_nothing_and_the_upload_can_be_retried(tmp
             # The dataset that was there is untouched; the killed one never happened.
             with Session() as s:
                 assert s.scalars(select(Dataset.name)).all() == ["first"]
-                after = sorted((im.sha256, im.stored_path, im.label, im.original_name) for im in s.scalars(select(Image)))
+                after = sorted(
+                    (im.sha256, im.stored_path, im.label, im.original_name) for im in s.scalars(select(Image))
+                )
             assert after == before
             for sha, path, _, _ in before:
                 assert sha256(home / path) == sha
@@ -181,8 +207,14 @@ def test_kill_9_during_an_upload_loses_nothing_and_the_upload_can_be_retried(tmp
             expect(page.get_by_text("disagree")).to_be_visible()
             expect(page.get_by_text("unreferenced file(s) under images/")).to_be_visible()
             env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-            fix = subprocess.run([sys.executable, "-m", "core", "check", "--fix"], cwd=ROOT, capture_output=True,
-                                 text=True, env={**env, "APP_HOME": str(home)}, timeout=60)
+            fix = subprocess.run(
+                [sys.executable, "-m", "core", "check", "--fix"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env={**env, "APP_HOME": str(home)},
+                timeout=60,
+            )
             assert fix.returncode == 0, fix.stdout + fix.stderr
             assert fix.stdout.count("removed: ") == len(report.problems)
             assert consistency.check(Session, cfg).clean
@@ -195,6 +227,11 @@ def test_kill_9_during_an_upload_loses_nothing_and_the_upload_can_be_retried(tmp
     with Session() as s:
         assert sorted(s.scalars(select(Dataset.name))) == ["first", "second"]
         assert len(s.scalar(select(Dataset).where(Dataset.name == "second")).images) == 3 * per_class
-        assert sorted((im.sha256, im.stored_path, im.label, im.original_name)
-                      for im in s.scalars(select(Image).join(Dataset).where(Dataset.name == "first"))) == before
+        assert (
+            sorted(
+                (im.sha256, im.stored_path, im.label, im.original_name)
+                for im in s.scalars(select(Image).join(Dataset).where(Dataset.name == "first"))
+            )
+            == before
+        )
     assert consistency.check(Session, cfg, deep=True).clean

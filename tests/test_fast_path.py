@@ -4,10 +4,10 @@ import numpy as np
 import torch
 
 from core.data.cache import resized_array
-from core.store.db import Image
-from core.training.model import PaperDenseNet
 from core.inference.predict import compiled_or_eager, prepare_for_inference
+from core.store.db import Image
 from core.training.loop import predict_logits, preprocess
+from core.training.model import PaperDenseNet
 from tests.synthetic import synthetic_array, synthetic_image
 
 
@@ -61,7 +61,9 @@ def _stored(settings, name: str, label: str, index: int) -> Image:
     path = settings.images_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
     synthetic_image(label, index).save(path)
-    return Image(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), stored_path=str(path.relative_to(settings.app_home)))
+    return Image(
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(), stored_path=str(path.relative_to(settings.app_home))
+    )
 
 
 def test_resize_cache_follows_content_and_size(settings):

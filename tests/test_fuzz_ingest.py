@@ -27,26 +27,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, event, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, Phase, event, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from core.data import uploads
-from core.store import consistency
 from core.config import load_settings
+from core.data import uploads
 from core.data.decoding import load_rgb
 from core.data.ingest import ingest
-from core.store.db import Dataset, Image, make_sessionmaker
 from core.errors import UserError
+from core.store import consistency
+from core.store.db import Dataset, Image, make_sessionmaker
 from tests.synthetic import synthetic_image
 
 CLASSES = ("CLL", "FL", "MCL")
 FORMATS = {"tif": "TIFF", "png": "PNG", "jpg": "JPEG", "bmp": "BMP"}
 MAX_PIXELS = 2_000_000  # small, so a bomb within PIL's own limit is still ours to refuse
 # No shrinking: on these inputs it can take minutes; the failing example is printed as found.
-FUZZ = hsettings(max_examples=10, deadline=None, derandomize=True, database=None,
-                 phases=[Phase.explicit, Phase.generate], report_multiple_bugs=True,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = hsettings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    report_multiple_bugs=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 STORED, REJECTED, EITHER = "stored", "rejected", "either"  # what must happen to a file
 
@@ -64,8 +72,10 @@ class Entry:
         self.raw_name: bytes | None = None  # a name that is not UTF-8 (zip: cp437; folder: on disk)
 
     def __repr__(self) -> str:  # the bytes would flood a failure report
-        return (f"Entry({self.rel!r}, {len(self.content)} bytes sha256 {hashlib.sha256(self.content).hexdigest()[:8]}, "
-                f"{self.expect}, raw_name={self.raw_name!r})")
+        return (
+            f"Entry({self.rel!r}, {len(self.content)} bytes sha256 {hashlib.sha256(self.content).hexdigest()[:8]}, "
+            f"{self.expect}, raw_name={self.raw_name!r})"
+        )
 
     @property
     def rel(self) -> str:
@@ -96,16 +106,16 @@ def declare_size(fmt: str, content: bytes, width: int, height: int) -> bytes:
         b[29:33] = struct.pack(">I", zlib.crc32(ihdr))
     elif fmt == "jpg":
         at = b.index(b"\xff\xc0")  # baseline start of frame: length, precision, height, width
-        b[at + 5:at + 9] = struct.pack(">HH", min(height, 65535), min(width, 65535))
+        b[at + 5 : at + 9] = struct.pack(">HH", min(height, 65535), min(width, 65535))
     elif fmt == "tif":
         endian = "<" if b[:2] == b"II" else ">"
         (ifd,) = struct.unpack(endian + "I", b[4:8])
-        (count,) = struct.unpack(endian + "H", b[ifd:ifd + 2])
+        (count,) = struct.unpack(endian + "H", b[ifd : ifd + 2])
         for i in range(count):
             at = ifd + 2 + 12 * i
-            tag, _ = struct.unpack(endian + "HH", b[at:at + 4])
+            tag, _ = struct.unpack(endian + "HH", b[at : at + 4])
             if tag in (256, 257):  # ImageWidth, ImageLength, rewritten as LONG
-                b[at + 2:at + 12] = struct.pack(endian + "HII", 4, 1, width if tag == 256 else height)
+                b[at + 2 : at + 12] = struct.pack(endian + "HII", 4, 1, width if tag == 256 else height)
     elif fmt == "bmp":
         b[18:26] = struct.pack("<ii", width, height)
     return bytes(b)
@@ -132,10 +142,23 @@ def entries(draw, label: str, counter: list[int], must_be_valid: bool = False) -
     valid = encode(fmt, synthetic_image(label if label in CLASSES else "CLL", index, (40, 36)))
     if must_be_valid:
         return Entry(label, f"{stem}.{fmt}", valid, STORED)
-    kind = draw(st.sampled_from([
-        "valid", "truncated", "bit_flips", "random", "huge", "bomb", "empty", "tiny", "other_format_extension",
-        "unsupported_extension", "nested_zip",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "valid",
+                "truncated",
+                "bit_flips",
+                "random",
+                "huge",
+                "bomb",
+                "empty",
+                "tiny",
+                "other_format_extension",
+                "unsupported_extension",
+                "nested_zip",
+            ]
+        )
+    )
     event(f"file: {kind}")
     name = f"{stem}.{fmt}"
     if kind == "valid":
@@ -301,7 +324,7 @@ def build_zip(files: list[Entry], empty: list[str], flaw: str, draw) -> bytes:
     for token, raw in placeholders.items():
         data = data.replace(token, raw)
     if flaw == "truncated":
-        data = data[:draw(st.integers(1, len(data) - 1))]
+        data = data[: draw(st.integers(1, len(data) - 1))]
     elif flaw == "damaged_member":
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             info = next(i for i in zf.infolist() if i.compress_size > 16)

@@ -9,14 +9,14 @@ from torch import nn
 from core.__main__ import build_parser, config_from_args
 from core.data.datasets import image_path
 from core.data.decoding import load_rgb
-from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
-from core.store.records import RunSummary
 from core.errors import UserError
 from core.inference.model_file import read_model
 from core.inference.predict import load_predictor, predict_files
-from core.transforms.stain import choose_reference, mean_optical_density
-from core.training.run_config import RunConfig
+from core.store.db import Image, Prediction, Run, RunStatus, SplitMember
+from core.store.records import RunSummary
 from core.training.loop import predict_logits, predict_proba, tta_views
+from core.training.run_config import RunConfig
+from core.transforms.stain import choose_reference, mean_optical_density
 from tests.synthetic import ingest_synthetic, synthetic_array, train_runs
 
 SMALL = dict(image_size=32, per_class=8, epochs=1, batch_size=16, lr=1e-3, weights="none", device="cpu")
@@ -36,8 +36,13 @@ def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset,
         stored = RunConfig.from_dict(run.config)
         assert (stored.stain_normalisation, stored.hed_jitter, stored.tta) == ("macenko", 0.05, True)
         reference = run.summary["stain_reference_image_id"]
-        parts = dict(s.execute(select(SplitMember.image_id, SplitMember.part).where(
-            SplitMember.split_id == run.split_id, SplitMember.fold == run.fold)).all())
+        parts = dict(
+            s.execute(
+                select(SplitMember.image_id, SplitMember.part).where(
+                    SplitMember.split_id == run.split_id, SplitMember.fold == run.fold
+                )
+            ).all()
+        )
         assert parts[reference] == "train"
         preds = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
         assert {p.image_id for p in preds} == {i for i, part in parts.items() if part == "test"}
@@ -64,8 +69,9 @@ def test_run_with_every_switch_on_records_them_and_a_training_reference(dataset,
     calibrated = predictor.calibrated(np.asarray([probs]))[0]
     assert np.isclose(calibrated.sum(), 1) and calibrated.argmax() == probs.argmax()
     rows = predict_files(predictor, [image_path(settings, image)])
-    assert rows[0]["uncertain_refer"] == (predictor.refer_threshold() is None
-                                          or calibrated.max() < predictor.refer_threshold())
+    assert rows[0]["uncertain_refer"] == (
+        predictor.refer_threshold() is None or calibrated.max() < predictor.refer_threshold()
+    )
 
 
 def test_switches_default_off_and_old_configs_still_load():
@@ -75,14 +81,17 @@ def test_switches_default_off_and_old_configs_still_load():
     assert RunConfig.from_dict(old) == config
 
 
-@pytest.mark.parametrize("changes, allowed", [
-    ({"stain_normalisation": "vahadane"}, "none, macenko, reinhard"),
-    ({"hed_jitter": -0.1}, "from 0"),
-    ({"hed_jitter": float("nan")}, "from 0"),
-    ({"hed_jitter": 2.0}, "to 1"),
-    ({"hed_jitter": True}, "from 0"),
-    ({"tta": "yes"}, "true or false"),
-])
+@pytest.mark.parametrize(
+    "changes, allowed",
+    [
+        ({"stain_normalisation": "vahadane"}, "none, macenko, reinhard"),
+        ({"hed_jitter": -0.1}, "from 0"),
+        ({"hed_jitter": float("nan")}, "from 0"),
+        ({"hed_jitter": 2.0}, "to 1"),
+        ({"hed_jitter": True}, "from 0"),
+        ({"tta": "yes"}, "true or false"),
+    ],
+)
 def test_bad_switch_values_are_user_errors_naming_the_allowed_ones(changes, allowed):
     with pytest.raises(UserError, match=allowed):
         RunConfig(dataset="d", **changes)
@@ -90,8 +99,20 @@ def test_bad_switch_values_are_user_errors_naming_the_allowed_ones(changes, allo
 
 def test_cli_flags_reach_the_config(settings):
     parser = build_parser()
-    args = parser.parse_args(["train", "--dataset", "d", "--weights", "none", "--stain-normalisation", "reinhard",
-                              "--hed-jitter", "0.03", "--tta"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--dataset",
+            "d",
+            "--weights",
+            "none",
+            "--stain-normalisation",
+            "reinhard",
+            "--hed-jitter",
+            "0.03",
+            "--tta",
+        ]
+    )
     config = config_from_args(args, settings)
     assert (config.stain_normalisation, config.hed_jitter, config.tta) == ("reinhard", 0.03, True)
     config = config_from_args(parser.parse_args(["train", "--dataset", "d", "--weights", "none", "--no-tta"]), settings)

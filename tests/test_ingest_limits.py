@@ -26,20 +26,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
-from core.access import limits
-from core.data import uploads
-from core.jobs import runs
-from core.store import files
 from core.__main__ import main
+from core.access import limits
 from core.access.accounts import EDITOR, User
 from core.config import load_settings
+from core.data import uploads
 from core.data.decoding import load_rgb
 from core.data.ingest import ingest
-from core.store.db import Dataset, Image, Run, SkippedFile, make_sessionmaker
 from core.errors import UserError
-from core.transforms.augment import AugmentParams
+from core.jobs import runs
+from core.store import files
+from core.store.db import Dataset, Image, Run, SkippedFile, make_sessionmaker
 from core.training.presets import save_preset
 from core.training.run_config import RunConfig
+from core.transforms.augment import AugmentParams
 from tests.synthetic import synthetic_image, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,8 +114,11 @@ def test_zip_over_max_unpacked_mb_is_refused_before_unpacking(tmp_path, settings
     bomb = zip_file(tmp_path / "bomb.zip", {**good(), "CLL/zeros.tif": bytes(5 * MB)})
     assert bomb.stat().st_size < 100_000
     small = with_env(settings, MAX_UNPACKED_MB="1")
-    with pytest.raises(UserError, match=r"bomb\.zip unpacks to 5\.0 MB or more, more than the MAX_UNPACKED_MB "
-                                        r"limit of 1 MB\..*Nothing was ingested"):
+    with pytest.raises(
+        UserError,
+        match=r"bomb\.zip unpacks to 5\.0 MB or more, more than the MAX_UNPACKED_MB "
+        r"limit of 1 MB\..*Nothing was ingested",
+    ):
         do_ingest(Session, small, bomb)
     assert kept_tmp() < 1 * MB
     assert count(Session, Dataset) == 0
@@ -123,18 +126,25 @@ def test_zip_over_max_unpacked_mb_is_refused_before_unpacking(tmp_path, settings
 
 def test_zip_entry_that_compresses_like_a_bomb_is_refused(tmp_path, settings, Session, kept_tmp, opened_entries):
     bomb = zip_file(tmp_path / "bomb.zip", {**good(), "CLL/zeros.tif": bytes(5 * MB)})
-    with pytest.raises(UserError, match=r"entry 'CLL/zeros\.tif' would unpack from [\d,]+ to 5,242,880 bytes "
-                                        r"\([\d,]+ times\), more than the 100 times"):
+    with pytest.raises(
+        UserError,
+        match=r"entry 'CLL/zeros\.tif' would unpack from [\d,]+ to 5,242,880 bytes "
+        r"\([\d,]+ times\), more than the 100 times",
+    ):
         do_ingest(Session, settings, bomb)  # the default settings
     assert opened_entries == [] and kept_tmp() == 0
 
 
 def test_zip_with_more_entries_than_max_zip_entries_is_refused_before_unpacking(
-        tmp_path, settings, Session, opened_entries):
+    tmp_path, settings, Session, opened_entries
+):
     entries = {**good(), **{f"CLL/{i}.txt": b"x" for i in range(2000)}}
     many = zip_file(tmp_path / "many.zip", entries)
-    with pytest.raises(UserError, match=r"many\.zip holds 2,004 files and folders, more than the MAX_ZIP_ENTRIES "
-                                        r"limit of 100\."):
+    with pytest.raises(
+        UserError,
+        match=r"many\.zip holds 2,004 files and folders, more than the MAX_ZIP_ENTRIES "
+        r"limit of 100\.",
+    ):
         do_ingest(Session, with_env(settings, MAX_ZIP_ENTRIES="100"), many)
     assert opened_entries == []
     assert count(Session, Dataset) == 0 and count(Session, SkippedFile) == 0
@@ -176,8 +186,8 @@ def test_zip_entry_larger_than_its_header_says_writes_no_more_than_declared(tmp_
         start = 0
         while (start := raw.find(signature, start)) >= 0:
             name_at = start + (30 if signature == b"PK\x03\x04" else 46)
-            if raw[name_at:name_at + 13] == b"CLL/zeros.tif":
-                raw[start + at:start + at + 4] = struct.pack("<I", 2000)  # claims 2,000 bytes
+            if raw[name_at : name_at + 13] == b"CLL/zeros.tif":
+                raw[start + at : start + at + 4] = struct.pack("<I", 2000)  # claims 2,000 bytes
             start += 4
     path.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="liar.zip"):
@@ -199,8 +209,11 @@ def png_header(width: int, height: int, bit_depth: int = 8, colour: int = 2) -> 
 def test_max_image_pixels_is_the_only_pixel_limit(tmp_path, monkeypatch):
     big = tmp_path / "big.png"
     big.write_bytes(png_header(20_000, 20_000))  # 400 MP, above PIL's own limit of about 179 MP
-    with pytest.raises(UserError, match=r"^big\.png: too many pixels: 20000x20000 is more than 100,000,000 "
-                                        r"\(MAX_IMAGE_PIXELS\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^big\.png: too many pixels: 20000x20000 is more than 100,000,000 "
+        r"\(MAX_IMAGE_PIXELS\)$",
+    ):
         load_rgb(big, max_pixels=100_000_000)
 
     # Allowed by the setting: the header check lets it through to decoding (stopped here, so the
@@ -216,10 +229,11 @@ def test_max_image_pixels_is_the_only_pixel_limit(tmp_path, monkeypatch):
 def png16_zeros_and_ramps(path: Path, width: int, height: int) -> Path:
     """A 16-bit grey PNG written row by row (never held in memory whole): a few hundred kB that
     decode to 2 bytes a pixel."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    row = b"\0" + (bytes(range(256)) * (2 * width // 256 + 1))[:2 * width]
+    row = b"\0" + (bytes(range(256)) * (2 * width // 256 + 1))[: 2 * width]
     z = zlib.compressobj(1)
     body = b"".join(z.compress(row) for _ in range(height)) + z.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
@@ -258,8 +272,14 @@ def test_decoding_a_16_bit_100_megapixel_png_is_bounded_in_memory(tmp_path):
     (src / "CLL").mkdir(parents=True)
     big = png16_zeros_and_ramps(src / "CLL" / "big.png", 10_000, 10_000)  # 100 MP: the default limit
     assert big.stat().st_size < 2 * MB
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(tmp_path / "home"), str(big)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(src), str(tmp_path / "home"), str(big)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["added"] == 3 and result["skipped"] == [] and result["size"] == [10_000, 10_000]
     # Ingest holds the decoded frame (2 bytes a pixel); the RGB image returned for prediction
@@ -274,8 +294,9 @@ def test_cli_predict_checks_max_image_pixels(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("APP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "1000")
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    stub = SimpleNamespace(classes=["CLL", "FL"], temperature=None,
-                           probabilities=lambda images: np.full((len(images), 2), 0.5))
+    stub = SimpleNamespace(
+        classes=["CLL", "FL"], temperature=None, probabilities=lambda images: np.full((len(images), 2), 0.5)
+    )
     # The model is found first (the run's predictor, here a stub); then the image is refused on its header.
     monkeypatch.setattr(core.inference.engine, "get_predictor", lambda *args, **kwargs: stub)
     image = tmp_path / "x.png"
@@ -322,8 +343,13 @@ def test_links_that_leave_the_imported_folder_are_not_followed(linked_source, se
         dataset = s.scalar(select(Dataset))
         assert dataset.classes == ["CLL", "FL"]
         assert sorted((f.path, f.reason) for f in dataset.skipped) == sorted(report.skipped)
-        assert sorted(i.original_name for i in dataset.images) == ["CLL/000.tif", "CLL/001.tif", "CLL/inside.tif",
-                                                                   "FL/000.tif", "FL/001.tif"]
+        assert sorted(i.original_name for i in dataset.images) == [
+            "CLL/000.tif",
+            "CLL/001.tif",
+            "CLL/inside.tif",
+            "FL/000.tif",
+            "FL/001.tif",
+        ]
 
 
 def test_a_wrapper_folder_that_links_outside_is_not_descended_into(tmp_path, settings, Session):
@@ -340,9 +366,14 @@ def test_a_wrapper_folder_that_links_outside_is_not_descended_into(tmp_path, set
 
 @pytest.mark.parametrize("kind", ["folder", "zip"])
 def test_hidden_files_are_listed_and_os_junk_is_not(tmp_path, settings, Session, kind):
-    entries = {**good("lymphoma/"), "lymphoma/CLL/.secret.png": png("CLL", 9), "lymphoma/.git/config": b"[core]",
-               "lymphoma/CLL/.DS_Store": b"junk", "lymphoma/CLL/._0.png": b"junk",
-               "__MACOSX/lymphoma/CLL/._0.png": b"junk"}
+    entries = {
+        **good("lymphoma/"),
+        "lymphoma/CLL/.secret.png": png("CLL", 9),
+        "lymphoma/.git/config": b"[core]",
+        "lymphoma/CLL/.DS_Store": b"junk",
+        "lymphoma/CLL/._0.png": b"junk",
+        "__MACOSX/lymphoma/CLL/._0.png": b"junk",
+    }
     if kind == "zip":
         source = zip_file(tmp_path / "data.zip", entries)
     else:

@@ -28,14 +28,14 @@ import torch
 from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 
-from core.jobs import queue, recording, runs
 from core.config import load_settings
 from core.data.ingest import ingest
-from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, new_engine, utcnow
-from core.store import migrations
 from core.errors import UserError
-from core.training.run_config import RunConfig
+from core.jobs import queue, recording, runs
 from core.jobs.worker import ensure_worker, worker_status
+from core.store import migrations
+from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, new_engine, utcnow
+from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,13 @@ def jset(request, backend, tmp_path, monkeypatch):
     """Settings whose values also reach every process the test starts (through the environment).
     On PostgreSQL, a fresh database of its own (see the postgres_url fixture)."""
     home = tmp_path / "home"
-    for key, value in {"APP_HOME": str(home), "HEARTBEAT_SECONDS": "0.5", "STALE_SECONDS": STALE,
-                       "OMP_NUM_THREADS": "1", "WORKER_SLOTS": "1"}.items():
+    for key, value in {
+        "APP_HOME": str(home),
+        "HEARTBEAT_SECONDS": "0.5",
+        "STALE_SECONDS": STALE,
+        "OMP_NUM_THREADS": "1",
+        "WORKER_SLOTS": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     if backend == "postgresql":
         url = request.getfixturevalue("postgres_url")
@@ -123,16 +128,28 @@ def _is_worker_of(pid: int, app_home: Path) -> bool:
 
 def start_worker(processes, home: Path, *args: str) -> subprocess.Popen:
     log = open(home.parent / f"worker-{len(processes)}.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "core", "worker", *args], cwd=ROOT, env=dict(os.environ),
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "core", "worker", *args],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     processes.append(p)
     return p
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "core", *args],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def queue_run(Session, settings, dataset: str, **config) -> int:
@@ -158,7 +175,9 @@ def status_of(Session, run_id: int) -> RunStatus:
 
 def epochs_of(Session, run_id: int) -> list[int]:
     with Session() as s:
-        return list(s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch)))
+        return list(
+            s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch))
+        )
 
 
 def alive(pid: int) -> bool:
@@ -245,8 +264,11 @@ def test_cancel_resume_and_stale_rules(jset, JSession):
     long_ago = utcnow() - timedelta(seconds=60)
     with JSession.begin() as s:
         s.execute(update(Run).where(Run.id == done).values(status=RunStatus.succeeded))
-        s.execute(update(Run).where(Run.id.in_([running, stale, stale_cancel, worn_out]))
-                  .values(status=RunStatus.running, heartbeat_at=long_ago, attempts=1))
+        s.execute(
+            update(Run)
+            .where(Run.id.in_([running, stale, stale_cancel, worn_out]))
+            .values(status=RunStatus.running, heartbeat_at=long_ago, attempts=1)
+        )
         s.execute(update(Run).where(Run.id == running).values(heartbeat_at=utcnow()))
         s.execute(update(Run).where(Run.id == stale_cancel).values(cancel_requested=True))
         s.execute(update(Run).where(Run.id == worn_out).values(attempts=queue.MAX_ATTEMPTS))
@@ -282,8 +304,11 @@ def test_cancel_resume_and_stale_rules(jset, JSession):
 def test_a_run_taken_over_by_another_process_stops_here(jset, JSession):
     (run_id,) = _bare_runs(JSession, 1)
     with JSession.begin() as s:
-        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.running, pid=os.getpid(),
-                                                              cancel_requested=False))
+        s.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(status=RunStatus.running, pid=os.getpid(), cancel_requested=False)
+        )
     monitor = recording.Monitor(JSession, run_id, every=60)
     monitor.stage("augment", 1, 2)  # noted in memory; still ours, so nothing is raised
     monitor.beat()  # published with the heartbeat
@@ -404,7 +429,7 @@ def test_two_workers_take_five_runs_once_each_and_record_how_they_ended(backend,
     assert {w.split(":")[-1] for _, w in taken.values()} <= {str(w.pid) for w in workers}
     for run_id in run_ids:
         log = (jset.runs_dir / str(run_id) / "train.log").read_text()
-        assert log.count("started by worker") == 1 and log.count("run %d: weights" % run_id) == 1
+        assert log.count("started by worker") == 1 and log.count(f"run {run_id}: weights") == 1
 
     # A fresh engine, as after restarting the web server, sees everything the workers recorded.
     Fresh = make_sessionmaker(jset.database_url)
@@ -431,8 +456,26 @@ def test_two_workers_take_five_runs_once_each_and_record_how_they_ended(backend,
 
 @BOTH
 def test_cancel_stops_a_running_run_keeping_its_epochs_then_resume_finishes_it(jset, JSession, toy, processes):
-    out = cli("train", "--dataset", toy, "--background", "--epochs", "4", "--per-class", "6", "--image-size", "32",
-              "--batch-size", "4", "--weights", "none", "--device", "cpu", "--seed", "5")
+    out = cli(
+        "train",
+        "--dataset",
+        toy,
+        "--background",
+        "--epochs",
+        "4",
+        "--per-class",
+        "6",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--weights",
+        "none",
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+    )
     assert out.returncode == 0, out.stderr
     run_id = int(out.stdout.strip().splitlines()[-1])
     assert "started a background worker" in out.stderr  # through ensure_worker
@@ -487,23 +530,30 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(backend, jset, 
     with Reader(jset) as reader:
         # The dead worker's heartbeat goes stale after STALE s; then a new one is started.
         wait_for(lambda: ensure_worker(two_slots), 30, "ensure_worker to start a replacement", every=0.5)
-        wait_for(lambda: {status_of(JSession, r) for r in both} == {RunStatus.succeeded},
-                 240, "the runs to finish", every=0.5)
+        wait_for(
+            lambda: {status_of(JSession, r) for r in both} == {RunStatus.succeeded},
+            240,
+            "the runs to finish",
+            every=0.5,
+        )
     assert not reader.errors and reader.polls > 10
 
     assert epochs_of(JSession, victim) == [1, 2, 3]
     with JSession() as s:
         assert s.get(Run, victim).attempts == 2
-        metrics = {r: {e.epoch: e.train_loss for e in s.scalars(select(EpochMetric).where(EpochMetric.run_id == r))}
-                   for r in both}
+        metrics = {
+            r: {e.epoch: e.train_loss for e in s.scalars(select(EpochMetric).where(EpochMetric.run_id == r))}
+            for r in both
+        }
     log = (jset.runs_dir / str(victim) / "train.log").read_text()
     assert "requeued: no heartbeat" in log and "resuming after epoch 1" in log
     if not compare:
         return
     reference = both[1]
     assert metrics[victim] == pytest.approx(metrics[reference], rel=1e-5)
-    resumed, uninterrupted = (torch.load(jset.runs_dir / str(r) / "last.pt", weights_only=True)["model"]
-                              for r in (victim, reference))
+    resumed, uninterrupted = (
+        torch.load(jset.runs_dir / str(r) / "last.pt", weights_only=True)["model"] for r in (victim, reference)
+    )
     for name, tensor in uninterrupted.items():
         assert torch.allclose(resumed[name].float(), tensor.float(), rtol=1e-5, atol=1e-6), name
 
@@ -525,8 +575,16 @@ def test_a_worker_that_exited_on_this_machine_is_replaced_at_once(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()
     with Session.begin() as s:
-        s.add(Worker(id=f"{socket.gethostname()}:{gone.pid}", host=socket.gethostname(), pid=gone.pid,
-                     heartbeat_at=utcnow(), slots=1, run_ids=[]))
+        s.add(
+            Worker(
+                id=f"{socket.gethostname()}:{gone.pid}",
+                host=socket.gethostname(),
+                pid=gone.pid,
+                heartbeat_at=utcnow(),
+                slots=1,
+                run_ids=[],
+            )
+        )
         # A worker elsewhere is judged by its heartbeat alone (this pid means nothing here).
         s.add(Worker(id="gpu-box:1", host="gpu-box", pid=gone.pid, heartbeat_at=utcnow(), slots=1, run_ids=[]))
     try:

@@ -54,11 +54,17 @@ def lab(tmp_path) -> tuple[Settings, Path, int]:
         run.status, run.finished_at = RunStatus.failed, utcnow()
         run.error = f"FileNotFoundError: [Errno 2] No such file or directory: '{stored}'"
         run.weights_used = f"file {tmp_path}/weights/densenet.pt"
-        run.log_tail = (f"12:00:00 ERROR run {run.id} failed\nTraceback (most recent call last):\n"
-                        f'  File "{ROOT}/core/jobs/execute.py", line 140, in execute_run\n{run.error}')
+        run.log_tail = (
+            f"12:00:00 ERROR run {run.id} failed\nTraceback (most recent call last):\n"
+            f'  File "{ROOT}/core/jobs/execute.py", line 140, in execute_run\n{run.error}'
+        )
         run_id = run.id
-    accounts.write_accounts(tmp_path / "accounts.toml", accounts.Accounts({
-        "vic": accounts.Account("vic", UNUSED_HASH, VIEWER), "ana": accounts.Account("ana", UNUSED_HASH, EDITOR)}))
+    accounts.write_accounts(
+        tmp_path / "accounts.toml",
+        accounts.Accounts(
+            {"vic": accounts.Account("vic", UNUSED_HASH, VIEWER), "ana": accounts.Account("ana", UNUSED_HASH, EDITOR)}
+        ),
+    )
     return cfg, imports.resolve(), run_id
 
 
@@ -92,8 +98,9 @@ def strings(message):
 
 def page_text(at: AppTest) -> str:
     """Every string the page (and its sidebar) sends to the browser, tables' cells included."""
-    parts = [text for node in at._tree if hasattr(getattr(node, "proto", None), "ListFields")
-             for text in strings(node.proto)]
+    parts = [
+        text for node in at._tree if hasattr(getattr(node, "proto", None), "ListFields") for text in strings(node.proto)
+    ]
     parts += [table.value.to_csv() for table in at.dataframe]
     return "\n".join(parts)
 
@@ -170,8 +177,9 @@ class TinyNet(torch.nn.Module):
         return self.classifier(self.features(x).mean((2, 3)))
 
 
-def test_a_run_whose_model_file_meets_a_full_disk_fails_with_the_message_and_one_log_line(settings, Session, tmp_path,
-                                                                                           monkeypatch):
+def test_a_run_whose_model_file_meets_a_full_disk_fails_with_the_message_and_one_log_line(
+    settings, Session, tmp_path, monkeypatch
+):
     write_dataset(tmp_path / "src", per_class=4, classes=("CLL", "FL"))
     with Session.begin() as s:
         from core.data.ingest import ingest
@@ -199,4 +207,5 @@ def test_a_run_whose_model_file_meets_a_full_disk_fails_with_the_message_and_one
     log = (run_dir(settings, run.id) / "train.log").read_text()
     assert "Traceback" not in log and "SafetensorError" not in log
     assert [line for line in log.splitlines() if "failed" in line] == [
-        next(line for line in log.splitlines() if f"run {run.id} failed: The disk is full" in line)]
+        next(line for line in log.splitlines() if f"run {run.id} failed: The disk is full" in line)
+    ]

@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import func, select
 
 from core.access import limits
-from core.data import uploads
-from core.jobs import runs
 from core.config import Settings, load_settings
+from core.data import uploads
 from core.data.ingest import ingest
-from core.store.db import Dataset, Image, Run, Split
 from core.errors import UserError
+from core.jobs import runs
+from core.store.db import Dataset, Image, Run, Split
 from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image, write_dataset
 
@@ -38,8 +38,11 @@ def files_under(settings: Settings) -> set[Path]:
     ingest lock (an empty file that any ingest opens; it holds no data)."""
     if not settings.app_home.exists():
         return set()
-    return {p for p in settings.app_home.rglob("*")
-            if p.is_file() and not p.name.startswith("app.db") and p.name != "ingest.lock"}
+    return {
+        p
+        for p in settings.app_home.rglob("*")
+        if p.is_file() and not p.name.startswith("app.db") and p.name != "ingest.lock"
+    }
 
 
 def png(label: str, i: int) -> bytes:
@@ -62,7 +65,13 @@ def do_ingest(Session, settings, source, name="ds"):
 
 
 def snapshot(Session, settings):
-    return count(Session, Dataset), count(Session, Image), count(Session, Run), count(Session, Split), files_under(settings)
+    return (
+        count(Session, Dataset),
+        count(Session, Image),
+        count(Session, Run),
+        count(Session, Split),
+        files_under(settings),
+    )
 
 
 def test_defaults():
@@ -125,8 +134,11 @@ def test_growing_a_dataset_past_max_images_is_refused(settings, Session, tmp_pat
         for i in range(10, 12):
             synthetic_image(label, i).save(more / label / f"{i}.png")
     before = snapshot(Session, settings)
-    with pytest.raises(UserError, match=r"has 4 image\(s\) and 4 new one\(s\) were offered: 8 is more than "
-                                        r"the MAX_IMAGES_PER_DATASET limit of 5"):
+    with pytest.raises(
+        UserError,
+        match=r"has 4 image\(s\) and 4 new one\(s\) were offered: 8 is more than "
+        r"the MAX_IMAGES_PER_DATASET limit of 5",
+    ):
         do_ingest(Session, cap, more)
     assert snapshot(Session, settings) == before
 
@@ -218,7 +230,10 @@ def test_max_disk_gb_counts_what_an_ingest_or_upload_would_add(settings, Session
     before = snapshot(Session, settings)
     with pytest.raises(UserError, match=r"the 4 new image\(s\) would add [\d.]+ GB, more than the MAX_DISK_GB"):
         do_ingest(Session, cap, src)
-    with Session.begin() as s, pytest.raises(UserError, match=r"this upload would add [\d.]+ GB, more than the MAX_DISK_GB"):
+    with (
+        Session.begin() as s,
+        pytest.raises(UserError, match=r"this upload would add [\d.]+ GB, more than the MAX_DISK_GB"),
+    ):
         uploads.ingest_zip(s, cap, zip_of(src), "src.zip", "ds")
     assert snapshot(Session, settings) == before
     # With room for them it goes through.

@@ -58,6 +58,7 @@ BOMB_SIDE = 10_000  # 100 MP: MAX_IMAGE_PIXELS, the most one image may have; 300
 
 def black_png(width: int, height: int) -> bytes:
     """An all-black 8-bit RGB PNG, compressed row by row (the pixels are never all in memory)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -91,23 +92,43 @@ def add_run(settings: Settings, weights, preparation: dict | None = None, status
     evaluation pipeline is `preparation` (default: whole images at 32 px, DenseNet-201's least)."""
     preparation = preparation or {"image_size": 32}
     Session = make_sessionmaker(settings.database_url)
-    config = RunConfig(dataset="lymphoma", image_size=preparation["image_size"], tiles=preparation.get("tiles", 0),
-                       epochs=1, weights="none", device="cpu").to_dict()
+    config = RunConfig(
+        dataset="lymphoma",
+        image_size=preparation["image_size"],
+        tiles=preparation.get("tiles", 0),
+        epochs=1,
+        weights="none",
+        device="cpu",
+    ).to_dict()
     with Session.begin() as s:
         dataset = s.scalar(select(Dataset).where(Dataset.name == "lymphoma"))
         if dataset is None:
             dataset = Dataset(name="lymphoma", classes=list(CLASSES))
             s.add(dataset)
             s.flush()
-        run = Run(dataset_id=dataset.id, experiment=f"lymphoma-{utcnow().timestamp()}", config=config, seed=0,
-                  status=status, created_at=utcnow())
+        run = Run(
+            dataset_id=dataset.id,
+            experiment=f"lymphoma-{utcnow().timestamp()}",
+            config=config,
+            seed=0,
+            status=status,
+            created_at=utcnow(),
+        )
         s.add(run)
         s.flush()
         run_id, created = run.id, run.created_at.isoformat()
     if status == RunStatus.succeeded:
-        write_model(model_path(settings, run_id), weights, {
-            "run_id": run_id, "run_created": created, "classes": list(CLASSES), "config": config,
-            "preparation": preparation})
+        write_model(
+            model_path(settings, run_id),
+            weights,
+            {
+                "run_id": run_id,
+                "run_created": created,
+                "classes": list(CLASSES),
+                "config": config,
+                "preparation": preparation,
+            },
+        )
     return run_id
 
 
@@ -124,8 +145,12 @@ class Home:
 
     def predict(self, client: TestClient, files: list[tuple[str, bytes]], **params):
         """POST /predict of `files` as vera."""
-        return client.post("/api/v1/predict", params=params, headers={"Authorization": f"Bearer {self.viewer}"},
-                           files=[("images", (name, data, "image/png")) for name, data in files])
+        return client.post(
+            "/api/v1/predict",
+            params=params,
+            headers={"Authorization": f"Bearer {self.viewer}"},
+            files=[("images", (name, data, "image/png")) for name, data in files],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +171,15 @@ def server(home):
     """The app on a real server over the module's install: 40 MB of uploads per session, 45 MB per
     person, and sessions that end one second after they disconnect."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMPORT_ROOTS")}
-    env.update(APP_HOME=str(home.settings.app_home), AUTH_MODE="password", START_WORKER="0",
-               INFERENCE_ENGINE="torch", MAX_SESSION_UPLOAD_MB="40", MAX_USER_UPLOAD_MB="45",
-               STREAMLIT_SERVER_DISCONNECTED_SESSION_TTL="1")
+    env.update(
+        APP_HOME=str(home.settings.app_home),
+        AUTH_MODE="password",
+        START_WORKER="0",
+        INFERENCE_ENGINE="torch",
+        MAX_SESSION_UPLOAD_MB="40",
+        MAX_USER_UPLOAD_MB="45",
+        STREAMLIT_SERVER_DISCONNECTED_SESSION_TTL="1",
+    )
     port, log_path = free_port(), home.settings.app_home / "streamlit.log"
     with open(log_path, "wb") as log:
         process = start_app(port, env, log)
@@ -170,6 +201,7 @@ def bomb() -> bytes:
 @pytest.fixture
 def no_decoding(monkeypatch):
     """Decoding any pixel fails the test (the header may be read)."""
+
     def decoded(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
@@ -185,9 +217,13 @@ def test_six_100_megapixel_pngs_in_one_request_grow_the_server_by_less_than_two_
     url, pid = server
 
     def predict(files: list[tuple[str, bytes]]) -> httpx.Response:
-        return httpx.post(f"{url}/api/v1/predict", params={"run": home.run_id}, timeout=180,
-                          headers={"Authorization": f"Bearer {home.viewer}"},
-                          files=[("images", (name, data, "image/png")) for name, data in files])
+        return httpx.post(
+            f"{url}/api/v1/predict",
+            params={"run": home.run_id},
+            timeout=180,
+            headers={"Authorization": f"Bearer {home.viewer}"},
+            files=[("images", (name, data, "image/png")) for name, data in files],
+        )
 
     assert predict([("small.png", encoded(synthetic_image("FL", 1, (160, 120))))]).status_code == 200  # model loaded
     before = resident_mb(pid)
@@ -196,8 +232,9 @@ def test_six_100_megapixel_pngs_in_one_request_grow_the_server_by_less_than_two_
     peak, after = peak_mb(pid), resident_mb(pid)
     assert response.status_code == 200, response.text
     answers = response.json()["predictions"]
-    assert [(a["image_name"], a["width"], a["height"]) for a in answers] == \
-        [(f"black-{i}.png", BOMB_SIDE, BOMB_SIDE) for i in range(6)]
+    assert [(a["image_name"], a["width"], a["height"]) for a in answers] == [
+        (f"black-{i}.png", BOMB_SIDE, BOMB_SIDE) for i in range(6)
+    ]
     # One decoded frame is 400 MB (PIL keeps RGB in 4 bytes a pixel); all six at once were 2.4 GB.
     assert peak - before < 600, f"the server's peak grew by {peak - before:.0f} MB"
     assert after - before < 150, f"the server kept {after - before:.0f} MB after answering"
@@ -243,29 +280,38 @@ def test_one_persons_sessions_together_hold_at_most_max_user_upload_mb_until_the
 def test_the_model_is_found_before_any_image_is_decoded(home, bomb, no_decoding):
     client = home.client()
     queued = add_run(home.settings, None, status=RunStatus.queued)
-    for params, status, message in (({}, 422, "No model is approved"),  # no run named, none approved
-                                     ({"run": 999}, 404, "No run with id 999"),
-                                     ({"run": queued}, 422, f"Run {queued} has no trained model")):
+    for params, status, message in (
+        ({}, 422, "No model is approved"),  # no run named, none approved
+        ({"run": 999}, 404, "No run with id 999"),
+        ({"run": queued}, 422, f"Run {queued} has no trained model"),
+    ):
         response = home.predict(client, [("bomb.png", bomb)], **params)
         assert response.status_code == status and message in response.json()["error"], response.text
     Session = make_sessionmaker(home.settings.database_url)
     with pytest.raises(UserError, match="has no trained model"):
-        service.classify(Session, home.settings, User("vera", VIEWER), [service.ImageInput("bomb.png", bomb)],
-                         run_id=queued, source="cli")
+        service.classify(
+            Session,
+            home.settings,
+            User("vera", VIEWER),
+            [service.ImageInput("bomb.png", bomb)],
+            run_id=queued,
+            source="cli",
+        )
 
 
 def test_requests_past_their_budgets_are_refused_before_decoding(home, no_decoding):
     image = [("a.png", encoded(PILImage.new("RGB", (1200, 1000))))]  # 1.2 MP
     response = home.predict(home.client(max_predict_pixels=1_000_000), image, run=home.run_id)
     assert response.status_code == 413
-    assert "have 1.2 MP together" in response.json()["error"] and "(1.0 MP, MAX_PREDICT_PIXELS)" in \
-        response.json()["error"]
+    assert (
+        "have 1.2 MP together" in response.json()["error"]
+        and "(1.0 MP, MAX_PREDICT_PIXELS)" in response.json()["error"]
+    )
 
     with admission.admitted(home.settings, "vera", 2_000_000):  # vera's own prediction under way, holding a turn
         busy = home.predict(home.client(max_user_predict_pixels=3_000_000), image, run=home.run_id)
         assert busy.status_code == 429 and "MAX_USER_PREDICT_PIXELS" in busy.json()["error"]
-        full = home.predict(home.client(max_concurrent_predictions=1, predict_wait_seconds=0.2), image,
-                            run=home.run_id)
+        full = home.predict(home.client(max_concurrent_predictions=1, predict_wait_seconds=0.2), image, run=home.run_id)
         assert full.status_code == 503 and "MAX_CONCURRENT_PREDICTIONS" in full.json()["error"]
         assert int(full.headers["retry-after"]) >= 1
     assert admission.under_way() == (0, {})  # every refusal gave back what it counted
@@ -278,16 +324,26 @@ def test_requests_past_their_budgets_are_refused_before_decoding(home, no_decodi
 def test_ordinary_images_get_the_same_probabilities_and_only_large_ones_are_reduced(home, weights):
     tiled = add_run(home.settings, weights, {"image_size": 32, "tiles": 2})
     grey16 = PILImage.fromarray((np.arange(300 * 200, dtype=np.uint16).reshape(200, 300) * 7) % 65535)
-    ordinary = [("rgb.png", encoded(synthetic_image("CLL", 3, (160, 120)))),
-                ("grey16.png", encoded(grey16)),
-                ("camera.jpg", encoded(synthetic_image("FL", 4, (1388, 1040)), "JPEG")),
-                ("rgba.png", encoded(synthetic_image("MCL", 5, (200, 150)).convert("RGBA")))]
+    ordinary = [
+        ("rgb.png", encoded(synthetic_image("CLL", 3, (160, 120)))),
+        ("grey16.png", encoded(grey16)),
+        ("camera.jpg", encoded(synthetic_image("FL", 4, (1388, 1040)), "JPEG")),
+        ("rgba.png", encoded(synthetic_image("MCL", 5, (200, 150)).convert("RGBA"))),
+    ]
     images = [service.ImageInput(name, data) for name, data in ordinary + [("large.png", black_png(4500, 4000))]]
     Session = make_sessionmaker(home.settings.database_url)
     for run_id, reduced in ((home.run_id, (300, 267)), (tiled, (4500, 4000))):
         seen: list[tuple[int, tuple[int, int]]] = []
-        results = service.classify(Session, home.settings, User("vera", VIEWER), images, run_id=run_id,
-                                   source="cli", log=False, seen=lambda i, rgb: seen.append((i, rgb.size)))
+        results = service.classify(
+            Session,
+            home.settings,
+            User("vera", VIEWER),
+            images,
+            run_id=run_id,
+            source="cli",
+            log=False,
+            seen=lambda i, rgb: seen.append((i, rgb.size)),  # noqa: B023 (called within this round)
+        )
         with Session() as s:
             predictor = engine.get_predictor(s, home.settings, run_id)
         full = [decoding.load_rgb(io.BytesIO(im.data)) for im in images]
@@ -329,9 +385,12 @@ def test_the_predict_page_keeps_a_thumbnail_of_each_image_not_the_image(home, mo
     at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=180).run()
     at.switch_page("pages/predict.py").run()
     at.selectbox(key="pr_run").set_value(home.run_id).run()
-    at.file_uploader(key="pr_files").set_value([("large.png", black_png(4500, 4000), "image/png"),
-                                                ("small.png", encoded(synthetic_image("FL", 6, (160, 120))),
-                                                 "image/png")]).run()
+    at.file_uploader(key="pr_files").set_value(
+        [
+            ("large.png", black_png(4500, 4000), "image/png"),
+            ("small.png", encoded(synthetic_image("FL", 6, (160, 120))), "image/png"),
+        ]
+    ).run()
     assert not at.exception, at.exception
     (result,) = at.session_state["pr_results"].values()
     assert [a.name for a in result["answers"]] == ["large.png", "small.png"]

@@ -25,7 +25,15 @@ from core.__main__ import main
 from core.errors import UserError
 from core.store import migrations
 from core.store.db import (
-    Base, Dataset, DatasetVersion, DatasetVersionImage, Image, PredictionLog, Run, Slide, make_engine,
+    Base,
+    Dataset,
+    DatasetVersion,
+    DatasetVersionImage,
+    Image,
+    PredictionLog,
+    Run,
+    Slide,
+    make_engine,
     make_sessionmaker,
 )
 
@@ -37,8 +45,9 @@ NEW_COLUMNS = {"datasets": "groups_estimated", "prediction_log": "refer_target"}
 @pytest.fixture(scope="module")
 def old_models(tmp_path_factory) -> ModuleType:
     """core/store/db.py as it was at BEFORE_MIGRATIONS, loaded as a module of its own."""
-    source = subprocess.run(["git", "show", f"{BEFORE_MIGRATIONS}:core/store/db.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{BEFORE_MIGRATIONS}:core/store/db.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     path = tmp_path_factory.mktemp("old") / "old_db.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_db", path)
@@ -61,15 +70,37 @@ def make_old_database(old, url: str) -> dict[str, int]:
     old.Base.metadata.create_all(engine)
     with old.sessionmaker(engine).begin() as s:
         dataset = old.Dataset(name="lymphoma", classes=["CLL", "FL"], source="/src")
-        image = old.Image(dataset=dataset, label="CLL", sha256="a" * 64, stored_path="images/a.png",
-                          original_name="CLL/1.tif", width=8, height=8, mode="RGB", group="p1")
+        image = old.Image(
+            dataset=dataset,
+            label="CLL",
+            sha256="a" * 64,
+            stored_path="images/a.png",
+            original_name="CLL/1.tif",
+            width=8,
+            height=8,
+            mode="RGB",
+            group="p1",
+        )
         run = old.Run(dataset=dataset, experiment="e1", config={"epochs": 1}, seed=3, name="first")
         s.add_all([dataset, image, run])
         s.flush()
-        log = old.PredictionLog(user="ana", source="cli", run_id=run.id, model_sha256="b" * 64,
-                                image_sha256="c" * 64, image_name="x.png", width=8, height=8, size_bytes=10,
-                                probabilities={"CLL": 0.9, "FL": 0.1}, probability_kind="calibrated",
-                                predicted="CLL", refer=False, threshold=0.8, at=datetime(2026, 1, 2))
+        log = old.PredictionLog(
+            user="ana",
+            source="cli",
+            run_id=run.id,
+            model_sha256="b" * 64,
+            image_sha256="c" * 64,
+            image_name="x.png",
+            width=8,
+            height=8,
+            size_bytes=10,
+            probabilities={"CLL": 0.9, "FL": 0.1},
+            probability_kind="calibrated",
+            predicted="CLL",
+            refer=False,
+            threshold=0.8,
+            at=datetime(2026, 1, 2),
+        )
         s.add(log)
         s.flush()
         ids = {"dataset": dataset.id, "image": image.id, "run": run.id, "log": log.id}
@@ -95,8 +126,12 @@ def test_a_database_made_before_migrations_is_upgraded_keeping_its_rows(old_mode
     Session = make_sessionmaker(url)
     assert revision(url) == migrations.head()
     with Session() as s:
-        dataset, image, run, log = (s.get(Dataset, ids["dataset"]), s.get(Image, ids["image"]),
-                                    s.get(Run, ids["run"]), s.get(PredictionLog, ids["log"]))
+        dataset, image, run, log = (
+            s.get(Dataset, ids["dataset"]),
+            s.get(Image, ids["image"]),
+            s.get(Run, ids["run"]),
+            s.get(PredictionLog, ids["log"]),
+        )
         assert (dataset.name, dataset.classes, dataset.groups_estimated) == ("lymphoma", ["CLL", "FL"], None)
         assert (dataset.tile_px, dataset.tile_mpp) == (None, None)  # 0004: no scale recorded before
         assert s.scalar(select(func.count()).select_from(Slide)) == 0
@@ -114,7 +149,11 @@ def test_each_dataset_of_an_old_database_becomes_version_1_of_itself(old_models,
         (version,) = s.scalars(select(DatasetVersion)).all()
         (member,) = s.scalars(select(DatasetVersionImage)).all()
     assert (version.dataset_id, version.number, version.created_by, version.counts) == (
-        ids["dataset"], 1, None, {"CLL": 1, "FL": 0})
+        ids["dataset"],
+        1,
+        None,
+        {"CLL": 1, "FL": 0},
+    )
     assert (member.version_id, member.image_id, member.label, member.group) == (version.id, ids["image"], "CLL", "p1")
 
 
@@ -156,8 +195,18 @@ def test_a_table_rebuilt_in_a_migration_keeps_the_rows_that_refer_to_it(tmp_path
     schema transaction holds foreign keys off, or the drop would delete the dataset's images."""
     Session = make_sessionmaker(f"sqlite:///{tmp_path / 'app.db'}")
     with Session.begin() as s:
-        s.add(Image(dataset=Dataset(name="ds", classes=["a"]), label="a", sha256="a" * 64, stored_path="p",
-                    original_name="a/1.png", width=1, height=1, mode="RGB"))
+        s.add(
+            Image(
+                dataset=Dataset(name="ds", classes=["a"]),
+                label="a",
+                sha256="a" * 64,
+                stored_path="p",
+                original_name="a/1.png",
+                width=1,
+                height=1,
+                mode="RGB",
+            )
+        )
     with migrations.schema_transaction(Session.kw["bind"]) as conn:
         with Operations(MigrationContext.configure(conn)).batch_alter_table("datasets", recreate="always") as batch:
             batch.alter_column("source", existing_type=Text(), nullable=True)

@@ -19,7 +19,10 @@ def test_shape_head_and_nothing_frozen():
     params = list(model.parameters())
     assert all(p.requires_grad for p in params)
     # DenseNet-201 features (18.1M) + 1920*512+512 + 512*3+3
-    assert sum(p.numel() for p in params) == sum(p.numel() for p in densenet201().features.parameters()) + 1920 * 512 + 512 + 512 * 3 + 3
+    assert (
+        sum(p.numel() for p in params)
+        == sum(p.numel() for p in densenet201().features.parameters()) + 1920 * 512 + 512 + 512 * 3 + 3
+    )
 
 
 def test_missing_imagenet_weights_names_both_alternatives(monkeypatch, tmp_path):

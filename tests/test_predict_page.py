@@ -40,8 +40,16 @@ SIZE = 64
 # 20 validation images: ten right at 0.95, ten wrong at 0.6, so a 90% target needs confidence >= 0.95.
 VAL_PROBS = [[0.95, 0.03, 0.02]] * 10 + [[0.6, 0.3, 0.1]] * 10
 VAL_LABELS = [0] * 10 + [1] * 10
-CALIBRATION = {"temperature": 1.0, "n_val": 20, "val_ece_before": 0.31, "val_ece_after": 0.12, "refer_target": 0.9,
-               "refer_threshold": 0.95, "val_probs": VAL_PROBS, "val_labels": VAL_LABELS}
+CALIBRATION = {
+    "temperature": 1.0,
+    "n_val": 20,
+    "val_ece_before": 0.31,
+    "val_ece_after": 0.12,
+    "refer_target": 0.9,
+    "refer_threshold": 0.95,
+    "val_probs": VAL_PROBS,
+    "val_labels": VAL_LABELS,
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +91,29 @@ def add_run(settings: Settings, weights, dataset: str = "lymphoma", calibration:
             found = Dataset(name=dataset, classes=list(CLASSES))
             s.add(found)
             s.flush()
-        run = Run(dataset_id=found.id, experiment=f"{dataset}-{utcnow().timestamp()}", config=config, seed=0,
-                  status=RunStatus.succeeded, created_at=utcnow())
+        run = Run(
+            dataset_id=found.id,
+            experiment=f"{dataset}-{utcnow().timestamp()}",
+            config=config,
+            seed=0,
+            status=RunStatus.succeeded,
+            created_at=utcnow(),
+        )
         s.add(run)
         s.flush()
         run_id, created = run.id, run.created_at.isoformat()
-    write_model(model_path(settings, run_id), weights, {
-        "run_id": run_id, "run_created": created, "classes": list(CLASSES), "config": config,
-        "preparation": {"image_size": SIZE}, "calibration": calibration or CALIBRATION})
+    write_model(
+        model_path(settings, run_id),
+        weights,
+        {
+            "run_id": run_id,
+            "run_created": created,
+            "classes": list(CLASSES),
+            "config": config,
+            "preparation": {"image_size": SIZE},
+            "calibration": calibration or CALIBRATION,
+        },
+    )
     return run_id
 
 
@@ -191,10 +214,13 @@ def test_moving_the_slider_lowers_the_threshold_only_as_far_as_the_validation_im
     from core.inference import service
 
     run_id = add_run(home, weights)
-    images = [service.ImageInput(f"{c.lower()}-{i}.png", png(synthetic_image(c, 200 + i, (160, 120))))
-              for i, c in enumerate(("CLL", "FL", "MCL", "CLL", "FL", "MCL"))]
-    answers = service.classify(make_sessionmaker(home.database_url), home, User("t", EDITOR), images, run_id=run_id,
-                               source="cli", log=False)
+    images = [
+        service.ImageInput(f"{c.lower()}-{i}.png", png(synthetic_image(c, 200 + i, (160, 120))))
+        for i, c in enumerate(("CLL", "FL", "MCL", "CLL", "FL", "MCL"))
+    ]
+    answers = service.classify(
+        make_sessionmaker(home.database_url), home, User("t", EDITOR), images, run_id=run_id, source="cli", log=False
+    )
     tops = sorted(a.confidence for a in answers)
     high, middle = min(0.999, tops[-1] + 0.01), tops[len(tops) // 2]
 
@@ -216,8 +242,10 @@ def test_moving_the_slider_lowers_the_threshold_only_as_far_as_the_validation_im
     band = cal_module.refer_band(np.asarray(probs), labels, 0.85)
     assert band.threshold == pytest.approx(middle) and band.bound >= 0.85
     table = at.dataframe[0].value
-    expected = ["confident" if max(p for c, p in row.items() if c in CLASSES) >= band.threshold else "uncertain, refer"
-                for row in table[list(CLASSES)].to_dict("records")]
+    expected = [
+        "confident" if max(p for c, p in row.items() if c in CLASSES) >= band.threshold else "uncertain, refer"
+        for row in table[list(CLASSES)].to_dict("records")
+    ]
     assert list(table["verdict"]) == expected and 0 < expected.count("confident") < 6
     assert metrics(at)["Referred"] == str(expected.count("uncertain, refer"))
     assert any("logged at 95%" in i.value and "verdicts below are at 85%" in i.value for i in at.info)
@@ -245,8 +273,11 @@ def test_clear_empties_the_uploader_and_forgets_the_batch(home, monkeypatch):
     from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
 
     removed, remove = [], MemoryUploadedFileManager.remove_file
-    monkeypatch.setattr(MemoryUploadedFileManager, "remove_file",
-                        lambda self, session_id, file_id: removed.append(file_id) or remove(self, session_id, file_id))
+    monkeypatch.setattr(
+        MemoryUploadedFileManager,
+        "remove_file",
+        lambda self, session_id, file_id: removed.append(file_id) or remove(self, session_id, file_id),
+    )
     at = upload(open_predict(), "CLL", "MCL")
     held = [f.file_id for f in at.file_uploader(key="pr_files").value]
     assert "pr_results" in at.session_state and len(at.dataframe) == 2  # the results and History

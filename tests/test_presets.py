@@ -2,10 +2,10 @@
 
 import pytest
 
-from core.training import presets
-from core.transforms.augment import AugmentParams
 from core.errors import UserError
+from core.training import presets
 from core.training.run_config import RunConfig
+from core.transforms.augment import AugmentParams
 
 
 def test_presets_save_load_replace_delete(Session):
@@ -34,7 +34,13 @@ def test_training_presets_are_the_paper_settings():
     assert leaky["split"] == "paper-leaky" and honest["split"] == "holdout"
     for values in (leaky, honest):
         config = RunConfig(dataset="d", **values)
-        assert (config.epochs, config.batch_size, config.lr, config.image_size, config.per_class) == (25, 24, 1e-4, 224, 1200)
+        assert (config.epochs, config.batch_size, config.lr, config.image_size, config.per_class) == (
+            25,
+            24,
+            1e-4,
+            224,
+            1200,
+        )
         assert config.weights == "imagenet" and config.augment_params == AugmentParams()
     with pytest.raises(UserError, match="choose one of"):
         presets.training_preset("fast")

@@ -22,18 +22,18 @@ import torch
 from sqlalchemy import event, select, text
 from streamlit.testing.v1 import AppTest
 
-from core.inference import predict
-from core.inference.model_file import write_model, write_weights
-from core.jobs import execute, queue, runs
-from core.store.runs import model_path
-from core.store import consistency
 from core.config import load_settings
 from core.data.datasets import delete_dataset, get_dataset, image_path
 from core.data.ingest import ingest
-from core.store.db import Base, Image, Run, RunStatus, make_sessionmaker
 from core.errors import UserError
-from core.training.run_config import RunConfig
+from core.inference import predict
+from core.inference.model_file import write_model, write_weights
+from core.jobs import execute, queue, runs
 from core.jobs.worker import WorkerLoop
+from core.store import consistency
+from core.store.db import Base, Image, Run, RunStatus, make_sessionmaker
+from core.store.runs import model_path
+from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +85,10 @@ def _together(first, second, delay: float) -> dict[str, BaseException | object]:
         except BaseException as exc:  # noqa: BLE001 - the test looks at what was raised
             out[key] = exc
 
-    threads = [threading.Thread(target=call, args=("first", first, max(0.0, -delay))),
-               threading.Thread(target=call, args=("second", second, max(0.0, delay)))]
+    threads = [
+        threading.Thread(target=call, args=("first", first, max(0.0, -delay))),
+        threading.Thread(target=call, args=("second", second, max(0.0, delay))),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -122,8 +124,9 @@ def test_ids_of_deleted_rows_are_never_given_again(settings, Session, source):
         assert get_dataset(s, "a").id > old_dataset
         schema = dict(s.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'table'")).all())
     # Every table with an integer id, so no id names two different things over time.
-    integer_ids = [t.name for t in Base.metadata.sorted_tables
-                   if [c.type.python_type for c in t.primary_key.columns] == [int]]
+    integer_ids = [
+        t.name for t in Base.metadata.sorted_tables if [c.type.python_type for c in t.primary_key.columns] == [int]
+    ]
     assert {"datasets", "images", "runs", "splits", "augmentation_presets", "predictions"} <= set(integer_ids)
     assert [name for name in integer_ids if "AUTOINCREMENT" not in schema[name]] == []
 
@@ -156,9 +159,18 @@ def _succeeded_run(Session, settings, dataset: str, run_id: int | None = None) -
         s.flush()
         run_id, classes, created = run.id, list(ds.classes), run.created_at.isoformat()
     torch.manual_seed(len(classes))
-    write_model(model_path(settings, run_id), TinyNet(len(classes)).state_dict(), {
-        "run_id": run_id, "run_created": created, "classes": classes, "config": config,
-        "preparation": {"image_size": 32}, "calibration": {"temperature": None}})
+    write_model(
+        model_path(settings, run_id),
+        TinyNet(len(classes)).state_dict(),
+        {
+            "run_id": run_id,
+            "run_created": created,
+            "classes": classes,
+            "config": config,
+            "preparation": {"image_size": 32},
+            "calibration": {"temperature": None},
+        },
+    )
     return run_id
 
 
@@ -224,8 +236,9 @@ def test_ingest_racing_a_delete_of_a_dataset_sharing_its_images_keeps_its_files(
         _ingest(RSession, rset, source, "a")
         _ingest(RSession, rset, own, "b")
         # Every image of `source` is already stored, as a's: b's ingest finds the files there.
-        outcome = _together(lambda: _ingest(RSession, rset, source, "b"),
-                            lambda: _delete(RSession, rset, "a"), rng.uniform(0, 0.008))
+        outcome = _together(
+            lambda: _ingest(RSession, rset, source, "b"), lambda: _delete(RSession, rset, "a"), rng.uniform(0, 0.008)
+        )
         assert outcome == {"first": None, "second": None}, outcome
         with RSession() as s:
             stored = s.scalars(select(Image).where(Image.dataset_id == get_dataset(s, "b").id)).all()
@@ -256,8 +269,11 @@ def test_launch_racing_a_delete_either_queues_runs_that_exist_or_says_the_datase
     for i in range(ROUNDS):
         name = f"d{i}"
         _ingest(RSession, rset, source, name)
-        outcome = _together(lambda: _launch(RSession, rset, name), lambda: _delete(RSession, rset, name),
-                            rng.uniform(-0.01, 0.01))
+        outcome = _together(
+            lambda: _launch(RSession, rset, name),  # noqa: B023 (both called within this round)
+            lambda: _delete(RSession, rset, name),  # noqa: B023
+            rng.uniform(-0.01, 0.01),
+        )
         launched, deleted = outcome["first"], outcome["second"]
         for result in (launched, deleted):
             assert result is None or isinstance(result, (list, UserError)), repr(result)

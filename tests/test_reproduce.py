@@ -23,8 +23,26 @@ def test_reproduce_paper_writes_a_report_with_both_protocols(tmp_path, settings,
         ingest(s, settings, src, "tiny", groups_csv=tmp_path / "groups.csv")
 
     out = tmp_path / "report"
-    args = _parser().parse_args(["reproduce-paper", "tiny", "--out", str(out), "--epochs", "1", "--image-size", "32",
-                                 "--per-class", "6", "--batch-size", "32", "--weights", "none", "--device", "cpu"])
+    args = _parser().parse_args(
+        [
+            "reproduce-paper",
+            "tiny",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--per-class",
+            "6",
+            "--batch-size",
+            "32",
+            "--weights",
+            "none",
+            "--device",
+            "cpu",
+        ]
+    )
     args.func(args, settings, Session)
 
     path = out / "report.md"

@@ -46,11 +46,31 @@ def test_every_run_setting_has_a_flag_or_says_why_not():
 def test_the_flags_defaults_are_the_configs(settings):
     args = build_parser().parse_args(["train", "--dataset", "x"])
     assert config_from_args(args, settings) == RunConfig(dataset="x", weights=settings.default_weights)
-    args = build_parser().parse_args(["train", "--dataset", "x", "--no-grouped", "--tta", "--augment", "zoom_probability=0.5",
-                                      "--hed-jitter", "0.05", "--split", "kfold", "--folds", "3"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--dataset",
+            "x",
+            "--no-grouped",
+            "--tta",
+            "--augment",
+            "zoom_probability=0.5",
+            "--hed-jitter",
+            "0.05",
+            "--split",
+            "kfold",
+            "--folds",
+            "3",
+        ]
+    )
     config = config_from_args(args, settings)
     assert (config.grouped, config.tta, config.augment_params.zoom_probability, config.hed_jitter, config.folds) == (
-        False, True, 0.5, 0.05, 3)
+        False,
+        True,
+        0.5,
+        0.05,
+        3,
+    )
 
 
 @pytest.mark.parametrize("split", ["holdout", "kfold"])

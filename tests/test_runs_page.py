@@ -39,8 +39,9 @@ from tests.synthetic import write_dataset
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "streamlit_app.py")
 UNUSED_HASH = "$argon2id$v=19$m=65536,t=3,p=4$unused"  # sessions are signed in directly: no password is checked
-TINY = dict(image_size=32, epochs=2, per_class=4, batch_size=4, lr=1e-3, weights="none", device="cpu",
-            val_fraction=0.25)
+TINY = dict(
+    image_size=32, epochs=2, per_class=4, batch_size=4, lr=1e-3, weights="none", device="cpu", val_fraction=0.25
+)
 
 
 @pytest.fixture(autouse=True)
@@ -64,8 +65,17 @@ def lab(tmp_path) -> tuple[Settings, object]:
     return cfg, Session
 
 
-def finished_run(cfg: Settings, Session, config: RunConfig, *, status: RunStatus = RunStatus.succeeded,
-                 name: str | None = None, notes: str | None = None, speed: float = 0.42, **summary) -> int:
+def finished_run(
+    cfg: Settings,
+    Session,
+    config: RunConfig,
+    *,
+    status: RunStatus = RunStatus.succeeded,
+    name: str | None = None,
+    notes: str | None = None,
+    speed: float = 0.42,
+    **summary,
+) -> int:
     """A run's records as training leaves them, without training: two epochs and, for a succeeded
     run, test predictions, a calibration record and a model file (a stand-in tensor)."""
     rng = np.random.default_rng(7)
@@ -75,24 +85,56 @@ def finished_run(cfg: Settings, Session, config: RunConfig, *, status: RunStatus
         s.flush()
         classes = list(run.dataset.classes)
         parts = splits.split_parts(s, run.split, run.fold)
-        scored = {part: (rng.dirichlet(np.ones(len(classes)), len(parts[part])),
-                         [classes.index(im.label) for im in parts[part]]) for part in ("val", "test")}
+        scored = {
+            part: (
+                rng.dirichlet(np.ones(len(classes)), len(parts[part])),
+                [classes.index(im.label) for im in parts[part]],
+            )
+            for part in ("val", "test")
+        }
         run.status, run.started_at = status, utcnow() - timedelta(minutes=5)
         run.finished_at, run.device = utcnow(), "cpu (2 threads)"
-        s.add_all(EpochMetric(run_id=run.id, epoch=e, train_loss=1.0 / e, train_accuracy=0.4 * e, val_loss=1.1 / e,
-                              val_accuracy=0.35 * e, seconds=30.0, images_per_second=speed) for e in (1, 2))
+        s.add_all(
+            EpochMetric(
+                run_id=run.id,
+                epoch=e,
+                train_loss=1.0 / e,
+                train_accuracy=0.4 * e,
+                val_loss=1.1 / e,
+                val_accuracy=0.35 * e,
+                seconds=30.0,
+                images_per_second=speed,
+            )
+            for e in (1, 2)
+        )
         if status == RunStatus.succeeded:
             probs, labels = scored["test"]
-            s.add_all(Prediction(run_id=run.id, image_id=im.id, true_label=t, predicted_label=int(p.argmax()),
-                                 probabilities=[float(v) for v in p]) for im, t, p in zip(parts["test"], labels, probs))
+            s.add_all(
+                Prediction(
+                    run_id=run.id,
+                    image_id=im.id,
+                    true_label=t,
+                    predicted_label=int(p.argmax()),
+                    probabilities=[float(v) for v in p],
+                )
+                for im, t, p in zip(parts["test"], labels, probs)
+            )
             run.summary = RunSummary(
-                protocol=splits.describe(run.split), test_accuracy=float(np.mean(probs.argmax(1) == labels)),
-                best_epoch=2, n_train=12, n_val=len(labels), n_test=len(probs), images_per_second=speed,
-                calibration=run_calibration(*scored["val"], probs, labels), **summary).to_dict()
+                protocol=splits.describe(run.split),
+                test_accuracy=float(np.mean(probs.argmax(1) == labels)),
+                best_epoch=2,
+                n_train=12,
+                n_val=len(labels),
+                n_test=len(probs),
+                images_per_second=speed,
+                calibration=run_calibration(*scored["val"], probs, labels),
+                **summary,
+            ).to_dict()
         run_id, created = run.id, run.created_at
     if status == RunStatus.succeeded:
-        write_model(model_path(cfg, run_id), {"w": torch.zeros(2)}, {"run_created": created.isoformat(),
-                                                                      "classes": classes})
+        write_model(
+            model_path(cfg, run_id), {"w": torch.zeros(2)}, {"run_created": created.isoformat(), "classes": classes}
+        )
     return run_id
 
 
@@ -185,8 +227,13 @@ def test_runs_are_told_apart_by_name_settings_and_augmentation_preset(lab, monke
     assert "with flips" in labels[flipped] and "with flips" not in labels[paper]
     assert "32 px" in labels[paper] and "2 epochs" in labels[paper]
 
-    named = finished_run(cfg, Session, RunConfig(dataset="synthetic", **{**TINY, "hed_jitter": 0.05}),
-                         name="March scanner check", notes="Checks the new scanner.\nSame specimens as run 1.")
+    named = finished_run(
+        cfg,
+        Session,
+        RunConfig(dataset="synthetic", **{**TINY, "hed_jitter": 0.05}),
+        name="March scanner check",
+        notes="Checks the new scanner.\nSame specimens as run 1.",
+    )
     at.run()
     picker = at.selectbox(key="runs_selected")
     assert picker.format_func(named) == f"Run {named} · March scanner check"
@@ -249,8 +296,12 @@ def test_viewers_see_no_management_buttons(lab, monkeypatch, tmp_path):
     cfg, Session = lab
     run_id = finished_run(cfg, Session, RunConfig(dataset="synthetic", **TINY), status=RunStatus.failed)
     path = tmp_path / "accounts.toml"
-    accounts.write_accounts(path, accounts.Accounts({"vic": accounts.Account("vic", UNUSED_HASH, VIEWER),
-                                                     "ana": accounts.Account("ana", UNUSED_HASH, EDITOR)}))
+    accounts.write_accounts(
+        path,
+        accounts.Accounts(
+            {"vic": accounts.Account("vic", UNUSED_HASH, VIEWER), "ana": accounts.Account("ana", UNUSED_HASH, EDITOR)}
+        ),
+    )
     monkeypatch.setenv("AUTH_MODE", "password")
     monkeypatch.setenv("AUTH_FILE", str(path))
     at = open_runs(monkeypatch, cfg, auth_user="vic")
@@ -289,15 +340,31 @@ def test_a_delete_and_a_workers_claim_take_turns(lab):
 
 def test_speed_time_left_and_the_worker_say_the_same_as_the_queue(lab, monkeypatch):
     cfg, Session = lab
-    done = finished_run(cfg, Session, RunConfig(dataset="synthetic", **{**TINY, "epochs": 6, "patience": 1}),
-                        speed=0.42, stopped_early=True, stopped_at_epoch=2)
+    done = finished_run(
+        cfg,
+        Session,
+        RunConfig(dataset="synthetic", **{**TINY, "epochs": 6, "patience": 1}),
+        speed=0.42,
+        stopped_early=True,
+        stopped_at_epoch=2,
+    )
     with Session.begin() as s:
         (running,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "epochs": 3}))
         running.status, running.worker, running.started_at = RunStatus.running, "lab-server:4242", utcnow()
         running.heartbeat_at = utcnow()
         running.progress = RunProgress(stage="train", epoch=2, epochs=3, step=5, steps=10).to_dict()
-        s.add(EpochMetric(run_id=running.id, epoch=1, train_loss=1.0, train_accuracy=0.5, val_loss=1.0,
-                          val_accuracy=0.5, seconds=30.0, images_per_second=0.8))
+        s.add(
+            EpochMetric(
+                run_id=running.id,
+                epoch=1,
+                train_loss=1.0,
+                train_accuracy=0.5,
+                val_loss=1.0,
+                val_accuracy=0.5,
+                seconds=30.0,
+                images_per_second=0.8,
+            )
+        )
         (waiting,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "seed": 5}))
         # The worker's own list lags until its next heartbeat: it does not list the run yet.
         s.add(Worker(id="lab-server:4242", host="lab-server", pid=4242, heartbeat_at=utcnow(), run_ids=[]))
@@ -306,8 +373,10 @@ def test_speed_time_left_and_the_worker_say_the_same_as_the_queue(lab, monkeypat
     assert f"running run {running.id} (started" in sidebar and "idle" not in sidebar
     assert "4242" not in sidebar + " ".join(c.value for c in at.sidebar.caption)  # host and pid only in the tooltip
     assert {m.label: m.value for m in at.metric}["Time left"] == "≈ 45 s"  # (3 - 1 - 0.5) epochs of 30 s
-    assert any("Speed 0.8 images/s in the last epoch" in c.value and "first epochs say the least" in c.value
-               for c in at.caption)
+    assert any(
+        "Speed 0.8 images/s in the last epoch" in c.value and "first epochs say the least" in c.value
+        for c in at.caption
+    )
 
     at.selectbox(key="runs_selected").set_value(waiting.id).run()
     assert {m.label: m.value for m in at.metric}["Time left"] == "estimating…"  # no epoch finished yet
@@ -342,6 +411,9 @@ def test_calibration_in_plain_words_and_a_model_approved_by_an_editor(lab, monke
     at.checkbox(key=f"runs_approve_despite_{run_id}").check()
     at.button(key=f"runs_approve_{run_id}").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert any("approved model for CLL, FL, MCL" in m.value and "validated on the March" in m.value
-               for m in at.markdown)
-    assert any("validated on the March specimens" in list(t.value["note"])[0] for t in at.dataframe if "note" in t.value)
+    assert any(
+        "approved model for CLL, FL, MCL" in m.value and "validated on the March" in m.value for m in at.markdown
+    )
+    assert any(
+        "validated on the March specimens" in list(t.value["note"])[0] for t in at.dataframe if "note" in t.value
+    )

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from core.training.model import PaperDenseNet
 from core.inference.predict import Predictor
 from core.inference.saliency import MIN_CELLS, GradCam, choose_layer, grid_side
+from core.training.model import PaperDenseNet
 from core.transforms.pipelines import EvalPipeline
 from tests.synthetic import synthetic_image
 
@@ -41,11 +41,21 @@ def test_default_class_is_the_predicted_one(model):
     assert GradCam(predictor).explain(image).class_index == int(predictor.probabilities([image])[0].argmax())
 
 
-@pytest.mark.parametrize("size, module, side", [(224, "denseblock4", 7), (128, "denseblock3", 8), (96, "denseblock2", 12),
-                                                (64, "denseblock2", 8), (32, "denseblock2", 4)])
+@pytest.mark.parametrize(
+    "size, module, side",
+    [
+        (224, "denseblock4", 7),
+        (128, "denseblock3", 8),
+        (96, "denseblock2", 12),
+        (64, "denseblock2", 8),
+        (32, "denseblock2", 4),
+    ],
+)
 def test_the_map_is_taken_on_the_deepest_block_with_at_least_7x7_cells(size, module, side):
     chosen, _ = choose_layer(size)
-    assert chosen == module and grid_side(size, {"denseblock4": 32, "denseblock3": 16, "denseblock2": 8}[module]) == side
+    assert (
+        chosen == module and grid_side(size, {"denseblock4": 32, "denseblock3": 16, "denseblock2": 8}[module]) == side
+    )
     # The last block is 2x2 at 64 px: too coarse, so an earlier one (finer) is taken.
     assert (grid_side(size, 32) >= MIN_CELLS) == (module == "denseblock4")
 

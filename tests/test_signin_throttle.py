@@ -16,9 +16,9 @@ from argon2 import PasswordHasher
 from sqlalchemy import func, select, update
 
 from core.access import accounts
-from core.store.db import SignInFailures, make_sessionmaker
-from core.errors import UserError
 from core.access.throttle import Limit, SignInThrottle
+from core.errors import UserError
+from core.store.db import SignInFailures, make_sessionmaker
 from tests.server import ROOT, ProtocolClient, free_port, start_app, stop_app, wait_healthy
 
 PASSWORD = "correct horse battery"
@@ -29,8 +29,12 @@ LOCKED = "Too many failed sign-ins; try again in"
 def ana() -> accounts.Accounts:
     # Cheap argon2 costs (the hash carries them), so that the many sign-ins here take no time.
     hashed = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PASSWORD)
-    return accounts.Accounts({"ana": accounts.Account("ana", hashed, accounts.EDITOR),
-                              "vic": accounts.Account("vic", hashed, accounts.VIEWER)})
+    return accounts.Accounts(
+        {
+            "ana": accounts.Account("ana", hashed, accounts.EDITOR),
+            "vic": accounts.Account("vic", hashed, accounts.VIEWER),
+        }
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -88,12 +92,20 @@ def test_the_lock_outlives_the_throttle_and_the_process(ana, settings):
     throttle = SignInThrottle(make_sessionmaker(settings.database_url))
     for _ in range(5):
         refused(ana, throttle, "ana", "guess-guess", "10.0.0.1")
-    code = ("import sys; from core.store.db import make_sessionmaker; from core.access.throttle import SignInThrottle\n"
-            "from core.errors import UserError\n"
-            "try:\n    SignInThrottle(make_sessionmaker(sys.argv[1])).attempt('ana', '10.0.0.1')\n"
-            "except UserError as e:\n    print(e)")
-    out = subprocess.run([sys.executable, "-c", code, settings.database_url], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    code = (
+        "import sys; from core.store.db import make_sessionmaker; from core.access.throttle import SignInThrottle\n"
+        "from core.errors import UserError\n"
+        "try:\n    SignInThrottle(make_sessionmaker(sys.argv[1])).attempt('ana', '10.0.0.1')\n"
+        "except UserError as e:\n    print(e)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, settings.database_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert out.startswith(LOCKED), out
 
 
@@ -195,13 +207,16 @@ def sign_in_over_websocket(url: str, name: str, password: str) -> list[str]:
         form = client.rerun()
         inputs = {e.text_input.label: e.text_input.id for e in form if e.WhichOneof("type") == "text_input"}
         submit = next(e.button.id for e in form if e.WhichOneof("type") == "button" and e.button.is_form_submitter)
-        page = client.rerun(WidgetState(id=inputs["User name"], string_value=name),
-                            WidgetState(id=inputs["Password"], string_value=password),
-                            WidgetState(id=submit, trigger_value=True))
+        page = client.rerun(
+            WidgetState(id=inputs["User name"], string_value=name),
+            WidgetState(id=inputs["Password"], string_value=password),
+            WidgetState(id=submit, trigger_value=True),
+        )
     finally:
         client.close()
     return [e.alert.body.replace("\\", "") for e in page if e.WhichOneof("type") == "alert"] + [
-        e.button.label for e in page if e.WhichOneof("type") == "button"]
+        e.button.label for e in page if e.WhichOneof("type") == "button"
+    ]
 
 
 def test_clearing_the_servers_caches_does_not_unlock_a_name(server):

@@ -71,10 +71,21 @@ def trained(tmp_path_factory):
     source = slide_folder(root / "slides", per_class=3)
     seen = []
     with Session.begin() as s:
-        report = ingest_slides(s, settings, source, "wsi", progress=lambda d, t: seen.append((d, t)),
-                               **{**TILING, "max_tiles": 8})
-    config = RunConfig(dataset="wsi", image_size=32, per_class=4, epochs=1, batch_size=8, lr=1e-3, weights="none",
-                       device="cpu", test_fraction=0.3, val_fraction=0.5)
+        report = ingest_slides(
+            s, settings, source, "wsi", progress=lambda d, t: seen.append((d, t)), **{**TILING, "max_tiles": 8}
+        )
+    config = RunConfig(
+        dataset="wsi",
+        image_size=32,
+        per_class=4,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        weights="none",
+        device="cpu",
+        test_fraction=0.3,
+        val_fraction=0.5,
+    )
     (run_id,) = train_runs(Session, settings, config)
     return settings, Session, source, report, seen, run_id
 
@@ -96,8 +107,12 @@ def test_slides_become_tiles_grouped_by_their_slide(trained):
         assert (settings.app_home / image.stored_path).is_file()
     row = slides["cll-0.tif"]
     path = source / "CLL" / "cll-0.tif"
-    assert (row.source_path, row.size_bytes, row.mpp, row.vendor) == (str(path.resolve()), path.stat().st_size,
-                                                                      0.5, "generic-tiff")
+    assert (row.source_path, row.size_bytes, row.mpp, row.vendor) == (
+        str(path.resolve()),
+        path.stat().st_size,
+        0.5,
+        "generic-tiff",
+    )
     assert (row.width, row.height, row.tiles_kept) == (2000, 1500, 8)
     tiling = Tiling.from_json(row.tiling)
     assert (tiling.tile_px, tiling.mpp, len(tiling.tiles), tiling.max_tiles) == (64, 1.0, 8, 8)
@@ -109,8 +124,11 @@ def test_the_split_keeps_each_slide_on_one_side_and_the_model_knows_its_scale(tr
     with Session() as s:
         run = s.get(Run, run_id)
         assert run.status.value == "succeeded", run.error
-        members = s.execute(select(SplitMember.part, Image.group).join(Image, Image.id == SplitMember.image_id)
-                            .where(SplitMember.split_id == run.split_id)).all()
+        members = s.execute(
+            select(SplitMember.part, Image.group)
+            .join(Image, Image.id == SplitMember.image_id)
+            .where(SplitMember.split_id == run.split_id)
+        ).all()
     parts: dict[str, set[str]] = {}
     for part, group in members:
         parts.setdefault(group, set()).add(part)
@@ -126,8 +144,11 @@ def test_a_slide_is_judged_by_the_mean_of_its_tiles_probabilities(trained, monke
     with Session() as s:
         run = s.get(Run, run_id)
         report = slide_report(s, run)
-        rows = s.execute(select(Image.group, Image.label, Prediction.probabilities)
-                         .join(Image, Image.id == Prediction.image_id).where(Prediction.run_id == run_id)).all()
+        rows = s.execute(
+            select(Image.group, Image.label, Prediction.probabilities)
+            .join(Image, Image.id == Prediction.image_id)
+            .where(Prediction.run_id == run_id)
+        ).all()
     by_slide: dict[str, list] = {}
     for group, label, probs in rows:
         by_slide.setdefault(group, []).append((label, probs))
@@ -153,8 +174,10 @@ def test_a_slide_is_judged_by_the_mean_of_its_tiles_probabilities(trained, monke
 
 def test_a_slide_without_mpp_is_refused_unless_it_is_given(tmp_path, settings, Session):
     source = slide_folder(tmp_path / "slides", per_class=1, mpp=None)
-    with pytest.raises(UserError, match=r"^cll-0\.tif has no microns per pixel; give it with --mpp"), \
-            Session.begin() as s:
+    with (
+        pytest.raises(UserError, match=r"^cll-0\.tif has no microns per pixel; give it with --mpp"),
+        Session.begin() as s,
+    ):
         ingest_slides(s, settings, source, "no-mpp", **TILING)
     assert stored_nothing(Session, settings)
     with Session.begin() as s:
@@ -210,8 +233,10 @@ def test_the_command_line_ingests_slides_and_images_with_their_scale(tmp_path, m
     assert main(["ingest", str(fields), "--name", "fields", "--mpp", "0.25"]) == 0
     Session = make_sessionmaker(load_settings().database_url)
     with Session() as s:
-        scales = dict(s.execute(select(Dataset.name, Dataset.tile_px)).all()), \
-            dict(s.execute(select(Dataset.name, Dataset.tile_mpp)).all())
+        scales = (
+            dict(s.execute(select(Dataset.name, Dataset.tile_px)).all()),
+            dict(s.execute(select(Dataset.name, Dataset.tile_mpp)).all()),
+        )
     assert scales == ({"wsi": 64, "fields": None}, {"wsi": 1.0, "fields": 0.25})  # and nothing of "cut"
     capsys.readouterr()
     assert main(["ingest", str(fields), "--name", "wsi"]) == 2  # images into a dataset of tiles
@@ -221,8 +246,11 @@ def test_the_command_line_ingests_slides_and_images_with_their_scale(tmp_path, m
 def test_a_folder_of_slides_and_images_is_refused(tmp_path):
     source = slide_folder(tmp_path / "slides", per_class=1)
     synthetic_image("FL", 0).save(source / "FL" / "field.png")
-    with pytest.raises(UserError, match=r"holds both whole-slide images \(CLL/cll-0.tif.*\) and field images "
-                                        r"\(FL/field.png\)"):
+    with pytest.raises(
+        UserError,
+        match=r"holds both whole-slide images \(CLL/cll-0.tif.*\) and field images "
+        r"\(FL/field.png\)",
+    ):
         is_slide_folder(source)
     assert not is_slide_folder(tmp_path / "nothing.zip")
 
@@ -249,8 +277,13 @@ def test_the_check_sees_a_slide_changed_after_ingest_not_one_touched(tmp_path, s
 
 def test_model_scale_reads_only_a_tile_scale():
     assert model_scale({"scale": scale_meta(224, 0.5)}) == ModelScale(224, 0.5)
-    for meta in ({}, {"scale": scale_meta(None, 0.25)}, {"scale": {"tile_px": "224", "mpp": 0.5}},
-                 {"scale": {"tile_px": 224, "mpp": float("nan")}}, {"scale": [224, 0.5]}):
+    for meta in (
+        {},
+        {"scale": scale_meta(None, 0.25)},
+        {"scale": {"tile_px": "224", "mpp": 0.5}},
+        {"scale": {"tile_px": 224, "mpp": float("nan")}},
+        {"scale": [224, 0.5]},
+    ):
         assert model_scale(meta) is None
 
 
@@ -267,8 +300,9 @@ def test_the_runs_page_shows_the_run_per_slide_beside_per_tile(trained, monkeypa
     at.switch_page("pages/runs.py").run()
     at.selectbox(key="runs_selected").set_value(run_id).run()
     assert not at.exception, at.exception
-    assert any(m.value.startswith("**Per slide (the mean of its tiles' probabilities)** · 2 test slides")
-               for m in at.markdown)
+    assert any(
+        m.value.startswith("**Per slide (the mean of its tiles' probabilities)** · 2 test slides") for m in at.markdown
+    )
     assert [c for c in at.get("plotly_chart") if "confusion matrix per slide" in c.proto.spec]
     (slides,) = [d.value for d in at.dataframe if "slide" in d.value.columns]
     assert list(slides["slide"]) == [r.slide for r in report.slides]

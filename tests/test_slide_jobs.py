@@ -43,12 +43,21 @@ def home(tmp_path_factory):
     app_home = folder / "home"
     app_home.mkdir()
     accounts.add_account(app_home / "accounts.toml", "ana", "correct horse battery", accounts.EDITOR)
-    settings = load_settings({"APP_HOME": str(app_home), "INFERENCE_ENGINE": "torch", "AUTH_MODE": "password",
-                              "HEARTBEAT_SECONDS": "0.5", "START_WORKER": "0"})
+    settings = load_settings(
+        {
+            "APP_HOME": str(app_home),
+            "INFERENCE_ENGINE": "torch",
+            "AUTH_MODE": "password",
+            "HEARTBEAT_SECONDS": "0.5",
+            "START_WORKER": "0",
+        }
+    )
     torch.manual_seed(0)
     state = PaperDenseNet(len(CLASSES)).state_dict()
-    runs = {"scaled": add_run(settings, state, CLASSES, ModelScale(32, 1.0)),
-            "fields": add_run(settings, state, CLASSES, None)}
+    runs = {
+        "scaled": add_run(settings, state, CLASSES, ModelScale(32, 1.0)),
+        "fields": add_run(settings, state, CLASSES, None),
+    }
     _, vera = tokens.add_token(settings.accounts_file, "vera", VIEWER)
     _, otto = tokens.add_token(settings.accounts_file, "otto", VIEWER)
     slide, _, _ = two_region_slide(folder / "biopsy.tif", width=1600, height=800, mpp=0.5)
@@ -60,8 +69,12 @@ def client(settings: Settings) -> TestClient:
 
 
 def post_slide(c: TestClient, token: str, slide: Path, **fields):
-    return c.post("/api/v1/slides", headers={"Authorization": f"Bearer {token}"}, data=fields,
-                  files={"slide": (slide.name, slide.read_bytes(), "image/tiff")})
+    return c.post(
+        "/api/v1/slides",
+        headers={"Authorization": f"Bearer {token}"},
+        data=fields,
+        files={"slide": (slide.name, slide.read_bytes(), "image/tiff")},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +94,12 @@ def test_a_slide_sent_to_the_api_is_checked_first_and_a_queued_one_can_be_cancel
     # What can be checked is checked before anything is queued, and nothing is kept of a refusal.
     refused = post_slide(c, token["vera"], slide, run=str(runs["fields"]))
     assert refused.status_code == 422 and "field images of unknown scale" in refused.json()["error"]
-    not_a_slide = c.post("/api/v1/slides", headers=vera, data={"run": str(runs["scaled"])},
-                         files={"slide": ("notes.tif", b"not a slide at all", "image/tiff")})
+    not_a_slide = c.post(
+        "/api/v1/slides",
+        headers=vera,
+        data={"run": str(runs["scaled"])},
+        files={"slide": ("notes.tif", b"not a slide at all", "image/tiff")},
+    )
     assert not_a_slide.status_code == 422, not_a_slide.text
     assert not list(settings.slide_uploads_dir.glob("*"))
 
@@ -126,8 +143,9 @@ def test_the_worker_classifies_a_queued_slide_and_the_api_answers_with_its_files
         view = slide_jobs.slide_job(s, settings, classified)
     folder = settings.slide_jobs_dir / str(classified)
     assert {"summary.json", "heatmap.npz", "thumbnail.jpg"} <= {p.name for p in folder.iterdir()}
-    assert [(r.user, r.source, r.run_id, r.predicted) for r in logged if r.source == "api"] == \
-        [("vera", "api", runs["scaled"], verdict["predicted"])]
+    assert [(r.user, r.source, r.run_id, r.predicted) for r in logged if r.source == "api"] == [
+        ("vera", "api", runs["scaled"], verdict["predicted"])
+    ]
     heat = slide_jobs.load_heat_map(view, CLASSES)
     assert int((heat.predicted == heat.predicted).sum()) == verdict["tiles_kept"]  # one cell per tile, NaN elsewhere
     layer = slide_jobs.overlay(view, CLASSES)
@@ -135,8 +153,9 @@ def test_the_worker_classifies_a_queued_slide_and_the_api_answers_with_its_files
     assert 0 < (layer[..., 3] > 0).mean() < 0.9  # tissue coloured, glass clear
 
 
-def test_the_page_the_command_line_and_the_api_give_one_verdict_for_one_slide(home, classified, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_the_page_the_command_line_and_the_api_give_one_verdict_for_one_slide(
+    home, classified, tmp_path, monkeypatch, capsys
+):
     """The job the API had classified, shown on the Predict page's Whole slide tab, and the same slide
     through `python -m core predict-slide`: the same verdict and probabilities. A slide sent from the
     page is queued under the page's user."""
@@ -164,8 +183,10 @@ def test_the_page_the_command_line_and_the_api_give_one_verdict_for_one_slide(ho
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "streamlit_app.py"), default_timeout=120).run()
     at.switch_page("pages/predict.py").run()
     assert not at.exception, at.exception
-    assert at.selectbox(key="sl_run").options == [str(runs["scaled"])] or \
-        at.selectbox(key="sl_run").value == runs["scaled"]  # only the run that records a scale
+    assert (
+        at.selectbox(key="sl_run").options == [str(runs["scaled"])]
+        or at.selectbox(key="sl_run").value == runs["scaled"]
+    )  # only the run that records a scale
     at.selectbox(key="sl_pick").set_value(done.id).run()
     assert not at.exception, at.exception
     (metric,) = [m for m in at.metric if m.label == "Slide verdict"]

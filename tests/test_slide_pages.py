@@ -82,8 +82,11 @@ def import_through_page(monkeypatch, settings, folder: Path, name: str):
 
 
 def tiling_chart(at) -> dict:
-    (spec,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")
-               if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Tiles of")]
+    (spec,) = [
+        json.loads(c.proto.spec)
+        for c in at.get("plotly_chart")
+        if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Tiles of")
+    ]
     return spec
 
 
@@ -157,8 +160,15 @@ def test_an_uploaded_zip_of_slides_is_tiled_from_a_copy_not_kept(slide_source, s
     options = uploads.SlideOptions(tile_px=64, tile_mpp=1.0, max_tiles=2)
     seen = []
     with Session.begin() as s:
-        report = uploads.ingest_zip(s, settings, zip_of(slide_source.parent), "scans.zip", "uploaded", slides=options,
-                                    tile_progress=lambda done, total: seen.append((done, total)))
+        report = uploads.ingest_zip(
+            s,
+            settings,
+            zip_of(slide_source.parent),
+            "scans.zip",
+            "uploaded",
+            slides=options,
+            tile_progress=lambda done, total: seen.append((done, total)),
+        )
     assert isinstance(report, SlideIngestReport) and report.tiles_kept == 8 and seen[-1] == (4, 4)
     with Session() as s:
         assert s.scalar(select(Dataset.source)) == "upload scans.zip"

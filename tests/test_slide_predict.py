@@ -42,13 +42,21 @@ SCALE = ModelScale(tile_px=32, mpp=1.0)  # 128 level-0 pixels at the slides' 0.2
 COARSE = ModelScale(tile_px=32, mpp=2.0)  # 256: few tiles, where what they show does not matter
 # The run's validation images: a hundred right at 0.9, twenty wrong at 0.6, so that a 90% target
 # lets through only what is at least 0.9 confident.
-CALIBRATION = {"temperature": 1.0, "n_val": 120, "val_ece_before": 0.1, "val_ece_after": 0.1, "refer_target": 0.9,
-               "refer_threshold": 0.9, "val_probs": [[0.9, 0.1]] * 100 + [[0.6, 0.4]] * 20,
-               "val_labels": [0] * 100 + [1] * 20}
+CALIBRATION = {
+    "temperature": 1.0,
+    "n_val": 120,
+    "val_ece_before": 0.1,
+    "val_ece_after": 0.1,
+    "refer_target": 0.9,
+    "refer_threshold": 0.9,
+    "val_probs": [[0.9, 0.1]] * 100 + [[0.6, 0.4]] * 20,
+    "val_labels": [0] * 100 + [1] * 20,
+}
 
 
-def add_run(settings: Settings, state: dict, classes: tuple[str, ...], scale: ModelScale | None,
-            calibration: dict | None = None) -> int:
+def add_run(
+    settings: Settings, state: dict, classes: tuple[str, ...], scale: ModelScale | None, calibration: dict | None = None
+) -> int:
     """A succeeded run with a model file of `state`, whole images at 32 px, recording `scale`."""
     Session = make_sessionmaker(settings.database_url)
     config = RunConfig(dataset="slides", image_size=32, epochs=1, weights="none", device="cpu").to_dict()
@@ -58,13 +66,24 @@ def add_run(settings: Settings, state: dict, classes: tuple[str, ...], scale: Mo
             dataset = Dataset(name="slides", classes=list(classes))
             s.add(dataset)
             s.flush()
-        run = Run(dataset_id=dataset.id, experiment=f"slides-{utcnow().timestamp()}", config=config, seed=0,
-                  status=RunStatus.succeeded, created_at=utcnow())
+        run = Run(
+            dataset_id=dataset.id,
+            experiment=f"slides-{utcnow().timestamp()}",
+            config=config,
+            seed=0,
+            status=RunStatus.succeeded,
+            created_at=utcnow(),
+        )
         s.add(run)
         s.flush()
         run_id, created = run.id, run.created_at.isoformat()
-    meta = {"run_id": run_id, "run_created": created, "classes": list(classes), "config": config,
-            "preparation": {"image_size": 32}}
+    meta = {
+        "run_id": run_id,
+        "run_created": created,
+        "classes": list(classes),
+        "config": config,
+        "preparation": {"image_size": 32},
+    }
     if scale is not None:
         meta["scale"] = scale_meta(scale.tile_px, scale.mpp)
     if calibration is not None:
@@ -95,8 +114,14 @@ def texture_weights() -> dict[str, torch.Tensor]:
     bias0 = torch.zeros_like(state["head.0.bias"])
     bias0[0], bias0[1] = bias / margin, -bias / margin
     last[1, 0], last[0, 1] = 6.0, 6.0  # a median image at a logit difference of 6: 99.8% confident
-    state.update({"head.0.weight": first.float(), "head.0.bias": bias0.float(), "head.3.weight": last,
-                  "head.3.bias": torch.zeros_like(state["head.3.bias"])})
+    state.update(
+        {
+            "head.0.weight": first.float(),
+            "head.0.bias": bias0.float(),
+            "head.3.weight": last,
+            "head.3.bias": torch.zeros_like(state["head.3.bias"]),
+        }
+    )
     return state
 
 
@@ -115,9 +140,11 @@ def home(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("slide-predict")
     settings = load_settings({"APP_HOME": str(folder / "home"), "INFERENCE_ENGINE": "torch"})
     weights = texture_weights()
-    runs = {"textures": add_run(settings, weights, TWO, SCALE, CALIBRATION),
-            "coarse": add_run(settings, weights, TWO, COARSE),  # no calibration: raw probabilities
-            "fields": add_run(settings, weights, TWO, None)}
+    runs = {
+        "textures": add_run(settings, weights, TWO, SCALE, CALIBRATION),
+        "coarse": add_run(settings, weights, TWO, COARSE),  # no calibration: raw probabilities
+        "fields": add_run(settings, weights, TWO, None),
+    }
     # The blocks lie on the 128 px grid (5 x 4 tiles each), so each tissue tile shows one texture: a
     # tile half glass is a question for a model trained with glass around its tissue, not for this head.
     two, left, right = two_region_slide(folder / "two.tif", width=2560, height=1024)
@@ -145,8 +172,14 @@ def test_each_half_of_a_two_texture_slide_is_its_own_class_and_glass_gives_no_ti
     settings, runs, (path, left, right), _ = home
     model = predictor(settings, runs["textures"])
     calls: list[tuple[int, int]] = []
-    pred = predict_slide(model, path, scale=slide_scale(model), settings=settings, batch=16,
-                         progress=lambda done, total: calls.append((done, total)))
+    pred = predict_slide(
+        model,
+        path,
+        scale=slide_scale(model),
+        settings=settings,
+        batch=16,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     side = pred.tiling.step_x
     assert side == 128 and pred.classes == TWO
     assert pred.tile_probabilities.shape == (pred.n_tiles, 2) and pred.tile_probabilities.dtype == np.float32
@@ -183,8 +216,10 @@ def test_the_command_line_writes_csv_and_geojson_for_qupath_and_logs_the_slide(h
     settings, runs, _, folder = home
     pure = write_slide(folder / "pure-cll.tif", 1024, 768, [Region(256, 256, 512, 384, class_texture("CLL"))])
     out = tmp_path / "out"
-    assert main(["predict-slide", "--run", str(runs["textures"]), "--out", str(out), "--log", "--user", "ana",
-                 str(pure)]) == 0
+    assert (
+        main(["predict-slide", "--run", str(runs["textures"]), "--out", str(out), "--log", "--user", "ana", str(pure)])
+        == 0
+    )
     printed = capsys.readouterr()
     assert printed.out.startswith("pure-cll.tif: CLL\n") and "uncertain" not in printed.out
     assert "tiles/s" in printed.out and "tiles:" in printed.err  # the progress bar, on stderr
@@ -224,9 +259,11 @@ def test_the_command_line_says_in_one_line_what_is_wrong(home, tmp_path, capsys)
     no_mpp = write_slide(tmp_path / "no-mpp.tif", 1024, 1024, [Region(0, 0, 512, 512, class_texture("FL"))], mpp=None)
     field = tmp_path / "field.png"
     synthetic_image("FL", 1).save(field)
-    cases = [([str(runs["coarse"]), str(no_mpp)], "no-mpp.tif has no microns per pixel; give it with --mpp"),
-             ([str(runs["fields"]), str(two)], f"Run {runs['fields']} was trained on field images of unknown scale"),
-             ([str(runs["coarse"]), str(field)], "field.png is not a whole-slide image")]
+    cases = [
+        ([str(runs["coarse"]), str(no_mpp)], "no-mpp.tif has no microns per pixel; give it with --mpp"),
+        ([str(runs["fields"]), str(two)], f"Run {runs['fields']} was trained on field images of unknown scale"),
+        ([str(runs["coarse"]), str(field)], "field.png is not a whole-slide image"),
+    ]
     for (run, *slide), said in cases:
         assert main(["predict-slide", "--run", run, "--out", str(tmp_path / "out"), *slide]) == 2
         err = capsys.readouterr().err.strip().splitlines()

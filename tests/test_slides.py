@@ -100,8 +100,7 @@ def test_a_slide_without_microns_per_pixel_is_refused_unless_given(tmp_path):
     path = write_slide(tmp_path / "bare.tif", 1024, 1024, mpp=None, levels=2)
     with pytest.raises(UserError) as e:
         open_slide(path)
-    assert str(e.value) == ("bare.tif has no microns per pixel; give it with --mpp or the "
-                            "'Microns per pixel' field.")
+    assert str(e.value) == ("bare.tif has no microns per pixel; give it with --mpp or the 'Microns per pixel' field.")
     assert "'Microns per pixel' field" in e.value.for_page() and "--mpp" not in e.value.for_page()
     with open_slide(path, mpp=0.3) as slide:
         assert (slide.info.mpp_x, slide.info.mpp_y, slide.info.mpp_given) == (0.3, 0.3, True)
@@ -133,7 +132,7 @@ def test_cut_short_damaged_and_non_slide_files_give_plain_user_errors(tmp_path):
     # Zeroed level-0 tiles: it opens (OpenSlide reads tiles only when asked) and fails on the read.
     damaged = tmp_path / "damaged.tif"
     broken = bytearray(data)
-    broken[len(data) // 10: len(data) * 6 // 10] = bytes(len(data) * 6 // 10 - len(data) // 10)
+    broken[len(data) // 10 : len(data) * 6 // 10] = bytes(len(data) * 6 // 10 - len(data) // 10)
     damaged.write_bytes(bytes(broken))
     with open_slide(damaged) as slide:
         for _ in range(2):  # and again, once OpenSlide has marked the slide as failed
@@ -155,8 +154,9 @@ def test_cut_short_damaged_and_non_slide_files_give_plain_user_errors(tmp_path):
 
 def test_tissue_mask_and_tile_checks():
     texture = class_texture("CLL")(0, 0, 448, 448)
-    glass = np.full((256, 256, 3), 250, np.uint8) + np.random.default_rng(0).integers(0, 5, (256, 256, 3),
-                                                                                        dtype=np.uint8)
+    glass = np.full((256, 256, 3), 250, np.uint8) + np.random.default_rng(0).integers(
+        0, 5, (256, 256, 3), dtype=np.uint8
+    )
     thumb = glass.copy()
     thumb[64:128, 32:96] = texture[:64, :64]
     mask = tissue_mask(Image.fromarray(thumb))
@@ -182,8 +182,12 @@ def test_tiling_keeps_tissue_of_both_regions_and_none_of_the_glass(two_regions, 
     for tile in t.tiles:  # kept tiles are mostly over a region, never over glass alone
         assert max(_overlap(t, tile, left), _overlap(t, tile, right)) >= 0.35, tile
         assert (tile.x, tile.y) == (round(tile.col * t.step_x), round(tile.row * t.step_y))
-    inside = {(c, r) for r in range(t.rows) for c in range(t.columns)
-              if any(_share_in(c * 448, r * 448, 448, reg) == 1 for reg in (left, right))}
+    inside = {
+        (c, r)
+        for r in range(t.rows)
+        for c in range(t.columns)
+        if any(_share_in(c * 448, r * 448, 448, reg) == 1 for reg in (left, right))
+    }
     assert len(inside) >= 12
     assert inside <= {(tile.col, tile.row) for tile in t.tiles}  # every cell wholly in tissue is kept
     assert t.dropped_background > 0 and t.dropped_over_cap == 0
@@ -219,8 +223,9 @@ def test_a_pale_tile_is_dropped_as_pale(tmp_path):
 
 
 def test_tiling_round_trips_through_json(full_tiling):
-    t = dataclasses.replace(full_tiling, tiles=(dataclasses.replace(full_tiling.tiles[0], pen=True, blurry=True),
-                                                *full_tiling.tiles[1:]))
+    t = dataclasses.replace(
+        full_tiling, tiles=(dataclasses.replace(full_tiling.tiles[0], pen=True, blurry=True), *full_tiling.tiles[1:])
+    )
     text = t.to_json()
     assert json.loads(text) == json.loads(json.dumps(t.to_dict()))  # plain JSON, for a database column
     back = Tiling.from_json(text)
@@ -281,7 +286,14 @@ def test_slide_settings_are_read_from_the_environment():
     default = load_settings({})
     assert (default.slide_mpp, default.slide_tile_px, default.slide_max_tiles) == (0.5, 224, 256)
     assert (default.tissue_min_saturation, default.tissue_max_pale_fraction) == (0.05, 0.6)
-    s = load_settings({"SLIDE_MPP": "0.25", "SLIDE_TILE_PX": "256", "SLIDE_MAX_TILES": "0",
-                       "TISSUE_MIN_SATURATION": "0.08", "TISSUE_MAX_PALE_FRACTION": "0.5"})
+    s = load_settings(
+        {
+            "SLIDE_MPP": "0.25",
+            "SLIDE_TILE_PX": "256",
+            "SLIDE_MAX_TILES": "0",
+            "TISSUE_MIN_SATURATION": "0.08",
+            "TISSUE_MAX_PALE_FRACTION": "0.5",
+        }
+    )
     assert (s.slide_mpp, s.slide_tile_px, s.slide_max_tiles) == (0.25, 256, 0)
     assert (s.tissue_min_saturation, s.tissue_max_pale_fraction) == (0.08, 0.5)

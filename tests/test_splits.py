@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from core.errors import UserError
 from core.data.splits import assign_parts
+from core.errors import UserError
 
 
 def _labels_groups(n_groups_per_class=8, per_group=4, classes=("CLL", "FL", "MCL")):
@@ -19,8 +19,9 @@ def _labels_groups(n_groups_per_class=8, per_group=4, classes=("CLL", "FL", "MCL
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_holdout_is_disjoint_stratified_and_grouped(grouped, seed):
     labels, groups = _labels_groups()
-    (parts,) = assign_parts(labels, groups if grouped else None, protocol="holdout", seed=seed,
-                            test_fraction=0.2, val_fraction=0.15)
+    (parts,) = assign_parts(
+        labels, groups if grouped else None, protocol="holdout", seed=seed, test_fraction=0.2, val_fraction=0.15
+    )
     parts = np.array(parts)
     assert set(parts) == {"train", "val", "test"}
     for label in set(labels):

@@ -10,7 +10,13 @@ from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNo
 
 from core.errors import UserError
 from core.transforms.stain import (
-    METHODS, MacenkoNormaliser, ReinhardNormaliser, hed_jitter, hed_to_rgb, make_normaliser, normaliser_from_params,
+    METHODS,
+    MacenkoNormaliser,
+    ReinhardNormaliser,
+    hed_jitter,
+    hed_to_rgb,
+    make_normaliser,
+    normaliser_from_params,
     rgb_to_hed,
 )
 
@@ -161,9 +167,12 @@ def degrees(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # Other amounts of the same stains; other stains (other dyes) in other amounts.
-SHIFTS = {"amounts": dict(h_amount=2.0, e_amount=0.85, seed=3),
-          "dyes": dict(h_vec=np.array([0.65, 0.70, 0.29]), e_vec=np.array([0.30, 0.85, 0.45]), h_amount=1.2,
-                       e_amount=0.9, seed=5)}
+SHIFTS = {
+    "amounts": dict(h_amount=2.0, e_amount=0.85, seed=3),
+    "dyes": dict(
+        h_vec=np.array([0.65, 0.70, 0.29]), e_vec=np.array([0.30, 0.85, 0.45]), h_amount=1.2, e_amount=0.9, seed=5
+    ),
+}
 
 
 @pytest.mark.parametrize("shift", SHIFTS)

@@ -1,20 +1,22 @@
-"""Every Python file of the project passes pyflakes: no undefined name (an error that only shows on
-the code path that runs it, such as the CUDA branch on a CPU machine), no unused import."""
+"""Every Python file of the project passes ruff's linter (pyflakes' undefined names and unused
+imports, pycodestyle, import order, pyupgrade, bugbear: pyproject.toml) and is formatted by ruff.
+An undefined name is an error that only shows on the code path that runs it, such as the CUDA branch
+on a CPU machine."""
 
-import io
+import subprocess
+import sys
 from pathlib import Path
 
-from pyflakes.api import checkPath
-from pyflakes.reporter import Reporter
-
 ROOT = Path(__file__).resolve().parents[1]
+RUFF = [sys.executable, "-m", "ruff"]
 
 
-def test_pyflakes_finds_nothing():
-    files = [p for d in ("core", "pages", "bench", "tests") for p in sorted((ROOT / d).rglob("*.py"))]
-    files += [ROOT / "streamlit_app.py", ROOT / "serve.py"]
-    out = io.StringIO()
-    reporter = Reporter(out, out)
-    problems = sum(checkPath(str(p), reporter) for p in files)
-    assert problems == 0, out.getvalue()
-    assert len(files) > 40  # the walk found the project
+def test_ruff_check_finds_nothing():
+    done = subprocess.run([*RUFF, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff_format_leaves_every_file_as_it_is():
+    done = subprocess.run([*RUFF, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, "run `.venv/bin/ruff format .`:\n" + done.stdout + done.stderr
+    assert "files already formatted" in done.stdout and int(done.stdout.split()[0]) > 100  # it read the project

@@ -70,8 +70,12 @@ def test_without_a_gpu_the_form_starts_with_the_quick_preset_and_a_labelled_roug
     at = train_page()
     labels = [b.label for b in at.button if b.key and b.key.startswith("tr_preset_")]
     assert labels[0] == presets.QUICK_TRY and not re.search(r"\d", presets.QUICK_TRY)  # the estimate says how long
-    assert (at.number_input(key="tr_image_size").value, at.number_input(key="tr_epochs").value,
-            at.number_input(key="tr_per_class").value, at.number_input(key="tr_patience").value) == (64, 3, 200, 1)
+    assert (
+        at.number_input(key="tr_image_size").value,
+        at.number_input(key="tr_epochs").value,
+        at.number_input(key="tr_per_class").value,
+        at.number_input(key="tr_patience").value,
+    ) == (64, 3, 200, 1)
     # The site's weights (ImageNet) cannot be had here (no internet, none under TORCH_HOME): the preset
     # proposes random initialisation and says why, so the first launch is not refused.
     assert site.default_weights == "imagenet" and at.radio(key="tr_weights").value == "none"
@@ -100,10 +104,20 @@ def test_the_estimate_comes_from_runs_measured_here(site):
     Session = make_sessionmaker(site.database_url)
     with Session.begin() as s:  # a finished CPU run at 64 px: 12 images/s, 40 s outside training
         dataset = s.scalar(select(Dataset))
-        s.add(Run(dataset_id=dataset.id, experiment="x", seed=0, status=RunStatus.succeeded, device="cpu (2 threads)",
-                  config=RunConfig(dataset="synthetic", image_size=64).to_dict(), summary={"images_per_second": 12.0},
-                  timings={"data_and_augment": 30.0, "train": 300.0}, started_at=datetime(2026, 1, 1, 12, 0, 0),
-                  finished_at=datetime(2026, 1, 1, 12, 5, 40)))
+        s.add(
+            Run(
+                dataset_id=dataset.id,
+                experiment="x",
+                seed=0,
+                status=RunStatus.succeeded,
+                device="cpu (2 threads)",
+                config=RunConfig(dataset="synthetic", image_size=64).to_dict(),
+                summary={"images_per_second": 12.0},
+                timings={"data_and_augment": 30.0, "train": 300.0},
+                started_at=datetime(2026, 1, 1, 12, 0, 0),
+                finished_at=datetime(2026, 1, 1, 12, 5, 40),
+            )
+        )
     at = train_page()
     info = texts(at.info)
     # 3 classes x 200 images x 3 epochs at 12 images/s = 150 s, plus 340 - 300 = 40 s: about 3 minutes
@@ -165,8 +179,9 @@ def test_the_form_keeps_its_values_across_pages_and_a_new_session_starts_from_th
 def test_settings_handed_over_fill_the_form_once_and_custom_augmentation_is_named_so(site):
     at = AppTest.from_file(APP, default_timeout=120).run()
     custom = {**RunConfig(dataset="x").augmentation, "rotate_probability": 0.1}
-    at.session_state["train_prefill"] = RunConfig(dataset="synthetic", epochs=7, image_size=96, weights="none",
-                                                  augmentation=custom).to_dict()
+    at.session_state["train_prefill"] = RunConfig(
+        dataset="synthetic", epochs=7, image_size=96, weights="none", augmentation=custom
+    ).to_dict()
     at = train_page(at)
     assert (at.number_input(key="tr_epochs").value, at.number_input(key="tr_image_size").value) == (7, 96)
     box = at.selectbox(key="tr_aug_preset")
@@ -225,10 +240,20 @@ def test_the_estimate_takes_the_median_speed_so_one_run_on_a_busy_machine_does_n
     with Session.begin() as s:  # three runs at 12 images/s, one at 2 (other work shared the cores)
         dataset = s.scalar(select(Dataset))
         for speed in (12.0, 12.0, 2.0, 12.0):
-            s.add(Run(dataset_id=dataset.id, experiment="x", seed=0, status=RunStatus.succeeded, device="cpu",
-                      config=RunConfig(dataset="synthetic", image_size=64).to_dict(),
-                      summary={"images_per_second": speed}, timings={"train": 300.0},
-                      started_at=datetime(2026, 1, 1, 12, 0, 0), finished_at=datetime(2026, 1, 1, 12, 5, 40)))
+            s.add(
+                Run(
+                    dataset_id=dataset.id,
+                    experiment="x",
+                    seed=0,
+                    status=RunStatus.succeeded,
+                    device="cpu",
+                    config=RunConfig(dataset="synthetic", image_size=64).to_dict(),
+                    summary={"images_per_second": speed},
+                    timings={"train": 300.0},
+                    started_at=datetime(2026, 1, 1, 12, 0, 0),
+                    finished_at=datetime(2026, 1, 1, 12, 5, 40),
+                )
+            )
     with Session() as s:
         config = RunConfig(dataset="synthetic", **presets.training_preset(presets.QUICK_TRY))
         figure = estimate.time_estimate(s, config, 3, CPU_ONLY)

@@ -3,12 +3,12 @@
 import pytest
 from sqlalchemy import select
 
-from core.jobs import execute, runs, views
-from core.store.runs import fold_siblings
-from core.store.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
-from core.store.records import RunSummary
 from core.evaluation.metrics import run_report
 from core.inference.predict import load_predictor, predict_files
+from core.jobs import execute, runs, views
+from core.store.db import EpochMetric, Prediction, Run, RunStatus, SplitMember
+from core.store.records import RunSummary
+from core.store.runs import fold_siblings
 from core.training.run_config import RunConfig
 from tests.synthetic import ingest_synthetic, synthetic_image, train_runs
 
@@ -31,8 +31,11 @@ def test_honest_run_records_every_epoch_and_learns(dataset, settings, Session, t
         assert [e.epoch for e in epochs] == [1, 2, 3, 4]
         assert all(e.val_accuracy is not None and e.images_per_second > 0 for e in epochs)
         # Test predictions are exactly the split's untouched test images.
-        test_ids = set(s.scalars(select(SplitMember.image_id).where(
-            SplitMember.split_id == run.split_id, SplitMember.part == "test")))
+        test_ids = set(
+            s.scalars(
+                select(SplitMember.image_id).where(SplitMember.split_id == run.split_id, SplitMember.part == "test")
+            )
+        )
         preds = s.scalars(select(Prediction).where(Prediction.run_id == run_id)).all()
         assert {p.image_id for p in preds} == test_ids
         assert all(p.aug_index is None and abs(sum(p.probabilities) - 1) < 1e-3 for p in preds)
@@ -89,7 +92,7 @@ def test_non_finite_loss_fails_the_run_with_the_reason(dataset, settings, Sessio
     config = RunConfig(dataset=dataset, **{**SMALL, "epochs": 1, "lr": 1e12, "per_class": 8})
     with Session.begin() as s:
         (run,) = runs.create_runs(s, settings, config)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever it raises, the run must record the reason)
         execute.execute_run(Session, settings, run.id)
     with Session() as s:
         run = s.get(Run, run.id)
@@ -132,8 +135,20 @@ def _fit_tiny(patience: int, epochs: int = 5, resume=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
     keep = _Epochs()
-    fitted = fit(model, Data(x[:12], y[:12], x[12:], y[12:]), epochs=epochs, batch_size=4, lr=0.0, seed=0,
-                 device=torch.device("cpu"), callback=keep, config={}, compile=False, patience=patience, resume=resume)
+    fitted = fit(
+        model,
+        Data(x[:12], y[:12], x[12:], y[12:]),
+        epochs=epochs,
+        batch_size=4,
+        lr=0.0,
+        seed=0,
+        device=torch.device("cpu"),
+        callback=keep,
+        config={},
+        compile=False,
+        patience=patience,
+        resume=resume,
+    )
     return fitted, keep
 
 
@@ -178,8 +193,23 @@ def test_cli_train_records_a_name_and_notes(dataset, settings, Session, monkeypa
 
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    assert main(["train", "--dataset", dataset, "--weights", "none", "--background", "--no-worker",
-                 "--name", "first try", "--notes", "to compare with the paper", "--patience", "2"]) in (0, None)
+    assert main(
+        [
+            "train",
+            "--dataset",
+            dataset,
+            "--weights",
+            "none",
+            "--background",
+            "--no-worker",
+            "--name",
+            "first try",
+            "--notes",
+            "to compare with the paper",
+            "--patience",
+            "2",
+        ]
+    ) in (0, None)
     with Session() as s:
         (run,) = s.scalars(select(Run)).all()
         assert (run.name, run.notes, run.status) == ("first try", "to compare with the paper", RunStatus.queued)

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from core.access import accounts
 from core.config import load_settings
 from core.data.ingest import ingest
@@ -36,8 +37,13 @@ def server(tmp_path_factory):
     with make_sessionmaker(settings.database_url).begin() as s:
         ingest(s, settings, write_dataset(home / "src", per_class=1), "synthetic")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMPORT_ROOTS")}
-    env.update(APP_HOME=str(home), AUTH_MODE="password", AUTH_FILE=str(home / "accounts.toml"), START_WORKER="0",
-               MAX_SESSION_UPLOAD_MB="1")
+    env.update(
+        APP_HOME=str(home),
+        AUTH_MODE="password",
+        AUTH_FILE=str(home / "accounts.toml"),
+        START_WORKER="0",
+        MAX_SESSION_UPLOAD_MB="1",
+    )
     port = free_port()
     with open(home / "streamlit.log", "wb") as log:
         process = start_app(port, env, log)
@@ -62,9 +68,11 @@ def signed_in(url: str, cookie: str | None = None) -> ProtocolClient:
     form = client.rerun()
     inputs = {e.text_input.label: e.text_input.id for e in form if e.WhichOneof("type") == "text_input"}
     submit = next(e.button.id for e in form if e.WhichOneof("type") == "button" and e.button.is_form_submitter)
-    page = client.rerun(WidgetState(id=inputs["User name"], string_value="ana"),
-                        WidgetState(id=inputs["Password"], string_value=PASSWORD),
-                        WidgetState(id=submit, trigger_value=True))
+    page = client.rerun(
+        WidgetState(id=inputs["User name"], string_value="ana"),
+        WidgetState(id=inputs["Password"], string_value=PASSWORD),
+        WidgetState(id=submit, trigger_value=True),
+    )
     assert "Sign out" in [e.button.label for e in page if e.WhichOneof("type") == "button"]
     return client
 
@@ -76,16 +84,20 @@ def put_file(url: str, session_id: str, size: int, chunked: bool = False) -> int
     from streamlit.web.server.starlette.starlette_app_utils import generate_xsrf_token_string
 
     token, boundary = generate_xsrf_token_string(), uuid.uuid4().hex
-    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n")
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
     body = part.encode() + os.urandom(size) + f"\r\n--{boundary}--\r\n".encode()
     length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
     if chunked:
         body = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     host = url.removeprefix("http://")
-    head = (f"PUT /_stcore/upload_file/{session_id}/{uuid.uuid4()} HTTP/1.1\r\nHost: {host}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n{length}\r\nX-Xsrftoken: {token}\r\n"
-            f"Cookie: _streamlit_xsrf={token}\r\nConnection: close\r\n\r\n").encode()
+    head = (
+        f"PUT /_stcore/upload_file/{session_id}/{uuid.uuid4()} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n{length}\r\nX-Xsrftoken: {token}\r\n"
+        f"Cookie: _streamlit_xsrf={token}\r\nConnection: close\r\n\r\n"
+    ).encode()
     address, port = host.split(":")
     with socket.create_connection((address, int(port)), timeout=30) as sock:
         sock.sendall(head)

@@ -6,10 +6,10 @@ import zipfile
 import pytest
 from sqlalchemy import select
 
-from core.data import uploads
 from core.config import load_settings
-from core.store.db import Dataset
+from core.data import uploads
 from core.errors import UserError
+from core.store.db import Dataset
 from tests.synthetic import synthetic_image, write_dataset
 
 
@@ -33,11 +33,14 @@ def test_zip_upload_is_ingested_and_its_temp_folder_removed(settings, Session, t
     assert not any(settings.tmp_dir.iterdir())
 
 
-@pytest.mark.parametrize("filename, content, message", [
-    ("images.tar", b"x", "not a .zip file"),
-    ("empty.zip", b"", "is empty"),
-    ("broken.zip", b"PK\x03\x04 not really", "not a zip file"),
-])
+@pytest.mark.parametrize(
+    "filename, content, message",
+    [
+        ("images.tar", b"x", "not a .zip file"),
+        ("empty.zip", b"", "is empty"),
+        ("broken.zip", b"PK\x03\x04 not really", "not a zip file"),
+    ],
+)
 def test_bad_zip_uploads_are_user_errors(settings, Session, filename, content, message):
     with Session.begin() as s, pytest.raises(UserError, match=message):
         uploads.ingest_zip(s, settings, content, filename, "x")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sqlalchemy import event, update
 
+from core.evaluation.calibration import run_calibration
 from core.jobs import runs, views
 from core.store.db import EpochMetric, Run, RunStatus, engine_of
-from core.evaluation.calibration import run_calibration
 from core.store.records import CalibrationRecord, LeakAudit, RunProgress, RunSummary, Yardstick
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
@@ -34,15 +34,28 @@ def recorded(settings, Session, tmp_path) -> list[int]:
     with Session.begin() as s:
         ingest(s, settings, tmp_path / "src", "tiny")
         made = [runs.create_runs(s, settings, RunConfig(dataset="tiny", seed=seed, **TINY))[0] for seed in range(4)]
-        made[1].status, made[1].progress = RunStatus.running, {"stage": "train", "epoch": 1, "epochs": 2, "step": 3,
-                                                                "steps": 4}
+        made[1].status, made[1].progress = (
+            RunStatus.running,
+            {"stage": "train", "epoch": 1, "epochs": 2, "step": 3, "steps": 4},
+        )
         made[2].status, made[2].error = RunStatus.failed, "out of memory"
         made[3].status = RunStatus.succeeded
         made[3].summary = RunSummary(test_accuracy=0.75, best_epoch=2, protocol="holdout 80/20, seed 3").to_dict()
         s.flush()
         for run, epochs in ((made[1], 1), (made[3], 2)):
-            s.add_all(EpochMetric(run_id=run.id, epoch=e, train_loss=1.0, train_accuracy=0.5, val_loss=1.0,
-                                  val_accuracy=0.5, seconds=1.0, images_per_second=4.0) for e in range(1, epochs + 1))
+            s.add_all(
+                EpochMetric(
+                    run_id=run.id,
+                    epoch=e,
+                    train_loss=1.0,
+                    train_accuracy=0.5,
+                    val_loss=1.0,
+                    val_accuracy=0.5,
+                    seconds=1.0,
+                    images_per_second=4.0,
+                )
+                for e in range(1, epochs + 1)
+            )
         return [r.id for r in made]
 
 
@@ -82,8 +95,9 @@ def test_the_runs_page_records(recorded, Session):
     assert [by_id[i].epochs_done for i in recorded] == [0, 1, 0, 2]
     assert by_id[running].progress_bar() == (pytest.approx((0 + 3 / 4) / 2), "Epoch 1 of 2, step 3 of 4")
     assert by_id[queued].progress_bar() == (0.0, "Queued: waiting for the worker")
-    assert by_id[done].label() == (f"Run {done} · tiny · holdout · 32 px · 2 epochs · random start · 4 per class · "
-                                   "batch 4 · seed 3 · 75.0%")  # what differs from the paper's settings
+    assert by_id[done].label() == (
+        f"Run {done} · tiny · holdout · 32 px · 2 epochs · random start · 4 per class · batch 4 · seed 3 · 75.0%"
+    )  # what differs from the paper's settings
     assert [by_id[i].active for i in recorded] == [True, True, False, False]
     assert all(dataclasses.is_dataclass(r) and not isinstance(r, Run) for r in rows)  # no ORM object
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -113,8 +127,9 @@ def test_the_best_honest_run_prefers_grouped_splits_and_never_the_leaky_protocol
         rows = views.run_rows(s)
     assert views.best_honest_run(rows).id == done  # the leaky 99% and the failed run do not count
     # A run split by specimen comes before a better one split by image.
-    grouped = dataclasses.replace(rows[-1], id=999, status="succeeded", grouped=True,
-                                  summary=RunSummary(test_accuracy=0.5))
+    grouped = dataclasses.replace(
+        rows[-1], id=999, status="succeeded", grouped=True, summary=RunSummary(test_accuracy=0.5)
+    )
     assert views.best_honest_run([*rows, grouped]).id == 999
     assert views.best_honest_run([r for r in rows if r.id != done]) is None
 
@@ -124,10 +139,13 @@ def test_the_best_honest_run_prefers_grouped_splits_and_never_the_leaky_protocol
 
 
 def test_run_summary_and_progress_round_trip_and_read_old_rows():
-    nested = {"calibration": CalibrationRecord(temperature=1.5, n_val=2, val_probs=((0.6, 0.4), (0.3, 0.7)),
-                                               val_labels=(0, 1)),
-              "leak_audit": LeakAudit(n_test=4, close=1, summary="4 test vs 12 training images"),
-              "colour_yardstick": Yardstick(0.75, 12, 4, ((3, True), (9, False)))}
+    nested = {
+        "calibration": CalibrationRecord(
+            temperature=1.5, n_val=2, val_probs=((0.6, 0.4), (0.3, 0.7)), val_labels=(0, 1)
+        ),
+        "leak_audit": LeakAudit(n_test=4, close=1, summary="4 test vs 12 training images"),
+        "colour_yardstick": Yardstick(0.75, 12, 4, ((3, True), (9, False))),
+    }
     full = RunSummary(**{f.name: nested.get(f.name, i + 1) for i, f in enumerate(dataclasses.fields(RunSummary))})
     assert RunSummary.from_dict(json.loads(json.dumps(full.to_dict()))) == full
     old = {"test_accuracy": 0.5, "n_test": 8, "a_key_since_removed": 1}  # a row written by an older version
@@ -137,8 +155,10 @@ def test_run_summary_and_progress_round_trip_and_read_old_rows():
     assert RunSummary(calibration=CalibrationRecord(temperature=1.5)).temperature == 1.5
     assert RunSummary().temperature is None
 
-    for progress in (RunProgress(stage="decode", done=3, total=9),
-                     RunProgress(stage="train", epoch=2, epochs=5, step=1, steps=10)):
+    for progress in (
+        RunProgress(stage="decode", done=3, total=9),
+        RunProgress(stage="train", epoch=2, epochs=5, step=1, steps=10),
+    ):
         assert RunProgress.from_dict(json.loads(json.dumps(progress.to_dict()))) == progress
     assert RunProgress.from_dict({}).bar(5) == (0.0, "Preparing data (decode, split, augment)")
     assert RunProgress(stage="decode", done=3, total=9).bar(5) == (0.0, "Preparing data: decode 3 of 9")
@@ -149,29 +169,70 @@ def test_nested_records_are_typed_and_keep_the_json_of_old_and_new_rows():
     back in the shape they were stored in: a row read and written again is unchanged, whatever version
     wrote it; keys an older version lacked read as defaults (and stay absent), unknown keys are left out."""
     rng = np.random.default_rng(0)
-    record = run_calibration(rng.dirichlet(np.ones(3), 30), rng.integers(0, 3, 30), rng.dirichlet(np.ones(3), 10),
-                             rng.integers(0, 3, 10))
+    record = run_calibration(
+        rng.dirichlet(np.ones(3), 30), rng.integers(0, 3, 30), rng.dirichlet(np.ones(3), 10), rng.integers(0, 3, 10)
+    )
     stored = {
         "calibration": json.loads(json.dumps(record.to_dict())),
-        "leak_audit": {"warning": None, "verdict": "No copies found.", "summary": "6 test vs 24 training images",
-                       "n_test": 6, "expected_close": 0.06, "exact": 0, "near": 0, "close": 0, "nn_ratio": None},
+        "leak_audit": {
+            "warning": None,
+            "verdict": "No copies found.",
+            "summary": "6 test vs 24 training images",
+            "n_test": 6,
+            "expected_close": 0.06,
+            "exact": 0,
+            "near": 0,
+            "close": 0,
+            "nn_ratio": None,
+        },
         "colour_yardstick": {"accuracy": 0.5, "n_train": 24, "n_test": 6, "correct": {"3": True, "9": False}},
     }
     assert set(stored["calibration"]) == {  # the keys run_calibration has always written
-        "temperature", "n_val", "val_ece_before", "val_ece_after", "val_nll_before", "val_nll_after", "refer_target",
-        "refer_threshold", "refer_confidence", "refer_bound", "refer_accepted", "val_probs", "val_labels",
-        "test_ece_before", "test_ece_after", "test_coverage", "test_accepted_accuracy"}
+        "temperature",
+        "n_val",
+        "val_ece_before",
+        "val_ece_after",
+        "val_nll_before",
+        "val_nll_after",
+        "refer_target",
+        "refer_threshold",
+        "refer_confidence",
+        "refer_bound",
+        "refer_accepted",
+        "val_probs",
+        "val_labels",
+        "test_ece_before",
+        "test_ece_after",
+        "test_coverage",
+        "test_accepted_accuracy",
+    }
     summary = RunSummary.from_dict(stored)
     assert summary.to_dict() == stored
     assert summary.calibration.val_probs[0] == tuple(stored["calibration"]["val_probs"][0])
     assert summary.leak_audit.nn_ratio is None and summary.colour_yardstick.correct == ((3, True), (9, False))
 
-    older = {"calibration": {"temperature": 1.2, "n_val": 2, "refer_target": 0.9, "refer_threshold": None,
-                             "val_probs": [[0.6, 0.4], [0.3, 0.7]], "val_labels": [0, 1], "test_ece_before": 0.2,
-                             "test_ece_after": 0.1},
-             "leak_audit": {"warning": None, "summary": "4 test vs 12 training images", "n_test": 4, "exact": 0,
-                            "near": 0, "close": 1, "nn_ratio": 1.1},
-             "colour_yardstick": {"accuracy": 0.75, "n_train": 12, "n_test": 4}}
+    older = {
+        "calibration": {
+            "temperature": 1.2,
+            "n_val": 2,
+            "refer_target": 0.9,
+            "refer_threshold": None,
+            "val_probs": [[0.6, 0.4], [0.3, 0.7]],
+            "val_labels": [0, 1],
+            "test_ece_before": 0.2,
+            "test_ece_after": 0.1,
+        },
+        "leak_audit": {
+            "warning": None,
+            "summary": "4 test vs 12 training images",
+            "n_test": 4,
+            "exact": 0,
+            "near": 0,
+            "close": 1,
+            "nn_ratio": 1.1,
+        },
+        "colour_yardstick": {"accuracy": 0.75, "n_train": 12, "n_test": 4},
+    }
     again = RunSummary.from_dict({**older, "calibration": {**older["calibration"], "a_key_since_removed": 1}})
     assert again.calibration.val_nll_before is None and again.calibration.refer_confidence is None
     assert again.leak_audit.verdict is None and again.leak_audit.expected_close is None

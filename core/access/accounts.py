@@ -86,15 +86,19 @@ LOCAL_USER = User("local", EDITOR)
 def require_editor(user: User, action: str = "change records") -> None:
     """UserError unless `user` is an editor."""
     if user.role != EDITOR:
-        raise UserError(f"{user.name} is signed in as a {user.role}: only editors can {action}. "
-                        "Ask an administrator for the editor role.")
+        raise UserError(
+            f"{user.name} is signed in as a {user.role}: only editors can {action}. "
+            "Ask an administrator for the editor role."
+        )
 
 
 def check_mode(mode: str) -> str:
     """`mode` if it is a known AUTH_MODE; UserError otherwise (the app then lets nobody in)."""
     if mode not in MODES:
-        raise UserError(f"AUTH_MODE is {mode!r}; it must be one of {', '.join(MODES)}. "
-                        "Nobody can sign in until an administrator fixes it.")
+        raise UserError(
+            f"AUTH_MODE is {mode!r}; it must be one of {', '.join(MODES)}. "
+            "Nobody can sign in until an administrator fixes it."
+        )
     return mode
 
 
@@ -106,8 +110,10 @@ def check_role(role: object, where: str) -> str:
 
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise UserError(f"User name {name!r} is not usable: 1 to 64 letters, digits, '.', '_', '@' or '-', "
-                        "starting with a letter or digit.")
+        raise UserError(
+            f"User name {name!r} is not usable: 1 to 64 letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit."
+        )
     return name
 
 
@@ -167,8 +173,10 @@ def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
         raise UserError(f"{source} is not valid TOML: {e}.") from None
     unknown = sorted(set(data) - {"accounts", "oidc_roles", "tokens"})
     if unknown:
-        raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; expected [accounts.NAME], [oidc_roles] "
-                        "and [tokens.ID].")
+        raise UserError(
+            f"{source}: unknown section(s) {', '.join(unknown)}; expected [accounts.NAME], [oidc_roles] "
+            "and [tokens.ID]."
+        )
     table = data.get("accounts", {})
     if not isinstance(table, dict):
         raise UserError(f"{source}: 'accounts' must be a table of [accounts.NAME] sections.")
@@ -186,12 +194,14 @@ def parse_accounts(text: str, source: str = "the accounts file") -> Accounts:
             raise UserError(f"{where}: unknown key(s) {', '.join(extra)}; only password_hash and role belong here.")
         password_hash = entry.get("password_hash")
         if not isinstance(password_hash, str) or not password_hash.startswith("$argon2"):
-            raise UserError(f"{where}: password_hash must be an argon2 hash (python -m core.access.accounts hash makes one); "
-                            "plain-text passwords are not accepted.")
+            raise UserError(
+                f"{where}: password_hash must be an argon2 hash (python -m core.access.accounts hash makes one); "
+                "plain-text passwords are not accepted."
+            )
         result.accounts[name] = Account(name, password_hash, check_role(entry.get("role"), where))
     roles = data.get("oidc_roles", {})
     if not isinstance(roles, dict):
-        raise UserError(f"{source}: 'oidc_roles' must be a table of \"address\" = \"role\" lines.")
+        raise UserError(f'{source}: \'oidc_roles\' must be a table of "address" = "role" lines.')
     for address, role in roles.items():
         result.oidc_roles[address.strip().lower()] = check_role(role, f"{source}, oidc_roles {address!r}")
     result.tokens = _parse_tokens(data.get("tokens", {}), source)
@@ -210,22 +220,27 @@ def _parse_tokens(table: object, source: str) -> dict[str, ApiToken]:
     for token_id, entry in table.items():
         where = f"{source}, token {token_id!r}"
         if not _TOKEN_ID.fullmatch(token_id) or not isinstance(entry, dict):
-            raise UserError(f"{where}: expected a [tokens.ID] section (ID: 12 hex digits) with name, role, "
-                            "secret_hash and created_at, as `python -m core.access.accounts token add` writes it.")
+            raise UserError(
+                f"{where}: expected a [tokens.ID] section (ID: 12 hex digits) with name, role, "
+                "secret_hash and created_at, as `python -m core.access.accounts token add` writes it."
+            )
         keys = {"name", "role", "secret_hash", "created_at"}
         if set(entry) != keys or not all(isinstance(entry[k], str) for k in keys):
             raise UserError(f"{where}: needs exactly name, role, secret_hash and created_at, each a string.")
         # "$argon2...": a token made before secrets were kept as SHA-256 digests, refused when used
         # (core/access/tokens.py) but read, so that the rest of the file still works.
         if not _SECRET_HASH.fullmatch(entry["secret_hash"]):
-            raise UserError(f"{where}: secret_hash must be sha256: and 64 hex digits, as `token add` writes it; "
-                            "tokens are never stored in plain text.")
+            raise UserError(
+                f"{where}: secret_hash must be sha256: and 64 hex digits, as `token add` writes it; "
+                "tokens are never stored in plain text."
+            )
         try:
             check_name(entry["name"])
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        tokens[token_id] = ApiToken(token_id, entry["name"], check_role(entry["role"], where), entry["secret_hash"],
-                                    entry["created_at"])
+        tokens[token_id] = ApiToken(
+            token_id, entry["name"], check_role(entry["role"], where), entry["secret_hash"], entry["created_at"]
+        )
     return tokens
 
 
@@ -236,8 +251,10 @@ def load_accounts(path: Path, *, missing_ok: bool = False) -> Accounts:
     except FileNotFoundError:
         if missing_ok:
             return Accounts()
-        raise UserError(f"No accounts file at {path}. An administrator adds the first account with "
-                        "`python -m core.access.accounts add NAME --role editor` (AUTH_FILE sets where it lives).") from None
+        raise UserError(
+            f"No accounts file at {path}. An administrator adds the first account with "
+            "`python -m core.access.accounts add NAME --role editor` (AUTH_FILE sets where it lives)."
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"The accounts file {path} cannot be read: {e}.") from None
     return parse_accounts(text, f"The accounts file {path}")
@@ -261,20 +278,34 @@ def _toml_string(value: str) -> str:
 
 
 def format_accounts(accounts: Accounts) -> str:
-    lines = ["# Accounts of the web app (AUTH_MODE=password) and roles of OIDC addresses (AUTH_MODE=oidc).",
-             "# Passwords are stored only as argon2id hashes. `python -m core.access.accounts` rewrites this file",
-             "# (comments are not kept)."]
+    lines = [
+        "# Accounts of the web app (AUTH_MODE=password) and roles of OIDC addresses (AUTH_MODE=oidc).",
+        "# Passwords are stored only as argon2id hashes. `python -m core.access.accounts` rewrites this file",
+        "# (comments are not kept).",
+    ]
     for name in sorted(accounts.accounts):
         a = accounts.accounts[name]
-        lines += ["", f"[accounts.{_toml_string(name)}]", f"password_hash = {_toml_string(a.password_hash)}",
-                  f"role = {_toml_string(a.role)}"]
+        lines += [
+            "",
+            f"[accounts.{_toml_string(name)}]",
+            f"password_hash = {_toml_string(a.password_hash)}",
+            f"role = {_toml_string(a.role)}",
+        ]
     if accounts.oidc_roles:
         lines += ["", "[oidc_roles]"]
-        lines += [f"{_toml_string(address)} = {_toml_string(role)}" for address, role in sorted(accounts.oidc_roles.items())]
+        lines += [
+            f"{_toml_string(address)} = {_toml_string(role)}" for address, role in sorted(accounts.oidc_roles.items())
+        ]
     for token_id in sorted(accounts.tokens):
         t = accounts.tokens[token_id]
-        lines += ["", f"[tokens.{_toml_string(t.id)}]", f"name = {_toml_string(t.name)}", f"role = {_toml_string(t.role)}",
-                  f"secret_hash = {_toml_string(t.secret_hash)}", f"created_at = {_toml_string(t.created_at)}"]
+        lines += [
+            "",
+            f"[tokens.{_toml_string(t.id)}]",
+            f"name = {_toml_string(t.name)}",
+            f"role = {_toml_string(t.role)}",
+            f"secret_hash = {_toml_string(t.secret_hash)}",
+            f"created_at = {_toml_string(t.created_at)}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -334,8 +365,9 @@ def authenticate(accounts: Accounts, name: str, password: str) -> User | None:
     return User(account.name, account.role) if verify_password(account.password_hash, password) else None
 
 
-def sign_in(accounts: Accounts, name: str, password: str, throttle: SignInThrottle | None = None,
-            address: str | None = None) -> User:
+def sign_in(
+    accounts: Accounts, name: str, password: str, throttle: SignInThrottle | None = None, address: str | None = None
+) -> User:
     """The signed-in user; UserError with one message for any wrong name or password.
 
     With a `throttle`, the attempt from `address` (None: the server's own machine) is counted

@@ -19,8 +19,8 @@ from typing import BinaryIO
 from sqlalchemy.exc import OperationalError
 
 from core.config import Settings
-from core.store.db import NAME_LENGTH
 from core.errors import UserError
+from core.store.db import NAME_LENGTH
 
 MB = 1024**2  # Streamlit's server.maxUploadSize counts MB this way
 GB = 1000**3
@@ -153,8 +153,10 @@ def check_name_length(value: str, what: str) -> str:
     holds a NUL character (which PostgreSQL cannot store in text)."""
     check_text(value, what)
     if len(value) > NAME_LENGTH:
-        raise UserError(f"{what} '{value[:60]}...' is {len(value)} characters long; names can be at most "
-                        f"{NAME_LENGTH} characters. Choose a shorter one.")
+        raise UserError(
+            f"{what} '{value[:60]}...' is {len(value)} characters long; names can be at most "
+            f"{NAME_LENGTH} characters. Choose a shorter one."
+        )
     return value
 
 
@@ -186,8 +188,9 @@ def disk_full_error(what: str, folder: Path, *, then: str = "", page: str = "") 
     """The UserError of a full disk: `what` could not be stored, the space left where it was to go
     (`folder`, not named: a user has no business with the server's folders), and what to do, `then`
     (the command line's words; `page` the pages' words, where they differ)."""
-    then = then or ("Nothing was stored. Delete datasets or runs that are no longer needed, or ask an "
-                    "administrator to free space.")
+    then = then or (
+        "Nothing was stored. Delete datasets or runs that are no longer needed, or ask an administrator to free space."
+    )
     head = f"The disk is full: {what} could not be stored ({_free_text(folder)})."
     return UserError(f"{head} {then}", page=f"{head} {page}" if page else None)
 

@@ -35,8 +35,11 @@ def remember(session: Session, cookie: str | None, user: str, hours: float) -> b
         return False
     now = utcnow()
     session.execute(delete(BrowserSignIn).where(BrowserSignIn.expires_at < now))  # pruned as it goes
-    session.merge(BrowserSignIn(cookie_sha256=_digest(cookie), user=user, signed_in_at=now,
-                                expires_at=now + timedelta(hours=hours)))
+    session.merge(
+        BrowserSignIn(
+            cookie_sha256=_digest(cookie), user=user, signed_in_at=now, expires_at=now + timedelta(hours=hours)
+        )
+    )
     return True
 
 
@@ -44,8 +47,11 @@ def recall(session: Session, cookie: str | None) -> str | None:
     """The user `cookie`'s browser is signed in as, while the sign-in has not expired."""
     if not cookie or len(cookie) < MIN_COOKIE_LENGTH:
         return None
-    return session.scalar(select(BrowserSignIn.user).where(BrowserSignIn.cookie_sha256 == _digest(cookie),
-                                                           BrowserSignIn.expires_at > utcnow()))
+    return session.scalar(
+        select(BrowserSignIn.user).where(
+            BrowserSignIn.cookie_sha256 == _digest(cookie), BrowserSignIn.expires_at > utcnow()
+        )
+    )
 
 
 def forget(session: Session, cookie: str | None) -> None:

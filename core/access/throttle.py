@@ -16,9 +16,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 
-from core.store.db import SignInFailures, utcnow
 from core.errors import UserError
-from core.store.db import engine_of, write_transaction
+from core.store.db import SignInFailures, engine_of, utcnow, write_transaction
 
 LOCAL_ADDRESS = "local"  # the address of a client on the server's own machine (Streamlit reports none)
 
@@ -56,8 +55,14 @@ class SignInThrottle:
     and only a wrong one is counted, so the throttle never refuses a right token.
     """
 
-    def __init__(self, Session: sessionmaker, *, pair: Limit = Limit(5, 60), address: Limit = Limit(20, 300),
-                 name: Limit = Limit(50, 300)) -> None:
+    def __init__(
+        self,
+        Session: sessionmaker,
+        *,
+        pair: Limit = Limit(5, 60),
+        address: Limit = Limit(20, 300),
+        name: Limit = Limit(50, 300),
+    ) -> None:
         self.engine = engine_of(Session)
         self.limits = {"pair": pair, "address": address, "name": name}
 
@@ -85,9 +90,15 @@ class SignInThrottle:
             pruned = now - timedelta(seconds=longest)
             conn.execute(delete(SignInFailures).where(SignInFailures.last_failure_at < pruned))
             _insert_missing(conn, sorted(keys.values()))
-            rows = {key: (failures, last) for key, failures, last in conn.execute(
-                select(SignInFailures.key, SignInFailures.failures, SignInFailures.last_failure_at)
-                .where(SignInFailures.key.in_(keys.values())).order_by(SignInFailures.key).with_for_update())}
+            rows = {
+                key: (failures, last)
+                for key, failures, last in conn.execute(
+                    select(SignInFailures.key, SignInFailures.failures, SignInFailures.last_failure_at)
+                    .where(SignInFailures.key.in_(keys.values()))
+                    .order_by(SignInFailures.key)
+                    .with_for_update()
+                )
+            }
             wait, counts, guessed_at = 0.0, {}, False
             for kind, key in keys.items():
                 failures, last = rows[key]
@@ -106,17 +117,22 @@ class SignInThrottle:
             if guessed_at:  # this address's one try at the name for now; a right password takes it back
                 counts[keys["pair"]] = max(counts[keys["pair"]], self.limits["pair"].max_failures)
             for key, failures in counts.items():
-                conn.execute(update(SignInFailures).where(SignInFailures.key == key)
-                             .values(failures=failures, last_failure_at=now))
+                conn.execute(
+                    update(SignInFailures)
+                    .where(SignInFailures.key == key)
+                    .values(failures=failures, last_failure_at=now)
+                )
 
     def succeeded(self, name: str, address: str | None) -> None:
         """The password of this attempt was right: take the attempt back."""
         keys = self.keys(name, address)
         with write_transaction(self.engine) as conn:
             conn.execute(delete(SignInFailures).where(SignInFailures.key == keys["pair"]))
-            conn.execute(update(SignInFailures)
-                         .where(SignInFailures.key.in_([keys["address"], keys["name"]]), SignInFailures.failures > 0)
-                         .values(failures=SignInFailures.failures - 1))
+            conn.execute(
+                update(SignInFailures)
+                .where(SignInFailures.key.in_([keys["address"], keys["name"]]), SignInFailures.failures > 0)
+                .values(failures=SignInFailures.failures - 1)
+            )
 
 
 def _insert_missing(conn: Connection, keys: list[str]) -> None:

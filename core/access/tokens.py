@@ -30,11 +30,18 @@ import hmac
 import re
 import secrets
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from core.access.accounts import (
-    ROLES, Accounts, ApiToken, User, check_name, check_role, load_accounts, write_accounts,
+    ROLES,
+    Accounts,
+    ApiToken,
+    User,
+    check_name,
+    check_role,
+    load_accounts,
+    write_accounts,
 )
 from core.errors import UserError
 
@@ -70,8 +77,7 @@ def add_token(path: Path, name: str, role: str) -> tuple[ApiToken, str]:
     while token_id in accounts.tokens:
         token_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    record = ApiToken(token_id, name, role, secret_digest(secret),
-                      datetime.now(timezone.utc).replace(microsecond=0).isoformat())
+    record = ApiToken(token_id, name, role, secret_digest(secret), datetime.now(UTC).replace(microsecond=0).isoformat())
     accounts.tokens[token_id] = record
     write_accounts(path, accounts)
     return record, f"{PREFIX}_{token_id}_{secret}"
@@ -103,9 +109,11 @@ def token_user(accounts: Accounts, token: str) -> User | None:
     record = accounts.tokens.get(token_id)
     if record is not None and is_old(record):
         # Its holder is told what to do; the message names no one, as whoever sends the id reads it.
-        raise OldToken(f"API token {token_id} dates from before tokens were stored as SHA-256 digests and is no "
-                       "longer accepted. Ask an administrator for a new one (`python -m core.access.accounts token "
-                       f"add NAME --role ROLE`) and to remove this one (`token remove {token_id}`).")
+        raise OldToken(
+            f"API token {token_id} dates from before tokens were stored as SHA-256 digests and is no "
+            "longer accepted. Ask an administrator for a new one (`python -m core.access.accounts token "
+            f"add NAME --role ROLE`) and to remove this one (`token remove {token_id}`)."
+        )
     right = hmac.compare_digest(record.secret_hash if record else _NO_TOKEN, secret_digest(secret))
     return User(record.name, record.role) if record is not None and right else None
 
@@ -120,8 +128,11 @@ def add_token_commands(sub: argparse._SubParsersAction) -> None:
     p = commands.add_parser("add", help="make a token and print it (once: only its hash is kept)")
     p.add_argument("name", help="whom the token acts as (runs it queues are recorded under this name)")
     p.add_argument("--role", choices=ROLES, required=True)
-    commands.add_parser("list", help="list tokens: id, name, role, when made (never the tokens); a fifth column "
-                                     "marks an old token that is refused until it is made again")
+    commands.add_parser(
+        "list",
+        help="list tokens: id, name, role, when made (never the tokens); a fifth column "
+        "marks an old token that is refused until it is made again",
+    )
     p = commands.add_parser("remove", help="remove a token; it is refused from its next request on")
     p.add_argument("id", help="the token's id, as `token list` shows it")
 
@@ -130,8 +141,11 @@ def token_command(path: Path, args: argparse.Namespace) -> None:
     if args.token_command == "add":
         record, token = add_token(path, args.name, args.role)
         print(token)  # alone on stdout, so a script can capture it
-        print(f"added token {record.id} for {record.name} ({record.role}) in {path}. It is shown only now: "
-              "keep it somewhere safe.", file=sys.stderr)
+        print(
+            f"added token {record.id} for {record.name} ({record.role}) in {path}. It is shown only now: "
+            "keep it somewhere safe.",
+            file=sys.stderr,
+        )
     elif args.token_command == "list":
         for t in sorted(load_accounts(path).tokens.values(), key=lambda t: (t.name, t.created_at)):
             old = "\told: refused, make it again" if is_old(t) else ""

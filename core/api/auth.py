@@ -54,14 +54,21 @@ class Authenticator:
         address = request.client.host if request.client else None
         if mode == "none":
             if address not in LOOPBACK:
-                raise ApiError(403, "AUTH_MODE is none (no sign-in), so the API answers only on the server's own "
-                                    "machine (127.0.0.1 or ::1). An administrator sets AUTH_MODE=password and gives "
-                                    "out API tokens for use from elsewhere.")
+                raise ApiError(
+                    403,
+                    "AUTH_MODE is none (no sign-in), so the API answers only on the server's own "
+                    "machine (127.0.0.1 or ::1). An administrator sets AUTH_MODE=password and gives "
+                    "out API tokens for use from elsewhere.",
+                )
             return LOCAL_USER
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "Send an API token: Authorization: Bearer lk_... (an administrator makes one with "
-                                "`python -m core.access.accounts token add NAME --role viewer`).", BEARER)
+            raise ApiError(
+                401,
+                "Send an API token: Authorization: Bearer lk_... (an administrator makes one with "
+                "`python -m core.access.accounts token add NAME --role viewer`).",
+                BEARER,
+            )
         return self.token_user(token.strip(), address)
 
     def token_user(self, token: str, address: str | None) -> User:

@@ -75,8 +75,9 @@ def _counting(receive: Receive, limit: int | None) -> Receive:
 async def read_images(request: Request, settings: Settings) -> tuple[list[ImageInput], str | None]:
     """The files under the form field `images`, and the form's `run` field (None when absent)."""
     if media_type(request) != "multipart/form-data":
-        raise ApiError(400, f"Send the images as Content-Type: multipart/form-data, each under the field "
-                            f"'{IMAGES_FIELD}'.")
+        raise ApiError(
+            400, f"Send the images as Content-Type: multipart/form-data, each under the field '{IMAGES_FIELD}'."
+        )
     limit = upload_limit(settings)
     check_declared(request, limit, "MAX_UPLOAD_MB limit")
     counted = Request(request.scope, _counting(request.receive, limit))
@@ -94,8 +95,7 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[ImageI
     except HTTPException as e:  # a malformed multipart body, in Starlette's words
         raise ApiError(400, f"The form cannot be read: {e.detail}") from None
     if not images:
-        raise ApiError(422, f"Send one or more images as multipart/form-data, each under the field "
-                            f"'{IMAGES_FIELD}'.")
+        raise ApiError(422, f"Send one or more images as multipart/form-data, each under the field '{IMAGES_FIELD}'.")
     return images, run
 
 
@@ -144,8 +144,10 @@ def _check_nesting(value: Any) -> None:
 
 def _check_text(text: str, what: str) -> None:
     if "\x00" in text:
-        raise ApiError(422, f"{what} holds a NUL character ({text.replace(chr(0), '?')[:60]!r}); "
-                            "no name or value here can have one.")
+        raise ApiError(
+            422,
+            f"{what} holds a NUL character ({text.replace(chr(0), '?')[:60]!r}); no name or value here can have one.",
+        )
 
 
 SLIDE_FIELD = "slide"
@@ -159,12 +161,18 @@ async def read_slide(request: Request, settings: Settings) -> tuple[UploadFile |
     if media_type(request) == "application/json":
         data = await read_json(request)
         if not isinstance(data, dict) or not isinstance(data.get("path"), str):
-            raise ApiError(422, "Send {\"path\": the slide's path on the server, \"run\": ..., \"mpp\": ...} as JSON, "
-                                f"or the slide's file as multipart/form-data under the field '{SLIDE_FIELD}'.")
+            raise ApiError(
+                422,
+                'Send {"path": the slide\'s path on the server, "run": ..., "mpp": ...} as JSON, '
+                f"or the slide's file as multipart/form-data under the field '{SLIDE_FIELD}'.",
+            )
         return None, {k: str(data[k]) for k in ("path", "run", "mpp") if data.get(k) is not None}
     if media_type(request) != "multipart/form-data":
-        raise ApiError(400, f"Send the slide as multipart/form-data under the field '{SLIDE_FIELD}', or its path on "
-                            "the server as JSON.")
+        raise ApiError(
+            400,
+            f"Send the slide as multipart/form-data under the field '{SLIDE_FIELD}', or its path on "
+            "the server as JSON.",
+        )
     limit = upload_limit(settings)
     check_declared(request, limit, "MAX_UPLOAD_MB limit")
     counted = Request(request.scope, _counting(request.receive, limit))

@@ -67,4 +67,6 @@ class JsonErrors:
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """The router's answer to a path it does not know."""
-    await error_response(404, "No such address in the API; its openapi.json lists the addresses it has.")(scope, receive, send)
+    await error_response(404, "No such address in the API; its openapi.json lists the addresses it has.")(
+        scope, receive, send
+    )

@@ -42,20 +42,29 @@ def check_request(request: HTTPConnection, settings: Settings) -> None:
     """ApiError (403, 400, 422) for a request the API must not act on; see the module docstring."""
     origin = request.headers.get("origin")
     if origin is not None and not origin_allowed(origin, request.scope, settings.allowed_origins):
-        raise ApiError(403, f"This request comes from a web page of another site (Origin: {origin[:100]!r}), "
-                            "which the API does not answer. Call it from a program (which sends no Origin), or "
-                            "have an administrator add that origin to ALLOWED_ORIGINS.")
+        raise ApiError(
+            403,
+            f"This request comes from a web page of another site (Origin: {origin[:100]!r}), "
+            "which the API does not answer. Call it from a program (which sends no Origin), or "
+            "have an administrator add that origin to ALLOWED_ORIGINS.",
+        )
     listed = origin is not None and origin_of(origin) in {origin_of(o) for o in settings.allowed_origins}
     if request.headers.get("sec-fetch-site", "").lower() in OTHER_SITE and not listed:
         raise ApiError(403, "This request comes from a web page of another site, which the API does not answer.")
     if request.scope["method"] not in SAFE_METHODS and media_type(request) not in BODY_TYPES:
-        raise ApiError(400, "Send the request's body as Content-Type: application/json (images to /predict as "
-                            "multipart/form-data); the API refuses other content types, which any web page could "
-                            "send in your browser's name.")
+        raise ApiError(
+            400,
+            "Send the request's body as Content-Type: application/json (images to /predict as "
+            "multipart/form-data); the API refuses other content types, which any web page could "
+            "send in your browser's name.",
+        )
     for key, value in request.query_params.multi_items():
         if "\x00" in key or "\x00" in value:
-            raise ApiError(422, f"The query parameter {key.replace(chr(0), '')!r} holds a NUL character, which "
-                                "no name or value here can have.")
+            raise ApiError(
+                422,
+                f"The query parameter {key.replace(chr(0), '')!r} holds a NUL character, which "
+                "no name or value here can have.",
+            )
 
 
 class ApiGuard:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ def when(value: datetime | None) -> str | None:
     """ISO 8601 with its offset; the database keeps UTC without one."""
     if value is None:
         return None
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 def plain(value: Any) -> Any:
@@ -48,13 +48,29 @@ def run_json(row: RunRow) -> dict[str, Any]:
     """One run as the Runs table lists it."""
     fraction, text = row.progress_bar()
     return {
-        "id": row.id, "status": row.status, "label": row.label(), "dataset": row.dataset, "classes": list(row.classes),
-        "protocol": row.protocol, "leaky": row.leaky, "grouped": row.grouped, "experiment": row.experiment,
-        "fold": row.fold, "seed": row.seed, "weights": row.weights, "device": row.device,
-        "created_at": when(row.created_at), "created_by": row.created_by, "started_at": when(row.started_at),
-        "finished_at": when(row.finished_at), "seconds": row.seconds, "epochs": row.config.epochs,
-        "epochs_done": row.epochs_done, "progress": {"fraction": fraction, "text": text},
-        "test_accuracy": plain(row.summary.test_accuracy), "cancel_requested": row.cancel_requested,
+        "id": row.id,
+        "status": row.status,
+        "label": row.label(),
+        "dataset": row.dataset,
+        "classes": list(row.classes),
+        "protocol": row.protocol,
+        "leaky": row.leaky,
+        "grouped": row.grouped,
+        "experiment": row.experiment,
+        "fold": row.fold,
+        "seed": row.seed,
+        "weights": row.weights,
+        "device": row.device,
+        "created_at": when(row.created_at),
+        "created_by": row.created_by,
+        "started_at": when(row.started_at),
+        "finished_at": when(row.finished_at),
+        "seconds": row.seconds,
+        "epochs": row.config.epochs,
+        "epochs_done": row.epochs_done,
+        "progress": {"fraction": fraction, "text": text},
+        "test_accuracy": plain(row.summary.test_accuracy),
+        "cancel_requested": row.cancel_requested,
     }
 
 
@@ -65,17 +81,32 @@ def epoch_json(e: EpochRow) -> dict[str, Any]:
 def run_detail_json(curves: RunCurves, error: str | None) -> dict[str, Any]:
     """One run with its settings, what it found out, where it is and its epochs: the Runs page's panel."""
     row = curves.run
-    return {**run_json(row), "config": plain(row.config.to_dict()), "summary": plain(row.summary.to_dict()),
-            "progress_detail": plain(row.progress.to_dict()), "error": error,
-            "epoch_metrics": [epoch_json(e) for e in curves.epochs]}
+    return {
+        **run_json(row),
+        "config": plain(row.config.to_dict()),
+        "summary": plain(row.summary.to_dict()),
+        "progress_detail": plain(row.progress.to_dict()),
+        "error": error,
+        "epoch_metrics": [epoch_json(e) for e in curves.epochs],
+    }
 
 
 def model_json(row: RunRow, model_sha256: str | None, approved: bool) -> dict[str, Any]:
     """A succeeded run whose model file can classify images."""
-    return {"run_id": row.id, "label": row.label(), "dataset": row.dataset, "classes": list(row.classes),
-            "image_size": row.config.image_size, "protocol": row.protocol, "leaky": row.leaky,
-            "test_accuracy": plain(row.summary.test_accuracy), "calibrated": row.summary.temperature is not None,
-            "model_sha256": model_sha256, "approved": approved, "finished_at": when(row.finished_at)}
+    return {
+        "run_id": row.id,
+        "label": row.label(),
+        "dataset": row.dataset,
+        "classes": list(row.classes),
+        "image_size": row.config.image_size,
+        "protocol": row.protocol,
+        "leaky": row.leaky,
+        "test_accuracy": plain(row.summary.test_accuracy),
+        "calibrated": row.summary.temperature is not None,
+        "model_sha256": model_sha256,
+        "approved": approved,
+        "finished_at": when(row.finished_at),
+    }
 
 
 def classified_json(c: Any) -> dict[str, Any]:
@@ -95,11 +126,22 @@ def logged_json(r: Any) -> dict[str, Any]:
 def slide_job_json(view, prefix: str) -> dict[str, Any]:
     """A slide job (core/jobs/slide_jobs.py SlideJobView) as the API answers it."""
     left = view.seconds_left()
-    body = {"id": view.id, "run_id": view.run_id, "slide_name": view.slide_name, "user": view.user,
-            "status": view.status.value, "created_at": when(view.created_at), "started_at": when(view.started_at),
-            "finished_at": when(view.finished_at), "tiles_done": view.done, "tiles_total": view.total,
-            "seconds_left": None if left is None else round(left, 1), "error": view.error,
-            "verdict": plain(view.verdict), "url": f"{prefix}/slides/{view.id}"}
+    body = {
+        "id": view.id,
+        "run_id": view.run_id,
+        "slide_name": view.slide_name,
+        "user": view.user,
+        "status": view.status.value,
+        "created_at": when(view.created_at),
+        "started_at": when(view.started_at),
+        "finished_at": when(view.finished_at),
+        "tiles_done": view.done,
+        "tiles_total": view.total,
+        "seconds_left": None if left is None else round(left, 1),
+        "error": view.error,
+        "verdict": plain(view.verdict),
+        "url": f"{prefix}/slides/{view.id}",
+    }
     if view.verdict is not None:
         body["geojson_url"] = f"{prefix}/slides/{view.id}/geojson"
         body["tiles_csv_url"] = f"{prefix}/slides/{view.id}/tiles.csv"

@@ -30,7 +30,7 @@ the rule is core/inference/prediction_log.py's, so the Predict page's history fo
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
@@ -79,20 +79,23 @@ register_url_convertor("id64", Id64Convertor())
 def api_routes(settings: Settings | None = None, prefix: str = API_PREFIX) -> list[BaseRoute]:
     """The API as one Starlette route, mounted at `prefix` (settings: the environment's by default)."""
     api = Api(settings or load_settings(), prefix)
-    router = Router([
-        Route("/health", api.health, methods=["GET"]),
-        Route("/openapi.json", api.openapi, methods=["GET"]),
-        Route("/predict", api.predict, methods=["POST"]),
-        Route("/models", api.models, methods=["GET"]),
-        Route("/runs", api.runs, methods=["GET"]),
-        Route("/runs", api.queue_run, methods=["POST"]),
-        Route("/runs/{run_id:id64}", api.run, methods=["GET"]),
-        Route("/predictions", api.predictions, methods=["GET"]),
-        Route("/slides", api.queue_slide, methods=["POST"]),
-        Route("/slides/{job_id:id64}", api.slide, methods=["GET"]),
-        Route("/slides/{job_id:id64}/geojson", api.slide_file, methods=["GET"]),
-        Route("/slides/{job_id:id64}/tiles.csv", api.slide_file, methods=["GET"]),
-    ], default=not_found)
+    router = Router(
+        [
+            Route("/health", api.health, methods=["GET"]),
+            Route("/openapi.json", api.openapi, methods=["GET"]),
+            Route("/predict", api.predict, methods=["POST"]),
+            Route("/models", api.models, methods=["GET"]),
+            Route("/runs", api.runs, methods=["GET"]),
+            Route("/runs", api.queue_run, methods=["POST"]),
+            Route("/runs/{run_id:id64}", api.run, methods=["GET"]),
+            Route("/predictions", api.predictions, methods=["GET"]),
+            Route("/slides", api.queue_slide, methods=["POST"]),
+            Route("/slides/{job_id:id64}", api.slide, methods=["GET"]),
+            Route("/slides/{job_id:id64}/geojson", api.slide_file, methods=["GET"]),
+            Route("/slides/{job_id:id64}/tiles.csv", api.slide_file, methods=["GET"]),
+        ],
+        default=not_found,
+    )
     return [Mount(prefix, app=JsonErrors(ApiGuard(router, api.settings)))]
 
 
@@ -122,8 +125,9 @@ def mpp_param(value: str | None) -> float | None:
     try:
         return check_mpp(float(value), "'mpp'")
     except (ValueError, UserError):
-        raise ApiError(422, f"'mpp' must be the slide's microns per pixel, from 0.05 to 20, not {value[:40]!r}."
-                       ) from None
+        raise ApiError(
+            422, f"'mpp' must be the slide's microns per pixel, from 0.05 to 20, not {value[:40]!r}."
+        ) from None
 
 
 def time_param(value: str | None, name: str) -> datetime | None:
@@ -133,10 +137,13 @@ def time_param(value: str | None, name: str) -> datetime | None:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         # Its offset can move a time at the calendar's ends (year 1, year 9999) out of it: OverflowError.
-        return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+        return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
     except (ValueError, OverflowError):
-        raise ApiError(422, f"'{name}' must be an ISO 8601 time from year 1 to 9999 in UTC, such as "
-                            f"2026-01-31T09:00:00Z, not {value[:60]!r}.") from None
+        raise ApiError(
+            422,
+            f"'{name}' must be an ISO 8601 time from year 1 to 9999 in UTC, such as "
+            f"2026-01-31T09:00:00Z, not {value[:60]!r}.",
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,10 +175,24 @@ class Api:
                 panel = views.worker_panel(s, self.settings)
         except (SQLAlchemyError, OSError):
             log.exception("health check: the database does not answer")
-            return JSONResponse({"status": "unavailable", "database": False, "worker": None, "queued": None,
-                                 "error": "The database does not answer; the server's log says why."}, status_code=503)
-        return JSONResponse({"status": "ok" if panel.alive else "no worker", "database": True, "worker": panel.alive,
-                             "queued": panel.queued})
+            return JSONResponse(
+                {
+                    "status": "unavailable",
+                    "database": False,
+                    "worker": None,
+                    "queued": None,
+                    "error": "The database does not answer; the server's log says why.",
+                },
+                status_code=503,
+            )
+        return JSONResponse(
+            {
+                "status": "ok" if panel.alive else "no worker",
+                "database": True,
+                "worker": panel.alive,
+                "queued": panel.queued,
+            }
+        )
 
     async def openapi(self, request: Request) -> JSONResponse:
         return JSONResponse(openapi.document(self.prefix))
@@ -183,16 +204,22 @@ class Api:
         if run_id is not None:
             await run_in_threadpool(self._known_run, run_id)
         try:
-            results = await run_in_threadpool(service.classify, self.Session, self.settings, user, images,
-                                              run_id=run_id, source="api")
+            results = await run_in_threadpool(
+                service.classify, self.Session, self.settings, user, images, run_id=run_id, source="api"
+            )
         except admission.TooManyPixels as e:
             raise ApiError(413, str(e)) from None
         except admission.UserBusy as e:
             raise ApiError(429, str(e)) from None
         except admission.ServerBusy as e:
             raise ApiError(503, str(e), {"Retry-After": str(e.retry_after)}) from None
-        return JSONResponse({"run_id": results[0].run_id, "model_sha256": results[0].model_sha256,
-                             "predictions": [payloads.classified_json(c) for c in results]})
+        return JSONResponse(
+            {
+                "run_id": results[0].run_id,
+                "model_sha256": results[0].model_sha256,
+                "predictions": [payloads.classified_json(c) for c in results],
+            }
+        )
 
     def _known_run(self, run_id: int) -> None:
         with self.Session() as s:
@@ -211,8 +238,14 @@ class Api:
             approved = {a.run_id for a in approval.current_approvals(s)}
             default = approval.approved_run(s)
         usable = [(r, model_path(self.settings, r.id)) for r in rows]
-        return [{**payloads.model_json(r, approval.file_sha256(path), r.id in approved),
-                 "default": default is not None and default.run_id == r.id} for r, path in usable if path.exists()]
+        return [
+            {
+                **payloads.model_json(r, approval.file_sha256(path), r.id in approved),
+                "default": default is not None and default.run_id == r.id,
+            }
+            for r, path in usable
+            if path.exists()
+        ]
 
     async def runs(self, request: Request) -> JSONResponse:
         await self.user(request)
@@ -252,8 +285,11 @@ class Api:
         name, notes = run_words(data)
         config = config_from_json(data, self.settings)
         rows = await run_in_threadpool(self._queue, config, user, name, notes)
-        return JSONResponse({"run_ids": [r["id"] for r in rows], "runs": rows}, status_code=201,
-                            headers={"Location": f"{self.prefix}/runs/{rows[0]['id']}"})
+        return JSONResponse(
+            {"run_ids": [r["id"] for r in rows], "runs": rows},
+            status_code=201,
+            headers={"Location": f"{self.prefix}/runs/{rows[0]['id']}"},
+        )
 
     def _queue(self, config, user: User, name: str | None, notes: str | None) -> list[dict]:
         """As the Train page launches: the weights checked first, the runs recorded, a worker made sure of."""
@@ -270,9 +306,14 @@ class Api:
         user = await self.user(request)
         q = request.query_params
         limit = int_param(q.get("limit"), "limit", 1, MAX_LOG_ROWS) or prediction_log.DEFAULT_LIMIT
-        filters = dict(since=time_param(q.get("since"), "since"), until=time_param(q.get("until"), "until"),
-                       run_id=int_param(q.get("run"), "run"), user=q.get("user") or None,
-                       predicted=q.get("predicted") or None, limit=limit)
+        filters = dict(
+            since=time_param(q.get("since"), "since"),
+            until=time_param(q.get("until"), "until"),
+            run_id=int_param(q.get("run"), "run"),
+            user=q.get("user") or None,
+            predicted=q.get("predicted") or None,
+            limit=limit,
+        )
         return JSONResponse({"predictions": await run_in_threadpool(self._predictions, user, filters)})
 
     def _predictions(self, reader: User, filters: dict) -> list[dict]:
@@ -282,7 +323,6 @@ class Api:
             except UserError as e:  # a viewer asking for someone else's rows
                 raise ApiError(403, str(e)) from None
             return [payloads.logged_json(p) for p in rows]
-
 
     # Whole slides ----------------------------------------------------------------------------
 
@@ -310,13 +350,24 @@ class Api:
         self._known_run(run_id)
         if upload is not None:
             name = upload.filename or "slide"
-            stored = slide_jobs.store_upload(self.settings, name, upload.file, bodies.upload_limit(self.settings)
-                                             or 2**62)
-            job_id = slide_jobs.queue_slide(self.Session, self.settings, user, run_id, name=name, path=stored,
-                                            uploaded=True, source="api", mpp=mpp)
+            stored = slide_jobs.store_upload(
+                self.settings, name, upload.file, bodies.upload_limit(self.settings) or 2**62
+            )
+            job_id = slide_jobs.queue_slide(
+                self.Session, self.settings, user, run_id, name=name, path=stored, uploaded=True, source="api", mpp=mpp
+            )
         else:
-            job_id = slide_jobs.queue_slide(self.Session, self.settings, user, run_id, name=Path(path).name,
-                                            path=Path(path), uploaded=False, source="api", mpp=mpp)
+            job_id = slide_jobs.queue_slide(
+                self.Session,
+                self.settings,
+                user,
+                run_id,
+                name=Path(path).name,
+                path=Path(path),
+                uploaded=False,
+                source="api",
+                mpp=mpp,
+            )
         worker.ensure_worker(self.settings)
         return job_id
 
@@ -350,5 +401,8 @@ class Api:
         if path is None:
             raise ApiError(409, f"Slide job {view.id} is {view.status.value}; its files come once it has succeeded.")
         stem = Path(view.slide_name).stem or "slide"
-        return FileResponse(path, media_type="application/geo+json" if geojson else "text/csv",
-                            filename=f"{stem}.geojson" if geojson else f"{stem}.tiles.csv")
+        return FileResponse(
+            path,
+            media_type="application/geo+json" if geojson else "text/csv",
+            filename=f"{stem}.geojson" if geojson else f"{stem}.tiles.csv",
+        )

@@ -47,8 +47,11 @@ def config_from_json(data: Any, settings: Settings) -> RunConfig:
     """The RunConfig of `data`; fields it leaves out take their defaults (weights: DEFAULT_WEIGHTS,
     as on the command line). ApiError 422 for anything RunConfig or its validate() would refuse."""
     if not isinstance(data, dict):
-        raise ApiError(422, "The body must be a JSON object of run settings, e.g. {\"dataset\": \"lymphoma\", "
-                            "\"epochs\": 25}; GET the API's openapi.json for them all.")
+        raise ApiError(
+            422,
+            'The body must be a JSON object of run settings, e.g. {"dataset": "lymphoma", '
+            '"epochs": 25}; GET the API\'s openapi.json for them all.',
+        )
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -128,11 +128,23 @@ class SiteGuard:
             await send({"type": "websocket.close", "code": 1008})
             return
         shown = (header(scope, b"host") or "(none)")[:100]
-        body = json.dumps({"error": f"This server does not answer to the host name {shown!r}. An administrator "
-                                    "adds the name the app is reached by to ALLOWED_HOSTS."}).encode()
-        await send({"type": "http.response.start", "status": 400, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            *SECURITY_HEADERS]})
+        body = json.dumps(
+            {
+                "error": f"This server does not answer to the host name {shown!r}. An administrator "
+                "adds the name the app is reached by to ALLOWED_HOSTS."
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *SECURITY_HEADERS,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod

@@ -74,13 +74,19 @@ def cmd_token(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def _add_file_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--file", type=Path, default=None,
-                        help="the accounts file (default: AUTH_FILE, else APP_HOME/accounts.toml)")
+    parser.add_argument(
+        "--file", type=Path, default=None, help="the accounts file (default: AUTH_FILE, else APP_HOME/accounts.toml)"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = command(sub, "accounts", cmd_accounts, database=False,
-                help="password accounts of the web app (AUTH_MODE=password) in AUTH_FILE: add, remove, list, hash")
+    p = command(
+        sub,
+        "accounts",
+        cmd_accounts,
+        database=False,
+        help="password accounts of the web app (AUTH_MODE=password) in AUTH_FILE: add, remove, list, hash",
+    )
     _add_file_option(p)
     commands = p.add_subparsers(dest="accounts_command", required=True, metavar="COMMAND")
     p = commands.add_parser("add", help="add an account (asks for its password)", formatter_class=DefaultsFormatter)
@@ -108,6 +114,6 @@ def former_argv(argv: Sequence[str]) -> list[str]:
     i = 0
     while i < len(words) and words[i].startswith("-"):  # options before the command: --file F, --help
         i += 2 if words[i] == "--file" else 1
-    if words[i:i + 1] == ["token"]:
-        return ["token", *words[:i], *words[i + 1:]]
+    if words[i : i + 1] == ["token"]:
+        return ["token", *words[:i], *words[i + 1 :]]
     return ["accounts", *words]

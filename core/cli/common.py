@@ -21,8 +21,9 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def command(sub: argparse._SubParsersAction, name: str, func: Callable, *, database: bool = True,
-            **options) -> argparse.ArgumentParser:
+def command(
+    sub: argparse._SubParsersAction, name: str, func: Callable, *, database: bool = True, **options
+) -> argparse.ArgumentParser:
     """Register `name`, run as `func(args, settings, Session)`; Session is None with database=False
     (commands over files alone, and migrate, which reports the schema before anything upgrades it)."""
     parser = sub.add_parser(name, formatter_class=DefaultsFormatter, **options)

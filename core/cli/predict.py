@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,13 +28,30 @@ def cmd_predict(args: argparse.Namespace, settings: Settings, Session) -> None:
         images.append(service.ImageInput(str(path), path.read_bytes()))
     # Calibrated where the run has a temperature, as on the pages; probability_kind says which. The
     # columns are a prediction's fields as the API and the log name them (core/inference/service.py).
-    results = service.classify(Session, settings, cli_user(args), images, run_id=args.run, source="cli",
-                               log=args.log, calibrated=not args.raw, device=args.device)
+    results = service.classify(
+        Session,
+        settings,
+        cli_user(args),
+        images,
+        run_id=args.run,
+        source="cli",
+        log=args.log,
+        calibrated=not args.raw,
+        device=args.device,
+    )
     rows = [service.prediction_row(r) for r in results]
     header = list(rows[0])
-    write_csv(sys.stdout, header, (["" if v is None else f"{v:.4f}" if isinstance(v, float) else
-                                    int(v) if isinstance(v, bool) else v for v in map(row.get, header)]
-                                   for row in rows))
+    write_csv(
+        sys.stdout,
+        header,
+        (
+            [
+                "" if v is None else f"{v:.4f}" if isinstance(v, float) else int(v) if isinstance(v, bool) else v
+                for v in map(row.get, header)
+            ]
+            for row in rows
+        ),
+    )
     if args.run is None:
         print(f"classified with the approved model: run {results[0].run_id}", file=sys.stderr)
 
@@ -51,9 +68,19 @@ def cmd_predict_slide(args: argparse.Namespace, settings: Settings, Session) -> 
         bar[0].update(done - bar[0].n)
 
     try:
-        pred = classify_slide(Session, settings, cli_user(args), args.slide, run_id=args.run, source="cli",
-                              log=args.log, mpp=args.mpp, calibrated=not args.raw, device=args.device,
-                              progress=progress)
+        pred = classify_slide(
+            Session,
+            settings,
+            cli_user(args),
+            args.slide,
+            run_id=args.run,
+            source="cli",
+            log=args.log,
+            mpp=args.mpp,
+            calibrated=not args.raw,
+            device=args.device,
+            progress=progress,
+        )
     finally:
         for b in bar:
             b.close()
@@ -72,7 +99,7 @@ def _utc_time(text: str | None) -> datetime | None:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise UserError(f"{text!r} is not a date or time; write e.g. 2025-01-31 or 2025-01-31T14:00.") from None
-    return value if value.tzinfo is None else value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings, Session) -> None:
@@ -82,39 +109,67 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings, Session) -> No
         with Session.begin() as s:
             print(f"pruned {prediction_log.prune(s, settings)} row(s) older than PREDICTION_LOG_DAYS", file=sys.stderr)
     with Session() as s:
-        rows = prediction_log.list_predictions(s, since=_utc_time(args.since), until=_utc_time(args.until),
-                                               run_id=args.run, user=args.user, predicted=args.predicted,
-                                               limit=args.limit or None)
+        rows = prediction_log.list_predictions(
+            s,
+            since=_utc_time(args.since),
+            until=_utc_time(args.until),
+            run_id=args.run,
+            user=args.user,
+            predicted=args.predicted,
+            limit=args.limit or None,
+        )
     if args.csv:
         sys.stdout.write(prediction_log.to_csv(rows))
         return
-    print(f"{'at (UTC)':<19}  {'user':<14}  {'from':<4}  {'run':>4}  {'predicted':<10}  {'conf.':>6}  {'refer':<5}  image")
+    print(
+        f"{'at (UTC)':<19}  {'user':<14}  {'from':<4}  {'run':>4}  {'predicted':<10}  {'conf.':>6}  {'refer':<5}  image"
+    )
     for r in rows:
         refer = "" if r.refer is None else ("yes" if r.refer else "no")
-        print(f"{r.at:%Y-%m-%d %H:%M:%S}  {r.user[:14]:<14}  {r.source:<4}  {r.run_id:>4}  {r.predicted[:10]:<10}  "
-              f"{r.probabilities.get(r.predicted, 0):>6.1%}  {refer:<5}  {r.image_name}")
+        print(
+            f"{r.at:%Y-%m-%d %H:%M:%S}  {r.user[:14]:<14}  {r.source:<4}  {r.run_id:>4}  {r.predicted[:10]:<10}  "
+            f"{r.probabilities.get(r.predicted, 0):>6.1%}  {refer:<5}  {r.image_name}"
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "predict", cmd_predict, help="classify images with a trained run; CSV on stdout")
-    p.add_argument("--run", type=int, default=None, help="the run whose model classifies; without it, the approved model")
+    p.add_argument(
+        "--run", type=int, default=None, help="the run whose model classifies; without it, the approved model"
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--raw", action="store_true",
-                   help="the model's raw probabilities instead of the run's calibrated ones (no refer verdict)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="the model's raw probabilities instead of the run's calibrated ones (no refer verdict)",
+    )
     p.add_argument("--log", action="store_true", help="record each image's prediction in the log of predictions")
     p.add_argument("--user", help="recorded in the log as who classified; without it, your login name")
     p.add_argument("images", nargs="+", help="image files (TIF, PNG, JPEG, BMP)")
 
-    p = command(sub, "predict-slide", cmd_predict_slide,
-                help="classify a whole-slide image tile by tile at the model's own scale; writes the tiles "
-                "as CSV and GeoJSON (for QuPath) and a summary")
-    p.add_argument("--run", type=int, default=None, help="the run whose model classifies; without it, the approved model")
-    p.add_argument("--mpp", type=float, default=None,
-                   help="the slide's microns per level-0 pixel, where its file records none or a wrong one")
+    p = command(
+        sub,
+        "predict-slide",
+        cmd_predict_slide,
+        help="classify a whole-slide image tile by tile at the model's own scale; writes the tiles "
+        "as CSV and GeoJSON (for QuPath) and a summary",
+    )
+    p.add_argument(
+        "--run", type=int, default=None, help="the run whose model classifies; without it, the approved model"
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="the slide's microns per level-0 pixel, where its file records none or a wrong one",
+    )
     p.add_argument("--out", default=".", help="folder for SLIDE.tiles.csv, SLIDE.geojson and SLIDE.summary.json")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--raw", action="store_true",
-                   help="the model's raw probabilities instead of the run's calibrated ones (no refer verdict)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="the model's raw probabilities instead of the run's calibrated ones (no refer verdict)",
+    )
     p.add_argument("--log", action="store_true", help="record the slide's prediction in the log of predictions")
     p.add_argument("--user", help="recorded in the log as who classified; without it, your login name")
     p.add_argument("slide", help="a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI, pyramidal TIFF)")

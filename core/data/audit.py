@@ -67,8 +67,12 @@ class AuditReport:
         """The audit's finding in one plain sentence, for a page; `summary` has the technical terms."""
         if self.n_test == 0:
             return self.warning or f"No test images to check ({self.n_train} training images)."
-        return leak_verdict(len({p.test for p in self.exact}), len({p.test for p in self.near}),
-                            len({p.test for p in self.close}), self.expected_close)
+        return leak_verdict(
+            len({p.test for p in self.exact}),
+            len({p.test for p in self.near}),
+            len({p.test for p in self.close}),
+            self.expected_close,
+        )
 
     @property
     def summary(self) -> str:
@@ -83,14 +87,19 @@ class AuditReport:
             f"(about {expected:.1f} expected by chance); NN distance ratio test/train {ratio}."
         )
 
-
     def as_record(self) -> LeakAudit:
         """What a run keeps of its split's audit (its summary's record): the Runs page shows it."""
         return LeakAudit(
-            n_test=self.n_test, exact=len({p.test for p in self.exact}), near=len({p.test for p in self.near}),
-            close=len({p.test for p in self.close}), expected_close=round(self.expected_close, 2),
+            n_test=self.n_test,
+            exact=len({p.test for p in self.exact}),
+            near=len({p.test for p in self.near}),
+            close=len({p.test for p in self.close}),
+            expected_close=round(self.expected_close, 2),
             nn_ratio=None if not np.isfinite(self.nn_ratio) else round(float(self.nn_ratio), 3),
-            warning=self.warning, verdict=self.verdict, summary=self.summary)
+            warning=self.warning,
+            verdict=self.verdict,
+            summary=self.summary,
+        )
 
 
 def _close_is_suspicious(n_close: int, expected: float) -> bool:
@@ -105,8 +114,9 @@ def _images(n: int, what: str) -> str:
 def leak_verdict(exact: int, near: int, close: int, expected_close: float) -> str:
     """One plain sentence from the number of test images in each check: copies (same pixels or
     near-identical) are leaks; unusually close ones only when clearly more than chance gives."""
-    close_text = (f"{_images(close, 'closer to a training image than usual')} "
-                  f"(about {expected_close:.1f} expected by chance)")
+    close_text = (
+        f"{_images(close, 'closer to a training image than usual')} (about {expected_close:.1f} expected by chance)"
+    )
     copies = []
     if exact:
         copies.append(_images(exact, "the same as a training image"))
@@ -114,8 +124,10 @@ def leak_verdict(exact: int, near: int, close: int, expected_close: float) -> st
         copies.append(_images(near, "near-identical to a training image (re-saved or slightly changed)"))
     if copies:
         also = f"; {close_text}" if close else ""
-        return (f"Copies found between the training and test images: {'; '.join(copies)}{also}. "
-                "Scores on this split are inflated.")
+        return (
+            f"Copies found between the training and test images: {'; '.join(copies)}{also}. "
+            "Scores on this split are inflated."
+        )
     none = "No copies found between the training and test images"
     if _close_is_suspicious(close, expected_close):
         return f"{none}, but {close_text}: the same slides may be on both sides, which inflates scores."
@@ -262,15 +274,25 @@ def audit_images(
         exact, exact_tests = _exact_pairs(train_a, test_a, train_ids, test_ids)
         near = _near_pairs(train_a, test_a, train_ids, test_ids, hash_threshold, exact_tests)
         if len(train_a) >= 2:
-            close, feature_threshold, nn_ratio = _close_pairs(train_a, test_a, train_ids, test_ids, percentile,
-                                                              exact_tests)
+            close, feature_threshold, nn_ratio = _close_pairs(
+                train_a, test_a, train_ids, test_ids, percentile, exact_tests
+            )
         else:
             notes.append("One training image: no nearest-neighbour distribution to compare with.")
 
     report = AuditReport(
-        n_train=len(train_a), n_test=len(test_a), exact=exact, near=near, close=close,
-        hash_threshold=hash_threshold, feature_threshold=feature_threshold, percentile=percentile,
-        nn_ratio=nn_ratio, warning=None, protocol=protocol, notes=notes,
+        n_train=len(train_a),
+        n_test=len(test_a),
+        exact=exact,
+        near=near,
+        close=close,
+        hash_threshold=hash_threshold,
+        feature_threshold=feature_threshold,
+        percentile=percentile,
+        nn_ratio=nn_ratio,
+        warning=None,
+        protocol=protocol,
+        notes=notes,
     )
     report.warning = _warning(report)
     return report
@@ -292,13 +314,17 @@ def _exact_pairs(train_a, test_a, train_ids, test_ids) -> tuple[list[LeakPair], 
 def _near_pairs(train_a, test_a, train_ids, test_ids, hash_threshold: int, exact_tests: set[int]) -> list[LeakPair]:
     """Perceptual hash within the threshold (exact copies are not repeated here)."""
     hd = hamming(np.stack([phash(a) for a in test_a]), np.stack([phash(a) for a in train_a]))
-    near = [LeakPair(test_ids[i], train_ids[j], float(hd[i, j]))
-            for i, j in zip(*np.nonzero(hd <= hash_threshold)) if i not in exact_tests]
+    near = [
+        LeakPair(test_ids[i], train_ids[j], float(hd[i, j]))
+        for i, j in zip(*np.nonzero(hd <= hash_threshold))
+        if i not in exact_tests
+    ]
     return sorted(near, key=lambda p: (p.distance, p.test))
 
 
-def _close_pairs(train_a, test_a, train_ids, test_ids, percentile: float,
-                 exact_tests: set[int]) -> tuple[list[LeakPair], float, float]:
+def _close_pairs(
+    train_a, test_a, train_ids, test_ids, percentile: float, exact_tests: set[int]
+) -> tuple[list[LeakPair], float, float]:
     """Feature-space nearest neighbours, standardised by the training set: test images nearer to a
     training image than `percentile` of the training images are to each other; also that threshold
     and the ratio of the median nearest-neighbour distances (test to train over train to train)."""
@@ -315,8 +341,11 @@ def _close_pairs(train_a, test_a, train_ids, test_ids, percentile: float,
     nn_train = d_train.min(1)
     threshold = float(np.percentile(nn_train, percentile))
     nn_ratio = float(np.median(nn_test) / np.median(nn_train)) if np.median(nn_train) > 0 else float("nan")
-    close = [LeakPair(test_ids[i], train_ids[int(d_test[i].argmin())], float(nn_test[i]))
-             for i in np.flatnonzero(nn_test < threshold) if i not in exact_tests]
+    close = [
+        LeakPair(test_ids[i], train_ids[int(d_test[i].argmin())], float(nn_test[i]))
+        for i in np.flatnonzero(nn_test < threshold)
+        if i not in exact_tests
+    ]
     return sorted(close, key=lambda p: p.distance), threshold, nn_ratio
 
 
@@ -325,14 +354,18 @@ def _warning(report: AuditReport) -> str | None:
     if report.exact:
         problems.append(f"{_count(report.exact, 'test image')} exactly equal to a training image")
     if report.near:
-        problems.append(f"{_count(report.near, 'test image')} nearly equal to a training image "
-                        "(a re-saved or slightly changed copy)")
+        problems.append(
+            f"{_count(report.near, 'test image')} nearly equal to a training image "
+            "(a re-saved or slightly changed copy)"
+        )
     n_close = len({p.test for p in report.close})
     expected = report.expected_close
     if _close_is_suspicious(n_close, expected):
-        problems.append(f"{n_close} test images closer to a training image than "
-                        f"{100 - report.percentile:g}% of training images are to each other "
-                        f"(about {expected:.1f} expected by chance)")
+        problems.append(
+            f"{n_close} test images closer to a training image than "
+            f"{100 - report.percentile:g}% of training images are to each other "
+            f"(about {expected:.1f} expected by chance)"
+        )
     if not problems:
         return None
     return "Possible leak: " + "; ".join(problems) + ". Scores on this split may be inflated."
@@ -346,8 +379,9 @@ def format_audit(report: AuditReport, max_rows: int = 15) -> str:
         lines.append("")
     lines.append(report.summary)
     lines.append("")
-    lines.append(f"**Warning:** {report.warning}" if report.warning
-                 else f"No leak found by these checks. {report.verdict}")
+    lines.append(
+        f"**Warning:** {report.warning}" if report.warning else f"No leak found by these checks. {report.verdict}"
+    )
     for note in report.notes:
         lines += ["", f"Note: {note}"]
     lines += [
@@ -402,9 +436,16 @@ def audit_parts(settings, split, parts: dict, image_size: int = 128, **kwargs) -
     if split.protocol == "paper-leaky":
         n = len(parts.get("pool", []))
         return AuditReport(
-            n_train=n, n_test=0, exact=[], near=[], close=[],
-            hash_threshold=kwargs.get("hash_threshold", DEFAULT_HASH_THRESHOLD), feature_threshold=float("nan"),
-            percentile=kwargs.get("percentile", DEFAULT_PERCENTILE), nn_ratio=float("nan"), protocol=protocol,
+            n_train=n,
+            n_test=0,
+            exact=[],
+            near=[],
+            close=[],
+            hash_threshold=kwargs.get("hash_threshold", DEFAULT_HASH_THRESHOLD),
+            feature_threshold=float("nan"),
+            percentile=kwargs.get("percentile", DEFAULT_PERCENTILE),
+            nn_ratio=float("nan"),
+            protocol=protocol,
             warning="Leaky by construction: every image is augmented first and the copies are split, so "
             "augmented copies of each test image are in training.",
         )

@@ -48,8 +48,10 @@ def _cached(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
 
 def image_samples(settings: Settings, image: Image, pipeline: EvalPipeline) -> np.ndarray:
     """`pipeline.samples` of a stored image, (n, S, S, 3) uint8, from the cache when present."""
-    array = _cached(_cache_path(settings, image.sha256, pipeline.cache_key),
-                    lambda: pipeline.samples(load_rgb(image_path(settings, image))))
+    array = _cached(
+        _cache_path(settings, image.sha256, pipeline.cache_key),
+        lambda: pipeline.samples(load_rgb(image_path(settings, image))),
+    )
     return array if array.ndim == 4 else array[None]  # whole images were once cached as (S, S, 3)
 
 
@@ -58,8 +60,12 @@ def resized_array(settings: Settings, image: Image, size: int) -> np.ndarray:
     return image_samples(settings, image, EvalPipeline(image_size=size))[0]
 
 
-def load_samples(settings: Settings, images: Sequence[Image], pipeline: EvalPipeline,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[list[np.ndarray], list[int]]:
+def load_samples(
+    settings: Settings,
+    images: Sequence[Image],
+    pipeline: EvalPipeline,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[np.ndarray], list[int]]:
     """The samples of `images` (one per whole image, or each image's tiles) and each one's image index."""
     arrays: list[np.ndarray] = []
     owners: list[int] = []

@@ -44,10 +44,15 @@ def lock_dataset(session: Session, dataset: Dataset) -> Dataset:
     """
     name = dataset.name
     if session.get_bind().dialect.name == "sqlite":
-        session.execute(update(Dataset).where(Dataset.id == dataset.id).values(name=Dataset.name)
-                        .execution_options(synchronize_session=False))
-    locked = session.scalar(select(Dataset).where(Dataset.id == dataset.id).with_for_update()
-                            .execution_options(populate_existing=True))
+        session.execute(
+            update(Dataset)
+            .where(Dataset.id == dataset.id)
+            .values(name=Dataset.name)
+            .execution_options(synchronize_session=False)
+        )
+    locked = session.scalar(
+        select(Dataset).where(Dataset.id == dataset.id).with_for_update().execution_options(populate_existing=True)
+    )
     if locked is None:
         raise UserError(f"Dataset '{name}' was deleted.")
     return locked

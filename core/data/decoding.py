@@ -72,11 +72,14 @@ def _grey_scale(im: PILImage.Image) -> Callable[[np.ndarray], np.ndarray]:
         def scale(a: np.ndarray) -> np.ndarray:
             return table[a]
     elif im.mode == "F" and lo >= 0 and hi <= 1:
+
         def scale(a: np.ndarray) -> np.ndarray:
             return np.rint(a.astype(np.float64) * 255.0)
     else:
+
         def scale(a: np.ndarray) -> np.ndarray:
             return np.rint((a.astype(np.float64) - lo) * (255.0 / (hi - lo))) if hi > lo else np.zeros(a.shape)
+
     return scale
 
 
@@ -86,7 +89,7 @@ def _grey_to_uint8(im: PILImage.Image) -> PILImage.Image:
     scale = _grey_scale(im)
     out = np.empty((im.height, im.width), np.uint8)
     for top, a in _stripes(im):
-        out[top:top + len(a)] = scale(a)
+        out[top : top + len(a)] = scale(a)
     return PILImage.fromarray(out, "L")
 
 
@@ -185,7 +188,6 @@ def check_image(path: Path, max_pixels: int | None, min_side: int | None) -> tup
     return fmt, mode, width, height
 
 
-
 # Images up to this size are decoded whole even where the caller could do with fewer pixels, so that
 # ordinary images (the paper's 1388x1040, a camera's 12 MP) reach a model exactly as in training; only
 # larger ones (whole-slide crops, or a few hundred kB of PNG that declare 100 MP) are reduced.
@@ -235,8 +237,9 @@ def _decode(
     return rgb, fmt, mode
 
 
-def load_rgb(path: Path | str | BinaryIO, max_pixels: int | None = None, *,
-             reduce_to: int | None = None) -> PILImage.Image:
+def load_rgb(
+    path: Path | str | BinaryIO, max_pixels: int | None = None, *, reduce_to: int | None = None
+) -> PILImage.Image:
     """Decode a TIFF/PNG/JPEG/BMP file (any mode: RGBA, L, P, 1, 16-bit, CMYK...) to 8-bit RGB.
 
     Also accepts an open binary file (e.g. an upload). A file that is not a usable image raises

@@ -60,8 +60,9 @@ EXAMPLE_NAMES = ("CLL/000.png", "CLL/009.png", "FL/113.png")  # what it is shown
 
 
 def _visible(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"), key=lambda p: p.name
+    )
 
 
 def _class_root(root: Path) -> Path:
@@ -71,7 +72,9 @@ def _class_root(root: Path) -> Path:
         if len(entries) != 1 or not entries[0].is_dir():
             return root
         inner = _visible(entries[0])
-        if not any(p.is_dir() for p in inner) or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in inner if p.is_file()):
+        if not any(p.is_dir() for p in inner) or any(
+            p.suffix.lower() in IMAGE_EXTENSIONS for p in inner if p.is_file()
+        ):
             return root
         root = entries[0]
 
@@ -129,8 +132,9 @@ def block_manifest(root: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> list[tup
     rows: list[tuple[str, str]] = []
     for class_dir in class_dirs:
         names = [p.name for p in _visible(class_dir) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        rows.extend((f"{class_dir.name}/{name}", group)
-                    for name, group in _class_blocks(class_dir.name, names, block_size))
+        rows.extend(
+            (f"{class_dir.name}/{name}", group) for name, group in _class_blocks(class_dir.name, names, block_size)
+        )
     return rows
 
 
@@ -172,10 +176,12 @@ class GroupEstimate:
     @property
     def basis(self) -> str:
         """What the estimate rests on, in plain words."""
-        return (f"An approximation from the file names: within each class, up to {self.block_size} images with "
-                "consecutive numbers form one group, because neighbouring numbers usually come from one "
-                "specimen. A group can still cut a specimen in two or hold the end of one and the start "
-                "of the next; use real specimen ids when they are known.")
+        return (
+            f"An approximation from the file names: within each class, up to {self.block_size} images with "
+            "consecutive numbers form one group, because neighbouring numbers usually come from one "
+            "specimen. A group can still cut a specimen in two or hold the end of one and the start "
+            "of the next; use real specimen ids when they are known."
+        )
 
     def sizes(self) -> dict[str, int]:
         """Images per group, in the order of the groups."""
@@ -227,8 +233,10 @@ def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str],
     images = session.scalars(select(Image).where(Image.dataset_id == dataset.id)).all()
     missing = [im.original_name for im in images if im.original_name not in groups]
     if missing:
-        raise UserError(f"{len(missing)} image(s) of '{dataset_name}' have no group in the estimate, e.g. "
-                        f"{', '.join(missing[:3])}: the dataset changed since. Estimate the groups again.")
+        raise UserError(
+            f"{len(missing)} image(s) of '{dataset_name}' have no group in the estimate, e.g. "
+            f"{', '.join(missing[:3])}: the dataset changed since. Estimate the groups again."
+        )
     changed = 0
     for im in images:
         if im.group != groups[im.original_name]:
@@ -237,8 +245,12 @@ def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str],
     dataset.groups_estimated = True
     session.flush()
     # Groups are part of a dataset version: the new ones make its next (core/data/versions.py).
-    record_version(session, dataset, user=user.name if user is not None else None,
-                   note=f"specimen groups estimated from file numbers ({changed} image(s) changed)")
+    record_version(
+        session,
+        dataset,
+        user=user.name if user is not None else None,
+        note=f"specimen groups estimated from file numbers ({changed} image(s) changed)",
+    )
     return changed
 
 
@@ -331,6 +343,7 @@ def compile_group_pattern(pattern: str) -> re.Pattern[str]:
 def groups_from_pattern(rx: re.Pattern[str], rels: list[str]) -> dict[str, str]:
     """Each of the image paths `rels` with its group, what `rx` captures in it; UserError for a path
     it finds none in."""
+
     def group_of(rel: str) -> str | None:
         m = rx.search(rel)
         return (m.group("group") if "group" in rx.groupindex else m.group(1)) if m else None

@@ -123,15 +123,21 @@ def ingest(
     hold_ingest_lock(session, settings)  # until commit: files stored before their rows are visible
     stored: list[Path] = []  # files this call adds to the store
     try:
-        with disk_full_is_user_error(settings, f"the images of dataset '{name}'"), \
-                source_folder(source, settings) as folder:
+        with (
+            disk_full_is_user_error(settings, f"the images of dataset '{name}'"),
+            source_folder(source, settings) as folder,
+        ):
             report = _ingest_folder(
                 session, settings, folder, source, name, groups_csv, group_rx, progress, user, stored
             )
             dataset = session.get(Dataset, report.dataset_id)
             assert dataset is not None
-            record_version(session, dataset, user=user.name if user is not None else None,
-                           note=note or f"ingest: {report.added} added, {report.already_present} already present")
+            record_version(
+                session,
+                dataset,
+                user=user.name if user is not None else None,
+                note=note or f"ingest: {report.added} added, {report.already_present} already present",
+            )
             return report
     except BaseException:
         remove_unless_shared(session, stored)  # their rows will not be committed
@@ -184,8 +190,9 @@ def _ingest_folder(
 
     # All checks passed: from here on, store.
     if dataset is None:
-        dataset = Dataset(name=name, classes=classes, source=str(source.resolve()),
-                          created_by=user.name if user is not None else None)
+        dataset = Dataset(
+            name=name, classes=classes, source=str(source.resolve()), created_by=user.name if user is not None else None
+        )
         session.add(dataset)
         session.flush()
 
@@ -213,8 +220,9 @@ def _ingest_folder(
     )
 
 
-def _deduplicate(session: Session, dataset: Dataset | None, name: str, valid: list[_Valid]
-                 ) -> tuple[list[_Valid], list[tuple[str, str]], dict[str, Image]]:
+def _deduplicate(
+    session: Session, dataset: Dataset | None, name: str, valid: list[_Valid]
+) -> tuple[list[_Valid], list[tuple[str, str]], dict[str, Image]]:
     """(unique images, duplicates as (path, path it duplicates), the dataset's images by sha256).
 
     Identical bytes: stored once within a class; across classes (or against an image already in
@@ -234,9 +242,7 @@ def _deduplicate(session: Session, dataset: Dataset | None, name: str, valid: li
 
     existing: dict[str, Image] = {}
     if dataset is not None:
-        existing = {
-            img.sha256: img for img in session.scalars(select(Image).where(Image.dataset_id == dataset.id))
-        }
+        existing = {img.sha256: img for img in session.scalars(select(Image).where(Image.dataset_id == dataset.id))}
         for v in unique:
             old = existing.get(v.sha256)
             if old is not None and old.label != v.cand.label:
@@ -249,8 +255,14 @@ def _deduplicate(session: Session, dataset: Dataset | None, name: str, valid: li
     return unique, duplicates, existing
 
 
-def _classes(dataset: Dataset | None, name: str, source: Path, folders: list[str], new_counts: Counter[str],
-             skipped: list[tuple[str, str]]) -> list[str]:
+def _classes(
+    dataset: Dataset | None,
+    name: str,
+    source: Path,
+    folders: list[str],
+    new_counts: Counter[str],
+    skipped: list[tuple[str, str]],
+) -> list[str]:
     """The classes of a new dataset: the folders holding a valid image (the others are added to
     `skipped`), at least 2. An existing dataset keeps its classes and takes no new one."""
     if dataset is None:
@@ -287,8 +299,14 @@ def _groups(groups_csv: Path | None, group_rx: re.Pattern[str] | None, rels: lis
     return groups
 
 
-def _add_images(settings: Settings, dataset: Dataset, unique: list[_Valid], existing: dict[str, Image],
-                groups: dict[str, str] | None, stored: list[Path]) -> tuple[int, int]:
+def _add_images(
+    settings: Settings,
+    dataset: Dataset,
+    unique: list[_Valid],
+    existing: dict[str, Image],
+    groups: dict[str, str] | None,
+    stored: list[Path],
+) -> tuple[int, int]:
     """Store the new images and add their rows; update the groups of those already present.
     Returns (added, already present)."""
     added = already_present = 0

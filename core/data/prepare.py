@@ -36,8 +36,14 @@ class Part:
     labels: list[int]  # each image's class
 
     @classmethod
-    def of(cls, arrays: list[np.ndarray], labels: list[int], size: int, owners: list[int] | None = None,
-           image_labels: list[int] | None = None) -> Part:
+    def of(
+        cls,
+        arrays: list[np.ndarray],
+        labels: list[int],
+        size: int,
+        owners: list[int] | None = None,
+        image_labels: list[int] | None = None,
+    ) -> Part:
         x = cache.to_tensor(arrays) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
         return cls(x, torch.tensor(labels, dtype=torch.long), owners, labels if image_labels is None else image_labels)
 
@@ -52,8 +58,16 @@ class Prepared:
     stain_reference_image_id: int | None  # the training image the stains were normalised to
 
 
-def prepare_data(settings: Settings, split: Split, parts: dict[str, list[Image]], classes: list[str], *,
-                 pipeline: EvalPipeline, train: TrainPipeline, progress: Progress | None = None) -> Prepared:
+def prepare_data(
+    settings: Settings,
+    split: Split,
+    parts: dict[str, list[Image]],
+    classes: list[str],
+    *,
+    pipeline: EvalPipeline,
+    train: TrainPipeline,
+    progress: Progress | None = None,
+) -> Prepared:
     """The train, validation and test parts of one fold of `split` (`parts`: its images by part)."""
     if split.protocol == "paper-leaky":
         return _prepare_leaky(settings, split, parts["pool"], classes, pipeline, train, progress)
@@ -62,14 +76,18 @@ def prepare_data(settings: Settings, split: Split, parts: dict[str, list[Image]]
     x: dict[str, list[np.ndarray]] = {}
     owners: dict[str, list[int]] = {}
     for part in PARTS:
-        x[part], owners[part] = cache.load_samples(settings, parts.get(part, []), pipeline,
-                                                   decode if part == "train" else None)
+        x[part], owners[part] = cache.load_samples(
+            settings, parts.get(part, []), pipeline, decode if part == "train" else None
+        )
     reference = None
     if not pipeline.fitted:
         images = parts.get("train", [])
         # With tiles too, the reference is a whole training image.
-        whole = x["train"] if not pipeline.tiles else [cache.resized_array(settings, im, pipeline.image_size)
-                                                        for im in images]
+        whole = (
+            x["train"]
+            if not pipeline.tiles
+            else [cache.resized_array(settings, im, pipeline.image_size) for im in images]
+        )
         reference, normaliser = choose_reference(whole, [im.id for im in images], pipeline.stain)
         pipeline = pipeline.with_stain(normaliser.to_params())
     x = _prepare_parts(pipeline, x, progress)
@@ -82,12 +100,20 @@ def prepare_data(settings: Settings, split: Split, parts: dict[str, list[Image]]
         val=Part.of(x["val"], y["val"], size, owners["val"] if tiled else None, labels["val"]),
         test=Part.of(x["test"], y["test"], size, owners["test"] if tiled else None, labels["test"]),
         test_ids=[(im.id, None) for im in parts.get("test", [])],
-        pipeline=pipeline, stain_reference_image_id=reference,
+        pipeline=pipeline,
+        stain_reference_image_id=reference,
     )
 
 
-def _prepare_leaky(settings: Settings, split: Split, pool: list[Image], classes: list[str], pipeline: EvalPipeline,
-                   train: TrainPipeline, progress: Progress | None) -> Prepared:
+def _prepare_leaky(
+    settings: Settings,
+    split: Split,
+    pool: list[Image],
+    classes: list[str],
+    pipeline: EvalPipeline,
+    train: TrainPipeline,
+    progress: Progress | None,
+) -> Prepared:
     """The paper's protocol: augment every image, then split the augmented copies. Which images end
     up in training is only known after augmenting, so the stain reference comes from the whole pool
     (this protocol has no untouched test images anyway), and the test samples are augmented copies
@@ -102,8 +128,12 @@ def _prepare_leaky(settings: Settings, split: Split, pool: list[Image], classes:
     arrays = pipeline.prepare(arrays, progress)
     aug, aug_labels, sources = train.augment(arrays, [index[im.label] for im in pool], len(classes), progress)
     (assignment,) = splits.assign_parts(
-        [str(label) for label in aug_labels], None, protocol="holdout", seed=split.seed,
-        test_fraction=split.params["test_fraction"], val_fraction=split.params["val_fraction"],
+        [str(label) for label in aug_labels],
+        None,
+        protocol="holdout",
+        seed=split.seed,
+        test_fraction=split.params["test_fraction"],
+        val_fraction=split.params["val_fraction"],
     )
     pick = {part: [i for i, p in enumerate(assignment) if p == part] for part in PARTS}
     x = {part: [aug[i] for i in pick[part]] for part in PARTS}
@@ -114,12 +144,14 @@ def _prepare_leaky(settings: Settings, split: Split, pool: list[Image], classes:
         val=Part.of(x["val"], y["val"], size),
         test=Part.of(x["test"], y["test"], size),
         test_ids=[(pool[sources[i]].id, i) for i in pick["test"]],
-        pipeline=pipeline, stain_reference_image_id=reference,
+        pipeline=pipeline,
+        stain_reference_image_id=reference,
     )
 
 
-def _prepare_parts(pipeline: EvalPipeline, x: dict[str, list[np.ndarray]],
-                   progress: Progress | None) -> dict[str, list[np.ndarray]]:
+def _prepare_parts(
+    pipeline: EvalPipeline, x: dict[str, list[np.ndarray]], progress: Progress | None
+) -> dict[str, list[np.ndarray]]:
     """Every sample of every part through `pipeline.prepare`, as one batch (one progress bar)."""
     flat = pipeline.prepare([a for part in PARTS for a in x[part]], progress)
     out, k = {}, 0

@@ -136,8 +136,11 @@ def scan_slides(folder: Path) -> SlideScan:
     stems = {s.rel.rsplit(".", 1)[0] + "/" for s in slides}
     skipped += [(rel, why) for rel, why in passed if rel not in stems]
     used = {f.label for f in slides + images}
-    skipped += [(label + "/", "no whole-slide image in this class folder; class left out")
-                for label in classes if label not in used]
+    skipped += [
+        (label + "/", "no whole-slide image in this class folder; class left out")
+        for label in classes
+        if label not in used
+    ]
     return SlideScan(tuple(slides), tuple(images), tuple(sorted(skipped)))
 
 
@@ -166,16 +169,20 @@ def _refuse_mixed(source: Path, found: SlideScan) -> None:
         try:
             open_slide(first.path).close()
         except UserError as exc:
-            raise UserError(f"{first.rel}: {exc} The other files of {source.name} are whole-slide images; "
-                            "a dataset is made of slides or of field images, not both.") from None
+            raise UserError(
+                f"{first.rel}: {exc} The other files of {source.name} are whole-slide images; "
+                "a dataset is made of slides or of field images, not both."
+            ) from None
     raise UserError(
         f"{source.name} holds both whole-slide images ({', '.join(s.rel for s in found.slides[:3])}) and field "
         f"images ({', '.join(f.rel for f in found.images[:3])}). Ingest them as two datasets: one of slides, "
-        "one of images.")
+        "one of images."
+    )
 
 
-def tile_scale(settings: Settings, tile_px: int | None = None, tile_mpp: float | None = None,
-               max_tiles: int | None = None) -> TileScale:
+def tile_scale(
+    settings: Settings, tile_px: int | None = None, tile_mpp: float | None = None, max_tiles: int | None = None
+) -> TileScale:
     """The tiling asked for, each value not given from the settings (SLIDE_TILE_PX, SLIDE_MPP,
     SLIDE_MAX_TILES); UserError for one out of range, or tiles smaller than MIN_IMAGE_SIDE."""
     px = settings.slide_tile_px if tile_px is None else tile_px
@@ -183,8 +190,10 @@ def tile_scale(settings: Settings, tile_px: int | None = None, tile_mpp: float |
     if isinstance(px, bool) or not isinstance(px, int) or not MIN_TILE_PX <= px <= MAX_TILE_PX:
         raise UserError(f"Tile size must be a whole number of pixels from {MIN_TILE_PX} to {MAX_TILE_PX}, got {px!r}.")
     if px < settings.min_image_side:
-        raise UserError(f"Tiles of {px} px are smaller than MIN_IMAGE_SIDE ({settings.min_image_side} px), "
-                        "below which ingest refuses an image; choose larger tiles.")
+        raise UserError(
+            f"Tiles of {px} px are smaller than MIN_IMAGE_SIDE ({settings.min_image_side} px), "
+            "below which ingest refuses an image; choose larger tiles."
+        )
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
         raise UserError(f"Most tiles per slide must be a whole number, 0 for no cap, got {cap!r}.")
     mpp = check_mpp(settings.slide_mpp if tile_mpp is None else tile_mpp, "Tile microns per pixel")
@@ -198,11 +207,14 @@ def check_dataset_scale(session: Session, name: str, tile_px: int | None, tile_m
     if found is None:
         return
     same_mpp = (found.tile_mpp is None) == (tile_mpp is None) and (
-        tile_mpp is None or math.isclose(found.tile_mpp, tile_mpp, rel_tol=1e-6))
+        tile_mpp is None or math.isclose(found.tile_mpp, tile_mpp, rel_tol=1e-6)
+    )
     if found.tile_px == tile_px and same_mpp:
         return
-    raise UserError(f"Dataset '{name}' holds {_scale_words(found.tile_px, found.tile_mpp)}; these would be "
-                    f"{_scale_words(tile_px, tile_mpp)}. Ingest them into a new dataset name instead.")
+    raise UserError(
+        f"Dataset '{name}' holds {_scale_words(found.tile_px, found.tile_mpp)}; these would be "
+        f"{_scale_words(tile_px, tile_mpp)}. Ingest them into a new dataset name instead."
+    )
 
 
 def _scale_words(tile_px: int | None, mpp: float | None) -> str:
@@ -249,8 +261,10 @@ def ingest_slides(
     created = session.scalar(select(Dataset.id).where(Dataset.name == name)) is None
     labels = sorted({s.label for s in found.slides})
     if created and len(labels) < 2:
-        raise UserError(f"Found slides in {len(labels)} class folder(s) of {source.name} ({', '.join(labels)}); "
-                        "need at least 2. Expected layout: CLASS/slide.svs, one folder per class.")
+        raise UserError(
+            f"Found slides in {len(labels)} class folder(s) of {source.name} ({', '.join(labels)}); "
+            "need at least 2. Expected layout: CLASS/slide.svs, one folder per class."
+        )
     new, present = _new_slides(session, name, found.slides)
     check_disk(settings)
     hold_ingest_lock(session, settings)  # the work folder is not a leftover while this runs
@@ -262,12 +276,18 @@ def ingest_slides(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _record(session, report.dataset_id, source if created else None, tiled, found.skipped, scale, keep_paths)
-    return SlideIngestReport(report, tuple((t.file.rel, t.file.label, len(t.tiling.tiles)) for t in tiled),
-                             tuple(s.rel for s in present), scale, found.skipped)
+    return SlideIngestReport(
+        report,
+        tuple((t.file.rel, t.file.label, len(t.tiling.tiles)) for t in tiled),
+        tuple(s.rel for s in present),
+        scale,
+        found.skipped,
+    )
 
 
-def _new_slides(session: Session, name: str, slides: tuple[SourceFile, ...]
-                ) -> tuple[list[SourceFile], list[SourceFile]]:
+def _new_slides(
+    session: Session, name: str, slides: tuple[SourceFile, ...]
+) -> tuple[list[SourceFile], list[SourceFile]]:
     """(slides to tile, slides the dataset already holds, identical). UserError for two slides of
     one name or stem (a slide's name is its tiles' group, its stem their file names), or a slide of
     the name of a different one already in the dataset."""
@@ -276,18 +296,26 @@ def _new_slides(session: Session, name: str, slides: tuple[SourceFile, ...]
         check_name_length(s.name, "Slide file name")
         other = by_stem.setdefault(s.name.rsplit(".", 1)[0].lower(), s)
         if other is not s:
-            raise UserError(f"{other.rel} and {s.rel}: two slides of the same name. A slide's name tells its "
-                            "tiles apart from other slides' in the dataset; rename one.")
-    recorded = {row.file_name: row for row in session.execute(
-        select(SlideRow.file_name, SlideRow.sha256, SlideRow.label).join(Dataset).where(Dataset.name == name))}
+            raise UserError(
+                f"{other.rel} and {s.rel}: two slides of the same name. A slide's name tells its "
+                "tiles apart from other slides' in the dataset; rename one."
+            )
+    recorded = {
+        row.file_name: row
+        for row in session.execute(
+            select(SlideRow.file_name, SlideRow.sha256, SlideRow.label).join(Dataset).where(Dataset.name == name)
+        )
+    }
     new, present = [], []
     for s in slides:
         old = recorded.get(s.name)
         if old is None:
             new.append(s)
         elif _sha256(s.path) != old.sha256:
-            raise UserError(f"Dataset '{name}' already holds another slide named {s.name}; rename this one "
-                            f"({s.rel}) or ingest into a new dataset name.")
+            raise UserError(
+                f"Dataset '{name}' already holds another slide named {s.name}; rename this one "
+                f"({s.rel}) or ingest into a new dataset name."
+            )
         elif old.label != s.label:
             raise UserError(f"{s.rel} is already in dataset '{name}' as {old.label}: a slide has one class.")
         else:
@@ -310,8 +338,9 @@ def _open(file: SourceFile, mpp: float | None) -> Slide:
         return open_slide(file.path, mpp)  # a damaged file fails again, with its own message
 
 
-def _tile_all(slides: list[SourceFile], work: Path, scale: TileScale, mpp: float | None,
-              progress: Progress | None) -> list[TiledSlide]:
+def _tile_all(
+    slides: list[SourceFile], work: Path, scale: TileScale, mpp: float | None, progress: Progress | None
+) -> list[TiledSlide]:
     """Tile each slide into work/tiles/CLASS/STEM__X_Y.png; its tiles' groups into work/groups.csv."""
     tiled: list[TiledSlide] = []
     (work / "tiles").mkdir()
@@ -338,20 +367,38 @@ def _tile_one(file: SourceFile, folder: Path, scale: TileScale, mpp: float | Non
     with _open(file, mpp) as slide:
         tiling = tile_slide(slide, tile_px=scale.tile_px, mpp=scale.mpp, max_tiles=scale.max_tiles, seed=SEED)
         if not tiling.tiles:
-            raise UserError(f"{file.rel}: no tissue was found on this slide (no tile of it is mostly tissue), "
-                            "so it gives no tiles. Check that it is the right file, or leave it out. "
-                            "Nothing was ingested.")
+            raise UserError(
+                f"{file.rel}: no tissue was found on this slide (no tile of it is mostly tissue), "
+                "so it gives no tiles. Check that it is the right file, or leave it out. "
+                "Nothing was ingested."
+            )
         for batch in iter_tiles(slide, tiling, TILE_BATCH):
             for tile, pixels in zip(batch.tiles, batch.pixels):
                 # Fast compression: the bytes are stored as they are and read once to be cached.
                 PILImage.fromarray(pixels).save(folder / f"{stem}__{tile.x}_{tile.y}.png", compress_level=1)
         info = slide.info
-    return TiledSlide(file=file, size_bytes=stat.st_size, mtime=stat.st_mtime, sha256=sha, mpp=info.mpp,
-                      vendor=info.vendor, width=info.width, height=info.height, tiling=tiling)
+    return TiledSlide(
+        file=file,
+        size_bytes=stat.st_size,
+        mtime=stat.st_mtime,
+        sha256=sha,
+        mpp=info.mpp,
+        vendor=info.vendor,
+        width=info.width,
+        height=info.height,
+        tiling=tiling,
+    )
 
 
-def _record(session: Session, dataset_id: int, source: Path | None, tiled: list[TiledSlide],
-            skipped: tuple[tuple[str, str], ...], scale: TileScale, keep_paths: bool) -> None:
+def _record(
+    session: Session,
+    dataset_id: int,
+    source: Path | None,
+    tiled: list[TiledSlide],
+    skipped: tuple[tuple[str, str], ...],
+    scale: TileScale,
+    keep_paths: bool,
+) -> None:
     """The dataset's scale and given groups, each new slide's row, and what in the source was not read."""
     dataset = session.get(Dataset, dataset_id)
     assert dataset is not None
@@ -360,17 +407,30 @@ def _record(session: Session, dataset_id: int, source: Path | None, tiled: list[
     if source is not None:  # a new dataset: its source is the slides' folder, not the work folder
         dataset.source = str(source.resolve())
     for t in tiled:
-        session.add(SlideRow(
-            dataset_id=dataset.id, label=t.file.label, file_name=t.file.name,
-            source_path=str(t.file.path) if keep_paths else None, size_bytes=t.size_bytes, mtime=t.mtime,
-            sha256=t.sha256, mpp=t.mpp, vendor=t.vendor[:100], width=t.width, height=t.height,
-            tiling=t.tiling.to_json(), tiles_kept=len(t.tiling.tiles)))
+        session.add(
+            SlideRow(
+                dataset_id=dataset.id,
+                label=t.file.label,
+                file_name=t.file.name,
+                source_path=str(t.file.path) if keep_paths else None,
+                size_bytes=t.size_bytes,
+                mtime=t.mtime,
+                sha256=t.sha256,
+                mpp=t.mpp,
+                vendor=t.vendor[:100],
+                width=t.width,
+                height=t.height,
+                tiling=t.tiling.to_json(),
+                tiles_kept=len(t.tiling.tiles),
+            )
+        )
     dataset.skipped += [SkippedFile(path=p, reason=r) for p, r in skipped]
     session.flush()
 
 
-def ingest_fields(session: Session, settings: Settings, source: Path, name: str, *, mpp: float | None = None,
-                  **options: Any) -> IngestReport:
+def ingest_fields(
+    session: Session, settings: Settings, source: Path, name: str, *, mpp: float | None = None, **options: Any
+) -> IngestReport:
     """Ingest microscope field images (core.data.ingest.ingest, `options` passed on), recording `mpp`,
     their microns per pixel where known, as the dataset's tile_mpp (tile_px stays None) so a model
     trained on them records the scale it learned at. UserError, before anything is stored, for an

@@ -102,9 +102,22 @@ def dataset_slides(session: Session, name: str) -> tuple[SlideSummary, ...]:
     """The slides of dataset `name`, by class then file name; empty for a dataset of field images."""
     dataset = get_dataset(session, name)
     rows = session.scalars(select(Slide).where(Slide.dataset_id == dataset.id).order_by(Slide.label, Slide.file_name))
-    return tuple(SlideSummary(id=row.id, file_name=row.file_name, label=row.label, width=row.width, height=row.height,
-                              mpp=row.mpp, vendor=row.vendor, sha256=row.sha256, tiling=Tiling.from_json(row.tiling),
-                              file=_file_state(row), source_path=row.source_path) for row in rows)
+    return tuple(
+        SlideSummary(
+            id=row.id,
+            file_name=row.file_name,
+            label=row.label,
+            width=row.width,
+            height=row.height,
+            mpp=row.mpp,
+            vendor=row.vendor,
+            sha256=row.sha256,
+            tiling=Tiling.from_json(row.tiling),
+            file=_file_state(row),
+            source_path=row.source_path,
+        )
+        for row in rows
+    )
 
 
 def _file_state(row: Slide) -> SlideFile:
@@ -122,11 +135,11 @@ def _file_state(row: Slide) -> SlideFile:
 
 _NOTES = {
     SlideFile.UPLOADED: "The slide file is not on the server: it was uploaded, and only its tiles were kept. "
-                        "The tiles are drawn on a blank canvas of the slide's shape.",
+    "The tiles are drawn on a blank canvas of the slide's shape.",
     SlideFile.MISSING: "The slide file is not on the server any more (it was moved or removed since it was "
-                       "ingested). The tiles are drawn on a blank canvas of the slide's shape.",
+    "ingested). The tiles are drawn on a blank canvas of the slide's shape.",
     SlideFile.CHANGED: "The slide file on the server has changed since it was ingested, so its picture may not "
-                       "match these tiles; they are drawn on a blank canvas of the slide's shape.",
+    "match these tiles; they are drawn on a blank canvas of the slide's shape.",
 }
 
 
@@ -152,8 +165,11 @@ def tiling_picture(slide: SlideSummary, side: int = PICTURE_SIDE) -> TilingPictu
         return (tile.x * sx, tile.y * sy, (tile.x + tiling.step_x) * sx, (tile.y + tiling.step_y) * sy)
 
     return TilingPicture(
-        width=width, height=height, thumbnail=thumbnail,
+        width=width,
+        height=height,
+        thumbnail=thumbnail,
         clean=tuple(box(t) for t in tiling.tiles if not (t.pen or t.blurry)),
         pen=tuple(box(t) for t in tiling.tiles if t.pen),
         blurry=tuple(box(t) for t in tiling.tiles if t.blurry and not t.pen),
-        note=note)
+        note=note,
+    )

@@ -123,9 +123,7 @@ def scan(root: Path, top: Path) -> tuple[list[str], list[Candidate], list[tuple[
             elif f.is_dir():
                 # E.g. Augmentor's output/ folder: taking it would put augmented copies of
                 # test images into training.
-                skipped.append(
-                    (rel + "/", "sub-folder skipped: only files directly inside a class folder are taken")
-                )
+                skipped.append((rel + "/", "sub-folder skipped: only files directly inside a class folder are taken"))
             elif f.is_file():
                 candidates.append(Candidate(f.resolve(), rel, label))
     return classes, candidates, skipped
@@ -149,15 +147,19 @@ def _zip_parts(info: zipfile.ZipInfo) -> list[str]:
     return [p for p in re.split(r"[/\\]", info.filename) if p not in ("", ".")]
 
 
-def _zip_members(zf: zipfile.ZipFile, name: str, settings: Settings) -> tuple[list[zipfile.ZipInfo], list[zipfile.ZipInfo]]:
+def _zip_members(
+    zf: zipfile.ZipFile, name: str, settings: Settings
+) -> tuple[list[zipfile.ZipInfo], list[zipfile.ZipInfo]]:
     """The (files, folders) to unpack, checked from the zip's directory before anything is written."""
     infos = zf.infolist()
     # Refuse the whole archive: a crafted entry says the archive is not to be trusted.
     for info in infos:
         reason = _unsafe_entry_reason(info)
         if reason:
-            raise UserError(f"Refusing {name}: entry '{info.filename}' ({reason}) could write "
-                            "outside the extraction folder. Nothing was ingested.")
+            raise UserError(
+                f"Refusing {name}: entry '{info.filename}' ({reason}) could write "
+                "outside the extraction folder. Nothing was ingested."
+            )
     infos = [i for i in infos if not any(_is_junk(p) for p in _zip_parts(i))]
     files = [i for i in infos if not i.filename.replace("\\", "/").endswith("/")]
     folders = [i for i in infos if i.filename.replace("\\", "/").endswith("/")]
@@ -190,8 +192,10 @@ def _check_room(settings: Settings, name: str, dest: Path, total: int) -> None:
     check_disk(settings, total, f"unpacking {name}")
     free = shutil.disk_usage(dest).free
     if total > free:
-        raise UserError(f"Not enough disk space to unpack {name}: it needs {total / 1e9:,.2f} GB and "
-                        f"{free / 1e9:,.2f} GB are free. Nothing was ingested.")
+        raise UserError(
+            f"Not enough disk space to unpack {name}: it needs {total / 1e9:,.2f} GB and "
+            f"{free / 1e9:,.2f} GB are free. Nothing was ingested."
+        )
 
 
 def _unpack(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str) -> None:
@@ -203,8 +207,10 @@ def _unpack(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str)
         while chunk := src.read(1024 * 1024):
             written += len(chunk)
             if written > info.file_size:
-                raise UserError(f"Refusing {name}: entry '{info.filename}' holds more than the {info.file_size:,} "
-                                "bytes its header declares; the zip is damaged or crafted. Nothing was ingested.")
+                raise UserError(
+                    f"Refusing {name}: entry '{info.filename}' holds more than the {info.file_size:,} "
+                    "bytes its header declares; the zip is damaged or crafted. Nothing was ingested."
+                )
             out.write(chunk)
 
 
@@ -224,8 +230,9 @@ def _extract_zip(zip_path: Path, dest: Path, settings: Settings) -> None:
     except NotImplementedError as e:  # e.g. Deflate64 from Windows Explorer
         raise UserError(f"{zip_path.name} uses an unsupported compression method: {e}") from None
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
-        raise UserError(f"{zip_path.name} has a file and a folder with the same name: "
-                        f"{_inside(e.filename, dest)}.") from None
+        raise UserError(
+            f"{zip_path.name} has a file and a folder with the same name: {_inside(e.filename, dest)}."
+        ) from None
     except OSError as e:  # e.g. an entry name too long for the file system
         if is_disk_full(e):
             raise  # reported as a full disk, like any other write of the ingest
@@ -251,8 +258,7 @@ def source_folder(source: Path, settings: Settings) -> Iterator[Path]:
         raise UserError(f"Source not found: {source.name}")
     if not zipfile.is_zipfile(source):
         raise UserError(
-            f"{source.name} is not a zip file (or it is damaged). Give a folder of class "
-            "sub-folders, or a .zip of one."
+            f"{source.name} is not a zip file (or it is damaged). Give a folder of class sub-folders, or a .zip of one."
         )
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ingest-", dir=settings.tmp_dir))

@@ -23,8 +23,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.data import versions
-from core.store.db import Dataset, Image, Split, SplitMember
 from core.errors import UserError
+from core.store.db import Dataset, Image, Split, SplitMember
 
 PROTOCOLS = ("holdout", "kfold", "paper-leaky")
 
@@ -227,9 +227,18 @@ def _as_in_version(image: Image, label: str, group: str | None) -> Image:
     copy that belongs to no session, so that nothing writes the version's values over the current ones."""
     if (image.label, image.group) == (label, group):
         return image
-    return Image(id=image.id, dataset_id=image.dataset_id, label=label, sha256=image.sha256,
-                 stored_path=image.stored_path, original_name=image.original_name, width=image.width,
-                 height=image.height, mode=image.mode, group=group)
+    return Image(
+        id=image.id,
+        dataset_id=image.dataset_id,
+        label=label,
+        sha256=image.sha256,
+        stored_path=image.stored_path,
+        original_name=image.original_name,
+        width=image.width,
+        height=image.height,
+        mode=image.mode,
+        group=group,
+    )
 
 
 def _ratio(split: Split) -> str:

@@ -26,15 +26,15 @@ from typing import BinaryIO
 from sqlalchemy.orm import Session
 
 from core.access.accounts import User, require_editor
+from core.access.limits import check_disk, check_upload_size, disk_full_is_user_error
 from core.config import Settings
 from core.data import slide_ingest
 from core.data.ingest import IngestReport, ingest
 from core.data.slide_ingest import SlideIngestReport
 from core.data.sources import source_folder
-from core.store.db import Dataset
 from core.errors import UserError
+from core.store.db import Dataset
 from core.store.files import hold_ingest_lock, write_bytes_atomic
-from core.access.limits import check_disk, check_upload_size, disk_full_is_user_error
 
 Content = bytes | BinaryIO
 Progress = Callable[[int, int], None]
@@ -52,6 +52,7 @@ class SlideOptions:
     tile_px: int | None = None
     tile_mpp: float | None = None
     max_tiles: int | None = None
+
 
 # Folder and file names a browser may send: keep letters, digits and a few separators.
 _UNSAFE = re.compile(r"[^\w .()+-]", re.UNICODE)
@@ -110,21 +111,53 @@ def _unpacked(zip_path: Path, into: Path, settings: Settings) -> Iterator[Path]:
         yield named
 
 
-def _ingest_source(session: Session, settings: Settings, source: Path, name: str, *, groups_csv: Path | None,
-                   group_pattern: str | None, slides: SlideOptions | None, keep_paths: bool,
-                   progress: Progress | None, tile_progress: Progress | None, user: User | None) -> Report:
+def _ingest_source(
+    session: Session,
+    settings: Settings,
+    source: Path,
+    name: str,
+    *,
+    groups_csv: Path | None,
+    group_pattern: str | None,
+    slides: SlideOptions | None,
+    keep_paths: bool,
+    progress: Progress | None,
+    tile_progress: Progress | None,
+    user: User | None,
+) -> Report:
     """Ingest the folder `source`: its slides tiled when its class folders hold whole-slide images
     (`keep_paths`: record where each lies), else its images checked."""
     options = slides or SlideOptions()
     if not slide_ingest.is_slide_folder(source):
-        return slide_ingest.ingest_fields(session, settings, source, name, mpp=options.mpp, groups_csv=groups_csv,
-                                          group_pattern=group_pattern, progress=progress, user=user)
+        return slide_ingest.ingest_fields(
+            session,
+            settings,
+            source,
+            name,
+            mpp=options.mpp,
+            groups_csv=groups_csv,
+            group_pattern=group_pattern,
+            progress=progress,
+            user=user,
+        )
     if groups_csv is not None or group_pattern:
-        raise UserError(f"{source.name} holds whole-slide images, whose tiles are grouped by their slide: the table "
-                        "of specimens and the specimen id in the file names are for images. Leave them out.")
+        raise UserError(
+            f"{source.name} holds whole-slide images, whose tiles are grouped by their slide: the table "
+            "of specimens and the specimen id in the file names are for images. Leave them out."
+        )
     return slide_ingest.ingest_slides(
-        session, settings, source, name, mpp=options.mpp, tile_px=options.tile_px, tile_mpp=options.tile_mpp,
-        max_tiles=options.max_tiles, keep_paths=keep_paths, progress=tile_progress, user=user)
+        session,
+        settings,
+        source,
+        name,
+        mpp=options.mpp,
+        tile_px=options.tile_px,
+        tile_mpp=options.tile_mpp,
+        max_tiles=options.max_tiles,
+        keep_paths=keep_paths,
+        progress=tile_progress,
+        user=user,
+    )
 
 
 def ingest_zip(
@@ -159,9 +192,19 @@ def ingest_zip(
             raise UserError(f"{filename} is empty.")
         groups = _groups_file(folder, groups_csv)
         with _unpacked(path, folder, settings) as unpacked:
-            report = _ingest_source(session, settings, unpacked, name, groups_csv=groups, group_pattern=group_pattern,
-                                    slides=slides, keep_paths=False, progress=progress, tile_progress=tile_progress,
-                                    user=user)
+            report = _ingest_source(
+                session,
+                settings,
+                unpacked,
+                name,
+                groups_csv=groups,
+                group_pattern=group_pattern,
+                slides=slides,
+                keep_paths=False,
+                progress=progress,
+                tile_progress=tile_progress,
+                user=user,
+            )
             _label_source(session, report, unpacked, f"upload {filename}")
         return report
 
@@ -200,8 +243,16 @@ def ingest_files(
                 target = label_dir / f"{Path(target.name).stem.rsplit('~', 1)[0]}~{k}{target.suffix}"
                 k += 1
             _write(content, target)
-        report = ingest(session, settings, root, name, groups_csv=_groups_file(folder, groups_csv),
-                        group_pattern=group_pattern, progress=progress, user=user)
+        report = ingest(
+            session,
+            settings,
+            root,
+            name,
+            groups_csv=_groups_file(folder, groups_csv),
+            group_pattern=group_pattern,
+            progress=progress,
+            user=user,
+        )
         _label_source(session, report, root, f"upload of {len(files)} file(s)")
         return report
 
@@ -247,8 +298,14 @@ def import_folder(
     check_disk(settings)
     hold_ingest_lock(session, settings)  # the work folder is not a leftover while this runs
     with _workdir(settings) as folder, disk_full_is_user_error(settings, f"the import of {source.name}"):
-        options = dict(groups_csv=_groups_file(folder, groups_csv), group_pattern=group_pattern, slides=slides,
-                       progress=progress, tile_progress=tile_progress, user=user)
+        options = dict(
+            groups_csv=_groups_file(folder, groups_csv),
+            group_pattern=group_pattern,
+            slides=slides,
+            progress=progress,
+            tile_progress=tile_progress,
+            user=user,
+        )
         if source.is_dir():
             return _ingest_source(session, settings, source, name, keep_paths=True, **options)
         with _unpacked(source, folder, settings) as unpacked:

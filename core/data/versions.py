@@ -92,20 +92,30 @@ class VersionDiff:
     def summary(self) -> str:
         """E.g. "version 1 → 2: 6 added, 0 removed, 1 relabelled"."""
         counts = f"{len(self.added)} added, {len(self.removed)} removed, {len(self.relabelled)} relabelled"
-        return f"version {self.old} → {self.new}: {counts}" + (f", {len(self.regrouped)} regrouped"
-                                                               if self.regrouped else "")
+        return f"version {self.old} → {self.new}: {counts}" + (
+            f", {len(self.regrouped)} regrouped" if self.regrouped else ""
+        )
 
     def lines(self) -> list[DiffLine]:
         """Every image that differs, added first, then removed, relabelled and regrouped, each by name."""
+
         def group(image: VersionImage) -> str:
             return image.group or ""
 
-        return [*(DiffLine("added", im.name, im.label, group(im), im.sha256) for im in self.added),
-                *(DiffLine("removed", im.name, im.label, group(im), im.sha256) for im in self.removed),
-                *(DiffLine("relabelled", new.name, f"{old.label} → {new.label}", group(new), new.sha256)
-                  for old, new in self.relabelled),
-                *(DiffLine("regrouped", new.name, new.label, f"{group(old) or '(none)'} → {group(new) or '(none)'}",
-                           new.sha256) for old, new in self.regrouped)]
+        return [
+            *(DiffLine("added", im.name, im.label, group(im), im.sha256) for im in self.added),
+            *(DiffLine("removed", im.name, im.label, group(im), im.sha256) for im in self.removed),
+            *(
+                DiffLine("relabelled", new.name, f"{old.label} → {new.label}", group(new), new.sha256)
+                for old, new in self.relabelled
+            ),
+            *(
+                DiffLine(
+                    "regrouped", new.name, new.label, f"{group(old) or '(none)'} → {group(new) or '(none)'}", new.sha256
+                )
+                for old, new in self.regrouped
+            ),
+        ]
 
 
 def split_reference(text: str) -> tuple[str, int | None]:
@@ -124,15 +134,22 @@ def _contents(session: Session, dataset_id: int) -> dict[int, tuple[str, str | N
 
 def _manifest(session: Session, version_id: int) -> dict[int, tuple[str, str | None]]:
     """A version's images: image id -> (class, group)."""
-    rows = session.execute(select(DatasetVersionImage.image_id, DatasetVersionImage.label, DatasetVersionImage.group)
-                           .where(DatasetVersionImage.version_id == version_id))
+    rows = session.execute(
+        select(DatasetVersionImage.image_id, DatasetVersionImage.label, DatasetVersionImage.group).where(
+            DatasetVersionImage.version_id == version_id
+        )
+    )
     return {image_id: (label, group) for image_id, label, group in rows}
 
 
 def latest(session: Session, dataset_id: int) -> DatasetVersion | None:
     """The dataset's newest version; None when it has none."""
-    return session.scalar(select(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id)
-                          .order_by(DatasetVersion.number.desc()).limit(1))
+    return session.scalar(
+        select(DatasetVersion)
+        .where(DatasetVersion.dataset_id == dataset_id)
+        .order_by(DatasetVersion.number.desc())
+        .limit(1)
+    )
 
 
 def _differs(session: Session, dataset_id: int) -> bool:
@@ -156,21 +173,31 @@ def record_version(session: Session, dataset: Dataset, *, user: str | None, note
     if newest is not None and _manifest(session, newest.id) == now:  # recorded meanwhile
         return None
     counts = Counter(label for label, _ in now.values())
-    version = DatasetVersion(dataset_id=dataset.id, number=1 if newest is None else newest.number + 1,
-                             created_by=user, note=note, counts={c: counts.get(c, 0) for c in dataset.classes})
+    version = DatasetVersion(
+        dataset_id=dataset.id,
+        number=1 if newest is None else newest.number + 1,
+        created_by=user,
+        note=note,
+        counts={c: counts.get(c, 0) for c in dataset.classes},
+    )
     session.add(version)
     session.flush()
     if now:
-        session.execute(insert(DatasetVersionImage), [
-            {"version_id": version.id, "image_id": image_id, "label": label, "group": group}
-            for image_id, (label, group) in now.items()])
+        session.execute(
+            insert(DatasetVersionImage),
+            [
+                {"version_id": version.id, "image_id": image_id, "label": label, "group": group}
+                for image_id, (label, group) in now.items()
+            ],
+        )
     return version
 
 
 def get_version(session: Session, dataset: Dataset, number: int) -> DatasetVersion:
     """Version `number` of `dataset`; UserError naming the versions it has when there is none."""
-    found = session.scalar(select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id,
-                                                        DatasetVersion.number == number))
+    found = session.scalar(
+        select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id, DatasetVersion.number == number)
+    )
     if found is None:
         newest = latest(session, dataset.id)
         have = f"its versions are 1 to {newest.number}" if newest is not None else "it has no version yet"
@@ -194,10 +221,17 @@ def resolve(session: Session, dataset: Dataset, number: int | None) -> DatasetVe
 def version_images(session: Session, version: DatasetVersion) -> list[VersionImage]:
     """The images of `version`, by image id (the order splits are made in)."""
     rows = session.execute(
-        select(DatasetVersionImage.image_id, Image.sha256, Image.original_name, DatasetVersionImage.label,
-               DatasetVersionImage.group)
+        select(
+            DatasetVersionImage.image_id,
+            Image.sha256,
+            Image.original_name,
+            DatasetVersionImage.label,
+            DatasetVersionImage.group,
+        )
         .join(Image, Image.id == DatasetVersionImage.image_id)
-        .where(DatasetVersionImage.version_id == version.id).order_by(DatasetVersionImage.image_id))
+        .where(DatasetVersionImage.version_id == version.id)
+        .order_by(DatasetVersionImage.image_id)
+    )
     return [VersionImage(*row) for row in rows]
 
 
@@ -212,8 +246,9 @@ def classes_and_groups(session: Session, dataset_id: int, number: int) -> dict[i
 def version_list(session: Session, name: str) -> list[VersionSummary]:
     """The versions of dataset `name`, newest first."""
     dataset = get_dataset(session, name)
-    rows = session.scalars(select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id)
-                           .order_by(DatasetVersion.number.desc()))
+    rows = session.scalars(
+        select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id).order_by(DatasetVersion.number.desc())
+    )
     return [VersionSummary(v.number, v.created_at, v.created_by, v.note, dict(v.counts)) for v in rows]
 
 
@@ -228,16 +263,26 @@ def diff(session: Session, name: str, old: int, new: int) -> VersionDiff:
         return tuple(sorted(images, key=lambda im: (im.name, im.image_id)))
 
     return VersionDiff(
-        name, old, new,
+        name,
+        old,
+        new,
         added=by_name([after[i] for i in after.keys() - before.keys()]),
         removed=by_name([before[i] for i in before.keys() - after.keys()]),
         relabelled=tuple(sorted(((a, b) for a, b in both if a.label != b.label), key=lambda p: p[1].name)),
-        regrouped=tuple(sorted(((a, b) for a, b in both if a.label == b.label and a.group != b.group),
-                               key=lambda p: p[1].name)))
+        regrouped=tuple(
+            sorted(((a, b) for a, b in both if a.label == b.label and a.group != b.group), key=lambda p: p[1].name)
+        ),
+    )
 
 
-def relabel(session: Session, settings: Settings, dataset: str, changes: Mapping[str, str],
-            user: User | None = None, note: str = "") -> DatasetVersion:
+def relabel(
+    session: Session,
+    settings: Settings,
+    dataset: str,
+    changes: Mapping[str, str],
+    user: User | None = None,
+    note: str = "",
+) -> DatasetVersion:
     """Give images of dataset `dataset` new classes ({image sha256: class}) as its next version, with
     `note` (else one saying how many moved). Earlier versions keep the classes they had: runs trained
     on them, and runs launched on them again, see the images as they were. No file is copied. `user`
@@ -258,20 +303,25 @@ def relabel(session: Session, settings: Settings, dataset: str, changes: Mapping
     found = lock_dataset(session, get_dataset(session, dataset))
     foreign = sorted({label for label in changes.values() if label not in found.classes})
     if foreign:
-        raise UserError(f"Dataset '{dataset}' has classes {', '.join(found.classes)}; {', '.join(foreign)} is not "
-                        "one of them. A relabel moves images between a dataset's classes.")
+        raise UserError(
+            f"Dataset '{dataset}' has classes {', '.join(found.classes)}; {', '.join(foreign)} is not "
+            "one of them. A relabel moves images between a dataset's classes."
+        )
     images = {im.sha256: im for im in session.scalars(select(Image).where(Image.dataset_id == found.id))}
     missing = [sha for sha in changes if sha not in images]
     if missing:
-        raise UserError(f"{len(missing)} image(s) are not in dataset '{dataset}', e.g. {', '.join(missing[:3])}. "
-                        "Name each image by the sha256 of its file.")
+        raise UserError(
+            f"{len(missing)} image(s) are not in dataset '{dataset}', e.g. {', '.join(missing[:3])}. "
+            "Name each image by the sha256 of its file."
+        )
     moved = [images[sha] for sha, label in changes.items() if images[sha].label != label]
     if not moved:
         raise UserError("Those images have those classes already: nothing to relabel.")
     for image in moved:
         image.label = changes[image.sha256]
     session.flush()
-    version = record_version(session, found, user=user.name if user is not None else None,
-                             note=note or f"{len(moved)} image(s) relabelled") or latest(session, found.id)
+    version = record_version(
+        session, found, user=user.name if user is not None else None, note=note or f"{len(moved)} image(s) relabelled"
+    ) or latest(session, found.id)
     assert version is not None  # a class changed: a new version, or rows changed before now match the latest
     return version

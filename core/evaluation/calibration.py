@@ -57,9 +57,12 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], bounds: tuple[flo
     labels = np.asarray(labels, dtype=int)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise UserError("Temperature scaling needs (N, C) validation logits and N labels, N >= 1.")
-    found = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))),
-                            bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
-                            options={"xatol": 1e-6})
+    found = minimize_scalar(
+        lambda log_t: _nll(logits, labels, float(np.exp(log_t))),
+        bounds=(np.log(bounds[0]), np.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
     return float(np.exp(found.x))
 
 
@@ -101,8 +104,13 @@ def expected_calibration_error(probs: np.ndarray, labels: Sequence[int], n_bins:
     return reliability_bins(probs, labels, n_bins).ece
 
 
-def reliability_figure(bins: ReliabilityBins, title: str = "Reliability diagram", *,
-                       other: ReliabilityBins | None = None, names: tuple[str, str] = ("before", "after")):
+def reliability_figure(
+    bins: ReliabilityBins,
+    title: str = "Reliability diagram",
+    *,
+    other: ReliabilityBins | None = None,
+    names: tuple[str, str] = ("before", "after"),
+):
     """A plotly reliability diagram: accuracy per confidence bin against the diagonal.
 
     Pass `other` (e.g. the bins after temperature scaling) to draw both; `names` labels them.
@@ -110,22 +118,35 @@ def reliability_figure(bins: ReliabilityBins, title: str = "Reliability diagram"
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
-                             line=dict(dash="dash", color="grey")))
+    fig.add_trace(
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=dict(dash="dash", color="grey"))
+    )
     for b, name in ((bins, names[0]), (other, names[1])):
         if b is None:
             continue
         filled = b.count > 0
         centre = (b.lower + b.upper) / 2
-        fig.add_trace(go.Bar(
-            x=centre[filled], y=b.accuracy[filled], width=(b.upper - b.lower)[filled] * (0.9 if other is None else 0.45),
-            name=f"{name} (ECE {b.ece:.3f})" if other is not None else f"accuracy (ECE {b.ece:.3f})",
-            customdata=np.stack([b.count[filled], b.confidence[filled]], 1),
-            text=[f"{int(n)}" for n in b.count[filled]], textposition="outside",  # images in the bin
-            hovertemplate="confidence %{customdata[1]:.3f}<br>accuracy %{y:.3f}<br>%{customdata[0]} predictions<extra></extra>",
-        ))
-    fig.update_layout(title=title, xaxis_title="confidence (top probability); the number over a bar: its images",
-                      yaxis_title="accuracy", xaxis_range=[0, 1], yaxis_range=[0, 1.1], barmode="group", bargap=0.05)
+        fig.add_trace(
+            go.Bar(
+                x=centre[filled],
+                y=b.accuracy[filled],
+                width=(b.upper - b.lower)[filled] * (0.9 if other is None else 0.45),
+                name=f"{name} (ECE {b.ece:.3f})" if other is not None else f"accuracy (ECE {b.ece:.3f})",
+                customdata=np.stack([b.count[filled], b.confidence[filled]], 1),
+                text=[f"{int(n)}" for n in b.count[filled]],
+                textposition="outside",  # images in the bin
+                hovertemplate="confidence %{customdata[1]:.3f}<br>accuracy %{y:.3f}<br>%{customdata[0]} predictions<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="confidence (top probability); the number over a bar: its images",
+        yaxis_title="accuracy",
+        xaxis_range=[0, 1],
+        yaxis_range=[0, 1.1],
+        barmode="group",
+        bargap=0.05,
+    )
     return fig
 
 
@@ -165,9 +186,16 @@ def _per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return precision, recall, f1
 
 
-def bootstrap_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], *,
-                      groups: Sequence[object] | None = None, n_resamples: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> BootstrapResult:
+def bootstrap_metrics(
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    classes: Sequence[str],
+    *,
+    groups: Sequence[object] | None = None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
     """Percentile bootstrap intervals for accuracy and per-class precision/recall/F1.
 
     Without `groups`, test samples are drawn with replacement. With `groups` (one id per sample:
@@ -216,8 +244,11 @@ def bootstrap_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Seq
     p_full, r_full, f_full = _per_class(full)
     p_s, r_s, f_s = _per_class(cms)
     per_class = {
-        name: {"precision": interval(p_full[k], p_s[:, k]), "recall": interval(r_full[k], r_s[:, k]),
-               "f1": interval(f_full[k], f_s[:, k])}
+        name: {
+            "precision": interval(p_full[k], p_s[:, k]),
+            "recall": interval(r_full[k], r_s[:, k]),
+            "f1": interval(f_full[k], f_s[:, k]),
+        }
         for k, name in enumerate(classes)
     }
     return BootstrapResult(level, n_resamples, seed, accuracy, per_class, n_groups if groups is not None else None)
@@ -238,9 +269,13 @@ def format_bootstrap(result: BootstrapResult) -> str:
     pct = f"{result.level:.0%}"
     fmt = lambda i: f"{i.estimate:.3f} ({i.low:.3f}-{i.high:.3f})"  # noqa: E731
     unit = f", {result.n_groups} groups resampled whole" if result.n_groups is not None else ""
-    lines = [f"Accuracy {fmt(result.accuracy)}, {pct} bootstrap interval ({result.n_resamples} resamples{unit}, "
-             f"seed {result.seed})",
-             "", "| class | precision | recall | F1 |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"Accuracy {fmt(result.accuracy)}, {pct} bootstrap interval ({result.n_resamples} resamples{unit}, "
+        f"seed {result.seed})",
+        "",
+        "| class | precision | recall | F1 |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, m in result.per_class.items():
         lines.append(f"| {name} | {fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['f1'])} |")
     return "\n".join(lines)
@@ -293,8 +328,9 @@ def _search_level(n: int, confidence: float) -> float:
     return 1 - (1 - confidence) / max(1, int(np.ceil(np.log2(n + 1))))
 
 
-def refer_band(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float,
-               confidence: float = REFER_CONFIDENCE) -> ReferBand:
+def refer_band(
+    val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float, confidence: float = REFER_CONFIDENCE
+) -> ReferBand:
     """The lowest top-probability threshold whose accepted validation predictions reach
     `target_accuracy` with the stated `confidence`: selection with guaranteed risk (Geifman and
     El-Yaniv, "Selective Classification for Deep Neural Networks", NeurIPS 2017).
@@ -341,8 +377,9 @@ def refer_band(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy
     return ReferBand(threshold, target_accuracy, confidence, n, n - start, found)
 
 
-def refer_threshold(val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float,
-                    confidence: float = REFER_CONFIDENCE) -> float | None:
+def refer_threshold(
+    val_probs: np.ndarray, val_labels: Sequence[int], target_accuracy: float, confidence: float = REFER_CONFIDENCE
+) -> float | None:
     """refer_band's threshold: below it a prediction is "uncertain, refer"; None: refer everything."""
     return refer_band(val_probs, val_labels, target_accuracy, confidence).threshold
 
@@ -369,8 +406,9 @@ def supported_target(val_probs: np.ndarray, val_labels: Sequence[int], confidenc
     conf, correct = probs.max(1), probs.argmax(1) == labels
     n = len(probs)
     level = _search_level(n, confidence)
-    return max(accuracy_lower_bound(int(correct[conf >= c].sum()), int((conf >= c).sum()), level)
-               for c in np.unique(conf))
+    return max(
+        accuracy_lower_bound(int(correct[conf >= c].sum()), int((conf >= c).sum()), level) for c in np.unique(conf)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +427,13 @@ def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(as_logits(probs), temperature)
 
 
-def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs: np.ndarray,
-                    test_labels: Sequence[int], target_accuracy: float = DEFAULT_REFER_TARGET) -> CalibrationRecord:
+def run_calibration(
+    val_probs: np.ndarray,
+    val_labels: Sequence[int],
+    test_probs: np.ndarray,
+    test_labels: Sequence[int],
+    target_accuracy: float = DEFAULT_REFER_TARGET,
+) -> CalibrationRecord:
     """What a run records about its own calibration (its summary's and its model file's record).
 
     The temperature and the refer threshold are chosen on the validation part only; the test part
@@ -408,9 +451,12 @@ def run_calibration(val_probs: np.ndarray, val_labels: Sequence[int], test_probs
     if len(test_probs):
         test_cal = calibrate(test_probs, temperature)
         coverage, accuracy = selective_accuracy(test_cal, test_labels, 1.01 if threshold is None else threshold)
-        test = {"test_ece_before": round(expected_calibration_error(test_probs, test_labels), 4),
-                "test_ece_after": round(expected_calibration_error(test_cal, test_labels), 4),
-                "test_coverage": coverage, "test_accepted_accuracy": None if np.isnan(accuracy) else accuracy}
+        test = {
+            "test_ece_before": round(expected_calibration_error(test_probs, test_labels), 4),
+            "test_ece_after": round(expected_calibration_error(test_cal, test_labels), 4),
+            "test_coverage": coverage,
+            "test_accepted_accuracy": None if np.isnan(accuracy) else accuracy,
+        }
     return CalibrationRecord(
         temperature=round(temperature, 4),
         n_val=len(val_probs),

@@ -49,8 +49,10 @@ class PairedComparison:
         if self.difference == 0:
             gap = "the same as"
         unit = f"{self.groups} specimens resampled whole" if self.groups else "images resampled"
-        interval = (f"{self.level:.0%} interval {self.low * 100:+.1f} to {self.high * 100:+.1f} points, "
-                    f"{unit}; McNemar p = {self.p_value:.2g}")
+        interval = (
+            f"{self.level:.0%} interval {self.low * 100:+.1f} to {self.high * 100:+.1f} points, "
+            f"{unit}; McNemar p = {self.p_value:.2g}"
+        )
         where = f"on the same {self.n} test images"
         if self.within_noise:
             return f"{a} scores {gap} {b} {where}: within noise ({interval})."
@@ -68,9 +70,15 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_comparison(correct_a: Mapping[Hashable, bool], correct_b: Mapping[Hashable, bool], *,
-                      groups: Mapping[Hashable, Hashable] | None = None, level: float = LEVEL,
-                      resamples: int = RESAMPLES, seed: int = 0) -> PairedComparison | None:
+def paired_comparison(
+    correct_a: Mapping[Hashable, bool],
+    correct_b: Mapping[Hashable, bool],
+    *,
+    groups: Mapping[Hashable, Hashable] | None = None,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> PairedComparison | None:
     """Compare two models on the images both were scored on (keys of both mappings: image -> right?).
     With `groups` (image -> specimen), whole specimens are resampled. None when no image is shared."""
     shared = [k for k in correct_a if k in correct_b]
@@ -90,9 +98,18 @@ def paired_comparison(correct_a: Mapping[Hashable, bool], correct_b: Mapping[Has
     samples = (draws @ sums) / (draws @ counts)
     low, high = np.percentile(samples, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    return PairedComparison(len(shared), float(a.mean()), float(b.mean()), float(low), float(high),
-                            mcnemar_exact(only_a, only_b), only_a, only_b, level,
-                            n_groups if groups is not None else None)
+    return PairedComparison(
+        len(shared),
+        float(a.mean()),
+        float(b.mean()),
+        float(low),
+        float(high),
+        mcnemar_exact(only_a, only_b),
+        only_a,
+        only_b,
+        level,
+        n_groups if groups is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -117,14 +134,17 @@ class FoldSpread:
         each): within noise, a gap this size comes from the draw of test images alone (permutation
         test, p = 0.41).'"""
         low, high = min(self.accuracies), max(self.accuracies)
-        sizes = f"{min(self.sizes)}" if min(self.sizes) == max(self.sizes) else f"{min(self.sizes)} to {max(self.sizes)}"
-        head = (f"The {len(self.accuracies)} folds score {low:.1%} to {high:.1%} on their own test images "
-                f"({sizes} each)")
+        sizes = (
+            f"{min(self.sizes)}" if min(self.sizes) == max(self.sizes) else f"{min(self.sizes)} to {max(self.sizes)}"
+        )
+        head = f"The {len(self.accuracies)} folds score {low:.1%} to {high:.1%} on their own test images ({sizes} each)"
         test = f"permutation test of equal accuracy, p = {self.p_value:.2g}"
         if self.within_noise:
             return f"{head}: within noise, a gap this size comes from the draw of test images alone ({test})."
-        return (f"{head}: they differ beyond noise ({test}), so the folds' test parts are not alike; "
-                "read the mean with its spread.")
+        return (
+            f"{head}: they differ beyond noise ({test}), so the folds' test parts are not alike; "
+            "read the mean with its spread."
+        )
 
 
 def _chi_square(right: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -132,13 +152,15 @@ def _chi_square(right: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     share = right.sum(axis=-1, keepdims=True) / sizes.sum()
     expected_right, expected_wrong = sizes * share, sizes * (1 - share)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = ((right - expected_right) ** 2 / expected_right
-                 + ((sizes - right) - expected_wrong) ** 2 / expected_wrong)
+        terms = (right - expected_right) ** 2 / expected_right + (
+            (sizes - right) - expected_wrong
+        ) ** 2 / expected_wrong
     return np.nan_to_num(terms, nan=0.0, posinf=0.0).sum(axis=-1)
 
 
-def fold_spread(right: list[int], sizes: list[int], *, level: float = LEVEL, resamples: int = RESAMPLES,
-                seed: int = 0) -> FoldSpread | None:
+def fold_spread(
+    right: list[int], sizes: list[int], *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0
+) -> FoldSpread | None:
     """Compare the folds' accuracies (`right[i]` of `sizes[i]` test images right in fold i). None
     with fewer than two folds scored."""
     if len(sizes) < 2 or min(sizes) < 1:

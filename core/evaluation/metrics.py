@@ -14,9 +14,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.errors import UserError
 from core.store.db import Image, Prediction, Run
 from core.store.records import RunSummary
-from core.errors import UserError
 
 
 @dataclass
@@ -44,15 +44,22 @@ def report_from_labels(y_true: Sequence[int], y_pred: Sequence[int], classes: Se
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(classes)))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     n = int(cm.sum())
     rows = []
     for k, name in enumerate(classes):
         tp = cm[k, k]
         tn = n - cm[k, :].sum() - cm[:, k].sum() + tp
-        rows.append(ClassRow(name, float((tp + tn) / n) if n else 0.0, float(precision[k]), float(recall[k]), float(f1[k]), int(support[k])))
+        rows.append(
+            ClassRow(
+                name,
+                float((tp + tn) / n) if n else 0.0,
+                float(precision[k]),
+                float(recall[k]),
+                float(f1[k]),
+                int(support[k]),
+            )
+        )
     accuracy = float(np.trace(cm) / n) if n else 0.0
     return Report(list(classes), accuracy, rows, cm, n)
 
@@ -84,15 +91,20 @@ def run_uncertainty(session: Session, run: Run) -> dict:
     """
     from core.evaluation import calibration
 
-    rows = session.execute(select(Prediction, Image.group).join(Image, Image.id == Prediction.image_id)
-                           .where(Prediction.run_id == run.id).order_by(Prediction.id)).all()
+    rows = session.execute(
+        select(Prediction, Image.group)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(Prediction.run_id == run.id)
+        .order_by(Prediction.id)
+    ).all()
     if not rows:
         raise UserError(f"Run {run.id} has no test predictions (status: {run.status.value}).")
     preds = [p for p, _ in rows]
     groups = resampled_groups(preds, [g for _, g in rows])
     labels = [p.true_label for p in preds]
-    boot = calibration.bootstrap_metrics(labels, [p.predicted_label for p in preds], run.dataset.classes,
-                                         groups=groups, seed=run.seed)
+    boot = calibration.bootstrap_metrics(
+        labels, [p.predicted_label for p in preds], run.dataset.classes, groups=groups, seed=run.seed
+    )
     out = {"bootstrap": boot, "reliability": None, "reliability_after": None}
     temperature = RunSummary.from_dict(run.summary).temperature
     if temperature is not None:
@@ -137,7 +149,9 @@ def format_report(report: Report) -> str:
     lines.append("")
     lines.append(f"{'Class':<{width}}  {'Accuracy':>8}  {'Precision':>9}  {'Recall':>6}  {'F1':>6}  {'Support':>7}")
     for r in report.rows:
-        lines.append(f"{r.name:<{width}}  {r.accuracy:>8.4f}  {r.precision:>9.4f}  {r.recall:>6.4f}  {r.f1:>6.4f}  {r.support:>7d}")
+        lines.append(
+            f"{r.name:<{width}}  {r.accuracy:>8.4f}  {r.precision:>9.4f}  {r.recall:>6.4f}  {r.f1:>6.4f}  {r.support:>7d}"
+        )
     lines.append("")
     lines.append("Confusion matrix (rows: true, columns: predicted)")
     lines.append(" " * width + "  " + "  ".join(f"{c:>{width}}" for c in report.classes))
@@ -148,9 +162,13 @@ def format_report(report: Report) -> str:
 
 def format_fold_summary(summary: FoldSummary) -> str:
     width = max(8, *(len(str(r["name"])) for r in summary.rows))
-    lines = [f"{summary.n_folds}-fold summary: accuracy {summary.accuracy_mean:.4f} ± {summary.accuracy_std:.4f} (mean ± sd)"]
+    lines = [
+        f"{summary.n_folds}-fold summary: accuracy {summary.accuracy_mean:.4f} ± {summary.accuracy_std:.4f} (mean ± sd)"
+    ]
     lines.append(f"{'Class':<{width}}  {'Accuracy':>15}  {'Precision':>15}  {'Recall':>15}  {'F1':>15}")
     for r in summary.rows:
-        cells = "  ".join(f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}".rjust(15) for m in ("accuracy", "precision", "recall", "f1"))
+        cells = "  ".join(
+            f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}".rjust(15) for m in ("accuracy", "precision", "recall", "f1")
+        )
         lines.append(f"{r['name']:<{width}}  {cells}")
     return "\n".join(lines)

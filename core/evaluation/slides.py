@@ -55,28 +55,47 @@ def slide_report(session: Session, run: Run) -> SlideReport:
     truth = dict(session.execute(select(Slide.file_name, Slide.label).where(Slide.dataset_id == run.dataset_id)).all())
     if not truth:
         raise UserError(f"Run {run.id}'s dataset '{run.dataset.name}' has no slides: its results are per image.")
-    rows = session.execute(select(Image.group, Prediction.probabilities).join(Image, Image.id == Prediction.image_id)
-                           .where(Prediction.run_id == run.id).order_by(Prediction.id)).all()
+    rows = session.execute(
+        select(Image.group, Prediction.probabilities)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(Prediction.run_id == run.id)
+        .order_by(Prediction.id)
+    ).all()
     if not rows:
         raise UserError(f"Run {run.id} has no test predictions (status: {run.status.value}).")
     by_slide: dict[str, list[list[float]]] = {}
     for group, probabilities in rows:
         if group in truth:
             by_slide.setdefault(group, []).append(probabilities)
-    slides = [_slide_row(name, truth[name], np.asarray(probs, dtype=np.float64), classes)
-              for name, probs in sorted(by_slide.items())]
-    base = report_from_labels([classes.index(r.true_class) for r in slides],
-                              [classes.index(r.predicted_class) for r in slides], classes)
-    return SlideReport(classes=base.classes, accuracy=base.accuracy, rows=base.rows, confusion=base.confusion,
-                       n=base.n, protocol=RunSummary.from_dict(run.summary).protocol or "", slides=slides)
+    slides = [
+        _slide_row(name, truth[name], np.asarray(probs, dtype=np.float64), classes)
+        for name, probs in sorted(by_slide.items())
+    ]
+    base = report_from_labels(
+        [classes.index(r.true_class) for r in slides], [classes.index(r.predicted_class) for r in slides], classes
+    )
+    return SlideReport(
+        classes=base.classes,
+        accuracy=base.accuracy,
+        rows=base.rows,
+        confusion=base.confusion,
+        n=base.n,
+        protocol=RunSummary.from_dict(run.summary).protocol or "",
+        slides=slides,
+    )
 
 
 def _slide_row(name: str, true_class: str, probs: np.ndarray, classes: list[str]) -> SlideRow:
     mean = probs.mean(axis=0)
     votes = np.bincount(probs.argmax(axis=1), minlength=len(classes)) / len(probs)
-    return SlideRow(slide=name, true_class=true_class, predicted_class=classes[int(mean.argmax())],
-                    probabilities=tuple(float(p) for p in mean), tile_shares=tuple(float(v) for v in votes),
-                    n_tiles=len(probs))
+    return SlideRow(
+        slide=name,
+        true_class=true_class,
+        predicted_class=classes[int(mean.argmax())],
+        probabilities=tuple(float(p) for p in mean),
+        tile_shares=tuple(float(v) for v in votes),
+        n_tiles=len(probs),
+    )
 
 
 def format_slide_report(report: SlideReport) -> str:
@@ -86,12 +105,17 @@ def format_slide_report(report: SlideReport) -> str:
     cls = max(5, *(len(c) for c in report.classes))
     heads = "  ".join(f"{'p ' + c:>{cls + 2}}" for c in report.classes)
     shares = "  ".join(f"{'tiles ' + c:>{cls + 6}}" for c in report.classes)
-    lines = [TITLE, "", f"{'Slide':<{width}}  {'True':<{cls}}  {'Predicted':<{max(cls, 9)}}  {heads}  {shares}  "
-             f"{'Tiles':>5}"]
+    lines = [
+        TITLE,
+        "",
+        f"{'Slide':<{width}}  {'True':<{cls}}  {'Predicted':<{max(cls, 9)}}  {heads}  {shares}  {'Tiles':>5}",
+    ]
     for r in report.slides:
         probs = "  ".join(f"{p:>{cls + 2}.3f}" for p in r.probabilities)
         votes = "  ".join(f"{v:>{cls + 6}.0%}" for v in r.tile_shares)
-        lines.append(f"{r.slide:<{width}}  {r.true_class:<{cls}}  {r.predicted_class:<{max(cls, 9)}}  {probs}  "
-                     f"{votes}  {r.n_tiles:>5d}")
+        lines.append(
+            f"{r.slide:<{width}}  {r.true_class:<{cls}}  {r.predicted_class:<{max(cls, 9)}}  {probs}  "
+            f"{votes}  {r.n_tiles:>5d}"
+        )
     lines += ["", format_report(report).replace("test samples", "test slides")]
     return "\n".join(lines)

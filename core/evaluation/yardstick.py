@@ -27,14 +27,16 @@ def colour_features(image: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb.mean((0, 1)), rgb.std((0, 1)), od.mean((0, 1)), od.std((0, 1))])
 
 
-def colour_only_accuracy(train: Sequence[np.ndarray], train_labels: Sequence[int],
-                         test: Sequence[np.ndarray], test_labels: Sequence[int]) -> float:
+def colour_only_accuracy(
+    train: Sequence[np.ndarray], train_labels: Sequence[int], test: Sequence[np.ndarray], test_labels: Sequence[int]
+) -> float:
     """Test accuracy of a logistic regression on `colour_features`, fitted on the training images."""
     return float(np.mean(colour_only_correct(train, train_labels, test, test_labels)))
 
 
-def colour_only_correct(train: Sequence[np.ndarray], train_labels: Sequence[int],
-                        test: Sequence[np.ndarray], test_labels: Sequence[int]) -> np.ndarray:
+def colour_only_correct(
+    train: Sequence[np.ndarray], train_labels: Sequence[int], test: Sequence[np.ndarray], test_labels: Sequence[int]
+) -> np.ndarray:
     """Which test images the colour-only model gets right (booleans in test order), so that the
     network can be compared with it image by image (core/evaluation/compare.py)."""
     from sklearn.linear_model import LogisticRegression
@@ -72,21 +74,29 @@ def parts_yardstick(settings, split, parts: dict, classes: Sequence[str]) -> Yar
         return None
     index = {name: i for i, name in enumerate(classes)}
     correct = colour_only_correct(
-        [cache.resized_array(settings, im, IMAGE_SIZE) for im in seen], [index[im.label] for im in seen],
-        [cache.resized_array(settings, im, IMAGE_SIZE) for im in test], [index[im.label] for im in test],
+        [cache.resized_array(settings, im, IMAGE_SIZE) for im in seen],
+        [index[im.label] for im in seen],
+        [cache.resized_array(settings, im, IMAGE_SIZE) for im in test],
+        [index[im.label] for im in test],
     )
-    return Yardstick(float(correct.mean()), len(seen), len(test),
-                     # for comparing the network with colour alone on the same images
-                     correct=tuple((im.id, bool(c)) for im, c in zip(test, correct)))
+    return Yardstick(
+        float(correct.mean()),
+        len(seen),
+        len(test),
+        # for comparing the network with colour alone on the same images
+        correct=tuple((im.id, bool(c)) for im, c in zip(test, correct)),
+    )
 
 
 def describe(record: Yardstick | None) -> str | None:
     """A run's yardstick in one line, for reports, the command line and pages; None without one."""
     if record is None or record.accuracy is None:
         return None
-    return (f"Colour-only yardstick on this split: {record.accuracy:.1%} (12 colour statistics per image, "
-            f"logistic regression, {record.n_train} training and {record.n_test} test images). A model "
-            "near this figure may rely on stain colour rather than tissue.")
+    return (
+        f"Colour-only yardstick on this split: {record.accuracy:.1%} (12 colour statistics per image, "
+        f"logistic regression, {record.n_train} training and {record.n_test} test images). A model "
+        "near this figure may rely on stain colour rather than tissue."
+    )
 
 
 def describe_folds(records: Sequence[Yardstick | None]) -> str | None:
@@ -95,5 +105,7 @@ def describe_folds(records: Sequence[Yardstick | None]) -> str | None:
     if not accuracies:
         return None
     spread = f" ± {np.std(accuracies, ddof=1):.1%}" if len(accuracies) > 1 else ""
-    return (f"Colour-only yardstick across {len(accuracies)} folds: {np.mean(accuracies):.1%}{spread} "
-            "(mean ± sd; 12 colour statistics per image, logistic regression, same splits).")
+    return (
+        f"Colour-only yardstick across {len(accuracies)} folds: {np.mean(accuracies):.1%}{spread} "
+        "(mean ± sd; 12 colour statistics per image, logistic regression, same splits)."
+    )

@@ -54,11 +54,15 @@ def _mp(pixels: int) -> str:
 def check_pixels(settings: Settings, pixels: int, images: int) -> None:
     """TooManyPixels when `images` images of `pixels` pixels together are more than one request, or
     one person at once, may decode."""
-    for limit, name, whose in ((settings.max_predict_pixels, "MAX_PREDICT_PIXELS", "one request"),
-                               (settings.max_user_predict_pixels, "MAX_USER_PREDICT_PIXELS", "one person at once")):
+    for limit, name, whose in (
+        (settings.max_predict_pixels, "MAX_PREDICT_PIXELS", "one request"),
+        (settings.max_user_predict_pixels, "MAX_USER_PREDICT_PIXELS", "one person at once"),
+    ):
         if limit and pixels > limit:
-            raise TooManyPixels(f"These {images} image(s) have {_mp(pixels)} together, more than {whose} may "
-                                f"classify ({_mp(limit)}, {name}). Send fewer or smaller images at a time.")
+            raise TooManyPixels(
+                f"These {images} image(s) have {_mp(pixels)} together, more than {whose} may "
+                f"classify ({_mp(limit)}, {name}). Send fewer or smaller images at a time."
+            )
 
 
 @contextmanager
@@ -73,9 +77,11 @@ def admitted(settings: Settings, person: str, pixels: int, images: int = 1) -> I
     with _turns:
         held = _pixels_of.get(person, 0)
         if settings.max_user_predict_pixels and held + pixels > settings.max_user_predict_pixels:
-            raise UserBusy(f"Your predictions under way already decode {_mp(held)}; with these {_mp(pixels)} they "
-                           f"would pass the {_mp(settings.max_user_predict_pixels)} one person may have at once "
-                           "(MAX_USER_PREDICT_PIXELS). Wait for them to finish, then send these again.")
+            raise UserBusy(
+                f"Your predictions under way already decode {_mp(held)}; with these {_mp(pixels)} they "
+                f"would pass the {_mp(settings.max_user_predict_pixels)} one person may have at once "
+                "(MAX_USER_PREDICT_PIXELS). Wait for them to finish, then send these again."
+            )
         _pixels_of[person] = held + pixels  # counted while waiting too, so waiting requests add up
         try:
             _take_turn(settings)
@@ -99,9 +105,12 @@ def _take_turn(settings: Settings) -> None:
     while slots and _running >= slots:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ServerBusy(f"The server is classifying {_running} other request(s), as many as it takes at once "
-                             f"(MAX_CONCURRENT_PREDICTIONS), and none finished within {wait:g} s. Try again in a "
-                             "moment.", retry_after=max(1, round(wait)))
+            raise ServerBusy(
+                f"The server is classifying {_running} other request(s), as many as it takes at once "
+                f"(MAX_CONCURRENT_PREDICTIONS), and none finished within {wait:g} s. Try again in a "
+                "moment.",
+                retry_after=max(1, round(wait)),
+            )
         _turns.wait(left)
     _running += 1
 

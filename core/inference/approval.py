@@ -70,9 +70,19 @@ def class_set_key(classes: Sequence[str]) -> str:
 
 def _record(row: ModelApproval, current: bool) -> ApprovalRecord:
     return ApprovalRecord(
-        id=row.id, classes=tuple(row.class_set.split(SEPARATOR)), run_id=row.run_id, run_label=row.run_label,
-        model_sha256=row.model_sha256, note=row.note, approved_by=row.approved_by, approved_at=row.approved_at,
-        withdrawn_by=row.withdrawn_by, withdrawn_at=row.withdrawn_at, replaced_by=row.replaced_by, current=current)
+        id=row.id,
+        classes=tuple(row.class_set.split(SEPARATOR)),
+        run_id=row.run_id,
+        run_label=row.run_label,
+        model_sha256=row.model_sha256,
+        note=row.note,
+        approved_by=row.approved_by,
+        approved_at=row.approved_at,
+        withdrawn_by=row.withdrawn_by,
+        withdrawn_at=row.withdrawn_at,
+        replaced_by=row.replaced_by,
+        current=current,
+    )
 
 
 def _current_rows(session: Session, class_set: str | None = None) -> list[ModelApproval]:
@@ -122,8 +132,15 @@ def approve(session: Session, settings: Settings, run_id: int, user: User, note:
     previous = _current_rows(session, key)
     if any(row.run_id == run_id and row.model_sha256 == sha for row in previous):
         raise UserError(f"Run {run_id} is already the approved model for {', '.join(classes)}.")
-    row = ModelApproval(class_set=key, run_id=run_id, run_label=_run_label(run), model_sha256=sha, note=note,
-                        approved_by=user.name, approved_at=now)
+    row = ModelApproval(
+        class_set=key,
+        run_id=run_id,
+        run_label=_run_label(run),
+        model_sha256=sha,
+        note=note,
+        approved_by=user.name,
+        approved_at=now,
+    )
     session.add(row)
     session.flush()
     for old in previous:
@@ -139,8 +156,10 @@ def withdraw(session: Session, run_id: int, user: User) -> ApprovalRecord:
     check_name_length(user.name, "User name")
     rows = [row for row in _current_rows(session) if row.run_id == run_id]
     if not rows:
-        raise UserError(f"Run {run_id} is not an approved model, so there is no approval to withdraw. "
-                        "`python -m core approvals` lists them.")
+        raise UserError(
+            f"Run {run_id} is not an approved model, so there is no approval to withdraw. "
+            "`python -m core approvals` lists them."
+        )
     now = utcnow()
     for row in rows:
         row.withdrawn_by, row.withdrawn_at = user.name, now
@@ -159,15 +178,19 @@ def _usable_model(settings: Settings, run: Run) -> tuple[list[str], str]:
         raise UserError(f"Run {run.id} is {run.status.value}: only a run that succeeded has a model to approve.")
     path = model_path(settings, run.id)
     if not path.exists():
-        raise UserError(f"Run {run.id} has no model file ({path.name} is missing), so it cannot be approved; "
-                        "train it again to use it.")
+        raise UserError(
+            f"Run {run.id} has no model file ({path.name} is missing), so it cannot be approved; "
+            "train it again to use it."
+        )
     problem = model_file_problem(path)
     if problem is not None:
         raise UserError(f"Run {run.id}'s model file is damaged ({problem}); it cannot be approved.")
     meta = _model_description(path)
     if meta.get("run_created") != run.created_at.isoformat():
-        raise UserError(f"The model file under run {run.id}'s folder belongs to another run (another database's); "
-                        "it cannot be approved.")
+        raise UserError(
+            f"The model file under run {run.id}'s folder belongs to another run (another database's); "
+            "it cannot be approved."
+        )
     return list(meta["classes"]), file_sha256(path)
 
 

@@ -33,7 +33,7 @@ _build_locks: dict[tuple, threading.Lock] = {}
 
 
 def engine_name(settings: Settings, device: str = "auto") -> str:
-    """"torch" or "onnxruntime": INFERENCE_ENGINE, with "auto" resolved for `device`."""
+    """ "torch" or "onnxruntime": INFERENCE_ENGINE, with "auto" resolved for `device`."""
     name = settings.inference_engine
     if name not in ENGINES:
         raise UserError(f"INFERENCE_ENGINE={name!r} is not an engine; use one of {', '.join(ENGINES)}.")

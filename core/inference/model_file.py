@@ -38,10 +38,10 @@ from safetensors.torch import save_file
 
 from core.access.limits import disk_full_error, is_disk_full
 from core.errors import UserError
+from core.inference.model_meta import FORMAT  # one definition, read there without torch
 from core.store.files import atomic_path
 from core.store.runs import MODEL_META_KEY as META_KEY
 from core.store.runs import model_file_problem
-from core.inference.model_meta import FORMAT  # one definition, read there without torch
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,10 +50,14 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # What to do about a full disk while a run writes its weights: its checkpoint (last.pt) is kept.
-_FULL_THEN = ("Free space under APP_HOME (delete datasets or runs that are no longer needed), then "
-              "`python -m core resume {run}` continues the run from its last finished epoch.")
-_FULL_THEN_PAGE = ("Ask the administrator to free space, or delete datasets or runs that are no longer needed, "
-                   "then resume the run on the Runs page: it continues from its last finished epoch.")
+_FULL_THEN = (
+    "Free space under APP_HOME (delete datasets or runs that are no longer needed), then "
+    "`python -m core resume {run}` continues the run from its last finished epoch."
+)
+_FULL_THEN_PAGE = (
+    "Ask the administrator to free space, or delete datasets or runs that are no longer needed, "
+    "then resume the run on the Runs page: it continues from its last finished epoch."
+)
 
 
 def write_weights(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
@@ -104,8 +108,10 @@ def read_model(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise UserError(f"{Path(path).name} is damaged or not a model file: {problem}.")
     state, meta = read_weights(path)
     if meta is None or meta.get("format") != FORMAT:
-        raise UserError(f"{Path(path).name} is not a model file of this version "
-                        f"(format {None if meta is None else meta.get('format')}, expected {FORMAT}).")
+        raise UserError(
+            f"{Path(path).name} is not a model file of this version "
+            f"(format {None if meta is None else meta.get('format')}, expected {FORMAT})."
+        )
     return state, meta
 
 
@@ -114,4 +120,3 @@ def dataset_fingerprint(images: Iterable[tuple[str, str]]) -> str:
     images with the same labels, whatever their names or order."""
     lines = sorted(f"{sha} {label}" for sha, label in images)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-

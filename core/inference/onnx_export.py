@@ -110,21 +110,32 @@ def _conv(g: _Graph, m: nn.Conv2d, name: str, x: str) -> str:
         raise ValueError(f"no ONNX form here for {name}'s padding ({m.padding_mode}, {m.padding})")
     ph, pw = _pair(m.padding)
     inputs = [x, g.weight(f"{name}.weight")] + ([g.weight(f"{name}.bias")] if m.bias is not None else [])
-    return g.op("Conv", inputs, kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride),
-                pads=[ph, pw, ph, pw], dilations=_pair(m.dilation), group=m.groups)
+    return g.op(
+        "Conv",
+        inputs,
+        kernel_shape=_pair(m.kernel_size),
+        strides=_pair(m.stride),
+        pads=[ph, pw, ph, pw],
+        dilations=_pair(m.dilation),
+        group=m.groups,
+    )
 
 
 def _batch_norm(g: _Graph, m: nn.BatchNorm2d, name: str, x: str) -> str:
     if not (m.affine and m.track_running_stats):
         raise ValueError(f"no ONNX form here for {name}: batch norm without affine weights or running statistics")
-    return g.op("BatchNormalization", [x] + [g.weight(f"{name}.{p}") for p in ("weight", "bias", "running_mean",
-                                                                            "running_var")], epsilon=m.eps)
+    return g.op(
+        "BatchNormalization",
+        [x] + [g.weight(f"{name}.{p}") for p in ("weight", "bias", "running_mean", "running_var")],
+        epsilon=m.eps,
+    )
 
 
 def _pool(g: _Graph, m: nn.MaxPool2d | nn.AvgPool2d, name: str, x: str) -> str:
     ph, pw = _pair(m.padding)
-    attrs = dict(kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride), pads=[ph, pw, ph, pw],
-                 ceil_mode=int(m.ceil_mode))
+    attrs = dict(
+        kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride), pads=[ph, pw, ph, pw], ceil_mode=int(m.ceil_mode)
+    )
     if isinstance(m, nn.MaxPool2d):
         if _pair(m.dilation) != [1, 1] or m.return_indices:
             raise ValueError(f"no ONNX form here for {name} (dilated, or returning indices)")
@@ -181,7 +192,9 @@ def build_graph(model: PaperDenseNet, image_size: int, tta: bool) -> onnx.ModelP
     if tta:  # the 4 views of loop.tta_views, stacked along the batch: identity, left-right, top-bottom, both
         g.constant("minus_one", np.array([-1], dtype=np.int64))
         g.constant("before_first", np.array([np.iinfo(np.int64).min], dtype=np.int64))
-        height, width = (g.constant(f"{n}_axis", np.array([i], dtype=np.int64)) for n, i in (("height", 2), ("width", 3)))
+        height, width = (
+            g.constant(f"{n}_axis", np.array([i], dtype=np.int64)) for n, i in (("height", 2), ("width", 3))
+        )
         top_bottom = _flip(g, x, height)
         x = g.op("Concat", [x, _flip(g, x, width), top_bottom, _flip(g, top_bottom, width)], axis=0)
     x = g.op("Relu", [_layer(g, model.features, "features", x)])  # PaperDenseNet.forward
@@ -196,11 +209,17 @@ def build_graph(model: PaperDenseNet, image_size: int, tta: bool) -> onnx.ModelP
     if unused:
         raise ValueError(f"the ONNX graph leaves out weights of the network: {unused[:5]}")
     graph = helper.make_graph(
-        g.nodes, "paper_densenet201",
+        g.nodes,
+        "paper_densenet201",
         [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["batch", 3, image_size, image_size])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", classes])], g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="lymphoma-densenet (core/inference/onnx_export.py)")
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", classes])],
+        g.initializers,
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="lymphoma-densenet (core/inference/onnx_export.py)",
+    )
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto)
     return proto
@@ -218,12 +237,16 @@ def metadata(meta: dict[str, Any], model_sha256: str) -> dict[str, str]:
         "format_version": FORMAT,
         "classes": list(meta["classes"]),
         "input": f"{INPUT}: uint8 (N, 3, {prep['image_size']}, {prep['image_size']}) RGB samples, channels first, "
-                 "resized (or cut into tiles) and stain-normalised as `preparation` says",
+        "resized (or cut into tiles) and stain-normalised as `preparation` says",
         "output": f"{OUTPUT}: float32 (N, C) raw class probabilities in the order of `classes`, one row per "
-                  "sample, before temperature scaling; a tiled image's probabilities are the mean of its tiles' rows",
+        "sample, before temperature scaling; a tiled image's probabilities are the mean of its tiles' rows",
         "image_size": prep["image_size"],
-        "normalisation": {"scale": 1 / 255, "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
-                          "where": "inside the graph: (x / 255 - mean) / std per channel"},
+        "normalisation": {
+            "scale": 1 / 255,
+            "mean": MEAN.flatten().tolist(),
+            "std": STD.flatten().tolist(),
+            "where": "inside the graph: (x / 255 - mean) / std per channel",
+        },
         "test_time_augmentation": "inside the graph: the mean over 4 flips" if prep.get("tta") else "none",
         "preparation": prep,
         "temperature": cal.temperature,

@@ -46,16 +46,19 @@ def make_session(path: Path, device: torch.device) -> ort.InferenceSession:
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         else:
-            log.warning("This ONNX Runtime has no CUDA provider (it comes with the onnxruntime-gpu package); "
-                        "the ONNX model runs on the CPU.")
+            log.warning(
+                "This ONNX Runtime has no CUDA provider (it comes with the onnxruntime-gpu package); "
+                "the ONNX model runs on the CPU."
+            )
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
 class OnnxPredictor(PredictorBase):
     """A run's model on ONNX Runtime, with the run's evaluation pipeline and calibration."""
 
-    def __init__(self, session: ort.InferenceSession, meta: dict[str, Any], model_path: Path,
-                 device: torch.device) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, meta: dict[str, Any], model_path: Path, device: torch.device
+    ) -> None:
         self.session, self.meta, self.model_path, self.device = session, meta, Path(model_path), device
         self.classes = list(meta["classes"])
         self.pipeline = EvalPipeline(**meta["preparation"])
@@ -85,7 +88,7 @@ class OnnxPredictor(PredictorBase):
     def sample_probabilities(self, samples: torch.Tensor | np.ndarray) -> np.ndarray:
         x = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
         x = np.ascontiguousarray(x, dtype=np.uint8)
-        out = [self.session.run(None, {INPUT: x[i: i + SAMPLE_BATCH]})[0] for i in range(0, len(x), SAMPLE_BATCH)]
+        out = [self.session.run(None, {INPUT: x[i : i + SAMPLE_BATCH]})[0] for i in range(0, len(x), SAMPLE_BATCH)]
         return np.concatenate(out).astype(np.float64)
 
     def torch_predictor(self) -> Predictor:
@@ -94,7 +97,6 @@ class OnnxPredictor(PredictorBase):
             if self._torch is None:
                 predictor = Predictor.from_file(self.model_path, str(self.device))
                 if predictor.meta.get("weights_sha256") != self.meta.get("weights_sha256"):
-                    raise UserError(f"Run {self.run_id}'s model file changed while it was in use; "
-                                    "open the run again.")
+                    raise UserError(f"Run {self.run_id}'s model file changed while it was in use; open the run again.")
                 self._torch = predictor
             return self._torch

@@ -128,7 +128,9 @@ class Predictor(PredictorBase):
     classes: list[str]
     pipeline: EvalPipeline
     device: torch.device
-    calibration: CalibrationRecord = field(default_factory=CalibrationRecord)  # the run's, fitted on its validation part
+    calibration: CalibrationRecord = field(
+        default_factory=CalibrationRecord
+    )  # the run's, fitted on its validation part
     run_id: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the model file's description
 
@@ -142,8 +144,15 @@ class Predictor(PredictorBase):
         pipeline = EvalPipeline(**meta["preparation"])
         dev = pick_device(device)
         model = prepare_for_inference(model, dev, pipeline.image_size)
-        return cls(model, classes, pipeline, dev, CalibrationRecord.from_dict(meta.get("calibration")),
-                   meta.get("run_id"), meta)
+        return cls(
+            model,
+            classes,
+            pipeline,
+            dev,
+            CalibrationRecord.from_dict(meta.get("calibration")),
+            meta.get("run_id"),
+            meta,
+        )
 
     def sample_probabilities(self, samples: torch.Tensor | np.ndarray) -> np.ndarray:
         x = torch.from_numpy(samples) if isinstance(samples, np.ndarray) else samples
@@ -183,8 +192,10 @@ def usable_model_file(session, settings: Settings, run_id: int) -> tuple[Run, Pa
         raise UserError(f"Run {run_id} has no trained model (status: {run.status.value}); pick a run that succeeded.")
     if not path.exists():
         if (run_dir(settings, run_id) / "best.pt").exists():
-            raise UserError(f"Run {run_id} predates model files: it kept only a training checkpoint (best.pt), "
-                            "which prediction no longer reads. Train the run again to use it.")
+            raise UserError(
+                f"Run {run_id} predates model files: it kept only a training checkpoint (best.pt), "
+                "which prediction no longer reads. Train the run again to use it."
+            )
         raise UserError(f"Run {run_id} has no model file ({path.name} is missing); train it again to use it.")
     return run, path
 
@@ -192,8 +203,10 @@ def usable_model_file(session, settings: Settings, run_id: int) -> tuple[Run, Pa
 def check_model_owner(meta: dict[str, Any], run: Run) -> None:
     """UserError when a model file's description names another run than `run` (another database's)."""
     if meta.get("run_created") != run.created_at.isoformat():
-        raise UserError(f"The model file under run {run.id}'s folder belongs to another run (another database's); "
-                        "train this run again to use it.")
+        raise UserError(
+            f"The model file under run {run.id}'s folder belongs to another run (another database's); "
+            "train this run again to use it."
+        )
 
 
 def load_predictor(session, settings: Settings, run_id: int, device: str = "auto") -> Predictor:
@@ -205,8 +218,9 @@ def load_predictor(session, settings: Settings, run_id: int, device: str = "auto
     return predictor
 
 
-def prepare_for_inference(model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True
-                          ) -> torch.nn.Module:
+def prepare_for_inference(
+    model: torch.nn.Module, device: torch.device, image_size: int, compile: bool = True
+) -> torch.nn.Module:
     """Eval mode; on CUDA also channels_last and a compiled, CUDA-graphed model (checked by one
     warm-up call). On the CPU the model stays NCHW and eager: DenseNet's many concatenations made
     channels_last slower there at batch 1 (bench/predict.py), and the CPU's fast engine is ONNX
@@ -231,8 +245,9 @@ def compiled_or_eager(model: torch.nn.Module, device: torch.device, image_size: 
         return getattr(model, "_orig_mod", model)
 
 
-def predict_files(predictor: Predictor, paths: Sequence[Path], max_pixels: int | None = None, *,
-                  calibrated: bool = True) -> list[dict]:
+def predict_files(
+    predictor: Predictor, paths: Sequence[Path], max_pixels: int | None = None, *, calibrated: bool = True
+) -> list[dict]:
     """One row per file: path, predicted class, which probabilities these are (calibrated where the
     run has a temperature, unless `calibrated` is False; raw otherwise), each class's probability,
     and with calibrated probabilities the "uncertain, refer" verdict."""
@@ -244,8 +259,12 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], max_pixels: int |
     probs = predictor.predict(images, calibrated=calibrated)
     shown = probs.shown
     rows = [
-        {"path": str(path), "predicted": predictor.classes[int(p.argmax())], "probabilities": probs.label,
-         **{c: float(v) for c, v in zip(predictor.classes, p)}}
+        {
+            "path": str(path),
+            "predicted": predictor.classes[int(p.argmax())],
+            "probabilities": probs.label,
+            **{c: float(v) for c, v in zip(predictor.classes, p)},
+        }
         for path, p in zip(paths, shown)
     ]
     if probs.is_calibrated:

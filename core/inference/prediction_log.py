@@ -71,12 +71,27 @@ def record(session: Session, entries: Sequence[LogEntry]) -> None:
     for e in entries:
         if e.source not in SOURCES or e.probability_kind not in KINDS:
             raise ValueError(f"source {e.source!r} / probability kind {e.probability_kind!r}")
-    session.add_all(PredictionLog(
-        user=e.user, source=e.source, run_id=e.run_id, model_sha256=e.model_sha256, image_sha256=e.image_sha256,
-        image_name=e.image_name, width=e.width, height=e.height, size_bytes=e.size_bytes,
-        probabilities=dict(e.probabilities), probability_kind=e.probability_kind, predicted=e.predicted,
-        refer=e.refer, threshold=e.threshold, refer_target=e.refer_target, stored_path=e.stored_path)
-        for e in entries)
+    session.add_all(
+        PredictionLog(
+            user=e.user,
+            source=e.source,
+            run_id=e.run_id,
+            model_sha256=e.model_sha256,
+            image_sha256=e.image_sha256,
+            image_name=e.image_name,
+            width=e.width,
+            height=e.height,
+            size_bytes=e.size_bytes,
+            probabilities=dict(e.probabilities),
+            probability_kind=e.probability_kind,
+            predicted=e.predicted,
+            refer=e.refer,
+            threshold=e.threshold,
+            refer_target=e.refer_target,
+            stored_path=e.stored_path,
+        )
+        for e in entries
+    )
     session.flush()
 
 
@@ -114,14 +129,24 @@ def readable_user(reader: User | None, user: str | None = None) -> str | None:
     if reader is None or reader.role == EDITOR:
         return user
     if user is not None and user != reader.name:
-        raise UserError(f"{reader.name} is signed in as a viewer, who reads only their own predictions in the log; "
-                        "an editor reads everyone's.")
+        raise UserError(
+            f"{reader.name} is signed in as a viewer, who reads only their own predictions in the log; "
+            "an editor reads everyone's."
+        )
     return reader.name
 
 
-def list_predictions(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                     run_id: int | None = None, user: str | None = None, predicted: str | None = None,
-                     limit: int | None = DEFAULT_LIMIT, reader: User | None = None) -> list[LoggedPrediction]:
+def list_predictions(
+    session: Session,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    run_id: int | None = None,
+    user: str | None = None,
+    predicted: str | None = None,
+    limit: int | None = DEFAULT_LIMIT,
+    reader: User | None = None,
+) -> list[LoggedPrediction]:
     """Logged predictions, newest first: at or after `since`, before `until` (UTC), of one run,
     user or predicted class; at most `limit` (None: all); only those `reader` may read (readable_user)."""
     user = readable_user(reader, user)
@@ -163,25 +188,68 @@ def logged_values(session: Session, reader: User | None = None) -> LogValues:
 
 def _logged(row: PredictionLog) -> LoggedPrediction:
     return LoggedPrediction(
-        user=row.user, source=row.source, run_id=row.run_id, model_sha256=row.model_sha256,
-        image_sha256=row.image_sha256, image_name=row.image_name, width=row.width, height=row.height,
-        size_bytes=row.size_bytes, probabilities={str(k): float(v) for k, v in row.probabilities.items()},
-        probability_kind=row.probability_kind, predicted=row.predicted, refer=row.refer, threshold=row.threshold,
-        refer_target=row.refer_target, stored_path=row.stored_path, id=row.id, at=row.at)
+        user=row.user,
+        source=row.source,
+        run_id=row.run_id,
+        model_sha256=row.model_sha256,
+        image_sha256=row.image_sha256,
+        image_name=row.image_name,
+        width=row.width,
+        height=row.height,
+        size_bytes=row.size_bytes,
+        probabilities={str(k): float(v) for k, v in row.probabilities.items()},
+        probability_kind=row.probability_kind,
+        predicted=row.predicted,
+        refer=row.refer,
+        threshold=row.threshold,
+        refer_target=row.refer_target,
+        stored_path=row.stored_path,
+        id=row.id,
+        at=row.at,
+    )
 
 
-CSV_FIELDS = ("at", "user", "source", "run_id", "model_sha256", "image_name", "image_sha256", "width", "height",
-              "size_bytes", "predicted", "probability_kind", "refer", "refer_threshold", "refer_target")
+CSV_FIELDS = (
+    "at",
+    "user",
+    "source",
+    "run_id",
+    "model_sha256",
+    "image_name",
+    "image_sha256",
+    "width",
+    "height",
+    "size_bytes",
+    "predicted",
+    "probability_kind",
+    "refer",
+    "refer_threshold",
+    "refer_target",
+)
 
 
 def logged_record(r: LoggedPrediction) -> dict:
     """A row in the vocabulary of core/inference/service.py's PREDICTION_FIELDS (the API's /predict
     answers the same names), with when, who and through what; not where a kept image lies."""
-    return {"id": r.id, "at": r.at, "user": r.user, "source": r.source, "image_name": r.image_name,
-            "image_sha256": r.image_sha256, "width": r.width, "height": r.height, "size_bytes": r.size_bytes,
-            "predicted": r.predicted, "probabilities": dict(r.probabilities), "probability_kind": r.probability_kind,
-            "refer": r.refer, "refer_threshold": r.threshold, "refer_target": r.refer_target, "run_id": r.run_id,
-            "model_sha256": r.model_sha256}
+    return {
+        "id": r.id,
+        "at": r.at,
+        "user": r.user,
+        "source": r.source,
+        "image_name": r.image_name,
+        "image_sha256": r.image_sha256,
+        "width": r.width,
+        "height": r.height,
+        "size_bytes": r.size_bytes,
+        "predicted": r.predicted,
+        "probabilities": dict(r.probabilities),
+        "probability_kind": r.probability_kind,
+        "refer": r.refer,
+        "refer_threshold": r.threshold,
+        "refer_target": r.refer_target,
+        "run_id": r.run_id,
+        "model_sha256": r.model_sha256,
+    }
 
 
 def to_csv(rows: Sequence[LoggedPrediction]) -> str:
@@ -190,11 +258,24 @@ def to_csv(rows: Sequence[LoggedPrediction]) -> str:
     classes = sorted({c for r in rows for c in r.probabilities})
 
     def fields(r: LoggedPrediction) -> list:
-        return [r.at.isoformat(timespec="seconds"), r.user, r.source, r.run_id, r.model_sha256, r.image_name,
-                r.image_sha256, r.width, r.height, r.size_bytes, r.predicted, r.probability_kind,
-                "" if r.refer is None else int(r.refer), "" if r.threshold is None else f"{r.threshold:.4f}",
-                "" if r.refer_target is None else f"{r.refer_target:g}",
-                *("" if c not in r.probabilities else f"{r.probabilities[c]:.4f}" for c in classes)]
+        return [
+            r.at.isoformat(timespec="seconds"),
+            r.user,
+            r.source,
+            r.run_id,
+            r.model_sha256,
+            r.image_name,
+            r.image_sha256,
+            r.width,
+            r.height,
+            r.size_bytes,
+            r.predicted,
+            r.probability_kind,
+            "" if r.refer is None else int(r.refer),
+            "" if r.threshold is None else f"{r.threshold:.4f}",
+            "" if r.refer_target is None else f"{r.refer_target:g}",
+            *("" if c not in r.probabilities else f"{r.probabilities[c]:.4f}" for c in classes),
+        ]
 
     return csv_text([*CSV_FIELDS, *classes], map(fields, rows))
 

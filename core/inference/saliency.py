@@ -33,9 +33,11 @@ from core.training.loop import preprocess
 
 MIN_CELLS = 7  # cells a side below which a map cannot point at cells or structures (the paper's 224 px: 7x7)
 # (module name in DenseNet's features, its name for a reader, how far below the input it lies), deepest first.
-LAYERS = (("denseblock4", "the last dense block (block 4)", 32),
-          ("denseblock3", "dense block 3", 16),
-          ("denseblock2", "dense block 2", 8))
+LAYERS = (
+    ("denseblock4", "the last dense block (block 4)", 32),
+    ("denseblock3", "dense block 3", 16),
+    ("denseblock2", "dense block 2", 8),
+)
 
 
 @dataclass
@@ -92,7 +94,9 @@ def _display_image(image: PILImage.Image, max_side: int) -> PILImage.Image:
     image = image.convert("RGB")
     scale = min(1.0, max_side / max(image.size))
     if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), PILImage.BILINEAR)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), PILImage.BILINEAR
+        )
     return image
 
 
@@ -136,5 +140,12 @@ class GradCam:
         heatmap = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
         rgb = np.asarray(shown, dtype=np.float32) / 255.0
         overlay = show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=0.55)
-        return Saliency(class_index, cells, heatmap, shown, PILImage.fromarray(overlay), self.layer,
-                        flat=float(np.ptp(cells)) < 1e-6)
+        return Saliency(
+            class_index,
+            cells,
+            heatmap,
+            shown,
+            PILImage.fromarray(overlay),
+            self.layer,
+            flat=float(np.ptp(cells)) < 1e-6,
+        )

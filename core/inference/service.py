@@ -94,16 +94,40 @@ class Classified:
 
 # One vocabulary for a prediction, wherever it is read: the API's /predict and /predictions, the
 # prediction log's CSV, `python -m core predict`'s CSV and the Predict page's download.
-PREDICTION_FIELDS = ("image_name", "image_sha256", "width", "height", "size_bytes", "predicted", "probabilities",
-                     "probability_kind", "refer", "refer_threshold", "refer_target", "run_id", "model_sha256")
+PREDICTION_FIELDS = (
+    "image_name",
+    "image_sha256",
+    "width",
+    "height",
+    "size_bytes",
+    "predicted",
+    "probabilities",
+    "probability_kind",
+    "refer",
+    "refer_threshold",
+    "refer_target",
+    "run_id",
+    "model_sha256",
+)
 
 
 def prediction_record(c: Classified) -> dict:
     """`c` in the fields of PREDICTION_FIELDS (probabilities: class -> probability of probability_kind)."""
-    return {"image_name": c.name, "image_sha256": c.image_sha256, "width": c.width, "height": c.height,
-            "size_bytes": c.size_bytes, "predicted": c.predicted, "probabilities": dict(c.probabilities),
-            "probability_kind": c.kind, "refer": c.refer, "refer_threshold": c.threshold,
-            "refer_target": c.refer_target, "run_id": c.run_id, "model_sha256": c.model_sha256}
+    return {
+        "image_name": c.name,
+        "image_sha256": c.image_sha256,
+        "width": c.width,
+        "height": c.height,
+        "size_bytes": c.size_bytes,
+        "predicted": c.predicted,
+        "probabilities": dict(c.probabilities),
+        "probability_kind": c.kind,
+        "refer": c.refer,
+        "refer_threshold": c.threshold,
+        "refer_target": c.refer_target,
+        "run_id": c.run_id,
+        "model_sha256": c.model_sha256,
+    }
 
 
 def prediction_row(c: Classified) -> dict:
@@ -141,20 +165,35 @@ def resolve_run(session: Session, settings: Settings, run_id: int | None) -> int
         return run_id
     approval = approved_run(session)
     if approval is None:
-        raise UserError("No model is approved yet, so there is no default model to classify with. An editor "
-                        "approves a run that succeeded on the Runs page or with `python -m core approve RUN "
-                        "--note TEXT`; or name the run to use.")
+        raise UserError(
+            "No model is approved yet, so there is no default model to classify with. An editor "
+            "approves a run that succeeded on the Runs page or with `python -m core approve RUN "
+            "--note TEXT`; or name the run to use."
+        )
     if approval.run_id is None:
-        raise UserError(f"The approved model for {', '.join(approval.classes)} ({approval.run_label}) was deleted "
-                        "with its run. An editor approves another run, or name the run to use.")
+        raise UserError(
+            f"The approved model for {', '.join(approval.classes)} ({approval.run_label}) was deleted "
+            "with its run. An editor approves another run, or name the run to use."
+        )
     return approval.run_id
 
 
-def classify(Session: sessionmaker, settings: Settings, user: User, images: Sequence[ImageInput], *,
-             run_id: int | None = None, source: str, target: float | None = None, log: bool = True,
-             calibrated: bool = True, device: str = "auto", progress: Callable[[int, int], None] | None = None,
-             unreadable: Unreadable | None = None,
-             seen: Callable[[int, PILImage.Image], None] | None = None) -> list[Classified]:
+def classify(
+    Session: sessionmaker,
+    settings: Settings,
+    user: User,
+    images: Sequence[ImageInput],
+    *,
+    run_id: int | None = None,
+    source: str,
+    target: float | None = None,
+    log: bool = True,
+    calibrated: bool = True,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    unreadable: Unreadable | None = None,
+    seen: Callable[[int, PILImage.Image], None] | None = None,
+) -> list[Classified]:
     """Classify `images` with run `run_id` (None: the approved model) and, with `log`, log each as
     coming from `source` ("page", "api" or "cli") by `user`.
 
@@ -183,8 +222,9 @@ def classify(Session: sessionmaker, settings: Settings, user: User, images: Sequ
         return []
     with admission.admitted(settings, user.name, sum(h.pixels for h in headers), len(headers)):
         done, raw = _run_model(settings, predictor, images, headers, progress, unreadable, seen)
-    results = _answers(predictor, images, done, Probabilities(raw, predictor.temperature if calibrated else None),
-                       target, run_id, sha)
+    results = _answers(
+        predictor, images, done, Probabilities(raw, predictor.temperature if calibrated else None), target, run_id, sha
+    )
     if log:
         _log(Session, settings, user, source, results, [images[h.index].data for h in done])
     return results
@@ -205,9 +245,15 @@ def _headers(settings: Settings, images: Sequence[ImageInput], unreadable: Unrea
     return headers
 
 
-def _run_model(settings: Settings, predictor, images: Sequence[ImageInput], headers: list[_Header],
-               progress: Callable[[int, int], None] | None, unreadable: Unreadable | None,
-               seen: Callable[[int, PILImage.Image], None] | None) -> tuple[list[_Header], np.ndarray]:
+def _run_model(
+    settings: Settings,
+    predictor,
+    images: Sequence[ImageInput],
+    headers: list[_Header],
+    progress: Callable[[int, int], None] | None,
+    unreadable: Unreadable | None,
+    seen: Callable[[int, PILImage.Image], None] | None,
+) -> tuple[list[_Header], np.ndarray]:
     """(the images classified, their raw probabilities): decoded one at a time, each cut into the
     pipeline's samples and dropped; BATCH images' samples go through the model at once."""
     reduce_to = reduce_side(predictor.image_size, predictor.tiles)
@@ -247,8 +293,15 @@ def _score(predictor, cuts: list[np.ndarray]) -> np.ndarray:
     return np.asarray(raw, dtype=np.float64)
 
 
-def _answers(predictor, images: Sequence[ImageInput], headers: list[_Header], probs: Probabilities,
-             target: float | None, run_id: int, sha: str) -> list[Classified]:
+def _answers(
+    predictor,
+    images: Sequence[ImageInput],
+    headers: list[_Header],
+    probs: Probabilities,
+    target: float | None,
+    run_id: int,
+    sha: str,
+) -> list[Classified]:
     """Each image's answer, with the refer verdict computed as the Predict page always has."""
     shown, classes = probs.shown, list(predictor.classes)
     if probs.is_calibrated:
@@ -258,26 +311,56 @@ def _answers(predictor, images: Sequence[ImageInput], headers: list[_Header], pr
     else:
         threshold, aimed, refer = None, None, [None] * len(headers)
     kind = "calibrated" if probs.is_calibrated else "raw"
-    return [Classified(name=images[h.index].name, image_sha256=h.sha256, width=h.width, height=h.height,
-                       size_bytes=len(images[h.index].data), predicted=classes[int(p.argmax())],
-                       probabilities={c: float(v) for c, v in zip(classes, p)}, kind=kind, refer=r,
-                       threshold=threshold, run_id=run_id, model_sha256=sha, refer_target=aimed)
-            for h, p, r in zip(headers, shown, refer)]
+    return [
+        Classified(
+            name=images[h.index].name,
+            image_sha256=h.sha256,
+            width=h.width,
+            height=h.height,
+            size_bytes=len(images[h.index].data),
+            predicted=classes[int(p.argmax())],
+            probabilities={c: float(v) for c, v in zip(classes, p)},
+            kind=kind,
+            refer=r,
+            threshold=threshold,
+            run_id=run_id,
+            model_sha256=sha,
+            refer_target=aimed,
+        )
+        for h, p, r in zip(headers, shown, refer)
+    ]
 
 
-def _log(Session: sessionmaker, settings: Settings, user: User, source: str, results: list[Classified],
-         data: list[bytes]) -> None:
+def _log(
+    Session: sessionmaker, settings: Settings, user: User, source: str, results: list[Classified], data: list[bytes]
+) -> None:
     """One log row per image (`data`: each one's bytes), in one short transaction (which also prunes
     rows past PREDICTION_LOG_DAYS). Kept images are written first: a file whose row failed to commit
     is harmless, a row without its file is not."""
     kept: dict[str, str] = {}
     if settings.prediction_log_images:
         kept = prediction_log.keep_images(settings, [(r.image_sha256, d) for r, d in zip(results, data)])
-    entries = [prediction_log.LogEntry(
-        user=user.name, source=source, run_id=r.run_id, model_sha256=r.model_sha256, image_sha256=r.image_sha256,
-        image_name=r.name, width=r.width, height=r.height, size_bytes=r.size_bytes, probabilities=r.probabilities,
-        probability_kind=r.kind, predicted=r.predicted, refer=r.refer, threshold=r.threshold,
-        refer_target=r.refer_target, stored_path=kept.get(r.image_sha256)) for r in results]
+    entries = [
+        prediction_log.LogEntry(
+            user=user.name,
+            source=source,
+            run_id=r.run_id,
+            model_sha256=r.model_sha256,
+            image_sha256=r.image_sha256,
+            image_name=r.name,
+            width=r.width,
+            height=r.height,
+            size_bytes=r.size_bytes,
+            probabilities=r.probabilities,
+            probability_kind=r.kind,
+            predicted=r.predicted,
+            refer=r.refer,
+            threshold=r.threshold,
+            refer_target=r.refer_target,
+            stored_path=kept.get(r.image_sha256),
+        )
+        for r in results
+    ]
     with Session.begin() as s:
         prediction_log.record(s, entries)
         prediction_log.prune(s, settings)

@@ -20,8 +20,11 @@ from core.store.records import RunSummary
 def test_correct(session: Session, run_id: int) -> dict[int, bool]:
     """Image id -> whether the run's model got it right, over its test images (one row per image:
     augmented copies of the paper's protocol are left out, they are not the same images)."""
-    rows = session.execute(select(Prediction.image_id, Prediction.true_label, Prediction.predicted_label)
-                           .where(Prediction.run_id == run_id, Prediction.aug_index.is_(None)))
+    rows = session.execute(
+        select(Prediction.image_id, Prediction.true_label, Prediction.predicted_label).where(
+            Prediction.run_id == run_id, Prediction.aug_index.is_(None)
+        )
+    )
     return {image: truth == predicted for image, truth, predicted in rows}
 
 
@@ -70,10 +73,18 @@ def test_intervals(session: Session, runs: list[tuple[int, int]]) -> dict[int, t
     missing = [(i, seed) for i, seed in runs if (database, i) not in _intervals]
     if missing:
         rows = session.execute(
-            select(Prediction.run_id, Prediction.true_label, Prediction.predicted_label, Prediction.aug_index,
-                   Prediction.image_id, Image.group)
+            select(
+                Prediction.run_id,
+                Prediction.true_label,
+                Prediction.predicted_label,
+                Prediction.aug_index,
+                Prediction.image_id,
+                Image.group,
+            )
             .join(Image, Image.id == Prediction.image_id)
-            .where(Prediction.run_id.in_([i for i, _ in missing])).order_by(Prediction.id)).all()
+            .where(Prediction.run_id.in_([i for i, _ in missing]))
+            .order_by(Prediction.id)
+        ).all()
         by_run: dict[int, list] = {}
         for row in rows:
             by_run.setdefault(row.run_id, []).append(row)
@@ -103,19 +114,25 @@ def approval_concerns(session: Session, run_id: int) -> list[str]:
     concerns = []
     band = recorded_band(summary.calibration)
     if band is not None and band.threshold is None:
-        concerns.append(f"it marks every prediction \"uncertain, refer\": no confidence threshold can promise "
-                        f"{band.target:.0%} accuracy from its {band.n_val} validation images")
+        concerns.append(
+            f'it marks every prediction "uncertain, refer": no confidence threshold can promise '
+            f"{band.target:.0%} accuracy from its {band.n_val} validation images"
+        )
     interval = test_intervals(session, [(run.id, run.seed)]).get(run.id)
     colour = None if summary.colour_yardstick is None else summary.colour_yardstick.accuracy
     chance = 1 / len(run.dataset.classes) if run.dataset.classes else None
     if interval is not None and summary.test_accuracy is not None:
         low, high = interval
         if colour is not None and low <= colour:
-            concerns.append(f"its test accuracy, {summary.test_accuracy:.1%} (95% interval {low:.1%}–{high:.1%}), "
-                            f"may be no better than colour alone on the same split ({colour:.1%})")
+            concerns.append(
+                f"its test accuracy, {summary.test_accuracy:.1%} (95% interval {low:.1%}–{high:.1%}), "
+                f"may be no better than colour alone on the same split ({colour:.1%})"
+            )
         if chance is not None and low <= chance:
-            concerns.append(f"its test accuracy's 95% interval ({low:.1%}–{high:.1%}) reaches chance "
-                            f"(1 in {len(run.dataset.classes)}, {chance:.1%})")
+            concerns.append(
+                f"its test accuracy's 95% interval ({low:.1%}–{high:.1%}) reaches chance "
+                f"(1 in {len(run.dataset.classes)}, {chance:.1%})"
+            )
     if (run.config or {}).get("split") == "paper-leaky":
         concerns.append("it was tested under the paper's leaky protocol, whose accuracy says little about new patients")
     return concerns
@@ -130,6 +147,8 @@ def approve_checked(session: Session, settings, run_id: int, user, note: str, *,
     concerns = approval_concerns(session, run_id)
     if concerns and not despite:
         why = "; ".join(concerns)
-        raise UserError(f"Run {run_id} was not approved: {why}. Approve it anyway with --despite.",
-                        page=f"Run {run_id} was not approved: {why}. Tick \"Approve anyway\" to approve it all the same.")
+        raise UserError(
+            f"Run {run_id} was not approved: {why}. Approve it anyway with --despite.",
+            page=f'Run {run_id} was not approved: {why}. Tick "Approve anyway" to approve it all the same.',
+        )
     return approval.approve(session, settings, run_id, user, note)

@@ -72,13 +72,17 @@ class MachineSummary:
         paper = f"about {hours:.0f} hours" if hours >= 1.5 else f"about {max(1, round(hours * 60))} minutes"
         if self.has_gpu:
             names = ", ".join(sorted(set(self.gpus)))
-            return (f"GPU on this server: {len(self.gpus)} × {names}. Training runs on it; the paper's settings "
-                    f"({settings}) take {paper}.")
+            return (
+                f"GPU on this server: {len(self.gpus)} × {names}. Training runs on it; the paper's settings "
+                f"({settings}) take {paper}."
+            )
         slower = GPU_IMAGES_PER_SECOND / (CPU_IMAGES_PER_SECOND_PER_CORE * self.cpu_cores)
         slower = round(slower, -1) if slower >= 15 else round(slower)
-        return (f"No GPU on this server: training runs on the CPU ({self.cpu_cores} cores), about {slower:.0f}× "
-                "slower than on one GPU. The CPU training preset (64 px) takes minutes per fold; the paper's "
-                f"settings ({settings}) take {paper} here.")
+        return (
+            f"No GPU on this server: training runs on the CPU ({self.cpu_cores} cores), about {slower:.0f}× "
+            "slower than on one GPU. The CPU training preset (64 px) takes minutes per fold; the paper's "
+            f"settings ({settings}) take {paper} here."
+        )
 
 
 @functools.cache
@@ -118,16 +122,22 @@ class TimeEstimate:
         """E.g. 'About 4 minutes on this machine (CPU): 360 training images x 3 epoch(s) at 9.8
         images/s, plus ...', or, unmeasured, a rough figure that names its assumption."""
         runs = f" × {self.runs} runs" if self.runs > 1 else ""
-        work = (f"{self.images:,} training images × {self.epochs} epoch(s){runs} at {self.images_per_second:.3g} "
-                f"images/s, plus about {_duration(self.other_seconds)} per run to prepare the data and test")
+        work = (
+            f"{self.images:,} training images × {self.epochs} epoch(s){runs} at {self.images_per_second:.3g} "
+            f"images/s, plus about {_duration(self.other_seconds)} per run to prepare the data and test"
+        )
         total = _duration(self.minutes * 60) + (f" for the {self.runs} runs" if self.runs > 1 else "")
         sooner = " Early stopping may end it sooner." if self.stops_early else ""
         if self.measured:
-            return (f"About {total} on this machine ({self.device}): {work}, as the last {self.measured_runs} "
-                    f"run(s) at {self.image_size} px on its {self.device} went.{sooner}")
-        return (f"No run at {self.image_size} px has been timed on this machine's {self.device} yet. A rough "
-                f"figure from an assumption, not a measurement: about {total}, assuming {work} ({self.assumption}). "
-                f"Once a run has finished here, the figure comes from this machine's own speed.{sooner}")
+            return (
+                f"About {total} on this machine ({self.device}): {work}, as the last {self.measured_runs} "
+                f"run(s) at {self.image_size} px on its {self.device} went.{sooner}"
+            )
+        return (
+            f"No run at {self.image_size} px has been timed on this machine's {self.device} yet. A rough "
+            f"figure from an assumption, not a measurement: about {total}, assuming {work} ({self.assumption}). "
+            f"Once a run has finished here, the figure comes from this machine's own speed.{sooner}"
+        )
 
 
 def _duration(seconds: float) -> str:
@@ -140,7 +150,7 @@ def _duration(seconds: float) -> str:
 
 
 def device_kind(config: RunConfig, machine: MachineSummary) -> str:
-    """"cuda" or "cpu": where the run will train ("auto" takes the GPU when there is one)."""
+    """ "cuda" or "cpu": where the run will train ("auto" takes the GPU when there is one)."""
     if config.device == "auto":
         return "cuda" if machine.has_gpu else "cpu"
     return "cuda" if config.device.startswith("cuda") else "cpu"
@@ -161,7 +171,9 @@ def time_estimate(session: Session, config: RunConfig, classes: int, machine: Ma
     found = session.execute(
         select(Run.config, Run.summary, Run.timings, Run.started_at, Run.finished_at)
         .where(Run.status == RunStatus.succeeded, Run.device.like(f"{kind}%"))
-        .order_by(Run.id.desc()).limit(LOOKED_AT))
+        .order_by(Run.id.desc())
+        .limit(LOOKED_AT)
+    )
     for run_config, summary, timings, started, finished in found:
         speed = RunSummary.from_dict(summary).images_per_second
         if speed and RunConfig.from_dict(run_config).image_size == config.image_size:
@@ -178,14 +190,23 @@ def time_estimate(session: Session, config: RunConfig, classes: int, machine: Ma
     images = config.per_class * classes
     seconds = runs * (images * config.epochs / speed + other)
     return TimeEstimate(
-        minutes=seconds / 60, device="GPU" if kind == "cuda" else "CPU", runs=runs, images=images,
-        epochs=config.epochs, images_per_second=speed, other_seconds=other, measured_runs=len(speeds),
-        image_size=config.image_size, stops_early=config.patience > 0,
-        assumption="" if measured else _assumption(kind, config.image_size, machine.cpu_cores))
+        minutes=seconds / 60,
+        device="GPU" if kind == "cuda" else "CPU",
+        runs=runs,
+        images=images,
+        epochs=config.epochs,
+        images_per_second=speed,
+        other_seconds=other,
+        measured_runs=len(speeds),
+        image_size=config.image_size,
+        stops_early=config.patience > 0,
+        assumption="" if measured else _assumption(kind, config.image_size, machine.cpu_cores),
+    )
 
 
 def _assumption(kind: str, image_size: int, cpu_cores: int) -> str:
     if kind == "cuda":
         return "the speed of one H100 at the paper's 224 px in the design notes, for every image size"
-    return (f"the speed of the development machine's 2 idle CPU cores at 64 px, scaled to {cpu_cores} cores"
-            + ("" if image_size == 64 else f" and to {image_size} px"))
+    return f"the speed of the development machine's 2 idle CPU cores at 64 px, scaled to {cpu_cores} cores" + (
+        "" if image_size == 64 else f" and to {image_size} px"
+    )

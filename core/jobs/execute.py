@@ -83,27 +83,44 @@ def load_job(Session: sessionmaker, run_id: int) -> Job:
         run = get_run(s, run_id)
         # The images of the dataset version its split was made over; a split from before versions: today's.
         number = run.split.params.get("version")
-        images = s.execute(select(Image.sha256, Image.label).where(Image.dataset_id == run.dataset_id)).all() \
-            if number is None else [(im.sha256, im.label) for im in versions.version_images(
-                s, versions.get_version(s, run.dataset, number))]
+        images = (
+            s.execute(select(Image.sha256, Image.label).where(Image.dataset_id == run.dataset_id)).all()
+            if number is None
+            else [
+                (im.sha256, im.label) for im in versions.version_images(s, versions.get_version(s, run.dataset, number))
+            ]
+        )
         return Job(
-            run_id=run_id, created=run.created_at.isoformat(), config=RunConfig.from_dict(run.config),
-            classes=list(run.dataset.classes), protocol=splits.describe(run.split), split=run.split,
+            run_id=run_id,
+            created=run.created_at.isoformat(),
+            config=RunConfig.from_dict(run.config),
+            classes=list(run.dataset.classes),
+            protocol=splits.describe(run.split),
+            split=run.split,
             parts=splits.split_parts(s, run.split, run.fold),
-            dataset={"name": run.dataset.name, "fingerprint": dataset_fingerprint(images), "n_images": len(images),
-                     **({} if number is None else {"version": number})},
+            dataset={
+                "name": run.dataset.name,
+                "fingerprint": dataset_fingerprint(images),
+                "n_images": len(images),
+                **({} if number is None else {"version": number}),
+            },
             epochs_recorded=frozenset(s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id))),
-            scale=None if run.dataset.tile_px is None and run.dataset.tile_mpp is None
+            scale=None
+            if run.dataset.tile_px is None and run.dataset.tile_mpp is None
             else scale_meta(run.dataset.tile_px, run.dataset.tile_mpp),
         )
 
 
 def pipelines(config: RunConfig) -> tuple[EvalPipeline, TrainPipeline]:
     """The run's evaluation pipeline (its stain normaliser not fitted yet) and training pipeline."""
-    return (EvalPipeline(image_size=config.image_size, tiles=config.tiles, stain=config.stain_normalisation,
-                         tta=config.tta),
-            TrainPipeline(per_class=config.per_class, augment=config.augment_params, seed=config.seed,
-                          hed_jitter=config.hed_jitter))
+    return (
+        EvalPipeline(
+            image_size=config.image_size, tiles=config.tiles, stain=config.stain_normalisation, tta=config.tta
+        ),
+        TrainPipeline(
+            per_class=config.per_class, augment=config.augment_params, seed=config.seed, hed_jitter=config.hed_jitter
+        ),
+    )
 
 
 @contextmanager
@@ -113,8 +130,15 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     timings[phase] = time.perf_counter() - t0
 
 
-def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress: Progress | None = None,
-                *, resume: bool = True, group: Group | None = None) -> None:
+def execute_run(
+    Session: sessionmaker,
+    settings: Settings,
+    run_id: int,
+    progress: Progress | None = None,
+    *,
+    resume: bool = True,
+    group: Group | None = None,
+) -> None:
     """Run a recorded run to the end, writing status, metrics, checkpoints, the model file and predictions.
 
     With `resume` (the default), a checkpoint of this run from an earlier, interrupted attempt is
@@ -169,9 +193,17 @@ def execute_run(Session: sessionmaker, settings: Settings, run_id: int, progress
             _store_log_tail(Session, run_id, directory)
 
 
-def _phases(Session: sessionmaker, settings: Settings, job: Job, device: torch.device,
-            checkpoint: dict[str, Any] | None, progress: Progress | None, monitor: Monitor,
-            timings: dict[str, float], group: Group | None) -> None:
+def _phases(
+    Session: sessionmaker,
+    settings: Settings,
+    job: Job,
+    device: torch.device,
+    checkpoint: dict[str, Any] | None,
+    progress: Progress | None,
+    monitor: Monitor,
+    timings: dict[str, float],
+    group: Group | None,
+) -> None:
     def report(stage: str, done: int, total: int) -> None:
         if progress:
             progress(stage, done, total)
@@ -180,8 +212,9 @@ def _phases(Session: sessionmaker, settings: Settings, job: Job, device: torch.d
     # data: decode (cached), stain reference and normalisation, augmentation, jitter
     with _timed(timings, "data_and_augment"):
         evaluation, training = pipelines(job.config)
-        data = prepare_data(settings, job.split, job.parts, job.classes, pipeline=evaluation, train=training,
-                            progress=report)
+        data = prepare_data(
+            settings, job.split, job.parts, job.classes, pipeline=evaluation, train=training, progress=report
+        )
     # the split's leak audit and colour-only yardstick, recorded before training
     _audit(Session, settings, job, data, timings)
     # train; the best epoch's weights come back
@@ -194,13 +227,23 @@ def _phases(Session: sessionmaker, settings: Settings, job: Job, device: torch.d
         calibration = run_calibration(val, data.val.labels, test, data.test.labels)
     accuracy = float((test.argmax(1) == np.asarray(data.test.labels)).mean()) if len(test) else None
     # the model file, then the results
-    write_model(model_path(settings, job.run_id), model.state_dict(), {
-        "run_id": job.run_id, "run_created": job.created, "dataset": job.dataset, "classes": job.classes,
-        "preparation": data.pipeline.to_dict(), "calibration": calibration.to_dict(), "config": job.config.to_dict(),
-        "test_metrics": {"accuracy": accuracy, "n_test": len(test), "protocol": job.protocol},
-        "weights": weights_used, "stain_reference_image_id": data.stain_reference_image_id,
-        **({} if job.scale is None else {SCALE_KEY: job.scale}),
-    })
+    write_model(
+        model_path(settings, job.run_id),
+        model.state_dict(),
+        {
+            "run_id": job.run_id,
+            "run_created": job.created,
+            "dataset": job.dataset,
+            "classes": job.classes,
+            "preparation": data.pipeline.to_dict(),
+            "calibration": calibration.to_dict(),
+            "config": job.config.to_dict(),
+            "test_metrics": {"accuracy": accuracy, "n_test": len(test), "protocol": job.protocol},
+            "weights": weights_used,
+            "stain_reference_image_id": data.stain_reference_image_id,
+            **({} if job.scale is None else {SCALE_KEY: job.scale}),
+        },
+    )
     _record_results(Session, job, data, test, {"test_accuracy": accuracy, "calibration": calibration}, timings, device)
     _drop_checkpoints(settings, job.run_id)
 
@@ -215,15 +258,33 @@ def _audit(Session: sessionmaker, settings: Settings, job: Job, data: Prepared, 
     notes = {} if data.stain_reference_image_id is None else {"stain_reference_image_id": data.stain_reference_image_id}
     with Session.begin() as s:
         run = get_run(s, job.run_id)
-        run.summary = RunSummary.from_dict(run.summary).replace(
-            **notes, leak_audit=leak_audit, colour_yardstick=colour_yardstick).to_dict()
-    log.info("run %d: %d train, %d val, %d test samples; %s", job.run_id, len(data.train.y), len(data.val.y),
-             len(data.test.labels), job.protocol)
+        run.summary = (
+            RunSummary.from_dict(run.summary)
+            .replace(**notes, leak_audit=leak_audit, colour_yardstick=colour_yardstick)
+            .to_dict()
+        )
+    log.info(
+        "run %d: %d train, %d val, %d test samples; %s",
+        job.run_id,
+        len(data.train.y),
+        len(data.val.y),
+        len(data.test.labels),
+        job.protocol,
+    )
 
 
-def _train(Session: sessionmaker, settings: Settings, job: Job, data: Prepared, device: torch.device,
-           checkpoint: dict[str, Any] | None, progress: Progress | None, monitor: Monitor,
-           timings: dict[str, float], group: Group | None) -> tuple[torch.nn.Module, str]:
+def _train(
+    Session: sessionmaker,
+    settings: Settings,
+    job: Job,
+    data: Prepared,
+    device: torch.device,
+    checkpoint: dict[str, Any] | None,
+    progress: Progress | None,
+    monitor: Monitor,
+    timings: dict[str, float],
+    group: Group | None,
+) -> tuple[torch.nn.Module, str]:
     """The model with the best epoch's weights (by validation; the last epoch without one)."""
     config = job.config
     seed_everything(config.seed)  # so that every run with this seed starts from the same weights
@@ -232,13 +293,31 @@ def _train(Session: sessionmaker, settings: Settings, job: Job, data: Prepared, 
         get_run(s, job.run_id).weights_used = weights_used
     log.info("run %d: weights %s, device %s", job.run_id, weights_used, describe_device(device))
     directory = run_dir(settings, job.run_id)
-    recorder = Recorder(Session, job.run_id, directory, progress, {"run_id": job.run_id, "run_created": job.created},
-                        config.epochs, monitor)
+    recorder = Recorder(
+        Session,
+        job.run_id,
+        directory,
+        progress,
+        {"run_id": job.run_id, "run_created": job.created},
+        config.epochs,
+        monitor,
+    )
     with _timed(timings, "train"):
-        fitted = fit(model, Data(data.train.x, data.train.y, data.val.x, data.val.y), epochs=config.epochs,
-                     batch_size=config.batch_size, lr=config.lr, seed=config.seed, device=device, callback=recorder,
-                     config=config.to_dict(), resume=checkpoint, compile=config.compile, group=group,
-                     patience=config.patience)
+        fitted = fit(
+            model,
+            Data(data.train.x, data.train.y, data.val.x, data.val.y),
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed,
+            device=device,
+            callback=recorder,
+            config=config.to_dict(),
+            resume=checkpoint,
+            compile=config.compile,
+            group=group,
+            patience=config.patience,
+        )
     if recorder.should_stop():
         monitor.check("training")
         raise Cancelled(f"run {job.run_id} cancelled during training")
@@ -253,31 +332,59 @@ def _record_stop(Session: sessionmaker, job: Job, stopped_early: bool, epoch: in
     the run is tested."""
     with Session.begin() as s:
         run = get_run(s, job.run_id)
-        run.summary = RunSummary.from_dict(run.summary).replace(
-            stopped_early=stopped_early, stopped_at_epoch=epoch if stopped_early else None).to_dict()
+        run.summary = (
+            RunSummary.from_dict(run.summary)
+            .replace(stopped_early=stopped_early, stopped_at_epoch=epoch if stopped_early else None)
+            .to_dict()
+        )
         if stopped_early:
-            run.progress = RunProgress(stage="train", epoch=epoch, epochs=job.config.epochs, stopped_early=True).to_dict()
+            run.progress = RunProgress(
+                stage="train", epoch=epoch, epochs=job.config.epochs, stopped_early=True
+            ).to_dict()
     if stopped_early:
         log.info("run %d: stopped early after epoch %d of %d", job.run_id, epoch, job.config.epochs)
 
 
-def _record_results(Session: sessionmaker, job: Job, data: Prepared, probs: np.ndarray, results: dict[str, Any],
-                    timings: dict[str, float], device: torch.device) -> None:
+def _record_results(
+    Session: sessionmaker,
+    job: Job,
+    data: Prepared,
+    probs: np.ndarray,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    device: torch.device,
+) -> None:
     """Each test image's raw probabilities, the summary, and `succeeded`, in one transaction."""
     predicted = probs.argmax(1) if len(probs) else np.array([], dtype=int)
     with Session.begin() as s:
         s.execute(delete(Prediction).where(Prediction.run_id == job.run_id))
         s.add_all(
-            Prediction(run_id=job.run_id, image_id=image_id, aug_index=aug_index, true_label=int(t),
-                       predicted_label=int(p), probabilities=[round(float(v), 6) for v in row])
+            Prediction(
+                run_id=job.run_id,
+                image_id=image_id,
+                aug_index=aug_index,
+                true_label=int(t),
+                predicted_label=int(p),
+                probabilities=[round(float(v), 6) for v in row],
+            )
             for (image_id, aug_index), t, p, row in zip(data.test_ids, data.test.labels, predicted, probs)
         )
         run = get_run(s, job.run_id)
-        run.summary = RunSummary.from_dict(run.summary).replace(
-            **results, protocol=job.protocol, n_test=len(probs), n_train=len(data.train.y), n_val=len(data.val.y),
-            images_per_second=_mean_speed(s, job.run_id),
-            gpu_peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if device.type == "cuda" else None).to_dict()
+        run.summary = (
+            RunSummary.from_dict(run.summary)
+            .replace(
+                **results,
+                protocol=job.protocol,
+                n_test=len(probs),
+                n_train=len(data.train.y),
+                n_val=len(data.val.y),
+                images_per_second=_mean_speed(s, job.run_id),
+                gpu_peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if device.type == "cuda"
+                else None,
+            )
+            .to_dict()
+        )
         run.status, run.finished_at, run.timings = RunStatus.succeeded, utcnow(), timings
     log.info("run %d succeeded: test accuracy %s", job.run_id, results["test_accuracy"])
 
@@ -302,7 +409,10 @@ def _claim_if_queued(Session: sessionmaker, run_id: int) -> None:
     A run already running was claimed by whoever started this (a worker, the CLI)."""
     with Session() as s:
         status = get_run(s, run_id).status
-    if status == RunStatus.queued and claim_next(Session, f"process:{socket.gethostname()}:{os.getpid()}", run_id) is None:
+    if (
+        status == RunStatus.queued
+        and claim_next(Session, f"process:{socket.gethostname()}:{os.getpid()}", run_id) is None
+    ):
         raise UserError(f"Run {run_id} was just taken by a background worker; it trains there.")
 
 
@@ -318,8 +428,12 @@ def _resume_point(job: Job, directory: Path) -> dict[str, Any] | None:
         return None
     # A folder left over from another database can hold a last.pt under the same run id; and the
     # best epoch's weights must be there for the run to end with them.
-    ours = (checkpoint.get("run_id") == job.run_id and checkpoint.get("run_created") == job.created
-            and checkpoint.get("config") == job.config.to_dict() and "rng" in checkpoint)
+    ours = (
+        checkpoint.get("run_id") == job.run_id
+        and checkpoint.get("run_created") == job.created
+        and checkpoint.get("config") == job.config.to_dict()
+        and "rng" in checkpoint
+    )
     if not ours or checkpoint.get("epoch") not in job.epochs_recorded or not (directory / BEST_WEIGHTS).exists():
         log.warning("run %d: %s is not a resumable checkpoint of this run; starting from scratch", job.run_id, path)
         return None
@@ -348,8 +462,14 @@ def _mark_running(Session: sessionmaker, run_id: int, device: torch.device, chec
 FINISH_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0)
 
 
-def _finish(Session: sessionmaker, run_id: int, status: RunStatus, timings: dict[str, float], error: str | None = None,
-            error_page: str | None = None) -> None:
+def _finish(
+    Session: sessionmaker,
+    run_id: int,
+    status: RunStatus,
+    timings: dict[str, float],
+    error: str | None = None,
+    error_page: str | None = None,
+) -> None:
     """Record how the run ended (a failure's error also in the pages' words, where they differ),
     trying again while the database refuses. If it never accepts, the
     run stays `running` without a heartbeat: the worker that started this process records the
@@ -366,8 +486,13 @@ def _finish(Session: sessionmaker, run_id: int, status: RunStatus, timings: dict
             if delay is None:
                 log.exception("run %d: could not record that it %s", run_id, status.value)
                 return
-            log.warning("run %d: the database refused to record that it %s; trying again in %g s",
-                        run_id, status.value, delay, exc_info=True)
+            log.warning(
+                "run %d: the database refused to record that it %s; trying again in %g s",
+                run_id,
+                status.value,
+                delay,
+                exc_info=True,
+            )
             time.sleep(delay)
 
 
@@ -392,12 +517,26 @@ def _follow(Session: sessionmaker, settings: Settings, run_id: int, group: Group
     if epoch is not None:
         checkpoint = torch.load(run_dir(settings, run_id) / CHECKPOINT, map_location="cpu", weights_only=True)
         if checkpoint.get("epoch") != epoch:
-            raise RuntimeError(f"run {run_id}: last.pt holds epoch {checkpoint.get('epoch')}, rank 0 resumes after {epoch}")
+            raise RuntimeError(
+                f"run {run_id}: last.pt holds epoch {checkpoint.get('epoch')}, rank 0 resumes after {epoch}"
+            )
     evaluation, training = pipelines(job.config)
     data = prepare_data(settings, job.split, job.parts, job.classes, pipeline=evaluation, train=training)
     config = job.config
     seed_everything(config.seed)  # as rank 0 does before building its model
     model = PaperDenseNet(len(job.classes))  # no weights to load: DDP starts every process from rank 0's
-    fit(model, Data(data.train.x, data.train.y, data.val.x, data.val.y), epochs=config.epochs,
-        batch_size=config.batch_size, lr=config.lr, seed=config.seed, device=group.device, callback=NullCallback(),
-        config=config.to_dict(), resume=checkpoint, compile=config.compile, group=group, patience=config.patience)
+    fit(
+        model,
+        Data(data.train.x, data.train.y, data.val.x, data.val.y),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        device=group.device,
+        callback=NullCallback(),
+        config=config.to_dict(),
+        resume=checkpoint,
+        compile=config.compile,
+        group=group,
+        patience=config.patience,
+    )

@@ -105,8 +105,10 @@ def train_distributed(Session: sessionmaker, settings: Settings, run_id: int) ->
         status, config = run.status.value, RunConfig.from_dict(run.config)
     # Checked before the processes meet, so that none can have claimed the run yet.
     if status != "queued":
-        raise UserError(f"Run {run_id} is {status}; only a queued run can be trained here (queue one with "
-                        "`train --background --no-worker`, or reopen this one with `resume --background --no-worker`).")
+        raise UserError(
+            f"Run {run_id} is {status}; only a queued run can be trained here (queue one with "
+            "`train --background --no-worker`, or reopen this one with `resume --background --no-worker`)."
+        )
     from core.jobs import execute
     from core.training import distributed
 

@@ -51,19 +51,26 @@ def delete_run(session: Session, settings: Settings, run_id: int, *, user: User 
     get_run(session, run_id)  # UserError when there is no such run
     approved = select(ModelApproval.id).where(ModelApproval.run_id == run_id, ModelApproval.withdrawn_at.is_(None))
     if session.scalar(approved.limit(1)) is not None:
-        raise UserError(f"Run {run_id} is the approved model of its classes; withdraw its approval "
-                        f"(`python -m core withdraw {run_id}`) before deleting it.",
-                        page=f"Run {run_id} is the approved model of its classes; withdraw its approval "
-                             "(under Approved model, on this page) before deleting it.")
+        raise UserError(
+            f"Run {run_id} is the approved model of its classes; withdraw its approval "
+            f"(`python -m core withdraw {run_id}`) before deleting it.",
+            page=f"Run {run_id} is the approved model of its classes; withdraw its approval "
+            "(under Approved model, on this page) before deleting it.",
+        )
     # The condition is the lock: a worker's claim and this delete cannot both succeed.
-    gone = session.execute(delete(Run).where(Run.id == run_id, Run.status != RunStatus.running)
-                           .execution_options(synchronize_session=False)).rowcount
+    gone = session.execute(
+        delete(Run)
+        .where(Run.id == run_id, Run.status != RunStatus.running)
+        .execution_options(synchronize_session=False)
+    ).rowcount
     if not gone:
         if session.scalar(select(Run.id).where(Run.id == run_id)) is None:
             raise UserError(f"Run {run_id} has just been deleted.")
-        raise UserError(f"Run {run_id} is running; cancel it first (`python -m core cancel {run_id}`), then "
-                        "delete it once it has stopped.",
-                        page=f"Run {run_id} is running: press Cancel run first, then delete it once it has stopped.")
+        raise UserError(
+            f"Run {run_id} is running; cancel it first (`python -m core cancel {run_id}`), then "
+            "delete it once it has stopped.",
+            page=f"Run {run_id} is running: press Cancel run first, then delete it once it has stopped.",
+        )
     _remove_after_commit(session, run_dir(settings, run_id))
 
 
@@ -94,8 +101,9 @@ def requeue_run(session: Session, settings: Settings, run_id: int, *, user: User
     queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
     check_queue(settings, queued, 1)
     if user is not None:
-        mine = session.scalar(select(func.count()).select_from(Run)
-                              .where(Run.status == RunStatus.queued, Run.created_by == user.name))
+        mine = session.scalar(
+            select(func.count()).select_from(Run).where(Run.status == RunStatus.queued, Run.created_by == user.name)
+        )
         check_user_queue(settings, user.name, mine, 1)
     check_disk(settings)
     queue.reopen(session, settings, run_id)
@@ -105,13 +113,17 @@ def requeue_run(session: Session, settings: Settings, run_id: int, *, user: User
 def mark_failures_seen(session: Session, user: str, until: datetime) -> None:
     """`user` has seen the runs that failed up to `until` (the newest one shown to them); only
     ever moves forward, so a page drawn earlier cannot hide a failure seen later."""
-    moved = session.execute(update(FailuresSeen).where(FailuresSeen.user == user, FailuresSeen.seen_until < until)
-                            .values(seen_until=until)).rowcount
+    moved = session.execute(
+        update(FailuresSeen).where(FailuresSeen.user == user, FailuresSeen.seen_until < until).values(seen_until=until)
+    ).rowcount
     if moved or session.get(FailuresSeen, user) is not None:
         return
     try:
         with session.begin_nested():  # two tabs dismissing at once: the second finds the row
             session.add(FailuresSeen(user=user, seen_until=until))
     except IntegrityError:
-        session.execute(update(FailuresSeen).where(FailuresSeen.user == user, FailuresSeen.seen_until < until)
-                        .values(seen_until=until))
+        session.execute(
+            update(FailuresSeen)
+            .where(FailuresSeen.user == user, FailuresSeen.seen_until < until)
+            .values(seen_until=until)
+        )

@@ -23,12 +23,12 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.access.limits import is_disk_full
 from core.config import Settings
+from core.errors import UserError
 from core.store.db import EpochMetric, Run, RunStatus, engine_of, utcnow, write_transaction
 from core.store.records import RunSummary
 from core.store.runs import get_run
-from core.errors import UserError
-from core.access.limits import is_disk_full
 from core.training.run_config import RunConfig
 
 LOG_TAIL_LINES = 50
@@ -74,8 +74,10 @@ def failure_text(exc: BaseException, run_id: int) -> str:
     if full is None:
         return f"{type(exc).__name__}: {exc}"
     why = full.strerror if isinstance(full, OSError) else str(getattr(full, "orig", full))
-    return (f"The disk is full: {why or full}. Free space under APP_HOME (or on the database's disk), then "
-            f"`python -m core resume {run_id}` continues the run from its last finished epoch.")
+    return (
+        f"The disk is full: {why or full}. Free space under APP_HOME (or on the database's disk), then "
+        f"`python -m core resume {run_id}` continues the run from its last finished epoch."
+    )
 
 
 def failure_page_text(exc: BaseException) -> str | None:
@@ -84,8 +86,10 @@ def failure_page_text(exc: BaseException) -> str | None:
     if isinstance(exc, UserError):
         return exc.page
     if _disk_full(exc) is not None:
-        return ("The server's disk is full. Ask the administrator to free space, then press Resume on this "
-                "page: the run continues from its last finished epoch.")
+        return (
+            "The server's disk is full. Ask the administrator to free space, then press Resume on this "
+            "page: the run continues from its last finished epoch."
+        )
     return None
 
 
@@ -111,8 +115,15 @@ def claim_next(Session: sessionmaker, worker: str, run_id: int | None = None) ->
         taken = conn.execute(
             update(Run)
             .where(Run.id == chosen, Run.status == RunStatus.queued)
-            .values(status=RunStatus.running, worker=worker, pid=None, heartbeat_at=utcnow(),
-                    attempts=Run.attempts + 1, finished_at=None, error=None)
+            .values(
+                status=RunStatus.running,
+                worker=worker,
+                pid=None,
+                heartbeat_at=utcnow(),
+                attempts=Run.attempts + 1,
+                finished_at=None,
+                error=None,
+            )
         ).rowcount
     return chosen if taken == 1 else None
 
@@ -129,7 +140,8 @@ def request_cancel(session: Session, run_id: int) -> RunStatus:
     # Conditional updates, so a worker claiming the run at this moment cannot be overtaken:
     # either the run is still queued and never starts, or it is running and sees the flag.
     cancelled = session.execute(
-        update(Run).where(Run.id == run_id, Run.status == RunStatus.queued)
+        update(Run)
+        .where(Run.id == run_id, Run.status == RunStatus.queued)
         .values(status=RunStatus.cancelled, finished_at=utcnow())
     ).rowcount
     if cancelled:
@@ -157,25 +169,36 @@ def requeue_stale(session: Session, settings: Settings) -> dict[str, list[int]]:
     now = utcnow()
     stale = _stale(settings, now)
     done: dict[str, list[int]] = {"requeued": [], "cancelled": [], "failed": []}
-    stale_runs = (select(Run.id, Run.attempts, Run.cancel_requested, Run.worker, Run.summary).where(stale)
-                  .order_by(Run.id))
+    stale_runs = (
+        select(Run.id, Run.attempts, Run.cancel_requested, Run.worker, Run.summary).where(stale).order_by(Run.id)
+    )
     for run in session.execute(stale_runs).all():
         if run.cancel_requested:
             outcome, values = "cancelled", {"status": RunStatus.cancelled, "finished_at": now}
         elif run.attempts >= MAX_ATTEMPTS:
-            error = (f"The process training this run stopped responding {run.attempts} times (last on worker "
-                     f"{run.worker}); it was not retried again. `python -m core resume {run.id}` tries once more.")
-            page = (f"The process training this run stopped responding {run.attempts} times (out of memory?); it "
-                    "was not retried again. Resume on this page tries once more.")
+            error = (
+                f"The process training this run stopped responding {run.attempts} times (last on worker "
+                f"{run.worker}); it was not retried again. `python -m core resume {run.id}` tries once more."
+            )
+            page = (
+                f"The process training this run stopped responding {run.attempts} times (out of memory?); it "
+                "was not retried again. Resume on this page tries once more."
+            )
             summary = RunSummary.from_dict(run.summary).replace(error_page=page).to_dict()
-            outcome, values = "failed", {"status": RunStatus.failed, "finished_at": now, "error": error,
-                                         "summary": summary}
+            outcome, values = (
+                "failed",
+                {"status": RunStatus.failed, "finished_at": now, "error": error, "summary": summary},
+            )
         else:
             outcome, values = "requeued", {"status": RunStatus.queued, "worker": None, "pid": None}
         if session.execute(update(Run).where(Run.id == run.id, stale).values(**values)).rowcount:
             done[outcome].append(run.id)
-            note(settings, run.id, f"{outcome}: no heartbeat for over {settings.stale_seconds:g} s from "
-                                   f"worker {run.worker} (attempt {run.attempts} of {MAX_ATTEMPTS})")
+            note(
+                settings,
+                run.id,
+                f"{outcome}: no heartbeat for over {settings.stale_seconds:g} s from "
+                f"worker {run.worker} (attempt {run.attempts} of {MAX_ATTEMPTS})",
+            )
     return done
 
 
@@ -188,17 +211,26 @@ def reopen(session: Session, settings: Settings, run_id: int, *, worker: str | N
         raise UserError(f"Run {run_id} has already succeeded; there is nothing to resume.")
     if run.status == RunStatus.queued:
         raise UserError(f"Run {run_id} is already queued.")
-    if run.status == RunStatus.running and not session.scalar(select(Run.id).where(Run.id == run_id, _stale(settings, now))):
-        raise UserError(f"Run {run_id} is running (heartbeat {age_seconds(run.heartbeat_at, now):.0f} s ago); "
-                        f"`python -m core cancel {run_id}` first if you want to restart it.")
-    values: dict[str, Any] = {"status": RunStatus.queued, "worker": None, "pid": None, "error": None,
-                              "finished_at": None, "cancel_requested": False, "attempts": 0,
-                              "summary": RunSummary.from_dict(run.summary).replace(error_page=None).to_dict()}
+    if run.status == RunStatus.running and not session.scalar(
+        select(Run.id).where(Run.id == run_id, _stale(settings, now))
+    ):
+        raise UserError(
+            f"Run {run_id} is running (heartbeat {age_seconds(run.heartbeat_at, now):.0f} s ago); "
+            f"`python -m core cancel {run_id}` first if you want to restart it."
+        )
+    values: dict[str, Any] = {
+        "status": RunStatus.queued,
+        "worker": None,
+        "pid": None,
+        "error": None,
+        "finished_at": None,
+        "cancel_requested": False,
+        "attempts": 0,
+        "summary": RunSummary.from_dict(run.summary).replace(error_page=None).to_dict(),
+    }
     if worker is not None:
         values.update(status=RunStatus.running, worker=worker, heartbeat_at=now, attempts=1)
-    reopened = session.execute(
-        update(Run).where(Run.id == run_id, Run.status == run.status).values(**values)
-    ).rowcount
+    reopened = session.execute(update(Run).where(Run.id == run_id, Run.status == run.status).values(**values)).rowcount
     if not reopened:
         raise UserError(f"Run {run_id} changed while being resumed; try again.")
     note(settings, run_id, "resume requested by hand" + (f"; running in {worker}" if worker else "; queued"))
@@ -213,9 +245,15 @@ def run_status(session: Session, run_id: int) -> dict[str, Any]:
     done = session.scalar(select(func.count()).select_from(EpochMetric).where(EpochMetric.run_id == run_id))
     latest = None
     if last is not None:
-        latest = {"epoch": last.epoch, "train_loss": last.train_loss, "train_accuracy": last.train_accuracy,
-                  "val_loss": last.val_loss, "val_accuracy": last.val_accuracy, "seconds": round(last.seconds, 3),
-                  "images_per_second": round(last.images_per_second, 2)}
+        latest = {
+            "epoch": last.epoch,
+            "train_loss": last.train_loss,
+            "train_accuracy": last.train_accuracy,
+            "val_loss": last.val_loss,
+            "val_accuracy": last.val_accuracy,
+            "seconds": round(last.seconds, 3),
+            "images_per_second": round(last.images_per_second, 2),
+        }
     iso = lambda t: None if t is None else t.isoformat(timespec="seconds") + "Z"  # noqa: E731
     heartbeat_age = age_seconds(run.heartbeat_at)
     return {

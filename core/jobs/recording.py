@@ -26,8 +26,8 @@ from sqlalchemy.orm import sessionmaker
 
 from core.inference.model_file import write_weights
 from core.store.db import EpochMetric, Run, utcnow
-from core.store.records import RunProgress, RunSummary
 from core.store.files import atomic_path
+from core.store.records import RunProgress, RunSummary
 from core.transforms.pipelines import Progress
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,12 @@ class Monitor:
         if cancel:
             self.cancel.set()
         if pid != os.getpid() and not self.lost.is_set():
-            log.error("run %d was taken over by another process (pid %s); this one (pid %d) stops.",
-                      self.run_id, pid, os.getpid())
+            log.error(
+                "run %d was taken over by another process (pid %s); this one (pid %d) stops.",
+                self.run_id,
+                pid,
+                os.getpid(),
+            )
             self.lost.set()
 
 
@@ -147,9 +151,17 @@ class StepClock:
 class Recorder:
     """Training callback: epoch metrics and progress to the database, checkpoints to disk."""
 
-    def __init__(self, Session: sessionmaker, run_id: int, directory: Path, progress: Progress | None,
-                 extra: dict[str, Any], epochs: int, monitor: Monitor | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        Session: sessionmaker,
+        run_id: int,
+        directory: Path,
+        progress: Progress | None,
+        extra: dict[str, Any],
+        epochs: int,
+        monitor: Monitor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.Session, self.run_id, self.dir, self.progress = Session, run_id, directory, progress
         self.extra = extra  # stored in each checkpoint: which run it belongs to
         self.epochs = epochs
@@ -168,9 +180,15 @@ class Recorder:
             self._last_write = now
             with self.Session.begin() as s:
                 run = s.get(Run, self.run_id)
-                run.progress = RunProgress(stage="train", epoch=epoch, epochs=self.epochs, step=step, steps=steps,
-                                           step_seconds=self.steps.recent(), epoch_step_seconds=self.steps.epoch_mean()
-                                           ).to_dict()
+                run.progress = RunProgress(
+                    stage="train",
+                    epoch=epoch,
+                    epochs=self.epochs,
+                    step=step,
+                    steps=steps,
+                    step_seconds=self.steps.recent(),
+                    epoch_step_seconds=self.steps.epoch_mean(),
+                ).to_dict()
                 run.heartbeat_at = utcnow()
                 self._stop = run.cancel_requested
 

@@ -30,8 +30,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.store.db import Run
 from core.errors import UserError
+from core.store.db import Run
 from core.store.records import RunSummary
 from core.training import run_config
 from core.training.run_config import RunConfig
@@ -41,8 +41,15 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total), as in core.jobs.execute
 
 # The paper's settings (DESIGN.md section 2); a report made with others says which differ.
-PAPER = {"image_size": 224, "per_class": 1200, "epochs": 25, "batch_size": 24, "lr": 1e-4, "weights": "imagenet",
-         "test_fraction": 0.2}
+PAPER = {
+    "image_size": 224,
+    "per_class": 1200,
+    "epochs": 25,
+    "batch_size": 24,
+    "lr": 1e-4,
+    "weights": "imagenet",
+    "test_fraction": 0.2,
+}
 
 
 @dataclass
@@ -64,8 +71,9 @@ class ProtocolResult:
     n_source_images: int  # distinct source images among the test samples
 
 
-def _run_one(Session: sessionmaker, settings: Settings, config: RunConfig, label: str,
-             progress: Progress | None) -> int:
+def _run_one(
+    Session: sessionmaker, settings: Settings, config: RunConfig, label: str, progress: Progress | None
+) -> int:
     from core.jobs import execute, runs
 
     with Session.begin() as s:
@@ -87,21 +95,43 @@ def _collect(session: Session, run: Run, key: str, title: str) -> ProtocolResult
     report = metrics.run_report(session, run)
     rows = session.execute(
         select(Prediction.true_label, Prediction.predicted_label, Prediction.image_id, Image.group)
-        .join(Image, Image.id == Prediction.image_id).where(Prediction.run_id == run.id).order_by(Prediction.id)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(Prediction.run_id == run.id)
+        .order_by(Prediction.id)
     ).all()
     # Resample whole units: the source image of augmented copies (paper protocol), the specimen
     # group of a grouped split; images of one unit are not independent test samples.
     units = [g if run.split.grouped and g is not None else image_id for _, _, image_id, g in rows]
-    boot = bootstrap_metrics([r[0] for r in rows], [r[1] for r in rows], run.dataset.classes,
-                             groups=units, n_resamples=1000, seed=run.seed)
-    epochs = [{"epoch": e.epoch, "train_loss": e.train_loss, "train_accuracy": e.train_accuracy,
-               "val_loss": e.val_loss, "val_accuracy": e.val_accuracy} for e in run.epochs]
+    boot = bootstrap_metrics(
+        [r[0] for r in rows], [r[1] for r in rows], run.dataset.classes, groups=units, n_resamples=1000, seed=run.seed
+    )
+    epochs = [
+        {
+            "epoch": e.epoch,
+            "train_loss": e.train_loss,
+            "train_accuracy": e.train_accuracy,
+            "val_loss": e.val_loss,
+            "val_accuracy": e.val_accuracy,
+        }
+        for e in run.epochs
+    ]
     seconds = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else float("nan")
     return ProtocolResult(
-        key=key, title=title, run_id=run.id, protocol=report.protocol, accuracy=report.accuracy,
-        table=metrics.format_report(report), confusion=report.confusion, classes=list(report.classes),
-        epochs=epochs, summary=RunSummary.from_dict(run.summary), weights_used=run.weights_used or "", device=run.device or "",
-        seconds=seconds, bootstrap=boot, n_source_images=len({r[2] for r in rows}),
+        key=key,
+        title=title,
+        run_id=run.id,
+        protocol=report.protocol,
+        accuracy=report.accuracy,
+        table=metrics.format_report(report),
+        confusion=report.confusion,
+        classes=list(report.classes),
+        epochs=epochs,
+        summary=RunSummary.from_dict(run.summary),
+        weights_used=run.weights_used or "",
+        device=run.device or "",
+        seconds=seconds,
+        bootstrap=boot,
+        n_source_images=len({r[2] for r in rows}),
     )
 
 
@@ -131,8 +161,14 @@ def confusion_png(confusion: np.ndarray, classes: list[str], title: str, path: P
     high = confusion.max() / 2
     for i in ticks:
         for j in ticks:
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
-                    color="white" if confusion[i, j] > high else "black")
+            ax.text(
+                j,
+                i,
+                int(confusion[i, j]),
+                ha="center",
+                va="center",
+                color="white" if confusion[i, j] > high else "black",
+            )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -173,7 +209,9 @@ def _or_unknown(count: int | None) -> int | str:
 
 
 def _reduced(config: RunConfig, weights_used: str) -> list[str]:
-    differ = [f"{k} {getattr(config, k)} (paper: {v})" for k, v in PAPER.items() if k != "weights" and getattr(config, k) != v]
+    differ = [
+        f"{k} {getattr(config, k)} (paper: {v})" for k, v in PAPER.items() if k != "weights" and getattr(config, k) != v
+    ]
     if not weights_used.lower().startswith("imagenet"):
         differ.append(f"weights {weights_used or config.weights} (paper: ImageNet)")
     return differ
@@ -182,28 +220,41 @@ def _reduced(config: RunConfig, weights_used: str) -> list[str]:
 def _interval(r: ProtocolResult) -> str:
     b = r.bootstrap
     unit = ("specimen groups" if r.key == "honest" else "source images") if b.n_groups is not None else "samples"
-    return (f"95% bootstrap interval {_pct(b.accuracy.low)}-{_pct(b.accuracy.high)}, resampling the "
-            f"{b.n_groups if b.n_groups is not None else _or_unknown(r.summary.n_test)} test {unit}")
+    return (
+        f"95% bootstrap interval {_pct(b.accuracy.low)}-{_pct(b.accuracy.high)}, resampling the "
+        f"{b.n_groups if b.n_groups is not None else _or_unknown(r.summary.n_test)} test {unit}"
+    )
 
 
 def _verdict(leaky: ProtocolResult, honest: ProtocolResult, grouped: bool, chance: float) -> str:
-    where = ("untouched images of specimens it never saw (grouped split)" if grouped else
-             "untouched images it never saw (split by image: other images of the same specimens may be "
-             "in training, so even this is optimistic)")
+    where = (
+        "untouched images of specimens it never saw (grouped split)"
+        if grouped
+        else "untouched images it never saw (split by image: other images of the same specimens may be "
+        "in training, so even this is optimistic)"
+    )
     gap = 100 * (leaky.accuracy - honest.accuracy)
-    text = (f"The paper's protocol scores **{_pct(leaky.accuracy)}**; on {where} the same model, trained the "
-            f"same way, scores **{_pct(honest.accuracy)}** ({_interval(honest)}; "
-            f"always answering the largest test class would score {_pct(chance)}). ")
+    text = (
+        f"The paper's protocol scores **{_pct(leaky.accuracy)}**; on {where} the same model, trained the "
+        f"same way, scores **{_pct(honest.accuracy)}** ({_interval(honest)}; "
+        f"always answering the largest test class would score {_pct(chance)}). "
+    )
     if gap > 0:
-        text += (f"The gap of {gap:.1f} points is the leak: the paper's test set holds augmented copies of "
-                 "training images and images of training specimens, so its score measures recognising "
-                 "slides already seen, not diagnosing new ones.")
+        text += (
+            f"The gap of {gap:.1f} points is the leak: the paper's test set holds augmented copies of "
+            "training images and images of training specimens, so its score measures recognising "
+            "slides already seen, not diagnosing new ones."
+        )
     else:
-        text += ("At these settings there is no gap in the paper's favour; the honest score is the one to quote, "
-                 "and the paper's protocol still cannot be trusted to measure new images.")
+        text += (
+            "At these settings there is no gap in the paper's favour; the honest score is the one to quote, "
+            "and the paper's protocol still cannot be trusted to measure new images."
+        )
     if honest.bootstrap.accuracy.low <= chance:
-        text += (" On new specimens this model is not distinguishable from guessing the largest class: "
-                 "the interval includes that rate.")
+        text += (
+            " On new specimens this model is not distinguishable from guessing the largest class: "
+            "the interval includes that rate."
+        )
     return text
 
 
@@ -211,8 +262,11 @@ def _settings_table(config: RunConfig, weights_used: str) -> list[str]:
     rows = [
         ("image size", f"{config.image_size}x{config.image_size}", "224x224"),
         ("augmented training images per class", config.per_class, 1200),
-        ("augmentation (Augmentor)", ", ".join(f"{k}={v}" for k, v in config.augmentation.items()),
-         "rotate 0.4/3/3, distortion 0.4/4/4/4, zoom 0.2/0.9"),
+        (
+            "augmentation (Augmentor)",
+            ", ".join(f"{k}={v}" for k, v in config.augmentation.items()),
+            "rotate 0.4/3/3, distortion 0.4/4/4/4, zoom 0.2/0.9",
+        ),
         ("backbone weights", weights_used or config.weights, "ImageNet"),
         ("optimiser", f"Adam, lr {config.lr:g}", "Adam, lr 0.0001"),
         ("batch size", config.batch_size, 24),
@@ -231,9 +285,11 @@ def _protocol_section(r: ProtocolResult, explanation: str) -> list[str]:
         "",
         explanation,
         "",
-        (f"Run {r.run_id}: {_or_unknown(r.summary.n_train)} training, {_or_unknown(r.summary.n_val)} validation and "
-         f"{_or_unknown(r.summary.n_test)} test samples (from {r.n_source_images} distinct source images); "
-         f"device {r.device}; {r.seconds:.0f} s."),
+        (
+            f"Run {r.run_id}: {_or_unknown(r.summary.n_train)} training, {_or_unknown(r.summary.n_val)} validation and "
+            f"{_or_unknown(r.summary.n_test)} test samples (from {r.n_source_images} distinct source images); "
+            f"device {r.device}; {r.seconds:.0f} s."
+        ),
         "",
         f"Accuracy {_pct(r.accuracy)} ({_interval(r)}; {r.bootstrap.n_resamples} resamples, seed {r.bootstrap.seed}).",
         "",
@@ -250,8 +306,14 @@ def _protocol_section(r: ProtocolResult, explanation: str) -> list[str]:
     ]
 
 
-def reproduce_paper(Session: sessionmaker, settings: Settings, dataset: str, base: RunConfig, out_dir: Path,
-                    progress: Progress | None = None) -> Path:
+def reproduce_paper(
+    Session: sessionmaker,
+    settings: Settings,
+    dataset: str,
+    base: RunConfig,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> Path:
     """Train the paper's model under the paper's protocol and under the honest one, then write
     out_dir/report.md (and its PNG figures). Returns the report's path.
 
@@ -270,10 +332,16 @@ def reproduce_paper(Session: sessionmaker, settings: Settings, dataset: str, bas
     check_weights(base.weights)  # fail before anything is recorded or trained
     with Session() as s:
         get_dataset(s, dataset)
-    leaky_id = _run_one(Session, settings, base.replace(dataset=dataset, split="paper-leaky", grouped=None, fold=0),
-                        "paper-leaky", progress)
-    honest_id = _run_one(Session, settings, base.replace(dataset=dataset, split="holdout", grouped=None, fold=0),
-                         "honest", progress)
+    leaky_id = _run_one(
+        Session,
+        settings,
+        base.replace(dataset=dataset, split="paper-leaky", grouped=None, fold=0),
+        "paper-leaky",
+        progress,
+    )
+    honest_id = _run_one(
+        Session, settings, base.replace(dataset=dataset, split="holdout", grouped=None, fold=0), "honest", progress
+    )
     if progress:
         progress("report", 0, 1)
     path = write_report(Session, settings, leaky_id, honest_id, out_dir)
@@ -282,8 +350,9 @@ def reproduce_paper(Session: sessionmaker, settings: Settings, dataset: str, bas
     return path
 
 
-def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, honest_run_id: int,
-                 out_dir: Path) -> Path:
+def write_report(
+    Session: sessionmaker, settings: Settings, leaky_run_id: int, honest_run_id: int, out_dir: Path
+) -> Path:
     """Write out_dir/report.md and its figures from two finished runs: one with the paper-leaky
     split and one honest (holdout) run with the same settings. Returns the report's path."""
     from core.data import audit, splits
@@ -307,15 +376,24 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
         by_image_audit = None
         if grouped:
             # For comparison only (no training): the same data split by image instead of by group.
-            by_image = splits.make_split(s, ds, protocol="holdout", seed=config.seed, test_fraction=config.test_fraction,
-                                         val_fraction=config.val_fraction, grouped=False)
+            by_image = splits.make_split(
+                s,
+                ds,
+                protocol="holdout",
+                seed=config.seed,
+                test_fraction=config.test_fraction,
+                val_fraction=config.val_fraction,
+                grouped=False,
+            )
             by_image_audit = audit.audit_split(s, settings, by_image, 0, image_size=config.image_size)
         test_labels = [im.label for im in splits.split_parts(s, honest_run.split, 0).get("test", [])]
     chance = max(test_labels.count(c) for c in classes) / len(test_labels) if test_labels else float("nan")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in (leaky, honest):
-        confusion_png(r.confusion, r.classes, f"{r.title}\naccuracy {_pct(r.accuracy)}", out_dir / f"confusion-{r.key}.png")
+        confusion_png(
+            r.confusion, r.classes, f"{r.title}\naccuracy {_pct(r.accuracy)}", out_dir / f"confusion-{r.key}.png"
+        )
         curves_png(r.epochs, f"{r.title} (run {r.run_id})", out_dir / f"curves-{r.key}.png")
 
     lines = _opening_lines(dataset, counts, n_groups, config, leaky, honest, grouped, chance)
@@ -325,15 +403,23 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
         *_settings_table(config, honest.weights_used),
         "",
     ]
-    lines += _protocol_section(leaky, (
-        f"Protocol: {leaky.protocol}. Every source image is augmented to {config.per_class} images per class first; "
-        "the augmented copies are then split 80/20 (validation carved from the 80%). Copies of one source image, "
-        "and images of one specimen, are on both sides: this reproduces the paper's number, it does not measure "
-        "accuracy on new images."))
-    lines += _protocol_section(honest, (
-        f"Protocol: {honest.protocol}. The source images are split first"
-        f"{', whole specimen groups at a time' if grouped else ''}; only the training part is augmented "
-        f"(to {config.per_class} per class); the test images are never augmented or seen in training."))
+    lines += _protocol_section(
+        leaky,
+        (
+            f"Protocol: {leaky.protocol}. Every source image is augmented to {config.per_class} images per class first; "
+            "the augmented copies are then split 80/20 (validation carved from the 80%). Copies of one source image, "
+            "and images of one specimen, are on both sides: this reproduces the paper's number, it does not measure "
+            "accuracy on new images."
+        ),
+    )
+    lines += _protocol_section(
+        honest,
+        (
+            f"Protocol: {honest.protocol}. The source images are split first"
+            f"{', whole specimen groups at a time' if grouped else ''}; only the training part is augmented "
+            f"(to {config.per_class} per class); the test images are never augmented or seen in training."
+        ),
+    )
     lines += _closing_lines(dataset, config, leaky, honest, honest_audit, by_image_audit, out_dir)
     path = out_dir / "report.md"
     tmp = path.with_suffix(".md.tmp")
@@ -342,8 +428,9 @@ def write_report(Session: sessionmaker, settings: Settings, leaky_run_id: int, h
     return path
 
 
-def _opening_lines(dataset: str, counts: dict[str, int], n_groups: int, config: RunConfig, leaky, honest,
-                   grouped: bool, chance: float) -> list[str]:
+def _opening_lines(
+    dataset: str, counts: dict[str, int], n_groups: int, config: RunConfig, leaky, honest, grouped: bool, chance: float
+) -> list[str]:
     """The report's title, what data and settings it rests on, and its verdict with the table of both protocols."""
     from core.evaluation import yardstick
 
@@ -352,19 +439,25 @@ def _opening_lines(dataset: str, counts: dict[str, int], n_groups: int, config: 
     lines = [
         "# Reproducing Hasan et al. (modified DenseNet-201): the paper's protocol vs an honest one",
         "",
-        (f"Dataset `{dataset}`: {sum(counts.values())} images ({', '.join(f'{c} {n}' for c, n in counts.items())}), "
-         f"{f'{n_groups} specimen groups' if n_groups else 'no specimen groups (the honest split is by image)'}. "
-         f"Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `core.jobs.reproduce`; training and "
-         f"evaluation took {leaky.seconds + honest.seconds:.0f} s of wall time on {honest.device or 'an unrecorded device'}."),
+        (
+            f"Dataset `{dataset}`: {sum(counts.values())} images ({', '.join(f'{c} {n}' for c, n in counts.items())}), "
+            f"{f'{n_groups} specimen groups' if n_groups else 'no specimen groups (the honest split is by image)'}. "
+            f"Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `core.jobs.reproduce`; training and "
+            f"evaluation took {leaky.seconds + honest.seconds:.0f} s of wall time on {honest.device or 'an unrecorded device'}."
+        ),
         "",
     ]
     if reduced:
-        label = (f"Reduced settings{' on CPU' if on_cpu else ''}"
-                 f"{', no ImageNet weights' if any(d.startswith('weights') for d in reduced) else ''}")
+        label = (
+            f"Reduced settings{' on CPU' if on_cpu else ''}"
+            f"{', no ImageNet weights' if any(d.startswith('weights') for d in reduced) else ''}"
+        )
         lines += [
-            (f"> **{label}.** These numbers are NOT the paper's setting: " + "; ".join(reduced) + ". Both protocols "
-             "share these settings, so the comparison between them holds; the absolute accuracies do not transfer "
-             "to the paper's full setting."),
+            (
+                f"> **{label}.** These numbers are NOT the paper's setting: " + "; ".join(reduced) + ". Both protocols "
+                "share these settings, so the comparison between them holds; the absolute accuracies do not transfer "
+                "to the paper's full setting."
+            ),
             "",
         ]
     return lines + [
@@ -374,44 +467,57 @@ def _opening_lines(dataset: str, counts: dict[str, int], n_groups: int, config: 
         "",
         "| protocol | what is tested | test samples | accuracy | 95% bootstrap interval |",
         "| --- | --- | --- | --- | --- |",
-        (f"| paper (leaky) | augmented copies, split after augmentation | {_or_unknown(leaky.summary.n_test)} copies of "
-         f"{leaky.n_source_images} images | {_pct(leaky.accuracy)} | {_pct(leaky.bootstrap.accuracy.low)}-"
-         f"{_pct(leaky.bootstrap.accuracy.high)} |"),
-        (f"| honest | untouched images{' of held-out specimen groups' if grouped else ''} | "
-         f"{_or_unknown(honest.summary.n_test)} images | {_pct(honest.accuracy)} | "
-         f"{_pct(honest.bootstrap.accuracy.low)}-{_pct(honest.bootstrap.accuracy.high)} |"),
+        (
+            f"| paper (leaky) | augmented copies, split after augmentation | {_or_unknown(leaky.summary.n_test)} copies of "
+            f"{leaky.n_source_images} images | {_pct(leaky.accuracy)} | {_pct(leaky.bootstrap.accuracy.low)}-"
+            f"{_pct(leaky.bootstrap.accuracy.high)} |"
+        ),
+        (
+            f"| honest | untouched images{' of held-out specimen groups' if grouped else ''} | "
+            f"{_or_unknown(honest.summary.n_test)} images | {_pct(honest.accuracy)} | "
+            f"{_pct(honest.bootstrap.accuracy.low)}-{_pct(honest.bootstrap.accuracy.high)} |"
+        ),
         "",
-        ("Intervals resample whole units (source images for the paper's augmented copies, specimen groups for a "
-         "grouped split), since samples of one unit are not independent."),
+        (
+            "Intervals resample whole units (source images for the paper's augmented copies, specimen groups for a "
+            "grouped split), since samples of one unit are not independent."
+        ),
         "",
         *([yardstick.describe(honest.summary.colour_yardstick), ""] if honest.summary.colour_yardstick else []),
     ]
 
 
-def _closing_lines(dataset: str, config: RunConfig, leaky, honest, honest_audit, by_image_audit,
-                   out_dir: Path) -> list[str]:
+def _closing_lines(
+    dataset: str, config: RunConfig, leaky, honest, honest_audit, by_image_audit, out_dir: Path
+) -> list[str]:
     """The leak audit of the honest split (and of a split by image, for comparison), and how to make the report again."""
     from core.data import audit
 
     lines = ["## Leak audit of the honest split", "", audit.format_audit(honest_audit), ""]
     if by_image_audit is not None:
         lines += [
-            ("For comparison, the same audit of a split **by image** (not grouped) of this data: "
-             + by_image_audit.summary
-             + " A ratio near 1 is what neighbouring images of one specimen on both sides look like."),
+            (
+                "For comparison, the same audit of a split **by image** (not grouped) of this data: "
+                + by_image_audit.summary
+                + " A ratio near 1 is what neighbouring images of one specimen on both sides look like."
+            ),
             "",
         ]
     lines += [
         "## How this was made",
         "",
         "```bash",
-        (f"python -m core reproduce-paper {dataset} --image-size {config.image_size} --per-class {config.per_class} "
-         f"--epochs {config.epochs} --batch-size {config.batch_size} --weights {config.weights} --seed {config.seed} "
-         f"--device {config.device} --out {out_dir.name}"),
+        (
+            f"python -m core reproduce-paper {dataset} --image-size {config.image_size} --per-class {config.per_class} "
+            f"--epochs {config.epochs} --batch-size {config.batch_size} --weights {config.weights} --seed {config.seed} "
+            f"--device {config.device} --out {out_dir.name}"
+        ),
         "```",
         "",
-        (f"Runs {leaky.run_id} (paper protocol) and {honest.run_id} (honest) are recorded in the app database with "
-         "their full configuration; `python -m core evaluate RUN` prints their tables again."),
+        (
+            f"Runs {leaky.run_id} (paper protocol) and {honest.run_id} (honest) are recorded in the app database with "
+            "their full configuration; `python -m core evaluate RUN` prints their tables again."
+        ),
         "",
     ]
     return lines
@@ -439,7 +545,9 @@ RUN_FLAGS = ("epochs", "image_size", "per_class", "batch_size", "weights", "seed
 
 
 def cmd_reproduce_paper(args: argparse.Namespace, settings: Settings, Session: sessionmaker) -> None:
-    base = run_config.from_flags(args, RUN_FLAGS, dataset=args.dataset, weights=args.weights or settings.default_weights)
+    base = run_config.from_flags(
+        args, RUN_FLAGS, dataset=args.dataset, weights=args.weights or settings.default_weights
+    )
     out = Path(args.out) if args.out else settings.app_home / "reports" / f"reproduce-{args.dataset}"
     path = reproduce_paper(Session, settings, args.dataset, base, out, progress=_StageLog())
     print(path)
@@ -448,7 +556,8 @@ def cmd_reproduce_paper(args: argparse.Namespace, settings: Settings, Session: s
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `reproduce-paper DATASET`; its handler is set as `func(args, settings, Session)`."""
     p = subparsers.add_parser(
-        "reproduce-paper", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "reproduce-paper",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train under the paper's (leaky) protocol and the honest one; write a Markdown report",
         description="Train the same model twice, under the paper's protocol (augment, then split: leaky) and the "
         "honest one (split first, by specimen group when the dataset has groups), and write report.md with "

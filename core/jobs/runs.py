@@ -24,8 +24,15 @@ from core.training.run_config import RunConfig
 MAX_NOTES = 4000  # characters of a run's notes
 
 
-def create_runs(session: Session, settings: Settings, config: RunConfig, *, user: User | None = None,
-                name: str | None = None, notes: str | None = None) -> list[Run]:
+def create_runs(
+    session: Session,
+    settings: Settings,
+    config: RunConfig,
+    *,
+    user: User | None = None,
+    name: str | None = None,
+    notes: str | None = None,
+) -> list[Run]:
     """Record queued runs for `config`: one, or one per fold for k-fold. Makes (or reuses) the split,
     over the dataset version the config names (the latest when it names none), whose number the runs'
     configs record. UserError when the dataset has no such version.
@@ -48,8 +55,9 @@ def create_runs(session: Session, settings: Settings, config: RunConfig, *, user
     queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
     check_queue(settings, queued, adding)
     if user is not None:
-        mine = session.scalar(select(func.count()).select_from(Run)
-                              .where(Run.status == RunStatus.queued, Run.created_by == user.name))
+        mine = session.scalar(
+            select(func.count()).select_from(Run).where(Run.status == RunStatus.queued, Run.created_by == user.name)
+        )
         check_user_queue(settings, user.name, mine, adding)
     check_disk(settings)
     split = splits.make_split(

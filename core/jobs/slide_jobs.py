@@ -70,19 +70,25 @@ def check_model(session: Session, settings: Settings, run_id: int) -> None:
     if model_scale(read_description(path)) is None:
         raise UserError(
             f"Run {run_id} was trained on field images of unknown scale, so a slide cannot be cut into tiles like "
-            "those it learned from. Train a run on a dataset ingested from whole slides to classify slides.")
+            "those it learned from. Train a run on a dataset ingested from whole slides to classify slides."
+        )
 
 
 def check_waiting(session: Session, settings: Settings, user: User) -> None:
     """UserError when `user` already has MAX_QUEUED_RUNS_PER_USER slides waiting or under way: the
     worker is shared, and each waiting upload holds disk."""
     limit = settings.max_queued_runs_per_user
-    waiting = session.scalar(select(func.count()).select_from(SlideJob).where(
-        SlideJob.user == user.name, SlideJob.status.in_([RunStatus.queued, RunStatus.running])))
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(SlideJob)
+        .where(SlideJob.user == user.name, SlideJob.status.in_([RunStatus.queued, RunStatus.running]))
+    )
     if limit > 0 and waiting >= limit:
-        raise UserError(f"You ({user.name}) already have {waiting} slide(s) waiting or being classified, the "
-                        f"MAX_QUEUED_RUNS_PER_USER limit of {limit} per person, which keeps the worker shared. Wait "
-                        "for one to finish, or cancel one, then try again.")
+        raise UserError(
+            f"You ({user.name}) already have {waiting} slide(s) waiting or being classified, the "
+            f"MAX_QUEUED_RUNS_PER_USER limit of {limit} per person, which keeps the worker shared. Wait "
+            "for one to finish, or cancel one, then try again."
+        )
 
 
 def check_slide(path: Path, mpp: float | None) -> None:
@@ -91,8 +97,10 @@ def check_slide(path: Path, mpp: float | None) -> None:
     from core.slides.reader import is_slide_path
 
     if not is_slide_path(path):
-        raise UserError(f"{path.name} is not a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI or pyramidal "
-                        "TIFF); an image of one microscope field is classified as an image, not as a slide.")
+        raise UserError(
+            f"{path.name} is not a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI or pyramidal "
+            "TIFF); an image of one microscope field is classified as an image, not as a slide."
+        )
     with open_slide(path, mpp):
         pass
 
@@ -103,8 +111,10 @@ def store_upload(settings: Settings, name: str, data: BinaryIO, limit_bytes: int
     check_name_length(name, "A slide's file name")
     suffix = Path(name).suffix.lower()
     if suffix not in UPLOADABLE:
-        raise UserError(f"{name} is not a whole-slide file that can be uploaded ({', '.join(UPLOADABLE)}); MRXS and "
-                        "VMS slides keep their pixels in a folder: put them under a server folder and give its path.")
+        raise UserError(
+            f"{name} is not a whole-slide file that can be uploaded ({', '.join(UPLOADABLE)}); MRXS and "
+            "VMS slides keep their pixels in a folder: put them under a server folder and give its path."
+        )
     settings.slide_uploads_dir.mkdir(parents=True, exist_ok=True)
     target = settings.slide_uploads_dir / f"{uuid.uuid4().hex}{suffix}"
     written = 0
@@ -122,8 +132,18 @@ def store_upload(settings: Settings, name: str, data: BinaryIO, limit_bytes: int
     return target
 
 
-def queue_slide(Session: sessionmaker, settings: Settings, user: User, run_id: int, *, name: str,
-                path: Path, uploaded: bool, source: str, mpp: float | None = None) -> int:
+def queue_slide(
+    Session: sessionmaker,
+    settings: Settings,
+    user: User,
+    run_id: int,
+    *,
+    name: str,
+    path: Path,
+    uploaded: bool,
+    source: str,
+    mpp: float | None = None,
+) -> int:
     """Queue slide `path` (an upload stored by `store_upload`, or a path under IMPORT_ROOTS) for run
     `run_id`, checked first; the job's id. An uploaded slide that fails a check is removed."""
     try:
@@ -134,8 +154,15 @@ def queue_slide(Session: sessionmaker, settings: Settings, user: User, run_id: i
             check_waiting(s, settings, user)
         check_slide(path, mpp)
         with Session.begin() as s:
-            job = SlideJob(run_id=run_id, slide_name=name, slide_path=str(path), uploaded=uploaded, mpp=mpp,
-                           user=user.name, source=source)
+            job = SlideJob(
+                run_id=run_id,
+                slide_name=name,
+                slide_path=str(path),
+                uploaded=uploaded,
+                mpp=mpp,
+                user=user.name,
+                source=source,
+            )
             s.add(job)
             s.flush()
             return job.id
@@ -173,13 +200,28 @@ def _release(settings: Settings, job: SlideJob) -> None:
 def claim_next_slide(Session: sessionmaker, worker: str) -> int | None:
     """Atomically take the oldest queued slide job for `worker` (as queue.claim_next takes a run)."""
     with write_transaction(engine_of(Session)) as conn:
-        chosen = conn.scalar(select(SlideJob.id).where(SlideJob.status == RunStatus.queued).order_by(SlideJob.id)
-                             .limit(1).with_for_update(skip_locked=True))
+        chosen = conn.scalar(
+            select(SlideJob.id)
+            .where(SlideJob.status == RunStatus.queued)
+            .order_by(SlideJob.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
         if chosen is None:
             return None
-        taken = conn.execute(update(SlideJob).where(SlideJob.id == chosen, SlideJob.status == RunStatus.queued)
-                             .values(status=RunStatus.running, worker=worker, heartbeat_at=utcnow(),
-                                     started_at=utcnow(), done=0, total=None, error=None)).rowcount
+        taken = conn.execute(
+            update(SlideJob)
+            .where(SlideJob.id == chosen, SlideJob.status == RunStatus.queued)
+            .values(
+                status=RunStatus.running,
+                worker=worker,
+                heartbeat_at=utcnow(),
+                started_at=utcnow(),
+                done=0,
+                total=None,
+                error=None,
+            )
+        ).rowcount
     return chosen if taken == 1 else None
 
 
@@ -189,11 +231,14 @@ def has_queued_slide(session: Session) -> bool:
 
 def requeue_stale_slides(session: Session, settings: Settings) -> list[int]:
     """Running jobs whose process stopped beating (a killed worker) go back to the queue."""
-    stale = (SlideJob.status == RunStatus.running) & (SlideJob.heartbeat_at < utcnow() - timedelta(seconds=settings.stale_seconds))
+    stale = (SlideJob.status == RunStatus.running) & (
+        SlideJob.heartbeat_at < utcnow() - timedelta(seconds=settings.stale_seconds)
+    )
     ids = list(session.scalars(select(SlideJob.id).where(stale)))
     if ids:
-        session.execute(update(SlideJob).where(SlideJob.id.in_(ids), stale)
-                        .values(status=RunStatus.queued, worker=None))
+        session.execute(
+            update(SlideJob).where(SlideJob.id.in_(ids), stale).values(status=RunStatus.queued, worker=None)
+        )
     return ids
 
 
@@ -212,9 +257,11 @@ def record_exit(Session: sessionmaker, settings: Settings, job_id: int, worker: 
 def requeue_on_stop(Session: sessionmaker, job_id: int, worker: str) -> None:
     """The worker is stopping: its running job goes back to the queue, to start again."""
     with Session.begin() as s:
-        s.execute(update(SlideJob).where(SlideJob.id == job_id, SlideJob.worker == worker,
-                                         SlideJob.status == RunStatus.running)
-                  .values(status=RunStatus.queued, worker=None))
+        s.execute(
+            update(SlideJob)
+            .where(SlideJob.id == job_id, SlideJob.worker == worker, SlideJob.status == RunStatus.running)
+            .values(status=RunStatus.queued, worker=None)
+        )
 
 
 class _Progress:
@@ -228,8 +275,9 @@ class _Progress:
             return
         self.last = time.monotonic()
         with self.Session.begin() as s:
-            s.execute(update(SlideJob).where(SlideJob.id == self.job_id)
-                      .values(done=done, total=total, heartbeat_at=utcnow()))
+            s.execute(
+                update(SlideJob).where(SlideJob.id == self.job_id).values(done=done, total=total, heartbeat_at=utcnow())
+            )
             self.cancel = bool(s.scalar(select(SlideJob.cancel_requested).where(SlideJob.id == self.job_id)))
 
     def cancelled(self) -> bool:
@@ -247,8 +295,17 @@ def execute_slide_job(Session: sessionmaker, settings: Settings, job_id: int) ->
     progress = _Progress(Session, job_id)
     status, error, result = RunStatus.succeeded, None, None
     try:
-        pred = classify_slide(Session, settings, user, path, run_id=run_id, source=source, mpp=mpp,
-                              progress=progress, cancelled=progress.cancelled)
+        pred = classify_slide(
+            Session,
+            settings,
+            user,
+            path,
+            run_id=run_id,
+            source=source,
+            mpp=mpp,
+            progress=progress,
+            cancelled=progress.cancelled,
+        )
         result = write_results(settings, job_id, pred, path, mpp, name)
         _log(Session, settings, pred, path, name, user.name, source)
     except SlideCancelled:
@@ -257,7 +314,10 @@ def execute_slide_job(Session: sessionmaker, settings: Settings, job_id: int) ->
         status, error = RunStatus.failed, exc.for_page()
     except Exception:
         log.exception("slide job %d failed", job_id)
-        status, error = RunStatus.failed, "Classifying this slide failed unexpectedly; the worker's log has the details."
+        status, error = (
+            RunStatus.failed,
+            "Classifying this slide failed unexpectedly; the worker's log has the details.",
+        )
     with Session.begin() as s:
         job = s.get(SlideJob, job_id)
         job.status, job.finished_at, job.error, job.result = status, utcnow(), error, result
@@ -291,13 +351,18 @@ def write_results(settings: Settings, job_id: int, pred, path: Path, mpp: float 
     with open(folder / "slide.geojson", "w", encoding="utf-8") as f:
         write_geojson(f, pred)
     heat = heat_map(pred)
-    np.savez_compressed(folder / "heatmap.npz", predicted=heat.predicted, probability=heat.probability,
-                        cell=np.array([heat.cell_width, heat.cell_height]),
-                        thumbnail=np.array([heat.thumbnail_width, heat.thumbnail_height]))
+    np.savez_compressed(
+        folder / "heatmap.npz",
+        predicted=heat.predicted,
+        probability=heat.probability,
+        cell=np.array([heat.cell_width, heat.cell_height]),
+        thumbnail=np.array([heat.thumbnail_width, heat.thumbnail_height]),
+    )
     with open_slide(path, mpp) as slide:
         thumb = slide.thumbnail(max(heat.thumbnail_width, heat.thumbnail_height))
-        thumb.resize((heat.thumbnail_width, heat.thumbnail_height)).save(folder / "thumbnail.jpg",
-                                                                         quality=THUMBNAIL_QUALITY)
+        thumb.resize((heat.thumbnail_width, heat.thumbnail_height)).save(
+            folder / "thumbnail.jpg", quality=THUMBNAIL_QUALITY
+        )
         for label, tops in pred.top_tiles.items():
             for k, top in enumerate(tops):
                 tile = slide.region(top.x, top.y, pred.scale.tile_px, pred.scale.mpp)
@@ -349,11 +414,23 @@ class SlideVerdict:
     @classmethod
     def from_summary(cls, d: dict[str, Any]) -> SlideVerdict:
         slide = d["slide"]
-        return cls(d["predicted"], dict(d["probabilities"]), d["probability_kind"], d.get("refer"),
-                   d.get("refer_threshold"), d.get("refer_target"), dict(d["tissue_share"]), int(d["tiles"]["kept"]),
-                   int(d["scale"]["tile_px"]), float(d["scale"]["mpp"]), float(d["seconds"]),
-                   float(d["tiles_per_second"]), int(slide["width"]), int(slide["height"]),
-                   (float(slide["mpp_x"]) + float(slide["mpp_y"])) / 2)
+        return cls(
+            d["predicted"],
+            dict(d["probabilities"]),
+            d["probability_kind"],
+            d.get("refer"),
+            d.get("refer_threshold"),
+            d.get("refer_target"),
+            dict(d["tissue_share"]),
+            int(d["tiles"]["kept"]),
+            int(d["scale"]["tile_px"]),
+            float(d["scale"]["mpp"]),
+            float(d["seconds"]),
+            float(d["tiles_per_second"]),
+            int(slide["width"]),
+            int(slide["height"]),
+            (float(slide["mpp_x"]) + float(slide["mpp_y"])) / 2,
+        )
 
 
 @dataclass(frozen=True)
@@ -423,9 +500,21 @@ def slide_jobs(session: Session, settings: Settings, *, user: str | None = None,
 
 def _view(settings: Settings, job: SlideJob) -> SlideJobView:
     verdict = SlideVerdict.from_summary(job.result) if job.result else None
-    return SlideJobView(job.id, job.run_id, job.slide_name, job.user, job.status, job.created_at, job.started_at,
-                        job.finished_at, job.done, job.total, job.error, verdict,
-                        settings.slide_jobs_dir / str(job.id))
+    return SlideJobView(
+        job.id,
+        job.run_id,
+        job.slide_name,
+        job.user,
+        job.status,
+        job.created_at,
+        job.started_at,
+        job.finished_at,
+        job.done,
+        job.total,
+        job.error,
+        verdict,
+        settings.slide_jobs_dir / str(job.id),
+    )
 
 
 def load_heat_map(view: SlideJobView, classes: tuple[str, ...]):
@@ -434,10 +523,17 @@ def load_heat_map(view: SlideJobView, classes: tuple[str, ...]):
 
     with np.load(view.folder / "heatmap.npz") as z:
         cell, thumb = z["cell"], z["thumbnail"]
-        return HeatMap(classes=classes, colours=tuple(class_colour(k) for k in range(len(classes))),
-                       predicted=z["predicted"], probability=z["probability"], thumbnail_width=int(thumb[0]),
-                       thumbnail_height=int(thumb[1]), cell_width=float(cell[0]), cell_height=float(cell[1]),
-                       kind=view.verdict.probability_kind if view.verdict else "raw")
+        return HeatMap(
+            classes=classes,
+            colours=tuple(class_colour(k) for k in range(len(classes))),
+            predicted=z["predicted"],
+            probability=z["probability"],
+            thumbnail_width=int(thumb[0]),
+            thumbnail_height=int(thumb[1]),
+            cell_width=float(cell[0]),
+            cell_height=float(cell[1]),
+            kind=view.verdict.probability_kind if view.verdict else "raw",
+        )
 
 
 def delete_job_files(settings: Settings, job_id: int) -> None:
@@ -463,7 +559,7 @@ def overlay(view: SlideJobView, classes: tuple[str, ...]) -> np.ndarray:
     """The heat map as an RGBA image the size of the job's thumbnail: each tile in its class's colour,
     as opaque as its probability (at most 75%, so the tissue shows through), clear where no tile."""
     heat = load_heat_map(view, classes)
-    colours = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in heat.colours], dtype=np.uint8)
+    colours = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in heat.colours], dtype=np.uint8)
     grid = np.zeros((*heat.predicted.shape, 4), dtype=np.uint8)
     tiled = ~np.isnan(heat.predicted)
     grid[tiled, :3] = colours[heat.predicted[tiled].astype(int)]

@@ -40,8 +40,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.jobs import queue, slide_jobs
 from core.config import Settings
+from core.jobs import queue, slide_jobs
 from core.store.db import Run, RunStatus, SlideJob, Worker, make_sessionmaker, utcnow
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,11 @@ def _sessionmaker(url: str) -> sessionmaker:
 
 def _fresh_workers(session: Session, settings: Settings) -> list[Worker]:
     now = utcnow()
-    return [w for w in session.scalars(select(Worker).order_by(Worker.started_at))
-            if queue.age_seconds(w.heartbeat_at, now) <= settings.stale_seconds and not _exited_here(w)]
+    return [
+        w
+        for w in session.scalars(select(Worker).order_by(Worker.started_at))
+        if queue.age_seconds(w.heartbeat_at, now) <= settings.stale_seconds and not _exited_here(w)
+    ]
 
 
 def _exited_here(worker: Worker) -> bool:
@@ -138,14 +141,27 @@ def ensure_worker(settings: Settings) -> bool:
         with open(settings.app_home / "worker.log", "ab") as output:
             command = [sys.executable, "-m", "core", "worker", "--idle-exit", str(AUTOSTART_IDLE_EXIT_SECONDS)]
             process = subprocess.Popen(
-                command, cwd=ROOT, env=_child_env(settings),
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                command,
+                cwd=ROOT,
+                env=_child_env(settings),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         # Its row is written now, not when the interpreter has started, so that a second call
         # within that second sees a live worker.
         with Session.begin() as s:
-            s.merge(Worker(id=f"{socket.gethostname()}:{process.pid}", host=socket.gethostname(), pid=process.pid,
-                           heartbeat_at=utcnow(), slots=settings.worker_slots, run_ids=[]))
+            s.merge(
+                Worker(
+                    id=f"{socket.gethostname()}:{process.pid}",
+                    host=socket.gethostname(),
+                    pid=process.pid,
+                    heartbeat_at=utcnow(),
+                    slots=settings.worker_slots,
+                    run_ids=[],
+                )
+            )
     log.info("started background worker pid %d (log: %s)", process.pid, settings.app_home / "worker.log")
     return True
 
@@ -158,8 +174,15 @@ def worker_status(session: Session, settings: Settings) -> dict[str, Any]:
     """
     now = utcnow()
     workers = [
-        {"id": w.id, "heartbeat_age": round(queue.age_seconds(w.heartbeat_at, now), 1), "running": list(w.run_ids),
-         "device": w.device, "host": w.host, "pid": w.pid, "slots": w.slots}
+        {
+            "id": w.id,
+            "heartbeat_age": round(queue.age_seconds(w.heartbeat_at, now), 1),
+            "running": list(w.run_ids),
+            "device": w.device,
+            "host": w.host,
+            "pid": w.pid,
+            "slots": w.slots,
+        }
         for w in _fresh_workers(session, settings)
     ]
     queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
@@ -198,8 +221,14 @@ class WorkerLoop:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._stop)
             signal.signal(signal.SIGINT, self._stop)
-        log.info("worker %s: %d slot(s), heartbeat %gs, stale after %gs, database %s", self.id, self.slots,
-                 self.settings.heartbeat_seconds, self.settings.stale_seconds, self.settings.database_url)
+        log.info(
+            "worker %s: %d slot(s), heartbeat %gs, stale after %gs, database %s",
+            self.id,
+            self.slots,
+            self.settings.heartbeat_seconds,
+            self.settings.stale_seconds,
+            self.settings.database_url,
+        )
         next_beat = 0.0
         try:
             while not self.stopping:
@@ -244,18 +273,31 @@ class WorkerLoop:
             me.heartbeat_at, me.slots, me.run_ids = now, self.slots, sorted(self.children)
             for child in self.children.values():
                 directory = self.settings.runs_dir / str(child.run_id)
-                s.execute(update(Run).where(Run.id == child.run_id, Run.worker == self.id, Run.status == RunStatus.running)
-                          .values(heartbeat_at=now, log_tail=queue.log_tail(directory / "train.log")))
-            running = s.execute(select(Run.id, Run.cancel_requested, Run.device)
-                                .where(Run.id.in_(list(self.children)))).all() if self.children else []
+                s.execute(
+                    update(Run)
+                    .where(Run.id == child.run_id, Run.worker == self.id, Run.status == RunStatus.running)
+                    .values(heartbeat_at=now, log_tail=queue.log_tail(directory / "train.log"))
+                )
+            running = (
+                s.execute(select(Run.id, Run.cancel_requested, Run.device).where(Run.id.in_(list(self.children)))).all()
+                if self.children
+                else []
+            )
             for run_id, cancel, device in running:
                 if device:
                     me.device = device
                 if cancel:
                     self._enforce_cancel(self.children[run_id])
             if self.slides:  # tiling a large slide reports no progress for a while: alive all the same
-                s.execute(update(SlideJob).where(SlideJob.id.in_(list(self.slides)), SlideJob.worker == self.id,
-                                                 SlideJob.status == RunStatus.running).values(heartbeat_at=now))
+                s.execute(
+                    update(SlideJob)
+                    .where(
+                        SlideJob.id.in_(list(self.slides)),
+                        SlideJob.worker == self.id,
+                        SlideJob.status == RunStatus.running,
+                    )
+                    .values(heartbeat_at=now)
+                )
             # Busy includes runs of other (perhaps dead) workers: staying keeps the sweep going.
             active = select(Run.id).where(Run.status.in_([RunStatus.queued, RunStatus.running])).limit(1)
             slides = select(SlideJob.id).where(SlideJob.status.in_([RunStatus.queued, RunStatus.running])).limit(1)
@@ -267,8 +309,12 @@ class WorkerLoop:
         # for a run stuck where it cannot check.
         child.cancel_seen_at = child.cancel_seen_at or time.monotonic()
         if time.monotonic() - child.cancel_seen_at > CANCEL_GRACE_SECONDS and child.process.poll() is None:
-            log.warning("worker %s: run %d ignored its cancel for %ds; terminating it", self.id, child.run_id,
-                        CANCEL_GRACE_SECONDS)
+            log.warning(
+                "worker %s: run %d ignored its cancel for %ds; terminating it",
+                self.id,
+                child.run_id,
+                CANCEL_GRACE_SECONDS,
+            )
             child.process.terminate()
 
     def sweep(self) -> None:
@@ -276,8 +322,11 @@ class WorkerLoop:
             done = queue.requeue_stale(s, self.settings)
             stale_slides = slide_jobs.requeue_stale_slides(s, self.settings)
             now = utcnow()
-            dead = [w.id for w in s.scalars(select(Worker).where(Worker.id != self.id))
-                    if queue.age_seconds(w.heartbeat_at, now) > self.settings.stale_seconds]
+            dead = [
+                w.id
+                for w in s.scalars(select(Worker).where(Worker.id != self.id))
+                if queue.age_seconds(w.heartbeat_at, now) > self.settings.stale_seconds
+            ]
             if dead:
                 s.execute(delete(Worker).where(Worker.id.in_(dead)))
         if stale_slides:
@@ -310,8 +359,14 @@ class WorkerLoop:
             folder.mkdir(parents=True, exist_ok=True)
             output = open(folder / "process.log", "ab")
             command = [sys.executable, "-m", "core", "_slide", str(job_id), "--parent", str(os.getpid())]
-            process = subprocess.Popen(command, cwd=ROOT, env=_child_env(self.settings), stdin=subprocess.DEVNULL,
-                                       stdout=output, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=_child_env(self.settings),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         except OSError as exc:
             slide_jobs.record_exit(self.Session, self.settings, job_id, self.id, 1, f"It could not start: {exc}")
             return
@@ -330,9 +385,14 @@ class WorkerLoop:
             return
         try:
             command = [sys.executable, "-m", "core", "_run", str(run_id), "--parent", str(os.getpid())]
-            process = subprocess.Popen(command, cwd=ROOT,
-                                       env=_child_env(self.settings), stdin=subprocess.DEVNULL,
-                                       stdout=output, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=_child_env(self.settings),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         except OSError as exc:
             output.close()
             self._fail(run_id, f"Could not start the training process: {exc}")
@@ -345,8 +405,9 @@ class WorkerLoop:
 
     def _fail(self, run_id: int, error: str) -> None:
         with self.Session.begin() as s:
-            s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.failed, finished_at=utcnow(),
-                                                                 error=error))
+            s.execute(
+                update(Run).where(Run.id == run_id).values(status=RunStatus.failed, finished_at=utcnow(), error=error)
+            )
 
     def reap(self) -> None:
         for job_id, child in list(self.slides.items()):
@@ -382,8 +443,10 @@ class WorkerLoop:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                     output = queue.log_tail(directory / "process.log", 15) or ""
                     run.status = RunStatus.failed
-                    run.error = (f"The training process {how} without recording a result "
-                                 f"(out of memory?). Its last output:\n{output}").strip()
+                    run.error = (
+                        f"The training process {how} without recording a result "
+                        f"(out of memory?). Its last output:\n{output}"
+                    ).strip()
             status = run.status
         log.info("worker %s: run %d ended %s (exit code %d)", self.id, run_id, status.value, code)
 
@@ -406,28 +469,53 @@ class WorkerLoop:
         self.slides.clear()
         for run_id in self.children:
             with self.Session.begin() as s:
-                cancelled = s.execute(update(Run).where(
-                    Run.id == run_id, Run.worker == self.id, Run.status == RunStatus.running, Run.cancel_requested,
-                ).values(status=RunStatus.cancelled, finished_at=utcnow())).rowcount
+                cancelled = s.execute(
+                    update(Run)
+                    .where(
+                        Run.id == run_id,
+                        Run.worker == self.id,
+                        Run.status == RunStatus.running,
+                        Run.cancel_requested,
+                    )
+                    .values(status=RunStatus.cancelled, finished_at=utcnow())
+                ).rowcount
                 # The worker stopping is not the run's fault: the attempt is given back.
-                requeued = s.execute(update(Run).where(
-                    Run.id == run_id, Run.worker == self.id, Run.status == RunStatus.running,
-                ).values(status=RunStatus.queued, worker=None, pid=None, attempts=Run.attempts - 1)).rowcount
+                requeued = s.execute(
+                    update(Run)
+                    .where(
+                        Run.id == run_id,
+                        Run.worker == self.id,
+                        Run.status == RunStatus.running,
+                    )
+                    .values(status=RunStatus.queued, worker=None, pid=None, attempts=Run.attempts - 1)
+                ).rowcount
             if requeued:
                 queue.note(self.settings, run_id, f"requeued: worker {self.id} stopped")
-            log.info("worker %s: run %d %s", self.id, run_id, "cancelled" if cancelled else "requeued" if requeued else "ended")
+            log.info(
+                "worker %s: run %d %s",
+                self.id,
+                run_id,
+                "cancelled" if cancelled else "requeued" if requeued else "ended",
+            )
         self.children.clear()
         with self.Session.begin() as s:
             s.execute(delete(Worker).where(Worker.id == self.id))
         log.info("worker %s: stopped after starting %d run(s)", self.id, self.started)
 
 
-def run_worker(settings: Settings, *, once: bool = False, max_runs: int | None = None,
-               slots: int | None = None, idle_exit: float | None = None) -> int:
+def run_worker(
+    settings: Settings,
+    *,
+    once: bool = False,
+    max_runs: int | None = None,
+    slots: int | None = None,
+    idle_exit: float | None = None,
+) -> int:
     """`python -m core worker`: returns the number of runs it started."""
     Session = make_sessionmaker(settings.database_url)
-    loop = WorkerLoop(Session, settings, once=once, max_runs=max_runs, slots=slots or settings.worker_slots,
-                      idle_exit=idle_exit)
+    loop = WorkerLoop(
+        Session, settings, once=once, max_runs=max_runs, slots=slots or settings.worker_slots, idle_exit=idle_exit
+    )
     return loop.run()
 
 

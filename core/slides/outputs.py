@@ -38,7 +38,7 @@ def class_colour(index: int) -> str:
 
 
 def _rgb(colour: str) -> list[int]:
-    return [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
 
 
 def _level0(value: float) -> float | int:
@@ -55,8 +55,10 @@ def tile_rows(pred: SlidePrediction) -> list[list[Any]]:
     probability (of pred.kind), and pen ink and blur as 0/1."""
     width, height = _level0(pred.tiling.step_x), _level0(pred.tiling.step_y)
     winners = pred.tile_predicted
-    return [[t.x, t.y, width, height, pred.classes[int(k)], *(round(float(p), 6) for p in row), int(t.pen),
-             int(t.blurry)] for t, k, row in zip(pred.tiling.tiles, winners, pred.tile_probabilities)]
+    return [
+        [t.x, t.y, width, height, pred.classes[int(k)], *(round(float(p), 6) for p in row), int(t.pen), int(t.blurry)]
+        for t, k, row in zip(pred.tiling.tiles, winners, pred.tile_probabilities)
+    ]
 
 
 def write_tile_csv(out: TextIO, pred: SlidePrediction) -> None:
@@ -76,11 +78,15 @@ def _features(pred: SlidePrediction) -> Iterator[dict[str, Any]]:
     for t, k, row in zip(pred.tiling.tiles, pred.tile_predicted, pred.tile_probabilities):
         x0, y0, x1, y1 = t.x, t.y, _level0(t.x + w), _level0(t.y + h)
         measurements = {f"{c} probability": round(float(p), 6) for c, p in zip(pred.classes, row)}
-        yield {"type": "Feature",
-               "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-               "properties": {"objectType": "tile",
-                              "classification": {"name": pred.classes[int(k)], "color": colours[int(k)]},
-                              "measurements": {**measurements, "pen": int(t.pen), "blurry": int(t.blurry)}}}
+        yield {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {
+                "objectType": "tile",
+                "classification": {"name": pred.classes[int(k)], "color": colours[int(k)]},
+                "measurements": {**measurements, "pen": int(t.pen), "blurry": int(t.blurry)},
+            },
+        }
 
 
 def geojson(pred: SlidePrediction) -> dict[str, Any]:
@@ -113,8 +119,12 @@ class HeatMap:
 
     def box(self, row: int, col: int) -> tuple[float, float, float, float]:
         """(left, top, right, bottom) of a cell, in thumbnail pixels."""
-        return (col * self.cell_width, row * self.cell_height, (col + 1) * self.cell_width,
-                (row + 1) * self.cell_height)
+        return (
+            col * self.cell_width,
+            row * self.cell_height,
+            (col + 1) * self.cell_width,
+            (row + 1) * self.cell_height,
+        )
 
 
 def heat_map(pred: SlidePrediction) -> HeatMap:
@@ -127,30 +137,61 @@ def heat_map(pred: SlidePrediction) -> HeatMap:
         winners = pred.tile_predicted
         predicted[rows, cols] = winners
         probability[rows, cols] = pred.tile_probabilities[np.arange(pred.n_tiles), winners]
-    return HeatMap(classes=pred.classes, colours=tuple(class_colour(k) for k in range(len(pred.classes))),
-                   predicted=predicted, probability=probability, thumbnail_width=t.thumbnail_width,
-                   thumbnail_height=t.thumbnail_height, cell_width=t.step_x * t.thumbnail_width / t.slide_width,
-                   cell_height=t.step_y * t.thumbnail_height / t.slide_height, kind=pred.kind)
+    return HeatMap(
+        classes=pred.classes,
+        colours=tuple(class_colour(k) for k in range(len(pred.classes))),
+        predicted=predicted,
+        probability=probability,
+        thumbnail_width=t.thumbnail_width,
+        thumbnail_height=t.thumbnail_height,
+        cell_width=t.step_x * t.thumbnail_width / t.slide_width,
+        cell_height=t.step_y * t.thumbnail_height / t.slide_height,
+        kind=pred.kind,
+    )
 
 
 def summary(pred: SlidePrediction) -> dict[str, Any]:
     """The slide's verdict and how it was reached, JSON-able."""
     info, t = pred.info, pred.tiling
     return {
-        "slide": {"name": info.name, "width": info.width, "height": info.height, "mpp_x": info.mpp_x,
-                  "mpp_y": info.mpp_y, "mpp_given": info.mpp_given, "vendor": info.vendor,
-                  "objective_power": info.objective_power},
-        "run_id": pred.run_id, "model_sha256": pred.model_sha256,
+        "slide": {
+            "name": info.name,
+            "width": info.width,
+            "height": info.height,
+            "mpp_x": info.mpp_x,
+            "mpp_y": info.mpp_y,
+            "mpp_given": info.mpp_given,
+            "vendor": info.vendor,
+            "objective_power": info.objective_power,
+        },
+        "run_id": pred.run_id,
+        "model_sha256": pred.model_sha256,
         "scale": {"tile_px": pred.scale.tile_px, "mpp": pred.scale.mpp},
-        "predicted": pred.predicted, "probabilities": dict(pred.probabilities), "probability_kind": pred.kind,
-        "aggregation": "mean of the tiles' probabilities", "refer": pred.refer, "refer_threshold": pred.threshold,
-        "refer_target": pred.refer_target, "tissue_share": dict(pred.tissue_share),
-        "tiles": {"kept": pred.n_tiles, "dropped_background": t.dropped_background, "dropped_pale": t.dropped_pale,
-                  "pen": t.pen_count, "blurry": t.blurry_count, "columns": t.columns, "rows": t.rows,
-                  "width": _level0(t.step_x), "height": _level0(t.step_y)},
-        "top_tiles": {c: [{"x": top.x, "y": top.y, "probability": round(top.probability, 6)} for top in tops]
-                      for c, tops in pred.top_tiles.items()},
-        "seconds": round(pred.seconds, 3), "tiling_seconds": round(pred.tiling_seconds, 3),
+        "predicted": pred.predicted,
+        "probabilities": dict(pred.probabilities),
+        "probability_kind": pred.kind,
+        "aggregation": "mean of the tiles' probabilities",
+        "refer": pred.refer,
+        "refer_threshold": pred.threshold,
+        "refer_target": pred.refer_target,
+        "tissue_share": dict(pred.tissue_share),
+        "tiles": {
+            "kept": pred.n_tiles,
+            "dropped_background": t.dropped_background,
+            "dropped_pale": t.dropped_pale,
+            "pen": t.pen_count,
+            "blurry": t.blurry_count,
+            "columns": t.columns,
+            "rows": t.rows,
+            "width": _level0(t.step_x),
+            "height": _level0(t.step_y),
+        },
+        "top_tiles": {
+            c: [{"x": top.x, "y": top.y, "probability": round(top.probability, 6)} for top in tops]
+            for c, tops in pred.top_tiles.items()
+        },
+        "seconds": round(pred.seconds, 3),
+        "tiling_seconds": round(pred.tiling_seconds, 3),
         "tiles_per_second": round(pred.tiles_per_second, 2),
     }
 
@@ -168,19 +209,28 @@ def verdict_lines(pred: SlidePrediction) -> list[str]:
         verdict = f"uncertain, refer (most likely {pred.predicted})"
     else:
         verdict = pred.predicted
-    lines = [f"{info.name}: {verdict}",
-             f"probabilities ({pred.label}, the mean of {pred.n_tiles} tiles'): {_shares(pred.probabilities)}"]
+    lines = [
+        f"{info.name}: {verdict}",
+        f"probabilities ({pred.label}, the mean of {pred.n_tiles} tiles'): {_shares(pred.probabilities)}",
+    ]
     if pred.refer is not None:
-        band = ("every slide is referred: no threshold reaches the target" if pred.threshold is None else
-                f"a slide whose top probability is below {pred.threshold:.1%} is referred")
-        lines.append(f"refer band: {band} (aiming at {pred.refer_target:.0%} accuracy; chosen on the run's "
-                     "validation images, not on slides)")
-    lines += [f"tissue (share of tiles predicted as each class): {_shares(pred.tissue_share)}",
-              f"tiles: {pred.n_tiles} of {pred.scale.tile_px} px at {pred.scale.mpp:g} um/px (run {pred.run_id}'s "
-              f"scale), slide at {info.mpp:.4g} um/px ({'given' if info.mpp_given else 'from its file'}); "
-              f"{t.pen_count} with pen ink, {t.blurry_count} blurred",
-              f"time: {pred.seconds:.1f} s ({pred.tiles_per_second:.1f} tiles/s), of which tiling "
-              f"{pred.tiling_seconds:.1f} s"]
+        band = (
+            "every slide is referred: no threshold reaches the target"
+            if pred.threshold is None
+            else f"a slide whose top probability is below {pred.threshold:.1%} is referred"
+        )
+        lines.append(
+            f"refer band: {band} (aiming at {pred.refer_target:.0%} accuracy; chosen on the run's "
+            "validation images, not on slides)"
+        )
+    lines += [
+        f"tissue (share of tiles predicted as each class): {_shares(pred.tissue_share)}",
+        f"tiles: {pred.n_tiles} of {pred.scale.tile_px} px at {pred.scale.mpp:g} um/px (run {pred.run_id}'s "
+        f"scale), slide at {info.mpp:.4g} um/px ({'given' if info.mpp_given else 'from its file'}); "
+        f"{t.pen_count} with pen ink, {t.blurry_count} blurred",
+        f"time: {pred.seconds:.1f} s ({pred.tiles_per_second:.1f} tiles/s), of which tiling "
+        f"{pred.tiling_seconds:.1f} s",
+    ]
     return lines
 
 

@@ -134,14 +134,24 @@ def slide_scale(predictor) -> ModelScale:
         raise UserError(
             f"{run} was trained on field images of unknown scale: its model file records no tile size and microns "
             "per pixel, so a slide cannot be cut into tiles like those it learned from. To predict slides, train a "
-            "run on a dataset ingested from whole-slide images; its model file records the scale of its tiles.")
+            "run on a dataset ingested from whole-slide images; its model file records the scale of its tiles."
+        )
     return scale
 
 
-def predict_slide(predictor, slide_path: Path | str, *, scale: ModelScale, settings: Settings,
-                  mpp: float | None = None, batch: int | None = None, target: float | None = None,
-                  calibrated: bool = True, progress: Callable[[int, int], None] | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> SlidePrediction:
+def predict_slide(
+    predictor,
+    slide_path: Path | str,
+    *,
+    scale: ModelScale,
+    settings: Settings,
+    mpp: float | None = None,
+    batch: int | None = None,
+    target: float | None = None,
+    calibrated: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> SlidePrediction:
     """Classify every tissue tile of the slide at `slide_path` with `predictor`, at the model's `scale`.
 
     `scale` must be the model's own (`slide_scale(predictor)`; ValueError otherwise). `mpp`: the
@@ -157,30 +167,46 @@ def predict_slide(predictor, slide_path: Path | str, *, scale: ModelScale, setti
         raise ValueError(f"the model was trained at {own}, not {scale}")
     path = Path(slide_path)
     if path.is_file() and not is_slide_path(path):
-        raise UserError(f"{path.name} is not a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI or pyramidal "
-                        "TIFF); classify an image of one field with `python -m core predict`.",
-                        page=f"{path.name} is not a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI or "
-                        "pyramidal TIFF); an image of one microscope field is classified as an image, not as a slide.")
+        raise UserError(
+            f"{path.name} is not a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI or pyramidal "
+            "TIFF); classify an image of one field with `python -m core predict`.",
+            page=f"{path.name} is not a whole-slide image (SVS, NDPI, MRXS, SCN, VMS, BIF, CZI or "
+            "pyramidal TIFF); an image of one microscope field is classified as an image, not as a slide.",
+        )
     # The band first: a run whose calibration cannot give one says so before the slide is read.
     band = predictor.refer_band(target) if calibrated and predictor.temperature is not None else None
     started = time.perf_counter()
     with open_slide(path, mpp) as slide:
-        tiling = tile_slide(slide, scale.tile_px, scale.mpp, max_tiles=0,
-                            min_saturation=settings.tissue_min_saturation,
-                            max_pale_fraction=settings.tissue_max_pale_fraction)
+        tiling = tile_slide(
+            slide,
+            scale.tile_px,
+            scale.mpp,
+            max_tiles=0,
+            min_saturation=settings.tissue_min_saturation,
+            max_pale_fraction=settings.tissue_max_pale_fraction,
+        )
         if not tiling.tiles:
-            raise UserError(f"{slide.info.name} shows no tissue to classify: no tile of it at {scale.mpp:g} microns "
-                            "per pixel is stained tissue rather than glass.")
+            raise UserError(
+                f"{slide.info.name} shows no tissue to classify: no tile of it at {scale.mpp:g} microns "
+                "per pixel is stained tissue rather than glass."
+            )
         tiling_seconds = time.perf_counter() - started
-        shown = _tile_probabilities(predictor, slide, tiling, batch or default_batch(predictor), band is not None,
-                                    progress, cancelled)
+        shown = _tile_probabilities(
+            predictor, slide, tiling, batch or default_batch(predictor), band is not None, progress, cancelled
+        )
         info = slide.info
     return _summarise(predictor, info, tiling, scale, shown, band, time.perf_counter() - started, tiling_seconds)
 
 
-def _tile_probabilities(predictor, slide, tiling: Tiling, batch: int, calibrated: bool,
-                        progress: Callable[[int, int], None] | None,
-                        cancelled: Callable[[], bool] | None) -> np.ndarray:
+def _tile_probabilities(
+    predictor,
+    slide,
+    tiling: Tiling,
+    batch: int,
+    calibrated: bool,
+    progress: Callable[[int, int], None] | None,
+    cancelled: Callable[[], bool] | None,
+) -> np.ndarray:
     """(n_tiles, n_classes) float32 probabilities, calibrated or raw."""
     total, done = len(tiling.tiles), 0
     out = np.empty((total, len(predictor.classes)), np.float32)
@@ -190,7 +216,7 @@ def _tile_probabilities(predictor, slide, tiling: Tiling, batch: int, calibrated
         if cancelled is not None and cancelled():
             raise SlideCancelled(f"prediction of {slide.info.name} cancelled after {done} of {total} tiles")
         probs = predictor.predict([Image.fromarray(p, "RGB") for p in pixels], calibrated=calibrated)
-        out[done:done + len(tiles)] = probs.shown
+        out[done : done + len(tiles)] = probs.shown
         done += len(tiles)
         if progress is not None:
             progress(done, total)
@@ -198,8 +224,16 @@ def _tile_probabilities(predictor, slide, tiling: Tiling, batch: int, calibrated
     return out
 
 
-def _summarise(predictor, info: SlideInfo, tiling: Tiling, scale: ModelScale, shown: np.ndarray,
-               band: ReferBand | None, seconds: float, tiling_seconds: float) -> SlidePrediction:
+def _summarise(
+    predictor,
+    info: SlideInfo,
+    tiling: Tiling,
+    scale: ModelScale,
+    shown: np.ndarray,
+    band: ReferBand | None,
+    seconds: float,
+    tiling_seconds: float,
+) -> SlidePrediction:
     classes = tuple(predictor.classes)
     mean = shown.astype(np.float64).mean(0)
     threshold = aimed = refer = None
@@ -209,13 +243,23 @@ def _summarise(predictor, info: SlideInfo, tiling: Tiling, scale: ModelScale, sh
     winners = shown.argmax(1)
     share = np.bincount(winners, minlength=len(classes)) / len(winners)
     return SlidePrediction(
-        info=info, tiling=tiling, scale=scale, classes=classes, tile_probabilities=shown,
+        info=info,
+        tiling=tiling,
+        scale=scale,
+        classes=classes,
+        tile_probabilities=shown,
         kind="raw" if band is None else "calibrated",
-        probabilities={c: float(v) for c, v in zip(classes, mean)}, predicted=classes[int(mean.argmax())],
-        refer=refer, threshold=threshold, refer_target=aimed,
+        probabilities={c: float(v) for c, v in zip(classes, mean)},
+        predicted=classes[int(mean.argmax())],
+        refer=refer,
+        threshold=threshold,
+        refer_target=aimed,
         tissue_share={c: float(v) for c, v in zip(classes, share)},
         top_tiles={c: _top(tiling.tiles, shown[:, k]) for k, c in enumerate(classes)},
-        seconds=seconds, tiling_seconds=tiling_seconds, run_id=predictor.run_id)
+        seconds=seconds,
+        tiling_seconds=tiling_seconds,
+        run_id=predictor.run_id,
+    )
 
 
 def _top(tiles: tuple[Tile, ...], column: np.ndarray, k: int = TOP_TILES) -> tuple[TopTile, ...]:
@@ -223,11 +267,23 @@ def _top(tiles: tuple[Tile, ...], column: np.ndarray, k: int = TOP_TILES) -> tup
     return tuple(TopTile(int(i), tiles[i].x, tiles[i].y, float(column[i])) for i in order)
 
 
-def classify_slide(Session: sessionmaker, settings: Settings, user: User, slide_path: Path | str, *,
-                   run_id: int | None = None, source: str, log: bool = False, mpp: float | None = None,
-                   target: float | None = None, calibrated: bool = True, device: str = "auto",
-                   batch: int | None = None, progress: Callable[[int, int], None] | None = None,
-                   cancelled: Callable[[], bool] | None = None) -> SlidePrediction:
+def classify_slide(
+    Session: sessionmaker,
+    settings: Settings,
+    user: User,
+    slide_path: Path | str,
+    *,
+    run_id: int | None = None,
+    source: str,
+    log: bool = False,
+    mpp: float | None = None,
+    target: float | None = None,
+    calibrated: bool = True,
+    device: str = "auto",
+    batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> SlidePrediction:
     """Classify a slide with run `run_id` (None: the approved model, as core/inference/service.py's
     `classify` picks it) and, with `log`, log it as one row coming from `source` by `user`.
 
@@ -247,8 +303,18 @@ def classify_slide(Session: sessionmaker, settings: Settings, user: User, slide_
         predictor = engine.get_predictor(s, settings, run_id, device)
     scale = slide_scale(predictor)
     path = Path(slide_path)
-    pred = predict_slide(predictor, path, scale=scale, settings=settings, mpp=mpp, batch=batch, target=target,
-                         calibrated=calibrated, progress=progress, cancelled=cancelled)
+    pred = predict_slide(
+        predictor,
+        path,
+        scale=scale,
+        settings=settings,
+        mpp=mpp,
+        batch=batch,
+        target=target,
+        calibrated=calibrated,
+        progress=progress,
+        cancelled=cancelled,
+    )
     pred = dataclasses.replace(pred, model_sha256=model_sha256(settings, run_id))
     if log:
         entry = log_entry(pred, path, user.name, source)
@@ -264,8 +330,20 @@ def log_entry(pred: SlidePrediction, path: Path, user: str, source: str):
 
     with open(path, "rb") as f:  # read in chunks: a slide's file may be gigabytes
         sha = hashlib.file_digest(f, "sha256").hexdigest()
-    return LogEntry(user=user, source=source, run_id=pred.run_id, model_sha256=pred.model_sha256, image_sha256=sha,
-                    image_name=pred.info.name, width=pred.info.width, height=pred.info.height,
-                    size_bytes=path.stat().st_size, probabilities=dict(pred.probabilities),
-                    probability_kind=pred.kind, predicted=pred.predicted, refer=pred.refer,
-                    threshold=pred.threshold, refer_target=pred.refer_target)
+    return LogEntry(
+        user=user,
+        source=source,
+        run_id=pred.run_id,
+        model_sha256=pred.model_sha256,
+        image_sha256=sha,
+        image_name=pred.info.name,
+        width=pred.info.width,
+        height=pred.info.height,
+        size_bytes=path.stat().st_size,
+        probabilities=dict(pred.probabilities),
+        probability_kind=pred.kind,
+        predicted=pred.predicted,
+        refer=pred.refer,
+        threshold=pred.threshold,
+        refer_target=pred.refer_target,
+    )

@@ -110,6 +110,7 @@ def _reading(name: str) -> Iterator[None]:
 
 def _slide_mpp(properties: dict[str, str]) -> tuple[float, float] | None:
     """(across, down) microns per pixel as the file records them; None when it records neither."""
+
     def number(key: str) -> float | None:
         try:
             value = float(properties[key])
@@ -138,14 +139,16 @@ def _resolve_mpp(name: str, properties: dict[str, str], mpp: float | None) -> tu
     if recorded is None:
         raise UserError(
             f"{name} has no microns per pixel; give it with --mpp or the 'Microns per pixel' field.",
-            page=f"{name} has no microns per pixel; give it in the 'Microns per pixel' field.")
+            page=f"{name} has no microns per pixel; give it in the 'Microns per pixel' field.",
+        )
     for value in recorded:
         if not MIN_MPP <= value <= MAX_MPP:
             raise UserError(
                 f"{name} records {value:g} microns per pixel, outside {MIN_MPP}-{MAX_MPP:g}; give the right value "
                 "with --mpp or the 'Microns per pixel' field.",
                 page=f"{name} records {value:g} microns per pixel, outside {MIN_MPP}-{MAX_MPP:g}; give the right "
-                "value in the 'Microns per pixel' field.")
+                "value in the 'Microns per pixel' field.",
+            )
     return recorded[0], recorded[1], False
 
 
@@ -173,8 +176,10 @@ class Slide:
         try:
             self._osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise UserError(f"{name} is not a whole-slide image that can be read (SVS, NDPI, MRXS, SCN, VMS, BIF, "
-                            "CZI or tiled pyramidal TIFF), or it is damaged or incomplete.") from None
+            raise UserError(
+                f"{name} is not a whole-slide image that can be read (SVS, NDPI, MRXS, SCN, VMS, BIF, "
+                "CZI or tiled pyramidal TIFF), or it is damaged or incomplete."
+            ) from None
         except (openslide.OpenSlideError, OSError):
             raise UserError(f"{name} is damaged or incomplete: it cannot be read as a slide.") from None
         self._closed = False
@@ -187,13 +192,21 @@ class Slide:
     def _describe(self, name: str, mpp: float | None) -> SlideInfo:
         with _reading(name):
             props = dict(self._osr.properties)
-            levels = tuple(Level(w, h, float(d)) for (w, h), d in
-                           zip(self._osr.level_dimensions, self._osr.level_downsamples))
+            levels = tuple(
+                Level(w, h, float(d)) for (w, h), d in zip(self._osr.level_dimensions, self._osr.level_downsamples)
+            )
         mpp_x, mpp_y, given = _resolve_mpp(name, props, mpp)
-        return SlideInfo(name=name, width=levels[0].width, height=levels[0].height, levels=levels,
-                         mpp_x=mpp_x, mpp_y=mpp_y, mpp_given=given,
-                         vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
-                         objective_power=_objective(props))
+        return SlideInfo(
+            name=name,
+            width=levels[0].width,
+            height=levels[0].height,
+            levels=levels,
+            mpp_x=mpp_x,
+            mpp_y=mpp_y,
+            mpp_given=given,
+            vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+            objective_power=_objective(props),
+        )
 
     def close(self) -> None:
         """Let go of the file; closing twice is harmless, reading after it a ValueError."""
@@ -260,8 +273,9 @@ class Slide:
             for ox in range(0, out[0], step_x):
                 ox1 = min(out[0], ox + step_x)
                 lx0, lx1 = math.floor(ox * per_x), math.floor(ox1 * per_x)
-                piece = self._read(level, x + round(lx0 * ds), y + round(ly0 * ds),
-                                   (max(1, lx1 - lx0), max(1, ly1 - ly0)))
+                piece = self._read(
+                    level, x + round(lx0 * ds), y + round(ly0 * ds), (max(1, lx1 - lx0), max(1, ly1 - ly0))
+                )
                 result.paste(piece.resize((ox1 - ox, oy1 - oy), Image.Resampling.BOX), (ox, oy))
         return result
 

@@ -89,16 +89,26 @@ class Tiling:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; the tiles as columns (x, y, col, row, pen, blurry lists), compact for many."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tiles"}
-        data["tiles"] = {name: [getattr(t, name) for t in self.tiles]
-                         for name in ("col", "row", "x", "y", "pen", "blurry")}
+        data["tiles"] = {
+            name: [getattr(t, name) for t in self.tiles] for name in ("col", "row", "x", "y", "pen", "blurry")
+        }
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Tiling:
         columns = data["tiles"]
-        tiles = tuple(Tile(col=int(c), row=int(r), x=int(x), y=int(y), pen=bool(p), blurry=bool(b))
-                      for c, r, x, y, p, b in zip(columns["col"], columns["row"], columns["x"], columns["y"],
-                                                  columns["pen"], columns["blurry"], strict=True))
+        tiles = tuple(
+            Tile(col=int(c), row=int(r), x=int(x), y=int(y), pen=bool(p), blurry=bool(b))
+            for c, r, x, y, p, b in zip(
+                columns["col"],
+                columns["row"],
+                columns["x"],
+                columns["y"],
+                columns["pen"],
+                columns["blurry"],
+                strict=True,
+            )
+        )
         names = {f.name for f in dataclasses.fields(cls)} - {"tiles"}
         return cls(tiles=tiles, **{k: v for k, v in data.items() if k in names})
 
@@ -110,8 +120,9 @@ class Tiling:
         return cls.from_dict(json.loads(text))
 
 
-def _cell_tissue(mask: np.ndarray, width: int, height: int, step_x: float, step_y: float,
-                 columns: int, rows: int) -> np.ndarray:
+def _cell_tissue(
+    mask: np.ndarray, width: int, height: int, step_x: float, step_y: float, columns: int, rows: int
+) -> np.ndarray:
     """(rows, columns) share of each grid cell's area that the mask calls tissue."""
     mh, mw = mask.shape
     # Summed-area table: any box's tissue in four lookups, for every cell at once.
@@ -128,11 +139,13 @@ def _cell_tissue(mask: np.ndarray, width: int, height: int, step_x: float, step_
     return total / area
 
 
-def _check_options(tile_px: int, mpp: float, max_tiles: int, min_saturation: float, max_pale_fraction: float,
-                   min_tissue: float) -> float:
+def _check_options(
+    tile_px: int, mpp: float, max_tiles: int, min_saturation: float, max_pale_fraction: float, min_tissue: float
+) -> float:
     if isinstance(tile_px, bool) or not isinstance(tile_px, int) or not MIN_TILE_PX <= tile_px <= MAX_TILE_PX:
-        raise UserError(f"Tile size must be a whole number of pixels from {MIN_TILE_PX} to {MAX_TILE_PX}, "
-                        f"got {tile_px!r}.")
+        raise UserError(
+            f"Tile size must be a whole number of pixels from {MIN_TILE_PX} to {MAX_TILE_PX}, got {tile_px!r}."
+        )
     if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0:
         raise UserError(f"Most tiles per slide must be a whole number, 0 for no limit, got {max_tiles!r}.")
     for name, value in (("TISSUE_MIN_SATURATION", min_saturation), ("TISSUE_MAX_PALE_FRACTION", max_pale_fraction)):
@@ -143,9 +156,18 @@ def _check_options(tile_px: int, mpp: float, max_tiles: int, min_saturation: flo
     return check_mpp(mpp, "Tile microns per pixel")
 
 
-def tile_slide(slide: Slide, tile_px: int = 224, mpp: float = 0.5, max_tiles: int = 256, seed: int = 0, *,
-               min_saturation: float = 0.05, max_pale_fraction: float = 0.6, min_tissue: float = 0.25,
-               thumbnail_side: int = THUMBNAIL_SIDE) -> Tiling:
+def tile_slide(
+    slide: Slide,
+    tile_px: int = 224,
+    mpp: float = 0.5,
+    max_tiles: int = 256,
+    seed: int = 0,
+    *,
+    min_saturation: float = 0.05,
+    max_pale_fraction: float = 0.6,
+    min_tissue: float = 0.25,
+    thumbnail_side: int = THUMBNAIL_SIDE,
+) -> Tiling:
     """The tiles of `slide` to use: tile_px pixels at `mpp` microns per pixel, over its tissue.
 
     Defaults mirror the settings SLIDE_TILE_PX, SLIDE_MPP, SLIDE_MAX_TILES, TISSUE_MIN_SATURATION
@@ -159,8 +181,9 @@ def tile_slide(slide: Slide, tile_px: int = 224, mpp: float = 0.5, max_tiles: in
     columns, rows = int(info.width // step_x), int(info.height // step_y)
     thumbnail = slide.thumbnail(thumbnail_side)
     if columns and rows:
-        tissue = _cell_tissue(tissue_mask(thumbnail, min_saturation), info.width, info.height,
-                              step_x, step_y, columns, rows)
+        tissue = _cell_tissue(
+            tissue_mask(thumbnail, min_saturation), info.width, info.height, step_x, step_y, columns, rows
+        )
         cand_rows, cand_cols = np.nonzero(tissue >= max(min_tissue, 1e-9))
     else:
         cand_rows = cand_cols = np.zeros(0, int)
@@ -179,11 +202,26 @@ def tile_slide(slide: Slide, tile_px: int = 224, mpp: float = 0.5, max_tiles: in
         else:
             kept.append(Tile(col=col, row=row, x=x, y=y, pen=found.pen, blurry=found.blurry))
     kept.sort(key=lambda t: (t.row, t.col))
-    return Tiling(tile_px=tile_px, mpp=mpp, step_x=step_x, step_y=step_y, columns=columns, rows=rows,
-                  tiles=tuple(kept), dropped_background=columns * rows - len(cand_rows), dropped_pale=pale,
-                  dropped_over_cap=len(cand_rows) - read, max_tiles=max_tiles, seed=seed,
-                  slide_width=info.width, slide_height=info.height, slide_mpp_x=info.mpp_x,
-                  slide_mpp_y=info.mpp_y, thumbnail_width=thumbnail.width, thumbnail_height=thumbnail.height)
+    return Tiling(
+        tile_px=tile_px,
+        mpp=mpp,
+        step_x=step_x,
+        step_y=step_y,
+        columns=columns,
+        rows=rows,
+        tiles=tuple(kept),
+        dropped_background=columns * rows - len(cand_rows),
+        dropped_pale=pale,
+        dropped_over_cap=len(cand_rows) - read,
+        max_tiles=max_tiles,
+        seed=seed,
+        slide_width=info.width,
+        slide_height=info.height,
+        slide_mpp_x=info.mpp_x,
+        slide_mpp_y=info.mpp_y,
+        thumbnail_width=thumbnail.width,
+        thumbnail_height=thumbnail.height,
+    )
 
 
 class TileBatch(NamedTuple):
@@ -202,11 +240,14 @@ def iter_tiles(slide: Slide, tiling: Tiling, batch: int = 32) -> Iterator[TileBa
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     info = slide.info
-    same = (info.width, info.height) == (tiling.slide_width, tiling.slide_height) and \
-        math.isclose(info.mpp_x, tiling.slide_mpp_x) and math.isclose(info.mpp_y, tiling.slide_mpp_y)
+    same = (
+        (info.width, info.height) == (tiling.slide_width, tiling.slide_height)
+        and math.isclose(info.mpp_x, tiling.slide_mpp_x)
+        and math.isclose(info.mpp_y, tiling.slide_mpp_y)
+    )
     if not same:
         raise ValueError(f"{info.name} is not the slide this tiling was made on")
     for start in range(0, len(tiling.tiles), batch):
-        tiles = tiling.tiles[start:start + batch]
+        tiles = tiling.tiles[start : start + batch]
         pixels = np.stack([np.asarray(slide.region(t.x, t.y, tiling.tile_px, tiling.mpp)) for t in tiles])
         yield TileBatch(tiles, pixels)

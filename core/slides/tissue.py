@@ -84,15 +84,24 @@ def _pen_fraction(hsv: np.ndarray) -> float:
     return float((ink | (value < PEN_MAX_BLACK_VALUE)).mean())
 
 
-def check_tile(tile: Image.Image | np.ndarray, min_saturation: float = 0.05,
-               max_pale_fraction: float = 0.6) -> TileCheck:
+def check_tile(
+    tile: Image.Image | np.ndarray, min_saturation: float = 0.05, max_pale_fraction: float = 0.6
+) -> TileCheck:
     """Check one RGB tile (PIL image or (h, w, 3) uint8 array) for glass, pen ink and blur."""
     hsv = _hsv(tile)
     pale_fraction = float((hsv[..., 1] < min_saturation * 255.0).mean())
     pen_fraction = _pen_fraction(hsv)
-    grey = np.asarray(Image.fromarray(np.asarray(tile, dtype=np.uint8), "RGB").convert("L")
-                      if isinstance(tile, np.ndarray) else tile.convert("L"))
+    grey = np.asarray(
+        Image.fromarray(np.asarray(tile, dtype=np.uint8), "RGB").convert("L")
+        if isinstance(tile, np.ndarray)
+        else tile.convert("L")
+    )
     sharpness = _sharpness(grey)
-    return TileCheck(pale_fraction=pale_fraction, pale=pale_fraction > max_pale_fraction,
-                     pen_fraction=pen_fraction, pen=pen_fraction >= PEN_MIN_FRACTION,
-                     sharpness=sharpness, blurry=sharpness < BLUR_MAX_LAPLACIAN_VAR)
+    return TileCheck(
+        pale_fraction=pale_fraction,
+        pale=pale_fraction > max_pale_fraction,
+        pen_fraction=pen_fraction,
+        pen=pen_fraction >= PEN_MIN_FRACTION,
+        sharpness=sharpness,
+        blurry=sharpness < BLUR_MAX_LAPLACIAN_VAR,
+    )

@@ -40,8 +40,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.store.db import Dataset, Image, Run, RunStatus, Slide
 from core.errors import UserError
+from core.store.db import Dataset, Image, Run, RunStatus, Slide
 from core.store.files import exclusive_ingest_lock, is_temp_name
 from core.store.runs import model_file_problem, model_path
 
@@ -200,7 +200,9 @@ def _check_scratch(settings: Settings) -> list[Problem]:
     if not settings.tmp_dir.is_dir():
         return []
     return [
-        Problem("temp", _rel(settings, p) + ("/" if p.is_dir() else ""), "work files of an interrupted upload or ingest")
+        Problem(
+            "temp", _rel(settings, p) + ("/" if p.is_dir() else ""), "work files of an interrupted upload or ingest"
+        )
         for p in sorted(settings.tmp_dir.iterdir())
     ]
 
@@ -242,8 +244,11 @@ def _deep_problems(session: Session, settings: Settings, judged: set[str]) -> li
         except (FileNotFoundError, IsADirectoryError):
             continue
         if any(actual != sha for sha, _, _ in rows):
-            problems.append(Problem("damaged", stored_path,
-                                    f"sha256 is {actual[:12]}…, recorded {rows[0][0][:12]}…; {_where(rows)}"))
+            problems.append(
+                Problem(
+                    "damaged", stored_path, f"sha256 is {actual[:12]}…, recorded {rows[0][0][:12]}…; {_where(rows)}"
+                )
+            )
     for run_id in session.scalars(select(Run.id).where(Run.status == RunStatus.succeeded).order_by(Run.id)):
         model = model_path(settings, run_id)
         rel = _rel(settings, model)
@@ -260,8 +265,11 @@ def _check_cache(settings: Settings) -> list[Problem]:
     if not folder.is_dir():
         return []
     now = time.time()
-    return [Problem("temp", _rel(settings, p), "interrupted cache write")
-            for p in _walk_files(folder) if is_temp_name(p.name) and _old_enough(p, now)]
+    return [
+        Problem("temp", _rel(settings, p), "interrupted cache write")
+        for p in _walk_files(folder)
+        if is_temp_name(p.name) and _old_enough(p, now)
+    ]
 
 
 def check_slide_sources(session: Session, dataset: Dataset) -> list[Problem]:
@@ -271,12 +279,18 @@ def check_slide_sources(session: Session, dataset: Dataset) -> list[Problem]:
     but not changed is not reported. Problems name the slide as CLASS/file; the detail gives its path.
     """
     problems = []
-    for slide in session.scalars(select(Slide).where(Slide.dataset_id == dataset.id, Slide.source_path.is_not(None))
-                                 .order_by(Slide.id)):
+    for slide in session.scalars(
+        select(Slide).where(Slide.dataset_id == dataset.id, Slide.source_path.is_not(None)).order_by(Slide.id)
+    ):
         change = _slide_change(slide)
         if change is not None:
-            problems.append(Problem("slide_source", f"{slide.label}/{slide.file_name}",
-                                    f"dataset '{dataset.name}': {change}; {slide.source_path}"))
+            problems.append(
+                Problem(
+                    "slide_source",
+                    f"{slide.label}/{slide.file_name}",
+                    f"dataset '{dataset.name}': {change}; {slide.source_path}",
+                )
+            )
     return problems
 
 
@@ -310,8 +324,9 @@ def _quick(session: Session, settings: Settings, judge_leftovers: bool) -> Consi
         problems += _check_scratch(settings)
     runs, run_problems = _check_runs(session, settings)
     problems += run_problems + _check_cache(settings)
-    return ConsistencyReport(deep=False, images_checked=images, runs_checked=runs, problems=problems,
-                             ingest_running=not judge_leftovers)
+    return ConsistencyReport(
+        deep=False, images_checked=images, runs_checked=runs, problems=problems, ingest_running=not judge_leftovers
+    )
 
 
 def _add_deep(Session: sessionmaker, settings: Settings, report: ConsistencyReport) -> None:
@@ -343,8 +358,10 @@ def fix(Session: sessionmaker, settings: Settings, *, deep: bool = False) -> Con
     """
     with exclusive_ingest_lock(settings) as idle:
         if not idle:
-            raise UserError("An ingest is running; its new files are not referenced until it finishes. "
-                            "Run the check again when it is done. Nothing was removed.")
+            raise UserError(
+                "An ingest is running; its new files are not referenced until it finishes. "
+                "Run the check again when it is done. Nothing was removed."
+            )
         with Session() as s:
             report = _quick(s, settings, judge_leftovers=True)
         for problem in report.problems:

@@ -22,7 +22,7 @@ import enum
 import threading
 import weakref
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -41,14 +41,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-
 # Names that come from outside (datasets, classes, groups, presets, users) are String(NAME_LENGTH);
 # core/access/limits.py check_name_length refuses longer ones before PostgreSQL would.
 NAME_LENGTH = 200
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -234,7 +233,9 @@ class Run(Base):
     seed: Mapped[int]
     status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    created_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)  # MAX_QUEUED_RUNS_PER_USER counts by it
+    created_by: Mapped[str | None] = mapped_column(
+        String(NAME_LENGTH), default=None
+    )  # MAX_QUEUED_RUNS_PER_USER counts by it
     # What a person calls the run and why they ran it; not part of its config, so they may change.
     name: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
     notes: Mapped[str | None] = mapped_column(Text, default=None)
@@ -258,9 +259,7 @@ class Run(Base):
 
     dataset: Mapped[Dataset] = relationship()
     split: Mapped[Split | None] = relationship()
-    epochs: Mapped[list[EpochMetric]] = relationship(
-        cascade="all, delete-orphan", order_by="EpochMetric.epoch"
-    )
+    epochs: Mapped[list[EpochMetric]] = relationship(cascade="all, delete-orphan", order_by="EpochMetric.epoch")
 
 
 class EpochMetric(Base):
@@ -359,8 +358,7 @@ class SlideJob(Base):
     mpp: Mapped[float | None] = mapped_column(default=None)  # given for a slide whose file records none
     user: Mapped[str] = mapped_column(String(NAME_LENGTH))
     source: Mapped[str] = mapped_column(String(10))  # "page", "api" or "cli": where it was asked for, as the log says
-    status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued,
-                                              index=True)
+    status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, native_enum=False), default=RunStatus.queued, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -443,6 +441,7 @@ class FailuresSeen(Base):
     user: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     seen_until: Mapped[datetime]  # the finish time of the newest failure they dismissed
 
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the app read while a training job writes; busy_timeout waits for a writer
     # instead of failing at once with "database is locked".
@@ -499,7 +498,8 @@ def make_engine(url: str) -> Engine:
 def _in_memory(url: str) -> bool:
     parsed = make_url(url)
     return parsed.get_backend_name() == "sqlite" and (
-        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory")
+        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    )
 
 
 def make_sessionmaker(url: str) -> sessionmaker:

@@ -90,8 +90,9 @@ def atomic_path(target: Path, *, fsync: bool = True) -> Iterator[Path]:
         _fsync_dir(target.parent)
 
 
-def write_bytes_atomic(target: Path, content: bytes | bytearray | memoryview | BinaryIO | IO[bytes],
-                       *, fsync: bool = True) -> None:
+def write_bytes_atomic(
+    target: Path, content: bytes | bytearray | memoryview | BinaryIO | IO[bytes], *, fsync: bool = True
+) -> None:
     """Write bytes, or the whole of a binary file object (from its start), to `target` atomically."""
     with atomic_path(target, fsync=fsync) as tmp, open(tmp, "wb") as out:
         if isinstance(content, (bytes, bytearray, memoryview)):

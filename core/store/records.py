@@ -78,9 +78,12 @@ class CalibrationRecord:
     def to_dict(self) -> dict[str, Any]:
         # None means something in a few fields (no temperature, refer everything, no bound, none accepted),
         # written wherever the record holds what they depend on, as run_calibration writes them.
-        always = ("temperature",) + (("refer_threshold",) if self.refer_target is not None else ()) \
-            + (("refer_bound",) if self.refer_confidence is not None else ()) \
+        always = (
+            ("temperature",)
+            + (("refer_threshold",) if self.refer_target is not None else ())
+            + (("refer_bound",) if self.refer_confidence is not None else ())
             + (("test_accepted_accuracy",) if self.test_coverage is not None else ())
+        )
         out = _set(self, always)
         for empty in ("val_probs", "val_labels"):
             if not out[empty]:
@@ -210,8 +213,10 @@ class RunProgress:
     def bar(self, epochs: int) -> tuple[float, str]:
         """A fraction of the whole run and a sentence, for a progress bar (`epochs`: the run's)."""
         if self.stopped_early and self.epoch is not None:
-            return 1.0, (f"Stopped early after epoch {self.epoch} of {epochs}: the validation loss stopped "
-                         "improving. Testing the best epoch")
+            return 1.0, (
+                f"Stopped early after epoch {self.epoch} of {epochs}: the validation loss stopped "
+                "improving. Testing the best epoch"
+            )
         if self.epoch is not None and self.steps:
             step = self.step or 0
             done = ((self.epoch - 1) + step / self.steps) / max(epochs, 1)

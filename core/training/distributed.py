@@ -124,6 +124,7 @@ class Group:
 
     def check_same_data(self, data: Data) -> None:
         """Stop the run when ranks prepared different training or validation data (a checksum each)."""
+
         def crc(t: torch.Tensor) -> int:
             return zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes())
 
@@ -131,8 +132,10 @@ class Group:
         every: list[Any] = [None] * self.world_size
         dist.all_gather_object(every, mine, group=self.control)
         if any(other != every[0] for other in every):
-            raise RuntimeError(f"The processes of this run prepared different data (per rank: {every}); "
-                               "data preparation must be deterministic for distributed training.")
+            raise RuntimeError(
+                f"The processes of this run prepared different data (per rank: {every}); "
+                "data preparation must be deterministic for distributed training."
+            )
 
     def sync_batch_norm(self, model: nn.Module) -> nn.Module:
         """SyncBatchNorm on CUDA (in place: the parameters stay the same objects); no change on the
@@ -148,8 +151,10 @@ class Group:
 
     def shard(self, batches: Batches) -> Shards:
         if batches.batch_size < self.world_size:
-            raise UserError(f"A batch of {batches.batch_size} cannot be shared by {self.world_size} processes; "
-                            "use a batch size of at least the number of processes.")
+            raise UserError(
+                f"A batch of {batches.batch_size} cannot be shared by {self.world_size} processes; "
+                "use a batch size of at least the number of processes."
+            )
         return Shards(batches, self.rank, self.world_size)
 
     def agreed(self, callback: Callback) -> AgreedStop:
@@ -161,8 +166,13 @@ class Group:
 
     def sum(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The epoch's training figures summed over ranks: the global batch's, not this rank's share."""
-        totals = torch.stack([loss_sum.double(), correct.double(),
-                              torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
+        totals = torch.stack(
+            [
+                loss_sum.double(),
+                correct.double(),
+                torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device),
+            ]
+        )
         dist.all_reduce(totals)
         return totals[0], totals[1].round().long(), int(totals[2].item())
 
@@ -184,8 +194,10 @@ def started(device_name: str = "auto") -> Iterator[Group | None]:
     use_cuda = torch.cuda.is_available() and not device_name.startswith("cpu")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"Process {local_rank} of this machine has no GPU of its own "
-                               f"({torch.cuda.device_count()} visible); start at most that many per node.")
+            raise RuntimeError(
+                f"Process {local_rank} of this machine has no GPU of its own "
+                f"({torch.cuda.device_count()} visible); start at most that many per node."
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

@@ -128,7 +128,13 @@ class Batches:
 
 
 def make_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0, device: torch.device | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    device: torch.device | None = None,
 ) -> Batches:
     """Batches of (x, y); on CUDA the tensors are moved to the device once, here."""
     if device is not None and device.type == "cuda":
@@ -238,8 +244,9 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
     return [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
 
 
-def predict_proba(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64,
-                  *, tta: bool = False) -> torch.Tensor:
+def predict_proba(
+    model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64, *, tta: bool = False
+) -> torch.Tensor:
     """Class probabilities (N, C) on the CPU, in input order.
 
     With `tta`, the softmax is averaged over the 4 views of `tta_views` (histology has no preferred
@@ -252,7 +259,9 @@ def predict_proba(model: nn.Module, x: torch.Tensor, device: torch.device, batch
     return torch.stack(probs).mean(0)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> dict[str, float]:
     logits = predict_logits(model, x, device, batch_size)
     return {
         "loss": nn.functional.cross_entropy(logits, y).item(),
@@ -348,8 +357,12 @@ def fit(
     metrics: dict[str, float] = {}  # the last epoch's
     for epoch in range(first_epoch, epochs + 1):
         if stopping.due:  # the validation loss has not improved for `patience` epochs
-            log.info("stopping early after epoch %d: no better validation loss than %.4f for %d epoch(s)",
-                     epoch - 1, stopping.lowest, stopping.stale)
+            log.info(
+                "stopping early after epoch %d: no better validation loss than %.4f for %d epoch(s)",
+                epoch - 1,
+                stopping.lowest,
+                stopping.stale,
+            )
             return Fitted(epoch - 1, True, metrics)
         # train
         if group is not None:
@@ -372,18 +385,23 @@ def fit(
             best = score
         # record and checkpoint: everything the next epoch depends on, taken at the epoch boundary
         checkpoint = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "epoch": epoch, "best": list(best), "early_stopping": [stopping.lowest, stopping.stale],
-            "config": config, "rng": rng_state(),
+            "epoch": epoch,
+            "best": list(best),
+            "early_stopping": [stopping.lowest, stopping.stale],
+            "config": config,
+            "rng": rng_state(),
             "loader_generator": loader.generator.get_state(),  # the shuffling order of later epochs
         }
         callback.on_epoch(epoch, metrics, checkpoint, is_best)
     return Fitted(int(metrics.get("epoch", first_epoch - 1)), False, metrics)
 
 
-def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, loader: Batches,
-             stopping: EarlyStopping) -> tuple[tuple[float, float], int]:
+def _restore(
+    resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, stopping: EarlyStopping
+) -> tuple[tuple[float, float], int]:
     """Continue from checkpoint `resume` (fit made it): the best score so far and the next epoch."""
     model.load_state_dict(resume["model"])
     optimizer.load_state_dict(resume["optimizer"])

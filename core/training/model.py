@@ -35,8 +35,8 @@ _MISSING_IMAGENET_PAGE = (
     "internet) on the server and choose 'A weights file on the server'."
 )
 _MISSING_IMAGENET_API = (
-    "The ImageNet starting weights could not be loaded: this server is probably offline. Send \"weights\": "
-    "\"none\" to train from a random start, or \"weights\": \"/path/on/the/server/densenet201-c1103571.pth\" "
+    'The ImageNet starting weights could not be loaded: this server is probably offline. Send "weights": '
+    '"none" to train from a random start, or "weights": "/path/on/the/server/densenet201-c1103571.pth" '
     "for a weights file an administrator placed on the server."
 )
 
@@ -61,7 +61,9 @@ class PaperDenseNet(nn.Module):
 def _torchvision_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # The original DenseNet files name layers "norm.1"; torchvision's loader renames them to
     # "norm1". Same pattern as torchvision.models.densenet._load_state_dict.
-    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    pattern = re.compile(
+        r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    )
     out = {}
     for key, value in state.items():
         m = pattern.match(key)
@@ -99,8 +101,11 @@ def load_backbone(model: PaperDenseNet, weights: str) -> str:
         try:
             state = DenseNet201_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as exc:  # noqa: BLE001 - URLError, OSError, HTTP errors all mean "not available"
-            raise UserError(_MISSING_IMAGENET.format(reason=f"{type(exc).__name__}: {exc}"),
-                            page=_MISSING_IMAGENET_PAGE, api=_MISSING_IMAGENET_API) from exc
+            raise UserError(
+                _MISSING_IMAGENET.format(reason=f"{type(exc).__name__}: {exc}"),
+                page=_MISSING_IMAGENET_PAGE,
+                api=_MISSING_IMAGENET_API,
+            ) from exc
         source = "imagenet (torchvision DenseNet201_Weights.IMAGENET1K_V1)"
     else:
         path = Path(weights).expanduser()
@@ -122,8 +127,11 @@ def check_weights(weights: str) -> None:
     try:
         load_backbone(PaperDenseNet(2), weights)
     except UserError as exc:
-        raise UserError(f"{exc} No run was queued.", page=f"{exc.for_page()} No run was queued.",
-                        api=f"{exc.for_api()} No run was queued.") from exc
+        raise UserError(
+            f"{exc} No run was queued.",
+            page=f"{exc.for_page()} No run was queued.",
+            api=f"{exc.for_api()} No run was queued.",
+        ) from exc
 
 
 def build_model(num_classes: int, weights: str = "none") -> tuple[PaperDenseNet, str]:

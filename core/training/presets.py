@@ -14,11 +14,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.transforms.augment import AugmentParams
-from core.store.db import AugmentationPreset
-from core.errors import UserError
 from core.access.limits import check_name_length
+from core.errors import UserError
+from core.store.db import AugmentationPreset
 from core.training.run_config import RunConfig
+from core.transforms.augment import AugmentParams
 
 PAPER_PRESET = "Paper (Hasan et al.)"
 
@@ -96,8 +96,12 @@ AUGMENT_LABELS: dict[str, str] = {
 }
 # The operations core.transforms.augment reports as fired (preview captions), in plain words.
 OPERATION_LABELS: dict[str, str] = {
-    "rotate": "Rotate", "distortion": "Distort", "zoom": "Zoom", "flip_left_right": "Flip left-right",
-    "flip_top_bottom": "Flip top-bottom", "rotate90": "Rotate by 90°",
+    "rotate": "Rotate",
+    "distortion": "Distort",
+    "zoom": "Zoom",
+    "flip_left_right": "Flip left-right",
+    "flip_top_bottom": "Flip top-bottom",
+    "rotate90": "Rotate by 90°",
 }
 
 
@@ -111,11 +115,15 @@ def augmentation_words(values: dict[str, Any]) -> list[str]:
     params = AugmentParams.from_dict(values)
     words = []
     if params.rotate_probability:
-        words.append(f"rotate {params.rotate_probability:.0%} of images, up to {params.rotate_max_left}° left "
-                     f"or {params.rotate_max_right}° right")
+        words.append(
+            f"rotate {params.rotate_probability:.0%} of images, up to {params.rotate_max_left}° left "
+            f"or {params.rotate_max_right}° right"
+        )
     if params.distortion_probability:
-        words.append(f"distort {params.distortion_probability:.0%} (grid {params.distortion_grid_width}×"
-                     f"{params.distortion_grid_height}, strength {params.distortion_magnitude})")
+        words.append(
+            f"distort {params.distortion_probability:.0%} (grid {params.distortion_grid_width}×"
+            f"{params.distortion_grid_height}, strength {params.distortion_magnitude})"
+        )
     if params.zoom_probability:
         words.append(f"zoom in on {params.zoom_probability:.0%}, keeping {params.zoom_percentage_area:.0%} of the area")
     for name in ("flip_left_right", "flip_top_bottom", "rotate90"):
@@ -147,24 +155,32 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     PAPER_LEAKY: {"split": "paper-leaky"},
     PAPER_HONEST: {"split": "holdout"},
     UNSEEN_SPECIMENS_CPU: {
-        "split": "kfold", "folds": 5, "grouped": True, "hed_jitter": 0.05,
-        "image_size": 64, "per_class": 120, "epochs": 8, "batch_size": 20, "lr": 5e-4, "weights": "none",
+        "split": "kfold",
+        "folds": 5,
+        "grouped": True,
+        "hed_jitter": 0.05,
+        "image_size": 64,
+        "per_class": 120,
+        "epochs": 8,
+        "batch_size": 20,
+        "lr": 5e-4,
+        "weights": "none",
     },
 }
 # What each preset is for, with the figures it was measured with: the buttons' tooltips.
 TRAINING_PRESET_HELP: dict[str, str] = {
     QUICK_TRY: "A first run that finishes in minutes on a CPU: 64 px images, 200 augmented images per class, at "
-               "most 3 epochs (it stops early once the validation loss stops improving), one honest holdout split, "
-               "the site's backbone weights. Its accuracy says little about the model at the paper's settings; "
-               "it shows the whole way from training to results and predictions.",
+    "most 3 epochs (it stops early once the validation loss stops improving), one honest holdout split, "
+    "the site's backbone weights. Its accuracy says little about the model at the paper's settings; "
+    "it shows the whole way from training to results and predictions.",
     PAPER_LEAKY: "The paper's settings and its own (leaky) protocol: augment all images, then split 80/20.",
     PAPER_HONEST: "The paper's settings, evaluated on untouched test images.",
     UNSEEN_SPECIMENS_CPU: "Five runs, one per fold of a split that keeps each specimen on one side: H&E stain "
-                          "jitter 0.05, 64 px, 120 augmented images per class, 8 epochs, no ImageNet weights. "
-                          "The best configuration compared so far on specimens left out of training: on the "
-                          "development images (IICBU-2008, 256 images, 2026-11-26, 2 CPU cores) it scored "
-                          "62.9% ± 9.3% over the five folds (docs/generalisation.md). A figure for that data "
-                          "and these settings only.",
+    "jitter 0.05, 64 px, 120 augmented images per class, 8 epochs, no ImageNet weights. "
+    "The best configuration compared so far on specimens left out of training: on the "
+    "development images (IICBU-2008, 256 images, 2026-11-26, 2 CPU cores) it scored "
+    "62.9% ± 9.3% over the five folds (docs/generalisation.md). A figure for that data "
+    "and these settings only.",
 }
 
 
@@ -207,10 +223,13 @@ def usable_weights(default_weights: str) -> WeightsChoice:
         check_weights(default_weights)
     except UserError as exc:
         why = exc.for_page().split(". ")[0].rstrip(".")
-        return WeightsChoice("none", f"The presets train from random initialisation here, because the site's "
-                                     f"backbone weights ({default_weights}) cannot be loaded on this server: {why}. "
-                                     "Expect lower accuracy than with ImageNet weights; to use them, place their "
-                                     "file on the server and choose 'A weights file on the server'.")
+        return WeightsChoice(
+            "none",
+            f"The presets train from random initialisation here, because the site's "
+            f"backbone weights ({default_weights}) cannot be loaded on this server: {why}. "
+            "Expect lower accuracy than with ImageNet weights; to use them, place their "
+            "file on the server and choose 'A weights file on the server'.",
+        )
     return WeightsChoice(default_weights, "")
 
 

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
-from core.transforms.augment import AugmentParams
-from core.errors import UserError
 from core.data.splits import PROTOCOLS
+from core.errors import UserError
+from core.transforms.augment import AugmentParams
 from core.transforms.stain import METHODS as STAIN_METHODS
 
 STAIN_NORMALISATIONS = ("none", *STAIN_METHODS)
@@ -67,81 +67,197 @@ class RunConfig:
     dataset: str = _setting(help="name of an ingested dataset", label="Dataset", section="data", drawn_by_page=True)
     # None: the latest when the run is launched; create_runs records the number (core/data/versions.py).
     dataset_version: int | None = _setting(
-        None, section="data", label="Dataset version", drawn_by_page=True, metavar="N",
+        None,
+        section="data",
+        label="Dataset version",
+        drawn_by_page=True,
+        metavar="N",
         help="the dataset's version to train on: its images with their classes and groups as they were then "
-             "(also --dataset NAME@N); default: the latest")
+        "(also --dataset NAME@N); default: the latest",
+    )
     # split, made before augmentation (see core/data/splits.py)
     split: str = _setting(
-        "holdout", section="data", label="Split protocol", choices=PROTOCOLS,
+        "holdout",
+        section="data",
+        label="Split protocol",
+        choices=PROTOCOLS,
         help="holdout: one stratified test part; kfold: one run per fold; paper-leaky: the paper's "
-             "augment-then-split (inflated)",
+        "augment-then-split (inflated)",
         option_labels={
             "holdout": "Holdout: split first, augment only the training part (honest)",
             "kfold": "k-fold cross-validation: one run per fold (honest)",
             "paper-leaky": "The paper's protocol: augment everything, then split (LEAKY)",
-        })
+        },
+    )
     grouped: bool | None = _setting(  # None: grouped when the dataset has groups
-        None, section="data", label="Keep each specimen on one side", splits=("holdout", "kfold"), drawn_by_page=True,
-        help="keep each group (specimen) on one side; default: when the dataset has groups")
+        None,
+        section="data",
+        label="Keep each specimen on one side",
+        splits=("holdout", "kfold"),
+        drawn_by_page=True,
+        help="keep each group (specimen) on one side; default: when the dataset has groups",
+    )
     test_fraction: float = _setting(
-        0.2, section="data", label="Test fraction", bounds=(0.05, 0.9), step=0.05, format="%.2f",
-        splits=("holdout", "paper-leaky"), help="share of the images kept for testing (paper: 0.2, i.e. 80/20)")
+        0.2,
+        section="data",
+        label="Test fraction",
+        bounds=(0.05, 0.9),
+        step=0.05,
+        format="%.2f",
+        splits=("holdout", "paper-leaky"),
+        help="share of the images kept for testing (paper: 0.2, i.e. 80/20)",
+    )
     val_fraction: float = _setting(
-        0.1, section="data", label="Validation fraction", bounds=(0.0, 0.9), step=0.05, format="%.2f",
-        help="of the non-test part; picks the best epoch, which is the one evaluated; 0 = none")
-    folds: int = _setting(5, section="data", label="Folds", bounds=(2, 20), step=1, splits=("kfold",),
-                          help="the number of folds of the kfold split, one run each")
+        0.1,
+        section="data",
+        label="Validation fraction",
+        bounds=(0.0, 0.9),
+        step=0.05,
+        format="%.2f",
+        help="of the non-test part; picks the best epoch, which is the one evaluated; 0 = none",
+    )
+    folds: int = _setting(
+        5,
+        section="data",
+        label="Folds",
+        bounds=(2, 20),
+        step=1,
+        splits=("kfold",),
+        help="the number of folds of the kfold split, one run each",
+    )
     fold: int = _setting(0, internal="each run of a k-fold experiment gets its fold from create_runs")  # 0 for holdout
     # augmentation of the training part only
-    per_class: int = _setting(1200, section="augmentation", label="Augmented images per class", bounds=(1, 100_000),
-                              step=100, help="augmented training images per class (paper: 1200, 3600 in all)")
+    per_class: int = _setting(
+        1200,
+        section="augmentation",
+        label="Augmented images per class",
+        bounds=(1, 100_000),
+        step=100,
+        help="augmented training images per class (paper: 1200, 3600 in all)",
+    )
     augmentation: dict[str, Any] = _setting(
-        factory=lambda: AugmentParams().to_dict(), section="augmentation", label="Augmentation preset",
-        key="aug_preset", drawn_by_page=True, flag="--augment", metavar="KEY=VALUE",
-        help=f"override an augmentation setting (repeatable); keys: {', '.join(AugmentParams().to_dict())}")
+        factory=lambda: AugmentParams().to_dict(),
+        section="augmentation",
+        label="Augmentation preset",
+        key="aug_preset",
+        drawn_by_page=True,
+        flag="--augment",
+        metavar="KEY=VALUE",
+        help=f"override an augmentation setting (repeatable); keys: {', '.join(AugmentParams().to_dict())}",
+    )
     # model and optimisation
     weights: str = _setting(
-        "imagenet", section="weights", label="Weights", drawn_by_page=True, cli_default=None,
-        help="imagenet | none | PATH to a weights file (default: DEFAULT_WEIGHTS, else imagenet)")
-    epochs: int = _setting(25, section="training", label="Epochs", bounds=(1, 1000), step=1,
-                           help="passes over the augmented training images (paper: 25)")
-    batch_size: int = _setting(24, section="training", label="Batch size", bounds=(1, 1024), step=1,
-                               help="images per optimiser step (paper: 24)")
-    lr: float = _setting(1e-4, section="training", label="Learning rate (Adam)", bounds=(1e-7, 1.0), step=1e-5,
-                         format="%.1e", help="Adam learning rate (paper: 1e-4)")
-    image_size: int = _setting(224, section="training", label="Image size (px)", bounds=(32, 1024), step=32,
-                               help="images are resized to this square before augmentation (paper: 224)")
-    seed: int = _setting(0, section="data", label="Seed", bounds=(0, 2**31 - 1), step=1,
-                         help="seeds the split, the augmentation and the training")
-    device: str = _setting("auto", section="training", label="Device", options=("auto", "cpu", "cuda"),
-                           pattern=(r"auto|cpu|cuda(:[0-9]{1,2})?", "auto, cpu, cuda or cuda:N"),
-                           help="auto | cpu | cuda | cuda:N; auto: the GPU when there is one (bf16), else the CPU "
-                                "(slow at 224 px)")
+        "imagenet",
+        section="weights",
+        label="Weights",
+        drawn_by_page=True,
+        cli_default=None,
+        help="imagenet | none | PATH to a weights file (default: DEFAULT_WEIGHTS, else imagenet)",
+    )
+    epochs: int = _setting(
+        25,
+        section="training",
+        label="Epochs",
+        bounds=(1, 1000),
+        step=1,
+        help="passes over the augmented training images (paper: 25)",
+    )
+    batch_size: int = _setting(
+        24,
+        section="training",
+        label="Batch size",
+        bounds=(1, 1024),
+        step=1,
+        help="images per optimiser step (paper: 24)",
+    )
+    lr: float = _setting(
+        1e-4,
+        section="training",
+        label="Learning rate (Adam)",
+        bounds=(1e-7, 1.0),
+        step=1e-5,
+        format="%.1e",
+        help="Adam learning rate (paper: 1e-4)",
+    )
+    image_size: int = _setting(
+        224,
+        section="training",
+        label="Image size (px)",
+        bounds=(32, 1024),
+        step=32,
+        help="images are resized to this square before augmentation (paper: 224)",
+    )
+    seed: int = _setting(
+        0,
+        section="data",
+        label="Seed",
+        bounds=(0, 2**31 - 1),
+        step=1,
+        help="seeds the split, the augmentation and the training",
+    )
+    device: str = _setting(
+        "auto",
+        section="training",
+        label="Device",
+        options=("auto", "cpu", "cuda"),
+        pattern=(r"auto|cpu|cuda(:[0-9]{1,2})?", "auto, cpu, cuda or cuda:N"),
+        help="auto | cpu | cuda | cuda:N; auto: the GPU when there is one (bf16), else the CPU (slow at 224 px)",
+    )
     patience: int = _setting(
-        0, section="training", label="Stop early after epochs without improvement", bounds=(0, 1000), step=1,
+        0,
+        section="training",
+        label="Stop early after epochs without improvement",
+        bounds=(0, 1000),
+        step=1,
         metavar="EPOCHS",
         help="early stopping: end training once the validation loss has not improved for this many epochs in a row "
-             "(the best epoch is still the one tested); 0 = off, every epoch is trained (the paper's way); needs a "
-             "validation part")
-    compile: bool = _setting(True, internal="an implementation switch: torch.compile with CUDA graphs on a GPU, "
-                                            "no effect on the CPU; training falls back to the eager model by itself")
+        "(the best epoch is still the one tested); 0 = off, every epoch is trained (the paper's way); needs a "
+        "validation part",
+    )
+    compile: bool = _setting(
+        True,
+        internal="an implementation switch: torch.compile with CUDA graphs on a GPU, "
+        "no effect on the CPU; training falls back to the eager model by itself",
+    )
     # generalisation switches (not in the paper; off by default). See core/transforms/stain.py.
     stain_normalisation: str = _setting(
-        "none", section="generalisation", label="Stain normalisation", choices=STAIN_NORMALISATIONS, key="stain",
+        "none",
+        section="generalisation",
+        label="Stain normalisation",
+        choices=STAIN_NORMALISATIONS,
+        key="stain",
         help="map every image's H&E colours onto one training image (the one of median optical density), before "
-             "augmentation, so that staining differences between specimens matter less; prediction applies the "
-             "same mapping, and the run's summary names the image")
+        "augmentation, so that staining differences between specimens matter less; prediction applies the "
+        "same mapping, and the run's summary names the image",
+    )
     hed_jitter: float = _setting(
-        0.0, section="generalisation", label="H&E stain jitter", bounds=(0.0, 1.0), step=0.01, format="%.2f",
-        key="hed", metavar="FLOAT",
+        0.0,
+        section="generalisation",
+        label="H&E stain jitter",
+        bounds=(0.0, 1.0),
+        step=0.01,
+        format="%.2f",
+        key="hed",
+        metavar="FLOAT",
         help="random H&E stain variation of each augmented training image (sigma = bias = this value, e.g. "
-             "0.05); 0 = off; never applied to validation or test images")
-    tta: bool = _setting(False, section="generalisation", label="Test-time augmentation",
-                         help="average each prediction's softmax over the image and its 3 flips")
+        "0.05); 0 = off; never applied to validation or test images",
+    )
+    tta: bool = _setting(
+        False,
+        section="generalisation",
+        label="Test-time augmentation",
+        help="average each prediction's softmax over the image and its 3 flips",
+    )
     tiles: int = _setting(
-        0, section="generalisation", label="Tiles per image", bounds=(0, 256), step=1, metavar="N",
+        0,
+        section="generalisation",
+        label="Tiles per image",
+        bounds=(0, 256),
+        step=1,
+        metavar="N",
         help="train on up to this many tiles of the image size per image, cut at native resolution (no "
-             "downscaling), and predict an image by the mean of its tiles' probabilities; 0 = whole images")
+        "downscaling), and predict an image by the mean of its tiles' probabilities; 0 = whole images",
+    )
 
     def __post_init__(self) -> None:
         if self.split not in PROTOCOLS:
@@ -156,24 +272,34 @@ class RunConfig:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
             raise UserError(f"patience must be a whole number of epochs, 0 (off) or more, got {self.patience!r}.")
         if self.patience and not self.val_fraction:
-            raise UserError("Early stopping watches the validation loss: give --val-fraction above 0, or --patience 0.",
-                            page="Early stopping watches the validation loss: give a validation fraction above 0, "
-                                 "or set 'Stop early after epochs without improvement' to 0.")
+            raise UserError(
+                "Early stopping watches the validation loss: give --val-fraction above 0, or --patience 0.",
+                page="Early stopping watches the validation loss: give a validation fraction above 0, "
+                "or set 'Stop early after epochs without improvement' to 0.",
+            )
         if not 0 <= self.fold < (self.folds if self.split == "kfold" else 1):
             raise UserError(f"fold {self.fold} does not exist for split {self.split!r} with {self.folds} folds.")
         AugmentParams.from_dict(self.augmentation)  # validates
         if self.stain_normalisation not in STAIN_NORMALISATIONS:
-            raise UserError(f"Unknown stain_normalisation {self.stain_normalisation!r}; "
-                            f"choose one of {', '.join(STAIN_NORMALISATIONS)}.")
+            raise UserError(
+                f"Unknown stain_normalisation {self.stain_normalisation!r}; "
+                f"choose one of {', '.join(STAIN_NORMALISATIONS)}."
+            )
         jitter = self.hed_jitter
-        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not (math.isfinite(jitter) and 0 <= jitter <= 1):
+        if (
+            isinstance(jitter, bool)
+            or not isinstance(jitter, (int, float))
+            or not (math.isfinite(jitter) and 0 <= jitter <= 1)
+        ):
             raise UserError(f"hed_jitter must be a number from 0 (off) to 1, e.g. 0.05; got {jitter!r}.")
         if not isinstance(self.tta, bool):
             raise UserError(f"tta must be true or false, got {self.tta!r}.")
         if isinstance(self.tiles, bool) or not isinstance(self.tiles, int) or not 0 <= self.tiles <= 256:
             raise UserError(f"tiles must be a whole number from 0 (whole images) to 256, got {self.tiles!r}.")
         if self.tiles and self.split == "paper-leaky":
-            raise UserError("The paper's protocol trains on whole images; tiles work with the holdout and kfold splits.")
+            raise UserError(
+                "The paper's protocol trains on whole images; tiles work with the holdout and kfold splits."
+            )
 
     def validate(self) -> RunConfig:
         """This config, if a new run may have it: every field of its own type, within its `bounds`,
@@ -202,8 +328,13 @@ class RunConfig:
         return AugmentParams.from_dict(self.augmentation)
 
 
-_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a finite number",
-               str: "text without a NUL character", dict: "an object"}
+_KIND_WORDS = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a finite number",
+    str: "text without a NUL character",
+    dict: "an object",
+}
 
 
 def _check_setting(f: dataclasses.Field, value: Any) -> None:
@@ -212,8 +343,11 @@ def _check_setting(f: dataclasses.Field, value: Any) -> None:
     if value is None and f.default is None:
         return
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    fits = number and math.isfinite(value) if kind is float else \
-        isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    fits = (
+        number and math.isfinite(value)
+        if kind is float
+        else isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    )
     if fits and kind is str:
         fits = "\x00" not in value
     if fits and kind is dict:
@@ -232,8 +366,10 @@ def _check_setting(f: dataclasses.Field, value: Any) -> None:
 def _refuse(f: dataclasses.Field, rule: str, value: Any) -> None:
     shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a number of over 30 digits"
     shown = shown[:80]
-    raise UserError(f"Run setting '{f.name}' ({flag_of(f)}) {rule}; got {shown}.",
-                    page=f"{f.metadata.get('label', f.name)} {rule}; got {shown}.")
+    raise UserError(
+        f"Run setting '{f.name}' ({flag_of(f)}) {rule}; got {shown}.",
+        page=f"{f.metadata.get('label', f.name)} {rule}; got {shown}.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import math
 import multiprocessing
 import random
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import Augmentor
 import numpy as np
@@ -94,8 +95,12 @@ def build_operations(params: AugmentParams) -> list:
     if params.rotate_probability > 0:
         p.rotate(params.rotate_probability, int(params.rotate_max_left), int(params.rotate_max_right))
     if params.distortion_probability > 0:
-        p.random_distortion(params.distortion_probability, int(params.distortion_grid_width),
-                            int(params.distortion_grid_height), int(params.distortion_magnitude))
+        p.random_distortion(
+            params.distortion_probability,
+            int(params.distortion_grid_width),
+            int(params.distortion_grid_height),
+            int(params.distortion_magnitude),
+        )
     if params.zoom_probability > 0:
         p.zoom_random(params.zoom_probability, params.zoom_percentage_area)
     if params.flip_left_right_probability > 0:

@@ -49,8 +49,9 @@ def _as_rgb(image: PILImage.Image | np.ndarray) -> PILImage.Image:
     return image.convert("RGB")
 
 
-def _threaded(fn: Callable[[int], np.ndarray], n: int, stage: str, progress: Progress | None,
-              every: int, workers: int) -> list[np.ndarray]:
+def _threaded(
+    fn: Callable[[int], np.ndarray], n: int, stage: str, progress: Progress | None, every: int, workers: int
+) -> list[np.ndarray]:
     """fn(0..n-1) on a thread per core (NumPy releases the GIL), in order, reporting progress."""
     out: list[np.ndarray] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -74,8 +75,16 @@ class EvalPipeline:
         workers: threads for stain normalisation (default: one per core).
     """
 
-    def __init__(self, *, image_size: int, tiles: int = 0, stain: str = "none",
-                 stain_params: dict[str, Any] | None = None, tta: bool = False, workers: int | None = None):
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        tiles: int = 0,
+        stain: str = "none",
+        stain_params: dict[str, Any] | None = None,
+        tta: bool = False,
+        workers: int | None = None,
+    ):
         if stain != "none" and stain_params is not None and stain_params.get("method") != stain:
             raise UserError(f"Stain parameters of {stain_params.get('method')!r} given for {stain!r} normalisation.")
         self.image_size, self.tiles, self.stain, self.tta = int(image_size), int(tiles), stain, bool(tta)
@@ -111,8 +120,9 @@ class EvalPipeline:
                 raise ValueError("stain normalisation has no reference yet; call with_stain first")
             return list(samples)
         normaliser = self.normaliser
-        return _threaded(lambda i: normaliser(samples[i]), len(samples), "stain normalisation", progress,
-                         16, self.workers)
+        return _threaded(
+            lambda i: normaliser(samples[i]), len(samples), "stain normalisation", progress, 16, self.workers
+        )
 
     def __call__(self, images: Sequence[PILImage.Image | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Model input for `images`: (N, S, S, 3) uint8 samples and each sample's image index (N,)."""
@@ -130,8 +140,13 @@ class EvalPipeline:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; `EvalPipeline(**d)` rebuilds it (the model file keeps it)."""
-        return {"image_size": self.image_size, "tiles": self.tiles, "stain": self.stain,
-                "stain_params": self.stain_params, "tta": self.tta}
+        return {
+            "image_size": self.image_size,
+            "tiles": self.tiles,
+            "stain": self.stain,
+            "stain_params": self.stain_params,
+            "tta": self.tta,
+        }
 
 
 class TrainPipeline:
@@ -145,23 +160,33 @@ class TrainPipeline:
         workers: processes for augmentation, threads for the jitter (default: one per core).
     """
 
-    def __init__(self, *, per_class: int, augment: AugmentParams, seed: int, hed_jitter: float = 0.0,
-                 workers: int | None = None):
+    def __init__(
+        self, *, per_class: int, augment: AugmentParams, seed: int, hed_jitter: float = 0.0, workers: int | None = None
+    ):
         self.per_class, self.params, self.seed = per_class, augment, seed
         self.hed_jitter, self.workers = float(hed_jitter), workers or os.cpu_count() or 1
 
-    def __call__(self, samples: Sequence[np.ndarray], labels: Sequence[int], num_classes: int,
-                 progress: Progress | None = None) -> tuple[list[np.ndarray], list[int]]:
+    def __call__(
+        self, samples: Sequence[np.ndarray], labels: Sequence[int], num_classes: int, progress: Progress | None = None
+    ) -> tuple[list[np.ndarray], list[int]]:
         images, out_labels, _ = self.augment(samples, labels, num_classes, progress)
         return self.jitter(images, progress), out_labels
 
-    def augment(self, samples: Sequence[np.ndarray], labels: Sequence[int], num_classes: int,
-                progress: Progress | None = None) -> tuple[list[np.ndarray], list[int], list[int]]:
+    def augment(
+        self, samples: Sequence[np.ndarray], labels: Sequence[int], num_classes: int, progress: Progress | None = None
+    ) -> tuple[list[np.ndarray], list[int], list[int]]:
         """(images, labels, index of each one's source sample)."""
         cb = (lambda done, total: progress("augment", done, total)) if progress else None
         images, out_labels, sources = expand(
-            [PILImage.fromarray(a) for a in samples], list(labels), self.per_class, self.params, self.seed,
-            progress=cb, num_classes=num_classes, workers=self.workers)
+            [PILImage.fromarray(a) for a in samples],
+            list(labels),
+            self.per_class,
+            self.params,
+            self.seed,
+            progress=cb,
+            num_classes=num_classes,
+            workers=self.workers,
+        )
         return [np.asarray(im, dtype=np.uint8) for im in images], out_labels, sources
 
     def jitter(self, samples: Sequence[np.ndarray], progress: Progress | None = None) -> list[np.ndarray]:

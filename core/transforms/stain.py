@@ -72,14 +72,22 @@ class MacenkoNormaliser:
         self.io, self.beta, self.alpha = io, beta, alpha
         fitted = self._fit(_check(reference))
         if fitted is None:
-            raise UserError("The reference image has too little stained tissue to estimate H&E stain vectors; "
-                            "pick a reference with tissue in most of the field.")
+            raise UserError(
+                "The reference image has too little stained tissue to estimate H&E stain vectors; "
+                "pick a reference with tissue in most of the field."
+            )
         self.stains, self.max_conc = fitted  # (3, 2) unit columns H, E; (2,) 99th percentiles
 
     def to_params(self) -> dict[str, Any]:
         """What the fit found, JSON-ready: `from_params` rebuilds this normaliser without the reference."""
-        return {"method": "macenko", "io": self.io, "beta": self.beta, "alpha": self.alpha,
-                "stains": self.stains.tolist(), "max_conc": self.max_conc.tolist()}
+        return {
+            "method": "macenko",
+            "io": self.io,
+            "beta": self.beta,
+            "alpha": self.alpha,
+            "stains": self.stains.tolist(),
+            "max_conc": self.max_conc.tolist(),
+        }
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> MacenkoNormaliser:
@@ -234,8 +242,9 @@ def mean_optical_density(image: np.ndarray) -> float:
     return float(-np.log((image.astype(np.float64) + 1) / 256).mean())
 
 
-def choose_reference(arrays: Sequence[np.ndarray], ids: Sequence[int], method: str
-                     ) -> tuple[int, MacenkoNormaliser | ReinhardNormaliser]:
+def choose_reference(
+    arrays: Sequence[np.ndarray], ids: Sequence[int], method: str
+) -> tuple[int, MacenkoNormaliser | ReinhardNormaliser]:
     """The stain-normalisation reference and its normaliser, from the given (training) images only.
 
     The reference is the image whose mean optical density is the median (a typical stain, neither
@@ -256,8 +265,10 @@ def choose_reference(arrays: Sequence[np.ndarray], ids: Sequence[int], method: s
             if "Unknown stain normalisation" in str(exc):
                 raise
             log.info("stain reference: image %d does not fit %s (%s); trying the next", ids[i], method, exc)
-    raise UserError(f"No training image has enough stained tissue to fit {method} stain normalisation; "
-                    "train without it (stain_normalisation='none').")
+    raise UserError(
+        f"No training image has enough stained tissue to fit {method} stain normalisation; "
+        "train without it (stain_normalisation='none')."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +288,9 @@ def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
     return _to_uint8(256 * np.exp(-od) - 1)
 
 
-def hed_jitter(image: np.ndarray, rng: np.random.Generator | int | None, sigma: float = 0.05,
-               bias: float = 0.05) -> np.ndarray:
+def hed_jitter(
+    image: np.ndarray, rng: np.random.Generator | int | None, sigma: float = 0.05, bias: float = 0.05
+) -> np.ndarray:
     """Random H&E stain variation: each stain channel s becomes s * a + b, a ~ U(1 - sigma, 1 + sigma),
     b ~ U(-bias, bias), one draw per image and channel (H, E, DAB).
 

@@ -27,8 +27,11 @@ def tile_boxes(width: int, height: int, size: int, max_tiles: int) -> list[tuple
     if nx == 0 or ny == 0:
         return [(0, 0, width, height)]
     left, top = (width - nx * size) // 2, (height - ny * size) // 2
-    boxes = [(left + i * size, top + j * size, left + (i + 1) * size, top + (j + 1) * size)
-             for j in range(ny) for i in range(nx)]
+    boxes = [
+        (left + i * size, top + j * size, left + (i + 1) * size, top + (j + 1) * size)
+        for j in range(ny)
+        for i in range(nx)
+    ]
     if len(boxes) > max_tiles:
         picks = np.unique(np.linspace(0, len(boxes) - 1, max_tiles).round().astype(int))
         boxes = [boxes[i] for i in picks]

@@ -31,8 +31,11 @@ def features_of(path: pathlib.Path) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=pathlib.Path, help="a folder per class of images")
-    parser.add_argument("groups_csv", type=pathlib.Path,
-                        help="file,group rows with file as CLASS/NAME (python -m core groups writes one)")
+    parser.add_argument(
+        "groups_csv",
+        type=pathlib.Path,
+        help="file,group rows with file as CLASS/NAME (python -m core groups writes one)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="fold assignments to try (default 3)")
     args = parser.parse_args()
 
@@ -47,8 +50,10 @@ def main() -> None:
     for seed in range(args.seeds):
         folds = StratifiedGroupKFold(5, shuffle=True, random_state=seed)
         scores = cross_val_score(model, x, y, groups=g, cv=folds)
-        print(f"seed {seed}: colour-only grouped 5-fold accuracy {scores.mean():.1%} ± {scores.std(ddof=1):.1%}"
-              f" (folds {', '.join(f'{s:.1%}' for s in scores)})")
+        print(
+            f"seed {seed}: colour-only grouped 5-fold accuracy {scores.mean():.1%} ± {scores.std(ddof=1):.1%}"
+            f" (folds {', '.join(f'{s:.1%}' for s in scores)})"
+        )
 
 
 if __name__ == "__main__":

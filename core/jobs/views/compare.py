@@ -50,8 +50,13 @@ def setting_differences(rows: Sequence[RunRow]) -> list[SettingDifference]:
         table.append((f.metadata.get("label", f.name), f.metadata.get("help", ""), values))
     table.append(("Fold", "which fold of its k-fold experiment", [str(r.fold + 1) for r in rows]))
     for key in PAPER_AUGMENTATION:
-        table.append((f"Augmentation: {key.replace('_', ' ')}", "a value of the augmentation preset",
-                      [_value_text(r.config.augment_params.to_dict()[key]) for r in rows]))
+        table.append(
+            (
+                f"Augmentation: {key.replace('_', ' ')}",
+                "a value of the augmentation preset",
+                [_value_text(r.config.augment_params.to_dict()[key]) for r in rows],
+            )
+        )
     return [SettingDifference(name, help_, tuple(values)) for name, help_, values in table if len(set(values)) > 1]
 
 
@@ -109,11 +114,19 @@ class PredictionHistory:
         return prediction_log.to_csv(self.rows)
 
 
-def prediction_history(session: Session, *, reader: User | None, since: datetime | None = None,
-                       until: datetime | None = None, run_id: int | None = None, user: str | None = None,
-                       predicted: str | None = None,
-                       limit: int | None = prediction_log.DEFAULT_LIMIT) -> PredictionHistory:
+def prediction_history(
+    session: Session,
+    *,
+    reader: User | None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    run_id: int | None = None,
+    user: str | None = None,
+    predicted: str | None = None,
+    limit: int | None = prediction_log.DEFAULT_LIMIT,
+) -> PredictionHistory:
     """The rows and filter values that `reader` may read (a viewer: their own; prediction_log.readable_user)."""
-    rows = prediction_log.list_predictions(session, since=since, until=until, run_id=run_id, user=user,
-                                           predicted=predicted, limit=limit, reader=reader)
+    rows = prediction_log.list_predictions(
+        session, since=since, until=until, run_id=run_id, user=user, predicted=predicted, limit=limit, reader=reader
+    )
     return PredictionHistory(tuple(rows), limit, prediction_log.logged_values(session, reader))

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session, selectinload
 from core.config import Settings
 from core.data import versions
 from core.data.datasets import get_dataset
-from core.data.versions import VersionDiff, VersionSummary
 from core.data.decoding import load_rgb
+from core.data.versions import VersionDiff, VersionSummary
 from core.store.db import AugmentationPreset, Dataset, Image, Run
 
 
@@ -31,8 +31,12 @@ class DatasetRow:
 
 def dataset_rows(session: Session) -> list[DatasetRow]:
     """Every dataset with its image and group counts, by name: Home, Train, Datasets, Augmentation."""
-    query = (select(Dataset, func.count(Image.id), func.count(distinct(Image.group)))
-             .outerjoin(Image, Image.dataset_id == Dataset.id).group_by(Dataset.id).order_by(Dataset.name))
+    query = (
+        select(Dataset, func.count(Image.id), func.count(distinct(Image.group)))
+        .outerjoin(Image, Image.dataset_id == Dataset.id)
+        .group_by(Dataset.id)
+        .order_by(Dataset.name)
+    )
     return [DatasetRow(d.name, tuple(d.classes), n, groups) for d, n, groups in session.execute(query)]
 
 
@@ -85,15 +89,30 @@ class DatasetDetail:
 def dataset_detail(session: Session, settings: Settings, name: str) -> DatasetDetail:
     """One dataset with its images, skipped files and number of runs: the Datasets and Augmentation pages."""
     n_runs = select(func.count(Run.id)).where(Run.dataset_id == Dataset.id).correlate(Dataset).scalar_subquery()
-    found = session.execute(select(Dataset, n_runs).where(Dataset.name == name)
-                            .options(selectinload(Dataset.images), selectinload(Dataset.skipped))).first()
+    found = session.execute(
+        select(Dataset, n_runs)
+        .where(Dataset.name == name)
+        .options(selectinload(Dataset.images), selectinload(Dataset.skipped))
+    ).first()
     if found is None:
         get_dataset(session, name)  # raises the UserError that names the known datasets
     d, runs = found
-    images = tuple(ImageRow(im.id, im.label, im.group, im.original_name, im.stored_path, im.sha256,
-                            settings.app_home / im.stored_path) for im in sorted(d.images, key=lambda im: im.id))
-    return DatasetDetail(d.name, tuple(d.classes), d.source, d.created_at, d.created_by, images,
-                         tuple((f.path, f.reason) for f in d.skipped), runs)
+    images = tuple(
+        ImageRow(
+            im.id, im.label, im.group, im.original_name, im.stored_path, im.sha256, settings.app_home / im.stored_path
+        )
+        for im in sorted(d.images, key=lambda im: im.id)
+    )
+    return DatasetDetail(
+        d.name,
+        tuple(d.classes),
+        d.source,
+        d.created_at,
+        d.created_by,
+        images,
+        tuple((f.path, f.reason) for f in d.skipped),
+        runs,
+    )
 
 
 def dataset_versions(session: Session, name: str) -> tuple[VersionSummary, ...]:

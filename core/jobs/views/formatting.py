@@ -10,7 +10,6 @@ from typing import Any
 from core.store.db import utcnow
 from core.store.records import RunSummary
 
-
 # An absolute path on the server (two components at least) where a message or a log quotes one: after
 # the start, white space, a quote, a bracket or "=", so that addresses (http://...) and fractions
 # (80/20) are left alone.

@@ -31,31 +31,52 @@ class BestGrouped:
         """Plain words on what the number means; `versus_colour`: the run against colour alone on the
         same test images (core/jobs/comparisons.py), which decides whether the network "does better"."""
         if self.run is None:
-            text = ("No finished run on a split grouped by specimen yet, so there is no honest estimate for "
-                    "new patients. Give the dataset specimen groups on the Datasets page and train with the "
-                    "split grouped.")
+            text = (
+                "No finished run on a split grouped by specimen yet, so there is no honest estimate for "
+                "new patients. Give the dataset specimen groups on the Datasets page and train with the "
+                "split grouped."
+            )
             if self.ungrouped is not None:
-                text += (f" The best run split by image (run {self.ungrouped.id}) scored "
-                         f"{self.ungrouped.summary.test_accuracy:.1%}, but such a split can put images of one "
-                         "specimen on both sides, which flatters the score.")
+                text += (
+                    f" The best run split by image (run {self.ungrouped.id}) scored "
+                    f"{self.ungrouped.summary.test_accuracy:.1%}, but such a split can put images of one "
+                    "specimen on both sides, which flatters the score."
+                )
             return text
         fold = f", fold {self.run.fold + 1} of {self.run.config.folds}" if self.run.config.split == "kfold" else ""
         head = f"Run {self.run.id} ({self.run.protocol}{fold}): this run {self.accuracy:.1%}"
         if self.run.groups_estimated:
-            head += (" on estimated specimens (groups cut from blocks of file numbers, not real specimen ids, so "
-                     "images of one specimen may still sit on both sides)")
+            head += (
+                " on estimated specimens (groups cut from blocks of file numbers, not real specimen ids, so "
+                "images of one specimen may still sit on both sides)"
+            )
         if self.yardstick is None:
             return head + "; colour alone was not measured on its split."
         head += f"; colour alone on the same split: {self.yardstick:.1%}. "
-        colour = ("'Colour alone' is a simple model that sees only the stain colours of each image (their "
-                  "averages and spreads), not the tissue. ")
+        colour = (
+            "'Colour alone' is a simple model that sees only the stain colours of each image (their "
+            "averages and spreads), not the tissue. "
+        )
         if versus_colour is None:
-            return head + colour + ("This run did not record colour alone image by image, so whether the gap is more "
-                                    "than chance cannot be said; train it again to see.")
+            return (
+                head
+                + colour
+                + (
+                    "This run did not record colour alone image by image, so whether the gap is more "
+                    "than chance cannot be said; train it again to see."
+                )
+            )
         said = versus_colour.verdict("The network", "colour alone")
         if versus_colour.within_noise:
-            return head + colour + said + (" So the network may rely on the stain of each class's slides rather "
-                                           "than the disease, and may not carry over to another laboratory's slides.")
+            return (
+                head
+                + colour
+                + said
+                + (
+                    " So the network may rely on the stain of each class's slides rather "
+                    "than the disease, and may not carry over to another laboratory's slides."
+                )
+            )
         if versus_colour.difference < 0:
             return head + colour + said + " The network has learnt less than the stain alone tells."
         return head + colour + said + " So it uses more than the stain."
@@ -64,8 +85,9 @@ class BestGrouped:
 def best_grouped(rows: list[RunRow]) -> BestGrouped:
     """The succeeded run with the best test accuracy on a split grouped by specimen; without one,
     the best honest run split by image (never the paper's leaky protocol)."""
-    finished = [r for r in rows if r.status == RunStatus.succeeded.value and not r.leaky
-                and r.summary.test_accuracy is not None]
+    finished = [
+        r for r in rows if r.status == RunStatus.succeeded.value and not r.leaky and r.summary.test_accuracy is not None
+    ]
     grouped = [r for r in finished if r.grouped]
     best = max(grouped, key=lambda r: r.summary.test_accuracy, default=None)
     fallback = None if best else max(finished, key=lambda r: r.summary.test_accuracy, default=None)

@@ -92,8 +92,7 @@ class RunResults:
 def run_results(session: Session, settings: Settings, run_id: int) -> RunResults:
     """The results of a run: error and log, leak audit, and for a succeeded run its report,
     intervals, calibration, colour-only yardstick, k-fold summary and predictions."""
-    run = session.scalar(select(Run).where(Run.id == run_id)
-                         .options(joinedload(Run.dataset), joinedload(Run.split)))
+    run = session.scalar(select(Run).where(Run.id == run_id).options(joinedload(Run.dataset), joinedload(Run.split)))
     if run is None:
         raise UserError(f"No run with id {run_id}. `python -m core runs` lists them.")
     row = rows_of(session, [(run, 0)])[0]
@@ -102,21 +101,35 @@ def run_results(session: Session, settings: Settings, run_id: int) -> RunResults
     if not log and (folder / "train.log").exists():
         log = "\n".join((folder / "train.log").read_text(errors="replace").splitlines()[-60:])
     model = model_path(settings, run_id)
-    base = RunResults(row, run.error, log, model if model.exists() else None, dict(run.timings or {}),
-                      dict(run.config), dict(run.summary or {}), manage.resumable(settings, run_id))
+    base = RunResults(
+        row,
+        run.error,
+        log,
+        model if model.exists() else None,
+        dict(run.timings or {}),
+        dict(run.config),
+        dict(run.summary or {}),
+        manage.resumable(settings, run_id),
+    )
     if run.status != RunStatus.succeeded:
         return base
     summary = row.summary
     return dataclasses.replace(
-        base, report=metrics.run_report(session, run), uncertainty=metrics.run_uncertainty(session, run),
-        calibration=calibration_words(summary.calibration), yardstick=yardstick.describe(summary.colour_yardstick),
-        folds=_fold_results(session, run), predictions=_predictions(session, settings, run_id),
-        slides=slides.slide_report(session, run) if slides.has_slides(session, run.dataset_id) else None)
+        base,
+        report=metrics.run_report(session, run),
+        uncertainty=metrics.run_uncertainty(session, run),
+        calibration=calibration_words(summary.calibration),
+        yardstick=yardstick.describe(summary.colour_yardstick),
+        folds=_fold_results(session, run),
+        predictions=_predictions(session, settings, run_id),
+        slides=slides.slide_report(session, run) if slides.has_slides(session, run.dataset_id) else None,
+    )
 
 
 def _fold_results(session: Session, run: Run) -> FoldResults | None:
-    siblings = session.scalars(select(Run).where(Run.experiment == run.experiment).order_by(Run.fold)
-                               .options(joinedload(Run.dataset))).all()
+    siblings = session.scalars(
+        select(Run).where(Run.experiment == run.experiment).order_by(Run.fold).options(joinedload(Run.dataset))
+    ).all()
     if len(siblings) < 2:
         return None
     done = [r for r in siblings if r.status == RunStatus.succeeded]
@@ -135,7 +148,19 @@ def fold_spread_words(reports: Sequence[metrics.Report]) -> str | None:
 def _predictions(session: Session, settings: Settings, run_id: int) -> tuple[PredictionRow, ...]:
     rows = session.execute(
         select(Prediction, Image.original_name, Image.stored_path, Image.group)
-        .join(Image, Image.id == Prediction.image_id).where(Prediction.run_id == run_id).order_by(Prediction.id)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(Prediction.run_id == run_id)
+        .order_by(Prediction.id)
     ).all()
-    return tuple(PredictionRow(name, settings.app_home / stored, group, p.aug_index, p.true_label, p.predicted_label,
-                               tuple(p.probabilities)) for p, name, stored, group in rows)
+    return tuple(
+        PredictionRow(
+            name,
+            settings.app_home / stored,
+            group,
+            p.aug_index,
+            p.true_label,
+            p.predicted_label,
+            tuple(p.probabilities),
+        )
+        for p, name, stored, group in rows
+    )

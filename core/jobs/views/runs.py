@@ -21,7 +21,6 @@ from core.training.presets import PAPER_PRESET
 from core.training.run_config import RunConfig
 from core.transforms.augment import AugmentParams
 
-
 # A run's status as the pages see it: the RunStatus values, as plain text.
 STATUSES = tuple(s.value for s in RunStatus)
 ACTIVE = (RunStatus.queued.value, RunStatus.running.value)  # queued or running: the pages poll it
@@ -145,11 +144,11 @@ PAPER = RunConfig(dataset="")
 PAPER_AUGMENTATION = AugmentParams().to_dict()
 
 
-
 def setting_words(config: RunConfig, augmentation_preset: str | None = PAPER_PRESET, fold: int = 0) -> list[str]:
     """Its protocol, then each setting that differs from the paper's, most telling first, in a few words."""
     split = {"holdout": "holdout", "paper-leaky": "the paper's leaky split"}.get(
-        config.split, f"k-fold {fold + 1}/{config.folds}")
+        config.split, f"k-fold {fold + 1}/{config.folds}"
+    )
     checks = [
         (config.image_size != PAPER.image_size, f"{config.image_size} px"),
         (config.epochs != PAPER.epochs, plural(config.epochs, "epoch")),
@@ -164,8 +163,10 @@ def setting_words(config: RunConfig, augmentation_preset: str | None = PAPER_PRE
         (config.batch_size != PAPER.batch_size, f"batch {config.batch_size}"),
         (config.lr != PAPER.lr, f"learning rate {config.lr:g}"),
         (config.test_fraction != PAPER.test_fraction and config.split != "kfold", f"test {config.test_fraction:.0%}"),
-        (config.val_fraction != PAPER.val_fraction,
-         f"validation {config.val_fraction:.0%}" if config.val_fraction else "no validation"),
+        (
+            config.val_fraction != PAPER.val_fraction,
+            f"validation {config.val_fraction:.0%}" if config.val_fraction else "no validation",
+        ),
         (config.seed != PAPER.seed, f"seed {config.seed}"),
     ]
     return [split, *(words for differs, words in checks if differs)]
@@ -201,14 +202,31 @@ def rows_of(session: Session, found: Sequence[tuple[Run, int]]) -> list[RunRow]:
 def _run_row(run: Run, epochs_done: int, presets: dict[str, str] | None = None) -> RunRow:
     config, summary = RunConfig.from_dict(run.config), RunSummary.from_dict(run.summary)
     return RunRow(
-        id=run.id, status=run.status.value, dataset=run.dataset.name, classes=tuple(run.dataset.classes),
-        config=config, summary=summary, progress=RunProgress.from_dict(run.progress),
-        protocol=_protocol(run, config, summary), grouped=None if run.split is None else run.split.grouped,
-        experiment=run.experiment, fold=run.fold, split_id=run.split_id, seed=run.seed,
-        weights_used=run.weights_used, device=run.device, created_at=run.created_at, created_by=run.created_by,
-        started_at=run.started_at, finished_at=run.finished_at, epochs_done=epochs_done,
-        cancel_requested=run.cancel_requested, name=run.name, notes=run.notes,
-        augmentation_preset=_preset_of(config, presets or {}), groups_estimated=bool(run.dataset.groups_estimated),
+        id=run.id,
+        status=run.status.value,
+        dataset=run.dataset.name,
+        classes=tuple(run.dataset.classes),
+        config=config,
+        summary=summary,
+        progress=RunProgress.from_dict(run.progress),
+        protocol=_protocol(run, config, summary),
+        grouped=None if run.split is None else run.split.grouped,
+        experiment=run.experiment,
+        fold=run.fold,
+        split_id=run.split_id,
+        seed=run.seed,
+        weights_used=run.weights_used,
+        device=run.device,
+        created_at=run.created_at,
+        created_by=run.created_by,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        epochs_done=epochs_done,
+        cancel_requested=run.cancel_requested,
+        name=run.name,
+        notes=run.notes,
+        augmentation_preset=_preset_of(config, presets or {}),
+        groups_estimated=bool(run.dataset.groups_estimated),
     )
 
 
@@ -218,10 +236,15 @@ def _epoch_row(e: EpochMetric) -> EpochRow:
 
 def runs_query(*where: Any):
     """Runs with their dataset, split and number of recorded epochs: one statement, newest first."""
-    epochs_done = (select(func.count(EpochMetric.id)).where(EpochMetric.run_id == Run.id)
-                   .correlate(Run).scalar_subquery())
-    return (select(Run, epochs_done).where(*where).options(joinedload(Run.dataset), joinedload(Run.split))
-            .order_by(Run.id.desc()))
+    epochs_done = (
+        select(func.count(EpochMetric.id)).where(EpochMetric.run_id == Run.id).correlate(Run).scalar_subquery()
+    )
+    return (
+        select(Run, epochs_done)
+        .where(*where)
+        .options(joinedload(Run.dataset), joinedload(Run.split))
+        .order_by(Run.id.desc())
+    )
 
 
 def run_rows(session: Session, *, dataset: str | None = None, status: str | None = None) -> list[RunRow]:
@@ -255,8 +278,9 @@ def best_honest_run(rows: list[RunRow]) -> RunRow | None:
     """The succeeded run with the best test accuracy under an honest protocol (split before
     augmenting). Runs whose split kept each specimen on one side come first: a split by image lets
     images of one specimen sit on both sides, which flatters the score."""
-    honest = [r for r in rows if r.status == RunStatus.succeeded.value and not r.leaky
-              and r.summary.test_accuracy is not None]
+    honest = [
+        r for r in rows if r.status == RunStatus.succeeded.value and not r.leaky and r.summary.test_accuracy is not None
+    ]
     return max(honest, key=lambda r: (bool(r.grouped), r.summary.test_accuracy), default=None)
 
 
@@ -275,7 +299,9 @@ class RunCurves:
         between epochs and the final test come on top."""
         progress = self.run.progress
         if progress.step_seconds and progress.steps and progress.epoch:
-            steps_left = (self.run.config.epochs - progress.epoch) * progress.steps + progress.steps - (progress.step or 0)
+            steps_left = (
+                (self.run.config.epochs - progress.epoch) * progress.steps + progress.steps - (progress.step or 0)
+            )
             return max(0.0, steps_left * progress.step_seconds)
         if not self.epochs:
             return None
@@ -284,7 +310,6 @@ class RunCurves:
         progress, done = self.run.progress, len(self.epochs)
         into = (progress.step or 0) / progress.steps if progress.steps and (progress.epoch or 0) > done else 0.0
         return max(0.0, (self.run.config.epochs - done - into) * per_epoch)
-
 
     def speed_now(self) -> float | None:
         """Training images per second over the last few seconds of steps (None before two steps)."""
@@ -311,8 +336,11 @@ def run_row(session: Session, run_id: int) -> RunRow:
 
 def run_curves(session: Session, run_ids: list[int]) -> list[RunCurves]:
     """The runs `run_ids` (in that order; unknown ids left out) with their epochs."""
-    query = (select(Run).where(Run.id.in_(run_ids))
-             .options(joinedload(Run.dataset), joinedload(Run.split), joinedload(Run.epochs)))
+    query = (
+        select(Run)
+        .where(Run.id.in_(run_ids))
+        .options(joinedload(Run.dataset), joinedload(Run.split), joinedload(Run.epochs))
+    )
     found = {run.id: run for run in session.scalars(query).unique()}
     ordered = [run for run in (found.get(i) for i in run_ids) if run is not None]
     rows = rows_of(session, [(run, len(run.epochs)) for run in ordered])

@@ -53,18 +53,26 @@ class WorkerPanel:
         now = now or utcnow()
         if self.running:
             return "running " + ", ".join(
-                f"run {r.run_id}" + (f" (started {duration_text((now - r.started_at).total_seconds())} ago)"
-                                     if r.started_at else "") for r in self.running)
+                f"run {r.run_id}"
+                + (f" (started {duration_text((now - r.started_at).total_seconds())} ago)" if r.started_at else "")
+                for r in self.running
+            )
         return "waiting for runs" if self.alive else "not running"
 
     def details(self) -> str:
         """The processes behind `state`, for a tooltip: each worker's host, pid, device and heartbeat."""
-        lines = [f"Worker on {w.host or w.id} (process {w.pid or '?'}), {w.device or 'device reported with its first run'}, "
-                 f"heartbeat {w.heartbeat_age:.0f} s ago" for w in self.workers]
+        lines = [
+            f"Worker on {w.host or w.id} (process {w.pid or '?'}), {w.device or 'device reported with its first run'}, "
+            f"heartbeat {w.heartbeat_age:.0f} s ago"
+            for w in self.workers
+        ]
         owned = {r for w in self.workers for r in w.running}
-        lines += [f"Run {r.run_id} is held by {r.owner or 'a process'}, not a live worker: a run started from the "
-                  "command line, or one whose worker stopped (the queue takes it back once its heartbeat is stale)"
-                  for r in self.running if r.run_id not in owned]
+        lines += [
+            f"Run {r.run_id} is held by {r.owner or 'a process'}, not a live worker: a run started from the "
+            "command line, or one whose worker stopped (the queue takes it back once its heartbeat is stale)"
+            for r in self.running
+            if r.run_id not in owned
+        ]
         return "\n\n".join(lines) or "No worker process is alive; the app starts one when a page loads."
 
 
@@ -73,11 +81,23 @@ def worker_panel(session: Session, settings: Settings) -> WorkerPanel:
     from the runs table, the record the queue itself keeps (a worker's own list of runs lags until
     its next heartbeat), so the sidebar and the Train page's queue always agree."""
     status = worker.worker_status(session, settings)
-    running = tuple(TrainingNow(run_id, started, owner) for run_id, started, owner in session.execute(
-        select(Run.id, Run.started_at, Run.worker).where(Run.status == RunStatus.running).order_by(Run.id)))
-    workers = tuple(WorkerRow(w["id"], w["device"], w["heartbeat_age"],
-                              tuple(r.run_id for r in running if r.owner == w["id"]), w["host"], w["pid"])
-                    for w in status["workers"])
+    running = tuple(
+        TrainingNow(run_id, started, owner)
+        for run_id, started, owner in session.execute(
+            select(Run.id, Run.started_at, Run.worker).where(Run.status == RunStatus.running).order_by(Run.id)
+        )
+    )
+    workers = tuple(
+        WorkerRow(
+            w["id"],
+            w["device"],
+            w["heartbeat_age"],
+            tuple(r.run_id for r in running if r.owner == w["id"]),
+            w["host"],
+            w["pid"],
+        )
+        for w in status["workers"]
+    )
     return WorkerPanel(bool(status["alive"]), int(status["queued"]), workers, running)
 
 
@@ -102,7 +122,10 @@ def failure_notices(session: Session, user: str) -> tuple[FailureNotice, ...]:
     since = seen or utcnow() - timedelta(hours=NOTICE_HOURS)
     found = session.execute(runs_query(Run.status == RunStatus.failed, Run.finished_at > since)).tuples().all()
     rows = rows_of(session, found)
-    notices = [FailureNotice(row.id, row.title, run.finished_at,
-                             failure_message(run.error, row.summary) or "No error was recorded.")
-               for row, (run, _) in zip(rows, found)]
+    notices = [
+        FailureNotice(
+            row.id, row.title, run.finished_at, failure_message(run.error, row.summary) or "No error was recorded."
+        )
+        for row, (run, _) in zip(rows, found)
+    ]
     return tuple(sorted(notices, key=lambda n: n.finished_at, reverse=True))

@@ -113,8 +113,10 @@ def _upgrade_locked(conn: Connection) -> Upgrade:
     found: Found = "versioned"
     script = ScriptDirectory.from_config(alembic_config())
     if before is not None and before not in {s.revision for s in script.walk_revisions()}:
-        raise UserError(f"The database is at schema revision {before}, which this version of the app does not "
-                        f"know (its newest is {script.get_current_head()}): it was upgraded by a newer version.")
+        raise UserError(
+            f"The database is at schema revision {before}, which this version of the app does not "
+            f"know (its newest is {script.get_current_head()}): it was upgraded by a newer version."
+        )
     if before is None:
         baseline = legacy.baseline_schema(Path(script.get_revision(BASELINE).path))
         found = "made before migrations" if legacy.has_tables_of(conn, baseline) else "empty"
@@ -178,8 +180,9 @@ def new_revision(message: str) -> Path:
         try:
             with engine.begin() as conn:
                 command.upgrade(alembic_config(conn), "head")
-                script = command.revision(alembic_config(conn), message=message, autogenerate=True,
-                                          rev_id=f"{int(head()) + 1:04d}")
+                script = command.revision(
+                    alembic_config(conn), message=message, autogenerate=True, rev_id=f"{int(head()) + 1:04d}"
+                )
         finally:
             engine.dispose()
     assert script is not None and not isinstance(script, list)

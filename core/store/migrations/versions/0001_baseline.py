@@ -85,9 +85,7 @@ def upgrade() -> None:
         sa.Column("last_failure_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
-    op.create_index(
-        op.f("ix_sign_in_failures_last_failure_at"), "sign_in_failures", ["last_failure_at"], unique=False
-    )
+    op.create_index(op.f("ix_sign_in_failures_last_failure_at"), "sign_in_failures", ["last_failure_at"], unique=False)
 
     op.create_table(
         "workers",

@@ -36,8 +36,11 @@ def _create_slide_jobs() -> None:
         sa.Column("mpp", sa.Double(), nullable=True),
         sa.Column("user", sa.String(length=200), nullable=False),
         sa.Column("source", sa.String(length=10), nullable=False),
-        sa.Column("status", sa.Enum("queued", "running", "succeeded", "failed", "cancelled", name="runstatus",
-                                    native_enum=False), nullable=False),
+        sa.Column(
+            "status",
+            sa.Enum("queued", "running", "succeeded", "failed", "cancelled", name="runstatus", native_enum=False),
+            nullable=False,
+        ),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("started_at", sa.DateTime(), nullable=True),
         sa.Column("finished_at", sa.DateTime(), nullable=True),

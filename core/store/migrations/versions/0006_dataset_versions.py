@@ -12,7 +12,7 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -26,15 +26,30 @@ FIRST_NOTE = "the images the dataset held when dataset versions began"
 
 # The tables as this revision knows them, for the backfill (not the models: they may change later).
 datasets = sa.table("datasets", sa.column("id", sa.Integer()), sa.column("classes", sa.JSON()))
-images = sa.table("images", sa.column("id", sa.Integer()), sa.column("dataset_id", sa.Integer()),
-                  sa.column("label", sa.String()), sa.column("group", sa.String()))
-versions = sa.table("dataset_versions", sa.column("id", sa.Integer()), sa.column("dataset_id", sa.Integer()),
-                    sa.column("number", sa.Integer()), sa.column("created_at", sa.DateTime()),
-                    sa.column("created_by", sa.String()), sa.column("note", sa.Text()),
-                    sa.column("counts", sa.JSON()))
-members = sa.table("dataset_version_images", sa.column("version_id", sa.Integer()),
-                   sa.column("image_id", sa.Integer()), sa.column("label", sa.String()),
-                   sa.column("group", sa.String()))
+images = sa.table(
+    "images",
+    sa.column("id", sa.Integer()),
+    sa.column("dataset_id", sa.Integer()),
+    sa.column("label", sa.String()),
+    sa.column("group", sa.String()),
+)
+versions = sa.table(
+    "dataset_versions",
+    sa.column("id", sa.Integer()),
+    sa.column("dataset_id", sa.Integer()),
+    sa.column("number", sa.Integer()),
+    sa.column("created_at", sa.DateTime()),
+    sa.column("created_by", sa.String()),
+    sa.column("note", sa.Text()),
+    sa.column("counts", sa.JSON()),
+)
+members = sa.table(
+    "dataset_version_images",
+    sa.column("version_id", sa.Integer()),
+    sa.column("image_id", sa.Integer()),
+    sa.column("label", sa.String()),
+    sa.column("group", sa.String()),
+)
 
 
 def upgrade() -> None:
@@ -77,19 +92,38 @@ def _first_versions() -> None:
     """Version 1 of every dataset without a version: its images, classes and groups as they are."""
     conn = op.get_bind()
     versioned = sa.select(versions.c.dataset_id)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    for dataset_id, classes in conn.execute(sa.select(datasets.c.id, datasets.c.classes)
-                                            .where(datasets.c.id.not_in(versioned))).all():
-        counts = dict(conn.execute(sa.select(images.c.label, sa.func.count()).where(images.c.dataset_id == dataset_id)
-                                   .group_by(images.c.label)).all())
-        conn.execute(sa.insert(versions).values(dataset_id=dataset_id, number=1, created_at=now, created_by=None,
-                                                note=FIRST_NOTE, counts={c: counts.get(c, 0) for c in classes}))
-        version_id = conn.scalar(sa.select(versions.c.id).where(versions.c.dataset_id == dataset_id,
-                                                                versions.c.number == 1))
-        conn.execute(sa.insert(members).from_select(
-            ["version_id", "image_id", "label", "group"],
-            sa.select(sa.literal(version_id, sa.Integer()), images.c.id, images.c.label, images.c.group)
-            .where(images.c.dataset_id == dataset_id)))
+    now = datetime.now(UTC).replace(tzinfo=None)
+    for dataset_id, classes in conn.execute(
+        sa.select(datasets.c.id, datasets.c.classes).where(datasets.c.id.not_in(versioned))
+    ).all():
+        counts = dict(
+            conn.execute(
+                sa.select(images.c.label, sa.func.count())
+                .where(images.c.dataset_id == dataset_id)
+                .group_by(images.c.label)
+            ).all()
+        )
+        conn.execute(
+            sa.insert(versions).values(
+                dataset_id=dataset_id,
+                number=1,
+                created_at=now,
+                created_by=None,
+                note=FIRST_NOTE,
+                counts={c: counts.get(c, 0) for c in classes},
+            )
+        )
+        version_id = conn.scalar(
+            sa.select(versions.c.id).where(versions.c.dataset_id == dataset_id, versions.c.number == 1)
+        )
+        conn.execute(
+            sa.insert(members).from_select(
+                ["version_id", "image_id", "label", "group"],
+                sa.select(sa.literal(version_id, sa.Integer()), images.c.id, images.c.label, images.c.group).where(
+                    images.c.dataset_id == dataset_id
+                ),
+            )
+        )
 
 
 def downgrade() -> None:
