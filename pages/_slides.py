@@ -1,7 +1,10 @@
 """The Predict page's "Whole slide" tab: send a slide (an upload, or one under IMPORT_ROOTS) to be
 classified in the background by a run trained on slide tiles, follow it tile by tile, then read its
 verdict, its heat map over the thumbnail, its most confident tiles, and download the per-tile CSV
-and the GeoJSON that QuPath opens. The work is core/jobs/slide_jobs.py's; this lays it out."""
+and the GeoJSON that QuPath opens. The work is core/jobs/slide_jobs.py's; this lays it out.
+
+This module is imported once per server process and serves every user: each function asks for the
+session's user and settings when it runs, and nothing of theirs is kept at module level."""
 
 from __future__ import annotations
 
@@ -28,13 +31,11 @@ from pages._common import (
 SLIDE_TYPES = ["svs", "ndpi", "scn", "bif", "czi", "tif", "tiff"]
 REFRESH_SECONDS = 2.0
 
-Session = session_factory()
-cfg = settings()
-user = current_user()
-
 
 def pick_slide_model() -> tuple[views.RunRow, object] | None:
     """A run whose model records the scale of its tiles (only those can classify slides)."""
+    Session = session_factory()
+    cfg = settings()
     with Session() as s:
         scales = slide_jobs.slide_models(s, cfg)
         rows = {r.id: r for r in views.run_rows(s, status="succeeded") if r.id in scales}
@@ -66,6 +67,9 @@ def pick_slide_model() -> tuple[views.RunRow, object] | None:
 
 def send_form(run_id: int) -> None:
     """Upload a slide, or name one on the server, with its microns per pixel if its file lacks them."""
+    Session = session_factory()
+    cfg = settings()
+    user = current_user()
     with st.form("sl_form", clear_on_submit=True, border=True):
         upload = st.file_uploader(
             "Whole-slide image (SVS, NDPI, SCN, BIF, CZI or pyramidal TIFF)", type=SLIDE_TYPES, key="sl_file"
@@ -123,6 +127,9 @@ def send_form(run_id: int) -> None:
 
 
 def pick_job() -> slide_jobs.SlideJobView | None:
+    Session = session_factory()
+    cfg = settings()
+    user = current_user()
     with Session() as s:
         jobs = slide_jobs.slide_jobs(s, cfg, user=None if user.can_edit else user.name)
     if not jobs:
@@ -143,6 +150,8 @@ def pick_job() -> slide_jobs.SlideJobView | None:
 
 def follow(job_id: int) -> None:
     """The job's progress, redrawn every REFRESH_SECONDS while it is queued or running."""
+    Session = session_factory()
+    cfg = settings()
     with Session() as s:
         job = slide_jobs.slide_job(s, cfg, job_id)
     if job.queued:
@@ -272,6 +281,9 @@ def downloads(job: slide_jobs.SlideJobView) -> None:
 
 
 def slide_tab() -> None:
+    Session = session_factory()
+    cfg = settings()
+    user = current_user()
     picked = pick_slide_model()
     if picked is None:
         return

@@ -130,7 +130,7 @@ st.dataframe(
     row_height=72,
     column_config={
         "name": st.column_config.TextColumn(
-            width=330, help="Its own name, or what sets its settings apart from the paper's"
+            width=300, help="Its own name, or what sets its settings apart from the paper's"
         ),
         "test accuracy": st.column_config.NumberColumn(format="percent", width=90),
         "95% interval": st.column_config.TextColumn(

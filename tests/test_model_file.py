@@ -116,9 +116,12 @@ def test_a_succeeded_run_keeps_one_model_file_of_weights_only_describing_itself(
     calibration = meta["calibration"]
     assert calibration["temperature"] > 0 and calibration["refer_target"] == 0.9 and "refer_threshold" in calibration
     assert calibration["n_val"] == len(calibration["val_labels"]) == len(calibration["val_probs"]) >= 1
-    assert RunConfig.from_dict(meta["config"]) == RunConfig(dataset="lymphoma", grouped=False, **TINY)
+    # The launch records the version it trained on (the latest then: 1).
+    assert RunConfig.from_dict(meta["config"]) == RunConfig(
+        dataset="lymphoma", grouped=False, dataset_version=1, **TINY
+    )
     assert meta["test_metrics"]["n_test"] == len(run.stored) and "holdout" in meta["test_metrics"]["protocol"]
-    assert meta["dataset"] == {"name": "lymphoma", "fingerprint": run.fingerprint, "n_images": 15}
+    assert meta["dataset"] == {"name": "lymphoma", "fingerprint": run.fingerprint, "n_images": 15, "version": 1}
 
 
 def test_keep_checkpoints_keeps_the_resumable_checkpoint_beside_the_model_file(trained):

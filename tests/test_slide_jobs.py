@@ -180,7 +180,17 @@ def test_the_page_the_command_line_and_the_api_give_one_verdict_for_one_slide(
     assert cli["predicted"] == api.predicted
     assert cli["probabilities"] == pytest.approx(api.probabilities, abs=1e-6)
 
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "streamlit_app.py"), default_timeout=120).run()
+    app = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
+    # The tab's module is imported once per process, here first under another install: nothing of
+    # that install (its settings, its user) may stay with it.
+    monkeypatch.setenv("APP_HOME", str(tmp_path / "other"))
+    other = AppTest.from_file(app, default_timeout=120).run()
+    other.switch_page("pages/predict.py").run()
+    assert not other.exception
+    with pytest.raises(KeyError):  # no run there can classify a slide
+        other.selectbox(key="sl_run")
+    monkeypatch.setenv("APP_HOME", str(settings.app_home))
+    at = AppTest.from_file(app, default_timeout=120).run()
     at.switch_page("pages/predict.py").run()
     assert not at.exception, at.exception
     assert (

@@ -24,7 +24,6 @@ here (they are large, and a copy would only be tiled and removed).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 import shutil
@@ -42,6 +41,7 @@ from core.access.accounts import User, require_editor
 from core.access.limits import check_disk, check_name_length
 from core.config import Settings
 from core.data.decoding import IMAGE_EXTENSIONS
+from core.data.groups import write_manifest
 from core.data.ingest import IngestReport, ingest
 from core.data.sources import dataset_root, scan
 from core.errors import UserError
@@ -343,19 +343,18 @@ def _tile_all(
 ) -> list[TiledSlide]:
     """Tile each slide into work/tiles/CLASS/STEM__X_Y.png; its tiles' groups into work/groups.csv."""
     tiled: list[TiledSlide] = []
+    rows: list[tuple[str, str]] = []
     (work / "tiles").mkdir()
-    with open(work / "groups.csv", "w", newline="", encoding="utf-8") as groups:
-        rows = csv.writer(groups)
-        rows.writerow(["file", "group"])
-        for i, file in enumerate(slides, 1):
-            folder = work / "tiles" / file.label
-            folder.mkdir(exist_ok=True)
-            done = _tile_one(file, folder, scale, mpp)
-            stem = file.name.rsplit(".", 1)[0]
-            rows.writerows([f"{file.label}/{stem}__{t.x}_{t.y}.png", file.name] for t in done.tiling.tiles)
-            tiled.append(done)
-            if progress is not None:
-                progress(i, len(slides))
+    for i, file in enumerate(slides, 1):
+        folder = work / "tiles" / file.label
+        folder.mkdir(exist_ok=True)
+        done = _tile_one(file, folder, scale, mpp)
+        stem = file.name.rsplit(".", 1)[0]
+        rows += [(f"{file.label}/{stem}__{t.x}_{t.y}.png", file.name) for t in done.tiling.tiles]
+        tiled.append(done)
+        if progress is not None:
+            progress(i, len(slides))
+    write_manifest(rows, work / "groups.csv")
     return tiled
 
 
