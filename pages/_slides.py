@@ -175,18 +175,27 @@ def results(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> None:
         verdict, note = "Uncertain, refer", f"most likely {v.predicted}"
     else:
         verdict, note = v.predicted, "confident"
+    plain = {"delta_color": "off", "delta_arrow": "off", "border": True}  # figures, not rises or falls
+    seconds = f"{v.seconds:.1f} s" if v.seconds < 10 else duration(v.seconds)
     cols = st.columns(3)
-    cols[0].metric("Slide verdict", verdict, note, delta_color="off", border=True)
-    cols[1].metric(
-        "Tissue tiles", f"{v.tiles_kept:,}", f"{v.tile_px} px at {v.tile_mpp:g} µm/px", delta_color="off", border=True
+    cols[0].metric("Slide verdict", verdict, note, **plain)
+    cols[1].metric("Tissue tiles", f"{v.tiles_kept:,}", f"{v.tile_px} px at {v.tile_mpp:g} µm/px", **plain)
+    cols[2].metric("Time", seconds, f"{v.tiles_per_second:.1f} tiles/s", **plain)
+    band = (
+        f"for {v.refer_target:.0%} accuracy, chosen on its validation tiles, not on whole slides, so it is no "
+        "guarantee per slide"
+        if v.refer_target is not None
+        else ""
     )
-    cols[2].metric("Time", duration(v.seconds), f"{v.tiles_per_second:.1f} tiles/s", delta_color="off", border=True)
-    if v.refer is not None:
+    if v.refer is not None and v.refer_threshold is None:
         st.caption(
-            f"The slide is referred when the mean probability of its top class is below "
-            f"{pct(v.refer_threshold) if v.refer_threshold is not None else 'any threshold'}: the run's "
-            f"band for {v.refer_target:.0%} accuracy, chosen on its validation tiles, not on whole slides, so it "
-            "is no guarantee per slide."
+            f"No confidence threshold can promise {v.refer_target:.0%} accuracy from the run's validation tiles, so "
+            f"every slide is referred (the run's band {band})."
+        )
+    elif v.refer is not None:
+        st.caption(
+            f"The slide is referred when the mean probability of its top class is below {pct(v.refer_threshold)}: "
+            f"the run's band {band}."
         )
     left, right = st.columns([3, 2])
     with left:
