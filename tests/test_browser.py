@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from core.slides.scale import scale_meta
 from core.store.db import PredictionLog, Run, RunStatus, SlideJob, make_sessionmaker
 from core.training import presets
 from tests.conftest import stop_workers
-from tests.server import free_port, wait_healthy
+from tests.server import free_port, start_app, stop_app, wait_healthy
 from tests.slides import two_region_slide
 from tests.synthetic import synthetic_image, write_dataset
 
@@ -48,40 +45,13 @@ def app(tmp_path):
     env.update(APP_HOME=str(home), DEFAULT_WEIGHTS="none", HEARTBEAT_SECONDS="1", PYTHONUNBUFFERED="1")
     SHOTS.mkdir(parents=True, exist_ok=True)
     log = open(SHOTS / "streamlit.log", "wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "serve.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--server.headless",
-            "true",
-            "--server.fileWatcherType",
-            "none",
-            "--browser.gatherUsageStats",
-            "false",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = start_app(port, env, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
         yield url, load_settings({"APP_HOME": str(home)})
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_app(process)
         log.close()
         stop_workers(load_settings({"APP_HOME": str(home)}).database_url)
 

@@ -28,7 +28,7 @@ from core.data.ingest import ingest
 from core.store import consistency
 from core.store.db import Dataset, Image, make_sessionmaker
 from core.store.files import atomic_path, is_temp_name, write_bytes_atomic
-from tests.server import free_port, wait_healthy
+from tests.server import free_port, start_app, wait_healthy
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,30 +78,7 @@ def launch_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMPORT_ROOTS", "AUTH_MODE")}
     env.update(APP_HOME=str(home), START_WORKER="0", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "serve.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--server.headless",
-            "true",
-            "--server.fileWatcherType",
-            "none",
-            "--browser.gatherUsageStats",
-            "false",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = start_app(port, env, open(log, "ab"))
     return process, f"http://127.0.0.1:{port}"
 
 

@@ -19,6 +19,7 @@ slide under IMPORT_ROOTS is read where it lies. The slide's verdict is logged li
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -547,12 +548,22 @@ def slide_models(session: Session, settings: Settings) -> dict[int, Any]:
     for run_id in session.scalars(select(Run.id).where(Run.status == RunStatus.succeeded).order_by(Run.id.desc())):
         path = model_path(settings, run_id)
         try:
-            scale = model_scale(read_description(path)) if path.is_file() else None
-        except UserError:  # a damaged file: the Runs page says so; here it just cannot classify
-            scale = None
+            stat = path.stat()
+        except OSError:
+            continue
+        scale = _file_scale(str(path), stat.st_mtime_ns, stat.st_size)
         if scale is not None:
             found[run_id] = scale
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_scale(path: str, mtime_ns: int, size: int):
+    """A model file's scale, read once per version of the file (the Predict page asks on every rerun)."""
+    try:
+        return model_scale(read_description(Path(path)))
+    except UserError:  # a damaged file: the Runs page says so; here it just cannot classify
+        return None
 
 
 def overlay(view: SlideJobView, classes: tuple[str, ...]) -> np.ndarray:
