@@ -135,7 +135,7 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
     from core.config import load_settings
     from core.data.ingest import ingest
     from core.jobs.runs import create_runs
-    from core.store.db import make_sessionmaker
+    from core.store.engine import make_sessionmaker
     from core.training.run_config import RunConfig
     from tests.synthetic import write_dataset
 
@@ -157,7 +157,8 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
 def run_state(home: Path, run_id: int) -> dict[str, Any]:
     """Status, recorded epochs and training steps done (counted from the run's start) of one run."""
     from core.config import load_settings
-    from core.store.db import Run, make_sessionmaker
+    from core.store.db import Run
+    from core.store.engine import make_sessionmaker
 
     Session = make_sessionmaker(load_settings({"APP_HOME": str(home)}).database_url)
     with Session() as s:

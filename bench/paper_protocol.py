@@ -17,7 +17,8 @@ from bench.common import device_name
 from core.config import load_settings
 from core.data.ingest import ingest
 from core.jobs import execute, runs
-from core.store.db import Run, make_sessionmaker
+from core.store.db import Run
+from core.store.engine import make_sessionmaker
 from core.store.records import RunSummary
 from core.training.loop import pick_device
 from core.training.run_config import RunConfig

@@ -13,7 +13,7 @@ from core.cli import accounts, data, predict, results, runs, store
 from core.cli.runs import config_from_args
 from core.config import load_settings
 from core.errors import UserError
-from core.store.db import make_sessionmaker
+from core.store.engine import make_sessionmaker
 
 # torch/torchvision take seconds to import; commands import what they need so --help stays quick.
 

@@ -10,7 +10,8 @@ import torch
 from sqlalchemy import select
 
 from core.config import Settings, load_settings
-from core.store.db import Worker, make_sessionmaker
+from core.store.db import Worker
+from core.store.engine import make_sessionmaker
 
 torch.set_num_threads(2)
 

@@ -30,7 +30,8 @@ from core.access.accounts import EDITOR, VIEWER, User
 from core.api.routes import api_routes
 from core.config import Settings, load_settings
 from core.inference import approval, service
-from core.store.db import Run, RunStatus, Worker, make_sessionmaker
+from core.store.db import Run, RunStatus, Worker
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.run_config import RunConfig
 from tests.server import free_port, start_app, stop_app, wait_healthy

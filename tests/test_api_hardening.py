@@ -33,7 +33,8 @@ from core.api.site import host_allowed
 from core.config import Settings, load_settings
 from core.inference import approval, prediction_log
 from core.jobs import views
-from core.store.db import Run, make_sessionmaker
+from core.store.db import Run
+from core.store.engine import make_sessionmaker
 from tests.synthetic import ingest_synthetic
 
 APP = "http://localhost:8501"  # where the local user's browser has the app

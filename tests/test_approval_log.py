@@ -36,17 +36,8 @@ from core.evaluation.calibration import refer_verdict
 from core.inference import approval, engine, prediction_log, service
 from core.inference.model_file import read_model, write_model
 from core.jobs import views
-from core.store.db import (
-    Dataset,
-    Image,
-    ModelApproval,
-    Prediction,
-    PredictionLog,
-    Run,
-    RunStatus,
-    make_sessionmaker,
-    utcnow,
-)
+from core.store.db import Dataset, Image, ModelApproval, Prediction, PredictionLog, Run, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig

@@ -23,7 +23,8 @@ from core.data.datasets import delete_dataset
 from core.data.ingest import ingest
 from core.errors import UserError
 from core.jobs import runs
-from core.store.db import Base, Dataset, Run, RunStatus, make_engine, make_sessionmaker
+from core.store.db import Base, Dataset, Run, RunStatus
+from core.store.engine import make_engine, make_sessionmaker
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 

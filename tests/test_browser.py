@@ -17,7 +17,8 @@ from sqlalchemy import select
 
 from core.config import load_settings
 from core.slides.scale import scale_meta
-from core.store.db import PredictionLog, Run, RunStatus, SlideJob, make_sessionmaker
+from core.store.db import PredictionLog, Run, RunStatus, SlideJob
+from core.store.engine import make_sessionmaker
 from core.training import presets
 from tests.conftest import stop_workers
 from tests.server import free_port, start_app, stop_app, wait_healthy

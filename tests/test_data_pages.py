@@ -19,7 +19,8 @@ from sqlalchemy import select
 from core.data import audit, groups
 from core.data.ingest import ingest
 from core.jobs import estimate, runs, views
-from core.store.db import Image, Prediction, Run, RunStatus, make_sessionmaker
+from core.store.db import Image, Prediction, Run, RunStatus
+from core.store.engine import make_sessionmaker
 from core.store.records import LeakAudit, RunSummary, Yardstick
 from core.training import presets
 from core.training.run_config import RunConfig

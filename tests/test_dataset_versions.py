@@ -14,7 +14,8 @@ from core.data.datasets import get_dataset
 from core.data.ingest import ingest
 from core.errors import UserError
 from core.jobs import execute, runs
-from core.store.db import Image, make_sessionmaker
+from core.store.db import Image
+from core.store.engine import make_sessionmaker
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 from tests.test_pages import open_page

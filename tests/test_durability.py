@@ -26,7 +26,8 @@ from core.config import load_settings
 from core.data.decoding import load_rgb
 from core.data.ingest import ingest
 from core.store import consistency
-from core.store.db import Dataset, Image, make_sessionmaker
+from core.store.db import Dataset, Image
+from core.store.engine import make_sessionmaker
 from core.store.files import atomic_path, is_temp_name, write_bytes_atomic
 from tests.server import free_port, start_app, wait_healthy
 from tests.synthetic import write_dataset

@@ -39,7 +39,8 @@ from core.data.decoding import load_rgb
 from core.data.ingest import ingest
 from core.errors import UserError
 from core.store import consistency
-from core.store.db import Dataset, Image, make_sessionmaker
+from core.store.db import Dataset, Image
+from core.store.engine import make_sessionmaker
 from tests.synthetic import synthetic_image
 
 CLASSES = ("CLL", "FL", "MCL")

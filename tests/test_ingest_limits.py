@@ -36,7 +36,8 @@ from core.data.ingest import ingest
 from core.errors import UserError
 from core.jobs import runs
 from core.store import files
-from core.store.db import Dataset, Image, Run, SkippedFile, make_sessionmaker
+from core.store.db import Dataset, Image, Run, SkippedFile
+from core.store.engine import make_sessionmaker
 from core.training.presets import save_preset
 from core.training.run_config import RunConfig
 from core.transforms.augment import AugmentParams
@@ -247,7 +248,7 @@ from pathlib import Path
 from core.config import load_settings
 from core.data.decoding import load_rgb
 from core.data.ingest import ingest
-from core.store.db import make_sessionmaker
+from core.store.engine import make_sessionmaker
 from tests.synthetic import write_dataset
 
 def peak_mb():
@@ -504,7 +505,7 @@ def test_cli_user_longer_than_the_column_is_refused(tmp_path, settings, monkeypa
 def test_damaged_safetensors_weights_file_is_a_user_error(tmp_path, settings, monkeypatch, capsys):
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    from core.store.db import make_sessionmaker
+    from core.store.engine import make_sessionmaker
     from tests.synthetic import ingest_synthetic
 
     ingest_synthetic(tmp_path / "data", settings, make_sessionmaker(settings.database_url), 2, name="ds")

@@ -34,7 +34,8 @@ from core.errors import UserError
 from core.jobs import queue, recording, runs
 from core.jobs.worker import ensure_worker, worker_status
 from core.store import migrations
-from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, make_sessionmaker, new_engine, utcnow
+from core.store.db import Base, Dataset, EpochMetric, Run, RunStatus, Worker, utcnow
+from core.store.engine import make_sessionmaker, new_engine
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset
 

@@ -25,7 +25,8 @@ from core.data import uploads
 from core.errors import UserError
 from core.inference import model_file
 from core.jobs import execute, runs
-from core.store.db import Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import Run, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.records import RunSummary
 from core.store.runs import model_path, run_dir
 from core.training.run_config import RunConfig

@@ -42,7 +42,8 @@ from core.data import decoding
 from core.errors import UserError
 from core.inference import admission, engine, service
 from core.inference.model_file import write_model
-from core.store.db import Dataset, Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import Dataset, Run, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig

@@ -24,18 +24,8 @@ from sqlalchemy.pool import NullPool
 from core.__main__ import main
 from core.errors import UserError
 from core.store import migrations
-from core.store.db import (
-    Base,
-    Dataset,
-    DatasetVersion,
-    DatasetVersionImage,
-    Image,
-    PredictionLog,
-    Run,
-    Slide,
-    make_engine,
-    make_sessionmaker,
-)
+from core.store.db import Base, Dataset, DatasetVersion, DatasetVersionImage, Image, PredictionLog, Run, Slide
+from core.store.engine import make_engine, make_sessionmaker
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE_MIGRATIONS = "6e3864e"  # the version the baseline revision was taken from (it ran create_all)

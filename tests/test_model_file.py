@@ -33,7 +33,8 @@ from core.inference.model_file import dataset_fingerprint, read_model
 from core.inference.predict import Predictor, load_predictor
 from core.inference.probabilities import CALIBRATED
 from core.jobs import execute, runs
-from core.store.db import Dataset, Image, Prediction, Run, RunStatus, engine_of, make_sessionmaker
+from core.store.db import Dataset, Image, Prediction, Run, RunStatus
+from core.store.engine import engine_of, make_sessionmaker
 from core.store.records import RunSummary
 from core.store.runs import model_path
 from core.training.run_config import RunConfig

@@ -33,16 +33,8 @@ from core.errors import UserError
 from core.evaluation import metrics
 from core.inference import approval
 from core.jobs import runs
-from core.store.db import (
-    AugmentationPreset,
-    Dataset,
-    EpochMetric,
-    ModelApproval,
-    Prediction,
-    RunStatus,
-    make_sessionmaker,
-    utcnow,
-)
+from core.store.db import AugmentationPreset, Dataset, EpochMetric, ModelApproval, Prediction, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training import presets
 from core.training.run_config import RunConfig

@@ -28,7 +28,8 @@ from core.inference.model_file import read_model, write_model
 from core.inference.onnx_export import ONNX_FILE, export_run
 from core.inference.onnx_predict import OnnxPredictor
 from core.inference.predict import Predictor, load_predictor, model_sha256
-from core.store.db import Dataset, Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import Dataset, Run, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig

@@ -22,7 +22,8 @@ from core.data.ingest import ingest
 from core.evaluation.metrics import run_report
 from core.inference.predict import load_predictor
 from core.jobs import estimate, execute, runs, views
-from core.store.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus, make_sessionmaker
+from core.store.db import AugmentationPreset, Dataset, EpochMetric, Run, RunStatus
+from core.store.engine import make_sessionmaker
 from core.store.records import RunSummary
 from core.training import presets
 from core.training.run_config import RunConfig

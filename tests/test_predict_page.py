@@ -28,7 +28,8 @@ from core.access.accounts import EDITOR, User
 from core.config import Settings, load_settings
 from core.inference import approval
 from core.inference.model_file import write_model
-from core.store.db import Dataset, PredictionLog, Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import Dataset, PredictionLog, Run, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig

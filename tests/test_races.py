@@ -31,7 +31,8 @@ from core.inference.model_file import write_model, write_weights
 from core.jobs import execute, queue, runs
 from core.jobs.worker import WorkerLoop
 from core.store import consistency
-from core.store.db import Base, Image, Run, RunStatus, make_sessionmaker
+from core.store.db import Base, Image, Run, RunStatus
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.run_config import RunConfig
 from tests.synthetic import synthetic_image, write_dataset

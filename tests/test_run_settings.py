@@ -76,7 +76,7 @@ def test_the_flags_defaults_are_the_configs(settings):
 @pytest.mark.parametrize("split", ["holdout", "kfold"])
 def test_every_run_setting_has_an_input_on_the_train_page(split, settings, monkeypatch, tmp_path):
     write_dataset(tmp_path / "src", per_class=4)
-    from core.store.db import make_sessionmaker
+    from core.store.engine import make_sessionmaker
 
     with make_sessionmaker(settings.database_url).begin() as s:
         ingest(s, settings, tmp_path / "src", "grouped", group_pattern=r"^[^/]+/\d\d(\d)")

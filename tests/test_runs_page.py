@@ -28,7 +28,8 @@ from core.errors import UserError
 from core.evaluation.calibration import run_calibration
 from core.inference.model_file import write_model
 from core.jobs import execute, queue, runs
-from core.store.db import EpochMetric, Prediction, Run, RunStatus, Worker, make_sessionmaker, utcnow
+from core.store.db import EpochMetric, Prediction, Run, RunStatus, Worker, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.records import RunProgress, RunSummary
 from core.store.runs import model_path, run_dir
 from core.training import presets

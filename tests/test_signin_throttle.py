@@ -18,7 +18,8 @@ from sqlalchemy import func, select, update
 from core.access import accounts
 from core.access.throttle import Limit, SignInThrottle
 from core.errors import UserError
-from core.store.db import SignInFailures, make_sessionmaker
+from core.store.db import SignInFailures
+from core.store.engine import make_sessionmaker
 from tests.server import ROOT, ProtocolClient, free_port, start_app, stop_app, wait_healthy
 
 PASSWORD = "correct horse battery"

@@ -21,7 +21,8 @@ from core.inference.model_file import read_model
 from core.slides.scale import ModelScale, model_scale, scale_meta
 from core.slides.tiling import Tiling
 from core.store.consistency import check, check_slide_sources
-from core.store.db import Dataset, Image, Prediction, Run, Slide, SplitMember, make_sessionmaker
+from core.store.db import Dataset, Image, Prediction, Run, Slide, SplitMember
+from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.run_config import RunConfig
 from tests.slides import Region, class_texture, write_slide

@@ -29,7 +29,8 @@ from core.errors import UserError
 from core.jobs import slide_jobs
 from core.jobs.worker import run_worker
 from core.slides.scale import ModelScale
-from core.store.db import PredictionLog, RunStatus, SlideJob, make_sessionmaker
+from core.store.db import PredictionLog, RunStatus, SlideJob
+from core.store.engine import make_sessionmaker
 from core.training.model import PaperDenseNet
 from tests.slides import two_region_slide
 from tests.test_slide_predict import add_run

@@ -20,7 +20,8 @@ from sqlalchemy import func, select
 
 from core.data import slide_views, uploads
 from core.data.slide_ingest import SlideIngestReport
-from core.store.db import Dataset, Image, Slide, make_sessionmaker
+from core.store.db import Dataset, Image, Slide
+from core.store.engine import make_sessionmaker
 from pages._common import md_text
 from tests.slides import Region, class_texture, write_slide
 from tests.test_names_as_text import markdown_strings

@@ -28,7 +28,8 @@ from core.inference.predict import Predictor
 from core.slides import outputs
 from core.slides.predict import SlideCancelled, predict_slide, slide_scale
 from core.slides.scale import ModelScale, scale_meta
-from core.store.db import Dataset, Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import Dataset, Run, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.records import CalibrationRecord
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet

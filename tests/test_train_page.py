@@ -15,7 +15,8 @@ from streamlit.testing.v1 import AppTest
 from core.config import Settings
 from core.data.ingest import ingest
 from core.jobs import estimate, views
-from core.store.db import Dataset, Run, RunStatus, make_sessionmaker
+from core.store.db import Dataset, Run, RunStatus
+from core.store.engine import make_sessionmaker
 from core.training import presets
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset

@@ -20,7 +20,7 @@ import pytest
 from core.access import accounts
 from core.config import load_settings
 from core.data.ingest import ingest
-from core.store.db import make_sessionmaker
+from core.store.engine import make_sessionmaker
 from tests.server import ProtocolClient, free_port, start_app, stop_app, wait_healthy
 from tests.synthetic import write_dataset
 

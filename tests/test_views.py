@@ -12,7 +12,8 @@ from sqlalchemy import event, update
 
 from core.evaluation.calibration import run_calibration
 from core.jobs import runs, views
-from core.store.db import EpochMetric, Run, RunStatus, engine_of
+from core.store.db import EpochMetric, Run, RunStatus
+from core.store.engine import engine_of
 from core.store.records import CalibrationRecord, LeakAudit, RunProgress, RunSummary, Yardstick
 from core.training.run_config import RunConfig
 from tests.synthetic import write_dataset

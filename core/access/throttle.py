@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 
 from core.errors import UserError
-from core.store.db import SignInFailures, engine_of, utcnow, write_transaction
+from core.store.db import SignInFailures, utcnow
+from core.store.engine import engine_of, write_transaction
 
 LOCAL_ADDRESS = "local"  # the address of a client on the server's own machine (Streamlit reports none)
 

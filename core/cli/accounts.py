@@ -39,7 +39,7 @@ def _sign_out_browsers(settings: Settings, name: str) -> None:
     """End the kept sign-ins of `name` (core/access/remembered.py), so that an account made again
     under the same name is not signed in by an old browser."""
     from core.access import remembered
-    from core.store.db import make_sessionmaker
+    from core.store.engine import make_sessionmaker
 
     with make_sessionmaker(settings.database_url).begin() as s:
         count = remembered.forget_user(s, name)

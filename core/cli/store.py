@@ -21,7 +21,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings, Session) -> None:
     from core.store import migrations
-    from core.store.db import new_engine
+    from core.store.engine import new_engine
 
     engine = new_engine(settings.database_url)
     try:

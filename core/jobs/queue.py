@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.access.limits import is_disk_full
 from core.config import Settings
 from core.errors import UserError
-from core.store.db import EpochMetric, Run, RunStatus, engine_of, utcnow, write_transaction
+from core.store.db import EpochMetric, Run, RunStatus, utcnow
+from core.store.engine import engine_of, write_transaction
 from core.store.records import RunSummary
 from core.store.runs import get_run
 from core.training.run_config import RunConfig

@@ -42,7 +42,8 @@ from core.errors import UserError
 from core.inference.model_meta import read_description
 from core.slides.reader import SLIDE_SUFFIXES, TIFF_SUFFIXES, open_slide
 from core.slides.scale import model_scale
-from core.store.db import Run, RunStatus, SlideJob, engine_of, utcnow, write_transaction
+from core.store.db import Run, RunStatus, SlideJob, utcnow
+from core.store.engine import engine_of, write_transaction
 from core.store.runs import model_path
 
 log = logging.getLogger(__name__)
@@ -380,7 +381,7 @@ def run_slide_child(settings: Settings, job_id: int, parent: int | None = None) 
     import threading
 
     from core.jobs.worker import _watch_parent
-    from core.store.db import make_sessionmaker
+    from core.store.engine import make_sessionmaker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:

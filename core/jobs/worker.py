@@ -42,7 +42,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
 from core.jobs import queue, slide_jobs
-from core.store.db import Run, RunStatus, SlideJob, Worker, make_sessionmaker, utcnow
+from core.store.db import Run, RunStatus, SlideJob, Worker, utcnow
+from core.store.engine import make_sessionmaker
 
 log = logging.getLogger(__name__)
 

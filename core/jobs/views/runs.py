@@ -15,7 +15,8 @@ from core.data import splits
 from core.data.datasets import get_dataset
 from core.errors import UserError
 from core.jobs.views.formatting import plural, without_paths
-from core.store.db import AugmentationPreset, EpochMetric, Run, RunStatus, make_sessionmaker, utcnow
+from core.store.db import AugmentationPreset, EpochMetric, Run, RunStatus, utcnow
+from core.store.engine import make_sessionmaker
 from core.store.records import RunProgress, RunSummary
 from core.training.presets import PAPER_PRESET
 from core.training.run_config import RunConfig

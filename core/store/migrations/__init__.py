@@ -2,7 +2,7 @@
 
 versions/ holds one revision per schema change: 0001, the baseline, creates the schema as it was
 when migrations began; each later one changes it (adds, renames, drops, backfills). `upgrade` runs
-the ones a database lacks. core.store.db.make_engine calls it once per database per process, and
+the ones a database lacks. core.store.engine.make_engine calls it once per database per process, and
 `python -m core migrate` on demand. It tells three kinds of database apart:
 
 - empty (none of our tables): every revision runs, from nothing;
