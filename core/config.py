@@ -61,6 +61,9 @@ SIGN_IN_HOURS     how long a password sign-in lasts in a browser, across reloads
                   as long as the tab), core/access/remembered.py; signing out or removing the account ends it
 PREDICTION_LOG_IMAGES  1: the log also keeps each classified image's bytes, under APP_HOME/prediction_images
                   by content hash, counted against MAX_DISK_GB. Default 0: only the image's sha256, name and size
+REVIEWS           1 (default): logged predictions can be reviewed (the Review page), and the images the model
+                  referred are kept by content hash for that (counted against MAX_DISK_GB) even when
+                  PREDICTION_LOG_IMAGES is 0. 0: no review queue, and no image kept for it
 ALLOWED_HOSTS     the host names the server answers to, comma-separated (default: localhost, 127.0.0.1, [::1], on any
                   port). serve.py refuses a request (pages, websocket and API) whose Host header names another (400),
                   so a web page whose own name was pointed at this machine (DNS rebinding) cannot talk to the server.
@@ -115,6 +118,7 @@ class Settings:
     inference_engine: str = "auto"
     prediction_log_days: int = 365
     prediction_log_images: bool = False
+    reviews: bool = True
     sign_in_hours: float = 12
     max_user_upload_mb: float = 2048
     max_predict_pixels: int = 2_000_000_000
@@ -207,6 +211,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         inference_engine=env.get("INFERENCE_ENGINE", "auto").strip().lower() or "auto",
         prediction_log_days=int(env.get("PREDICTION_LOG_DAYS", 365)),
         prediction_log_images=env.get("PREDICTION_LOG_IMAGES", "0") in ("1", "true", "yes"),
+        reviews=env.get("REVIEWS", "1") in ("1", "true", "yes"),
         sign_in_hours=float(env.get("SIGN_IN_HOURS", 12)),
         max_user_upload_mb=float(
             env.get("MAX_USER_UPLOAD_MB", env.get("MAX_SESSION_UPLOAD_MB", env.get("MAX_UPLOAD_MB", 2048)))

@@ -77,6 +77,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "INFERENCE_ENGINE": settings.inference_engine,
         "PREDICTION_LOG_DAYS": str(settings.prediction_log_days),
         "PREDICTION_LOG_IMAGES": "1" if settings.prediction_log_images else "0",
+        "REVIEWS": "1" if settings.reviews else "0",
         "TISSUE_MIN_SATURATION": str(settings.tissue_min_saturation),
         "TISSUE_MAX_PALE_FRACTION": str(settings.tissue_max_pale_fraction),
     }
