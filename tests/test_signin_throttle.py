@@ -94,7 +94,7 @@ def test_the_lock_outlives_the_throttle_and_the_process(ana, settings):
     for _ in range(5):
         refused(ana, throttle, "ana", "guess-guess", "10.0.0.1")
     code = (
-        "import sys; from core.store.db import make_sessionmaker; from core.access.throttle import SignInThrottle\n"
+        "import sys; from core.store.engine import make_sessionmaker; from core.access.throttle import SignInThrottle\n"
         "from core.errors import UserError\n"
         "try:\n    SignInThrottle(make_sessionmaker(sys.argv[1])).attempt('ana', '10.0.0.1')\n"
         "except UserError as e:\n    print(e)"

@@ -20,9 +20,7 @@ last.pt); a failed or cancelled run keeps them, to be resumed.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from sqlalchemy import delete, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from core.config import Settings
@@ -44,11 +41,12 @@ from core.evaluation import yardstick
 from core.evaluation.calibration import run_calibration
 from core.inference.model_file import dataset_fingerprint, read_weights, write_model
 from core.inference.predict import Predictor
-from core.jobs.queue import claim_next, failure_page_text, failure_text, log_tail
+from core.jobs.queue import failure_page_text, failure_text
 from core.jobs.recording import BEST_WEIGHTS, CHECKPOINT, Cancelled, Monitor, Recorder, TakenOver
+from core.jobs.run_rows import claim_if_queued, finish, mark_running, mean_speed, store_log_tail
 from core.slides.scale import META_KEY as SCALE_KEY
 from core.slides.scale import scale_meta
-from core.store.db import EpochMetric, Image, Prediction, Run, RunStatus, Split, utcnow
+from core.store.db import EpochMetric, Image, Prediction, RunStatus, Split, utcnow
 from core.store.records import RunProgress, RunSummary
 from core.store.runs import get_run, model_path, run_dir
 from core.training.loop import Data, NullCallback, describe_device, fit, pick_device, seed_everything
@@ -152,7 +150,7 @@ def execute_run(
     if group is not None and not group.is_main:
         _follow(Session, settings, run_id, group)
         return
-    _claim_if_queued(Session, run_id)
+    claim_if_queued(Session, run_id)
     directory = run_dir(settings, run_id)
     timings: dict[str, float] = {}
     ours = True
@@ -165,7 +163,7 @@ def execute_run(
         job = load_job(Session, run_id)
         device = pick_device(job.config.device) if group is None else group.device
         checkpoint = _resume_point(job, directory) if resume else None
-        _mark_running(Session, run_id, device, checkpoint)
+        mark_running(Session, run_id, describe_device(device), checkpoint)
         if group is not None:  # the other processes resume from the same epoch, or none
             group.broadcast(None if checkpoint is None else checkpoint["epoch"])
         if device.type == "cpu":
@@ -174,7 +172,7 @@ def execute_run(
             _phases(Session, settings, job, device, checkpoint, progress, monitor, timings, group)
     except Cancelled:
         log.info("run %d cancelled; the epochs it finished are kept", run_id)
-        _finish(Session, run_id, RunStatus.cancelled, timings)
+        finish(Session, run_id, RunStatus.cancelled, timings)
     except TakenOver:
         ours = False  # the other process records the outcome
         log.warning("run %d: stopped here; another process trains it now", run_id)
@@ -183,14 +181,14 @@ def execute_run(
             log.error("run %d failed: %s", run_id, exc)
         else:
             log.exception("run %d failed", run_id)
-        _finish(Session, run_id, RunStatus.failed, timings, failure_text(exc, run_id), failure_page_text(exc))
+        finish(Session, run_id, RunStatus.failed, timings, failure_text(exc, run_id), failure_page_text(exc))
         raise
     finally:
         if handler is not None:
             logging.getLogger("core").removeHandler(handler)
             handler.close()
         if ours:
-            _store_log_tail(Session, run_id, directory)
+            store_log_tail(Session, run_id, directory)
 
 
 def _phases(
@@ -378,7 +376,7 @@ def _record_results(
                 n_test=len(probs),
                 n_train=len(data.train.y),
                 n_val=len(data.val.y),
-                images_per_second=_mean_speed(s, job.run_id),
+                images_per_second=mean_speed(s, job.run_id),
                 gpu_peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if device.type == "cuda"
                 else None,
@@ -395,25 +393,6 @@ def _drop_checkpoints(settings: Settings, run_id: int) -> None:
     (directory / BEST_WEIGHTS).unlink(missing_ok=True)
     if not settings.keep_checkpoints:
         (directory / CHECKPOINT).unlink(missing_ok=True)
-
-
-def _mean_speed(session, run_id: int) -> float | None:
-    """Training images per second over the run's epochs (the first includes compilation), to 4
-    significant figures: a CPU run at 64 px trains well under one image a second."""
-    speeds = session.scalars(select(EpochMetric.images_per_second).where(EpochMetric.run_id == run_id)).all()
-    return float(f"{sum(speeds) / len(speeds):.4g}") if speeds else None
-
-
-def _claim_if_queued(Session: sessionmaker, run_id: int) -> None:
-    """Take a queued run for this process, as a worker would, so that no worker starts it too.
-    A run already running was claimed by whoever started this (a worker, the CLI)."""
-    with Session() as s:
-        status = get_run(s, run_id).status
-    if (
-        status == RunStatus.queued
-        and claim_next(Session, f"process:{socket.gethostname()}:{os.getpid()}", run_id) is None
-    ):
-        raise UserError(f"Run {run_id} was just taken by a background worker; it trains there.")
 
 
 def _resume_point(job: Job, directory: Path) -> dict[str, Any] | None:
@@ -439,72 +418,6 @@ def _resume_point(job: Job, directory: Path) -> dict[str, Any] | None:
         return None
     log.info("run %d: resuming after epoch %d from %s", job.run_id, checkpoint["epoch"], path)
     return checkpoint
-
-
-def _mark_running(Session: sessionmaker, run_id: int, device: torch.device, checkpoint: dict[str, Any] | None) -> None:
-    with Session.begin() as s:
-        run = get_run(s, run_id)
-        run.status, run.error, run.finished_at = RunStatus.running, None, None
-        run.device, run.heartbeat_at, run.pid = describe_device(device), utcnow(), os.getpid()
-        if checkpoint is None:
-            run.started_at, run.summary = utcnow(), RunSummary().to_dict()
-            s.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id))
-        else:
-            run.started_at = run.started_at or utcnow()
-            run.summary = RunSummary.from_dict(run.summary).replace(error_page=None).to_dict()
-            # Epochs after the checkpoint were recorded but not checkpointed; they are redone.
-            s.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch > checkpoint["epoch"]))
-        s.execute(delete(Prediction).where(Prediction.run_id == run_id))
-
-
-# Seconds between attempts to record how a run ended while the database refuses the write (locked
-# beyond its busy timeout, or its disk full, which may be why the run is ending).
-FINISH_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0)
-
-
-def _finish(
-    Session: sessionmaker,
-    run_id: int,
-    status: RunStatus,
-    timings: dict[str, float],
-    error: str | None = None,
-    error_page: str | None = None,
-) -> None:
-    """Record how the run ended (a failure's error also in the pages' words, where they differ),
-    trying again while the database refuses. If it never accepts, the
-    run stays `running` without a heartbeat: the worker that started this process records the
-    failure when it exits, or else the stale-run sweep takes the run back."""
-    for delay in (*FINISH_RETRY_SECONDS, None):
-        try:
-            with Session.begin() as s:
-                run = s.get(Run, run_id)
-                if run is not None:  # None: the run id was wrong to begin with (or it was deleted)
-                    run.status, run.finished_at, run.timings, run.error = status, utcnow(), timings, error
-                    run.summary = RunSummary.from_dict(run.summary).replace(error_page=error_page).to_dict()
-            return
-        except OperationalError:
-            if delay is None:
-                log.exception("run %d: could not record that it %s", run_id, status.value)
-                return
-            log.warning(
-                "run %d: the database refused to record that it %s; trying again in %g s",
-                run_id,
-                status.value,
-                delay,
-                exc_info=True,
-            )
-            time.sleep(delay)
-
-
-def _store_log_tail(Session: sessionmaker, run_id: int, directory: Path) -> None:
-    """The end of train.log on the run's row, for the Runs page; left out if the database refuses."""
-    try:
-        with Session.begin() as s:
-            run = s.get(Run, run_id)
-            if run is not None:
-                run.log_tail = log_tail(directory / "train.log")
-    except OperationalError:
-        log.warning("run %d: could not store the end of its log", run_id, exc_info=True)
 
 
 def _follow(Session: sessionmaker, settings: Settings, run_id: int, group: Group) -> None:
