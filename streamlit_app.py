@@ -40,8 +40,10 @@ pages = {
         st.Page("pages/train.py", title="Train", icon=":material/rocket_launch:", url_path="train"),
         st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs"),
         st.Page("pages/predict.py", title="Predict", icon=":material/biotech:", url_path="predict"),
+        st.Page("pages/review.py", title="Review", icon=":material/rate_review:", url_path="review"),
     ],
 }
+EDITORS_ONLY = {"review"}  # pages listed only for editors (each page refuses a viewer itself too)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +277,8 @@ def failure_notices(user: User, notices: tuple[views.FailureNotice, ...]) -> Non
 
 
 user = gate()
+if not user.can_edit or not settings().reviews:
+    pages = {group: [p for p in listed if p.url_path not in EDITORS_ONLY] for group, listed in pages.items()}
 page = st.navigation(pages)
 with st.sidebar:
     sidebar_user(user)

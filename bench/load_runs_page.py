@@ -61,6 +61,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.access.accounts import LOCAL_USER
 from tests.server import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,11 +147,14 @@ def prepare_home(home: Path, finished: int, train_epochs: int) -> tuple[list[int
     # takes small steps, so that it records progress every few seconds even on a busy CPU.
     tiny = {"dataset": "synthetic", "weights": "none", "image_size": 32, "per_class": 4, "device": "cpu"}
     with Session.begin() as s:
-        ingest(s, settings, source, "synthetic")
+        ingest(s, settings, source, "synthetic", user=LOCAL_USER)
         short = [
-            create_runs(s, settings, RunConfig(**tiny, epochs=1, batch_size=12, seed=i))[0].id for i in range(finished)
+            create_runs(s, settings, RunConfig(**tiny, epochs=1, batch_size=12, seed=i), user=LOCAL_USER)[0].id
+            for i in range(finished)
         ]
-        long = create_runs(s, settings, RunConfig(**tiny, epochs=train_epochs, batch_size=2, seed=99))[0].id
+        long = create_runs(s, settings, RunConfig(**tiny, epochs=train_epochs, batch_size=2, seed=99), user=LOCAL_USER)[
+            0
+        ].id
     return short, long
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from bench.common import device_name
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data.ingest import ingest
 from core.jobs import execute, runs
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> str:
         Session = make_sessionmaker(settings.database_url)
         t0 = time.perf_counter()
         with Session.begin() as s:
-            ingest(s, settings, args.data, "bench")
+            ingest(s, settings, args.data, "bench", user=LOCAL_USER)
         ingest_seconds = time.perf_counter() - t0
         results = {}
         for label, compile in (("baseline (eager)", False), ("fast path", True)):
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> str:
                 compile=compile,
             )
             with Session.begin() as s:
-                (run,) = runs.create_runs(s, settings, config)
+                (run,) = runs.create_runs(s, settings, config, user=LOCAL_USER)
             t0 = time.perf_counter()
             execute.execute_run(Session, settings, run.id)
             total = time.perf_counter() - t0

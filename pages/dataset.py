@@ -40,6 +40,7 @@ from pages._common import (
     thumbnail,
     user_errors,
 )
+from pages._label_issues import label_issues_section
 
 through_router()
 Session = session_factory()
@@ -617,6 +618,7 @@ def browse_tab() -> None:
         else:
             st.caption("Every file was taken.")
 
+    label_issues_section(name, Session, cfg, user)
     versions_section(name)
 
     if not user.can_edit:

@@ -191,7 +191,9 @@ else:
     )
 
 machine = estimate.machine_summary()
+with Session() as s:  # the paper's settings estimated as the Train page estimates a run
+    machine_words = machine.sentence(estimate.paper_estimate(s, machine))
 if machine.has_gpu:
-    machine_box.caption(machine.sentence())
+    machine_box.caption(machine_words)
 else:
-    machine_box.info(machine.sentence(), icon=":material/memory:")
+    machine_box.info(machine_words, icon=":material/memory:")

@@ -33,6 +33,10 @@ from pages._common import (
     thumbnail,
     user_errors,
 )
+from pages._field import field_panel
+from pages._model_card import model_card_buttons
+from pages._retrain import retrain_panel
+from pages._run_cells import cell_choice, cell_images_panel, slide_cell_panel
 
 through_router()
 Session = session_factory()
@@ -465,6 +469,7 @@ def report_panel(found: views.RunResults) -> None:
             confusion_figure(report.confusion, run.classes, f"Run {run.id}: confusion matrix", run.protocol, wrap=60),
             key=f"runs_cm_{run.id}",
         )
+        cell = cell_choice(run, f"runs_cell_{run.id}")
     with right:
         st.markdown(f"**Per-class results (the paper's Table I layout)** · {report.n} test samples")
         st.caption(run.protocol)
@@ -485,6 +490,8 @@ def report_panel(found: views.RunResults) -> None:
             st.caption(found.yardstick)
         if found.folds is not None:
             folds_panel(found.folds)
+    if cell is not None:
+        cell_images_panel(run, cell, Session, cfg)
     if found.slides is not None:
         slides_panel(found)
 
@@ -502,6 +509,7 @@ def slides_panel(found: views.RunResults) -> None:
             ),
             key=f"runs_slide_cm_{run.id}",
         )
+        cell = cell_choice(run, f"runs_slide_cell_{run.id}")
     with right:
         st.dataframe(
             table_one(report),
@@ -539,6 +547,8 @@ def slides_panel(found: views.RunResults) -> None:
                 },
             },
         )
+    if cell is not None:
+        slide_cell_panel(run, cell, Session, cfg)
 
 
 def for_reader(value):
@@ -593,6 +603,8 @@ def results(run_id: int) -> None:
     downloads(found)
     if run.status == "succeeded":
         approval_panel(found)
+        field_panel(run.id)
+        retrain_panel(run.id)
 
 
 def downloads(found: views.RunResults) -> None:
@@ -635,6 +647,8 @@ def downloads(found: views.RunResults) -> None:
             on_click="ignore",
             key=f"runs_dl_csv_{run.id}",
         )
+    if run.status == "succeeded":
+        model_card_buttons(run, Session, cfg)
 
 
 def onnx_bytes(run_id: int) -> bytes:

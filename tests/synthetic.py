@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.access.accounts import LOCAL_USER
+
 CLASS_COLOURS = {"CLL": (200, 80, 160), "FL": (90, 60, 200), "MCL": (230, 170, 200)}
 
 
@@ -51,7 +53,7 @@ def ingest_synthetic(root: Path, settings, Session, per_class: int, name: str = 
 
     write_dataset(root, per_class=per_class, ext=".tif")
     with Session.begin() as s:
-        ingest(s, settings, root, name)
+        ingest(s, settings, root, name, user=LOCAL_USER)
     return name
 
 
@@ -60,7 +62,7 @@ def train_runs(Session, settings, config) -> list[int]:
     from core.jobs import execute, runs
 
     with Session.begin() as s:
-        run_ids = [r.id for r in runs.create_runs(s, settings, config)]
+        run_ids = [r.id for r in runs.create_runs(s, settings, config, user=LOCAL_USER)]
     for run_id in run_ids:
         execute.execute_run(Session, settings, run_id)
     return run_ids

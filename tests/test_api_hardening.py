@@ -35,6 +35,7 @@ from core.inference import approval, prediction_log
 from core.jobs import views
 from core.store.db import Run
 from core.store.engine import make_sessionmaker
+from tests.openapi_check import CheckedClient
 from tests.synthetic import ingest_synthetic
 
 APP = "http://localhost:8501"  # where the local user's browser has the app
@@ -79,7 +80,8 @@ def served(settings: Settings, monkeypatch, **env: str) -> TestClient:
     import serve
 
     routes = [*api_routes(settings), Route("/", page), WebSocketRoute("/_stcore/stream", stream)]
-    return TestClient(Starlette(routes=routes, middleware=serve.MIDDLEWARE), base_url=APP, client=("127.0.0.1", 50000))
+    app = Starlette(routes=routes, middleware=serve.MIDDLEWARE)
+    return CheckedClient(app, base_url=APP, client=("127.0.0.1", 50000))  # answers held to the OpenAPI document
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_allowed_hosts_entries():
 
 def test_allowed_origins_may_call_the_api_from_a_browser(home):
     app = Starlette(routes=api_routes(dataclasses.replace(home, allowed_origins=("https://tools.lab.org",))))
-    client = TestClient(app, base_url=APP, client=("127.0.0.1", 50000))
+    client = CheckedClient(app, base_url=APP, client=("127.0.0.1", 50000))
     for origin, site, status in (
         ("https://tools.lab.org", "cross-site", 200),
         ("https://tools.lab.org:443", "", 200),
@@ -210,7 +212,7 @@ def test_allowed_origins_may_call_the_api_from_a_browser(home):
     ],
 )
 def test_run_settings_out_of_bounds_are_422_naming_the_setting(home, setting, value, words):
-    client = TestClient(Starlette(routes=api_routes(home)), client=("127.0.0.1", 50000))
+    client = CheckedClient(Starlette(routes=api_routes(home)), client=("127.0.0.1", 50000))
     body = json.dumps({**RUN, setting: value}).replace("Infinity", "1e400")
     before = runs_count(home)
     response = client.post("/api/v1/runs", content=body, headers={"Content-Type": "application/json"})
@@ -237,7 +239,7 @@ NUL_NAMED_FILE = (
 
 
 def test_values_that_name_nothing_are_4xx_with_a_json_message(home):
-    client = TestClient(Starlette(routes=api_routes(home)), client=("127.0.0.1", 50000))
+    client = CheckedClient(Starlette(routes=api_routes(home)), client=("127.0.0.1", 50000))
     json_body = {"Content-Type": "application/json"}
     answers = {
         404: [
@@ -311,7 +313,7 @@ def test_a_token_kept_as_an_argon2_hash_is_refused_with_what_to_do_and_the_rest_
         ),
     )
     _, new = tokens.add_token(settings.accounts_file, "ed", EDITOR)
-    client = TestClient(
+    client = CheckedClient(
         Starlette(routes=api_routes(dataclasses.replace(settings, auth_mode="password"))), client=("203.0.113.9", 50000)
     )
     answers = [
@@ -357,7 +359,7 @@ def test_a_viewer_reads_only_their_own_predictions_and_an_editor_all(settings, S
         prediction_log.record(
             s, [base, dataclasses.replace(base, user="ana", image_name="smith-john.tif", predicted="FL")]
         )
-    client = TestClient(Starlette(routes=api_routes(settings)), client=("203.0.113.5", 50000))
+    client = CheckedClient(Starlette(routes=api_routes(settings)), client=("203.0.113.5", 50000))
 
     def names(token: str, **params) -> list[str]:
         response = client.get("/api/v1/predictions", params=params, headers={"Authorization": f"Bearer {token}"})

@@ -26,7 +26,7 @@ import torch
 from sqlalchemy import select
 
 from core.__main__ import main
-from core.access.accounts import EDITOR, VIEWER, User
+from core.access.accounts import EDITOR, LOCAL_USER, VIEWER, User
 from core.access.limits import GB, disk_usage
 from core.config import Settings, load_settings
 from core.data.datasets import delete_dataset
@@ -234,7 +234,7 @@ def test_withdrawing_leaves_no_approved_model_and_each_class_set_has_its_own(mod
         )
 
     with Session.begin() as s:  # deleting a dataset deletes its runs; their approval stays, naming no run
-        delete_dataset(s, home, "letters")
+        delete_dataset(s, home, "letters", user=LOCAL_USER)
     with Session() as s:
         gone = approval.approved_run(s)
         assert gone.run_id is None and gone.run_label == f"run {letters} · letters"
@@ -346,7 +346,8 @@ def test_the_log_is_filtered_written_as_csv_and_pruned_after_prediction_log_days
 
 def test_images_are_kept_only_with_prediction_log_images_and_count_against_the_disk_limit(model_source, home, Session):
     run_id = add_run(Session, home, model_source)
-    service.classify(Session, home, VIC, IMAGES, run_id=run_id, source="page")
+    # REVIEWS=0: no referred image is kept for review either (tests/test_reviews.py keeps those).
+    service.classify(Session, dataclasses.replace(home, reviews=False), VIC, IMAGES, run_id=run_id, source="page")
     assert not home.prediction_images_dir.exists()
     assert all(r.stored_path is None for r in log_rows(Session))
 

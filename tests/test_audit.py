@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from core.access.accounts import LOCAL_USER
 from core.data import groups
 from core.data.audit import audit_images, audit_split, format_audit, hamming, phash, pixel_hash
 from core.data.ingest import ingest
@@ -163,7 +164,7 @@ def test_block_groups_never_straddle_a_grouped_split_and_the_audit_is_clean(tmp_
     root = _numbered_dataset(tmp_path / "src", per_class=12)
     groups.write_manifest(groups.block_manifest(root, block_size=3), tmp_path / "groups.csv")
     with Session.begin() as s:
-        report = ingest(s, settings, root, "blocks", groups_csv=tmp_path / "groups.csv")
+        report = ingest(s, settings, root, "blocks", groups_csv=tmp_path / "groups.csv", user=LOCAL_USER)
         dataset_id = report.dataset_id
     with Session.begin() as s:
         dataset = s.get(Dataset, dataset_id)

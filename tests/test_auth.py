@@ -67,7 +67,7 @@ def no_worker(monkeypatch):
     return started
 
 
-def with_dataset(settings: Settings, tmp_path: Path, name: str = "synthetic", user: User | None = ANA) -> None:
+def with_dataset(settings: Settings, tmp_path: Path, name: str = "synthetic", user: User = ANA) -> None:
     write_dataset(tmp_path / f"src-{name}", per_class=3)
     Session = make_sessionmaker(settings.database_url)
     with Session.begin() as s:
@@ -352,7 +352,7 @@ def test_a_viewer_sees_no_controls_that_change_records(settings, accounts_file, 
 
 
 def test_an_editor_launches_runs_recorded_under_their_name(settings, accounts_file, monkeypatch, tmp_path):
-    with_dataset(settings, tmp_path, user=None)
+    with_dataset(settings, tmp_path)
     at = signed_in_as(app(monkeypatch, settings, "password", accounts_file), "ana")
     at.switch_page("pages/train.py").run()
     at.radio(key="tr_weights").set_value("none")

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
 from core.__main__ import main
+from core.access.accounts import LOCAL_USER
 from core.data.ingest import ingest
 from core.errors import UserError
 from core.store import consistency
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def dataset(settings, Session, tmp_path) -> list[Image]:
     write_dataset(tmp_path / "src", per_class=3)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "lymphoma")
+        ingest(s, settings, tmp_path / "src", "lymphoma", user=LOCAL_USER)
     with Session() as s:
         return list(s.scalars(select(Image).order_by(Image.id)))
 

@@ -18,6 +18,7 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from core.__main__ import main
+from core.access.accounts import LOCAL_USER
 from core.csv_export import cell, csv_text
 from core.data.ingest import ingest
 from core.inference import prediction_log
@@ -148,7 +149,7 @@ def test_the_runs_pages_test_predictions_are_written_as_text(settings, Session, 
             ]
         )
     with Session.begin() as s:
-        ingest(s, settings, source, "hostile", groups_csv=groups)
+        ingest(s, settings, source, "hostile", groups_csv=groups, user=LOCAL_USER)
         config = RunConfig(
             dataset="hostile",
             image_size=32,
@@ -160,7 +161,7 @@ def test_the_runs_pages_test_predictions_are_written_as_text(settings, Session, 
             split="holdout",
             grouped=False,
         )
-        (run,) = runs.create_runs(s, settings, config)
+        (run,) = runs.create_runs(s, settings, config, user=LOCAL_USER)
         run.status, run.started_at, run.finished_at = RunStatus.succeeded, utcnow(), utcnow()
         dataset = s.scalar(select(Dataset))
         for image in dataset.images:

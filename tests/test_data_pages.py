@@ -16,6 +16,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from core.access.accounts import LOCAL_USER
 from core.data import audit, groups
 from core.data.ingest import ingest
 from core.jobs import estimate, runs, views
@@ -66,7 +67,7 @@ def test_the_group_pattern_example_fits_the_data_names(settings, monkeypatch, tm
     write_dataset(tmp_path / "src", per_class=12, ext=".png")
     Session = make_sessionmaker(settings.database_url)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "patterned", group_pattern=example)
+        ingest(s, settings, tmp_path / "src", "patterned", group_pattern=example, user=LOCAL_USER)
     with Session() as s:
         assert len(set(s.scalars(select(Image.group)))) == 6  # 000-009 and 010-011 of each class
 
@@ -82,7 +83,7 @@ def test_groups_are_estimated_and_applied_on_the_datasets_page(settings, monkeyp
     write_dataset(tmp_path / "src", per_class=12, ext=".png")
     Session = make_sessionmaker(settings.database_url)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "numbered")
+        ingest(s, settings, tmp_path / "src", "numbered", user=LOCAL_USER)
     at = open_page(monkeypatch, settings, "pages/dataset.py")
     assert {m.label: m.value for m in at.metric}["Specimen groups"] == "none"
     # The gallery's size is one choice among three, its value shown once (no slider above its scale).
@@ -157,7 +158,7 @@ def test_the_preview_keeps_the_image_proportions(settings, monkeypatch, tmp_path
     write_dataset(tmp_path / "src", per_class=2, size=(417, 312), ext=".png")
     Session = make_sessionmaker(settings.database_url)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "wide")
+        ingest(s, settings, tmp_path / "src", "wide", user=LOCAL_USER)
     shown = []  # the sizes of the original and the augmented versions the page draws
     real_preview = augment.preview
 
@@ -208,7 +209,10 @@ def finished_run(Session, settings, grouped: bool, accuracy: float, colour: floa
     """A run recorded as succeeded with these results, without training it."""
     with Session.begin() as s:
         (run,) = runs.create_runs(
-            s, settings, RunConfig(dataset="home", grouped=grouped, weights="none", image_size=32, epochs=1)
+            s,
+            settings,
+            RunConfig(dataset="home", grouped=grouped, weights="none", image_size=32, epochs=1),
+            user=LOCAL_USER,
         )
         run.status = RunStatus.succeeded
         yardstick = None if colour is None else Yardstick(colour, n_train=24, n_test=6)
@@ -221,7 +225,7 @@ def test_home_shows_the_best_grouped_result_beside_colour_alone(settings, monkey
     write_dataset(tmp_path / "src", per_class=10, ext=".png")
     Session = make_sessionmaker(settings.database_url)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "home")
+        ingest(s, settings, tmp_path / "src", "home", user=LOCAL_USER)
     by_image = finished_run(Session, settings, grouped=False, accuracy=0.9, colour=0.5)
     at = open_page(monkeypatch, settings, "pages/home.py")
     text = " ".join(c.value for c in at.caption)
@@ -230,7 +234,7 @@ def test_home_shows_the_best_grouped_result_beside_colour_alone(settings, monkey
 
     with Session.begin() as s:  # 5 groups of 2 per class, so that a grouped split can be made
         names = s.execute(select(Image.label, Image.original_name)).tuples().all()
-        groups.apply_groups(s, "home", groups.estimate_groups(names, block_size=2).groups)
+        groups.apply_groups(s, "home", groups.estimate_groups(names, block_size=2).groups, user=LOCAL_USER)
     grouped = finished_run(Session, settings, grouped=True, accuracy=0.615, colour=0.788)
     at.run()
     assert not at.exception
@@ -249,7 +253,7 @@ def test_home_says_a_gap_to_colour_alone_within_noise_is_within_noise(settings, 
     write_dataset(tmp_path / "src", per_class=10, ext=".png")
     Session = make_sessionmaker(settings.database_url)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "home")
+        ingest(s, settings, tmp_path / "src", "home", user=LOCAL_USER)
         images = s.scalars(select(Image).order_by(Image.id)).all()
         for im in images:  # real specimen ids, as a manifest gives them: two images each
             im.group = f"specimen-{im.id // 2}"

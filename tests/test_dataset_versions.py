@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from core.__main__ import build_parser, config_from_args, main
-from core.access.accounts import EDITOR, VIEWER, User
+from core.access.accounts import EDITOR, LOCAL_USER, VIEWER, User
 from core.data import splits, versions
 from core.data.datasets import get_dataset
 from core.data.ingest import ingest
@@ -82,15 +82,15 @@ def test_a_run_launched_before_an_ingest_keeps_its_version_and_is_split_over_its
     Session = make_sessionmaker(settings.database_url)
     ingest_into(settings, Session, tmp_path / "first", per_class=4)
     with Session.begin() as s:
-        (before,) = runs.create_runs(s, settings, RunConfig(dataset="ds", **TINY))
+        (before,) = runs.create_runs(s, settings, RunConfig(dataset="ds", **TINY), user=LOCAL_USER)
     ingest_into(settings, Session, tmp_path / "more", per_class=6)  # 2 new images per class: version 2
     first, second = image_ids(Session, 1), image_ids(Session, 2)
     assert len(first) == 12 and len(second) == 18 and first < second
 
     with Session.begin() as s:
         again = RunConfig.from_dict(s.merge(before).config)  # "train again with these settings"
-        (retrained,) = runs.create_runs(s, settings, again)
-        (latest,) = runs.create_runs(s, settings, RunConfig(dataset="ds", **TINY))
+        (retrained,) = runs.create_runs(s, settings, again, user=LOCAL_USER)
+        (latest,) = runs.create_runs(s, settings, RunConfig(dataset="ds", **TINY), user=LOCAL_USER)
         drawn = {
             r.id: {im.id for part in splits.split_parts(s, r.split, r.fold).values() for im in part}
             for r in (s.merge(before), retrained, latest)
@@ -112,12 +112,12 @@ def test_relabel_makes_a_version_whose_diff_shows_it_and_earlier_versions_keep_t
         sha = s.scalar(select(Image.sha256).where(Image.original_name == "CLL/001.tif"))
     with Session.begin() as s:
         with pytest.raises(UserError, match="XX is not one of them"):
-            versions.relabel(s, settings, "ds", {sha: "XX"}, ANA, "")
+            versions.relabel(s, settings, "ds", {sha: "XX"}, ANA, "", user=LOCAL_USER)
         with pytest.raises(UserError, match="not in dataset 'ds'"):
-            versions.relabel(s, settings, "ds", {"0" * 64: "FL"}, ANA, "")
+            versions.relabel(s, settings, "ds", {"0" * 64: "FL"}, ANA, "", user=LOCAL_USER)
         with pytest.raises(UserError, match="editor"):
-            versions.relabel(s, settings, "ds", {sha: "FL"}, User("vic", VIEWER), "")
-        made = versions.relabel(s, settings, "ds", {sha: "FL"}, ANA, "second opinion: follicular")
+            versions.relabel(s, settings, "ds", {sha: "FL"}, User("vic", VIEWER), "", user=LOCAL_USER)
+        made = versions.relabel(s, settings, "ds", {sha: "FL"}, ANA, "second opinion: follicular", user=LOCAL_USER)
         assert (made.number, made.created_by, made.note) == (2, "ana", "second opinion: follicular")
         assert made.counts == {"CLL": 2, "FL": 4, "MCL": 3}
     assert sorted(p for p in settings.images_dir.rglob("*") if p.is_file()) == stored  # no file copied

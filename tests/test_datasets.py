@@ -14,6 +14,7 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
+from core.access.accounts import LOCAL_USER
 from core.data.datasets import (
     delete_dataset,
     get_dataset,
@@ -32,7 +33,7 @@ from tests.synthetic import synthetic_image, write_dataset
 
 def run_ingest(Session, settings, source, name="ds", **kwargs):
     with Session.begin() as s:
-        return ingest(s, settings, source, name, **kwargs)
+        return ingest(s, settings, source, name, **{"user": LOCAL_USER, **kwargs})
 
 
 def count(Session, model) -> int:
@@ -570,12 +571,12 @@ def test_delete_dataset_keeps_shared_files(tmp_path, settings, Session):
 
     # A rolled-back delete keeps rows and files.
     with Session() as s:
-        delete_dataset(s, settings, "a")
+        delete_dataset(s, settings, "a", user=LOCAL_USER)
         s.rollback()
     assert len(stored_files(settings)) == 5 and count(Session, Image) == 6 and run_folder.is_dir()
 
     with Session.begin() as s:
-        delete_dataset(s, settings, "a")
+        delete_dataset(s, settings, "a", user=LOCAL_USER)
     assert not run_folder.exists() and count(Session, Run) == 0  # the run's files go with its row
 
     left = images(Session)
@@ -588,4 +589,4 @@ def test_delete_dataset_keeps_shared_files(tmp_path, settings, Session):
         with pytest.raises(UserError, match="Known datasets: b"):
             get_dataset(s, "a")
         with pytest.raises(UserError):
-            delete_dataset(s, settings, "a")
+            delete_dataset(s, settings, "a", user=LOCAL_USER)

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from torch import nn
 
 from core.__main__ import main
+from core.access.accounts import LOCAL_USER
 from core.jobs import runs
 from core.store.db import EpochMetric, Prediction, Run, RunStatus
 from core.training.distributed import Shards, shard_bounds, started
@@ -214,7 +215,7 @@ def test_train_distributed_command_trains_the_paper_model_with_rank_0_recording(
         val_fraction=0.25,
     )
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, config)
+        (run,) = runs.create_runs(s, settings, config, user=LOCAL_USER)
         run_id = run.id
     home = {"APP_HOME": str(settings.app_home), "DATABASE_URL": settings.database_url}
 

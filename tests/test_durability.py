@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data.decoding import load_rgb
 from core.data.ingest import ingest
@@ -105,7 +106,7 @@ def test_kill_9_during_an_upload_loses_nothing_and_the_upload_can_be_retried(tmp
     Session = make_sessionmaker(cfg.database_url)
     write_dataset(tmp_path / "first", per_class=4)
     with Session.begin() as s:
-        ingest(s, cfg, tmp_path / "first", "first")
+        ingest(s, cfg, tmp_path / "first", "first", user=LOCAL_USER)
     with Session() as s:
         before = sorted((im.sha256, im.stored_path, im.label, im.original_name) for im in s.scalars(select(Image)))
     first_paths = {home / path for _, path, _, _ in before}

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 from sqlalchemy import select
 
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data import uploads
 from core.data.decoding import load_rgb
@@ -365,7 +366,7 @@ def zip_upload(flaw: str, upload: tuple[list[Entry], list[str]], data) -> None:
     try:
         try:
             with home.Session.begin() as s:
-                report = uploads.ingest_zip(s, home.settings, content, "upload.zip", "fuzz")
+                report = uploads.ingest_zip(s, home.settings, content, "upload.zip", "fuzz", user=LOCAL_USER)
         except UserError:
             assert flaw in REFUSED, f"refused without a flaw in the zip ({flaw})"
             assert_nothing_stored(home)
@@ -399,7 +400,7 @@ def test_folder_sources(upload, odd_name):
             (source / folder).mkdir(parents=True)
         try:
             with home.Session.begin() as s:
-                report = ingest(s, home.settings, source, "fuzz")
+                report = ingest(s, home.settings, source, "fuzz", user=LOCAL_USER)
         except UserError as err:
             raise AssertionError(f"a folder with two valid classes was refused: {err}") from None
         if odd_name:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from core.__main__ import main
 from core.access import limits
-from core.access.accounts import EDITOR, User
+from core.access.accounts import EDITOR, LOCAL_USER, User
 from core.config import load_settings
 from core.data import uploads
 from core.data.decoding import load_rgb
@@ -54,7 +54,7 @@ def with_env(settings, **env: str):
 
 def do_ingest(Session, settings, source, name="ds", **kwargs):
     with Session.begin() as s:
-        return ingest(s, settings, source, name, **kwargs)
+        return ingest(s, settings, source, name, **{"user": LOCAL_USER, **kwargs})
 
 
 def count(Session, model) -> int:
@@ -247,6 +247,7 @@ import json, resource, sys
 from pathlib import Path
 from core.config import load_settings
 from core.data.decoding import load_rgb
+from core.access.accounts import LOCAL_USER
 from core.data.ingest import ingest
 from core.store.engine import make_sessionmaker
 from tests.synthetic import write_dataset
@@ -260,7 +261,7 @@ settings = load_settings({"APP_HOME": str(home)})
 Session = make_sessionmaker(settings.database_url)
 base = peak_mb()
 with Session.begin() as s:
-    report = ingest(s, settings, src, "big")
+    report = ingest(s, settings, src, "big", user=LOCAL_USER)
 ingest_peak = peak_mb() - base
 image = load_rgb(big, max_pixels=settings.max_image_pixels)
 print(json.dumps({"added": report.added, "skipped": report.skipped, "size": image.size,
@@ -333,7 +334,9 @@ def test_links_that_leave_the_imported_folder_are_not_followed(linked_source, se
     allowed, src = linked_source
     if entry == "server":
         with Session.begin() as s:
-            report = uploads.import_folder(s, with_env(settings, IMPORT_ROOTS=str(allowed)), str(src), "ds")
+            report = uploads.import_folder(
+                s, with_env(settings, IMPORT_ROOTS=str(allowed)), str(src), "ds", user=LOCAL_USER
+            )
     else:
         report = do_ingest(Session, settings, src)
     reasons = dict(report.skipped)
@@ -430,9 +433,11 @@ def test_full_disk_while_writing_an_upload_is_a_user_error(tmp_path, settings, S
     with Session.begin() as s, pytest.raises(UserError, match="The disk is full: the upload"):
         if kind == "zip":
             data = zip_file(tmp_path / "up.zip", good()).read_bytes()
-            uploads.ingest_zip(s, settings, data, "up.zip", "up")
+            uploads.ingest_zip(s, settings, data, "up.zip", "up", user=LOCAL_USER)
         else:
-            uploads.ingest_files(s, settings, [("CLL", "a.png", png("CLL", 0)), ("FL", "b.png", png("FL", 0))], "up")
+            uploads.ingest_files(
+                s, settings, [("CLL", "a.png", png("CLL", 0)), ("FL", "b.png", png("FL", 0))], "up", user=LOCAL_USER
+            )
     assert list(settings.tmp_dir.iterdir()) == [] and stored(settings) == []
 
 

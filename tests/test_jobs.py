@@ -28,6 +28,7 @@ import torch
 from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data.ingest import ingest
 from core.errors import UserError
@@ -95,7 +96,7 @@ def JSession(jset):
 def toy(tmp_path, jset, JSession):
     write_dataset(tmp_path / "src", per_class=6)
     with JSession.begin() as s:
-        ingest(s, jset, tmp_path / "src", "toy")
+        ingest(s, jset, tmp_path / "src", "toy", user=LOCAL_USER)
     return "toy"
 
 
@@ -155,7 +156,7 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def queue_run(Session, settings, dataset: str, **config) -> int:
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, RunConfig(dataset=dataset, **{**TINY, **config}))
+        (run,) = runs.create_runs(s, settings, RunConfig(dataset=dataset, **{**TINY, **config}), user=LOCAL_USER)
         return run.id
 
 

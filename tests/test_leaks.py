@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from streamlit.testing.v1 import AppTest
 
 from core.access import accounts
-from core.access.accounts import EDITOR, VIEWER
+from core.access.accounts import EDITOR, LOCAL_USER, VIEWER
 from core.config import Settings, load_settings
 from core.data import uploads
 from core.errors import UserError
@@ -50,8 +50,8 @@ def lab(tmp_path) -> tuple[Settings, Path, int]:
     stored = f"{cfg.app_home}/images/ab/abc.png"
     Session = make_sessionmaker(cfg.database_url)
     with Session.begin() as s:
-        uploads.import_folder(s, cfg, imports / "lymphoma", "lymphoma")
-        (run,) = runs.create_runs(s, cfg, RunConfig(dataset="lymphoma", **TINY))
+        uploads.import_folder(s, cfg, imports / "lymphoma", "lymphoma", user=LOCAL_USER)
+        (run,) = runs.create_runs(s, cfg, RunConfig(dataset="lymphoma", **TINY), user=LOCAL_USER)
         run.status, run.finished_at = RunStatus.failed, utcnow()
         run.error = f"FileNotFoundError: [Errno 2] No such file or directory: '{stored}'"
         run.weights_used = f"file {tmp_path}/weights/densenet.pt"
@@ -185,8 +185,8 @@ def test_a_run_whose_model_file_meets_a_full_disk_fails_with_the_message_and_one
     with Session.begin() as s:
         from core.data.ingest import ingest
 
-        ingest(s, settings, tmp_path / "src", "a")
-        (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY))
+        ingest(s, settings, tmp_path / "src", "a", user=LOCAL_USER)
+        (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY), user=LOCAL_USER)
     monkeypatch.setattr(execute, "build_model", lambda n, weights: (TinyNet(n), "none (a stand-in model)"))
     real_save = model_file.save_file
 

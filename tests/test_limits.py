@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from core.access import limits
+from core.access.accounts import LOCAL_USER
 from core.config import Settings, load_settings
 from core.data import uploads
 from core.data.ingest import ingest
@@ -61,7 +62,7 @@ def zip_of(folder: Path) -> bytes:
 
 def do_ingest(Session, settings, source, name="ds"):
     with Session.begin() as s:
-        return ingest(s, settings, source, name)
+        return ingest(s, settings, source, name, user=LOCAL_USER)
 
 
 def snapshot(Session, settings):
@@ -87,13 +88,16 @@ def test_zip_upload_over_max_upload_mb_is_refused_before_writing(settings, Sessi
     assert len(data) > 2 * 1024
     small = limited(settings, MAX_UPLOAD_MB=str(1 / 1024))  # 1 KB
     with Session.begin() as s, pytest.raises(UserError, match=r"MAX_UPLOAD_MB limit of 0\.000976562 MB") as e:
-        uploads.ingest_zip(s, small, io.BytesIO(data), "set.zip", "set")
+        uploads.ingest_zip(s, small, io.BytesIO(data), "set.zip", "set", user=LOCAL_USER)
     assert "Nothing was ingested" in str(e.value)
     assert count(Session, Dataset) == 0 and count(Session, Image) == 0
     assert files_under(settings) == set() and not settings.tmp_dir.exists()
     # The same upload under a limit it fits in goes through.
     with Session.begin() as s:
-        assert uploads.ingest_zip(s, limited(settings, MAX_UPLOAD_MB="1"), data, "set.zip", "set").added == 6
+        assert (
+            uploads.ingest_zip(s, limited(settings, MAX_UPLOAD_MB="1"), data, "set.zip", "set", user=LOCAL_USER).added
+            == 6
+        )
 
 
 def test_loose_files_count_together_against_max_upload_mb(settings, Session):
@@ -104,7 +108,7 @@ def test_loose_files_count_together_against_max_upload_mb(settings, Session):
     # Each file fits on its own; together they do not.
     cap = limited(settings, MAX_UPLOAD_MB=str((largest + 1) / 1024**2))
     with Session.begin() as s, pytest.raises(UserError, match="MAX_UPLOAD_MB") as e:
-        uploads.ingest_files(s, cap, files, "loose")
+        uploads.ingest_files(s, cap, files, "loose", user=LOCAL_USER)
     assert f"{total / 1024**2:,.1f} MB" in str(e.value)
     assert count(Session, Dataset) == 0 and files_under(settings) == set()
 
@@ -167,19 +171,19 @@ def test_queue_over_max_queued_runs_is_refused(settings, Session, tmp_path):
     do_ingest(Session, settings, write_dataset(tmp_path / "src", per_class=6, classes=("CLL", "FL")))
     cap = limited(settings, MAX_QUEUED_RUNS="3")
     with Session.begin() as s:
-        runs.create_runs(s, cap, RunConfig(dataset="ds", **TINY))
+        runs.create_runs(s, cap, RunConfig(dataset="ds", **TINY), user=LOCAL_USER)
     before = snapshot(Session, settings)
     kfold = RunConfig(dataset="ds", split="kfold", folds=3, **TINY)
     with Session.begin() as s, pytest.raises(UserError, match="MAX_QUEUED_RUNS") as e:
-        runs.create_runs(s, cap, kfold)
+        runs.create_runs(s, cap, kfold, user=LOCAL_USER)
     assert "1 run(s) are already queued and this adds 3" in str(e.value) and "limit of 3" in str(e.value)
     assert snapshot(Session, settings) == before  # no run, no split
     # Two more fit exactly.
     with Session.begin() as s:
-        runs.create_runs(s, cap, RunConfig(dataset="ds", **{**TINY, "seed": 4}))
-        runs.create_runs(s, cap, RunConfig(dataset="ds", **{**TINY, "seed": 5}))
+        runs.create_runs(s, cap, RunConfig(dataset="ds", **{**TINY, "seed": 4}), user=LOCAL_USER)
+        runs.create_runs(s, cap, RunConfig(dataset="ds", **{**TINY, "seed": 5}), user=LOCAL_USER)
     with Session.begin() as s, pytest.raises(UserError, match=r"3 run\(s\) are already queued and this adds 1"):
-        runs.create_runs(s, cap, RunConfig(dataset="ds", **{**TINY, "seed": 6}))
+        runs.create_runs(s, cap, RunConfig(dataset="ds", **{**TINY, "seed": 6}), user=LOCAL_USER)
     assert count(Session, Run) == 3
 
 
@@ -209,13 +213,15 @@ def test_over_max_disk_gb_refuses_ingest_uploads_and_runs(settings, Session, tmp
     with pytest.raises(UserError, match=message):
         do_ingest(Session, full, other, "ds")
     with Session.begin() as s, pytest.raises(UserError, match=message):
-        uploads.ingest_zip(s, full, zip_of(other), "other.zip", "other")
+        uploads.ingest_zip(s, full, zip_of(other), "other.zip", "other", user=LOCAL_USER)
     with Session.begin() as s, pytest.raises(UserError, match=message):
-        uploads.ingest_files(s, full, [("CLL", "a.png", png("CLL", 50)), ("FL", "b.png", png("FL", 50))], "o")
+        uploads.ingest_files(
+            s, full, [("CLL", "a.png", png("CLL", 50)), ("FL", "b.png", png("FL", 50))], "o", user=LOCAL_USER
+        )
     with Session.begin() as s, pytest.raises(UserError, match=message):
-        uploads.import_folder(s, full, other, "other")
+        uploads.import_folder(s, full, other, "other", user=LOCAL_USER)
     with Session.begin() as s, pytest.raises(UserError, match=message):
-        runs.create_runs(s, full, RunConfig(dataset="ds", **TINY))
+        runs.create_runs(s, full, RunConfig(dataset="ds", **TINY), user=LOCAL_USER)
 
     assert snapshot(Session, settings) == before
     assert not settings.tmp_dir.exists() or list(settings.tmp_dir.iterdir()) == []
@@ -234,7 +240,7 @@ def test_max_disk_gb_counts_what_an_ingest_or_upload_would_add(settings, Session
         Session.begin() as s,
         pytest.raises(UserError, match=r"this upload would add [\d.]+ GB, more than the MAX_DISK_GB"),
     ):
-        uploads.ingest_zip(s, cap, zip_of(src), "src.zip", "ds")
+        uploads.ingest_zip(s, cap, zip_of(src), "src.zip", "ds", user=LOCAL_USER)
     assert snapshot(Session, settings) == before
     # With room for them it goes through.
     roomy = limited(settings, MAX_DISK_GB=str((limits.disk_usage(settings) + 10 * new_bytes) / 1e9))
@@ -254,10 +260,10 @@ def test_names_and_notes_with_a_nul_character_are_refused_before_the_database(se
         check_name_length("ana\x00", "User name")
     write_dataset(tmp_path / "src", per_class=2)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "tiny")
+        ingest(s, settings, tmp_path / "src", "tiny", user=LOCAL_USER)
     config = RunConfig(dataset="tiny", image_size=32, epochs=1, per_class=2, weights="none", device="cpu")
     for name, notes in (("run\x00one", None), ("run one", "see\x00this")):
         with pytest.raises(UserError, match="NUL"), Session.begin() as s:
-            runs.create_runs(s, settings, config, name=name, notes=notes)
+            runs.create_runs(s, settings, config, name=name, notes=notes, user=LOCAL_USER)
     with pytest.raises(UserError, match="from 1 to 64"):  # a grid that would tie up the shared worker
         AugmentParams(distortion_grid_width=10**6)

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from core.__main__ import main
+from core.access.accounts import LOCAL_USER
 from core.config import Settings, load_settings
 from core.data.datasets import image_path
 from core.data.decoding import load_rgb
@@ -77,9 +78,9 @@ def train(tmp: Path, keep_checkpoints: bool = False, **config) -> Trained:
     Session = make_sessionmaker(settings.database_url)
     images = write_source(tmp / "src")
     with Session.begin() as s:
-        ingest(s, settings, tmp / "src", "lymphoma")
+        ingest(s, settings, tmp / "src", "lymphoma", user=LOCAL_USER)
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, RunConfig(dataset="lymphoma", **{**TINY, **config}))
+        (run,) = runs.create_runs(s, settings, RunConfig(dataset="lymphoma", **{**TINY, **config}), user=LOCAL_USER)
     execute.execute_run(Session, settings, run.id)
     with Session() as s:
         assert s.get(Run, run.id).status == RunStatus.succeeded, s.get(Run, run.id).error
@@ -155,7 +156,7 @@ def test_the_model_file_alone_gives_back_the_stored_test_probabilities(variant, 
 def test_a_run_from_before_model_files_is_refused_saying_so(settings, Session, tmp_path):
     write_source(tmp_path / "src", per_class=2)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "old")
+        ingest(s, settings, tmp_path / "src", "old", user=LOCAL_USER)
         run = Run(
             dataset_id=s.scalar(select(Dataset.id)), experiment="e", config={}, seed=0, status=RunStatus.succeeded
         )

@@ -26,7 +26,7 @@ from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
 from core.access import accounts
-from core.access.accounts import EDITOR, VIEWER
+from core.access.accounts import EDITOR, LOCAL_USER, VIEWER
 from core.config import Settings, load_settings
 from core.data import uploads
 from core.errors import UserError
@@ -135,7 +135,8 @@ def record_runs(Session, cfg: Settings) -> int:
     Runs page opens on it)."""
     with Session.begin() as s:
         queued, failed, done = (
-            runs.create_runs(s, cfg, RunConfig(dataset=DATASET, **TINY, seed=seed))[0] for seed in (0, 1, 2)
+            runs.create_runs(s, cfg, RunConfig(dataset=DATASET, **TINY, seed=seed), user=LOCAL_USER)[0]
+            for seed in (0, 1, 2)
         )
         queued.created_by = failed.created_by = done.created_by = USER
         failed.status, failed.error = RunStatus.failed, ERROR
@@ -201,7 +202,7 @@ def hostile(tmp_path_factory) -> tuple[Settings, int, Path]:
     cfg = load_settings({"APP_HOME": str(tmp / "home")})
     Session = make_sessionmaker(cfg.database_url)
     with Session.begin() as s:
-        uploads.ingest_zip(s, cfg, hostile_zip(), "slides.zip", DATASET, groups_csv=groups_csv())
+        uploads.ingest_zip(s, cfg, hostile_zip(), "slides.zip", DATASET, groups_csv=groups_csv(), user=LOCAL_USER)
         s.scalar(select(Dataset)).created_by = USER
         presets.save_preset(s, PRESET, AugmentParams()).created_by = USER
     done_id = record_runs(Session, cfg)

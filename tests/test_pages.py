@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
+from core.access.accounts import LOCAL_USER
 from core.config import Settings, load_settings
 from core.data.ingest import ingest
 from core.evaluation.metrics import run_report
@@ -58,9 +59,9 @@ def trained(tmp_path_factory) -> tuple[Settings, int]:
     Session = make_sessionmaker(cfg.database_url)
     write_dataset(tmp / "src", per_class=8)
     with Session.begin() as s:
-        ingest(s, cfg, tmp / "src", "synthetic")
+        ingest(s, cfg, tmp / "src", "synthetic", user=LOCAL_USER)
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **TINY))
+        (run,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **TINY), user=LOCAL_USER)
     execute.execute_run(Session, cfg, run.id)
     return cfg, run.id
 
@@ -219,7 +220,7 @@ def test_delete_needs_confirmation(trained, monkeypatch, tmp_path, settings):
     Session = make_sessionmaker(settings.database_url)
     write_dataset(tmp_path / "src", per_class=2)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "doomed")
+        ingest(s, settings, tmp_path / "src", "doomed", user=LOCAL_USER)
     at = open_page(monkeypatch, settings, "pages/dataset.py")
     assert at.button(key="ds_delete").disabled
     at.checkbox(key="ds_confirm_doomed").check().run()
@@ -237,7 +238,7 @@ def test_augmentation_preview_and_preset(trained, monkeypatch, settings, tmp_pat
     Session = make_sessionmaker(settings.database_url)
     write_dataset(tmp_path / "src", per_class=2)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "small")
+        ingest(s, settings, tmp_path / "src", "small", user=LOCAL_USER)
     at = open_page(monkeypatch, settings, "pages/augmentation.py")
     assert at.number_input(key="aug_rotate_probability").value == 0.4
     assert at.number_input(key="aug_distortion_magnitude").value == 4
@@ -273,7 +274,7 @@ def test_launch_queues_a_run_with_the_chosen_settings(trained, monkeypatch, no_w
     Session = make_sessionmaker(settings.database_url)
     write_dataset(tmp_path / "src", per_class=6)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "fresh")
+        ingest(s, settings, tmp_path / "src", "fresh", user=LOCAL_USER)
     # With a GPU the form starts at the paper's settings (without one, at a quick preset: test_train_page.py).
     monkeypatch.setattr(estimate, "machine_summary", lambda: estimate.MachineSummary(("a GPU",), 2))
     at = open_page(monkeypatch, settings, "pages/train.py")
@@ -314,7 +315,7 @@ def test_generalisation_switches_and_leak_audit_on_the_train_page(monkeypatch, n
     Session = make_sessionmaker(settings.database_url)
     write_dataset(tmp_path / "src", per_class=6)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "fresh")
+        ingest(s, settings, tmp_path / "src", "fresh", user=LOCAL_USER)
     at = open_page(monkeypatch, settings, "pages/train.py")
     assert (
         at.selectbox(key="tr_stain").value,
@@ -429,8 +430,8 @@ def test_failed_run_shows_its_error_and_log(trained, monkeypatch, settings, tmp_
     Session = make_sessionmaker(settings.database_url)
     write_dataset(tmp_path / "src", per_class=4)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "synthetic")
-        (run,) = runs.create_runs(s, settings, RunConfig(dataset="synthetic", **TINY))
+        ingest(s, settings, tmp_path / "src", "synthetic", user=LOCAL_USER)
+        (run,) = runs.create_runs(s, settings, RunConfig(dataset="synthetic", **TINY), user=LOCAL_USER)
         run.status, run.error = RunStatus.failed, "ImageNet weights for DenseNet-201 could not be loaded (offline)."
         run.log_tail = "12:00:00 ERROR run 1 failed\nTraceback: ..."
     at = open_page(monkeypatch, settings, "pages/runs.py")
@@ -443,7 +444,9 @@ def test_two_runs_are_compared_on_one_figure(trained, monkeypatch):
     cfg, run_id = trained
     Session = make_sessionmaker(cfg.database_url)
     with Session.begin() as s:  # a second run's record, with curves but without training it
-        (other,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "seed": 1, "epochs": 2}))
+        (other,) = runs.create_runs(
+            s, cfg, RunConfig(dataset="synthetic", **{**TINY, "seed": 1, "epochs": 2}), user=LOCAL_USER
+        )
         other.status = RunStatus.cancelled
         s.add_all(
             EpochMetric(
@@ -520,7 +523,7 @@ def test_launch_with_imagenet_weights_that_cannot_be_had_queues_nothing(monkeypa
 
     write_dataset(tmp_path / "src", per_class=6)
     with make_sessionmaker(settings.database_url).begin() as s:
-        ingest(s, settings, tmp_path / "src", "fresh")
+        ingest(s, settings, tmp_path / "src", "fresh", user=LOCAL_USER)
 
     class Offline:
         class IMAGENET1K_V1:  # noqa: N801 - torchvision's enum member name

@@ -22,6 +22,7 @@ import torch
 from sqlalchemy import event, select, text
 from streamlit.testing.v1 import AppTest
 
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data.datasets import delete_dataset, get_dataset, image_path
 from core.data.ingest import ingest
@@ -68,7 +69,7 @@ def source(tmp_path) -> Path:
 
 def _ingest(Session, settings, folder: Path, name: str) -> None:
     with Session.begin() as s:
-        ingest(s, settings, folder, name)
+        ingest(s, settings, folder, name, user=LOCAL_USER)
 
 
 def _together(first, second, delay: float) -> dict[str, BaseException | object]:
@@ -109,17 +110,17 @@ def _deep_check_clean(Session, settings) -> None:
 def test_ids_of_deleted_rows_are_never_given_again(settings, Session, source):
     _ingest(Session, settings, source, "a")
     with Session.begin() as s:
-        first = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY))[0].id
-        last = runs.create_runs(s, settings, RunConfig(dataset="a", **{**TINY, "seed": 4}))[0].id
+        first = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY), user=LOCAL_USER)[0].id
+        last = runs.create_runs(s, settings, RunConfig(dataset="a", **{**TINY, "seed": 4}), user=LOCAL_USER)[0].id
     with Session.begin() as s:
         s.delete(s.get(Run, last))
     with Session.begin() as s:
-        new = runs.create_runs(s, settings, RunConfig(dataset="a", **{**TINY, "seed": 5}))[0].id
+        new = runs.create_runs(s, settings, RunConfig(dataset="a", **{**TINY, "seed": 5}), user=LOCAL_USER)[0].id
         old_dataset = get_dataset(s, "a").id
     assert first < last < new
     with Session.begin() as s:
         s.execute(Run.__table__.update().values(status=RunStatus.cancelled))
-        delete_dataset(s, settings, "a")
+        delete_dataset(s, settings, "a", user=LOCAL_USER)
     _ingest(Session, settings, source, "a")
     with Session() as s:
         assert get_dataset(s, "a").id > old_dataset
@@ -210,7 +211,7 @@ def test_the_predict_page_serves_the_model_now_stored_under_a_run_id(settings, S
     # The dataset goes, another is trained, and its run gets the same id (as SQLite gives a freed
     # id again in databases made before ids were AUTOINCREMENT).
     with Session.begin() as s:
-        delete_dataset(s, settings, "threeclass")
+        delete_dataset(s, settings, "threeclass", user=LOCAL_USER)
     two = write_dataset(tmp_path / "two", per_class=4, classes=("CLL", "FL"))
     _ingest(Session, settings, two, "twoclass")
     assert _succeeded_run(Session, settings, "twoclass", run_id=run_id) == run_id
@@ -252,7 +253,7 @@ def test_ingest_racing_a_delete_of_a_dataset_sharing_its_images_keeps_its_files(
 
 def _delete(Session, settings, name: str) -> None:
     with Session.begin() as s:
-        delete_dataset(s, settings, name)
+        delete_dataset(s, settings, name, user=LOCAL_USER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def _delete(Session, settings, name: str) -> None:
 
 def _launch(Session, settings, name: str) -> list[int]:
     with Session.begin() as s:
-        return [r.id for r in runs.create_runs(s, settings, RunConfig(dataset=name, **TINY))]
+        return [r.id for r in runs.create_runs(s, settings, RunConfig(dataset=name, **TINY), user=LOCAL_USER)]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
@@ -318,7 +319,7 @@ def _disk_full(monkeypatch, engine, refused_writes: int) -> None:
 def test_a_run_that_cannot_write_ends_failed_saying_the_disk_is_full(settings, Session, source, monkeypatch):
     _ingest(Session, settings, source, "a")
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY))
+        (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY), user=LOCAL_USER)
     # The real training loop and recorder, on a model that trains in milliseconds.
     monkeypatch.setattr(execute, "build_model", lambda n, weights: (TinyNet(n), "none (a stand-in model)"))
     _disk_full(monkeypatch, queue.engine_of(Session), refused_writes=2)
@@ -334,7 +335,7 @@ def test_a_run_that_cannot_write_ends_failed_saying_the_disk_is_full(settings, S
 def test_the_worker_survives_a_full_disk_and_fails_the_run_it_cannot_start(settings, Session, source, monkeypatch):
     _ingest(Session, settings, source, "a")
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY))
+        (run,) = runs.create_runs(s, settings, RunConfig(dataset="a", **TINY), user=LOCAL_USER)
 
     def no_space(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

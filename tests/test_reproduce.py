@@ -4,6 +4,7 @@ import argparse
 
 import pytest
 
+from core.access.accounts import LOCAL_USER
 from core.data import groups
 from core.data.ingest import ingest
 from core.jobs.reproduce import add_cli
@@ -20,7 +21,7 @@ def test_reproduce_paper_writes_a_report_with_both_protocols(tmp_path, settings,
     src = write_dataset(tmp_path / "src", per_class=12, ext=".png", size=(48, 40))
     groups.write_manifest(groups.block_manifest(src, block_size=3), tmp_path / "groups.csv")
     with Session.begin() as s:
-        ingest(s, settings, src, "tiny", groups_csv=tmp_path / "groups.csv")
+        ingest(s, settings, src, "tiny", groups_csv=tmp_path / "groups.csv", user=LOCAL_USER)
 
     out = tmp_path / "report"
     args = _parser().parse_args(

@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.__main__ import build_parser, config_from_args
+from core.access.accounts import LOCAL_USER
 from core.data.ingest import ingest
 from core.jobs import estimate
 from core.jobs.reproduce import RUN_FLAGS
@@ -79,7 +80,7 @@ def test_every_run_setting_has_an_input_on_the_train_page(split, settings, monke
     from core.store.engine import make_sessionmaker
 
     with make_sessionmaker(settings.database_url).begin() as s:
-        ingest(s, settings, tmp_path / "src", "grouped", group_pattern=r"^[^/]+/\d\d(\d)")
+        ingest(s, settings, tmp_path / "src", "grouped", group_pattern=r"^[^/]+/\d\d(\d)", user=LOCAL_USER)
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.setenv("START_WORKER", "0")
     monkeypatch.setattr(estimate, "machine_summary", lambda: estimate.MachineSummary(("a GPU",), 2))  # paper defaults

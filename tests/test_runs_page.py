@@ -20,7 +20,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from core.access import accounts
-from core.access.accounts import EDITOR, VIEWER
+from core.access.accounts import EDITOR, LOCAL_USER, VIEWER
 from core.config import Settings, load_settings
 from core.data import splits
 from core.data.ingest import ingest
@@ -62,7 +62,7 @@ def lab(tmp_path) -> tuple[Settings, object]:
     Session = make_sessionmaker(cfg.database_url)
     write_dataset(tmp_path / "src", per_class=5)
     with Session.begin() as s:
-        ingest(s, cfg, tmp_path / "src", "synthetic")
+        ingest(s, cfg, tmp_path / "src", "synthetic", user=LOCAL_USER)
     return cfg, Session
 
 
@@ -82,7 +82,7 @@ def finished_run(
     rng = np.random.default_rng(7)
     with Session.begin() as s:
         words = {k: v for k, v in (("name", name), ("notes", notes)) if v is not None}
-        (run,) = runs.create_runs(s, cfg, config, **words)
+        (run,) = runs.create_runs(s, cfg, config, **words, user=LOCAL_USER)
         s.flush()
         classes = list(run.dataset.classes)
         parts = splits.split_parts(s, run.split, run.fold)
@@ -187,7 +187,9 @@ def test_a_failed_run_is_announced_and_says_what_to_do_in_the_pages_words(lab, m
     monkeypatch.setattr(model, "DenseNet201_Weights", Offline)
     cfg, Session = lab
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "weights": "imagenet"}))
+        (run,) = runs.create_runs(
+            s, cfg, RunConfig(dataset="synthetic", **{**TINY, "weights": "imagenet"}), user=LOCAL_USER
+        )
     with pytest.raises(UserError):
         execute.execute_run(Session, cfg, run.id)
     with Session() as s:
@@ -324,13 +326,13 @@ def test_a_delete_and_a_workers_claim_take_turns(lab):
     cfg, Session = lab
     config = RunConfig(dataset="synthetic", **TINY)
     with Session.begin() as s:
-        first, second = (runs.create_runs(s, cfg, config.replace(seed=k))[0].id for k in (1, 2))
+        first, second = (runs.create_runs(s, cfg, config.replace(seed=k), user=LOCAL_USER)[0].id for k in (1, 2))
     with Session.begin() as s:
-        manage.delete_run(s, cfg, first)
+        manage.delete_run(s, cfg, first, user=LOCAL_USER)
     assert queue.claim_next(Session, "w:1", first) is None  # nothing to take, nothing brought back
     assert queue.claim_next(Session, "w:1", second) == second
     with Session.begin() as s, pytest.raises(UserError, match="cancel it first"):
-        manage.delete_run(s, cfg, second)
+        manage.delete_run(s, cfg, second, user=LOCAL_USER)
     with Session() as s:
         assert s.get(Run, first) is None and s.get(Run, second).status == RunStatus.running
 
@@ -350,7 +352,7 @@ def test_speed_time_left_and_the_worker_say_the_same_as_the_queue(lab, monkeypat
         stopped_at_epoch=2,
     )
     with Session.begin() as s:
-        (running,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "epochs": 3}))
+        (running,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "epochs": 3}), user=LOCAL_USER)
         running.status, running.worker, running.started_at = RunStatus.running, "lab-server:4242", utcnow()
         running.heartbeat_at = utcnow()
         running.progress = RunProgress(stage="train", epoch=2, epochs=3, step=5, steps=10).to_dict()
@@ -366,7 +368,7 @@ def test_speed_time_left_and_the_worker_say_the_same_as_the_queue(lab, monkeypat
                 images_per_second=0.8,
             )
         )
-        (waiting,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "seed": 5}))
+        (waiting,) = runs.create_runs(s, cfg, RunConfig(dataset="synthetic", **{**TINY, "seed": 5}), user=LOCAL_USER)
         # The worker's own list lags until its next heartbeat: it does not list the run yet.
         s.add(Worker(id="lab-server:4242", host="lab-server", pid=4242, heartbeat_at=utcnow(), run_ids=[]))
     at = open_runs(monkeypatch, cfg, runs_selected=running.id)

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from core.__main__ import main
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data.slide_ingest import ingest_slides, is_slide_folder
 from core.errors import UserError
@@ -73,7 +74,13 @@ def trained(tmp_path_factory):
     seen = []
     with Session.begin() as s:
         report = ingest_slides(
-            s, settings, source, "wsi", progress=lambda d, t: seen.append((d, t)), **{**TILING, "max_tiles": 8}
+            s,
+            settings,
+            source,
+            "wsi",
+            progress=lambda d, t: seen.append((d, t)),
+            **{**TILING, "max_tiles": 8},
+            user=LOCAL_USER,
         )
     config = RunConfig(
         dataset="wsi",
@@ -179,10 +186,10 @@ def test_a_slide_without_mpp_is_refused_unless_it_is_given(tmp_path, settings, S
         pytest.raises(UserError, match=r"^cll-0\.tif has no microns per pixel; give it with --mpp"),
         Session.begin() as s,
     ):
-        ingest_slides(s, settings, source, "no-mpp", **TILING)
+        ingest_slides(s, settings, source, "no-mpp", **TILING, user=LOCAL_USER)
     assert stored_nothing(Session, settings)
     with Session.begin() as s:
-        report = ingest_slides(s, settings, source, "no-mpp", mpp=0.5, **{**TILING, "max_tiles": 3})
+        report = ingest_slides(s, settings, source, "no-mpp", mpp=0.5, **{**TILING, "max_tiles": 3}, user=LOCAL_USER)
     assert report.tiles_kept == 6
     with Session() as s:
         assert set(s.scalars(select(Slide.mpp))) == {0.5}
@@ -193,7 +200,7 @@ def test_a_cut_short_slide_stores_nothing(tmp_path, settings, Session):
     data = (source / "FL" / "fl-0.tif").read_bytes()
     (source / "FL" / "cut.tif").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError) as e, Session.begin() as s:
-        ingest_slides(s, settings, source, "cut", **TILING)
+        ingest_slides(s, settings, source, "cut", **TILING, user=LOCAL_USER)
     assert str(e.value).startswith("FL/cut.tif: cut.tif is not a whole-slide image that can be read")
     assert str(tmp_path) not in str(e.value)
     assert stored_nothing(Session, settings)
@@ -203,7 +210,7 @@ def test_a_slide_without_tissue_stores_nothing(tmp_path, settings, Session):
     source = slide_folder(tmp_path / "slides", per_class=1)
     write_slide(source / "FL" / "blank.tif", 2000, 1500, [], mpp=0.5, levels=2)  # glass only
     with pytest.raises(UserError, match=r"^FL/blank\.tif: no tissue was found on this slide"), Session.begin() as s:
-        ingest_slides(s, settings, source, "blank", **TILING)
+        ingest_slides(s, settings, source, "blank", **TILING, user=LOCAL_USER)
     assert stored_nothing(Session, settings)
 
 
@@ -259,7 +266,7 @@ def test_a_folder_of_slides_and_images_is_refused(tmp_path):
 def test_the_check_sees_a_slide_changed_after_ingest_not_one_touched(tmp_path, settings, Session):
     source = slide_folder(tmp_path / "slides", per_class=1)
     with Session.begin() as s:
-        ingest_slides(s, settings, source, "wsi", **{**TILING, "max_tiles": 2})
+        ingest_slides(s, settings, source, "wsi", **{**TILING, "max_tiles": 2}, user=LOCAL_USER)
     path = source / "CLL" / "cll-0.tif"
     stat = path.stat()
     os.utime(path, (stat.st_atime, stat.st_mtime + 60))  # touched: same bytes

@@ -32,6 +32,7 @@ from core.slides.scale import ModelScale
 from core.store.db import PredictionLog, RunStatus, SlideJob
 from core.store.engine import make_sessionmaker
 from core.training.model import PaperDenseNet
+from tests.openapi_check import CheckedClient
 from tests.slides import two_region_slide
 from tests.test_slide_predict import add_run
 
@@ -66,7 +67,8 @@ def home(tmp_path_factory):
 
 
 def client(settings: Settings) -> TestClient:
-    return TestClient(Starlette(routes=api_routes(settings)), client=("203.0.113.9", 40000))
+    # Each answer is held to the API's OpenAPI document as it comes (tests/openapi_check.py).
+    return CheckedClient(Starlette(routes=api_routes(settings)), client=("203.0.113.9", 40000))
 
 
 def post_slide(c: TestClient, token: str, slide: Path, **fields):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from core.access.accounts import LOCAL_USER
 from core.data import slide_views, uploads
 from core.data.slide_ingest import SlideIngestReport
 from core.store.db import Dataset, Image, Slide
@@ -169,6 +170,7 @@ def test_an_uploaded_zip_of_slides_is_tiled_from_a_copy_not_kept(slide_source, s
             "uploaded",
             slides=options,
             tile_progress=lambda done, total: seen.append((done, total)),
+            user=LOCAL_USER,
         )
     assert isinstance(report, SlideIngestReport) and report.tiles_kept == 8 and seen[-1] == (4, 4)
     with Session() as s:

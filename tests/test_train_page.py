@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
+from core.access.accounts import LOCAL_USER
 from core.config import Settings
 from core.data.ingest import ingest
 from core.jobs import estimate, views
@@ -33,7 +34,7 @@ def site(settings: Settings, tmp_path, monkeypatch) -> Settings:
 
     write_dataset(tmp_path / "src", per_class=6)
     with make_sessionmaker(settings.database_url).begin() as s:
-        ingest(s, settings, tmp_path / "src", "synthetic")
+        ingest(s, settings, tmp_path / "src", "synthetic", user=LOCAL_USER)
     monkeypatch.setattr(worker, "ensure_worker", lambda settings: True)
     monkeypatch.setattr(estimate, "machine_summary", lambda: CPU_ONLY)
     monkeypatch.setenv("APP_HOME", str(settings.app_home))

@@ -3,6 +3,7 @@
 import pytest
 from sqlalchemy import select
 
+from core.access.accounts import LOCAL_USER
 from core.evaluation.metrics import run_report
 from core.inference.predict import load_predictor, predict_files
 from core.jobs import execute, runs, views
@@ -91,7 +92,7 @@ def test_kfold_makes_one_run_per_fold(dataset, settings, Session):
 def test_non_finite_loss_fails_the_run_with_the_reason(dataset, settings, Session):
     config = RunConfig(dataset=dataset, **{**SMALL, "epochs": 1, "lr": 1e12, "per_class": 8})
     with Session.begin() as s:
-        (run,) = runs.create_runs(s, settings, config)
+        (run,) = runs.create_runs(s, settings, config, user=LOCAL_USER)
     with pytest.raises(Exception):  # noqa: B017 (whatever it raises, the run must record the reason)
         execute.execute_run(Session, settings, run.id)
     with Session() as s:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from core.access import accounts
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data.ingest import ingest
 from core.store.engine import make_sessionmaker
@@ -35,7 +36,7 @@ def server(tmp_path_factory):
     accounts.add_account(home / "accounts.toml", "ana", PASSWORD, accounts.EDITOR)
     settings = load_settings({"APP_HOME": str(home)})
     with make_sessionmaker(settings.database_url).begin() as s:
-        ingest(s, settings, write_dataset(home / "src", per_class=1), "synthetic")
+        ingest(s, settings, write_dataset(home / "src", per_class=1), "synthetic", user=LOCAL_USER)
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMPORT_ROOTS")}
     env.update(
         APP_HOME=str(home),

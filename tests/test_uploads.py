@@ -6,6 +6,7 @@ import zipfile
 import pytest
 from sqlalchemy import select
 
+from core.access.accounts import LOCAL_USER
 from core.config import load_settings
 from core.data import uploads
 from core.errors import UserError
@@ -26,7 +27,7 @@ def test_zip_upload_is_ingested_and_its_temp_folder_removed(settings, Session, t
         for p in sorted((tmp_path / "src").rglob("*.tif")):
             zf.write(p, p.relative_to(tmp_path / "src").as_posix())
     with Session.begin() as s:
-        report = uploads.ingest_zip(s, settings, io.BytesIO(buf.getvalue()), "my set.zip", "set")
+        report = uploads.ingest_zip(s, settings, io.BytesIO(buf.getvalue()), "my set.zip", "set", user=LOCAL_USER)
     assert report.added == 6 and report.class_counts == {"CLL": 2, "FL": 2, "MCL": 2}
     with Session() as s:
         assert s.scalar(select(Dataset.source)) == "upload my set.zip"
@@ -43,14 +44,14 @@ def test_zip_upload_is_ingested_and_its_temp_folder_removed(settings, Session, t
 )
 def test_bad_zip_uploads_are_user_errors(settings, Session, filename, content, message):
     with Session.begin() as s, pytest.raises(UserError, match=message):
-        uploads.ingest_zip(s, settings, content, filename, "x")
+        uploads.ingest_zip(s, settings, content, filename, "x", user=LOCAL_USER)
     assert not any(settings.tmp_dir.iterdir()) if settings.tmp_dir.exists() else True
 
 
 def test_files_by_class_keep_same_named_files_and_strip_folders(settings, Session):
     files = [("CLL", "a.png", png("CLL", 0)), ("CLL", "a.png", png("CLL", 1)), ("FL", "../../etc/b.png", png("FL", 0))]
     with Session.begin() as s:
-        report = uploads.ingest_files(s, settings, files, "loose")
+        report = uploads.ingest_files(s, settings, files, "loose", user=LOCAL_USER)
     assert report.added == 3 and report.class_counts == {"CLL": 2, "FL": 1}
     with Session() as s:
         names = sorted(im.original_name for im in s.scalar(select(Dataset)).images)
@@ -59,14 +60,16 @@ def test_files_by_class_keep_same_named_files_and_strip_folders(settings, Sessio
 
 def test_files_of_one_class_need_an_existing_dataset(settings, Session):
     with Session.begin() as s, pytest.raises(UserError, match="need at least 2"):
-        uploads.ingest_files(s, settings, [("CLL", "a.png", png("CLL", 0))], "one")
+        uploads.ingest_files(s, settings, [("CLL", "a.png", png("CLL", 0))], "one", user=LOCAL_USER)
     with Session.begin() as s:
-        uploads.ingest_files(s, settings, [("CLL", "a.png", png("CLL", 0)), ("FL", "b.png", png("FL", 0))], "two")
+        uploads.ingest_files(
+            s, settings, [("CLL", "a.png", png("CLL", 0)), ("FL", "b.png", png("FL", 0))], "two", user=LOCAL_USER
+        )
     with Session.begin() as s:  # more images of a known class are fine
-        report = uploads.ingest_files(s, settings, [("CLL", "c.png", png("CLL", 5))], "two")
+        report = uploads.ingest_files(s, settings, [("CLL", "c.png", png("CLL", 5))], "two", user=LOCAL_USER)
     assert report.class_counts == {"CLL": 2, "FL": 1}
     with Session.begin() as s, pytest.raises(UserError, match="No files"):
-        uploads.ingest_files(s, settings, [], "two")
+        uploads.ingest_files(s, settings, [], "two", user=LOCAL_USER)
 
 
 def test_server_import_only_below_the_import_roots(tmp_path, Session):
@@ -84,7 +87,7 @@ def test_server_import_only_below_the_import_roots(tmp_path, Session):
     with pytest.raises(UserError, match="does not exist"):
         uploads.check_import_path(on, allowed / "missing")
     with Session.begin() as s:  # the fixture's database is the one in tmp_path/home too
-        report = uploads.import_folder(s, on, str(allowed / "set"), "server")
+        report = uploads.import_folder(s, on, str(allowed / "set"), "server", user=LOCAL_USER)
     assert report.added == 6
     with Session() as s:
         assert s.scalar(select(Dataset.source)) == str((allowed / "set").resolve())

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy import event, update
 
+from core.access.accounts import LOCAL_USER
 from core.evaluation.calibration import run_calibration
 from core.jobs import runs, views
 from core.store.db import EpochMetric, Run, RunStatus
@@ -33,8 +34,11 @@ def recorded(settings, Session, tmp_path) -> list[int]:
 
     write_dataset(tmp_path / "src", per_class=4)
     with Session.begin() as s:
-        ingest(s, settings, tmp_path / "src", "tiny")
-        made = [runs.create_runs(s, settings, RunConfig(dataset="tiny", seed=seed, **TINY))[0] for seed in range(4)]
+        ingest(s, settings, tmp_path / "src", "tiny", user=LOCAL_USER)
+        made = [
+            runs.create_runs(s, settings, RunConfig(dataset="tiny", seed=seed, **TINY), user=LOCAL_USER)[0]
+            for seed in range(4)
+        ]
         made[1].status, made[1].progress = (
             RunStatus.running,
             {"stage": "train", "epoch": 1, "epochs": 2, "step": 3, "steps": 4},
@@ -119,8 +123,10 @@ def test_dataset_rows_are_one_query(recorded, Session):
 def test_the_best_honest_run_prefers_grouped_splits_and_never_the_leaky_protocol(recorded, settings, Session):
     _, _, _, done = recorded
     with Session.begin() as s:
-        leaky = runs.create_runs(s, settings, RunConfig(dataset="tiny", split="paper-leaky", **TINY))[0]
-        failed = runs.create_runs(s, settings, RunConfig(dataset="tiny", seed=9, **TINY))[0]
+        leaky = runs.create_runs(s, settings, RunConfig(dataset="tiny", split="paper-leaky", **TINY), user=LOCAL_USER)[
+            0
+        ]
+        failed = runs.create_runs(s, settings, RunConfig(dataset="tiny", seed=9, **TINY), user=LOCAL_USER)[0]
         leaky.status = failed.status = RunStatus.succeeded
         leaky.summary = RunSummary(test_accuracy=0.99).to_dict()
         failed.status, failed.summary = RunStatus.failed, RunSummary(test_accuracy=1.0).to_dict()

@@ -222,7 +222,7 @@ def _parse_tokens(table: object, source: str) -> dict[str, ApiToken]:
         if not _TOKEN_ID.fullmatch(token_id) or not isinstance(entry, dict):
             raise UserError(
                 f"{where}: expected a [tokens.ID] section (ID: 12 hex digits) with name, role, "
-                "secret_hash and created_at, as `python -m core.access.accounts token add` writes it."
+                "secret_hash and created_at, as `python -m core token add` writes it."
             )
         keys = {"name", "role", "secret_hash", "created_at"}
         if set(entry) != keys or not all(isinstance(entry[k], str) for k in keys):

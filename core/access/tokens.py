@@ -19,7 +19,7 @@ their holder to have the token made again (`OldToken`); `token list` marks them.
 converted on first use: that would take the server writing the administrator's accounts file while
 `token add` or `token remove` may be writing it too, and a token just removed could come back.
 
-Command line: python -m core.access.accounts token add NAME --role viewer|editor | token list | token remove ID
+Command line: python -m core token add NAME --role viewer|editor | token list | token remove ID
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def token_user(accounts: Accounts, token: str) -> User | None:
         # Its holder is told what to do; the message names no one, as whoever sends the id reads it.
         raise OldToken(
             f"API token {token_id} dates from before tokens were stored as SHA-256 digests and is no "
-            "longer accepted. Ask an administrator for a new one (`python -m core.access.accounts token "
+            "longer accepted. Ask an administrator for a new one (`python -m core token "
             f"add NAME --role ROLE`) and to remove this one (`token remove {token_id}`)."
         )
     right = hmac.compare_digest(record.secret_hash if record else _NO_TOKEN, secret_digest(secret))

@@ -66,7 +66,7 @@ class Authenticator:
             raise ApiError(
                 401,
                 "Send an API token: Authorization: Bearer lk_... (an administrator makes one with "
-                "`python -m core.access.accounts token add NAME --role viewer`).",
+                "`python -m core token add NAME --role viewer`).",
                 BEARER,
             )
         return self.token_user(token.strip(), address)

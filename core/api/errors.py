@@ -1,12 +1,20 @@
 """Every answer of the API that is not a success: JSON `{"error": message}` with its status, never a
 traceback. Endpoints raise ApiError; a UserError that reaches the edge is a 422 (the request cannot
-be carried out as sent, and the message says why); anything else is logged and answered with 500."""
+be carried out as sent, and the message says why); anything else is logged and answered with 500.
+
+FastAPI's own refusals take the same shape: a parameter it cannot read is a 422 in the parameter's
+words (core/api/params.py), except an id in the path past the database's ids, which names nothing
+(404, as an address of no route is); its router's 404 and 405 are JSON too. `answer` is the one
+mapping from an exception to its answer, used by the endpoints' route class (core/api/routes.py), by
+FastAPI's handler for its router's refusals, and by JsonErrors round the whole API."""
 
 from __future__ import annotations
 
 import logging
 
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,6 +23,9 @@ from core.errors import UserError
 log = logging.getLogger(__name__)
 
 BEARER = {"WWW-Authenticate": 'Bearer realm="api"'}
+NOT_FOUND = "No such address in the API; its openapi.json lists the addresses it has."
+API_MESSAGE = "api_message"  # a validation error whose message is already in the API's words (params.py)
+PATH_IDS = {"run_id": "run", "job_id": "slide job"}  # what an id in the path names
 
 
 class ApiError(Exception):
@@ -56,8 +67,12 @@ class JsonErrors:
     def answer(exc: Exception) -> JSONResponse:
         if isinstance(exc, ApiError):
             return error_response(exc.status, exc.message, exc.headers)
+        if isinstance(exc, RequestValidationError):
+            return invalid(exc)
         if isinstance(exc, HTTPException):  # the router's own: 405, or 404 for a path it does not know
             message = exc.detail if isinstance(exc.detail, str) and exc.detail else "Request refused."
+            if exc.status_code == 404:
+                message = NOT_FOUND
             return error_response(exc.status_code, message, dict(exc.headers or {}))
         if isinstance(exc, UserError):
             return error_response(422, exc.for_api())  # in the API's words where they differ
@@ -65,8 +80,18 @@ class JsonErrors:
         return error_response(500, "The server failed to answer this request; its log has the details.")
 
 
-async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    """The router's answer to a path it does not know."""
-    await error_response(404, "No such address in the API; its openapi.json lists the addresses it has.")(
-        scope, receive, send
-    )
+def invalid(exc: RequestValidationError) -> JSONResponse:
+    """A parameter FastAPI could not read: 404 for an id in the path past the database's ids (the
+    path's own pattern keeps to 19 digits), 422 otherwise, in the first problem's words."""
+    first = exc.errors()[0]
+    where, name = (tuple(first.get("loc", ())) + ("request", ""))[:2]
+    if where == "path":
+        return error_response(404, f"No {PATH_IDS.get(str(name), 'such row')} with id {str(first.get('input'))[:40]}.")
+    if first.get("type") == API_MESSAGE:
+        return error_response(422, first["msg"])
+    return error_response(422, f"The {where} parameter '{name}' cannot be used: {first.get('msg', 'not valid')}.")
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's handler for its router's refusals (404, 405), which happen before any endpoint."""
+    return JsonErrors.answer(exc)

@@ -123,6 +123,32 @@ def logged_json(r: Any) -> dict[str, Any]:
     return plain(logged_record(r))
 
 
+def review_json(r: Any) -> dict[str, Any]:
+    """One review (core.review.store.ReviewRecord)."""
+    return plain(
+        {
+            "log_id": r.log_id,
+            "run_id": r.run_id,
+            "predicted": r.predicted,
+            "reviewer": r.reviewer,
+            "reviewed_at": r.reviewed_at,
+            "true_class": r.true_class,
+            "note": r.note,
+        }
+    )
+
+
+def queue_entry_json(item: Any) -> dict[str, Any]:
+    """One prediction of the review queue (core.review.queue.QueueItem): its log row, whether its image
+    is kept (never where), and its reviews."""
+    return {
+        **logged_json(item.prediction),
+        "image_kept": item.image_path is not None,
+        "reviews": [review_json(r) for r in item.reviews],
+        "disagreement": item.disagreement,
+    }
+
+
 def slide_job_json(view, prefix: str) -> dict[str, Any]:
     """A slide job (core/jobs/slide_jobs.py SlideJobView) as the API answers it."""
     left = view.seconds_left()

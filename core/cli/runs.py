@@ -97,13 +97,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_slide_child(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.jobs.slide_jobs import run_slide_child
+    from core.jobs.children import run_slide_child
 
     run_slide_child(settings, args.job, parent=args.parent)
 
 
 def cmd_child(args: argparse.Namespace, settings: Settings, Session) -> None:
-    from core.jobs.worker import run_child
+    from core.jobs.children import run_child
 
     run_child(settings, args.run, parent=args.parent)
 

@@ -58,17 +58,16 @@ def lock_dataset(session: Session, dataset: Dataset) -> Dataset:
     return locked
 
 
-def delete_dataset(session: Session, settings: Settings, name: str, *, user: User | None = None) -> None:
+def delete_dataset(session: Session, settings: Settings, name: str, *, user: User) -> None:
     """Delete the dataset's rows (images, skipped files, and by cascade its splits and runs).
-    `user` (when given) must be an editor.
+    `user` must be an editor.
 
     Stored files that no other dataset uses are removed once the caller's transaction commits,
     so a rollback never leaves rows pointing at missing files. Which files are unused is decided,
     and they are removed, under the ingest lock held alone: an ingest running meanwhile may have
     found one of them stored and be about to reference it, so the delete waits for it to commit.
     """
-    if user is not None:
-        require_editor(user, "delete datasets")
+    require_editor(user, "delete datasets")
     dataset = get_dataset(session, name)
     hold_ingest_lock(session, settings, exclusive=True)  # before any database lock, as ingest takes them
     dataset = lock_dataset(session, dataset)

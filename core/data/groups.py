@@ -219,16 +219,15 @@ def estimate_groups(images: Iterable[tuple[str, str]], block_size: int = DEFAULT
     return GroupEstimate(groups, labels, block_size)
 
 
-def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str], *, user: User | None = None) -> int:
+def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str], *, user: User) -> int:
     """Give every image of dataset `dataset_name` its group from `groups` (name in the source ->
     group), replacing the groups it had; the number of images changed. Splits already made keep
-    their parts: only splits made afterwards use the new groups. `user` (when given) must be an editor.
+    their parts: only splits made afterwards use the new groups. `user` must be an editor.
 
     Raises:
         UserError: no such dataset, or an image `groups` does not name (the dataset changed since).
     """
-    if user is not None:
-        require_editor(user, "change specimen groups")
+    require_editor(user, "change specimen groups")
     dataset = lock_dataset(session, get_dataset(session, dataset_name))
     images = session.scalars(select(Image).where(Image.dataset_id == dataset.id)).all()
     missing = [im.original_name for im in images if im.original_name not in groups]
@@ -248,7 +247,7 @@ def apply_groups(session: Session, dataset_name: str, groups: Mapping[str, str],
     record_version(
         session,
         dataset,
-        user=user.name if user is not None else None,
+        user=user.name,
         note=f"specimen groups estimated from file numbers ({changed} image(s) changed)",
     )
     return changed

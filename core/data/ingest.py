@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from core.data.groups import compile_group_pattern, groups_from_csv, groups_from
 from core.data.sources import Candidate, dataset_root, scan, source_folder
 from core.data.versions import record_version
 from core.errors import UserError
+from core.progress import ProgressCallback
 from core.store.db import Dataset, Image, SkippedFile
 from core.store.files import copy_file_atomic, hold_ingest_lock, remove_unless_shared
 
@@ -93,12 +93,12 @@ def ingest(
     *,
     groups_csv: Path | None = None,
     group_pattern: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    user: User | None = None,
+    progress: ProgressCallback | None = None,
+    user: User,
     note: str | None = None,
 ) -> IngestReport:
     """Validate every image under `source` (folder or .zip of class sub-folders) and add the new
-    ones to dataset `name`, creating it if needed. `user` (when given) must be an editor; a new
+    ones to dataset `name`, creating it if needed. `user` must be an editor; a new
     dataset records their name as created_by. When the dataset's images or groups change, they are
     recorded as its next version (core/data/versions.py), by `user` with `note` (else the counts).
 
@@ -108,9 +108,8 @@ def ingest(
     MAX_ZIP_ENTRIES, names too long to store) raises UserError before anything is stored; so does a
     full disk, after removing what this call stored. Rows are added and flushed; the caller commits.
     """
-    if user is not None:
-        require_editor(user, "add images")
-        check_name_length(user.name, "User name")
+    require_editor(user, "add images")
+    check_name_length(user.name, "User name")
     name = check_name_length(name.strip(), "Dataset name")
     if not name:
         raise UserError("Give the dataset a name.")
@@ -135,7 +134,7 @@ def ingest(
             record_version(
                 session,
                 dataset,
-                user=user.name if user is not None else None,
+                user=user.name,
                 note=note or f"ingest: {report.added} added, {report.already_present} already present",
             )
             return report
@@ -152,8 +151,8 @@ def _ingest_folder(
     name: str,
     groups_csv: Path | None,
     group_rx: re.Pattern[str] | None,
-    progress: Callable[[int, int], None] | None,
-    user: User | None,
+    progress: ProgressCallback | None,
+    user: User,
     stored: list[Path],
 ) -> IngestReport:
     top = folder.resolve()
@@ -190,9 +189,7 @@ def _ingest_folder(
 
     # All checks passed: from here on, store.
     if dataset is None:
-        dataset = Dataset(
-            name=name, classes=classes, source=str(source.resolve()), created_by=user.name if user is not None else None
-        )
+        dataset = Dataset(name=name, classes=classes, source=str(source.resolve()), created_by=user.name)
         session.add(dataset)
         session.flush()
 

@@ -28,7 +28,6 @@ import hashlib
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +44,13 @@ from core.data.groups import write_manifest
 from core.data.ingest import IngestReport, ingest
 from core.data.sources import dataset_root, scan
 from core.errors import UserError
+from core.progress import ProgressCallback
 from core.slides.reader import TIFF_SUFFIXES, Slide, check_mpp, is_slide_path, open_slide
 from core.slides.tiling import MAX_TILE_PX, MIN_TILE_PX, Tiling, iter_tiles, tile_slide
 from core.store.db import Dataset, SkippedFile
 from core.store.db import Slide as SlideRow
 from core.store.files import hold_ingest_lock
 
-Progress = Callable[[int, int], None]
 TILE_BATCH = 32  # tiles read from a slide at once: 32 x 224 x 224 x 3 bytes, under 5 MB
 SEED = 0  # the tiles sampled from a slide; fixed, so ingesting the same slide again finds its tiles present
 
@@ -234,8 +233,8 @@ def ingest_slides(
     tile_mpp: float | None = None,
     max_tiles: int | None = None,
     keep_paths: bool = True,
-    progress: Progress | None = None,
-    user: User | None = None,
+    progress: ProgressCallback | None = None,
+    user: User,
 ) -> SlideIngestReport:
     """Tile every slide in the class folders of `source` and add the tiles to dataset `name`.
 
@@ -246,8 +245,7 @@ def ingest_slides(
     UserError, with nothing stored, for a slide that cannot be used, a folder that is not one of
     slides, or anything ingest refuses. Rows are added and flushed; the caller commits.
     """
-    if user is not None:
-        require_editor(user, "add images")
+    require_editor(user, "add images")
     name = check_name_length(name.strip(), "Dataset name")
     if not name:
         raise UserError("Give the dataset a name.")
@@ -339,7 +337,7 @@ def _open(file: SourceFile, mpp: float | None) -> Slide:
 
 
 def _tile_all(
-    slides: list[SourceFile], work: Path, scale: TileScale, mpp: float | None, progress: Progress | None
+    slides: list[SourceFile], work: Path, scale: TileScale, mpp: float | None, progress: ProgressCallback | None
 ) -> list[TiledSlide]:
     """Tile each slide into work/tiles/CLASS/STEM__X_Y.png; its tiles' groups into work/groups.csv."""
     tiled: list[TiledSlide] = []
@@ -428,7 +426,14 @@ def _record(
 
 
 def ingest_fields(
-    session: Session, settings: Settings, source: Path, name: str, *, mpp: float | None = None, **options: Any
+    session: Session,
+    settings: Settings,
+    source: Path,
+    name: str,
+    *,
+    user: User,
+    mpp: float | None = None,
+    **options: Any,
 ) -> IngestReport:
     """Ingest microscope field images (core.data.ingest.ingest, `options` passed on), recording `mpp`,
     their microns per pixel where known, as the dataset's tile_mpp (tile_px stays None) so a model
@@ -436,7 +441,7 @@ def ingest_fields(
     implausible mpp or a dataset of another scale."""
     given = None if mpp is None else check_mpp(mpp, "Microns per pixel (--mpp)")
     check_dataset_scale(session, check_name_length(name.strip(), "Dataset name"), None, given)
-    report = ingest(session, settings, source, name, **options)
+    report = ingest(session, settings, source, name, user=user, **options)
     if given is not None:
         dataset = session.get(Dataset, report.dataset_id)
         assert dataset is not None

@@ -12,6 +12,11 @@ any boundary (train/val/test). Splits are seeded and stored, so a run can be re-
 
 A split is made over one version of the dataset (core/data/versions.py): that version's images, with
 the classes and groups they have in it, so images added or relabelled since change nothing of it.
+
+A frozen test part (RunConfig.frozen_test_of_run): a holdout split whose test part is exactly an
+earlier run's test images (matched by content), the rest split into training and validation as usual
+and never into test, so that a run trained again on a newer version is scored on the same images as
+the run it may replace (core/review/retrain.py compares the two).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from core.data import versions
 from core.errors import UserError
-from core.store.db import Dataset, Image, Split, SplitMember
+from core.store.db import Dataset, Image, Run, Split, SplitMember
 
 PROTOCOLS = ("holdout", "kfold", "paper-leaky")
 
@@ -92,10 +97,12 @@ def assign_parts(
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
     folds: int = 5,
+    frozen_test: Sequence[bool] | None = None,
 ) -> list[list[str]]:
     """For each fold, the part ("train", "val", "test" or "pool") of every image, in input order.
 
     `val_fraction` is a fraction of the images left after the test part; 0 means no validation.
+    `frozen_test` (holdout only): the images that are the test part, exactly; the others never are.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"Unknown split protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
@@ -109,10 +116,13 @@ def assign_parts(
         if any(x is None for x in groups):
             raise UserError("Some images have a group and others have none; give every image a group.")
         g = np.asarray(groups)
+    frozen = None if frozen_test is None else _frozen(frozen_test, g, protocol)
     if protocol == "paper-leaky":
         return [["pool"] * len(y)]
 
-    if protocol == "holdout":
+    if frozen is not None:
+        tests = [frozen]
+    elif protocol == "holdout":
         _check_enough(y, g, 2, "holdout split")
         tests = [_holdout(y, g, test_fraction, seed)]
     else:
@@ -137,6 +147,34 @@ def assign_parts(
     return result
 
 
+def _frozen(frozen_test: Sequence[bool], groups: np.ndarray | None, protocol: str) -> np.ndarray:
+    """The indices of a frozen test part; UserError where it cannot be one."""
+    if protocol != "holdout":
+        raise UserError(f"A run's test images can be kept as the test part of a holdout split only, not of {protocol}.")
+    test = np.asarray(frozen_test, dtype=bool)
+    if not test.any() or test.all():
+        raise UserError("A frozen test part needs test images and other images to train on.")
+    if groups is not None:
+        shared = sorted(set(groups[test].tolist()) & set(groups[~test].tolist()))
+        if shared:  # the images of a specimen would be on both sides of the comparison
+            raise UserError(
+                f"{len(shared)} specimen group(s) have images both among the kept test images and among the "
+                f"others, e.g. {shared[0]!r}; train without grouping, or regroup those images."
+            )
+    return np.flatnonzero(test)
+
+
+def _test_shas(session: Session, run_id: int) -> set[str]:
+    """The sha256 of each test image of run `run_id`; UserError when it has no holdout test part."""
+    run = session.get(Run, run_id)
+    if run is None or run.split is None:
+        raise UserError(f"Run {run_id} has no recorded split, so there are no test images of it to keep.")
+    test = split_parts(session, run.split, run.fold).get("test", [])
+    if not test:
+        raise UserError(f"Run {run_id}'s split has no test part ({describe(run.split)}).")
+    return {image.sha256 for image in test}
+
+
 def make_split(
     session: Session,
     dataset: Dataset,
@@ -148,12 +186,15 @@ def make_split(
     folds: int = 5,
     grouped: bool | None = None,
     version: int | None = None,
+    frozen_test_of_run: int | None = None,
 ) -> Split:
     """Return the stored split with these settings, making and storing it the first time.
 
     It is made over version `version` of the dataset (None: the latest), with the classes and groups
     its images have in that version; its params record the version's number.
     grouped=None means "grouped when the dataset has groups"; True without groups is an error.
+    `frozen_test_of_run`: the test part is exactly that run's test images (each must be in the
+    version; UserError naming how many are not), recorded in the params.
     """
     chosen = versions.resolve(session, dataset, version)
     images = versions.version_images(session, chosen)
@@ -169,6 +210,17 @@ def make_split(
         "n_images": len(images),
         "version": chosen.number,
     }
+    frozen = None
+    if frozen_test_of_run is not None:
+        wanted = _test_shas(session, frozen_test_of_run)
+        frozen = [im.sha256 in wanted for im in images]
+        missing = len(wanted) - sum(frozen)
+        if missing:
+            raise UserError(
+                f"{missing} of run {frozen_test_of_run}'s {len(wanted)} test images are not in version "
+                f"{chosen.number} of dataset {dataset.name!r}, so it cannot be tested on the same images."
+            )
+        params["frozen_test_of_run"] = frozen_test_of_run
     existing = session.scalars(
         select(Split).where(
             Split.dataset_id == dataset.id,
@@ -189,6 +241,7 @@ def make_split(
         test_fraction=test_fraction,
         val_fraction=val_fraction,
         folds=folds,
+        frozen_test=frozen,
     )
     split = Split(dataset_id=dataset.id, protocol=protocol, grouped=grouped, seed=seed, params=params)
     session.add(split)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -33,11 +33,11 @@ from core.data.ingest import IngestReport, ingest
 from core.data.slide_ingest import SlideIngestReport
 from core.data.sources import source_folder
 from core.errors import UserError
+from core.progress import ProgressCallback
 from core.store.db import Dataset
 from core.store.files import hold_ingest_lock, write_bytes_atomic
 
 Content = bytes | BinaryIO
-Progress = Callable[[int, int], None]
 Report = IngestReport | SlideIngestReport  # images checked, or slides tiled and their tiles checked
 
 
@@ -121,9 +121,9 @@ def _ingest_source(
     group_pattern: str | None,
     slides: SlideOptions | None,
     keep_paths: bool,
-    progress: Progress | None,
-    tile_progress: Progress | None,
-    user: User | None,
+    progress: ProgressCallback | None,
+    tile_progress: ProgressCallback | None,
+    user: User,
 ) -> Report:
     """Ingest the folder `source`: its slides tiled when its class folders hold whole-slide images
     (`keep_paths`: record where each lies), else its images checked."""
@@ -170,15 +170,14 @@ def ingest_zip(
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
     slides: SlideOptions | None = None,
-    progress: Progress | None = None,
-    tile_progress: Progress | None = None,
-    user: User | None = None,
+    progress: ProgressCallback | None = None,
+    tile_progress: ProgressCallback | None = None,
+    user: User,
 ) -> Report:
     """Ingest an uploaded .zip of class folders into dataset `name` (created if new): of images, or of
     whole-slide images tiled as `slides` says (their copies removed afterwards). `progress(done, total)`
     counts images checked, `tile_progress` slides tiled."""
-    if user is not None:
-        require_editor(user, "add images")  # before the upload is written anywhere
+    require_editor(user, "add images")  # before the upload is written anywhere
     if not filename.lower().endswith(".zip"):
         raise UserError(f"{filename} is not a .zip file. Upload a .zip with one folder per class.")
     # Before writing anything: the upload's size (MAX_UPLOAD_MB) and the storage used (MAX_DISK_GB).
@@ -217,16 +216,15 @@ def ingest_files(
     *,
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
-    progress: Progress | None = None,
-    user: User | None = None,
+    progress: ProgressCallback | None = None,
+    user: User,
 ) -> IngestReport:
     """Ingest loose uploaded images, each given as (class name, file name, content).
 
     A new dataset needs at least two classes; an existing one can take more images of its classes.
     Two uploads with the same name in one class keep both (the second gets a numbered name).
     """
-    if user is not None:
-        require_editor(user, "add images")
+    require_editor(user, "add images")
     if not files:
         raise UserError("No files uploaded. Choose image files for at least two classes.")
     size = check_upload_size(settings, [content for _, _, content in files])
@@ -285,15 +283,14 @@ def import_folder(
     groups_csv: Content | None = None,
     group_pattern: str | None = None,
     slides: SlideOptions | None = None,
-    progress: Progress | None = None,
-    tile_progress: Progress | None = None,
-    user: User | None = None,
+    progress: ProgressCallback | None = None,
+    tile_progress: ProgressCallback | None = None,
+    user: User,
 ) -> Report:
     """Ingest a folder (or .zip) on the server, which must lie inside settings.import_roots: of images,
     or of whole-slide images tiled as `slides` says. Slides in a folder are read where they lie, and
     their paths recorded; a zip's are a copy, removed afterwards."""
-    if user is not None:
-        require_editor(user, "add images")
+    require_editor(user, "add images")
     source = check_import_path(settings, path)
     check_disk(settings)
     hold_ingest_lock(session, settings)  # the work folder is not a leftover while this runs

@@ -280,7 +280,7 @@ def relabel(
     settings: Settings,
     dataset: str,
     changes: Mapping[str, str],
-    user: User | None = None,
+    user: User,
     note: str = "",
 ) -> DatasetVersion:
     """Give images of dataset `dataset` new classes ({image sha256: class}) as its next version, with
@@ -292,8 +292,7 @@ def relabel(
         UserError: no such dataset, an image not in it, a class it does not have, nothing that
             would change, or a note too long; nothing is changed then.
     """
-    if user is not None:
-        require_editor(user, "relabel images")
+    require_editor(user, "relabel images")
     note = check_text(note.strip(), "Note")
     if len(note) > MAX_NOTE:
         raise UserError(f"A version's note is limited to {MAX_NOTE} characters; this one has {len(note)}.")
@@ -321,7 +320,7 @@ def relabel(
         image.label = changes[image.sha256]
     session.flush()
     version = record_version(
-        session, found, user=user.name if user is not None else None, note=note or f"{len(moved)} image(s) relabelled"
+        session, found, user=user.name, note=note or f"{len(moved)} image(s) relabelled"
     ) or latest(session, found.id)
     assert version is not None  # a class changed: a new version, or rows changed before now match the latest
     return version

@@ -1,9 +1,11 @@
 """The log of predictions: who classified which image, from where, with which model, and the answer.
 
 One row per image (core/store/db.py::PredictionLog), written by core/inference/service.py for the
-Predict page, the API and `python -m core predict --log`. The image itself is kept only with
+Predict page, the API and `python -m core predict --log`. The image itself is kept with
 PREDICTION_LOG_IMAGES=1: its bytes under APP_HOME/prediction_images/, named by their sha256 (one
 file however often it is classified), counted against MAX_DISK_GB like every file under APP_HOME.
+With REVIEWS=1 (the default) the images of the predictions the model referred are kept the same way,
+for a reviewer to look at (core/review/), while MAX_DISK_GB leaves room for them (`keep_for_review`).
 Rows older than PREDICTION_LOG_DAYS are pruned (`prune`), with the kept images no row names any more.
 
 Who reads which rows (`reader`): file names often carry patient identifiers, so a viewer reads only
@@ -106,14 +108,22 @@ def check_room(settings: Settings, images: Iterable[tuple[str, int]]) -> None:
     that cannot be logged."""
     if not settings.prediction_log_images:
         return
+    _check_room(settings, images, "keeping the classified images (PREDICTION_LOG_IMAGES=1)")
+
+
+def _check_room(settings: Settings, images: Iterable[tuple[str, int]], what: str) -> None:
     new = {sha: size for sha, size in images if not (settings.app_home / stored_path(sha)).exists()}
-    check_disk(settings, sum(new.values()), "keeping the classified images (PREDICTION_LOG_IMAGES=1)")
+    check_disk(settings, sum(new.values()), what)
 
 
-def keep_images(settings: Settings, images: Sequence[tuple[str, bytes]]) -> dict[str, str]:
-    """Store each (sha256, bytes) once by content, after checking MAX_DISK_GB for the new ones;
-    sha256 -> stored_path."""
-    check_room(settings, [(sha, len(data)) for sha, data in images])
+def keep_images(
+    settings: Settings,
+    images: Sequence[tuple[str, bytes]],
+    what: str = "keeping the classified images (PREDICTION_LOG_IMAGES=1)",
+) -> dict[str, str]:
+    """Store each (sha256, bytes) once by content, after checking MAX_DISK_GB for the new ones
+    (UserError naming `what` when they do not fit); sha256 -> stored_path."""
+    _check_room(settings, [(sha, len(data)) for sha, data in images], what)
     kept = {}
     for sha, data in images:
         kept[sha] = stored_path(sha)
@@ -121,6 +131,19 @@ def keep_images(settings: Settings, images: Sequence[tuple[str, bytes]]) -> dict
         if not target.exists():
             write_bytes_atomic(target, data)
     return kept
+
+
+def keep_for_review(settings: Settings, images: Sequence[tuple[str, bytes]]) -> dict[str, str]:
+    """With REVIEWS=1, keep the images of referred predictions ((sha256, bytes)) as keep_images does,
+    for a reviewer to see; sha256 -> stored_path. Where MAX_DISK_GB leaves no room for them none is
+    kept, and the prediction is answered and logged all the same: the review queue then says its
+    image was not kept. Nothing with REVIEWS=0."""
+    if not settings.reviews or not images:
+        return {}
+    try:
+        return keep_images(settings, images, "keeping referred images for review (REVIEWS=1)")
+    except UserError:
+        return {}
 
 
 def readable_user(reader: User | None, user: str | None = None) -> str | None:

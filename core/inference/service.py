@@ -336,10 +336,13 @@ def _log(
 ) -> None:
     """One log row per image (`data`: each one's bytes), in one short transaction (which also prunes
     rows past PREDICTION_LOG_DAYS). Kept images are written first: a file whose row failed to commit
-    is harmless, a row without its file is not."""
+    is harmless, a row without its file is not. Every image is kept with PREDICTION_LOG_IMAGES=1;
+    otherwise, with REVIEWS=1, those the model referred, for review (where MAX_DISK_GB leaves room)."""
     kept: dict[str, str] = {}
     if settings.prediction_log_images:
         kept = prediction_log.keep_images(settings, [(r.image_sha256, d) for r, d in zip(results, data)])
+    else:
+        kept = prediction_log.keep_for_review(settings, [(r.image_sha256, d) for r, d in zip(results, data) if r.refer])
     entries = [
         prediction_log.LogEntry(
             user=user.name,

@@ -1,5 +1,7 @@
 """What this machine can train on and how long the runs of a RunConfig will take on it, said before
-they are launched: the one probe of its GPUs (`machine_summary`), the reference speeds, the estimate.
+they are launched: the one probe of its GPUs (`machine_summary`), the reference speeds, and the one
+estimate (`estimate`), which the Train page's figure for its settings and the Home page's for the
+paper's (`paper_estimate`, `MachineSummary.sentence`) both come from.
 
 From this machine's own measurements where it has some: the training speed (images per second,
 RunSummary.images_per_second) of the latest succeeded runs on the same kind of device at the same
@@ -16,14 +18,17 @@ import functools
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.paper import PAPER
 from core.store.db import Run, RunStatus
 from core.store.records import RunSummary
 from core.training.run_config import RunConfig
+from core.words import duration_text
 
 RECENT = 5  # measured runs whose median speed counts: the latest, so that a changed machine soon shows
 LOOKED_AT = 100  # succeeded runs on the device searched for ones at the image size
@@ -58,30 +63,25 @@ class MachineSummary:
     def has_gpu(self) -> bool:
         return bool(self.gpus)
 
-    def paper_hours(self) -> float:
-        """About how long the paper's settings (RunConfig's defaults, three classes) train here."""
-        paper = RunConfig(dataset="-")
-        images = paper.per_class * 3 * paper.epochs
-        # One GPU: a run trains on one unless it is started across several (core/training/distributed.py).
-        speed = GPU_IMAGES_PER_SECOND if self.gpus else CPU_IMAGES_PER_SECOND_PER_CORE * self.cpu_cores
-        return images / speed / 3600
-
-    def sentence(self) -> str:
-        hours, paper_run = self.paper_hours(), RunConfig(dataset="-")
-        settings = f"{paper_run.image_size} px, {paper_run.epochs} epochs"
-        paper = f"about {hours:.0f} hours" if hours >= 1.5 else f"about {max(1, round(hours * 60))} minutes"
+    def sentence(self, paper: TimeEstimate | None = None) -> str:
+        """What this server trains on, and about how long the paper's settings take on it: `paper`,
+        the estimate of `paper_estimate` (this machine's own speed where it has measured one), else
+        the same estimate from the reference speeds alone."""
+        paper = paper or estimate(paper_config(), PAPER_CLASSES, self)
+        settings = f"{paper.image_size} px, {paper.epochs} epochs"
+        took = f"about {duration_text(paper.minutes * 60, long=True)}"
         if self.has_gpu:
             names = ", ".join(sorted(set(self.gpus)))
             return (
                 f"GPU on this server: {len(self.gpus)} × {names}. Training runs on it; the paper's settings "
-                f"({settings}) take {paper}."
+                f"({settings}) take {took}."
             )
         slower = GPU_IMAGES_PER_SECOND / (CPU_IMAGES_PER_SECOND_PER_CORE * self.cpu_cores)
         slower = round(slower, -1) if slower >= 15 else round(slower)
         return (
             f"No GPU on this server: training runs on the CPU ({self.cpu_cores} cores), about {slower:.0f}× "
             "slower than on one GPU. The CPU training preset (64 px) takes minutes per fold; the paper's "
-            f"settings ({settings}) take {paper} here."
+            f"settings ({settings}) take {took} here."
         )
 
 
@@ -124,9 +124,9 @@ class TimeEstimate:
         runs = f" × {self.runs} runs" if self.runs > 1 else ""
         work = (
             f"{self.images:,} training images × {self.epochs} epoch(s){runs} at {self.images_per_second:.3g} "
-            f"images/s, plus about {_duration(self.other_seconds)} per run to prepare the data and test"
+            f"images/s, plus about {duration_text(self.other_seconds, long=True)} per run to prepare the data and test"
         )
-        total = _duration(self.minutes * 60) + (f" for the {self.runs} runs" if self.runs > 1 else "")
+        total = duration_text(self.minutes * 60, long=True) + (f" for the {self.runs} runs" if self.runs > 1 else "")
         sooner = " Early stopping may end it sooner." if self.stops_early else ""
         if self.measured:
             return (
@@ -138,15 +138,6 @@ class TimeEstimate:
             f"figure from an assumption, not a measurement: about {total}, assuming {work} ({self.assumption}). "
             f"Once a run has finished here, the figure comes from this machine's own speed.{sooner}"
         )
-
-
-def _duration(seconds: float) -> str:
-    minutes = seconds / 60
-    if minutes < 1:
-        return f"{max(5, round(seconds / 5) * 5):.0f} s"
-    if minutes < 90:
-        return f"{round(minutes):.0f} minute{'s' if round(minutes) != 1 else ''}"
-    return f"{minutes / 60:.1f} hours"
 
 
 def device_kind(config: RunConfig, machine: MachineSummary) -> str:
@@ -164,8 +155,23 @@ def assumed_speed(kind: str, image_size: int, cpu_cores: int) -> float:
     return CPU_64_PX_PER_CORE * (64 / image_size) ** exponent * cpu_cores
 
 
+PAPER_CLASSES = len(PAPER.classes)
+
+
+def paper_config() -> RunConfig:
+    """The paper's settings as a run (RunConfig's defaults are the paper's)."""
+    return RunConfig(dataset="-")
+
+
+def paper_estimate(session: Session, machine: MachineSummary) -> TimeEstimate:
+    """About how long the paper's settings train on this machine (three classes): the Home page's figure,
+    made as the Train page's is."""
+    return time_estimate(session, paper_config(), PAPER_CLASSES, machine)
+
+
 def time_estimate(session: Session, config: RunConfig, classes: int, machine: MachineSummary) -> TimeEstimate:
-    """About how long `config`'s runs take on this machine (a dataset of `classes` classes)."""
+    """About how long `config`'s runs take on this machine (a dataset of `classes` classes), from the
+    latest runs measured here at its image size on the same kind of device."""
     kind = device_kind(config, machine)
     speeds, others = [], []
     found = session.execute(
@@ -182,6 +188,20 @@ def time_estimate(session: Session, config: RunConfig, classes: int, machine: Ma
                 others.append((finished - started).total_seconds() - (timings or {}).get("train", 0.0))
             if len(speeds) == RECENT:
                 break
+    return estimate(config, classes, machine, speeds, others)
+
+
+def estimate(
+    config: RunConfig,
+    classes: int,
+    machine: MachineSummary,
+    speeds: Sequence[float] = (),
+    others: Sequence[float] = (),
+) -> TimeEstimate:
+    """The one estimate: `config`'s runs on `machine`, at the median of the measured `speeds` (images
+    per second) plus the median time outside training (`others`, seconds per run); without
+    measurements, at the assumed speed."""
+    kind = device_kind(config, machine)
     measured = bool(speeds)
     # The median: one run slowed by other work on the machine does not drag the figure down.
     speed = statistics.median(speeds) if measured else assumed_speed(kind, config.image_size, machine.cpu_cores)

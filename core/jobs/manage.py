@@ -37,17 +37,16 @@ def resumable(settings: Settings, run_id: int) -> bool:
     return (run_dir(settings, run_id) / RESUME_FILE).exists()
 
 
-def delete_run(session: Session, settings: Settings, run_id: int, *, user: User | None = None) -> None:
+def delete_run(session: Session, settings: Settings, run_id: int, *, user: User) -> None:
     """Delete a run that is not running: its row, with its epochs and predictions (the database
     cascades), and once the caller commits, its folder runs/<id> (checkpoints, logs, model file).
 
-    `user` (when given) must be an editor. Refused (UserError) while the run is running, and while
+    `user` must be an editor. Refused (UserError) while the run is running, and while
     its model is the approved one of its classes (core/inference/approval.py): withdraw that first.
     A folder left behind by a crash right after the commit is a `run_folder` leftover to
     `python -m core check --fix` (core/store/consistency.py).
     """
-    if user is not None:
-        require_editor(user, "delete runs")
+    require_editor(user, "delete runs")
     get_run(session, run_id)  # UserError when there is no such run
     approved = select(ModelApproval.id).where(ModelApproval.run_id == run_id, ModelApproval.withdrawn_at.is_(None))
     if session.scalar(approved.limit(1)) is not None:
@@ -89,22 +88,20 @@ def _remove_after_commit(session: Session, folder: Path) -> None:
     event.listen(session, "after_rollback", cancel, once=True)
 
 
-def requeue_run(session: Session, settings: Settings, run_id: int, *, user: User | None = None) -> bool:
+def requeue_run(session: Session, settings: Settings, run_id: int, *, user: User) -> bool:
     """Queue a failed or cancelled run again: it continues after its last finished epoch when it
     has a checkpoint (True), else it starts from the beginning (False). The same reopening as
     `python -m core resume RUN --background`, under the queue's limits as a new run would be."""
-    if user is not None:
-        require_editor(user, "queue runs")
+    require_editor(user, "queue runs")
     run = get_run(session, run_id)
     if run.status not in REQUEUABLE:
         raise UserError(f"Run {run_id} is {run.status.value}; only a failed or cancelled run can be queued again.")
     queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
     check_queue(settings, queued, 1)
-    if user is not None:
-        mine = session.scalar(
-            select(func.count()).select_from(Run).where(Run.status == RunStatus.queued, Run.created_by == user.name)
-        )
-        check_user_queue(settings, user.name, mine, 1)
+    mine = session.scalar(
+        select(func.count()).select_from(Run).where(Run.status == RunStatus.queued, Run.created_by == user.name)
+    )
+    check_user_queue(settings, user.name, mine, 1)
     check_disk(settings)
     queue.reopen(session, settings, run_id)
     return resumable(settings, run_id)

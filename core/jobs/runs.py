@@ -29,7 +29,7 @@ def create_runs(
     settings: Settings,
     config: RunConfig,
     *,
-    user: User | None = None,
+    user: User,
     name: str | None = None,
     notes: str | None = None,
 ) -> list[Run]:
@@ -37,7 +37,7 @@ def create_runs(
     over the dataset version the config names (the latest when it names none), whose number the runs'
     configs record. UserError when the dataset has no such version.
 
-    `user` (when given) must be an editor; the runs record their name as created_by. Refused
+    `user` must be an editor; the runs record their name as created_by. Refused
     (UserError, nothing recorded) when the queue would hold more than MAX_QUEUED_RUNS runs, or the
     user's queued runs more than MAX_QUEUED_RUNS_PER_USER, or the files under APP_HOME use more than
     MAX_DISK_GB. `name` and `notes` are the person's own words for the runs (k-fold folds share them).
@@ -46,19 +46,17 @@ def create_runs(
     notes = check_text(notes.strip(), "Notes") or None if notes else None
     if notes is not None and len(notes) > MAX_NOTES:
         raise UserError(f"Notes are limited to {MAX_NOTES} characters; these have {len(notes)}.")
-    if user is not None:
-        require_editor(user, "launch training runs")
-        check_name_length(user.name, "User name")
+    require_editor(user, "launch training runs")
+    check_name_length(user.name, "User name")
     # Locked until the caller commits: a delete of the dataset waits for these runs, or they find it gone.
     dataset = lock_dataset(session, get_dataset(session, config.dataset))
     adding = config.folds if config.split == "kfold" else 1
     queued = session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.queued))
     check_queue(settings, queued, adding)
-    if user is not None:
-        mine = session.scalar(
-            select(func.count()).select_from(Run).where(Run.status == RunStatus.queued, Run.created_by == user.name)
-        )
-        check_user_queue(settings, user.name, mine, adding)
+    mine = session.scalar(
+        select(func.count()).select_from(Run).where(Run.status == RunStatus.queued, Run.created_by == user.name)
+    )
+    check_user_queue(settings, user.name, mine, adding)
     check_disk(settings)
     split = splits.make_split(
         session,
@@ -70,6 +68,7 @@ def create_runs(
         folds=config.folds,
         grouped=config.grouped,
         version=config.dataset_version,
+        frozen_test_of_run=config.frozen_test_of_run,
     )
     folds = range(config.folds) if config.split == "kfold" else [config.fold]
     experiment = uuid.uuid4().hex
@@ -82,7 +81,7 @@ def create_runs(
             config=config.replace(fold=fold, grouped=split.grouped, dataset_version=split.params["version"]).to_dict(),
             seed=config.seed,
             status=RunStatus.queued,
-            created_by=user.name if user is not None else None,
+            created_by=user.name,
             name=name,
             notes=notes,
         )

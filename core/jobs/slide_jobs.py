@@ -40,6 +40,7 @@ from core.config import Settings
 from core.data.uploads import check_import_path
 from core.errors import UserError
 from core.inference.model_meta import read_description
+from core.progress import Progress, seconds_left
 from core.slides.reader import SLIDE_SUFFIXES, TIFF_SUFFIXES, open_slide
 from core.slides.scale import model_scale
 from core.store.db import Run, RunStatus, SlideJob, utcnow
@@ -375,20 +376,6 @@ def write_results(settings: Settings, job_id: int, pred, path: Path, mpp: float 
     return result
 
 
-def run_slide_child(settings: Settings, job_id: int, parent: int | None = None) -> None:
-    """`python -m core _slide JOB --parent PID`, started by a worker: classify one claimed slide."""
-    import signal
-    import threading
-
-    from core.jobs.worker import _watch_parent
-    from core.store.engine import make_sessionmaker
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if parent is not None:
-        threading.Thread(target=_watch_parent, args=(parent,), name="watch-worker", daemon=True).start()
-    execute_slide_job(make_sessionmaker(settings.database_url), settings, job_id)
-
-
 # ---------------------------------------------------------------------------------------------
 # What the pages and the API show
 
@@ -467,17 +454,20 @@ class SlideJobView:
     def queued(self) -> bool:
         return self.status == RunStatus.queued
 
+    def progress(self, now: datetime | None = None) -> Progress:
+        """The tiles classified so far as the shared record, with the time left at the rate of the
+        tiles so far (tiling included, so a little high early on; None until some tiles are done)."""
+        left = None
+        if self.status == RunStatus.running and self.started_at is not None:
+            left = seconds_left(((now or utcnow()) - self.started_at).total_seconds(), self.done, self.total)
+        return Progress(self.done, self.total, f"{self.done:,} of {self.total or 0:,} tiles classified", left)
+
     @property
     def fraction(self) -> float:
-        return self.done / self.total if self.total else 0.0
+        return self.progress().fraction
 
     def seconds_left(self, now: datetime | None = None) -> float | None:
-        """At the rate of the tiles so far (tiling included, so a little high early on); None until
-        some tiles are done."""
-        if self.status != RunStatus.running or not self.total or not self.done or self.started_at is None:
-            return None
-        elapsed = ((now or utcnow()) - self.started_at).total_seconds()
-        return max(0.0, elapsed / self.done * (self.total - self.done))
+        return self.progress(now).seconds_left
 
     def file(self, name: str) -> Path | None:
         """One of the job's files (see the module docstring), when it exists."""

@@ -11,8 +11,8 @@ A worker loops: heartbeat, sweep, reap, claim.
              `python -m core _run RUN_ID` for each; with no run waiting, take queued whole slides
              to classify (core/jobs/slide_jobs.py) and start `python -m core _slide JOB_ID`.
 
-The child is a fresh interpreter (not a fork), so CUDA, threads and open database connections of
-the worker never leak into training. A child stops when its worker dies (it watches its parent),
+The child (core/jobs/children.py) is a fresh interpreter, not a fork, so CUDA, threads and open
+database connections of the worker never leak into training. A child stops when its worker dies (it watches its parent),
 so that a run is never trained twice and the sweep can hand it to the next worker. On SIGTERM or
 Ctrl-C the worker stops its children and requeues their runs before it exits.
 
@@ -40,7 +40,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import Settings
+from core.config import Settings, child_env
 from core.jobs import queue, slide_jobs
 from core.store.db import Run, RunStatus, SlideJob, Worker, utcnow
 from core.store.engine import make_sessionmaker
@@ -61,30 +61,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment variables that reproduce `settings` in a process we start."""
-    return {
-        "APP_HOME": str(settings.app_home),
-        "DATABASE_URL": settings.database_url,
-        "MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
-        "MIN_IMAGE_SIDE": str(settings.min_image_side),
-        "DEFAULT_WEIGHTS": settings.default_weights,
-        "IMPORT_ROOTS": os.pathsep.join(str(p) for p in settings.import_roots),
-        "WORKER_SLOTS": str(settings.worker_slots),
-        "HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-        "STALE_SECONDS": str(settings.stale_seconds),
-        # What a slide job's process needs to classify as the server would (core/jobs/slide_jobs.py).
-        "INFERENCE_ENGINE": settings.inference_engine,
-        "PREDICTION_LOG_DAYS": str(settings.prediction_log_days),
-        "PREDICTION_LOG_IMAGES": "1" if settings.prediction_log_images else "0",
-        "REVIEWS": "1" if settings.reviews else "0",
-        "TISSUE_MIN_SATURATION": str(settings.tissue_min_saturation),
-        "TISSUE_MAX_PALE_FRACTION": str(settings.tissue_max_pale_fraction),
-    }
-
-
 def _child_env(settings: Settings) -> dict[str, str]:
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **child_env(settings)}  # every setting, so the child sees these same settings
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -519,31 +497,3 @@ def run_worker(
         Session, settings, once=once, max_runs=max_runs, slots=slots or settings.worker_slots, idle_exit=idle_exit
     )
     return loop.run()
-
-
-# ---------------------------------------------------------------------------------------------
-# The child process
-
-
-def _watch_parent(parent: int) -> None:
-    # Reparented means the worker is gone (killed with SIGKILL, say). Training on would race
-    # the next worker, which will resume this run from its last epoch, so stop now.
-    while os.getppid() == parent:
-        time.sleep(0.25)
-    log.error("training process %d: its worker (pid %d) is gone; stopping", os.getpid(), parent)
-    logging.shutdown()
-    os._exit(4)
-
-
-def run_child(settings: Settings, run_id: int, parent: int | None = None) -> None:
-    """`python -m core _run RUN_ID --parent PID`, started by a worker: train one claimed run,
-    resuming from its last checkpoint if it has one. Stops if process `parent` goes away."""
-    # Ctrl-C in the worker's terminal reaches the whole process group; the worker decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if parent is not None:
-        # The worker's pid is passed in rather than read here: it may have died already.
-        threading.Thread(target=_watch_parent, args=(parent,), name="watch-worker", daemon=True).start()
-    from core.jobs.execute import execute_run  # torch: only the child pays for importing it
-
-    Session = make_sessionmaker(settings.database_url)
-    execute_run(Session, settings, run_id, resume=True)

@@ -396,8 +396,8 @@ class PredictionLog(Base):
 
     run_id is a plain number, not a foreign key: the log says what happened and keeps the id of a
     run deleted since (ids are never given twice; model_sha256 names the model file either way).
-    Rows older than PREDICTION_LOG_DAYS are pruned. stored_path is set only with
-    PREDICTION_LOG_IMAGES=1: the image's bytes under APP_HOME, named by their sha256.
+    Rows older than PREDICTION_LOG_DAYS are pruned. stored_path is set with PREDICTION_LOG_IMAGES=1,
+    or for a referred image with REVIEWS=1: the image's bytes under APP_HOME, named by their sha256.
     """
 
     __tablename__ = "prediction_log"
@@ -433,3 +433,8 @@ class FailuresSeen(Base):
 
     user: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     seen_until: Mapped[datetime]  # the finish time of the newest failure they dismissed
+
+
+# Tables in modules of their own (this one is near its size limit), imported here so that
+# Base.metadata, which the migrations and their checks compare with, always holds them.
+from core.store import label_checks, review_tables  # noqa: E402, F401

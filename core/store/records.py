@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from core.progress import Progress
+
 
 def _known(cls: type, data: Mapping[str, Any] | None) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
@@ -190,7 +192,11 @@ class RunSummary:
 @dataclass(frozen=True)
 class RunProgress:
     """Run.progress: where a running run is. While preparing data, a stage ("decode", "augment",
-    ...) with `done` of `total` items; while training, stage "train" with the epoch and step."""
+    ...) with `done` of `total` items; while training, stage "train" with the epoch and step.
+
+    The JSON a run's row holds, as the running run writes it (old rows must keep reading): more
+    than core/progress.py's `Progress` holds (epochs, steps, the speeds that the time left comes
+    from), so it is its own record, and says itself as a `Progress` for the bars (`progress`)."""
 
     stage: str | None = None
     done: int | None = None
@@ -210,19 +216,29 @@ class RunProgress:
     def to_dict(self) -> dict[str, Any]:
         return _set(self)
 
-    def bar(self, epochs: int) -> tuple[float, str]:
-        """A fraction of the whole run and a sentence, for a progress bar (`epochs`: the run's)."""
+    def progress(self, epochs: int) -> Progress:
+        """Where the run is as the shared record: training steps done of all its steps (`epochs`: the
+        run's), or, while it prepares its data, nothing done yet and the stage in words."""
         if self.stopped_early and self.epoch is not None:
-            return 1.0, (
-                f"Stopped early after epoch {self.epoch} of {epochs}: the validation loss stopped "
-                "improving. Testing the best epoch"
+            return Progress(
+                1,
+                1,
+                f"Stopped early after epoch {self.epoch} of {epochs}: the validation loss stopped improving. "
+                "Testing the best epoch",
             )
         if self.epoch is not None and self.steps:
             step = self.step or 0
-            done = ((self.epoch - 1) + step / self.steps) / max(epochs, 1)
-            return min(1.0, max(0.0, done)), f"Epoch {self.epoch} of {epochs}, step {step} of {self.steps}"
+            done = min(max(0, (self.epoch - 1) * self.steps + step), max(epochs, 1) * self.steps)
+            return Progress(
+                done, max(epochs, 1) * self.steps, f"Epoch {self.epoch} of {epochs}, step {step} of {self.steps}"
+            )
         if self.stage:
             if self.total:
-                return 0.0, f"Preparing data: {self.stage} {self.done or 0} of {self.total}"
-            return 0.0, f"Preparing data: {self.stage}"
-        return 0.0, "Preparing data (decode, split, augment)"
+                return Progress(0, None, f"Preparing data: {self.stage} {self.done or 0} of {self.total}")
+            return Progress(0, None, f"Preparing data: {self.stage}")
+        return Progress(0, None, "Preparing data (decode, split, augment)")
+
+    def bar(self, epochs: int) -> tuple[float, str]:
+        """A fraction of the whole run and a sentence, for a progress bar (`epochs`: the run's)."""
+        shared = self.progress(epochs)
+        return shared.fraction, shared.words

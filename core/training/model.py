@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models import DenseNet201_Weights, densenet201
 
 from core.errors import UserError
+from core.paper import PAPER
 
 WEIGHT_CHOICES = ("imagenet", "none", "PATH to a weights file")
 
@@ -42,7 +43,7 @@ _MISSING_IMAGENET_API = (
 
 
 class PaperDenseNet(nn.Module):
-    def __init__(self, num_classes: int, hidden: int = 512, dropout: float = 0.5):
+    def __init__(self, num_classes: int, hidden: int = PAPER.hidden, dropout: float = PAPER.dropout):
         super().__init__()
         self.features = densenet201(weights=None).features  # (B, 1920, H/32, W/32)
         self.head = nn.Sequential(

@@ -134,7 +134,7 @@ def augmentation_words(values: dict[str, Any]) -> list[str]:
 
 
 # Training setups offered as one-click buttons. Everything not named is RunConfig's default,
-# which is the paper's (224 px, 1200 per class, batch 24, 25 epochs, Adam 1e-4, ImageNet weights).
+# which is the paper's (core/paper.py's PAPER), so the two paper presets read that one source.
 # Their names say what they are for; figures measured with them belong in their help (with where
 # they come from), since a figure from one dataset is no promise for another.
 # No figure in the name: how long it takes is the Train page's estimate, from this machine's own runs,

@@ -1,8 +1,9 @@
 """A run's full configuration: one frozen dataclass, stored as JSON on the run and in checkpoints.
 
-Defaults are the paper's (Hasan et al.): Adam 1e-4, batch 24, 25 epochs, 224x224, 1200 augmented
-images per class, Augmentor rotate/distort/zoom. The split default is the honest one (split first,
-augment only the training part); the paper's own protocol is `split="paper-leaky"`.
+Defaults are the paper's (Hasan et al.: optimiser, batch size, epochs, image size, augmented images
+per class, Augmentor rotate/distort/zoom), read from core/paper.py's PAPER. The split default is the
+honest one (split first, augment only the training part); the paper's own protocol is
+`split="paper-leaky"`.
 
 Each field's metadata (SETTING_KEYS) gives its help, label, bounds and choices: the CLI's flags
 (`add_flags`, `from_flags`) and the Train page's form are both made from it, so a new setting is
@@ -26,6 +27,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from core.data.splits import PROTOCOLS
 from core.errors import UserError
+from core.paper import PAPER
 from core.transforms.augment import AugmentParams
 from core.transforms.stain import METHODS as STAIN_METHODS
 
@@ -98,14 +100,14 @@ class RunConfig:
         help="keep each group (specimen) on one side; default: when the dataset has groups",
     )
     test_fraction: float = _setting(
-        0.2,
+        PAPER.test_fraction,
         section="data",
         label="Test fraction",
         bounds=(0.05, 0.9),
         step=0.05,
         format="%.2f",
         splits=("holdout", "paper-leaky"),
-        help="share of the images kept for testing (paper: 0.2, i.e. 80/20)",
+        help=f"share of the images kept for testing (paper: {PAPER.test_fraction:g})",
     )
     val_fraction: float = _setting(
         0.1,
@@ -126,14 +128,21 @@ class RunConfig:
         help="the number of folds of the kfold split, one run each",
     )
     fold: int = _setting(0, internal="each run of a k-fold experiment gets its fold from create_runs")  # 0 for holdout
+    # A run trained again on a newer version of its data keeps the old run's test images as its test
+    # part, so that the two are compared on the same images (core/data/splits.py, core/review/retrain.py).
+    frozen_test_of_run: int | None = _setting(
+        None,
+        internal="set by 'train again' on the Runs page: the run whose test images this holdout run's "
+        "test part must be, exactly; the rest is split as usual, never into test",
+    )
     # augmentation of the training part only
     per_class: int = _setting(
-        1200,
+        PAPER.per_class,
         section="augmentation",
         label="Augmented images per class",
         bounds=(1, 100_000),
         step=100,
-        help="augmented training images per class (paper: 1200, 3600 in all)",
+        help=f"augmented training images per class (paper: {PAPER.per_class})",
     )
     augmentation: dict[str, Any] = _setting(
         factory=lambda: AugmentParams().to_dict(),
@@ -147,7 +156,7 @@ class RunConfig:
     )
     # model and optimisation
     weights: str = _setting(
-        "imagenet",
+        PAPER.weights,
         section="weights",
         label="Weights",
         drawn_by_page=True,
@@ -155,37 +164,37 @@ class RunConfig:
         help="imagenet | none | PATH to a weights file (default: DEFAULT_WEIGHTS, else imagenet)",
     )
     epochs: int = _setting(
-        25,
+        PAPER.epochs,
         section="training",
         label="Epochs",
         bounds=(1, 1000),
         step=1,
-        help="passes over the augmented training images (paper: 25)",
+        help=f"passes over the augmented training images (paper: {PAPER.epochs})",
     )
     batch_size: int = _setting(
-        24,
+        PAPER.batch_size,
         section="training",
         label="Batch size",
         bounds=(1, 1024),
         step=1,
-        help="images per optimiser step (paper: 24)",
+        help=f"images per optimiser step (paper: {PAPER.batch_size})",
     )
     lr: float = _setting(
-        1e-4,
+        PAPER.lr,
         section="training",
         label="Learning rate (Adam)",
         bounds=(1e-7, 1.0),
         step=1e-5,
         format="%.1e",
-        help="Adam learning rate (paper: 1e-4)",
+        help=f"Adam learning rate (paper: {PAPER.lr:g})",
     )
     image_size: int = _setting(
-        224,
+        PAPER.image_size,
         section="training",
         label="Image size (px)",
         bounds=(32, 1024),
         step=32,
-        help="images are resized to this square before augmentation (paper: 224)",
+        help=f"images are resized to this square before augmentation (paper: {PAPER.image_size})",
     )
     seed: int = _setting(
         0,

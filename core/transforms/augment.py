@@ -24,6 +24,7 @@ from Augmentor.Operations import Distort, Flip, Rotate, RotateRange, ZoomRandom
 from PIL import Image
 
 from core.errors import UserError
+from core.paper import PAPER
 
 # Augmentor's operations draw from the global `random`/`np.random`; the lock keeps two threads
 # (e.g. two Streamlit sessions) from interleaving their seeded streams.
@@ -32,17 +33,17 @@ _GLOBAL_RNG_LOCK = threading.Lock()
 
 @dataclass(frozen=True, kw_only=True)
 class AugmentParams:
-    """Augmentation settings; the defaults are the paper's."""
+    """Augmentation settings; the defaults are the paper's (core/paper.py)."""
 
-    rotate_probability: float = 0.4
-    rotate_max_left: int = 3
-    rotate_max_right: int = 3
-    distortion_probability: float = 0.4
-    distortion_grid_width: int = 4
-    distortion_grid_height: int = 4
-    distortion_magnitude: int = 4
-    zoom_probability: float = 0.2
-    zoom_percentage_area: float = 0.9
+    rotate_probability: float = PAPER.augmentation.rotate_probability
+    rotate_max_left: int = PAPER.augmentation.rotate_max_left
+    rotate_max_right: int = PAPER.augmentation.rotate_max_right
+    distortion_probability: float = PAPER.augmentation.distortion_probability
+    distortion_grid_width: int = PAPER.augmentation.distortion_grid_width
+    distortion_grid_height: int = PAPER.augmentation.distortion_grid_height
+    distortion_magnitude: int = PAPER.augmentation.distortion_magnitude
+    zoom_probability: float = PAPER.augmentation.zoom_probability
+    zoom_percentage_area: float = PAPER.augmentation.zoom_percentage_area
     # Optional extras, off by default (not in the paper).
     flip_left_right_probability: float = 0.0
     flip_top_bottom_probability: float = 0.0

@@ -26,11 +26,12 @@ import numpy as np
 from PIL import Image as PILImage
 
 from core.errors import UserError
+from core.progress import StageCallback
 from core.transforms.augment import AugmentParams, expand
 from core.transforms.stain import hed_jitter, normaliser_from_params
 from core.transforms.tiles import cut_tiles
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Progress = StageCallback  # (stage, done, total): core/progress.py's, by the name its callers import
 
 # Keeps the jitter's random stream apart from other uses of the run seed.
 _JITTER_STREAM = 0x48454A

@@ -1,5 +1,6 @@
-"""Figures and messages in the pages' words: intervals, speeds and durations as text, a failed
-run's error as a page says it, server paths left out of what a reader sees."""
+"""Figures and messages in the pages' words: intervals, speeds and durations as text (durations are
+core/words.py's, said here too for the pages), a failed run's error as a page says it, server paths
+left out of what a reader sees."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from core.store.db import utcnow
 from core.store.records import RunSummary
+from core.words import duration_text as duration_text  # said here too, for the pages
 
 # An absolute path on the server (two components at least) where a message or a log quotes one: after
 # the start, white space, a quote, a bracket or "=", so that addresses (http://...) and fractions
@@ -60,15 +62,6 @@ def speed_text(images_per_second: float | None) -> str:
     if images_per_second >= 100:
         return f"{images_per_second:,.0f} images/s"
     return f"{images_per_second:.3g} images/s"
-
-
-def duration_text(seconds: float) -> str:
-    """A stretch of time in words: '40 s', '3 min', '1.5 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def plain_calibration_words(text: str) -> str:

@@ -1,0 +1,194 @@
+"""Field accuracy: how a model did on the predictions people reviewed, as opposed to its test part.
+
+For one run: its accuracy, per-class recall and confusion matrix over the reviewed cases that have
+one true class (every review names the same class: core/review/store.py). A case two reviewers
+disagree on is left out and counted as such, as is one nobody could tell. With the count, a 95%
+bootstrap interval of the accuracy (cases resampled), the share of the run's logged predictions the
+model referred, and how often a reviewer overruled the model (a review naming another class than the
+model's, counted per review, so reviews of cases in disagreement count too). The same figures per
+week of the predictions (weeks start on Monday, UTC).
+
+Reviewed cases are not a random draw of the predictions: the queue puts referred and low-confidence
+ones first. Field accuracy says how the model did on what people chose to check, which is why the
+share referred and the counts stand beside it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.evaluation.calibration import bootstrap_metrics
+from core.review.store import Case, cases
+from core.store.db import PredictionLog, Run
+
+LEVEL = 0.95
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+@dataclass(frozen=True)
+class WeekFigures:
+    """One week's predictions of a run (by when they were made) and their reviews."""
+
+    week: date  # its Monday
+    predictions: int  # logged predictions still in the log
+    referred: int
+    counted: int  # reviewed cases with one true class
+    right: int  # of those, the model's class was the true class
+    class_reviews: int  # reviews naming a class
+    overruled: int  # of those, naming another class than the model's
+
+    @property
+    def accuracy(self) -> float | None:
+        return _share(self.right, self.counted)
+
+    @property
+    def referred_share(self) -> float | None:
+        return _share(self.referred, self.predictions)
+
+    @property
+    def overruled_share(self) -> float | None:
+        return _share(self.overruled, self.class_reviews)
+
+
+@dataclass(frozen=True)
+class FieldAccuracy:
+    """A run's field accuracy (see the module's docstring)."""
+
+    run_id: int
+    classes: tuple[str, ...]
+    reviewed: int  # cases with at least one review
+    counted: int  # with one true class: the cases accuracy is over
+    disagreements: int  # left out: reviews differ
+    cannot_tell: int  # left out: no reviewer could tell
+    accuracy: float | None  # None: no case counted
+    low: float | None  # the bootstrap interval at `level`
+    high: float | None
+    recall: tuple[float | None, ...]  # per class; None where no counted case is of that class
+    confusion: tuple[tuple[int, ...], ...]  # rows: true class, columns: the model's class
+    predictions: int  # the run's logged predictions still in the log
+    referred: int
+    class_reviews: int
+    overruled: int
+    weeks: tuple[WeekFigures, ...]  # oldest first
+    level: float = LEVEL
+
+    @property
+    def referred_share(self) -> float | None:
+        return _share(self.referred, self.predictions)
+
+    @property
+    def overruled_share(self) -> float | None:
+        return _share(self.overruled, self.class_reviews)
+
+    def summary(self) -> str:
+        """One sentence, e.g. 'Right on 41 of 50 reviewed predictions (82.0%, 95% interval 71.0% to 92.0%);
+        2 left out where reviewers disagree, 1 where none could tell.'"""
+        if not self.counted:
+            head = "No reviewed prediction of this model has one agreed true class yet"
+        else:
+            right = sum(self.confusion[k][k] for k in range(len(self.classes)))
+            head = (
+                f"Right on {right} of {self.counted} reviewed prediction(s) ({self.accuracy:.1%}, "
+                f"{self.level:.0%} interval {self.low:.1%} to {self.high:.1%})"
+            )
+        return (
+            f"{head}; {self.disagreements} left out where reviewers disagree, {self.cannot_tell} where none could tell."
+        )
+
+    def to_json(self) -> dict:
+        """The record as JSON-able values (dates as ISO text), for the API."""
+        out = asdict(self)
+        out["weeks"] = [{**asdict(w), "week": w.week.isoformat()} for w in self.weeks]
+        out["classes"], out["recall"] = list(self.classes), list(self.recall)
+        out["confusion"] = [list(row) for row in self.confusion]
+        out.update(referred_share=self.referred_share, overruled_share=self.overruled_share)
+        return out
+
+
+def week_of(at: datetime) -> date:
+    """The Monday of `at`'s week."""
+    return at.date() - timedelta(days=at.weekday())
+
+
+def field_accuracy(session: Session, run_id: int, *, resamples: int = 1000) -> FieldAccuracy:
+    """The field accuracy of run `run_id` from its reviews and its logged predictions."""
+    reviewed = cases(session, run_id=run_id)
+    classes = _classes(session, run_id, reviewed)
+    counted = [c for c in reviewed if c.true_class is not None]
+    index = {name: k for k, name in enumerate(classes)}
+    confusion = [[0] * len(classes) for _ in classes]
+    for c in counted:
+        confusion[index[c.true_class]][index[c.predicted]] += 1
+    low = high = accuracy = None
+    if counted:
+        boot = bootstrap_metrics(
+            [index[c.true_class] for c in counted],
+            [index[c.predicted] for c in counted],
+            classes,
+            n_resamples=resamples,
+            level=LEVEL,
+        )
+        accuracy, low, high = boot.accuracy.estimate, boot.accuracy.low, boot.accuracy.high
+    recall = tuple(_share(confusion[k][k], sum(confusion[k])) for k in range(len(classes)))
+    logged = session.execute(select(PredictionLog.at, PredictionLog.refer).where(PredictionLog.run_id == run_id)).all()
+    reviews = [r for c in reviewed for r in c.reviews if r.true_class is not None]
+    return FieldAccuracy(
+        run_id=run_id,
+        classes=tuple(classes),
+        reviewed=len(reviewed),
+        counted=len(counted),
+        disagreements=sum(c.disagreement for c in reviewed),
+        cannot_tell=sum(c.cannot_tell for c in reviewed),
+        accuracy=accuracy,
+        low=low,
+        high=high,
+        recall=recall,
+        confusion=tuple(tuple(row) for row in confusion),
+        predictions=len(logged),
+        referred=sum(refer is True for _, refer in logged),
+        class_reviews=len(reviews),
+        overruled=sum(r.overruled for r in reviews),
+        weeks=_weeks(logged, counted, reviewed),
+    )
+
+
+def _classes(session: Session, run_id: int, reviewed: list[Case]) -> list[str]:
+    """The model's classes: its dataset's (a model's classes are its dataset's, in order); for a run
+    deleted since, those of a logged prediction of it, else those its reviews name."""
+    run = session.get(Run, run_id)
+    if run is not None:
+        return list(run.dataset.classes)
+    probabilities = session.scalar(select(PredictionLog.probabilities).where(PredictionLog.run_id == run_id).limit(1))
+    if probabilities:
+        return list(probabilities)
+    return sorted({c.predicted for c in reviewed} | {r.true_class for c in reviewed for r in c.reviews} - {None})
+
+
+def _weeks(logged: list, counted: list[Case], reviewed: list[Case]) -> tuple[WeekFigures, ...]:
+    figures: dict[date, dict[str, int]] = defaultdict(lambda: dict.fromkeys(WEEK_COUNTS, 0))
+    for at, refer in logged:
+        week = figures[week_of(at)]
+        week["predictions"] += 1
+        week["referred"] += refer is True
+    for c in counted:
+        week = figures[week_of(c.predicted_at)]
+        week["counted"] += 1
+        week["right"] += c.true_class == c.predicted
+    for c in reviewed:
+        for r in c.reviews:
+            if r.true_class is not None:
+                week = figures[week_of(c.predicted_at)]
+                week["class_reviews"] += 1
+                week["overruled"] += r.overruled
+    return tuple(WeekFigures(week, **counts) for week, counts in sorted(figures.items()))
+
+
+WEEK_COUNTS = ("predictions", "referred", "counted", "right", "class_reviews", "overruled")

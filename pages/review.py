@@ -1,0 +1,273 @@
+"""Review: editors look at logged predictions (the referred ones and the least confident first), record
+each one's true class or "cannot tell" with a note, and turn the reviewed images into a new version of
+a dataset to train the model again on. Viewers do not see this page (streamlit_app.py lists it for
+editors only); it and core refuse them all the same."""
+
+from datetime import UTC, date, datetime, timedelta
+
+import pandas as pd
+import streamlit as st
+
+from core.jobs import views
+from core.review import queue, retrain, store, to_data
+from pages._common import (
+    current_user,
+    md_text,
+    page_header,
+    pct,
+    probabilities_figure,
+    session_factory,
+    settings,
+    show_figure,
+    text_table,
+    through_router,
+    thumbnail,
+    user_errors,
+)
+
+through_router()
+Session = session_factory()
+cfg = settings()
+user = current_user()
+QUEUE_DAYS = 30  # the queue's default date range
+IMAGE_SIDE = 480  # px of the image shown to the reviewer
+
+page_header(
+    "Review",
+    "Check what the models said: give logged predictions their true class. The ones the model referred "
+    "come first, then the least confident. Reviewed images can become data to train the model again.",
+)
+if not user.can_edit:
+    st.info("Reviewing predictions needs the editor role.", icon=":material/lock:")
+    st.stop()
+if not cfg.reviews:
+    st.info(
+        "Reviews are switched off on this server (REVIEWS=0); an administrator can switch them on.",
+        icon=":material/toggle_off:",
+    )
+    st.stop()
+
+
+def verdict_words(refer: bool | None) -> str:
+    return "no refer band" if refer is None else "uncertain, refer" if refer else "confident"
+
+
+def date_bounds(dates) -> tuple[datetime | None, datetime | None]:
+    """[since, until) in UTC of a date range widget's value (one date while the second is picked)."""
+    picked = [d for d in (dates if isinstance(dates, (tuple, list)) else (dates,)) if isinstance(d, date)]
+    if not picked:
+        return None, None
+    start, end = picked[0], picked[-1]
+    return datetime.combine(start, datetime.min.time()), datetime.combine(end + timedelta(days=1), datetime.min.time())
+
+
+def filters(choices) -> queue.QueueFilters:
+    a, b, c, d = st.columns(4)
+    run_id = a.selectbox(
+        "Model", [None, *choices.run_ids], format_func=lambda i: "all" if i is None else f"run {i}", key="rv_model"
+    )
+    predicted = b.selectbox(
+        "Predicted class", [None, *choices.predicted], format_func=lambda p: "all" if p is None else p, key="rv_class"
+    )
+    today = datetime.now(UTC).date()
+    dates = c.date_input(
+        "Dates", (today - timedelta(days=QUEUE_DAYS), today), key="rv_dates", help="Days in UTC, both ends included."
+    )
+    unreviewed = d.toggle("Only those I have not reviewed", value=True, key="rv_unreviewed")
+    since, until = date_bounds(dates)
+    return queue.QueueFilters(run_id, since, until, predicted, unreviewed)
+
+
+def queue_table(items: tuple[queue.QueueItem, ...]) -> None:
+    table = pd.DataFrame(
+        [
+            {
+                "log id": item.prediction.id,
+                "when (UTC)": item.prediction.at.replace(microsecond=0),
+                "model": f"run {item.prediction.run_id}",
+                "file": item.prediction.image_name,
+                "predicted": item.prediction.predicted,
+                "verdict": verdict_words(item.prediction.refer),
+                "confidence": item.confidence,
+                "reviews": len(item.reviews),
+                "reviewers disagree": item.disagreement,
+                "image": "kept" if item.image_path is not None else "not kept",
+            }
+            for item in items
+        ]
+    )
+    st.dataframe(
+        table,
+        hide_index=True,
+        column_config={
+            "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1)
+        },
+    )
+
+
+def reviews_table(item: queue.QueueItem) -> None:
+    if not item.reviews:
+        st.caption("Not reviewed yet.")
+        return
+    if item.disagreement:
+        st.warning(
+            "Reviewers disagree on this image: it is left out of field accuracy and cannot become data "
+            "until they agree.",
+            icon=":material/rule:",
+        )
+    text_table(
+        pd.DataFrame(
+            [
+                {
+                    "reviewer": r.reviewer,
+                    "true class": r.verdict,
+                    "when (UTC)": r.reviewed_at.replace(microsecond=0),
+                    "note": r.note,
+                }
+                for r in item.reviews
+            ]
+        )
+    )
+
+
+def review_form(item: queue.QueueItem) -> None:
+    mine = item.review_by(user.name)
+    options = [*item.classes, store.CANNOT_TELL]
+    with st.form(f"rv_form_{item.prediction.id}"):
+        verdict = st.selectbox(
+            "True class",
+            options,
+            index=options.index(mine.verdict) if mine is not None else 0,
+            key=f"rv_verdict_{item.prediction.id}",
+            help="What the image shows, as you judge it; 'cannot tell' when it does not show enough.",
+        )
+        note = st.text_area("Note", value=mine.note if mine else "", key=f"rv_note_{item.prediction.id}")
+        sent = st.form_submit_button(
+            "Record review" if mine is None else "Replace my review", type="primary", key="rv_submit"
+        )
+    if sent:
+        with user_errors():
+            with Session.begin() as s:
+                store.record_review(
+                    s, cfg, user, item.prediction.id, None if verdict == store.CANNOT_TELL else verdict, note
+                )
+            st.session_state["rv_recorded"] = item.prediction.id
+            st.rerun()
+
+
+def item_detail(item: queue.QueueItem) -> None:
+    p = item.prediction
+    left, right = st.columns([3, 2])
+    with left:
+        if item.image_path is None:
+            st.info(
+                "The image was not kept, so it cannot be reviewed here: only referred images are kept for "
+                "review (within MAX_DISK_GB), or every image with PREDICTION_LOG_IMAGES=1.",
+                icon=":material/hide_image:",
+            )
+        else:
+            st.image(thumbnail(str(item.image_path), IMAGE_SIDE), caption=md_text(p.image_name))
+    with right:
+        st.markdown(f"**Model's answer:** {md_text(p.predicted)} · {verdict_words(p.refer)} · run {p.run_id}")
+        st.caption(f"Classified {p.at:%Y-%m-%d %H:%M} UTC by {md_text(p.user)}; {p.probability_kind} probabilities.")
+        show_figure(probabilities_figure(list(p.probabilities), list(p.probabilities.values()), "Probabilities"))
+    reviews_table(item)
+    review_form(item)
+
+
+def queue_tab() -> None:
+    with Session() as s:
+        choices = queue.queue_choices(s, cfg, user)
+    if not choices.run_ids:
+        st.info("No prediction logged yet: predictions made on the Predict page, the API or `predict --log` come here.")
+        return
+    chosen = filters(choices)
+    with Session() as s:
+        found = queue.review_queue(s, cfg, user, chosen)
+    if st.session_state.pop("rv_recorded", None) is not None:
+        st.success("Review recorded.", icon=":material/check:")
+    if not found.items:
+        st.caption("Nothing to review within these filters.")
+        return
+    more = "" if found.scanned_all else f" (ordered among the newest {queue.SCAN}: narrow the dates for older ones)"
+    st.caption(f"{found.matched} prediction(s) to review{more}; the first {len(found.items)} are listed.")
+    queue_table(found.items)
+    by_id = {item.prediction.id: item for item in found.items}
+    picked = st.selectbox(
+        "Review",
+        list(by_id),
+        format_func=lambda i: (
+            f"log {i} · run {by_id[i].prediction.run_id} · {by_id[i].prediction.predicted} · {pct(by_id[i].confidence)}"
+        ),
+        key="rv_pick",
+    )
+    item_detail(by_id[picked])
+
+
+def data_tab() -> None:
+    with Session() as s:
+        ready = to_data.ready_cases(s, cfg)
+        datasets = views.dataset_rows(s)
+    if not ready:
+        st.caption("No reviewed prediction has one agreed true class yet.")
+        return
+    st.caption(
+        f"{len(ready)} reviewed prediction(s) whose reviewers agree on a true class; "
+        f"{sum(r.image_path is None for r in ready)} of them without a kept image."
+    )
+    usable = [r for r in ready if r.image_path is not None]
+    text_table(
+        pd.DataFrame(
+            [
+                {"log id": r.log_id, "model": f"run {r.run_id}", "true class": r.true_class, "image": "kept"}
+                for r in usable
+            ]
+        )
+    )
+    if not usable or not datasets:
+        return
+    names = [d.name for d in datasets]
+    dataset = st.selectbox("Add to dataset", names, key="rv_dataset")
+    picked = st.multiselect(
+        "Reviewed predictions", [r.log_id for r in usable], default=[r.log_id for r in usable], key="rv_cases"
+    )
+    note = st.text_input("Note for the new version", key="rv_version_note")
+    if st.button("Add as a new version", type="primary", key="rv_add", disabled=not picked):
+        with user_errors():
+            with Session.begin() as s:
+                added = to_data.add_reviewed_cases(s, cfg, user, dataset, picked, note)
+            st.session_state["rv_added"] = added
+    added = st.session_state.get("rv_added")
+    if isinstance(added, to_data.AddedCases):
+        st.success(
+            f"Version {added.version} of {md_text(added.dataset)}: {len(added.added)} image(s) added, "
+            f"{added.already_present} already in it, {added.without_image} without a kept image.",
+            icon=":material/library_add:",
+        )
+        train_again(added)
+
+
+def train_again(added: to_data.AddedCases) -> None:
+    with Session() as s:
+        approved = retrain.approved_for(s, added.dataset)
+    if approved is None:
+        st.caption("No approved model for this dataset's classes: train again from the Runs page.")
+        return
+    if st.button(
+        f"Train run {approved} again on version {added.version}",
+        key="rv_train_again",
+        help="A run with the approved model's settings on the new version; its test images are the approved "
+        "run's, so the Runs page compares the two on the same images.",
+    ):
+        with user_errors():
+            with Session.begin() as s:
+                run_id = retrain.train_again(s, cfg, user, approved, added.version, dataset=added.dataset)
+            st.success(f"Run {run_id} is queued.", icon=":material/rocket_launch:")
+            st.page_link("pages/runs.py", label=f"Open run {run_id}", query_params={"run": str(run_id)})
+
+
+queue_view, data_view = st.tabs(["Queue", "Reviewed → data"])
+with queue_view, user_errors():
+    queue_tab()
+with data_view, user_errors():
+    data_tab()

@@ -1,0 +1,146 @@
+"""The Review page, driven by Streamlit's AppTest: the queue with referred predictions first, the
+image or a word that it was not kept, a review recorded under the signed-in editor's name, a second
+reviewer's disagreement shown, names and notes as text, and nothing of it for a viewer.
+
+No model: the log rows are written by hand (tests/test_reviews.py has the core side).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from streamlit.testing.v1 import AppTest
+
+from core.access import accounts
+from core.access.accounts import EDITOR, LOCAL_USER, VIEWER, User
+from core.config import load_settings
+from core.data import versions
+from core.inference import prediction_log
+from core.review import store
+from core.store.db import Image, Run
+from core.store.engine import make_sessionmaker
+from core.store.review_tables import Review
+from core.training.run_config import RunConfig
+from tests.test_reviews import log, make_lab, png
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "streamlit_app.py")
+NOTE = "**bold** <b>tag</b> [link](http://x.org)"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    settings = load_settings({"APP_HOME": str(tmp_path / "home")})
+    monkeypatch.setenv("APP_HOME", str(settings.app_home))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("START_WORKER", "0")
+    return settings
+
+
+def open_review(at: AppTest) -> AppTest:
+    at.run()
+    assert not at.exception, at.exception
+    at.switch_page("pages/review.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_an_editor_reviews_the_referred_prediction_first_and_sees_a_disagreement(home, monkeypatch):
+    monkeypatch.setenv("AUTH_MODE", "none")
+    Session = make_sessionmaker(home.database_url)
+    data = png("FL", 7)
+    prediction_log.keep_for_review(home, [(hashlib.sha256(data).hexdigest(), data)])
+    confident = log(Session, 3, "CLL", 0.9, False, user="*eve*")
+    referred = log(Session, 3, "FL", 0.7, True, data=data, user="*eve*")
+    at = open_review(AppTest.from_file(APP, default_timeout=60))
+
+    assert list(at.dataframe[0].value["log id"]) == [referred, confident]
+    assert at.get("image") and not at.info  # the referred one's image was kept
+    assert any("by \\*eve\\*" in c.value for c in at.caption)  # a name as text
+    at.selectbox(key=f"rv_verdict_{referred}").set_value("MCL")
+    at.text_area(key=f"rv_note_{referred}").set_value(NOTE)
+    at.button(key="rv_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    with Session() as s:
+        (row,) = s.scalars(select(Review)).all()
+    assert (row.log_id, row.reviewer, row.true_class, row.note) == (referred, "local", "MCL", NOTE)
+    assert list(at.dataframe[0].value["log id"]) == [confident]  # out of the reviewer's own queue
+    assert any("image was not kept" in i.value for i in at.info)
+
+    with Session.begin() as s:  # a second reviewer says otherwise
+        store.record_review(s, home, User("bo", EDITOR), referred, "FL", "looks follicular")
+    at.toggle(key="rv_unreviewed").set_value(False).run()
+    at.selectbox(key="rv_pick").set_value(referred).run()
+    assert not at.exception
+    assert any("Reviewers disagree" in w.value for w in at.warning)
+    reviews = at.dataframe[1].value
+    assert list(reviews["reviewer"]) == ["local", "bo"] and list(reviews["note"]) == [NOTE, "looks follicular"]
+
+
+def test_a_viewer_gets_neither_the_queue_nor_its_images(home, monkeypatch, tmp_path):
+    path = tmp_path / "accounts.toml"
+    digest = accounts.hash_password("correct horse battery")
+    accounts.write_accounts(path, accounts.Accounts({"vic": accounts.Account("vic", digest, VIEWER)}))
+    monkeypatch.setenv("AUTH_MODE", "password")
+    monkeypatch.setenv("AUTH_FILE", str(path))
+    Session = make_sessionmaker(home.database_url)
+    data = png("FL", 8)
+    prediction_log.keep_for_review(home, [(hashlib.sha256(data).hexdigest(), data)])
+    log(Session, 3, "FL", 0.6, True, data=data, user="vic")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["auth_user"] = "vic"
+    at.run()
+    assert not at.exception and "vic" in " ".join(m.value for m in at.sidebar.markdown)
+    with pytest.raises(ValueError, match="Could not find a navigation page") as listed:
+        at.switch_page("pages/review.py")  # not among the viewer's pages
+    assert "pages/predict.py" in str(listed.value)
+    at.switch_page("pages/predict.py").run()  # the page the viewer has shows no other review
+    assert not at.exception and not at.get("image")
+
+
+def field_panel_script(run_id: int) -> None:
+    from pages._field import field_panel
+
+    field_panel(run_id)
+
+
+def test_the_field_panel_draws_the_runs_reviewed_predictions(home, monkeypatch):
+    monkeypatch.setenv("AUTH_MODE", "none")
+    Session = make_sessionmaker(home.database_url)
+    for predicted, true_class in [("CLL", "CLL"), ("FL", "MCL")]:
+        log_id = log(Session, 5, predicted, 0.6, True)
+        with Session.begin() as s:
+            store.record_review(s, home, User("ana", EDITOR), log_id, true_class)
+    at = AppTest.from_function(field_panel_script, args=(5,), default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert {m.label: m.value for m in at.metric}["Field accuracy"] == "50.0%"
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert all("field: reviewed predictions" in t for t in titles) and len(titles) == 2
+
+
+def retrain_panel_script(run_id: int) -> None:
+    from pages._retrain import retrain_panel
+
+    retrain_panel(run_id)
+
+
+def test_the_retrain_panel_offers_a_newer_version_and_shows_the_queued_comparison(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTH_MODE", "none")
+    Session = make_sessionmaker(home.database_url)
+    lab = make_lab(home, Session, tmp_path)
+    with Session.begin() as s:
+        sha = s.scalar(select(Image.sha256).where(Image.label == "CLL").limit(1))
+        versions.relabel(s, home, "lymphoma", {sha: "FL"}, note="version 2", user=LOCAL_USER)
+    at = AppTest.from_function(retrain_panel_script, args=(lab,), default_timeout=60).run()
+    assert not at.exception, at.exception
+    at.button(key=f"rt_train_{lab}").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    with Session() as s:
+        (again,) = [r for r in s.scalars(select(Run)) if r.id != lab]
+        assert RunConfig.from_dict(again.config).frozen_test_of_run == lab
+    at.run()
+    assert any(f"Run {again.id} is queued" in c.value for c in at.caption)
