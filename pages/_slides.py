@@ -37,7 +37,7 @@ def pick_slide_model() -> tuple[views.RunRow, object] | None:
     Session = session_factory()
     cfg = settings()
     with Session() as s:
-        scales = slide_jobs.slide_models(s, cfg)
+        scales = views.slide_models(s, cfg)
         rows = {r.id: r for r in views.run_rows(s, status="succeeded") if r.id in scales}
     if not rows:
         st.info(
@@ -126,12 +126,12 @@ def send_form(run_id: int) -> None:
         st.toast(f"Slide job {job} queued.", icon=":material/schedule:")
 
 
-def pick_job() -> slide_jobs.SlideJobView | None:
+def pick_job() -> views.SlideJobView | None:
     Session = session_factory()
     cfg = settings()
     user = current_user()
     with Session() as s:
-        jobs = slide_jobs.slide_jobs(s, cfg, user=None if user.can_edit else user.name)
+        jobs = views.slide_jobs(s, cfg, user=None if user.can_edit else user.name)
     if not jobs:
         return None
     ids = [j.id for j in jobs]
@@ -153,7 +153,7 @@ def follow(job_id: int) -> None:
     Session = session_factory()
     cfg = settings()
     with Session() as s:
-        job = slide_jobs.slide_job(s, cfg, job_id)
+        job = views.slide_job(s, cfg, job_id)
     if job.queued:
         st.caption("Queued: the worker takes it after the runs and slides before it.")
     elif not job.ended:
@@ -167,7 +167,7 @@ def follow(job_id: int) -> None:
         st.rerun()  # the whole tab, to show the results
 
 
-def results(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> None:
+def results(job: views.SlideJobView, classes: tuple[str, ...]) -> None:
     v = job.verdict
     if v.refer is None:
         verdict, note = v.predicted, "no refer band: the run has no validation part"
@@ -218,12 +218,12 @@ def results(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> None:
     downloads(job)
 
 
-def heat_figure(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> go.Figure:
+def heat_figure(job: views.SlideJobView, classes: tuple[str, ...]) -> go.Figure:
     """The heat map over the thumbnail: each tile in its class's colour, as opaque as its probability."""
     from core.slides.outputs import class_colour
 
     thumb = np.asarray(PILImage.open(job.folder / "thumbnail.jpg").convert("RGBA"))
-    layer = slide_jobs.overlay(job, classes)
+    layer = views.overlay(job, classes)
     alpha = layer[..., 3:4].astype(np.float32) / 255
     blended = (thumb[..., :3] * (1 - alpha) + layer[..., :3] * alpha).astype(np.uint8)
     fig = go.Figure(go.Image(z=blended, hoverinfo="skip"))
@@ -251,7 +251,7 @@ def heat_figure(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> go.Fi
     return fig
 
 
-def gallery(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> None:
+def gallery(job: views.SlideJobView, classes: tuple[str, ...]) -> None:
     st.markdown("**The most confident tiles of each class**")
     for k, name in enumerate(classes):
         tiles = sorted(job.folder.glob(f"top-{k}-*.jpg"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
@@ -261,7 +261,7 @@ def gallery(job: slide_jobs.SlideJobView, classes: tuple[str, ...]) -> None:
         st.image([str(p) for p in tiles], width=112)
 
 
-def downloads(job: slide_jobs.SlideJobView) -> None:
+def downloads(job: views.SlideJobView) -> None:
     from pathlib import Path
 
     stem = Path(job.slide_name).stem or "slide"

@@ -26,7 +26,7 @@ from core.access.accounts import VIEWER, User
 from core.api.routes import api_routes
 from core.config import Settings, load_settings
 from core.errors import UserError
-from core.jobs import slide_jobs
+from core.jobs import slide_jobs, views
 from core.jobs.worker import run_worker
 from core.slides.scale import ModelScale
 from core.store.db import PredictionLog, RunStatus, SlideJob
@@ -143,15 +143,15 @@ def test_the_worker_classifies_a_queued_slide_and_the_api_answers_with_its_files
     with make_sessionmaker(settings.database_url)() as s:
         assert not Path(s.get(SlideJob, classified).slide_path).exists()
         logged = s.scalars(select(PredictionLog).where(PredictionLog.image_name == slide.name)).all()
-        view = slide_jobs.slide_job(s, settings, classified)
+        view = views.slide_job(s, settings, classified)
     folder = settings.slide_jobs_dir / str(classified)
     assert {"summary.json", "heatmap.npz", "thumbnail.jpg"} <= {p.name for p in folder.iterdir()}
     assert [(r.user, r.source, r.run_id, r.predicted) for r in logged if r.source == "api"] == [
         ("vera", "api", runs["scaled"], verdict["predicted"])
     ]
-    heat = slide_jobs.load_heat_map(view, CLASSES)
+    heat = views.load_heat_map(view, CLASSES)
     assert int((heat.predicted == heat.predicted).sum()) == verdict["tiles_kept"]  # one cell per tile, NaN elsewhere
-    layer = slide_jobs.overlay(view, CLASSES)
+    layer = views.overlay(view, CLASSES)
     assert layer.shape == (heat.thumbnail_height, heat.thumbnail_width, 4)
     assert 0 < (layer[..., 3] > 0).mean() < 0.9  # tissue coloured, glass clear
 
@@ -169,7 +169,7 @@ def test_the_page_the_command_line_and_the_api_give_one_verdict_for_one_slide(
     settings, runs, _, slide = home
     Session = make_sessionmaker(settings.database_url)
     with Session() as s:
-        done = slide_jobs.slide_job(s, settings, classified)
+        done = views.slide_job(s, settings, classified)
     api = done.verdict
     monkeypatch.setenv("APP_HOME", str(settings.app_home))
     monkeypatch.setenv("INFERENCE_ENGINE", "torch")
@@ -212,7 +212,7 @@ def test_the_page_the_command_line_and_the_api_give_one_verdict_for_one_slide(
     at.button(key="FormSubmitter:sl_form-Classify slide").click().run()
     assert not at.exception, at.exception
     with Session() as s:
-        newest = slide_jobs.slide_jobs(s, settings)[0]
+        newest = views.slide_jobs(s, settings)[0]
     assert (newest.slide_name, newest.user, newest.status) == (slide.name, "local", RunStatus.queued)
     assert at.session_state["sl_job"] == newest.id
     slide_jobs.cancel_slide(Session, settings, newest.id, User("local", "editor"))

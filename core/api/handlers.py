@@ -192,11 +192,10 @@ class Api:
 
     def _job(self, user: User, job_id: int):
         """The job, if `user` may see it (its owner, or an editor): 404 otherwise, as for a job that is not."""
-        from core.jobs import slide_jobs
 
         with self.Session() as s:
             try:
-                view = slide_jobs.slide_job(s, self.settings, job_id)
+                view = views.slide_job(s, self.settings, job_id)
             except UserError:
                 view = None
         if view is None or not (user.can_edit or view.user == user.name):

@@ -213,6 +213,9 @@ class RunStatus(str, enum.Enum):
     cancelled = "cancelled"
 
 
+ENDED = (RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled)  # a run or slide job that is over
+
+
 class Run(Base):
     __tablename__ = "runs"
     __table_args__ = {"sqlite_autoincrement": True}

@@ -14,6 +14,7 @@ By topic:
   workers.py     the training worker's panel and the notice of failed runs
   compare.py     runs side by side, approved models, the prediction log's History tab
   home.py        Home's headline: the best run on specimens it never saw, beside colour alone
+  slides.py      whole-slide jobs as the Predict page and the API show them, their heat maps
   formatting.py  figures and messages in the pages' words
 
 The pages import this package (`from core.jobs import views`; `views.run_rows(...)`), which names
@@ -75,6 +76,15 @@ from core.jobs.views.runs import (
     sessions,
     setting_words,
 )
+from core.jobs.views.slides import (
+    SlideJobView,
+    SlideVerdict,
+    load_heat_map,
+    overlay,
+    slide_job,
+    slide_jobs,
+    slide_models,
+)
 from core.jobs.views.workers import (
     NOTICE_HOURS,
     FailureNotice,
@@ -86,6 +96,13 @@ from core.jobs.views.workers import (
 )
 
 __all__ = [
+    "SlideJobView",
+    "SlideVerdict",
+    "load_heat_map",
+    "overlay",
+    "slide_job",
+    "slide_jobs",
+    "slide_models",
     "ACTIVE",
     "NOTICE_HOURS",
     "PAPER",
