@@ -37,6 +37,8 @@ def _comparison(c: retrain.FrozenTestComparison) -> None:
         pct(c.new_accuracy),
         None if c.paired is None else f"{c.paired.difference * 100:+.1f} points",
         help="Accuracy on the same images.",
+        # A gap within noise is shown as a figure, not as a rise or a fall.
+        **({"delta_color": "off", "delta_arrow": "off"} if c.paired is None or c.paired.within_noise else {}),
     )
     d.metric("Test images", f"{c.scored} of {c.test_images}" if c.paired else str(c.test_images))
     st.caption(md_text(c.words))

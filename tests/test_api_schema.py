@@ -39,7 +39,7 @@ def test_the_document_is_served_with_its_interactive_page(settings):
         "description": "An API token: `python -m core token add NAME --role viewer`.",
     }
     operations = {f"{m.upper()} {p}": op for p, item in document["paths"].items() for m, op in item.items()}
-    assert len(operations) == 11
+    assert len(operations) == 14
     assert all(op["security"] == [{"bearer": []}] for name, op in operations.items() if name != "GET /health")
     # Every refusal is an Error: FastAPI's own shape of a validation error is nowhere in the document.
     assert "HTTPValidationError" not in str(document) and "ValidationError" not in document["components"]["schemas"]

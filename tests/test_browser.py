@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from sqlalchemy import select
 
 from core.config import load_settings
 from core.slides.scale import scale_meta
-from core.store.db import PredictionLog, Run, RunStatus, SlideJob
+from core.store.db import Prediction, PredictionLog, Run, RunStatus, SlideJob
 from core.store.engine import make_sessionmaker
+from core.store.review_tables import Review
 from core.training import presets
 from tests.conftest import stop_workers
 from tests.server import free_port, start_app, stop_app, wait_healthy
@@ -249,6 +251,39 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         shot("14d-predict-whole-slide")
         features = page.request.get(url + "/api/v1/slides/1/geojson").json()["features"]
         assert len(features) == job["verdict"]["tiles_kept"]
+
+        # Review: the logged predictions, referred ones first; a review recorded from the page.
+        page.set_viewport_size({"width": 1440, "height": 1000})
+        page.goto(url + "/review")
+        expect(page.get_by_role("heading", name="Review").first).to_be_visible()
+        expect(page.get_by_role("button", name="Record review")).to_be_visible(timeout=30_000)
+        settle()
+        shot("14e-review-queue")
+        page.get_by_role("button", name="Record review").click()
+        settle()
+        with Session() as s:
+            assert [r.reviewer for r in s.scalars(select(Review))] == ["local"]  # no sign-in: the one local editor
+
+        # Runs: a cell of the test confusion matrix opens its images.
+        page.goto(url + "/runs")
+        expect(page.get_by_text("Open a cell: its images appear below.").first).to_be_visible(timeout=30_000)
+        with Session() as s:  # the Runs page shows the newest run, the twin: its fullest cell
+            pairs = Counter(
+                (p.true_label, p.predicted_label)
+                for p in s.scalars(select(Prediction).where(Prediction.run_id == twin))
+            )
+            (true, guess), count = pairs.most_common(1)[0]
+            names = s.get(Run, twin).dataset.classes
+        for label, value in (("True class", names[true]), ("Predicted class", names[guess])):
+            box = page.get_by_role("combobox", name=label).first
+            box.click()
+            page.keyboard.type(value)  # the select box filters its options as one types
+            page.keyboard.press("Enter")
+            settle()
+        heading = f"True {names[true]}, predicted {names[guess]}: {count} test image(s)"
+        expect(page.get_by_text(heading)).to_be_visible(timeout=30_000)
+        page.get_by_text("Open a cell: its images appear below.").first.scroll_into_view_if_needed()
+        shot("14f-runs-confusion-cell")
 
         visit("/dataset", "15-datasets-after", "Datasets")
         visit("/", "16-home-after", "Lymphoma subtype recognition")

@@ -112,12 +112,12 @@ def test_relabel_makes_a_version_whose_diff_shows_it_and_earlier_versions_keep_t
         sha = s.scalar(select(Image.sha256).where(Image.original_name == "CLL/001.tif"))
     with Session.begin() as s:
         with pytest.raises(UserError, match="XX is not one of them"):
-            versions.relabel(s, settings, "ds", {sha: "XX"}, ANA, "", user=LOCAL_USER)
+            versions.relabel(s, settings, "ds", {sha: "XX"}, ANA, "")
         with pytest.raises(UserError, match="not in dataset 'ds'"):
-            versions.relabel(s, settings, "ds", {"0" * 64: "FL"}, ANA, "", user=LOCAL_USER)
+            versions.relabel(s, settings, "ds", {"0" * 64: "FL"}, ANA, "")
         with pytest.raises(UserError, match="editor"):
-            versions.relabel(s, settings, "ds", {sha: "FL"}, User("vic", VIEWER), "", user=LOCAL_USER)
-        made = versions.relabel(s, settings, "ds", {sha: "FL"}, ANA, "second opinion: follicular", user=LOCAL_USER)
+            versions.relabel(s, settings, "ds", {sha: "FL"}, User("vic", VIEWER), "")
+        made = versions.relabel(s, settings, "ds", {sha: "FL"}, ANA, "second opinion: follicular")
         assert (made.number, made.created_by, made.note) == (2, "ana", "second opinion: follicular")
         assert made.counts == {"CLL": 2, "FL": 4, "MCL": 3}
     assert sorted(p for p in settings.images_dir.rglob("*") if p.is_file()) == stored  # no file copied

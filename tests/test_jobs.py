@@ -526,9 +526,9 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_exactly(backend, jset, 
 
     # The reference: the same configuration and seed, uninterrupted, trained beside the resumed run.
     both = (victim, queue_run(JSession, jset, toy, **config)) if compare else (victim,)
-    monkeypatch.setenv("WORKER_SLOTS", "2")
-    monkeypatch.setenv("KEEP_CHECKPOINTS", "1")  # the last epoch's weights, to compare (the model file has the best's)
-    two_slots = dataclasses.replace(jset, worker_slots=2)
+    # The worker that ensure_worker starts, and its children, are given these settings whole; KEEP_CHECKPOINTS
+    # keeps the last epoch's weights, to compare (the model file has the best's).
+    two_slots = dataclasses.replace(jset, worker_slots=2, keep_checkpoints=True)
     with Reader(jset) as reader:
         # The dead worker's heartbeat goes stale after STALE s; then a new one is started.
         wait_for(lambda: ensure_worker(two_slots), 30, "ensure_worker to start a replacement", every=0.5)
