@@ -66,9 +66,10 @@ def stored_nothing(Session, settings) -> bool:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Six slides (3 CLL, 3 FL) ingested, 8 tiles each, and a 1-epoch run trained on their tiles."""
+    """Six slides (3 CLL, 3 FL) ingested, 12 tiles each, and a run trained on their tiles (4 short epochs:
+    enough to tell the two textures apart on every tile of a new slide)."""
     root = tmp_path_factory.mktemp("slide-dataset")
-    settings = load_settings({"APP_HOME": str(root / "home")})
+    settings = load_settings({"APP_HOME": str(root / "home"), "INFERENCE_ENGINE": "torch", "START_WORKER": "0"})
     Session = make_sessionmaker(settings.database_url)
     source = slide_folder(root / "slides", per_class=3)
     seen = []
@@ -79,14 +80,14 @@ def trained(tmp_path_factory):
             source,
             "wsi",
             progress=lambda d, t: seen.append((d, t)),
-            **{**TILING, "max_tiles": 8},
+            **TILING,
             user=LOCAL_USER,
         )
     config = RunConfig(
         dataset="wsi",
         image_size=32,
-        per_class=4,
-        epochs=1,
+        per_class=8,
+        epochs=4,
         batch_size=8,
         lr=1e-3,
         weights="none",
@@ -101,7 +102,7 @@ def trained(tmp_path_factory):
 def test_slides_become_tiles_grouped_by_their_slide(trained):
     settings, Session, source, report, seen, _ = trained
     assert seen == [(i, 6) for i in range(1, 7)]  # progress counts slides tiled
-    assert report.ingest.added == report.tiles_kept == 6 * 8 and report.ingest.class_counts == {"CLL": 24, "FL": 24}
+    assert report.ingest.added == report.tiles_kept == 6 * 12 and report.ingest.class_counts == {"CLL": 36, "FL": 36}
     with Session() as s:
         dataset = s.scalar(select(Dataset).where(Dataset.name == "wsi"))
         assert (dataset.tile_px, dataset.tile_mpp, dataset.groups_estimated) == (64, 1.0, False)
@@ -121,9 +122,9 @@ def test_slides_become_tiles_grouped_by_their_slide(trained):
         0.5,
         "generic-tiff",
     )
-    assert (row.width, row.height, row.tiles_kept) == (2000, 1500, 8)
+    assert (row.width, row.height, row.tiles_kept) == (2000, 1500, 12)
     tiling = Tiling.from_json(row.tiling)
-    assert (tiling.tile_px, tiling.mpp, len(tiling.tiles), tiling.max_tiles) == (64, 1.0, 8, 8)
+    assert (tiling.tile_px, tiling.mpp, len(tiling.tiles), tiling.max_tiles) == (64, 1.0, 12, 12)
     assert not list(settings.tmp_dir.iterdir())  # the work folder is gone
 
 
@@ -315,3 +316,76 @@ def test_the_runs_page_shows_the_run_per_slide_beside_per_tile(trained, monkeypa
     (slides,) = [d.value for d in at.dataframe if "slide" in d.value.columns]
     assert list(slides["slide"]) == [r.slide for r in report.slides]
     assert list(slides["predicted"]) == [r.predicted_class for r in report.slides]
+
+
+def test_a_run_trained_on_slide_tiles_gives_each_half_of_a_two_texture_slide_its_class(trained, tmp_path):
+    """The run trained on the tiles of six slides, asked about a new slide with CLL's texture on the left,
+    FL's on the right and glass around: at least 90% of each half's tiles go to its class, none to glass."""
+    from core.inference import engine
+    from core.slides.predict import predict_slide, slide_scale
+    from tests.slides import two_region_slide
+    from tests.test_slide_predict import inside
+
+    settings, Session, _, _, _, run_id = trained
+    with Session() as s:
+        model = engine.get_predictor(s, settings, run_id, "cpu")
+    path, left, right = two_region_slide(tmp_path / "two.tif", width=2560, height=1024, mpp=0.5)
+    pred = predict_slide(model, path, scale=slide_scale(model), settings=settings, batch=16)
+    side = pred.tiling.step_x  # 64 px at 1 um per pixel: 128 level-0 pixels
+    on_left = [k for k, t in enumerate(pred.tiling.tiles) if inside(t.x, t.y, side, left)]
+    on_right = [k for k, t in enumerate(pred.tiling.tiles) if inside(t.x, t.y, side, right)]
+    assert side == 128 and len(on_left) == len(on_right) == 20
+    assert len(on_left) + len(on_right) == pred.n_tiles  # no tile from the glass
+    winners = pred.tile_predicted
+    assert np.mean(winners[on_left] == 0) >= 0.9 and np.mean(winners[on_right] == 1) >= 0.9
+
+
+def test_the_api_the_command_line_and_the_page_give_a_slide_trained_run_one_verdict(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """One slide, the run trained on slide tiles: the API's job (run by a real worker's child), the
+    command line and the Predict page's Whole slide tab give the same verdict and probabilities."""
+    import json
+
+    from starlette.applications import Starlette
+    from streamlit.testing.v1 import AppTest
+
+    from core.api.routes import api_routes
+    from core.jobs.worker import run_worker
+    from tests.openapi_check import CheckedClient
+    from tests.slides import two_region_slide
+
+    settings, Session, _, _, _, run_id = trained
+    slide_path, _, _ = two_region_slide(tmp_path / "biopsy.tif", "FL", "FL", width=1600, height=800, mpp=0.5)
+    api = CheckedClient(Starlette(routes=api_routes(settings)), client=("127.0.0.1", 50000))  # AUTH_MODE=none
+    queued = api.post(
+        "/api/v1/slides",
+        data={"run": str(run_id)},
+        files={"slide": (slide_path.name, slide_path.read_bytes(), "image/tiff")},
+    )
+    assert queued.status_code == 202, queued.text
+    run_worker(settings, once=True)
+    job = api.get(f"/api/v1/slides/{queued.json()['id']}").json()
+    assert job["status"] == "succeeded", job
+    verdict = job["verdict"]
+    assert verdict["predicted"] == "FL"  # both blocks are FL's texture
+
+    monkeypatch.setenv("APP_HOME", str(settings.app_home))
+    monkeypatch.setenv("INFERENCE_ENGINE", "torch")
+    monkeypatch.setenv("START_WORKER", "0")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert main(["predict-slide", "--run", str(run_id), "--out", str(tmp_path / "cli"), str(slide_path)]) == 0
+    capsys.readouterr()
+    cli = json.loads((tmp_path / "cli" / "biopsy.summary.json").read_text())
+    assert cli["predicted"] == verdict["predicted"]
+    assert cli["probabilities"] == pytest.approx(verdict["probabilities"], abs=1e-6)
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "streamlit_app.py"), default_timeout=120).run()
+    at.switch_page("pages/predict.py").run()
+    at.selectbox(key="sl_pick").set_value(job["id"]).run()
+    assert not at.exception, at.exception
+    (metric,) = [m for m in at.metric if m.label == "Slide verdict"]
+    assert verdict["predicted"] in f"{metric.value} {metric.proto.delta}"  # e.g. "Uncertain, refer", "most likely FL"
+    shown = " ".join(str(m.value) for m in at.markdown) + " ".join(str(c.value) for c in at.caption)
+    top = verdict["probabilities"][verdict["predicted"]]
+    assert f"{top:.1%}" in shown + " ".join(str(m.value) for m in at.metric), "the page shows the same probability"
