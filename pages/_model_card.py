@@ -20,24 +20,16 @@ def model_card_buttons(run: RunRow, Session, cfg: Settings) -> None:
         "What the model is for and not for, its training data, protocol, test figures with intervals, "
         "calibration, colour-only yardstick, approvals and its model file's sha256."
     )
-    a, b = st.columns(2)
-    a.download_button(
-        "Model card (Markdown)",
-        icon=":material/description:",
-        data=lambda: _card_text(Session, cfg, run.id, html=False),
-        file_name=f"run-{run.id}-model-card.md",
-        mime="text/markdown",
-        on_click="ignore",
-        key=f"runs_card_md_{run.id}",
-        help=help_text,
-    )
-    b.download_button(
-        "Model card (HTML)",
-        icon=":material/description:",
-        data=lambda: _card_text(Session, cfg, run.id, html=True),
-        file_name=f"run-{run.id}-model-card.html",
-        mime="text/html",
-        on_click="ignore",
-        key=f"runs_card_html_{run.id}",
-        help=help_text,
-    )
+    for column, (kind, html, suffix, mime) in zip(
+        st.columns(2), (("Markdown", False, "md", "text/markdown"), ("HTML", True, "html", "text/html")), strict=True
+    ):
+        column.download_button(
+            f"Model card ({kind})",
+            icon=":material/description:",
+            data=lambda html=html: _card_text(Session, cfg, run.id, html=html),
+            file_name=f"run-{run.id}-model-card.{suffix}",
+            mime=mime,
+            on_click="ignore",
+            key=f"runs_card_{suffix}_{run.id}",
+            help=help_text,
+        )

@@ -527,6 +527,44 @@ def versions_section(name: str) -> None:
     )
 
 
+def samples_section(images: list, classes: list[str]) -> None:
+    st.subheader("Samples")
+    per_row = 8
+    per_class = st.segmented_control(
+        "Images shown per class",
+        [per_row, 2 * per_row, 3 * per_row],
+        default=per_row,
+        key="ds_per_class",
+        required=True,
+    )
+    for label in classes:
+        members = [im for im in images if im.label == label]
+        step = max(1, len(members) // per_class)
+        shown = members[::step][:per_class]  # spread over the class, not just its first files
+        st.markdown(f"**{md_text(label)}** · {len(members)} images")
+        with user_errors():
+            for start in range(0, len(shown), per_row):
+                for col, im in zip(st.columns(per_row), shown[start : start + per_row]):
+                    col.image(thumbnail(str(im.path)), caption=md_text(im.name), width="stretch")
+
+
+def delete_section(name: str, n_images: int, n_runs: int) -> None:
+    with st.expander("Delete this dataset"):
+        st.warning(
+            f"Deleting **{md_text(name)}** removes its {n_images} images and its {n_runs} run(s) with their "
+            "results. Stored image files used by no other dataset are removed too.",
+            icon=":material/delete:",
+        )
+        sure = st.checkbox(f"Yes, delete '{md_text(name)}' and everything trained on it", key=f"ds_confirm_{name}")
+        if st.button("Delete dataset", disabled=not sure, key="ds_delete"):
+            with user_errors():
+                with Session.begin() as s:
+                    datasets.delete_dataset(s, cfg, name, user=user)
+                st.session_state["ds_flash"] = f"Deleted dataset '{md_text(name)}'."
+                st.session_state.pop("ds_selected", None)
+                st.rerun()
+
+
 def browse_tab() -> None:
     if st.session_state.get("ds_selected") not in names:
         st.session_state["ds_selected"] = names[0]
@@ -593,24 +631,7 @@ def browse_tab() -> None:
         with st.expander("Estimate specimen groups (an approximation)", expanded=not groups or estimated):
             estimate_section(d)
 
-    st.subheader("Samples")
-    per_row = 8
-    per_class = st.segmented_control(
-        "Images shown per class",
-        [per_row, 2 * per_row, 3 * per_row],
-        default=per_row,
-        key="ds_per_class",
-        required=True,
-    )
-    for label in classes:
-        members = [im for im in images if im.label == label]
-        step = max(1, len(members) // per_class)
-        shown = members[::step][:per_class]  # spread over the class, not just its first files
-        st.markdown(f"**{md_text(label)}** · {len(members)} images")
-        with user_errors():
-            for start in range(0, len(shown), per_row):
-                for col, im in zip(st.columns(per_row), shown[start : start + per_row]):
-                    col.image(thumbnail(str(im.path)), caption=md_text(im.name), width="stretch")
+    samples_section(images, classes)
 
     with st.expander(f"Skipped files ({len(skipped)})", expanded=bool(skipped) and len(skipped) <= 20):
         if skipped:
@@ -621,22 +642,8 @@ def browse_tab() -> None:
     label_issues_section(name, Session, cfg, user)
     versions_section(name)
 
-    if not user.can_edit:
-        return
-    with st.expander("Delete this dataset"):
-        st.warning(
-            f"Deleting **{md_text(name)}** removes its {len(images)} images and its {n_runs} run(s) with their "
-            "results. Stored image files used by no other dataset are removed too.",
-            icon=":material/delete:",
-        )
-        sure = st.checkbox(f"Yes, delete '{md_text(name)}' and everything trained on it", key=f"ds_confirm_{name}")
-        if st.button("Delete dataset", disabled=not sure, key="ds_delete"):
-            with user_errors():
-                with Session.begin() as s:
-                    datasets.delete_dataset(s, cfg, name, user=user)
-                st.session_state["ds_flash"] = f"Deleted dataset '{md_text(name)}'."
-                st.session_state.pop("ds_selected", None)
-                st.rerun()
+    if user.can_edit:
+        delete_section(name, len(images), n_runs)
 
 
 report = st.session_state.pop("ds_report", None)
