@@ -383,20 +383,34 @@ def fit(
             score, is_best = (0.0, 0.0), True
         if is_best:
             best = score
-        # record and checkpoint: everything the next epoch depends on, taken at the epoch boundary
-        checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "epoch": epoch,
-            "best": list(best),
-            "early_stopping": [stopping.lowest, stopping.stale],
-            "config": config,
-            "rng": rng_state(),
-            "loader_generator": loader.generator.get_state(),  # the shuffling order of later epochs
-        }
+        # record and checkpoint
+        checkpoint = _checkpoint(model, optimizer, scheduler, loader, epoch, best, stopping, config)
         callback.on_epoch(epoch, metrics, checkpoint, is_best)
     return Fitted(int(metrics.get("epoch", first_epoch - 1)), False, metrics)
+
+
+def _checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loader: Batches,
+    epoch: int,
+    best: tuple[float, float],
+    stopping: EarlyStopping,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the next epoch depends on, taken at the epoch boundary (`_restore` reads it back)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "epoch": epoch,
+        "best": list(best),
+        "early_stopping": [stopping.lowest, stopping.stale],
+        "config": config,
+        "rng": rng_state(),
+        "loader_generator": loader.generator.get_state(),  # the shuffling order of later epochs
+    }
 
 
 def _restore(
