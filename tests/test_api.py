@@ -24,6 +24,7 @@ from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from core.__main__ import main as core_main
 from core.access import accounts, tokens
 from core.access.accounts import EDITOR, VIEWER, User
 from core.api.routes import api_routes
@@ -92,7 +93,7 @@ def error_of(response) -> str:
 
 def test_token_cli_prints_the_token_once_and_keeps_only_its_sha256(tmp_path, capsys):
     path = tmp_path / "accounts.toml"
-    assert accounts.main(["--file", str(path), "token", "add", "ci", "--role", "viewer"]) == 0
+    assert core_main(["token", "--file", str(path), "add", "ci", "--role", "viewer"]) == 0
     token = capsys.readouterr().out.strip()
     token_id, secret = tokens.split_token(token)
     text = path.read_text()
@@ -102,10 +103,10 @@ def test_token_cli_prints_the_token_once_and_keeps_only_its_sha256(tmp_path, cap
     assert secret not in text and "$argon2" not in text
     assert tokens.token_user(accounts.load_accounts(path), token) == User("ci", VIEWER)
     assert tokens.token_user(accounts.load_accounts(path), token[:-1] + ("A" if token[-1] != "A" else "B")) is None
-    assert accounts.main(["--file", str(path), "token", "list"]) == 0
+    assert core_main(["token", "--file", str(path), "list"]) == 0
     listed = capsys.readouterr().out
     assert listed.startswith(f"{token_id}\tci\tviewer\t") and secret not in listed
-    assert accounts.main(["--file", str(path), "token", "remove", token_id]) == 0
+    assert core_main(["token", "--file", str(path), "remove", token_id]) == 0
     assert not accounts.load_accounts(path).tokens
 
 

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, select
 from streamlit.testing.v1 import AppTest
 
+from core.__main__ import main as core_main
 from core.access import accounts
 from core.access.accounts import EDITOR, VIEWER, User
 from core.config import Settings, load_settings
@@ -130,7 +131,7 @@ def test_cli_adds_an_account_to_the_file_atomically_and_never_in_plain_text(tmp_
 
     def cli(*argv: str, stdin: str = "") -> int:
         monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        return accounts.main(["--file", str(path), *argv])
+        return core_main(["accounts", "--file", str(path), *argv])
 
     assert cli("add", "ana", "--role", "editor", "--password-stdin", stdin=PASSWORD + "\n") == 0
     text = path.read_text()

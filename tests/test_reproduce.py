@@ -5,9 +5,9 @@ import argparse
 import pytest
 
 from core.access.accounts import LOCAL_USER
+from core.cli.reproduce import add_cli
 from core.data import groups
 from core.data.ingest import ingest
-from core.jobs.reproduce import add_cli
 from tests.synthetic import write_dataset
 
 

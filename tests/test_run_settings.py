@@ -12,9 +12,9 @@ from streamlit.testing.v1 import AppTest
 
 from core.__main__ import build_parser, config_from_args
 from core.access.accounts import LOCAL_USER
+from core.cli.reproduce import RUN_FLAGS
 from core.data.ingest import ingest
 from core.jobs import estimate
-from core.jobs.reproduce import RUN_FLAGS
 from core.training.run_config import RunConfig, flag_of, settings_fields
 from tests.synthetic import write_dataset
 

@@ -418,13 +418,9 @@ def oidc_user(roles: Mapping[str, str], email: str | None, email_verified: objec
 # Command line: `python -m core accounts ...` and `python -m core token ...` (core/cli/accounts.py)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Where these commands were first, kept for scripts: runs the same command of `python -m core`."""
-    from core.__main__ import main as core_main
+if __name__ == "__main__":
+    # Where these commands were first, kept for scripts: the same command of `python -m core`.
+    from core.__main__ import main
     from core.cli.accounts import former_argv
 
-    return core_main(former_argv(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(former_argv(sys.argv[1:])))

@@ -24,17 +24,14 @@ Command line: python -m core token add NAME --role viewer|editor | token list | 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import re
 import secrets
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from core.access.accounts import (
-    ROLES,
     Accounts,
     ApiToken,
     User,
@@ -116,40 +113,3 @@ def token_user(accounts: Accounts, token: str) -> User | None:
         )
     right = hmac.compare_digest(record.secret_hash if record else _NO_TOKEN, secret_digest(secret))
     return User(record.name, record.role) if record is not None and right else None
-
-
-# --------------------------------------------------------------------------------------------
-# Command line (under `python -m core.access.accounts`)
-
-
-def add_token_commands(sub: argparse._SubParsersAction) -> None:
-    token = sub.add_parser("token", help="API tokens: add, list, remove")
-    commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
-    p = commands.add_parser("add", help="make a token and print it (once: only its hash is kept)")
-    p.add_argument("name", help="whom the token acts as (runs it queues are recorded under this name)")
-    p.add_argument("--role", choices=ROLES, required=True)
-    commands.add_parser(
-        "list",
-        help="list tokens: id, name, role, when made (never the tokens); a fifth column "
-        "marks an old token that is refused until it is made again",
-    )
-    p = commands.add_parser("remove", help="remove a token; it is refused from its next request on")
-    p.add_argument("id", help="the token's id, as `token list` shows it")
-
-
-def token_command(path: Path, args: argparse.Namespace) -> None:
-    if args.token_command == "add":
-        record, token = add_token(path, args.name, args.role)
-        print(token)  # alone on stdout, so a script can capture it
-        print(
-            f"added token {record.id} for {record.name} ({record.role}) in {path}. It is shown only now: "
-            "keep it somewhere safe.",
-            file=sys.stderr,
-        )
-    elif args.token_command == "list":
-        for t in sorted(load_accounts(path).tokens.values(), key=lambda t: (t.name, t.created_at)):
-            old = "\told: refused, make it again" if is_old(t) else ""
-            print(f"{t.id}\t{t.name}\t{t.role}\t{t.created_at}{old}")
-    else:
-        record = remove_token(path, args.id)
-        print(f"removed token {record.id} of {record.name} from {path}")

@@ -70,7 +70,40 @@ def cmd_accounts(args: argparse.Namespace, settings: Settings, Session) -> None:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings, Session) -> None:
-    tokens.token_command(args.file or settings.accounts_file, args)
+    token_command(args.file or settings.accounts_file, args)
+
+
+def add_token_commands(sub: argparse._SubParsersAction) -> None:
+    token = sub.add_parser("token", help="API tokens: add, list, remove")
+    commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    p = commands.add_parser("add", help="make a token and print it (once: only its hash is kept)")
+    p.add_argument("name", help="whom the token acts as (runs it queues are recorded under this name)")
+    p.add_argument("--role", choices=accounts.ROLES, required=True)
+    commands.add_parser(
+        "list",
+        help="list tokens: id, name, role, when made (never the tokens); a fifth column "
+        "marks an old token that is refused until it is made again",
+    )
+    p = commands.add_parser("remove", help="remove a token; it is refused from its next request on")
+    p.add_argument("id", help="the token's id, as `token list` shows it")
+
+
+def token_command(path: Path, args: argparse.Namespace) -> None:
+    if args.token_command == "add":
+        record, token = tokens.add_token(path, args.name, args.role)
+        print(token)  # alone on stdout, so a script can capture it
+        print(
+            f"added token {record.id} for {record.name} ({record.role}) in {path}. It is shown only now: "
+            "keep it somewhere safe.",
+            file=sys.stderr,
+        )
+    elif args.token_command == "list":
+        for t in sorted(accounts.load_accounts(path).tokens.values(), key=lambda t: (t.name, t.created_at)):
+            old = "\told: refused, make it again" if tokens.is_old(t) else ""
+            print(f"{t.id}\t{t.name}\t{t.role}\t{t.created_at}{old}")
+    else:
+        record = tokens.remove_token(path, args.id)
+        print(f"removed token {record.id} of {record.name} from {path}")
 
 
 def _add_file_option(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = commands.add_parser("hash", help="print the hash of a password (asks for it)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
 
-    tokens.add_token_commands(sub)
+    add_token_commands(sub)
     p = sub.choices["token"]
     p.formatter_class = DefaultsFormatter
     p.set_defaults(func=cmd_token, database=False)

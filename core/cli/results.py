@@ -8,8 +8,8 @@ import argparse
 from pathlib import Path
 
 from core.cli.common import cli_user, command
+from core.cli.reproduce import add_cli as add_reproduce_paper
 from core.config import Settings
-from core.jobs.reproduce import add_cli as add_reproduce_paper
 from core.store.records import RunSummary
 from core.store.runs import fold_siblings, get_run
 

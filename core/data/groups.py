@@ -356,12 +356,8 @@ def groups_from_pattern(rx: re.Pattern[str], rels: list[str]) -> dict[str, str]:
     return groups
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Where the manifest's command was first, kept for scripts: runs `python -m core groups ARGS`."""
-    from core.__main__ import main as core_main
-
-    return core_main(["groups", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # Where the manifest's command was first, kept for scripts: `python -m core groups ARGS`.
+    from core.__main__ import main
+
+    sys.exit(main(["groups", *sys.argv[1:]]))

@@ -436,8 +436,3 @@ class FailuresSeen(Base):
 
     user: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     seen_until: Mapped[datetime]  # the finish time of the newest failure they dismissed
-
-
-# Tables in modules of their own (this one is near its size limit), imported here so that
-# Base.metadata, which the migrations and their checks compare with, always holds them.
-from core.store import label_checks, review_tables  # noqa: E402, F401
