@@ -161,8 +161,9 @@ def item_detail(item: queue.QueueItem) -> None:
     with left:
         if item.image_path is None:
             st.info(
-                "The image was not kept, so it cannot be reviewed here: only referred images are kept for "
-                "review (within MAX_DISK_GB), or every image with PREDICTION_LOG_IMAGES=1.",
+                "The image was not kept, so it is not shown here: referred images are kept for review while "
+                "MAX_DISK_GB leaves room, every image with PREDICTION_LOG_IMAGES=1, and a whole slide never (it "
+                "stays where it was). Record a verdict only from the original: the file, the slide or the glass.",
                 icon=":material/hide_image:",
             )
         else:
