@@ -363,3 +363,32 @@ def test_the_api_gives_the_queue_takes_reviews_and_answers_field_accuracy(home, 
     with Session() as s:
         assert got == json.loads(json.dumps(field.field_accuracy(s, lab).to_json(), default=str))
     assert call("GET", "/models/999999/field", ana).status_code == 404
+
+
+def test_one_reviewer_sending_twice_at_once_leaves_one_review_the_later_one(postgres_url, tmp_path):
+    """Two requests of one reviewer about one prediction, the second sent while the first is still
+    being written (two tabs, an API call sent again): neither fails, one review remains, the later."""
+    import threading
+
+    settings = load_settings({"APP_HOME": str(tmp_path / "home"), "DATABASE_URL": postgres_url})
+    Session = make_sessionmaker(postgres_url)
+    log_id = log(Session, 1, "CLL", 0.5, True)
+    failures: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            review(Session, settings, ANA, log_id, "MCL", "second")  # waits for the first one's row lock
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            failures.append(e)
+
+    with Session.begin() as s:
+        store.record_review(s, settings, ANA, log_id, "FL", "first")
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(1.0)  # it cannot finish before this transaction ends
+        assert other.is_alive()
+    other.join(30)
+    assert not failures, failures
+    with Session() as s:
+        (case,) = store.cases(s, log_ids=[log_id])
+    assert [(r.reviewer, r.true_class, r.note) for r in case.reviews] == [("ana", "MCL", "second")]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.access.accounts import User, require_editor
@@ -110,9 +111,12 @@ def record_review(
         raise UserError(
             f"The model of run {logged.run_id} knows {', '.join(classes)}; {true_class} is not one of them."
         )
-    row = session.scalar(select(Review).where(Review.log_id == log_id, Review.reviewer == user.name))
-    if row is None:
-        row = Review(
+    verdict = {"true_class": true_class, "note": note, "reviewed_at": utcnow()}
+    # One statement that inserts or replaces: two requests of one reviewer at once (two tabs, an API
+    # call sent again) leave one review, the later one, and neither fails on the other's row.
+    upsert = (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(Review)
+    session.execute(
+        upsert.values(
             log_id=log_id,
             run_id=logged.run_id,
             image_sha256=logged.image_sha256,
@@ -120,10 +124,14 @@ def record_review(
             refer=logged.refer,
             predicted_at=logged.at,
             reviewer=user.name,
-        )
-        session.add(row)
-    row.true_class, row.note, row.reviewed_at = true_class, note, utcnow()
-    session.flush()
+            **verdict,
+        ).on_conflict_do_update(index_elements=["log_id", "reviewer"], set_=verdict)
+    )
+    row = session.scalars(
+        select(Review)
+        .where(Review.log_id == log_id, Review.reviewer == user.name)
+        .execution_options(populate_existing=True)
+    ).one()
     return _record(row)
 
 
