@@ -199,12 +199,8 @@ def _scale_words(card: ModelCard) -> str:
 
 
 def _calibration_lines(words: CalibrationWords) -> tuple[str, ...]:
-    return (
-        f"{words.scaling_sentence} Calibration error (validation, as trained → after scaling): {words.val_error}; "
-        f"test: {words.test_error}.",
-        f"Refer band: {words.refer_sentence}",
-        words.technical,
-    )
+    # The technical sentence gives the temperature and the calibration errors (ECE) once.
+    return (words.scaling_sentence, f"Refer band: {words.refer_sentence}", words.technical)
 
 
 def _data_section(card: ModelCard) -> Section:
