@@ -10,9 +10,22 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.review import field
-from pages._common import PALETTE, confusion_figure, pct, session_factory, show_figure, text_table, user_errors
+from pages._common import (
+    PALETTE,
+    confusion_figure,
+    current_user,
+    md_text,
+    pct,
+    session_factory,
+    settings,
+    show_figure,
+    text_table,
+    thumbnail,
+    user_errors,
+)
 
 LABEL = "field: reviewed predictions"
+CELL_ROW, CELL_LIMIT = 6, 24
 
 
 def field_panel(run_id: int) -> None:
@@ -57,8 +70,42 @@ def _panel(run_id: int) -> None:
                 {"class": list(found.classes), "recall": [pct(r) for r in found.recall]},
             )
         )
+        if current_user().can_edit:
+            _cell(run_id, found.classes)
     if found.weeks:
         show_figure(_weekly(found), key=f"field_weeks_{run_id}")
+
+
+def _cell(run_id: int, classes: tuple[str, ...]) -> None:
+    """A cell of the field matrix opened: its reviewed cases, with their images where kept."""
+    st.caption("Open a cell: its reviewed cases appear below.")
+    a, b = st.columns(2)
+    options = [None, *classes]
+    label = lambda c: "choose" if c is None else c  # noqa: E731
+    truth = a.selectbox("Reviewed class", options, key=f"field_true_{run_id}", format_func=label)
+    guess = b.selectbox("The model's class", options, key=f"field_pred_{run_id}", format_func=label)
+    if truth is None or guess is None:
+        return
+    cfg = settings()
+    with session_factory()() as s:
+        found = field.field_cell(s, cfg, current_user(), run_id, truth, guess)
+    st.markdown(f"**Reviewed {md_text(truth)}, the model said {md_text(guess)}: {len(found)} case(s)**")
+    for start in range(0, min(len(found), CELL_LIMIT), CELL_ROW):
+        for col, case in zip(st.columns(CELL_ROW), found[start : start + CELL_ROW]):
+            if case.image_path is not None:
+                col.image(thumbnail(str(case.image_path)), width="stretch")
+            else:
+                col.caption("image not kept")
+            words = (
+                "log row pruned"
+                if case.probabilities is None
+                else " · ".join(f"{c} {p:.1%}" for c, p in case.probabilities.items())
+            )
+            col.caption(
+                f"{md_text(case.image_name or f'log {case.log_id}')}  \n{case.probability_kind or ''} {md_text(words)}"
+            )
+    if len(found) > CELL_LIMIT:
+        st.caption(f"The first {CELL_LIMIT} of {len(found)}, newest first.")
 
 
 def _weekly(found: field.FieldAccuracy) -> go.Figure:

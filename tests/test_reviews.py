@@ -392,3 +392,29 @@ def test_one_reviewer_sending_twice_at_once_leaves_one_review_the_later_one(post
     with Session() as s:
         (case,) = store.cases(s, log_ids=[log_id])
     assert [(r.reviewer, r.true_class, r.note) for r in case.reviews] == [("ana", "MCL", "second")]
+
+
+def test_a_cell_of_the_field_matrix_holds_exactly_its_agreed_cases(home, Session):
+    data = png("FL", 60)
+    kept = prediction_log.keep_for_review(home, [(hashlib.sha256(data).hexdigest(), data)])
+    in_cell = log(Session, 3, "FL", 0.6, True, data=data)
+    also = log(Session, 3, "FL", 0.7, False)  # the same cell, its image not kept
+    right = log(Session, 3, "FL", 0.8, False)  # reviewed FL: another cell
+    split = log(Session, 3, "FL", 0.5, True)  # reviewers disagree: in no cell
+    for log_id, verdicts in (
+        (in_cell, [(ANA, "MCL")]),
+        (also, [(BO, "MCL")]),
+        (right, [(ANA, "FL")]),
+        (split, [(ANA, "MCL"), (BO, "CLL")]),
+    ):
+        for user, true_class in verdicts:
+            review(Session, home, user, log_id, true_class)
+    with Session() as s:
+        cell = field.field_cell(s, home, ANA, 3, "MCL", "FL")
+        assert {c.log_id for c in cell} == {in_cell, also}
+        by_id = {c.log_id: c for c in cell}
+        assert by_id[in_cell].image_path is not None and by_id[in_cell].image_path.read_bytes() == data and kept
+        assert by_id[also].image_path is None and by_id[also].probabilities["FL"] == pytest.approx(0.7)
+        assert field.field_cell(s, home, ANA, 3, "FL", "FL")[0].log_id == right
+        with pytest.raises(UserError, match="editors"):
+            field.field_cell(s, home, VIC, 3, "MCL", "FL")

@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.access.accounts import User, require_editor
+from core.config import Settings
 from core.evaluation.calibration import bootstrap_metrics
+from core.review.queue import kept_image
 from core.review.store import Case, cases
 from core.store.db import PredictionLog, Run
 
@@ -111,6 +115,43 @@ class FieldAccuracy:
         out["confusion"] = [list(row) for row in self.confusion]
         out.update(referred_share=self.referred_share, overruled_share=self.overruled_share)
         return out
+
+
+@dataclass(frozen=True)
+class FieldCellCase:
+    """A reviewed case in one cell of the field confusion matrix."""
+
+    log_id: int
+    image_name: str | None  # None: its log row was pruned since
+    image_path: Path | None  # the kept image; None: not kept
+    probabilities: dict[str, float] | None  # as logged; None: its log row was pruned since
+    probability_kind: str | None  # "calibrated" or "raw"
+
+
+def field_cell(
+    session: Session, settings: Settings, user: User, run_id: int, true_class: str, predicted: str
+) -> list[FieldCellCase]:
+    """The counted cases of run `run_id` that reviewers agree are `true_class` and the model called
+    `predicted`: one cell of the field confusion matrix, newest first. Editors only: the images and
+    file names are those of the cases people sent to be classified."""
+    require_editor(user, "see the reviewed images")
+    chosen = [c for c in cases(session, run_id=run_id) if c.true_class == true_class and c.predicted == predicted]
+    rows = {
+        r.id: r for r in session.scalars(select(PredictionLog).where(PredictionLog.id.in_([c.log_id for c in chosen])))
+    }
+    found = []
+    for c in sorted(chosen, key=lambda c: c.predicted_at, reverse=True):
+        row = rows.get(c.log_id)
+        found.append(
+            FieldCellCase(
+                log_id=c.log_id,
+                image_name=None if row is None else row.image_name,
+                image_path=kept_image(settings, c.image_sha256),
+                probabilities=None if row is None else dict(row.probabilities),
+                probability_kind=None if row is None else row.probability_kind,
+            )
+        )
+    return found
 
 
 def week_of(at: datetime) -> date:
