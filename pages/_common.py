@@ -260,9 +260,6 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
-duration = views.duration_text  # the one wording of a stretch of time (core/words.py), '–' when unknown
-
-
 # --------------------------------------------------------------------------------------------
 # Figures
 

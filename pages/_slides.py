@@ -16,7 +16,6 @@ from PIL import Image as PILImage
 from core.jobs import slide_jobs, views
 from pages._common import (
     current_user,
-    duration,
     md_text,
     pct,
     plot_text,
@@ -161,7 +160,7 @@ def follow(job_id: int) -> None:
             st.progress(0.0, text="Finding the tissue and cutting it into tiles…")
         else:
             left = job.seconds_left()
-            about = f" · about {duration(left)} left" if left is not None else ""
+            about = f" · about {views.duration_text(left)} left" if left is not None else ""
             st.progress(job.fraction, text=f"{job.done:,} of {job.total:,} tiles classified{about}")
     if job.ended:
         st.rerun()  # the whole tab, to show the results
@@ -176,7 +175,7 @@ def results(job: views.SlideJobView, classes: tuple[str, ...]) -> None:
     else:
         verdict, note = v.predicted, "confident"
     plain = {"delta_color": "off", "delta_arrow": "off", "border": True}  # figures, not rises or falls
-    seconds = f"{v.seconds:.1f} s" if v.seconds < 10 else duration(v.seconds)
+    seconds = f"{v.seconds:.1f} s" if v.seconds < 10 else views.duration_text(v.seconds)
     cols = st.columns(3)
     cols[0].metric("Slide verdict", verdict, note, **plain)
     cols[1].metric("Tissue tiles", f"{v.tiles_kept:,}", f"{v.tile_px} px at {v.tile_mpp:g} µm/px", **plain)

@@ -27,7 +27,6 @@ from pages._common import (
     IMAGE_TYPES,
     class_counts_figure,
     current_user,
-    duration,
     md_text,
     page_header,
     plot_text,
@@ -86,7 +85,7 @@ def ingest_now(source: str, name: str, groups_csv, group_pattern: str) -> None:
     def tile_progress(done: int, total: int) -> None:
         # Slides take long and alike: the time per slide so far gives the time left.
         left = (time.monotonic() - start) / max(done, 1) * (total - done)
-        after = f" · about {duration(left)} left" if done < total else " · checking their tiles"
+        after = f" · about {views.duration_text(left)} left" if done < total else " · checking their tiles"
         bar.progress(done / max(total, 1), text=f"Tiling slides: {done} of {total}{after}")
 
     options = dict(groups_csv=groups_csv, group_pattern=group_pattern.strip() or None, progress=progress)

@@ -16,7 +16,6 @@ from pages._common import (
     csv_bytes,
     current_user,
     curves_figure,
-    duration,
     grad_cam_for,
     md_text,
     page_header,
@@ -197,7 +196,7 @@ def metrics_row(curve: views.RunCurves) -> None:
             "when other work slows it; validation between epochs and the test come on top."
             + (" Early stopping may end training sooner." if run.config.patience else ""),
         )
-        c[3].metric("Elapsed", duration(run.seconds), border=True)
+        c[3].metric("Elapsed", views.duration_text(run.seconds), border=True)
         speed = (
             f"Speed {views.speed_text(now)} now"
             if now is not None
@@ -230,7 +229,7 @@ def metrics_row(curve: views.RunCurves) -> None:
         help="The epoch with the best validation accuracy: its weights are the ones tested and kept.",
     )
     c[2].metric("Epochs trained", f"{len(epochs)} of {run.config.epochs}", border=True)
-    c[3].metric("Duration", duration(run.seconds), border=True)
+    c[3].metric("Duration", views.duration_text(run.seconds), border=True)
     if s.stopped_early:
         st.info(
             f"**Stopped early** after epoch {s.stopped_at_epoch} of {run.config.epochs}: the validation loss "
@@ -864,7 +863,7 @@ def compare_tab() -> None:
                 "test accuracy": [pct(r.summary.test_accuracy) for r in runs],
                 "best epoch": ["–" if r.summary.best_epoch is None else str(r.summary.best_epoch) for r in runs],
                 "training speed": [views.speed_text(r.summary.images_per_second) for r in runs],
-                "duration": [duration(r.seconds) for r in runs],
+                "duration": [views.duration_text(r.seconds) for r in runs],
             },
             index=columns,
         ).T,
