@@ -301,6 +301,13 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
             settle()
             assert_tables_fit(page, path, some=path != "/augmentation")
         page.screenshot(path=str(SHOTS / "17-augmentation-1280.png"))
+
+        # The API's interactive docs draw from the app's own copy of Swagger UI (this browser reaches
+        # no other site), listing the API's operations.
+        page.goto(url + "/api/v1/docs")
+        expect(page.get_by_text("Lymphoma subtype recognition API").first).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("/reviews/queue").first).to_be_visible()
+        page.screenshot(path=str(SHOTS / "18-api-docs.png"))
         browser.close()
 
 

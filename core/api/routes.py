@@ -78,7 +78,8 @@ from core.inference import prediction_log
 API_PREFIX = "/api/v1"
 VERSION = "1.0.0"
 DESCRIPTION = (
-    "Classify H&E images and whole slides, follow and queue training runs, read the prediction log. "
+    "Classify H&E images and whole slides, follow and queue training runs, read the prediction log, review "
+    "predictions and read a model's accuracy on the reviewed ones. "
     "Bearer tokens come from `python -m core token add NAME --role viewer|editor`; with "
     "AUTH_MODE=none the API answers only on the server's own machine. A request that changes something "
     "sends application/json (images and slides: multipart/form-data); one from a web page of another "
