@@ -37,8 +37,26 @@ def _share(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
+class _Shares:
+    """The shares both a week and the whole report give: referred of the predictions, overruled of the
+    reviews naming a class."""
+
+    predictions: int
+    referred: int
+    class_reviews: int
+    overruled: int
+
+    @property
+    def referred_share(self) -> float | None:
+        return _share(self.referred, self.predictions)
+
+    @property
+    def overruled_share(self) -> float | None:
+        return _share(self.overruled, self.class_reviews)
+
+
 @dataclass(frozen=True)
-class WeekFigures:
+class WeekFigures(_Shares):
     """One week's predictions of a run (by when they were made) and their reviews."""
 
     week: date  # its Monday
@@ -53,17 +71,9 @@ class WeekFigures:
     def accuracy(self) -> float | None:
         return _share(self.right, self.counted)
 
-    @property
-    def referred_share(self) -> float | None:
-        return _share(self.referred, self.predictions)
-
-    @property
-    def overruled_share(self) -> float | None:
-        return _share(self.overruled, self.class_reviews)
-
 
 @dataclass(frozen=True)
-class FieldAccuracy:
+class FieldAccuracy(_Shares):
     """A run's field accuracy (see the module's docstring)."""
 
     run_id: int
@@ -83,14 +93,6 @@ class FieldAccuracy:
     overruled: int
     weeks: tuple[WeekFigures, ...]  # oldest first
     level: float = LEVEL
-
-    @property
-    def referred_share(self) -> float | None:
-        return _share(self.referred, self.predictions)
-
-    @property
-    def overruled_share(self) -> float | None:
-        return _share(self.overruled, self.class_reviews)
 
     def summary(self) -> str:
         """One sentence, e.g. 'Right on 41 of 50 reviewed predictions (82.0%, 95% interval 71.0% to 92.0%);
