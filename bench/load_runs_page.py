@@ -209,37 +209,13 @@ def start_worker(home: Path, slots: int, threads: int, log: Path) -> subprocess.
 
 
 def start_server(home: Path, port: int, log: Path, options: list[str]) -> subprocess.Popen:
-    """`streamlit run` as tests/test_browser.py starts it; `options` are more KEY=VALUE settings."""
+    """`streamlit run` as the browser tests start it (tests/server.py); `options` are more KEY=VALUE settings."""
+    from tests.server import start_app
+
     env = base_env(home)
     env.update(START_WORKER="0", AUTH_MODE="none")  # the bench runs its own worker; the app stays open
-    extra = [part for option in options for part in ("--" + option.split("=", 1)[0], option.split("=", 1)[1])]
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                "serve.py",
-                "--server.port",
-                str(port),
-                "--server.address",
-                "127.0.0.1",
-                "--server.headless",
-                "true",
-                "--server.fileWatcherType",
-                "none",
-                "--browser.gatherUsageStats",
-                "false",
-                *extra,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        return start_app(port, env, out, options)
 
 
 def stop(process: subprocess.Popen, grace: float = 20) -> None:

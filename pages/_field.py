@@ -23,6 +23,7 @@ from pages._common import (
     thumbnail,
     user_errors,
 )
+from pages._run_cells import cell_choice
 
 LABEL = "field: reviewed predictions"
 CELL_ROW, CELL_LIMIT = 6, 24
@@ -78,14 +79,10 @@ def _panel(run_id: int) -> None:
 
 def _cell(run_id: int, classes: tuple[str, ...]) -> None:
     """A cell of the field matrix opened: its reviewed cases, with their images where kept."""
-    st.caption("Open a cell: its reviewed cases appear below.")
-    a, b = st.columns(2)
-    options = [None, *classes]
-    label = lambda c: "choose" if c is None else c  # noqa: E731
-    truth = a.selectbox("Reviewed class", options, key=f"field_true_{run_id}", format_func=label)
-    guess = b.selectbox("The model's class", options, key=f"field_pred_{run_id}", format_func=label)
-    if truth is None or guess is None:
+    chosen = cell_choice(classes, f"field_{run_id}", ("Reviewed class", "The model's class"), "reviewed cases")
+    if chosen is None:
         return
+    truth, guess = chosen
     cfg = settings()
     with session_factory()() as s:
         found = field.field_cell(s, cfg, current_user(), run_id, truth, guess)

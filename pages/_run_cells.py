@@ -15,16 +15,29 @@ from pages._common import md_text, thumbnail, user_errors
 PER_ROW, LIMIT, SLIDES, TILES = 6, 24, 6, 12
 
 
-def cell_choice(run: views.RunRow, key: str) -> tuple[str, str] | None:
-    """Two select boxes naming a cell of the matrix drawn above them; None until both are chosen."""
-    st.caption("Open a cell: its images appear below.")
-    a, b = st.columns(2)
-    options = [None, *run.classes]
-    truth = a.selectbox("True class", options, key=f"{key}_true", format_func=lambda c: "choose" if c is None else c)
-    guess = b.selectbox(
-        "Predicted class", options, key=f"{key}_pred", format_func=lambda c: "choose" if c is None else c
-    )
-    return None if truth is None or guess is None else (truth, guess)
+def cell_choice(
+    classes: tuple[str, ...] | list[str],
+    key: str,
+    labels: tuple[str, str] = ("True class", "Predicted class"),
+    what: str = "images",
+) -> tuple[str, str] | None:
+    """Two select boxes naming a cell of the matrix drawn above them (rows, columns as `labels` say);
+    None until both are chosen."""
+    st.caption(f"Open a cell: its {what} appear below.")
+    options = [None, *classes]
+    chosen = [
+        column.selectbox(label, options, key=f"{key}_{part}", format_func=lambda c: "choose" if c is None else c)
+        for column, label, part in zip(st.columns(2), labels, ("true", "pred"), strict=True)
+    ]
+    return None if None in chosen else (chosen[0], chosen[1])
+
+
+def _heading(truth: str, guess: str, found: list, noun: str) -> bool:
+    """The opened cell's heading and, when it is empty, that it is; whether it holds anything."""
+    st.markdown(f"**True {md_text(truth)}, predicted {md_text(guess)}: {len(found)} test {noun}(s)**")
+    if not found:
+        st.caption(f"No test {noun} is in this cell.")
+    return bool(found)
 
 
 def _probability_words(run: views.RunRow, images: list) -> tuple[list[str], str]:
@@ -52,9 +65,7 @@ def cell_images_panel(run: views.RunRow, chosen: tuple[str, str], Session, cfg: 
     with user_errors():
         with Session() as s:
             found = cells.cell_images(s, cfg, run.id, truth, guess)
-        st.markdown(f"**True {md_text(truth)}, predicted {md_text(guess)}: {len(found)} test image(s)**")
-        if not found:
-            st.caption("No test image is in this cell.")
+        if not _heading(truth, guess, found, "image"):
             return
         _gallery(found, run, LIMIT)
         if len(found) > LIMIT:
@@ -67,9 +78,7 @@ def slide_cell_panel(run: views.RunRow, chosen: tuple[str, str], Session, cfg: S
     with user_errors():
         with Session() as s:
             found = cells.slide_cell(s, cfg, run.id, truth, guess)
-        st.markdown(f"**True {md_text(truth)}, predicted {md_text(guess)}: {len(found)} test slide(s)**")
-        if not found:
-            st.caption("No test slide is in this cell.")
+        if not _heading(truth, guess, found, "slide"):
             return
         for slide in found[:SLIDES]:
             mean = " · ".join(f"{c} {p:.1%}" for c, p in zip(run.classes, slide.probabilities))

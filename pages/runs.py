@@ -468,7 +468,7 @@ def report_panel(found: views.RunResults) -> None:
             confusion_figure(report.confusion, run.classes, f"Run {run.id}: confusion matrix", run.protocol, wrap=60),
             key=f"runs_cm_{run.id}",
         )
-        cell = cell_choice(run, f"runs_cell_{run.id}")
+        cell = cell_choice(run.classes, f"runs_cell_{run.id}")
     with right:
         st.markdown(f"**Per-class results (the paper's Table I layout)** · {report.n} test samples")
         st.caption(run.protocol)
@@ -508,7 +508,7 @@ def slides_panel(found: views.RunResults) -> None:
             ),
             key=f"runs_slide_cm_{run.id}",
         )
-        cell = cell_choice(run, f"runs_slide_cell_{run.id}")
+        cell = cell_choice(run.classes, f"runs_slide_cell_{run.id}")
     with right:
         st.dataframe(
             table_one(report),

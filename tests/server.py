@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +38,11 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 90, log: 
     raise TimeoutError("streamlit did not become healthy")
 
 
-def start_app(port: int, env: dict[str, str], log: object) -> subprocess.Popen:
+def start_app(port: int, env: dict[str, str], log: object, options: Sequence[str] = ()) -> subprocess.Popen:
     """The app as `make run` serves it (serve.py's gate in front), on 127.0.0.1:`port`, in its own
-    process group; returns before it is up (wait_healthy)."""
+    process group; returns before it is up (wait_healthy). `options`: more KEY=VALUE settings of
+    Streamlit's (bench/load_runs_page.py passes them on)."""
+    extra = [part for option in options for part in ("--" + option.split("=", 1)[0], option.split("=", 1)[1])]
     return subprocess.Popen(
         [
             sys.executable,
@@ -57,9 +60,11 @@ def start_app(port: int, env: dict[str, str], log: object) -> subprocess.Popen:
             "none",
             "--browser.gatherUsageStats",
             "false",
+            *extra,
         ],
         cwd=ROOT,
         env=env,
+        stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -121,8 +121,8 @@ def test_the_field_panel_draws_the_runs_reviewed_predictions(home, monkeypatch):
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
     assert all("field: reviewed predictions" in t for t in titles) and len(titles) == 2
     # A cell opened: its reviewed case, whose image was not kept.
-    at.selectbox(key="field_true_5").set_value("MCL")
-    at.selectbox(key="field_pred_5").set_value("FL").run()
+    at.selectbox(key="field_5_true").set_value("MCL")
+    at.selectbox(key="field_5_pred").set_value("FL").run()
     assert not at.exception, at.exception
     assert any(m.value == "**Reviewed MCL, the model said FL: 1 case(s)**" for m in at.markdown)
     assert any(c.value == "image not kept" for c in at.caption)
