@@ -79,6 +79,17 @@ def stop_app(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def settle(page) -> None:
+    """Wait in a Playwright `page` until Streamlit has finished the rerun an input caused: its
+    running indicator gone and no widget still loading (a rerun starts a moment after the input)."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(400)
+    page.wait_for_load_state("networkidle")
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
+    expect(page.get_by_test_id("stSkeleton")).to_have_count(0)
+
+
 class ProtocolClient:
     """One browser session speaking Streamlit's websocket protocol, as the browser does: a
     `rerun_script` message with the widgets' states for each script run, answered by the run's

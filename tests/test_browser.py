@@ -23,7 +23,7 @@ from core.store.engine import make_sessionmaker
 from core.store.review_tables import Review
 from core.training import presets
 from tests.conftest import stop_workers
-from tests.server import free_port, start_app, stop_app, wait_healthy
+from tests.server import free_port, settle, start_app, stop_app, wait_healthy
 from tests.slides import two_region_slide
 from tests.synthetic import synthetic_image, write_dataset
 
@@ -91,16 +91,10 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
             page.screenshot(path=str(SHOTS / f"{name}.png"))
             page.set_viewport_size({"width": width, "height": 1000})
 
-        def settle() -> None:  # Streamlit shows a running indicator while the script reruns
-            page.wait_for_timeout(400)  # a rerun starts a moment after the input that caused it
-            page.wait_for_load_state("networkidle")
-            expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
-            expect(page.get_by_test_id("stSkeleton")).to_have_count(0)  # widgets still loading
-
         def visit(path: str, name: str, heading: str) -> None:
             page.goto(url + path)
             expect(page.get_by_role("heading", name=heading).first).to_be_visible()
-            settle()
+            settle(page)
             shot(name)
 
         # Every page of an empty install; the app starts the worker by itself.
@@ -108,7 +102,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_role("heading", name="Lymphoma subtype recognition")).to_be_visible()
         expect(page.get_by_test_id("stSidebarNav")).to_be_visible()
         expect(page.get_by_test_id("stSidebar").get_by_text("Training worker")).to_be_visible()
-        settle()
+        settle(page)
         shot("01-home-empty")
         for path, name, heading in (
             ("/dataset", "02-datasets-empty", "Datasets"),
@@ -130,7 +124,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         page.get_by_role("button", name="Add images").click()
         expect(page.get_by_text("24 image(s) added")).to_be_visible(timeout=90_000)
         expect(page.get_by_text("Images per class in 'lymphoma'").first).to_be_visible()
-        settle()
+        settle(page)
         shot("07-datasets-with-data")
 
         # Augmentation: the live preview of one image.
@@ -140,7 +134,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         page.goto(url + "/train")
         expect(page.get_by_text("Backbone weights")).to_be_visible()
         page.get_by_role("button", name=presets.QUICK_TRY).click()
-        settle()
+        settle(page)
         expect(page.get_by_text(re.compile(r"about \d+ minutes?|under a minute", re.I)).first).to_be_visible()
         expect(page.get_by_label("None: random initialisation")).to_be_checked()
         shot("09-train-quick-preset")
@@ -166,7 +160,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_text("Per-class results (the paper's Table I layout)")).to_be_visible()
         with Session() as s:
             assert s.get(Run, run.id).status == RunStatus.succeeded
-        settle()
+        settle(page)
         shot("12-runs-finished")
 
         # Predict, at 1280 px: classify three new TIF images at once, then look at one and at the log.
@@ -177,11 +171,11 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         )
         expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
         expect(page.get_by_text("Grad-CAM for").first).to_be_visible(timeout=90_000)
-        settle()
+        settle(page)
         assert_tables_fit(page, "/predict")
         shot("13-predict-three-images")
         page.get_by_role("tab", name="History").click()
-        settle()
+        settle(page)
         page.set_viewport_size({"width": 1440, "height": 1000})
         expect(page.get_by_role("button", name="Log (.csv)")).to_be_visible()
         with Session() as s:  # the table is drawn on a canvas: its rows are read from the log itself
@@ -195,7 +189,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         twin = copy_of_run(Session, run.id, changed=2)
         page.goto(url + "/runs")
         page.get_by_role("tab", name="Compare runs").click()
-        settle()
+        settle(page)
         expect(
             page.get_by_text(re.compile(rf"Run [{run.id}{twin}] scores .* (within|beyond) noise")).first
         ).to_be_visible()
@@ -212,7 +206,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
             [str(f) for f in new_images]
         )
         expect(page.get_by_text("Results for 3 images")).to_be_visible(timeout=120_000)
-        settle()
+        settle(page)
         slider = page.get_by_role("slider")
         expect(slider).to_have_attribute("aria-valuetext", "95%")
         for _ in range(6):  # one step left at a time, each a rerun, until 85%
@@ -220,7 +214,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
                 break
             slider.focus()
             slider.press("ArrowLeft")
-            settle()
+            settle(page)
         expect(slider).to_have_attribute("aria-valuetext", "85%")
         expect(page.get_by_text(re.compile(r"right at least 85% of the time")).first).to_be_visible()
         expect(page.get_by_text(re.compile(r"logged at 95%.*verdicts below are at 85%")).first).to_be_visible()
@@ -234,9 +228,9 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_text("Cuts each slide into tiles of 64 px at 1 µm per pixel")).to_be_visible()
         page.get_by_test_id("stForm").locator("input[type=file]").set_input_files(str(slide))
         expect(page.get_by_test_id("stForm").get_by_test_id("stFileChip")).to_be_visible()
-        settle()  # the upload (a PUT) has ended before the form is sent
+        settle(page)  # the upload (a PUT) has ended before the form is sent
         page.get_by_role("button", name="Classify slide").click()
-        settle()
+        settle(page)
         with Session() as s:
             assert s.scalars(select(SlideJob)).one().slide_name == "biopsy.tif"
         job = page.request.get(url + "/api/v1/slides/1").json()
@@ -247,7 +241,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
             job = page.request.get(url + "/api/v1/slides/1").json()
         assert job["status"] == "succeeded" and job["verdict"]["tiles_kept"] > 20, job
         expect(page.get_by_text("Slide verdict")).to_be_visible(timeout=30_000)
-        settle()
+        settle(page)
         shot("14d-predict-whole-slide")
         features = page.request.get(url + "/api/v1/slides/1/geojson").json()["features"]
         assert len(features) == job["verdict"]["tiles_kept"]
@@ -257,10 +251,10 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         page.goto(url + "/review")
         expect(page.get_by_role("heading", name="Review").first).to_be_visible()
         expect(page.get_by_role("button", name="Record review")).to_be_visible(timeout=30_000)
-        settle()
+        settle(page)
         shot("14e-review-queue")
         page.get_by_role("button", name="Record review").click()
-        settle()
+        settle(page)
         with Session() as s:
             assert [r.reviewer for r in s.scalars(select(Review))] == ["local"]  # no sign-in: the one local editor
 
@@ -279,7 +273,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
             box.click()
             page.keyboard.type(value)  # the select box filters its options as one types
             page.keyboard.press("Enter")
-            settle()
+            settle(page)
         heading = f"True {names[true]}, predicted {names[guess]}: {count} test image(s)"
         expect(page.get_by_text(heading)).to_be_visible(timeout=30_000)
         page.get_by_text("Open a cell: its images appear below.").first.scroll_into_view_if_needed()
@@ -298,7 +292,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         ):
             page.goto(url + path)
             expect(page.get_by_role("heading", name=heading).first).to_be_visible()
-            settle()
+            settle(page)
             assert_tables_fit(page, path, some=path != "/augmentation")
         page.screenshot(path=str(SHOTS / "17-augmentation-1280.png"))
 

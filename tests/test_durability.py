@@ -30,7 +30,7 @@ from core.store import consistency
 from core.store.db import Dataset, Image
 from core.store.engine import make_sessionmaker
 from core.store.files import atomic_path, is_temp_name, write_bytes_atomic
-from tests.server import free_port, start_app, wait_healthy
+from tests.server import free_port, settle, start_app, wait_healthy
 from tests.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,12 @@ def test_kill_9_during_an_upload_loses_nothing_and_the_upload_can_be_retried(tmp
 
             def upload_zip() -> None:
                 page.goto(url + "/dataset")
+                settle(page)
                 page.get_by_role("tab", name="Add images").click()
+                # The tab's content is drawn by the rerun its click starts; a file given to an
+                # uploader of that rerun's half-drawn page can be dropped with it.
+                settle(page)
+                expect(page.get_by_text("A .zip with one folder per class")).to_be_visible()
                 # Until its upload request is answered, the file is not the widget's value yet.
                 with page.expect_response(lambda r: "/_stcore/upload_file" in r.url and r.request.method == "PUT"):
                     page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(str(upload))

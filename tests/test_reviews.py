@@ -365,13 +365,16 @@ def test_the_api_gives_the_queue_takes_reviews_and_answers_field_accuracy(home, 
     assert call("GET", "/models/999999/field", ana).status_code == 404
 
 
-def test_one_reviewer_sending_twice_at_once_leaves_one_review_the_later_one(postgres_url, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_reviewer_sending_twice_at_once_leaves_one_review_the_later_one(backend, request, tmp_path):
     """Two requests of one reviewer about one prediction, the second sent while the first is still
     being written (two tabs, an API call sent again): neither fails, one review remains, the later."""
     import threading
 
-    settings = load_settings({"APP_HOME": str(tmp_path / "home"), "DATABASE_URL": postgres_url})
-    Session = make_sessionmaker(postgres_url)
+    home = tmp_path / "home"
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"sqlite:///{home}/app.db"
+    settings = load_settings({"APP_HOME": str(home), "DATABASE_URL": url})
+    Session = make_sessionmaker(url)
     log_id = log(Session, 1, "CLL", 0.5, True)
     failures: list[BaseException] = []
 
