@@ -225,6 +225,7 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         # runs the job; the heat map lies over the thumbnail, and the GeoJSON has a square per tile.
         slide, _, _ = two_region_slide(tmp_path / "biopsy.tif", "CLL", "FL", width=3000, height=1500, mpp=0.5)
         page.get_by_role("tab", name="Whole slide").click()
+        settle(page)  # the tab's content comes with the rerun its click starts
         expect(page.get_by_text("Cuts each slide into tiles of 64 px at 1 µm per pixel")).to_be_visible()
         page.get_by_test_id("stForm").locator("input[type=file]").set_input_files(str(slide))
         expect(page.get_by_test_id("stForm").get_by_test_id("stFileChip")).to_be_visible()
