@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.api.run_configs import RunConfigModel
+from core.jobs.views.slides import SlideVerdict
 from core.store.db import RunStatus
 
 Status = Literal[tuple(s.value for s in RunStatus)]  # type: ignore[valid-type]
@@ -190,28 +191,9 @@ class QueuedRuns(BaseModel):
     runs: list[Run]
 
 
-class SlideVerdict(BaseModel):
-    """A whole slide's verdict: the mean of its tissue tiles' probabilities, referred by the run's band
-    (chosen on its validation images, not on slides)."""
-
-    predicted: str
-    probabilities: dict[str, float] = Field(description="class -> probability, of probability_kind")
-    probability_kind: Kind
-    refer: bool | None = Field(description="uncertain, refer; null: no calibration, so no band")
-    refer_threshold: float | None
-    refer_target: float | None
-    tissue_share: dict[str, float] = Field(description="class -> share of the tissue tiles predicted as it")
-    tiles_kept: int
-    tile_px: int
-    tile_mpp: float
-    seconds: float
-    tiles_per_second: float
-    slide_width: int
-    slide_height: int
-    slide_mpp: float
-
-
 class SlideJob(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)  # SlideVerdict's field notes describe it
+
     id: int
     run_id: int
     slide_name: str
@@ -224,7 +206,7 @@ class SlideJob(BaseModel):
     tiles_total: int | None = Field(description="null until tiled")
     seconds_left: float | None = Field(description="at the rate so far")
     error: str | None
-    verdict: SlideVerdict | None
+    verdict: SlideVerdict | None  # the record core/jobs/views/slides.py reads, served as it is
     url: str
     geojson_url: str | None = Field(None, description="once it has succeeded")
     tiles_csv_url: str | None = Field(None, description="once it has succeeded")

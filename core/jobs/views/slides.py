@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import select
@@ -26,15 +26,20 @@ from core.store.runs import model_path
 
 @dataclass(frozen=True)
 class SlideVerdict:
-    """A finished job's verdict (core/slides/outputs.py summary), typed."""
+    """A whole slide's verdict: the mean of its tissue tiles' probabilities, referred by the run's band
+    (chosen on its validation images, not on slides). Read from a finished job's summary
+    (core/slides/outputs.py); the API serves it as it is, with these notes as its field descriptions."""
 
     predicted: str
     probabilities: dict[str, float]
-    probability_kind: str  # "calibrated" or "raw"
+    """class -> probability, of probability_kind"""
+    probability_kind: Literal["calibrated", "raw"]
     refer: bool | None
+    """uncertain, refer; null: no calibration, so no band"""
     refer_threshold: float | None
     refer_target: float | None
     tissue_share: dict[str, float]
+    """class -> share of the tissue tiles predicted as it"""
     tiles_kept: int
     tile_px: int
     tile_mpp: float
