@@ -41,6 +41,7 @@ from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig
+from tests import runs as run_rows
 from tests.synthetic import synthetic_image
 
 CLASSES = ("CLL", "FL", "MCL")
@@ -88,7 +89,6 @@ def Session(home):
 
 
 def add_run(
-    Session,
     settings: Settings,
     source: Path,
     *,
@@ -101,30 +101,13 @@ def add_run(
     """A run row of `dataset` (made when missing) in `status`, with a model file from `source`."""
     own_model = own_model or tuple(classes) != CLASSES
     created = utcnow() if own_model else datetime.fromisoformat(read_model_meta(source)["run_created"])
-    with Session.begin() as s:
-        found = s.scalar(select(Dataset).where(Dataset.name == dataset))
-        if found is None:
-            found = Dataset(name=dataset, classes=sorted(classes))
-            s.add(found)
-            s.flush()
-        run = Run(
-            dataset_id=found.id,
-            experiment=f"{dataset}-{utcnow().timestamp()}",
-            config={},
-            seed=0,
-            status=status,
-            created_at=created,
-        )
-        s.add(run)
-        s.flush()
-        run_id = run.id
-    target = model_path(settings, run_id)
-    if model and own_model:
-        state, meta = read_model(source)
-        write_model(
-            target, state, {**meta, "run_id": run_id, "run_created": created.isoformat(), "classes": list(classes)}
-        )
-    elif model:
+    state, meta = read_model(source) if model and own_model else (None, {})
+    meta = {k: v for k, v in meta.items() if k not in ("run_id", "run_created", "classes")}
+    run_id = run_rows.add_run(
+        settings, dataset=dataset, classes=classes, config={}, status=status, created=created, weights=state, meta=meta
+    )
+    if model and not own_model:
+        target = model_path(settings, run_id)
         target.parent.mkdir(parents=True)
         shutil.copyfile(source, target)
     return run_id
@@ -154,7 +137,7 @@ def log_rows(Session) -> list[PredictionLog]:
 
 
 def test_approving_a_run_makes_it_the_model_that_classifying_without_a_run_uses(model_source, home, Session):
-    first, second = add_run(Session, home, model_source), add_run(Session, home, model_source, own_model=True)
+    first, second = add_run(home, model_source), add_run(home, model_source, own_model=True)
     with Session() as s, pytest.raises(UserError, match="No model is approved yet.*python -m core approve"):
         service.resolve_run(s, home, None)
 
@@ -186,9 +169,9 @@ def test_approving_a_run_makes_it_the_model_that_classifying_without_a_run_uses(
 
 
 def test_only_an_editor_can_approve_and_only_a_succeeded_run_with_its_model_file(model_source, home, Session):
-    good = add_run(Session, home, model_source)
-    failed = add_run(Session, home, model_source, status=RunStatus.failed, model=False)
-    missing = add_run(Session, home, model_source, model=False)
+    good = add_run(home, model_source)
+    failed = add_run(home, model_source, status=RunStatus.failed, model=False)
+    missing = add_run(home, model_source, model=False)
     cases = [
         (good, VIC, "vic is signed in as a viewer: only editors can approve models"),
         (failed, ANA, f"Run {failed} is failed: only a run that succeeded has a model to approve"),
@@ -206,8 +189,8 @@ def test_only_an_editor_can_approve_and_only_a_succeeded_run_with_its_model_file
 
 
 def test_withdrawing_leaves_no_approved_model_and_each_class_set_has_its_own(model_source, home, Session):
-    first, second = add_run(Session, home, model_source), add_run(Session, home, model_source)
-    letters = add_run(Session, home, model_source, dataset="letters", classes=("A", "B", "C"))
+    first, second = add_run(home, model_source), add_run(home, model_source)
+    letters = add_run(home, model_source, dataset="letters", classes=("A", "B", "C"))
     with Session.begin() as s:
         approval.approve(s, home, first, ANA, "")
         approval.approve(s, home, second, ANA, "")
@@ -247,7 +230,7 @@ def test_withdrawing_leaves_no_approved_model_and_each_class_set_has_its_own(mod
 
 
 def test_classify_answers_as_the_predict_page_and_logs_one_row_per_image(model_source, home, Session):
-    run_id = add_run(Session, home, model_source)
+    run_id = add_run(home, model_source)
     results = service.classify(Session, home, VIC, IMAGES, run_id=run_id, source="page", target=0.95)
 
     with Session() as s:
@@ -345,7 +328,7 @@ def test_the_log_is_filtered_written_as_csv_and_pruned_after_prediction_log_days
 
 
 def test_images_are_kept_only_with_prediction_log_images_and_count_against_the_disk_limit(model_source, home, Session):
-    run_id = add_run(Session, home, model_source)
+    run_id = add_run(home, model_source)
     # REVIEWS=0: no referred image is kept for review either (tests/test_reviews.py keeps those).
     service.classify(Session, dataclasses.replace(home, reviews=False), VIC, IMAGES, run_id=run_id, source="page")
     assert not home.prediction_images_dir.exists()
@@ -381,7 +364,7 @@ def test_images_are_kept_only_with_prediction_log_images_and_count_against_the_d
 def test_cli_approve_then_predict_with_the_approved_model_and_log_it(
     model_source, home, Session, monkeypatch, capsys, tmp_path
 ):
-    run_id = add_run(Session, home, model_source)
+    run_id = add_run(home, model_source)
     monkeypatch.setenv("APP_HOME", str(home.app_home))
     monkeypatch.setenv("INFERENCE_ENGINE", "torch")
     monkeypatch.delenv("DATABASE_URL", raising=False)
@@ -453,7 +436,7 @@ def test_approving_a_model_that_refers_everything_and_may_be_chance_asks_first(
     images right (an interval that reaches chance). Approving it names both reasons and needs --despite."""
     from core.jobs.comparisons import approval_concerns
 
-    run_id = add_run(Session, home, model_source)
+    run_id = add_run(home, model_source)
     with Session.begin() as s:
         run = s.get(Run, run_id)
         images = [

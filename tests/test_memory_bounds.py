@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
-from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -41,12 +40,11 @@ from core.config import Settings, load_settings
 from core.data import decoding
 from core.errors import UserError
 from core.inference import admission, engine, service
-from core.inference.model_file import write_model
-from core.store.db import Dataset, Run, RunStatus, utcnow
+from core.store.db import RunStatus
 from core.store.engine import make_sessionmaker
-from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig
+from tests import runs as run_rows
 from tests.server import free_port, start_app, stop_app, wait_healthy
 from tests.synthetic import synthetic_image
 from tests.test_upload_gate import PASSWORD, put_file, resident_mb, signed_in
@@ -92,7 +90,6 @@ def add_run(settings: Settings, weights, preparation: dict | None = None, status
     """A run of dataset "lymphoma" (made when missing); a succeeded one gets a model file whose
     evaluation pipeline is `preparation` (default: whole images at 32 px, DenseNet-201's least)."""
     preparation = preparation or {"image_size": 32}
-    Session = make_sessionmaker(settings.database_url)
     config = RunConfig(
         dataset="lymphoma",
         image_size=preparation["image_size"],
@@ -101,36 +98,16 @@ def add_run(settings: Settings, weights, preparation: dict | None = None, status
         weights="none",
         device="cpu",
     ).to_dict()
-    with Session.begin() as s:
-        dataset = s.scalar(select(Dataset).where(Dataset.name == "lymphoma"))
-        if dataset is None:
-            dataset = Dataset(name="lymphoma", classes=list(CLASSES))
-            s.add(dataset)
-            s.flush()
-        run = Run(
-            dataset_id=dataset.id,
-            experiment=f"lymphoma-{utcnow().timestamp()}",
-            config=config,
-            seed=0,
-            status=status,
-            created_at=utcnow(),
-        )
-        s.add(run)
-        s.flush()
-        run_id, created = run.id, run.created_at.isoformat()
-    if status == RunStatus.succeeded:
-        write_model(
-            model_path(settings, run_id),
-            weights,
-            {
-                "run_id": run_id,
-                "run_created": created,
-                "classes": list(CLASSES),
-                "config": config,
-                "preparation": preparation,
-            },
-        )
-    return run_id
+    weights = weights if status == RunStatus.succeeded else None
+    return run_rows.add_run(
+        settings,
+        dataset="lymphoma",
+        classes=CLASSES,
+        config=config,
+        status=status,
+        weights=weights,
+        meta={"preparation": preparation},
+    )
 
 
 @dataclasses.dataclass

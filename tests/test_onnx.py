@@ -17,7 +17,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from sqlalchemy import select
 
 from core.__main__ import main
 from core.access.limits import disk_usage
@@ -28,12 +27,12 @@ from core.inference.model_file import read_model, write_model
 from core.inference.onnx_export import ONNX_FILE, export_run
 from core.inference.onnx_predict import OnnxPredictor
 from core.inference.predict import Predictor, load_predictor, model_sha256
-from core.store.db import Dataset, Run, RunStatus, utcnow
 from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig
 from core.transforms.stain import ReinhardNormaliser
+from tests import runs as run_rows
 from tests.synthetic import synthetic_array, synthetic_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,36 +80,17 @@ def add_run(settings: Settings, preparation: dict, seed: int) -> int:
     """A succeeded run with a model file, as training leaves one (no training: the tests are about
     what comes after it)."""
     config = RunConfig(dataset="lymphoma", image_size=SIZE, epochs=1, weights="none", device="cpu").to_dict()
-    with make_sessionmaker(settings.database_url).begin() as s:
-        dataset = s.scalar(select(Dataset).where(Dataset.name == "lymphoma"))
-        if dataset is None:
-            dataset = Dataset(name="lymphoma", classes=CLASSES)
-            s.add(dataset)
-            s.flush()
-        run = Run(
-            dataset_id=dataset.id,
-            experiment=f"e{seed}",
-            config=config,
-            seed=seed,
-            status=RunStatus.succeeded,
-            created_at=utcnow(),
-        )
-        s.add(run)
-        s.flush()
-        run_id, created = run.id, run.created_at.isoformat()
-    write_model(
-        model_path(settings, run_id),
-        network(seed),
-        {
-            "run_id": run_id,
-            "run_created": created,
-            "classes": CLASSES,
-            "config": config,
-            "preparation": {"image_size": SIZE, **preparation},
-            "calibration": CALIBRATION,
-        },
+    meta = {"preparation": {"image_size": SIZE, **preparation}, "calibration": CALIBRATION}
+    return run_rows.add_run(
+        settings,
+        dataset="lymphoma",
+        classes=CLASSES,
+        config=config,
+        seed=seed,
+        experiment=f"e{seed}",
+        weights=network(seed),
+        meta=meta,
     )
-    return run_id
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,12 @@ from streamlit.testing.v1 import AppTest
 from core.access.accounts import EDITOR, User
 from core.config import Settings, load_settings
 from core.inference import approval
-from core.inference.model_file import write_model
-from core.store.db import Dataset, PredictionLog, Run, RunStatus, utcnow
+from core.store.db import PredictionLog
 from core.store.engine import make_sessionmaker
 from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig
+from tests import runs as run_rows
 from tests.synthetic import synthetic_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,38 +84,9 @@ def approved_run(settings: Settings) -> int:
 def add_run(settings: Settings, weights, dataset: str = "lymphoma", calibration: dict | None = None) -> int:
     """A succeeded run of `dataset` (made when missing) with its own model file, as training leaves
     one; its calibration record `calibration` (default CALIBRATION)."""
-    Session = make_sessionmaker(settings.database_url)
     config = RunConfig(dataset=dataset, image_size=SIZE, epochs=1, weights="none", device="cpu").to_dict()
-    with Session.begin() as s:
-        found = s.scalar(select(Dataset).where(Dataset.name == dataset))
-        if found is None:
-            found = Dataset(name=dataset, classes=list(CLASSES))
-            s.add(found)
-            s.flush()
-        run = Run(
-            dataset_id=found.id,
-            experiment=f"{dataset}-{utcnow().timestamp()}",
-            config=config,
-            seed=0,
-            status=RunStatus.succeeded,
-            created_at=utcnow(),
-        )
-        s.add(run)
-        s.flush()
-        run_id, created = run.id, run.created_at.isoformat()
-    write_model(
-        model_path(settings, run_id),
-        weights,
-        {
-            "run_id": run_id,
-            "run_created": created,
-            "classes": list(CLASSES),
-            "config": config,
-            "preparation": {"image_size": SIZE},
-            "calibration": calibration or CALIBRATION,
-        },
-    )
-    return run_id
+    meta = {"preparation": {"image_size": SIZE}, "calibration": calibration or CALIBRATION}
+    return run_rows.add_run(settings, dataset=dataset, classes=CLASSES, config=config, weights=weights, meta=meta)
 
 
 def open_predict() -> AppTest:

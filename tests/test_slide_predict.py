@@ -16,25 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import select
 
 from core.__main__ import main
 from core.config import Settings, load_settings
 from core.errors import UserError
 from core.evaluation.calibration import recorded_band
 from core.inference import prediction_log
-from core.inference.model_file import write_model
 from core.inference.predict import Predictor
 from core.slides import outputs
 from core.slides.predict import SlideCancelled, predict_slide, slide_scale
 from core.slides.scale import ModelScale, scale_meta
-from core.store.db import Dataset, Run, RunStatus, utcnow
 from core.store.engine import make_sessionmaker
 from core.store.records import CalibrationRecord
-from core.store.runs import model_path
 from core.training.model import PaperDenseNet
 from core.training.run_config import RunConfig
 from core.transforms.pipelines import EvalPipeline
+from tests import runs as run_rows
 from tests.slides import Region, class_texture, two_region_slide, write_slide
 from tests.synthetic import synthetic_image
 
@@ -59,38 +56,13 @@ def add_run(
     settings: Settings, state: dict, classes: tuple[str, ...], scale: ModelScale | None, calibration: dict | None = None
 ) -> int:
     """A succeeded run with a model file of `state`, whole images at 32 px, recording `scale`."""
-    Session = make_sessionmaker(settings.database_url)
     config = RunConfig(dataset="slides", image_size=32, epochs=1, weights="none", device="cpu").to_dict()
-    with Session.begin() as s:
-        dataset = s.scalar(select(Dataset).where(Dataset.name == "slides"))
-        if dataset is None:
-            dataset = Dataset(name="slides", classes=list(classes))
-            s.add(dataset)
-            s.flush()
-        run = Run(
-            dataset_id=dataset.id,
-            experiment=f"slides-{utcnow().timestamp()}",
-            config=config,
-            seed=0,
-            status=RunStatus.succeeded,
-            created_at=utcnow(),
-        )
-        s.add(run)
-        s.flush()
-        run_id, created = run.id, run.created_at.isoformat()
-    meta = {
-        "run_id": run_id,
-        "run_created": created,
-        "classes": list(classes),
-        "config": config,
-        "preparation": {"image_size": 32},
-    }
+    meta = {"preparation": {"image_size": 32}}
     if scale is not None:
         meta["scale"] = scale_meta(scale.tile_px, scale.mpp)
     if calibration is not None:
         meta["calibration"] = calibration
-    write_model(model_path(settings, run_id), state, meta)
-    return run_id
+    return run_rows.add_run(settings, dataset="slides", classes=classes, config=config, weights=state, meta=meta)
 
 
 def texture_weights() -> dict[str, torch.Tensor]:
