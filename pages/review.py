@@ -134,10 +134,13 @@ def review_form(item: queue.QueueItem) -> None:
     mine = item.review_by(user.name)
     options = [*item.classes, store.CANNOT_TELL]
     with st.form(f"rv_form_{item.prediction.id}"):
+        # Nothing chosen beforehand: a review recorded by a click alone would be the first class (or
+        # the model's answer), and it becomes training data.
         verdict = st.selectbox(
             "True class",
             options,
-            index=options.index(mine.verdict) if mine is not None else 0,
+            index=options.index(mine.verdict) if mine is not None else None,
+            placeholder="Choose what the image shows",
             key=f"rv_verdict_{item.prediction.id}",
             help="What the image shows, as you judge it; 'cannot tell' when it does not show enough.",
         )
@@ -145,7 +148,9 @@ def review_form(item: queue.QueueItem) -> None:
         sent = st.form_submit_button(
             "Record review" if mine is None else "Replace my review", type="primary", key="rv_submit"
         )
-    if sent:
+    if sent and verdict is None:
+        st.warning("Choose the true class (or 'cannot tell') first; nothing was recorded.")
+    elif sent:
         with user_errors():
             with Session.begin() as s:
                 store.record_review(

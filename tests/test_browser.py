@@ -254,10 +254,15 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         expect(page.get_by_role("button", name="Record review")).to_be_visible(timeout=30_000)
         settle(page)
         shot("14e-review-queue")
+        page.get_by_role("button", name="Record review").click()  # no class chosen: nothing recorded
+        expect(page.get_by_text("nothing was recorded")).to_be_visible()
+        page.get_by_test_id("stForm").get_by_test_id("stSelectbox").click()
+        page.get_by_role("option", name="cannot tell").click()
         page.get_by_role("button", name="Record review").click()
+        expect(page.get_by_text("Review recorded")).to_be_visible()
         settle(page)
-        with Session() as s:
-            assert [r.reviewer for r in s.scalars(select(Review))] == ["local"]  # no sign-in: the one local editor
+        with Session() as s:  # no sign-in: the one local editor
+            assert [(r.reviewer, r.true_class) for r in s.scalars(select(Review))] == [("local", None)]
 
         # Runs: a cell of the test confusion matrix opens its images.
         page.goto(url + "/runs")

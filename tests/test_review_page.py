@@ -61,6 +61,11 @@ def test_an_editor_reviews_the_referred_prediction_first_and_sees_a_disagreement
     assert list(at.dataframe[0].value["log id"]) == [referred, confident]
     assert at.get("image") and not at.info  # the referred one's image was kept
     assert any("by \\*eve\\*" in c.value for c in at.caption)  # a name as text
+    assert at.selectbox(key=f"rv_verdict_{referred}").value is None  # no class chosen for the reviewer
+    at.button(key="rv_submit").click().run()
+    assert any("nothing was recorded" in w.value for w in at.warning)
+    with Session() as s:
+        assert not s.scalars(select(Review)).all()
     at.selectbox(key=f"rv_verdict_{referred}").set_value("MCL")
     at.text_area(key=f"rv_note_{referred}").set_value(NOTE)
     at.button(key="rv_submit").click().run()
