@@ -91,5 +91,10 @@ def test_home_and_train_estimate_the_paper_settings_with_the_one_estimate(Sessio
     # 3 classes x 1200 x 25 epochs at 2.2 images/s a core on 4 cores, plus 45 s outside training
     assert abs(home.minutes * 60 - (90_000 / 8.8 + 45)) < 1e-6
     words = duration_text(home.minutes * 60, long=True)
-    assert words == "2.9 hours" and f"take about {words} here" in machine.sentence(home)
+    assert words == "2.9 hours" and f"take roughly {words} here by reference speeds, not timed" in machine.sentence(
+        home
+    )
     assert machine.sentence() == machine.sentence(home)  # without a database: the same figure
+    timed = dataclasses.replace(home, measured_runs=2)
+    assert f"take about {words} here, as runs here went" in machine.sentence(timed)
+    assert "not timed" not in machine.sentence(timed).split("the paper's settings")[1]
