@@ -4,6 +4,8 @@ Review page), with the confusion matrix and the figures week by week.
 Not a page: the Runs page calls `field_panel(run_id)` inside its own layout. The figures are
 core/review/field.py's; this lays them out."""
 
+from datetime import timedelta
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -116,7 +118,17 @@ def _weekly(found: field.FieldAccuracy) -> go.Figure:
         ]
     ):
         fig.add_trace(go.Scatter(x=weeks, y=values, name=name, mode="lines+markers", line_color=PALETTE[k]))
-    fig.update_xaxes(title="week (Monday, UTC)")
-    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    # Whole weeks on a date axis, padded half a week each side: with one week alone, plotly would
+    # zoom in to milliseconds around it.
+    first, last = found.weeks[0].week, found.weeks[-1].week
+    fig.update_xaxes(
+        title="week (Monday, UTC)",
+        type="date",
+        tickformat="%d %b %Y",
+        tick0=first.isoformat(),  # ticks on the Mondays
+        dtick=7 * 24 * 3600 * 1000,
+        range=[(first - timedelta(days=4)).isoformat(), (last + timedelta(days=4)).isoformat()],
+    )
+    fig.update_yaxes(range=[-0.04, 1.04], tickformat=".0%")  # a point at 0% or 100% drawn whole
     fig.update_layout(title={"text": f"By week ({LABEL})"}, height=340, legend={"orientation": "h", "y": -0.25})
     return fig

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,13 @@ def test_the_field_panel_draws_the_runs_reviewed_predictions(home, monkeypatch):
     at = AppTest.from_function(field_panel_script, args=(5,), default_timeout=60).run()
     assert not at.exception, at.exception
     assert {m.label: m.value for m in at.metric}["Field accuracy"] == "50.0%"
-    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    titles = [spec["layout"]["title"]["text"] for spec in specs]
     assert all("field: reviewed predictions" in t for t in titles) and len(titles) == 2
+    # One week of reviews: the week axis still spans days around its Monday, not milliseconds.
+    (week,) = {x for trace in specs[1]["data"] for x in trace["x"]}
+    low, high = (date.fromisoformat(d[:10]) for d in specs[1]["layout"]["xaxis"]["range"])
+    assert date.fromisoformat(week).weekday() == 0 and (high - low).days == 8 and low < date.fromisoformat(week) < high
     # A cell opened: its reviewed case, whose image was not kept.
     at.selectbox(key="field_5_true").set_value("MCL")
     at.selectbox(key="field_5_pred").set_value("FL").run()
