@@ -397,6 +397,24 @@ def test_one_reviewer_sending_twice_at_once_leaves_one_review_the_later_one(back
     assert [(r.reviewer, r.true_class, r.note) for r in case.reviews] == [("ana", "MCL", "second")]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_review_read_before_another_was_written_still_replaces_it(backend, request, tmp_path):
+    """The second request read the prediction before the first one's review was written, and writes
+    after it: it is not refused for a stale read, and the later review stands."""
+    home = tmp_path / "home"
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"sqlite:///{home}/app.db"
+    settings = load_settings({"APP_HOME": str(home), "DATABASE_URL": url})
+    Session = make_sessionmaker(url)
+    log_id = log(Session, 1, "CLL", 0.5, True)
+    with Session.begin() as late:
+        assert late.get(PredictionLog, log_id) is not None  # the second request's read
+        review(Session, settings, ANA, log_id, "FL", "first")  # the first request, written and committed
+        store.record_review(late, settings, ANA, log_id, "MCL", "second")
+    with Session() as s:
+        (case,) = store.cases(s, log_ids=[log_id])
+    assert [(r.reviewer, r.true_class, r.note) for r in case.reviews] == [("ana", "MCL", "second")]
+
+
 def test_a_cell_of_the_field_matrix_holds_exactly_its_agreed_cases(home, Session):
     data = png("FL", 60)
     kept = prediction_log.keep_for_review(home, [(hashlib.sha256(data).hexdigest(), data)])
