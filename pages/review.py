@@ -61,14 +61,20 @@ def date_bounds(dates) -> tuple[datetime | None, datetime | None]:
     return datetime.combine(start, datetime.min.time()), datetime.combine(end + timedelta(days=1), datetime.min.time())
 
 
-def filters(choices) -> queue.QueueFilters:
+def filters(choices, blind: bool) -> queue.QueueFilters:
     a, b, c, d = st.columns(4)
     run_id = a.selectbox(
         "Model", [None, *choices.run_ids], format_func=lambda i: "all" if i is None else f"run {i}", key="rv_model"
     )
     predicted = b.selectbox(
-        "Predicted class", [None, *choices.predicted], format_func=lambda p: "all" if p is None else p, key="rv_class"
+        "Predicted class",
+        [None, *choices.predicted],
+        format_func=lambda p: "all" if p is None else p,
+        key="rv_class",
+        disabled=blind,
+        help="Off in a blind review: choosing it would tell the model's answer." if blind else None,
     )
+    predicted = None if blind else predicted
     today = datetime.now(UTC).date()
     dates = c.date_input(
         "Dates", (today - timedelta(days=QUEUE_DAYS), today), key="rv_dates", help="Days in UTC, both ends included."
@@ -78,7 +84,7 @@ def filters(choices) -> queue.QueueFilters:
     return queue.QueueFilters(run_id, since, until, predicted, unreviewed)
 
 
-def queue_table(items: tuple[queue.QueueItem, ...]) -> None:
+def queue_table(items: tuple[queue.QueueItem, ...], blind: bool) -> None:
     table = pd.DataFrame(
         [
             {
@@ -96,6 +102,8 @@ def queue_table(items: tuple[queue.QueueItem, ...]) -> None:
             for item in items
         ]
     )
+    if blind:  # the model's answer, whether reviewers differ, and a file name that may name a class
+        table = table.drop(columns=["file", "predicted", "verdict", "confidence", "reviewers disagree"])
     st.dataframe(
         table,
         hide_index=True,
@@ -130,7 +138,7 @@ def reviews_table(item: queue.QueueItem) -> None:
     )
 
 
-def review_form(item: queue.QueueItem) -> None:
+def review_form(item: queue.QueueItem, blind: bool) -> None:
     mine = item.review_by(user.name)
     options = [*item.classes, store.CANNOT_TELL]
     with st.form(f"rv_form_{item.prediction.id}"):
@@ -154,13 +162,19 @@ def review_form(item: queue.QueueItem) -> None:
         with user_errors():
             with Session.begin() as s:
                 store.record_review(
-                    s, cfg, user, item.prediction.id, None if verdict == store.CANNOT_TELL else verdict, note
+                    s,
+                    cfg,
+                    user,
+                    item.prediction.id,
+                    None if verdict == store.CANNOT_TELL else verdict,
+                    note,
+                    blind=blind,
                 )
-            st.session_state["rv_recorded"] = item.prediction.id
+            st.session_state["rv_recorded"] = (item.prediction, blind)
             st.rerun()
 
 
-def item_detail(item: queue.QueueItem) -> None:
+def item_detail(item: queue.QueueItem, blind: bool) -> None:
     p = item.prediction
     left, right = st.columns([3, 2])
     with left:
@@ -172,13 +186,27 @@ def item_detail(item: queue.QueueItem) -> None:
                 icon=":material/hide_image:",
             )
         else:
-            st.image(thumbnail(str(item.image_path), IMAGE_SIDE), caption=md_text(p.image_name))
+            name = f"log {p.id}" if blind else md_text(p.image_name)  # a file name may say the class
+            st.image(thumbnail(str(item.image_path), IMAGE_SIDE), caption=name)
     with right:
-        st.markdown(f"**Model's answer:** {md_text(p.predicted)} · {verdict_words(p.refer)} · run {p.run_id}")
-        st.caption(f"Classified {p.at:%Y-%m-%d %H:%M} UTC by {md_text(p.user)}; {p.probability_kind} probabilities.")
-        show_figure(probabilities_figure(list(p.probabilities), list(p.probabilities.values()), "Probabilities"))
-    reviews_table(item)
-    review_form(item)
+        if blind:
+            st.info(
+                "Blind review: the model's answer and other reviewers' verdicts are hidden until you have "
+                "recorded yours.",
+                icon=":material/visibility_off:",
+            )
+        else:
+            st.markdown(f"**Model's answer:** {md_text(p.predicted)} · {verdict_words(p.refer)} · run {p.run_id}")
+            st.caption(
+                f"Classified {p.at:%Y-%m-%d %H:%M} UTC by {md_text(p.user)}; {p.probability_kind} probabilities."
+            )
+            show_figure(probabilities_figure(list(p.probabilities), list(p.probabilities.values()), "Probabilities"))
+    if blind:
+        others = [r for r in item.reviews if r.reviewer != user.name]
+        st.caption(f"{len(others)} other reviewer(s)' verdict(s), hidden." if others else "No other reviewer yet.")
+    else:
+        reviews_table(item)
+    review_form(item, blind)
 
 
 def queue_tab() -> None:
@@ -187,27 +215,41 @@ def queue_tab() -> None:
     if not choices.run_ids:
         st.info("No prediction logged yet: predictions made on the Predict page, the API or `predict --log` come here.")
         return
-    chosen = filters(choices)
+    blind = st.toggle(
+        "Blind review: hide the model's answer until I have given mine",
+        key="rv_blind",
+        help="A verdict given while seeing the model's answer can lean toward it. Reviews given blind are "
+        "marked so, and the field accuracy on the Runs page says how many of its reviews were.",
+    )
+    chosen = filters(choices, blind)
     with Session() as s:
         found = queue.review_queue(s, cfg, user, chosen)
-    if st.session_state.pop("rv_recorded", None) is not None:
-        st.success("Review recorded.", icon=":material/check:")
+    recorded = st.session_state.pop("rv_recorded", None)
+    if recorded is not None:
+        prediction, was_blind = recorded
+        told = (
+            f" The model had said {md_text(prediction.predicted)} ({verdict_words(prediction.refer)})."
+            if was_blind
+            else ""
+        )
+        st.success(f"Review recorded.{told}", icon=":material/check:")
     if not found.items:
         st.caption("Nothing to review within these filters.")
         return
     more = "" if found.scanned_all else f" (ordered among the newest {queue.SCAN}: narrow the dates for older ones)"
     st.caption(f"{found.matched} prediction(s) to review{more}; the first {len(found.items)} are listed.")
-    queue_table(found.items)
+    queue_table(found.items, blind)
     by_id = {item.prediction.id: item for item in found.items}
     picked = st.selectbox(
         "Review",
         list(by_id),
         format_func=lambda i: (
-            f"log {i} · run {by_id[i].prediction.run_id} · {by_id[i].prediction.predicted} · {pct(by_id[i].confidence)}"
+            f"log {i} · run {by_id[i].prediction.run_id}"
+            + ("" if blind else f" · {by_id[i].prediction.predicted} · {pct(by_id[i].confidence)}")
         ),
         key="rv_pick",
     )
-    item_detail(by_id[picked])
+    item_detail(by_id[picked], blind)
 
 
 def data_tab() -> None:

@@ -26,6 +26,7 @@ from core.errors import UserError
 from core.store import migrations
 from core.store.db import Base, Dataset, DatasetVersion, DatasetVersionImage, Image, PredictionLog, Run, Slide
 from core.store.engine import make_engine, make_sessionmaker
+from core.store.review_tables import Review
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE_MIGRATIONS = "6e3864e"  # the version the baseline revision was taken from (it ran create_all)
@@ -203,6 +204,26 @@ def test_a_table_rebuilt_in_a_migration_keeps_the_rows_that_refer_to_it(tmp_path
     with Session() as s:
         assert s.scalar(select(func.count()).select_from(Image)) == 1
         assert s.scalar(select(Dataset.name)) == "ds"
+
+
+def test_reviews_recorded_before_blind_reviews_are_marked_not_blind(url):
+    """Revision 0009 adds reviews.blind: a review recorded before was given seeing the model's answer."""
+    engine = create_engine(url, poolclass=NullPool)
+    with migrations.schema_transaction(engine) as conn:
+        command.upgrade(migrations.alembic_config(conn), "0008")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO reviews (log_id, run_id, image_sha256, predicted, refer, predicted_at, reviewer, "
+                "reviewed_at, true_class, note) VALUES (1, 2, :sha, 'CLL', true, :at, 'ana', :at, 'FL', '')"
+            ),
+            {"sha": "a" * 64, "at": datetime(2026, 12, 1)},
+        )
+    engine.dispose()
+    Session = make_sessionmaker(url)  # upgrades to the newest revision
+    assert revision(url) == migrations.head() and schema_differences(url) == []
+    with Session() as s:
+        assert [(r.reviewer, r.true_class, r.blind) for r in s.scalars(select(Review))] == [("ana", "FL", False)]
 
 
 def test_one_engine_per_database_per_process(tmp_path):

@@ -87,6 +87,36 @@ def test_an_editor_reviews_the_referred_prediction_first_and_sees_a_disagreement
     assert list(reviews["reviewer"]) == ["local", "bo"] and list(reviews["note"]) == [NOTE, "looks follicular"]
 
 
+def test_a_blind_review_hides_the_models_answer_until_it_is_recorded(home, monkeypatch):
+    monkeypatch.setenv("AUTH_MODE", "none")
+    Session = make_sessionmaker(home.database_url)
+    data = png("FL", 9)
+    prediction_log.keep_for_review(home, [(hashlib.sha256(data).hexdigest(), data)])
+    referred = log(Session, 3, "FL", 0.7, True, data=data)  # its file name, fl-0.7.png, says the class
+    with Session.begin() as s:
+        store.record_review(s, home, User("bo", EDITOR), referred, "MCL", "bo's note")
+    at = open_review(AppTest.from_file(APP, default_timeout=60))
+    assert any(m.value.startswith("**Model's answer:** FL") for m in at.markdown)  # seen by default
+
+    at.toggle(key="rv_blind").set_value(True).run()
+    assert not at.exception, at.exception
+    queue_tab = at.tabs[0]
+    shown = [m.value for m in [*queue_tab.markdown, *queue_tab.caption, *queue_tab.info, *queue_tab.warning]]
+    assert not [w for w in shown if "Model's answer" in w or "fl-0.7" in w or "bo's note" in w], shown
+    assert not at.get("plotly_chart")  # no probabilities
+    assert list(queue_tab.dataframe[0].value.columns) == ["log id", "when (UTC)", "model", "reviews", "image"]
+    assert len(at.tabs[0].dataframe) == 1  # the queue; the other reviewer's verdict is not listed
+    assert at.selectbox(key="rv_pick").options == [f"log {referred} · run 3"]
+    assert at.selectbox(key="rv_class").disabled
+    at.selectbox(key=f"rv_verdict_{referred}").set_value("MCL")
+    at.button(key="rv_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("The model had said FL (uncertain, refer)" in s.value for s in at.success)
+    with Session() as s:
+        rows = {r.reviewer: r.blind for r in s.scalars(select(Review))}
+    assert rows == {"bo": False, "local": True}
+
+
 def test_a_viewer_gets_neither_the_queue_nor_its_images(home, monkeypatch, tmp_path):
     path = tmp_path / "accounts.toml"
     digest = accounts.hash_password("correct horse battery")

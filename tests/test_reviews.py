@@ -69,9 +69,11 @@ def log(Session, run_id: int, predicted: str, confidence: float, refer: bool | N
         return row.id
 
 
-def review(Session, settings, user: User, log_id: int, true_class: str | None, note: str = "") -> None:
+def review(
+    Session, settings, user: User, log_id: int, true_class: str | None, note: str = "", blind: bool = False
+) -> None:
     with Session.begin() as s:
-        store.record_review(s, settings, user, log_id, true_class, note)
+        store.record_review(s, settings, user, log_id, true_class, note, blind=blind)
 
 
 @pytest.fixture
@@ -194,9 +196,13 @@ def test_field_accuracy_equals_the_figures_worked_out_by_hand(home, Session):
         (ANA, six, None),
         (BO, seven, "FL"),
     ]:
-        review(Session, home, user, log_id, true_class)
+        review(Session, home, user, log_id, true_class, blind=user is BO)  # bo reviews blind
     with Session() as s:
         found = field.field_accuracy(s, 7)
+        assert {(r.reviewer, r.blind) for c in store.cases(s, run_id=7) for r in c.reviews} == {
+            ("ana", False),
+            ("bo", True),
+        }
 
     # Counted: one (CLL→CLL), two (MCL, the model said FL), five (MCL→MCL), seven (FL→FL).
     assert (found.reviewed, found.counted, found.disagreements, found.cannot_tell) == (6, 4, 1, 1)
@@ -212,6 +218,8 @@ def test_field_accuracy_equals_the_figures_worked_out_by_hand(home, Session):
     assert found.weeks[0].accuracy == 0.5 and found.weeks[1].overruled_share == 0
     assert json.loads(json.dumps(found.to_json()))["weeks"][1]["week"] == week2.date().isoformat()
     assert "1 left out where reviewers disagree" in found.summary()
+    # Blind reviews naming a class: bo's on three, five and seven.
+    assert found.blind == 3 and "3 of 7 review(s) naming a class were given blind" in found.summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +351,9 @@ def test_the_api_gives_the_queue_takes_reviews_and_answers_field_accuracy(home, 
     note = "<b>**looks FL**</b>"
     made = call("POST", "/reviews", ana, json={"log_id": referred, "true_class": "MCL", "note": note})
     assert made.status_code == 201 and made.json()["reviewer"] == "ana" and made.json()["note"] == note
-    assert call("POST", "/reviews", bo, json={"log_id": referred, "true_class": "MCL"}).status_code == 201
+    assert made.json()["blind"] is False  # not said: given seeing the model's answer
+    blind = call("POST", "/reviews", bo, json={"log_id": referred, "true_class": "MCL", "blind": True})
+    assert blind.status_code == 201 and blind.json()["blind"] is True
     assert call("POST", "/reviews", bo, json={"log_id": sure, "true_class": "CLL"}).status_code == 201
     refused = call("POST", "/reviews", ana, json={"log_id": sure, "true_class": "DLBCL"})
     assert refused.status_code == 422 and "not one of them" in refused.json()["error"]
@@ -359,6 +369,7 @@ def test_the_api_gives_the_queue_takes_reviews_and_answers_field_accuracy(home, 
     got = answer.json()
     # Two cases, both agreed: the referred FL one was MCL (overruled twice), the sure CLL one right.
     assert (got["reviewed"], got["counted"], got["accuracy"], got["referred"], got["overruled"]) == (2, 2, 0.5, 1, 2)
+    assert (got["class_reviews"], got["blind"]) == (3, 1)
     assert got["confusion"][CLASSES.index("MCL")][CLASSES.index("FL")] == 1
     with Session() as s:
         assert got == json.loads(json.dumps(field.field_accuracy(s, lab).to_json(), default=str))

@@ -162,11 +162,12 @@ class Api:
             "all_scanned": found.scanned_all,
         }
 
-    def review(self, user: User, log_id: int, true_class: str | None, note: str) -> dict:
+    def review(self, user: User, log_id: int, true_class: str | None, note: str, blind: bool) -> dict:
         from core.review.store import record_review
 
         with self.Session.begin() as s:
-            return payloads.review_json(record_review(s, self.settings, user, log_id, true_class, note))
+            record = record_review(s, self.settings, user, log_id, true_class, note, blind=blind)
+            return payloads.review_json(record)
 
     # Whole slides ----------------------------------------------------------------------------
 

@@ -134,6 +134,7 @@ def review_json(r: Any) -> dict[str, Any]:
             "reviewed_at": r.reviewed_at,
             "true_class": r.true_class,
             "note": r.note,
+            "blind": r.blind,
         }
     )
 

@@ -342,7 +342,7 @@ async def review_queue(api: ApiOf, user: Caller, run: RunFilter = None, limit: L
 async def review(request: Request, api: ApiOf, user: Caller) -> JSONResponse:
     require_editor(user, "review predictions")
     asked = review_request(await bodies.read_json(request))
-    body = await run_in_threadpool(api.review, user, asked.log_id, asked.true_class, asked.note)
+    body = await run_in_threadpool(api.review, user, asked.log_id, asked.true_class, asked.note, asked.blind)
     return JSONResponse(body, status_code=201)
 
 

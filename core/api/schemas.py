@@ -251,6 +251,7 @@ class Review(BaseModel):
     reviewed_at: str = _time("when it was reviewed")
     true_class: str | None = Field(description="the reviewer's class; null: the reviewer could not tell")
     note: str
+    blind: bool = Field(description="given without seeing the model's answer")
 
 
 class QueueEntry(LoggedPrediction):
@@ -272,6 +273,11 @@ class ReviewRequest(BaseModel):
     log_id: int = Field(ge=0, description="the prediction's id in the log")
     true_class: str | None = Field(description="one of the model's classes; null: cannot tell")
     note: str = Field("", description="why, in the reviewer's words")
+    blind: bool = Field(
+        False,
+        description="the reviewer gave this class without seeing the model's answer (field accuracy counts "
+        "how many were; a verdict given seeing it can lean toward it)",
+    )
 
 
 class FieldWeek(BaseModel):
@@ -305,4 +311,5 @@ class FieldAccuracy(BaseModel):
     class_reviews: int = Field(description="reviews naming a class")
     overruled: int = Field(description="of those, naming another class than the model's")
     overruled_share: float | None
+    blind: int = Field(description="of the reviews naming a class, those given without seeing the model's answer")
     weeks: list[FieldWeek] = Field(description="oldest first")

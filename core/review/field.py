@@ -6,7 +6,8 @@ disagree on is left out and counted as such, as is one nobody could tell. With t
 bootstrap interval of the accuracy (cases resampled), the share of the run's logged predictions the
 model referred, and how often a reviewer overruled the model (a review naming another class than the
 model's, counted per review, so reviews of cases in disagreement count too). The same figures per
-week of the predictions (weeks start on Monday, UTC).
+week of the predictions (weeks start on Monday, UTC). And how many of the reviews were given blind
+(the model's answer hidden from the reviewer): one given seeing it can lean toward it.
 
 Reviewed cases are not a random draw of the predictions: the queue puts referred and low-confidence
 ones first. Field accuracy says how the model did on what people chose to check, which is why the
@@ -91,6 +92,7 @@ class FieldAccuracy(_Shares):
     referred: int
     class_reviews: int
     overruled: int
+    blind: int  # of class_reviews, given without seeing the model's answer
     weeks: tuple[WeekFigures, ...]  # oldest first
     level: float = LEVEL
 
@@ -105,8 +107,12 @@ class FieldAccuracy(_Shares):
                 f"Right on {right} of {self.counted} reviewed prediction(s) ({self.accuracy:.1%}, "
                 f"{self.level:.0%} interval {self.low:.1%} to {self.high:.1%})"
             )
+        left = f"{self.disagreements} left out where reviewers disagree, {self.cannot_tell} where none could tell."
+        if not self.class_reviews:
+            return f"{head}; {left}"
         return (
-            f"{head}; {self.disagreements} left out where reviewers disagree, {self.cannot_tell} where none could tell."
+            f"{head}; {left} {self.blind} of {self.class_reviews} review(s) naming a class were given blind, "
+            "without seeing the model's answer; one given seeing it can lean toward it."
         )
 
     def to_json(self) -> dict:
@@ -199,6 +205,7 @@ def field_accuracy(session: Session, run_id: int, *, resamples: int = 1000) -> F
         referred=sum(refer is True for _, refer in logged),
         class_reviews=len(reviews),
         overruled=sum(r.overruled for r in reviews),
+        blind=sum(r.blind for r in reviews),
         weeks=_weeks(logged, counted, reviewed),
     )
 

@@ -45,6 +45,7 @@ class ReviewRecord:
     reviewed_at: datetime
     true_class: str | None  # None: the reviewer could not tell
     note: str
+    blind: bool  # given without seeing the model's answer
 
     @property
     def verdict(self) -> str:
@@ -92,11 +93,18 @@ def require_reviews(settings: Settings, user: User, action: str = "review predic
 
 
 def record_review(
-    session: Session, settings: Settings, user: User, log_id: int, true_class: str | None, note: str = ""
+    session: Session,
+    settings: Settings,
+    user: User,
+    log_id: int,
+    true_class: str | None,
+    note: str = "",
+    *,
+    blind: bool = False,
 ) -> ReviewRecord:
     """Record `user`'s verdict on logged prediction `log_id`: `true_class`, one of the model's classes,
-    or None for "cannot tell", with `note`. Replaces the user's own earlier review of it; other
-    reviewers' reviews stay. UserError for a viewer, with REVIEWS=0, for a prediction no longer in
+    or None for "cannot tell", with `note`; `blind`: given without seeing the model's answer. Replaces
+    the user's own earlier review of it; other reviewers' reviews stay. UserError for a viewer, with REVIEWS=0, for a prediction no longer in
     the log, a class the model does not have, or a note too long."""
     require_reviews(settings, user)
     check_name_length(user.name, "User name")
@@ -111,7 +119,7 @@ def record_review(
         raise UserError(
             f"The model of run {logged.run_id} knows {', '.join(classes)}; {true_class} is not one of them."
         )
-    verdict = {"true_class": true_class, "note": note, "reviewed_at": utcnow()}
+    verdict = {"true_class": true_class, "note": note, "blind": blind, "reviewed_at": utcnow()}
     # One statement that inserts or replaces: two requests of one reviewer at once (two tabs, an API
     # call sent again) leave one review, the later one, and neither fails on the other's row.
     upsert = (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(Review)
@@ -169,4 +177,5 @@ def _record(row: Review) -> ReviewRecord:
         reviewed_at=row.reviewed_at,
         true_class=row.true_class,
         note=row.note,
+        blind=row.blind,
     )

@@ -9,13 +9,16 @@ The prediction's facts that field accuracy needs (its run, the model's class, wh
 referred, when it was made) are copied from the log row when the review is recorded: log rows are
 pruned after PREDICTION_LOG_DAYS, and a review keeps its meaning without its row. `log_id` is a
 plain number for the same reason, as PredictionLog.run_id is.
+
+`blind`: the reviewer chose not to see the model's answer before giving theirs. A verdict given
+while seeing it can lean toward it, so field accuracy says how many of its reviews were blind.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import String, Text, UniqueConstraint
+from sqlalchemy import String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.store.db import NAME_LENGTH, Base, utcnow
@@ -38,3 +41,4 @@ class Review(Base):
     reviewed_at: Mapped[datetime] = mapped_column(default=utcnow)
     true_class: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)  # None: cannot tell
     note: Mapped[str] = mapped_column(Text, default="")
+    blind: Mapped[bool] = mapped_column(default=False, server_default=false())  # the model's answer hidden
