@@ -18,6 +18,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # A database made by create_all before migrations may have the column already.
+    if "blind" in {c["name"] for c in sa.inspect(op.get_bind()).get_columns("reviews")}:
+        return
     op.add_column("reviews", sa.Column("blind", sa.Boolean(), server_default=sa.false(), nullable=False))
 
 
