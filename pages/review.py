@@ -66,15 +66,24 @@ def filters(choices, blind: bool) -> queue.QueueFilters:
     run_id = a.selectbox(
         "Model", [None, *choices.run_ids], format_func=lambda i: "all" if i is None else f"run {i}", key="rv_model"
     )
-    predicted = b.selectbox(
-        "Predicted class",
-        [None, *choices.predicted],
-        format_func=lambda p: "all" if p is None else p,
-        key="rv_class",
-        disabled=blind,
-        help="Off in a blind review: choosing it would tell the model's answer." if blind else None,
-    )
-    predicted = None if blind else predicted
+    # Widgets whose choices differ in a blind review have keys of their own there: the browser keeps
+    # a widget's old labels while its key stays the same.
+    if blind:
+        predicted = None
+        b.selectbox(
+            "Predicted class",
+            ["all (hidden)"],
+            key="rv_class_blind",
+            disabled=True,
+            help="Off in a blind review: choosing it would tell the model's answer.",
+        )
+    else:
+        predicted = b.selectbox(
+            "Predicted class",
+            [None, *choices.predicted],
+            format_func=lambda p: "all" if p is None else p,
+            key="rv_class",
+        )
     today = datetime.now(UTC).date()
     dates = c.date_input(
         "Dates", (today - timedelta(days=QUEUE_DAYS), today), key="rv_dates", help="Days in UTC, both ends included."
@@ -247,7 +256,7 @@ def queue_tab() -> None:
             f"log {i} · run {by_id[i].prediction.run_id}"
             + ("" if blind else f" · {by_id[i].prediction.predicted} · {pct(by_id[i].confidence)}")
         ),
-        key="rv_pick",
+        key="rv_pick_blind" if blind else "rv_pick",
     )
     item_detail(by_id[picked], blind)
 

@@ -263,6 +263,17 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         settle(page)
         with Session() as s:  # no sign-in: the one local editor
             assert [(r.reviewer, r.true_class) for r in s.scalars(select(Review))] == [("local", None)]
+        # Blind review: the next prediction without the model's answer.
+        page.get_by_text("Blind review: hide the model's answer").click()
+        settle(page)
+        expect(
+            page.get_by_text("Blind review: the model's answer and other reviewers' verdicts are hidden")
+        ).to_be_visible()
+        expect(page.get_by_text("Model's answer:")).to_have_count(0)
+        # The picker names the log row and the model only: no class, no confidence.
+        expect(page.get_by_role("combobox", name="Review")).to_have_value(re.compile(r"^log \d+ · run \d+$"))
+        expect(page.get_by_role("combobox", name="Predicted class")).to_have_value("all (hidden)")
+        shot("14g-review-blind")
 
         # Runs: a cell of the test confusion matrix opens its images.
         page.goto(url + "/runs")

@@ -106,8 +106,8 @@ def test_a_blind_review_hides_the_models_answer_until_it_is_recorded(home, monke
     assert not at.get("plotly_chart")  # no probabilities
     assert list(queue_tab.dataframe[0].value.columns) == ["log id", "when (UTC)", "model", "reviews", "image"]
     assert len(at.tabs[0].dataframe) == 1  # the queue; the other reviewer's verdict is not listed
-    assert at.selectbox(key="rv_pick").options == [f"log {referred} · run 3"]
-    assert at.selectbox(key="rv_class").disabled
+    assert at.selectbox(key="rv_pick_blind").options == [f"log {referred} · run 3"]
+    assert at.selectbox(key="rv_class_blind").disabled
     at.selectbox(key=f"rv_verdict_{referred}").set_value("MCL")
     at.button(key="rv_submit").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
