@@ -220,6 +220,11 @@ def test_field_accuracy_equals_the_figures_worked_out_by_hand(home, Session):
     assert "1 left out where reviewers disagree" in found.summary()
     # Blind reviews naming a class: bo's on three, five and seven.
     assert found.blind == 3 and "3 of 7 review(s) naming a class were given blind" in found.summary()
+    # Counted cases every reviewer judged blind: seven only (bo: FL, right); five had ana too.
+    # One right case: the exact (Clopper-Pearson) interval of 1 in 1, 2.5% to 100%, not a certainty.
+    assert (found.blind_counted, found.blind_accuracy, found.blind_high) == (1, 1.0, 1.0)
+    assert found.blind_low == pytest.approx(0.025)
+    assert "Over the 1 case(s) every reviewer judged blind: 100.0%" in found.summary()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,4 +312,8 @@ class FieldAccuracy(BaseModel):
     overruled: int = Field(description="of those, naming another class than the model's")
     overruled_share: float | None
     blind: int = Field(description="of the reviews naming a class, those given without seeing the model's answer")
+    blind_counted: int = Field(description="counted cases whose every review was given blind")
+    blind_accuracy: float | None = Field(description="accuracy over those; null: none")
+    blind_low: float | None = Field(description="its bootstrap interval at `level`")
+    blind_high: float | None
     weeks: list[FieldWeek] = Field(description="oldest first")

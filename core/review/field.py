@@ -7,7 +7,8 @@ bootstrap interval of the accuracy (cases resampled), the share of the run's log
 model referred, and how often a reviewer overruled the model (a review naming another class than the
 model's, counted per review, so reviews of cases in disagreement count too). The same figures per
 week of the predictions (weeks start on Monday, UTC). And how many of the reviews were given blind
-(the model's answer hidden from the reviewer): one given seeing it can lean toward it.
+(the model's answer hidden from the reviewer): one given seeing it can lean toward it. So the
+accuracy is given again over the cases every reviewer judged blind, with its own interval.
 
 Reviewed cases are not a random draw of the predictions: the queue puts referred and low-confidence
 ones first. Field accuracy says how the model did on what people chose to check, which is why the
@@ -93,6 +94,10 @@ class FieldAccuracy(_Shares):
     class_reviews: int
     overruled: int
     blind: int  # of class_reviews, given without seeing the model's answer
+    blind_counted: int  # counted cases whose every review was blind
+    blind_accuracy: float | None  # over those; None: none
+    blind_low: float | None
+    blind_high: float | None
     weeks: tuple[WeekFigures, ...]  # oldest first
     level: float = LEVEL
 
@@ -110,10 +115,16 @@ class FieldAccuracy(_Shares):
         left = f"{self.disagreements} left out where reviewers disagree, {self.cannot_tell} where none could tell."
         if not self.class_reviews:
             return f"{head}; {left}"
-        return (
-            f"{head}; {left} {self.blind} of {self.class_reviews} review(s) naming a class were given blind, "
-            "without seeing the model's answer; one given seeing it can lean toward it."
+        blind = (
+            f"{self.blind} of {self.class_reviews} review(s) naming a class were given blind, without seeing the "
+            "model's answer; one given seeing it can lean toward it."
         )
+        if self.blind_counted:
+            blind += (
+                f" Over the {self.blind_counted} case(s) every reviewer judged blind: {self.blind_accuracy:.1%} "
+                f"({self.level:.0%} interval {self.blind_low:.1%} to {self.blind_high:.1%})."
+            )
+        return f"{head}; {left} {blind}"
 
     def to_json(self) -> dict:
         """The record as JSON-able values (dates as ISO text), for the API."""
@@ -176,16 +187,9 @@ def field_accuracy(session: Session, run_id: int, *, resamples: int = 1000) -> F
     confusion = [[0] * len(classes) for _ in classes]
     for c in counted:
         confusion[index[c.true_class]][index[c.predicted]] += 1
-    low = high = accuracy = None
-    if counted:
-        boot = bootstrap_metrics(
-            [index[c.true_class] for c in counted],
-            [index[c.predicted] for c in counted],
-            classes,
-            n_resamples=resamples,
-            level=LEVEL,
-        )
-        accuracy, low, high = boot.accuracy.estimate, boot.accuracy.low, boot.accuracy.high
+    accuracy, low, high = _accuracy(counted, classes, resamples)
+    blind = [c for c in counted if all(r.blind for r in c.reviews)]
+    blind_accuracy, blind_low, blind_high = _accuracy(blind, classes, resamples)
     recall = tuple(_share(confusion[k][k], sum(confusion[k])) for k in range(len(classes)))
     logged = session.execute(select(PredictionLog.at, PredictionLog.refer).where(PredictionLog.run_id == run_id)).all()
     reviews = [r for c in reviewed for r in c.reviews if r.true_class is not None]
@@ -206,8 +210,27 @@ def field_accuracy(session: Session, run_id: int, *, resamples: int = 1000) -> F
         class_reviews=len(reviews),
         overruled=sum(r.overruled for r in reviews),
         blind=sum(r.blind for r in reviews),
+        blind_counted=len(blind),
+        blind_accuracy=blind_accuracy,
+        blind_low=blind_low,
+        blind_high=blind_high,
         weeks=_weeks(logged, counted, reviewed),
     )
+
+
+def _accuracy(counted: list[Case], classes: list[str], resamples: int) -> tuple[float | None, ...]:
+    """Accuracy over `counted` (cases with one true class) and its bootstrap interval; Nones for none."""
+    if not counted:
+        return None, None, None
+    index = {name: k for k, name in enumerate(classes)}
+    boot = bootstrap_metrics(
+        [index[c.true_class] for c in counted],
+        [index[c.predicted] for c in counted],
+        classes,
+        n_resamples=resamples,
+        level=LEVEL,
+    )
+    return boot.accuracy.estimate, boot.accuracy.low, boot.accuracy.high
 
 
 def _classes(session: Session, run_id: int, reviewed: list[Case]) -> list[str]:
