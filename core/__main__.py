@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from core.cli import accounts, card, data, predict, results, runs, store
+from core.cli import accounts, card, data, predict, results, review, runs, store
 from core.cli.runs import config_from_args
 from core.config import load_settings
 from core.errors import UserError
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(database=True)  # a command registered with database=False gets no Session
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for topic in (data, runs, results, card, predict, store, accounts):
+    for topic in (data, runs, results, card, review, predict, store, accounts):
         topic.register(sub)
     return parser
 

@@ -381,6 +381,30 @@ def test_the_api_gives_the_queue_takes_reviews_and_answers_field_accuracy(home, 
     assert call("GET", "/models/999999/field", ana).status_code == 404
 
 
+def test_the_command_line_gives_the_same_field_figures(home, Session, lab, monkeypatch, capsys):
+    from core.__main__ import main
+
+    monkeypatch.setenv("APP_HOME", str(home.app_home))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    right = log(Session, lab, "CLL", 0.9, False)
+    wrong = log(Session, lab, "FL", 0.6, True)
+    review(Session, home, ANA, right, "CLL", blind=True)
+    review(Session, home, ANA, wrong, "MCL")
+    with Session() as s:
+        found = field.field_accuracy(s, lab)
+
+    assert main(["field", str(lab), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(found.to_json(), default=str))
+    assert main(["field", str(lab)]) == 0
+    out = capsys.readouterr().out
+    assert found.summary() in out and "50.0% referred" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.split("Confusion matrix")[1].splitlines()[2:5]}
+    assert rows["CLL"] == ["1", "0", "0", "100.0%"] and rows["MCL"] == ["0", "1", "0", "0.0%"]  # the model said FL
+    assert found.weeks[0].week.isoformat() in out.split("Week (Monday, UTC)")[1]
+    assert main(["field", "999999"]) == 2
+    assert "No run with id 999999" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_one_reviewer_sending_twice_at_once_leaves_one_review_the_later_one(backend, request, tmp_path):
     """Two requests of one reviewer about one prediction, the second sent while the first is still
