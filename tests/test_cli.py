@@ -191,18 +191,19 @@ def test_accounts_tokens_and_groups_are_commands_with_the_one_error_edge(tmp_pat
     assert capsys.readouterr().err == f"error: Not a folder: {tmp_path / 'no-such-folder'}\n"
 
 
-def test_the_former_entry_points_run_the_same_commands(tmp_path, capsys, monkeypatch):
-    import runpy
-
+def test_the_former_entry_points_run_the_same_commands(tmp_path, capsys):
+    """`python -m core.access.accounts ...` and `python -m core.data.groups ...`, where these commands
+    were first, run as processes of their own, as scripts run them."""
     from core.__main__ import main
 
+    def former(module: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+
     file = str(tmp_path / "accounts.toml")
-    monkeypatch.delitem(sys.modules, "core.access.accounts")  # run afresh as __main__, as `python -m` would
-    monkeypatch.setattr("sys.argv", ["accounts.py", "--file", file, "token", "add", "ci", "--role", "editor"])
-    with pytest.raises(SystemExit) as exited:  # as `python -m core.access.accounts ...` runs it
-        runpy.run_module("core.access.accounts", run_name="__main__")
-    assert exited.value.code == 0
-    capsys.readouterr()
+    made = former("core.access.accounts", "--file", file, "token", "add", "ci", "--role", "editor")
+    assert made.returncode == 0 and made.stdout.startswith("lk_"), made.stderr
     assert main(["token", "--file", file, "list"]) == 0
     assert "\tci\teditor\t" in capsys.readouterr().out
 
@@ -210,11 +211,9 @@ def test_the_former_entry_points_run_the_same_commands(tmp_path, capsys, monkeyp
         (tmp_path / "src" / label).mkdir(parents=True)
         for i in range(4):
             (tmp_path / "src" / label / f"{i:03d}.png").write_bytes(b"")
-    monkeypatch.delitem(sys.modules, "core.data.groups")
-    monkeypatch.setattr("sys.argv", ["groups.py", str(tmp_path / "src"), "--block-size", "2"])
-    with pytest.raises(SystemExit) as exited:  # as `python -m core.data.groups ...` runs it
-        runpy.run_module("core.data.groups", run_name="__main__")
-    assert exited.value.code == 0
-    former = capsys.readouterr()
+    manifest = former("core.data.groups", str(tmp_path / "src"), "--block-size", "2")
+    assert manifest.returncode == 0, manifest.stderr
     assert main(["groups", str(tmp_path / "src"), "--block-size", "2"]) == 0
-    assert capsys.readouterr() == former and "FL/002.png,FL-002-003" in former.out
+    assert capsys.readouterr().out == manifest.stdout and "FL/002.png,FL-002-003" in manifest.stdout
+    refused = former("core.data.groups", str(tmp_path / "no-such-folder"))
+    assert refused.returncode == 2 and refused.stderr == f"error: Not a folder: {tmp_path / 'no-such-folder'}\n"

@@ -46,7 +46,7 @@ import re
 import sys
 import tempfile
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -418,9 +418,19 @@ def oidc_user(roles: Mapping[str, str], email: str | None, email_verified: objec
 # Command line: `python -m core accounts ...` and `python -m core token ...` (core/cli/accounts.py)
 
 
-if __name__ == "__main__":
-    # Where these commands were first, kept for scripts: the same command of `python -m core`.
-    from core.__main__ import main
-    from core.cli.accounts import former_argv
+def former_argv(argv: Sequence[str]) -> list[str]:
+    """`python -m core.access.accounts ARGS` as the arguments of `python -m core` that do the same:
+    `accounts ARGS`, or `token OPTIONS REST` for `OPTIONS token REST`."""
+    words = list(argv)
+    i = 0
+    while i < len(words) and words[i].startswith("-"):  # options before the command: --file F, --help
+        i += 2 if words[i] == "--file" else 1
+    if words[i : i + 1] == ["token"]:
+        return ["token", *words[:i], *words[i + 1 :]]
+    return ["accounts", *words]
 
-    sys.exit(main(former_argv(sys.argv[1:])))
+
+if __name__ == "__main__":
+    # Where these commands were first, kept for scripts: the same command of `python -m core`, run in
+    # this process's place (so that this library module does not import the command line).
+    os.execv(sys.executable, [sys.executable, "-m", "core", *former_argv(sys.argv[1:])])

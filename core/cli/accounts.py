@@ -9,7 +9,8 @@
     python -m core token list
     python -m core token remove ID
 
-`python -m core.access.accounts ...`, where these commands were first, runs the same (`former_argv`).
+`python -m core.access.accounts ...`, where these commands were first, runs the same
+(core/access/accounts.py `former_argv`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from core.access import accounts, tokens
@@ -138,15 +138,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.formatter_class = DefaultsFormatter
     p.set_defaults(func=cmd_token, database=False)
     _add_file_option(p)
-
-
-def former_argv(argv: Sequence[str]) -> list[str]:
-    """`python -m core.access.accounts ARGS` as the arguments of `python -m core` that do the same:
-    `accounts ARGS`, or `token OPTIONS REST` for `OPTIONS token REST`."""
-    words = list(argv)
-    i = 0
-    while i < len(words) and words[i].startswith("-"):  # options before the command: --file F, --help
-        i += 2 if words[i] == "--file" else 1
-    if words[i : i + 1] == ["token"]:
-        return ["token", *words[:i], *words[i + 1 :]]
-    return ["accounts", *words]

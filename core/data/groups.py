@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -357,7 +358,6 @@ def groups_from_pattern(rx: re.Pattern[str], rels: list[str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    # Where the manifest's command was first, kept for scripts: `python -m core groups ARGS`.
-    from core.__main__ import main
-
-    sys.exit(main(["groups", *sys.argv[1:]]))
+    # Where the manifest's command was first, kept for scripts: `python -m core groups ARGS`, run in this
+    # process's place (so that this library module does not import the command line).
+    os.execv(sys.executable, [sys.executable, "-m", "core", "groups", *sys.argv[1:]])
