@@ -165,6 +165,11 @@ def review_form(item: queue.QueueItem, blind: bool) -> None:
         sent = st.form_submit_button(
             "Record review" if mine is None else "Replace my review", type="primary", key="rv_submit"
         )
+    if blind and mine is not None:
+        st.caption(
+            "You have reviewed this image before, so you know the model's answer: a new verdict replaces "
+            "yours but is not counted as blind."
+        )
     if sent and verdict is None:
         st.warning("Choose the true class (or 'cannot tell') first; nothing was recorded.")
     elif sent:
@@ -177,7 +182,7 @@ def review_form(item: queue.QueueItem, blind: bool) -> None:
                     item.prediction.id,
                     None if verdict == store.CANNOT_TELL else verdict,
                     note,
-                    blind=blind,
+                    blind=blind and mine is None,  # once told the model's answer, a reviewer is no longer blind
                 )
             st.session_state["rv_recorded"] = (item.prediction, blind)
             st.rerun()

@@ -116,6 +116,18 @@ def test_a_blind_review_hides_the_models_answer_until_it_is_recorded(home, monke
         rows = {r.reviewer: r.blind for r in s.scalars(select(Review))}
     assert rows == {"bo": False, "local": True}
 
+    # Told the model's answer, the reviewer is no longer blind to it: a replacement is not counted blind.
+    at.toggle(key="rv_unreviewed").set_value(False).run()
+    assert any("so you know the model's answer" in c.value for c in at.caption)
+    at.selectbox(key=f"rv_verdict_{referred}").set_value("CLL")
+    at.button(key="rv_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    with Session() as s:
+        assert {(r.reviewer, r.true_class, r.blind) for r in s.scalars(select(Review))} == {
+            ("bo", "MCL", False),
+            ("local", "CLL", False),
+        }
+
 
 def test_a_viewer_gets_neither_the_queue_nor_its_images(home, monkeypatch, tmp_path):
     path = tmp_path / "accounts.toml"
