@@ -225,6 +225,10 @@ def test_field_accuracy_equals_the_figures_worked_out_by_hand(home, Session):
     assert (found.blind_counted, found.blind_accuracy, found.blind_high) == (1, 1.0, 1.0)
     assert found.blind_low == pytest.approx(0.025)
     assert "Over the 1 case(s) every reviewer judged blind: 100.0%" in found.summary()
+    # Reviewed twice: three (CLL, FL) and five (MCL, MCL). Agreement 1/2; by chance, from the 4 verdicts
+    # (CLL 1/4, FL 1/4, MCL 2/4), 1/16 + 1/16 + 1/4 = 0.375; kappa = (0.5 - 0.375) / (1 - 0.375) = 0.2.
+    assert (found.paired, found.paired_agreed) == (2, 1) and found.kappa == pytest.approx(0.2)
+    assert "agree with each other on 1 of the 2 case(s) reviewed twice or more, 0.20 once corrected" in found.summary()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -316,4 +316,10 @@ class FieldAccuracy(BaseModel):
     blind_accuracy: float | None = Field(description="accuracy over those; null: none")
     blind_low: float | None = Field(description="its bootstrap interval at `level`")
     blind_high: float | None
+    paired: int = Field(description="cases with two reviews or more")
+    paired_agreed: int = Field(description="of those, the cases whose first two reviews agree")
+    kappa: float | None = Field(
+        description="their agreement corrected for chance (Fleiss' kappa, two ratings a case, 'cannot tell' a "
+        "category of its own); null: undefined (under 2 such cases, or one verdict only)"
+    )
     weeks: list[FieldWeek] = Field(description="oldest first")

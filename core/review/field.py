@@ -8,7 +8,10 @@ model referred, and how often a reviewer overruled the model (a review naming an
 model's, counted per review, so reviews of cases in disagreement count too). The same figures per
 week of the predictions (weeks start on Monday, UTC). And how many of the reviews were given blind
 (the model's answer hidden from the reviewer): one given seeing it can lean toward it. So the
-accuracy is given again over the cases every reviewer judged blind, with its own interval.
+accuracy is given again over the cases every reviewer judged blind, with its own interval. And how
+far reviewers agree with each other where a case has two reviews or more: the share of those cases
+whose first two reviews agree, and that agreement corrected for chance (Fleiss' kappa for two
+ratings a case, "cannot tell" a category of its own): the true classes are only as good as that.
 
 Reviewed cases are not a random draw of the predictions: the queue puts referred and low-confidence
 ones first. Field accuracy says how the model did on what people chose to check, which is why the
@@ -17,10 +20,11 @@ share referred and the counts stand beside it.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -98,6 +102,9 @@ class FieldAccuracy(_Shares):
     blind_accuracy: float | None  # over those; None: none
     blind_low: float | None
     blind_high: float | None
+    paired: int  # cases with two reviews or more
+    paired_agreed: int  # of those, the cases whose first two reviews agree
+    kappa: float | None  # their chance-corrected agreement; None: undefined (under 2 cases, or one verdict)
     weeks: tuple[WeekFigures, ...]  # oldest first
     level: float = LEVEL
 
@@ -112,19 +119,26 @@ class FieldAccuracy(_Shares):
                 f"Right on {right} of {self.counted} reviewed prediction(s) ({self.accuracy:.1%}, "
                 f"{self.level:.0%} interval {self.low:.1%} to {self.high:.1%})"
             )
-        left = f"{self.disagreements} left out where reviewers disagree, {self.cannot_tell} where none could tell."
-        if not self.class_reviews:
-            return f"{head}; {left}"
-        blind = (
-            f"{self.blind} of {self.class_reviews} review(s) naming a class were given blind, without seeing the "
-            "model's answer; one given seeing it can lean toward it."
-        )
+        words = [
+            f"{head}; {self.disagreements} left out where reviewers disagree, {self.cannot_tell} where none could tell."
+        ]
+        if self.class_reviews:
+            words.append(
+                f"{self.blind} of {self.class_reviews} review(s) naming a class were given blind, without seeing "
+                "the model's answer; one given seeing it can lean toward it."
+            )
         if self.blind_counted:
-            blind += (
-                f" Over the {self.blind_counted} case(s) every reviewer judged blind: {self.blind_accuracy:.1%} "
+            words.append(
+                f"Over the {self.blind_counted} case(s) every reviewer judged blind: {self.blind_accuracy:.1%} "
                 f"({self.level:.0%} interval {self.blind_low:.1%} to {self.blind_high:.1%})."
             )
-        return f"{head}; {left} {blind}"
+        if self.paired:
+            kappa = "" if self.kappa is None else f", {self.kappa:.2f} once corrected for chance (Fleiss' kappa)"
+            words.append(
+                f"Reviewers agree with each other on {self.paired_agreed} of the {self.paired} case(s) reviewed "
+                f"twice or more{kappa}."
+            )
+        return " ".join(words)
 
     def to_json(self) -> dict:
         """The record as JSON-able values (dates as ISO text), for the API."""
@@ -214,8 +228,21 @@ def field_accuracy(session: Session, run_id: int, *, resamples: int = 1000) -> F
         blind_accuracy=blind_accuracy,
         blind_low=blind_low,
         blind_high=blind_high,
+        **_agreement(reviewed),
         weeks=_weeks(logged, counted, reviewed),
     )
+
+
+def _agreement(reviewed: list[Case]) -> dict[str, Any]:
+    """`paired`, `paired_agreed` and `kappa` of FieldAccuracy: over the cases with two reviews or more,
+    their first two reviews (oldest first). Kappa is Fleiss' for two ratings a case (so it does not
+    matter who gave which), 'cannot tell' being a category of its own."""
+    pairs = [(c.reviews[0].verdict, c.reviews[1].verdict) for c in reviewed if len(c.reviews) >= 2]
+    agreed = sum(a == b for a, b in pairs)
+    counts = Counter(v for pair in pairs for v in pair)
+    expected = sum((n / (2 * len(pairs))) ** 2 for n in counts.values())
+    kappa = None if len(pairs) < 2 or expected >= 1 else (agreed / len(pairs) - expected) / (1 - expected)
+    return {"paired": len(pairs), "paired_agreed": agreed, "kappa": kappa}
 
 
 def _accuracy(counted: list[Case], classes: list[str], resamples: int) -> tuple[float | None, ...]:
