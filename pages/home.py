@@ -6,7 +6,7 @@ import streamlit as st
 
 from core.jobs import comparisons, estimate, views
 from core.store import consistency
-from pages._common import pct, session_factory, settings, through_router
+from pages._common import md_text, pct, session_factory, settings, through_router
 
 through_router()
 Session = session_factory()
@@ -48,6 +48,7 @@ with Session() as s:
     running = views.run_curves(s, [r.id for r in all_runs if r.status == "running"][:3])
     best = views.best_grouped(all_runs)
     versus_colour = None if best.run is None else comparisons.network_vs_colour(s, best.run.id)
+    in_use = views.models_in_use(s)
 ds_rows = [
     {"dataset": d.name, "images": d.images, "classes": ", ".join(d.classes), "specimen groups": d.groups}
     for d in all_datasets
@@ -106,6 +107,12 @@ with st.container(border=True, key="home_best"):
             "test part.",
         )
         c.caption(best.explanation(versus_colour))
+
+if in_use:
+    with st.container(border=True, key="home_in_use"):
+        st.markdown("**Models in use**")
+        for model in in_use:
+            st.markdown(f"{md_text(', '.join(model.approval.classes))}: {md_text(model.words())}")
 
 st.subheader("How it works")
 steps = st.columns(5)

@@ -203,3 +203,37 @@ def test_the_retrain_panel_offers_a_newer_version_and_shows_the_queued_compariso
         assert RunConfig.from_dict(again.config).frozen_test_of_run == lab
     at.run()
     assert any(f"Run {again.id} is queued" in c.value for c in at.caption)
+
+
+def test_home_shows_each_model_in_use_with_its_field_accuracy(home, monkeypatch, tmp_path):
+    from core.inference.approval import class_set_key
+    from core.store.db import ModelApproval
+
+    monkeypatch.setenv("AUTH_MODE", "none")
+    monkeypatch.setenv("START_WORKER", "0")
+    Session = make_sessionmaker(home.database_url)
+    lab = make_lab(home, Session, tmp_path)
+    with Session.begin() as s:
+        s.add(
+            ModelApproval(
+                class_set=class_set_key(["CLL", "FL", "MCL"]),
+                run_id=lab,
+                model_sha256="0" * 64,
+                run_label=f"run {lab} · lymphoma",
+                note="",
+                approved_by="*ana*",
+            )
+        )
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any("No prediction of it reviewed" in m.value for m in at.markdown)
+
+    for predicted, true_class in [("CLL", "CLL"), ("FL", "MCL")]:
+        log_id = log(Session, lab, predicted, 0.6, True)
+        with Session.begin() as s:
+            store.record_review(s, home, User("bo", EDITOR), log_id, true_class, blind=predicted == "CLL")
+    at.run()
+    (line,) = [m.value for m in at.markdown if "approved by" in m.value]
+    assert line.startswith("CLL, FL, MCL: run") and "approved by \\*ana\\*" in line  # a name as text
+    shown = line.replace("\\", "").replace("\u2060", "")  # as the page draws it
+    assert "(field, not a random draw): 50.0%" in shown and "over 2 case(s); 1 of 2 review(s) blind" in shown

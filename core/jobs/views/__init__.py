@@ -13,7 +13,8 @@ By topic:
   datasets.py    datasets and their versions, augmentation presets, the Augmentation page's preview image
   workers.py     the training worker's panel and the notice of failed runs
   compare.py     runs side by side, approved models, the prediction log's History tab
-  home.py        Home's headline: the best run on specimens it never saw, beside colour alone
+  home.py        Home's headline: the best run on specimens it never saw, beside colour alone;
+                 the models in use with their field accuracy
   slides.py      whole-slide jobs as the Predict page and the API show them, their heat maps
   formatting.py  figures and messages in the pages' words
 
@@ -56,7 +57,7 @@ from core.jobs.views.formatting import (
     without_paths,
     without_paths_in,
 )
-from core.jobs.views.home import BestGrouped, best_grouped
+from core.jobs.views.home import BestGrouped, InUse, best_grouped, models_in_use
 from core.jobs.views.results import FoldResults, PredictionRow, RunResults, fold_spread_words, run_results
 from core.jobs.views.runs import (
     ACTIVE,
@@ -96,6 +97,8 @@ from core.jobs.views.workers import (
 )
 
 __all__ = [
+    "InUse",
+    "models_in_use",
     "SlideJobView",
     "SlideVerdict",
     "load_heat_map",

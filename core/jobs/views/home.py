@@ -1,11 +1,16 @@
-"""Home's headline: the best run on a split grouped by specimen, beside colour alone on that split."""
+"""Home's headline: the best run on a split grouped by specimen, beside colour alone on that split;
+and the models in use, each with how it has done on the predictions people reviewed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy.orm import Session
+
 from core.evaluation.compare import PairedComparison
+from core.inference.approval import ApprovalRecord, current_approvals
 from core.jobs.views.runs import RunRow
+from core.review.field import FieldAccuracy, field_accuracy
 from core.store.db import RunStatus
 
 
@@ -92,3 +97,30 @@ def best_grouped(rows: list[RunRow]) -> BestGrouped:
     best = max(grouped, key=lambda r: r.summary.test_accuracy, default=None)
     fallback = None if best else max(finished, key=lambda r: r.summary.test_accuracy, default=None)
     return BestGrouped(best, fallback)
+
+
+@dataclass(frozen=True)
+class InUse:
+    """A model approved for its class set, with its field accuracy (core/review/field.py)."""
+
+    approval: ApprovalRecord
+    field: FieldAccuracy | None  # None: its run was deleted since
+
+    def words(self) -> str:
+        """E.g. 'run 3 · lymphoma, approved by ana on 2026-12-01. On reviewed predictions: right on ...'."""
+        a = self.approval
+        head = f"{a.run_label}, approved by {a.approved_by} on {a.approved_at:%Y-%m-%d}."
+        if self.field is None or not self.field.counted:
+            return head + " No prediction of it reviewed with an agreed true class yet (the Review page lists them)."
+        f = self.field
+        return (
+            f"{head} On reviewed predictions (field, not a random draw): {f.accuracy:.1%}, {f.level:.0%} interval "
+            f"{f.low:.1%} to {f.high:.1%}, over {f.counted} case(s); {f.blind} of {f.class_reviews} review(s) blind."
+        )
+
+
+def models_in_use(session: Session) -> list[InUse]:
+    """Each class set's approved model, with its field accuracy."""
+    return [
+        InUse(a, None if a.run_id is None else field_accuracy(session, a.run_id)) for a in current_approvals(session)
+    ]
