@@ -62,6 +62,25 @@ def _panel(run_id: int) -> None:
         pct(found.overruled_share),
         help="Reviews naming another class than the model's, of those naming one.",
     )
+    e, f, _, _ = st.columns(4)
+    if found.class_reviews:
+        e.metric(
+            "Given blind",
+            f"{found.blind} of {found.class_reviews}",
+            help="Reviews naming a class given without seeing the model's answer (blind review on the Review "
+            "page); one given seeing it can lean toward it.",
+        )
+    if found.paired:
+        f.metric(
+            "Reviewers agree",
+            pct(found.paired_agreed / found.paired),
+            help=f"On {found.paired} case(s) reviewed twice or more (their first two reviews). "
+            + (
+                f"Fleiss' kappa, which corrects for agreement by chance: {found.kappa:.2f}."
+                if found.kappa is not None
+                else "Too few, or all one verdict, for a kappa."
+            ),
+        )
     st.caption(found.summary())
     if found.counted:
         show_figure(

@@ -6,7 +6,7 @@ import streamlit as st
 
 from core.jobs import comparisons, estimate, views
 from core.store import consistency
-from pages._common import md_text, pct, session_factory, settings, through_router
+from pages._common import current_user, md_text, pct, session_factory, settings, through_router
 
 through_router()
 Session = session_factory()
@@ -115,42 +115,48 @@ if in_use:
             st.markdown(f"{md_text(', '.join(model.approval.classes))}: {md_text(model.words())}")
 
 st.subheader("How it works")
-steps = st.columns(5)
-for col, (page, icon, title, text) in zip(
-    steps,
-    [
+steps = [
+    (
+        "pages/dataset.py",
+        ":material/folder_open:",
+        "1. Add images",
+        "Upload a .zip with one folder per class, or images class by class.",
+    ),
+    (
+        "pages/augmentation.py",
+        ":material/tune:",
+        "2. Augment",
+        "Augmentor's rotate, distortion and zoom at the paper's values, with a live preview.",
+    ),
+    (
+        "pages/train.py",
+        ":material/rocket_launch:",
+        "3. Train",
+        "DenseNet-201 + FC 512 + dropout 0.5 in the background, on the GPU when there is one.",
+    ),
+    (
+        "pages/runs.py",
+        ":material/monitoring:",
+        "4. Results",
+        "Curves, confusion matrix, the paper's Table I and the misclassified images.",
+    ),
+    (
+        "pages/predict.py",
+        ":material/biotech:",
+        "5. Classify",
+        "A new image's subtype, its probabilities and a Grad-CAM heat map.",
+    ),
+]
+if current_user().can_edit and cfg.reviews:  # the Review page is listed for editors only
+    steps.append(
         (
-            "pages/dataset.py",
-            ":material/folder_open:",
-            "1. Add images",
-            "Upload a .zip with one folder per class, or images class by class.",
-        ),
-        (
-            "pages/augmentation.py",
-            ":material/tune:",
-            "2. Augment",
-            "Augmentor's rotate, distortion and zoom at the paper's values, with a live preview.",
-        ),
-        (
-            "pages/train.py",
-            ":material/rocket_launch:",
-            "3. Train",
-            "DenseNet-201 + FC 512 + dropout 0.5 in the background, on the GPU when there is one.",
-        ),
-        (
-            "pages/runs.py",
-            ":material/monitoring:",
-            "4. Results",
-            "Curves, confusion matrix, the paper's Table I and the misclassified images.",
-        ),
-        (
-            "pages/predict.py",
-            ":material/biotech:",
-            "5. Classify",
-            "A new image's subtype, its probabilities and a Grad-CAM heat map.",
-        ),
-    ],
-):
+            "pages/review.py",
+            ":material/rate_review:",
+            "6. Review",
+            "Give predictions their true class; reviewed cases become data to train again on.",
+        )
+    )
+for col, (page, icon, title, text) in zip(st.columns(len(steps)), steps):
     with col.container(border=True, height="stretch"):
         st.page_link(page, label=title, icon=icon)
         st.caption(text)

@@ -143,6 +143,7 @@ def test_a_viewer_gets_neither_the_queue_nor_its_images(home, monkeypatch, tmp_p
     at.session_state["auth_user"] = "vic"
     at.run()
     assert not at.exception and "vic" in " ".join(m.value for m in at.sidebar.markdown)
+    assert "6. Review" not in [link.proto.label for link in at.get("page_link")]  # not a viewer's page
     with pytest.raises(ValueError, match="Could not find a navigation page") as listed:
         at.switch_page("pages/review.py")  # not among the viewer's pages
     assert "pages/predict.py" in str(listed.value)
@@ -165,7 +166,9 @@ def test_the_field_panel_draws_the_runs_reviewed_predictions(home, monkeypatch):
             store.record_review(s, home, User("ana", EDITOR), log_id, true_class)
     at = AppTest.from_function(field_panel_script, args=(5,), default_timeout=60).run()
     assert not at.exception, at.exception
-    assert {m.label: m.value for m in at.metric}["Field accuracy"] == "50.0%"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Field accuracy"] == "50.0%" and metrics["Given blind"] == "0 of 2"
+    assert "Reviewers agree" not in metrics  # no case reviewed twice
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     titles = [spec["layout"]["title"]["text"] for spec in specs]
     assert all("field: reviewed predictions" in t for t in titles) and len(titles) == 2
@@ -227,6 +230,7 @@ def test_home_shows_each_model_in_use_with_its_field_accuracy(home, monkeypatch,
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception, at.exception
     assert any("No prediction of it reviewed" in m.value for m in at.markdown)
+    assert "6. Review" in [link.proto.label for link in at.get("page_link")]  # an editor's last step
 
     for predicted, true_class in [("CLL", "CLL"), ("FL", "MCL")]:
         log_id = log(Session, lab, predicted, 0.6, True)
