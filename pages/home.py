@@ -119,7 +119,7 @@ steps = [
     (
         "pages/dataset.py",
         ":material/folder_open:",
-        "1. Add images",
+        "1. Add data",
         "Upload a .zip with one folder per class, or images class by class.",
     ),
     (
