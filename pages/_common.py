@@ -260,6 +260,11 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def verdict_words(refer: bool | None) -> str:
+    """A prediction's verdict in the pages' words; None: the model has no refer band (not calibrated)."""
+    return "no refer band" if refer is None else "uncertain, refer" if refer else "confident"
+
+
 # --------------------------------------------------------------------------------------------
 # Figures
 

@@ -73,7 +73,7 @@ def _panel(run_id: int) -> None:
     if found.paired:
         f.metric(
             "Reviewers agree",
-            pct(found.paired_agreed / found.paired),
+            pct(found.agreement_share),
             help=f"On {found.paired} case(s) reviewed twice or more (their first two reviews). "
             + (
                 f"Fleiss' kappa, which corrects for agreement by chance: {found.kappa:.2f}."

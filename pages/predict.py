@@ -32,6 +32,7 @@ from pages._common import (
     show_grad_cam,
     through_router,
     user_errors,
+    verdict_words,
 )
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ def results_table(result: dict, refer: np.ndarray) -> pd.DataFrame:
                 "predicted": a.predicted,
                 "probabilities": a.label,
                 "confidence": a.confidence,
-                "verdict": ("uncertain, refer" if r else "confident") if calibrated else "no refer band",
+                "verdict": verdict_words(bool(r) if calibrated else None),
                 **{c: a.probabilities[c] for c in classes},
             }
             for a, r in zip(result["answers"], refer)
@@ -530,7 +531,7 @@ def history_tab() -> None:
                 "model": f"run {r.run_id}",
                 "file": r.image_name,
                 "predicted": r.predicted,
-                "verdict": ("no refer band" if r.refer is None else "uncertain, refer" if r.refer else "confident"),
+                "verdict": verdict_words(r.refer),
                 "confidence": r.probabilities.get(r.predicted),
                 "model file (sha256)": r.model_sha256[:12],
             }

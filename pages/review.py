@@ -23,6 +23,7 @@ from pages._common import (
     through_router,
     thumbnail,
     user_errors,
+    verdict_words,
 )
 
 through_router()
@@ -46,10 +47,6 @@ if not cfg.reviews:
         icon=":material/toggle_off:",
     )
     st.stop()
-
-
-def verdict_words(refer: bool | None) -> str:
-    return "no refer band" if refer is None else "uncertain, refer" if refer else "confident"
 
 
 def date_bounds(dates) -> tuple[datetime | None, datetime | None]:

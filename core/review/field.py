@@ -108,6 +108,11 @@ class FieldAccuracy(_Shares):
     weeks: tuple[WeekFigures, ...]  # oldest first
     level: float = LEVEL
 
+    @property
+    def agreement_share(self) -> float | None:
+        """Of the cases reviewed twice or more, the share whose first two reviews agree."""
+        return _share(self.paired_agreed, self.paired)
+
     def summary(self) -> str:
         """One sentence, e.g. 'Right on 41 of 50 reviewed predictions (82.0%, 95% interval 71.0% to 92.0%);
         2 left out where reviewers disagree, 1 where none could tell.'"""
