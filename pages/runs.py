@@ -390,16 +390,16 @@ def calibration_panel(found: views.RunResults) -> None:
         # The test figures from the same bins as the chart below, so the card and its legend agree.
         test = (
             cal.test_error
-            if uncertainty["reliability"] is None
-            else change_text((uncertainty["reliability"].ece, uncertainty["reliability_after"].ece))
+            if uncertainty.reliability is None
+            else change_text((uncertainty.reliability.ece, uncertainty.reliability_after.ece))
         )
         c[2].metric("Calibration error, test", test, border=True, help=cal.ERROR_HELP)
         st.caption(cal.scaling_sentence)
         st.markdown(cal.refer_sentence)
-        if uncertainty["reliability"] is not None:
+        if uncertainty.reliability is not None:
             fig = reliability_chart(
-                uncertainty["reliability"],
-                uncertainty["reliability_after"],
+                uncertainty.reliability,
+                uncertainty.reliability_after,
                 f"Run {run.id}: confidence against accuracy on the test part",
                 run.protocol,
                 wrap=80,
@@ -414,7 +414,7 @@ def calibration_panel(found: views.RunResults) -> None:
 
 
 def bootstrap_lines(found: views.RunResults) -> None:
-    boot = found.uncertainty["bootstrap"]
+    boot = found.uncertainty.bootstrap
     how = (
         f"{boot.n_groups} specimens (or source images) resampled whole"
         if boot.n_groups is not None

@@ -74,7 +74,7 @@ def test_loading_a_page_imports_no_torch():
 
 
 def test_pages_read_no_nested_record_by_key():
-    """A run's calibration, leak audit and colour yardstick (and a model file's calibration) reach the
+    """A run's calibration, leak audit, colour yardstick and uncertainty (and a model file's calibration) reach the
     pages as typed records (core/store/records.py): no page reads them by key, neither through the
     summary (`summary.calibration["x"]`) nor by a field's name (`cal["val_probs"]`, `.get("temperature")`)."""
     from core.store.records import CalibrationRecord, LeakAudit, Yardstick
@@ -82,7 +82,7 @@ def test_pages_read_no_nested_record_by_key():
     fields = {f.name for record in (CalibrationRecord, LeakAudit, Yardstick) for f in dataclasses.fields(record)}
     fields -= {"verdict"}  # also a column of the Predict page's results table, read by name as pandas does
     pattern = re.compile(
-        r"""(calibration|leak_audit|colour_yardstick)\s*(\[|\.get\()"""
+        r"""(calibration|leak_audit|colour_yardstick|uncertainty)\s*(\[|\.get\()"""
         rf"""|(\[|\.get\()\s*["']({"|".join(sorted(fields))})["']"""
     )
     hits = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -17,6 +18,9 @@ from sqlalchemy.orm import Session
 from core.errors import UserError
 from core.store.db import Image, Prediction, Run
 from core.store.records import RunSummary
+
+if TYPE_CHECKING:  # for the annotations; run_uncertainty imports the module where it uses it
+    from core.evaluation.calibration import BootstrapResult, ReliabilityBins
 
 
 @dataclass
@@ -82,7 +86,16 @@ def resampled_groups(preds: Sequence, groups: Sequence[str | None]) -> list | No
     return None if any(g is None for g in groups) else list(groups)
 
 
-def run_uncertainty(session: Session, run: Run) -> dict:
+@dataclass(frozen=True)
+class RunUncertainty:
+    """A finished run's test figures with their uncertainty (run_uncertainty)."""
+
+    bootstrap: BootstrapResult  # intervals of accuracy and the per-class figures
+    reliability: ReliabilityBins | None  # test confidence against accuracy; None: the run has no calibration
+    reliability_after: ReliabilityBins | None  # the same after the run's temperature scaling
+
+
+def run_uncertainty(session: Session, run: Run) -> RunUncertainty:
     """Bootstrap intervals of a finished run's test figures, and its test reliability before and
     after the run's temperature scaling (None when it has no calibration).
 
@@ -105,13 +118,15 @@ def run_uncertainty(session: Session, run: Run) -> dict:
     boot = calibration.bootstrap_metrics(
         labels, [p.predicted_label for p in preds], run.dataset.classes, groups=groups, seed=run.seed
     )
-    out = {"bootstrap": boot, "reliability": None, "reliability_after": None}
     temperature = RunSummary.from_dict(run.summary).temperature
-    if temperature is not None:
-        probs = np.asarray([p.probabilities for p in preds], dtype=np.float64)
-        out["reliability"] = calibration.reliability_bins(probs, labels)
-        out["reliability_after"] = calibration.reliability_bins(calibration.calibrate(probs, temperature), labels)
-    return out
+    if temperature is None:
+        return RunUncertainty(boot, None, None)
+    probs = np.asarray([p.probabilities for p in preds], dtype=np.float64)
+    return RunUncertainty(
+        boot,
+        calibration.reliability_bins(probs, labels),
+        calibration.reliability_bins(calibration.calibrate(probs, temperature), labels),
+    )
 
 
 @dataclass

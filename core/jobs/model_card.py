@@ -114,7 +114,7 @@ def model_card(session: Session, settings: Settings, run_id: int) -> ModelCard:
         split_protocol=run.split.protocol if run.split is not None else row.config.split,
         folds=int(run.split.params.get("folds", 1)) if run.split is not None else 1,
         report=metrics.run_report(session, run),
-        bootstrap=metrics.run_uncertainty(session, run)["bootstrap"],
+        bootstrap=metrics.run_uncertainty(session, run).bootstrap,
         calibration=calibration_words(row.summary.calibration),
         yardstick=yardstick.describe(row.summary.colour_yardstick),
         approvals=tuple(a for a in approval.approval_history(session) if a.class_set == mine),

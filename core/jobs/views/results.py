@@ -66,7 +66,7 @@ class RunResults:
     resumable: bool = False  # queued again, it continues from a finished epoch (manage.resumable)
     # Of a run that succeeded:
     report: metrics.Report | None = None
-    uncertainty: dict[str, Any] | None = None  # metrics.run_uncertainty
+    uncertainty: metrics.RunUncertainty | None = None
     calibration: CalibrationWords | None = None
     yardstick: str | None = None
     folds: FoldResults | None = None
