@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -232,8 +233,15 @@ def test_upload_train_watch_and_predict_in_a_browser(app, tmp_path):
         settle(page)  # the upload (a PUT) has ended before the form is sent
         page.get_by_role("button", name="Classify slide").click()
         settle(page)
-        with Session() as s:
-            assert s.scalars(select(SlideJob)).one().slide_name == "biopsy.tif"
+        # The rerun that queues the job may still be writing it once the page looks idle: wait for its row.
+        deadline = time.monotonic() + 60
+        while True:
+            with Session() as s:
+                jobs = s.scalars(select(SlideJob)).all()
+            if jobs or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [j.slide_name for j in jobs] == ["biopsy.tif"]
         job = page.request.get(url + "/api/v1/slides/1").json()
         for _ in range(240):  # the app's worker classifies it; the page follows it
             if job["status"] in ("succeeded", "failed", "cancelled"):
